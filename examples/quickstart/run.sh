@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Starts the quickstart: the example echo backend and the gateway in front of it.
+# Then connect a client to ws://127.0.0.1:8080/echo. Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -p tollgate -p echo-backend
+./target/release/echo-backend --listen 127.0.0.1:9000 &
+backend_pid=$!
+trap 'kill "$backend_pid" 2>/dev/null || true' EXIT
+echo "gateway: ws://127.0.0.1:8080/echo  (admin: http://127.0.0.1:9090/healthz)"
+./target/release/tollgate run --manifest examples/quickstart/tollgate.toml

@@ -1,0 +1,312 @@
+//! The handshake pipeline. Each phase of a client's opening handshake is one function, and one
+//! [`HandshakeCtx`] carries what the phases learn from one to the next:
+//!
+//! 1. [`route`]: which API serves this path (404 if none).
+//! 2. [`validate_upgrade`]: is this a well-formed RFC 6455 opening handshake (400 / 426).
+//! 3. [`admit`]: is there room under the global and per-API connection limits (503).
+//! 4. [`backend_request`]: the request the backend will get (end-to-end headers forwarded,
+//!    hop-by-hop ones dropped, `X-Forwarded-*` added). onHandshake policies act on this
+//!    request; this build has no policy host, and the manifest refuses policy attachments, so
+//!    the chain is empty.
+//! 5. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
+//!    (502 / 504 / the backend's own status).
+//! 6. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
+//!
+//! Then the connection task hands both sockets to the [`relay`](crate::relay).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::backend::{BackendError, Upgraded};
+use crate::routes::{Api, Permit, Routes};
+use crate::wskey;
+
+/// What the phases learn about one handshake; also the source of its log record.
+pub struct HandshakeCtx {
+    pub started: Instant,
+    pub client_addr: SocketAddr,
+    /// `ws` or `wss`: the listener the client came in on.
+    pub scheme: &'static str,
+    pub api: Option<Arc<Api>>,
+    /// Path after the API's url_suffix.
+    pub remainder: String,
+    pub query: Option<String>,
+    pub client_key: String,
+    pub protocols: Vec<String>,
+    pub extensions: Vec<String>,
+}
+
+/// A refused handshake: the status the client gets and the reason that is logged (and sent as
+/// the body, since it names no secrets).
+#[derive(Debug)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub reason: String,
+    /// Extra response headers (a Vec keeps the error type small on the happy path).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Option<Bytes>,
+}
+
+impl Reject {
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Reject {
+            status,
+            reason: reason.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    /// The HTTP response. The connection is closed after it: a gateway that refused an upgrade
+    /// has no reason to keep reading from that client.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = self
+            .body
+            .unwrap_or_else(|| Bytes::from(format!("{}\n", self.reason)));
+        let mut resp = Response::new(Full::new(body));
+        *resp.status_mut() = self.status;
+        for (k, v) in self.headers {
+            resp.headers_mut().append(k, v);
+        }
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if !resp.headers().contains_key(header::CONTENT_TYPE) {
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+        resp
+    }
+}
+
+/// Phase 1: finds the API. The listener's scheme must be one the API is served on.
+pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(), Reject> {
+    let path = req.uri().path();
+    let Some((api, rest)) = routes.find(path) else {
+        return Err(Reject::new(
+            StatusCode::NOT_FOUND,
+            format!("no API serves path {path}"),
+        ));
+    };
+    let schemes = api.config.schemes;
+    let allowed = if ctx.scheme == "wss" {
+        schemes.wss
+    } else {
+        schemes.ws
+    };
+    if !allowed {
+        return Err(Reject::new(
+            StatusCode::NOT_FOUND,
+            format!("API {} is not served over {}", api.config.name, ctx.scheme),
+        ));
+    }
+    ctx.remainder = rest.to_owned();
+    ctx.query = req.uri().query().map(str::to_owned);
+    ctx.api = Some(api.clone());
+    Ok(())
+}
+
+fn header_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Phase 2: RFC 6455 section 4.2.1. A wrong version gets 426 with the version we speak.
+pub fn validate_upgrade<B>(ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(), Reject> {
+    let bad = |why: &str| Err(Reject::new(StatusCode::BAD_REQUEST, why.to_owned()));
+    if req.method() != Method::GET {
+        return bad("a WebSocket handshake must be a GET request");
+    }
+    if req.version() != http::Version::HTTP_11 {
+        return bad("a WebSocket handshake must use HTTP/1.1");
+    }
+    let h = req.headers();
+    if !header_tokens(h, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket")) {
+        return bad("missing `Upgrade: websocket`");
+    }
+    if !header_tokens(h, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return bad("missing `Connection: upgrade`");
+    }
+    let version = h
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok());
+    if version.map(str::trim) != Some("13") {
+        let mut r = Reject::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version (this gateway speaks 13)",
+        );
+        r.headers.push((
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        ));
+        return Err(r);
+    }
+    let keys: Vec<_> = h.get_all(header::SEC_WEBSOCKET_KEY).iter().collect();
+    let key = match keys.as_slice() {
+        [k] => k.to_str().unwrap_or("").trim(),
+        _ => return bad("exactly one Sec-WebSocket-Key is required"),
+    };
+    if !wskey::is_valid_key(key) {
+        return bad("Sec-WebSocket-Key must be base64 of 16 bytes");
+    }
+    ctx.client_key = key.to_owned();
+    ctx.protocols = header_tokens(h, &header::SEC_WEBSOCKET_PROTOCOL)
+        .map(str::to_owned)
+        .collect();
+    ctx.extensions = header_tokens(h, &header::SEC_WEBSOCKET_EXTENSIONS)
+        .filter_map(|e| e.split(';').next())
+        .map(|e| e.trim().to_owned())
+        .collect();
+    Ok(())
+}
+
+/// Phase 3: a connection slot, or 503.
+pub fn admit(
+    global: &Arc<std::sync::atomic::AtomicUsize>,
+    global_max: usize,
+    api: &Arc<Api>,
+) -> Result<Permit, Reject> {
+    Permit::acquire(global, global_max, api).map_err(|why| {
+        let mut r = Reject::new(StatusCode::SERVICE_UNAVAILABLE, why);
+        r.headers
+            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        r
+    })
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the handshake's own headers, which the
+/// gateway sets itself on the backend request.
+const NOT_FORWARDED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// The request the backend gets.
+pub struct BackendRequest {
+    /// Path and query.
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+/// Phase 4: builds the backend request. End-to-end headers (Origin, Cookie, Authorization,
+/// Sec-WebSocket-Protocol/-Extensions, custom ones) are forwarded; hop-by-hop ones, including
+/// any the client named in `Connection`, are not.
+pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> BackendRequest {
+    let src = req.headers();
+    let named_hop: Vec<String> = header_tokens(src, &header::CONNECTION)
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    let mut headers = HeaderMap::with_capacity(src.len() + 6);
+    for (name, value) in src {
+        let n = name.as_str();
+        if NOT_FORWARDED.contains(&n) || named_hop.iter().any(|h| h == n) {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    let url = api.connector.url();
+    if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
+        headers.insert(header::HOST, v);
+    }
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    let ip = ctx.client_addr.ip().to_string();
+    let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{}, {ip}", prev.trim()),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if ctx.scheme == "wss" { "https" } else { "http" }),
+    );
+    if let Some(host) = src.get(header::HOST) {
+        headers.insert("x-forwarded-host", host.clone());
+    }
+    BackendRequest {
+        target: url.request_target(&ctx.remainder, ctx.query.as_deref()),
+        headers,
+    }
+}
+
+/// Turns a failed backend handshake into the client's answer.
+pub fn backend_reject(e: BackendError) -> Reject {
+    let status = e.client_status();
+    let reason = e.to_string();
+    match e {
+        BackendError::Rejected {
+            status: s,
+            headers,
+            body,
+        } if s.as_u16() >= 300 => {
+            let mut r = Reject::new(status, reason);
+            // Pass on what tells the client how to proceed; nothing that configures the
+            // connection itself.
+            for name in [
+                header::CONTENT_TYPE,
+                header::WWW_AUTHENTICATE,
+                header::RETRY_AFTER,
+                header::LOCATION,
+            ] {
+                for v in headers.get_all(&name) {
+                    r.headers.push((name.clone(), v.clone()));
+                }
+            }
+            r.body = Some(body);
+            r
+        }
+        _ => Reject::new(status, reason),
+    }
+}
+
+/// Phase 6: the client's 101, carrying the backend's chosen subprotocol and extensions and its
+/// other end-to-end headers (e.g. Set-Cookie).
+pub fn switching_protocols(ctx: &HandshakeCtx, backend: &Upgraded) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    for (name, value) in &backend.headers {
+        let n = name.as_str();
+        if NOT_FORWARDED.contains(&n) || n == "date" || n == "server" {
+            continue;
+        }
+        h.append(name.clone(), value.clone());
+    }
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&wskey::accept_for(&ctx.client_key)) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}

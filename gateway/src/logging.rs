@@ -1,0 +1,22 @@
+//! Structured logs. JSON (one object per line, fields at the top level) when stdout is not a
+//! terminal, so `jq 'select(.event == "handshake" and .api == "echo" and .status == 101)'`
+//! works on a captured log; human-readable text on a terminal. `RUST_LOG` overrides the level.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if std::io::stdout().is_terminal() {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    }
+}

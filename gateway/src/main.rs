@@ -1,0 +1,129 @@
+//! The `tollgate` command: parses arguments and starts things; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::{logging, manifest, server::Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "WebSocket API gateway with WebAssembly handshake policies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the APIs in the manifest until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short)]
+        manifest: PathBuf,
+    },
+    /// Validate the manifest (and everything it references) without serving; exit 1 with every
+    /// error found.
+    Check {
+        #[arg(long, short)]
+        manifest: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { manifest } => check(&manifest),
+        Command::Run { manifest } => run(&manifest),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match manifest::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s) in {}", errors.0.len(), path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let n = config.apis.len();
+    match Gateway::build(config) {
+        Ok(_) => {
+            println!("{}: ok ({n} API(s) served by this gateway)", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", path.display());
+            }
+            eprintln!("{} error(s) in {}", errors.len(), path.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match manifest::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    logging::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let gw = match Gateway::build(config) {
+            Ok(gw) => gw,
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "cannot start");
+                    eprintln!("{}: {e}", path.display());
+                }
+                return ExitCode::from(1);
+            }
+        };
+        let shutdown = gw.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        });
+        match gw.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,895 @@
+//! The TOML manifest: parsing, validation, and the validated [`Config`] the rest of the gateway
+//! runs on.
+//!
+//! Parsing is strict (unknown keys are errors) and every error carries the manifest's path, the
+//! line and column, and the dotted key it is about, so an operator can jump straight to it.
+//! Validation collects *all* errors rather than stopping at the first, because `tollgate check`
+//! promises to report every problem in one run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One problem in a manifest, located precisely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is about the file as a whole (e.g. it cannot be read).
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path such as `apis[1].url_suffix`; empty when no key applies.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a manifest.
+#[derive(Debug, thiserror::Error)]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    gateway: Spanned<RawGateway>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    apis: Vec<RawApi>,
+    #[serde(default)]
+    products: Vec<RawProduct>,
+    #[serde(default)]
+    policies: Vec<Spanned<RawAttachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    plugin_dir: Option<Spanned<String>>,
+    tls: Option<RawListenerTls>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    listen: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    backend_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    max_frame_size: Option<u64>,
+    max_message_size: Option<u64>,
+    max_header_bytes: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApiLimits {
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_frame_size: Option<u64>,
+    max_message_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    name: Spanned<String>,
+    display_name: Option<String>,
+    url_suffix: Spanned<String>,
+    backend: Spanned<String>,
+    schemes: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    products: Vec<Spanned<String>>,
+    #[serde(default)]
+    gateways: Vec<String>,
+    ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+    #[serde(default)]
+    limits: RawApiLimits,
+    #[serde(default)]
+    on_handshake: Vec<Spanned<RawAttachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProduct {
+    name: Spanned<String>,
+    display_name: Option<String>,
+    subscription_required: Option<Spanned<bool>>,
+    #[serde(default)]
+    policies: Vec<Spanned<RawAttachment>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawAttachment {
+    plugin: String,
+    #[serde(default)]
+    config: Option<toml::Table>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated.
+
+/// The validated manifest: everything the gateway needs to serve, with defaults applied and
+/// paths resolved relative to the manifest's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub gateway: GatewayConfig,
+    pub admin: Option<AdminConfig>,
+    /// APIs served by this gateway (those whose `gateways` list is empty or names it).
+    pub apis: Vec<ApiConfig>,
+    /// Names of APIs in the manifest that this gateway does not serve, for the startup log.
+    pub unserved_apis: Vec<String>,
+    pub products: Vec<ProductConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub name: String,
+    /// Plain `ws` listener.
+    pub listen: Option<SocketAddr>,
+    /// `wss` listener.
+    pub tls: Option<ListenerTls>,
+    pub plugin_dir: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Gateway-wide limits. Defaults are chosen for a public-facing gateway: generous enough for
+/// real chat/streaming traffic, tight enough that one client cannot pin resources forever.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub backend_timeout: Duration,
+    /// `None` disables the idle timeout (written as `0s`).
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub max_frame_size: u64,
+    /// `None`: unlimited (messages stream, so size costs no memory).
+    pub max_message_size: Option<u64>,
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
+            drain_timeout: Duration::from_secs(30),
+            max_frame_size: 64 * 1024 * 1024,
+            max_message_size: None,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// The smallest header cap hyper can enforce (its read buffer cannot be smaller).
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// Per-connection limits in force for one API (global limits with the API's overrides).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnLimits {
+    pub idle_timeout: Option<Duration>,
+    pub max_frame_size: u64,
+    pub max_message_size: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub name: String,
+    pub display_name: String,
+    /// Without leading or trailing `/`; empty means the API is served at the root.
+    pub url_suffix: String,
+    pub backend: BackendUrl,
+    pub schemes: Schemes,
+    pub products: Vec<String>,
+    pub max_connections: Option<usize>,
+    pub limits: ConnLimits,
+    pub ca_file: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub on_handshake: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Schemes {
+    pub ws: bool,
+    pub wss: bool,
+}
+
+/// A parsed `ws://` or `wss://` backend URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path without query; always starts with `/`.
+    pub path: String,
+    pub query: Option<String>,
+    /// The URL as written, for logs.
+    pub original: String,
+}
+
+impl BackendUrl {
+    /// `Host` header value: the port is omitted when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// The request target for the backend: the backend path joined with what followed the API's
+    /// url_suffix in the client's path, and the backend's query followed by the client's.
+    pub fn request_target(&self, remainder: &str, client_query: Option<&str>) -> String {
+        let mut path = if remainder.is_empty() {
+            self.path.clone()
+        } else {
+            let base = self.path.trim_end_matches('/');
+            format!("{base}{remainder}")
+        };
+        if path.is_empty() {
+            path.push('/');
+        }
+        let query = match (self.query.as_deref(), client_query) {
+            (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => Some(format!("{a}&{b}")),
+            (Some(a), _) if !a.is_empty() => Some(a.to_owned()),
+            (_, Some(b)) if !b.is_empty() => Some(b.to_owned()),
+            _ => None,
+        };
+        match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProductConfig {
+    pub name: String,
+    pub display_name: String,
+    pub subscription_required: bool,
+}
+
+/// A policy attached to a scope: the plugin's declared name and its config table.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub plugin: String,
+    pub config: toml::Table,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Reads, parses and validates a manifest file.
+pub fn load(path: &Path) -> Result<Config, ManifestErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ManifestErrors(vec![ManifestError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read manifest: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates manifest text; `path` is used for error messages and to resolve
+/// relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ManifestErrors> {
+    let raw: RawManifest = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let (line, column) = line_col(text, span.start);
+        let key = key_at(text, &span);
+        // toml's message already names unknown fields and expected types; keep it one line.
+        let message = e.message().replace('\n', " ");
+        ManifestErrors(vec![ManifestError {
+            file: path.to_owned(),
+            line,
+            column,
+            key,
+            message,
+        }])
+    })?;
+    Validator::new(path, text).validate(raw)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+/// Best-effort name of the key a parse error points at: the spanned text when it is a bare key,
+/// otherwise the key on the left of `=` on that line, otherwise a `[table]` header.
+fn key_at(text: &str, span: &Range<usize>) -> String {
+    let spanned = text.get(span.clone()).unwrap_or("").trim();
+    let is_key = !spanned.is_empty()
+        && spanned
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if is_key && !spanned.chars().all(|c| c.is_ascii_digit()) {
+        return spanned.to_owned();
+    }
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("").trim();
+    if let Some((k, _)) = line.split_once('=') {
+        return k.trim().to_owned();
+    }
+    line.trim_matches(|c| c == '[' || c == ']')
+        .trim()
+        .to_owned()
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+    errors: Vec<ManifestError>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(file: &'a Path, text: &'a str) -> Self {
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Validator {
+            file,
+            text,
+            base,
+            errors: Vec::new(),
+        }
+    }
+
+    fn err(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.errors.push(ManifestError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, v: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    v.span(),
+                    key,
+                    format!(
+                        "`{}` is not a socket address (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn existing_file(&mut self, v: &Spanned<String>, key: &str) -> PathBuf {
+        let p = self.resolve(v.get_ref());
+        if !p.is_file() {
+            self.err(
+                v.span(),
+                key,
+                format!("file `{}` does not exist", p.display()),
+            );
+        }
+        p
+    }
+
+    fn validate(mut self, raw: RawManifest) -> Result<Config, ManifestErrors> {
+        let gw_span = raw.gateway.span();
+        let g = raw.gateway.into_inner();
+        let name = g.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            self.err(g.name.span(), "gateway.name", "must not be empty");
+        }
+        let listen = g
+            .listen
+            .as_ref()
+            .and_then(|l| self.addr(l, "gateway.listen"));
+        let tls = g.tls.as_ref().and_then(|t| {
+            let listen = self.addr(&t.listen, "gateway.tls.listen");
+            let cert = self.existing_file(&t.cert, "gateway.tls.cert");
+            let key = self.existing_file(&t.key, "gateway.tls.key");
+            listen.map(|listen| ListenerTls { listen, cert, key })
+        });
+        if g.listen.is_none() && g.tls.is_none() {
+            self.err(
+                gw_span.clone(),
+                "gateway.listen",
+                "no listener: set `listen` (ws) and/or `[gateway.tls]` (wss)",
+            );
+        }
+        let plugin_dir = g.plugin_dir.as_ref().map(|d| self.resolve(d.get_ref()));
+        let limits = self.limits(&g.limits);
+
+        let admin = raw.admin.as_ref().and_then(|a| {
+            self.addr(&a.listen, "admin.listen")
+                .map(|listen| AdminConfig { listen })
+        });
+
+        // Products.
+        let mut products = Vec::new();
+        let mut product_names = HashMap::new();
+        for (i, p) in raw.products.iter().enumerate() {
+            let pname = p.name.get_ref().trim().to_owned();
+            if pname.is_empty() {
+                self.err(
+                    p.name.span(),
+                    format!("products[{i}].name"),
+                    "must not be empty",
+                );
+            } else if product_names.insert(pname.clone(), i).is_some() {
+                self.err(
+                    p.name.span(),
+                    format!("products[{i}].name"),
+                    format!("duplicate product name `{pname}`"),
+                );
+            }
+            if let Some(req) = p.subscription_required.as_ref().filter(|r| *r.get_ref()) {
+                self.err(
+                    req.span(),
+                    format!("products[{i}].subscription_required"),
+                    "subscriptions are not implemented yet; this build cannot enforce subscription keys, so it refuses to serve a product that requires them",
+                );
+            }
+            for a in &p.policies {
+                self.no_policy_host(a, &format!("products[{i}].policies"));
+            }
+            products.push(ProductConfig {
+                name: pname.clone(),
+                display_name: p.display_name.clone().unwrap_or(pname),
+                subscription_required: p
+                    .subscription_required
+                    .as_ref()
+                    .is_some_and(|r| *r.get_ref()),
+            });
+        }
+        for a in &raw.policies {
+            self.no_policy_host(a, "policies");
+        }
+
+        // APIs.
+        let mut apis = Vec::new();
+        let mut unserved = Vec::new();
+        let mut api_names: HashMap<String, usize> = HashMap::new();
+        let mut suffixes: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, a) in raw.apis.iter().enumerate() {
+            let aname = a.name.get_ref().trim().to_owned();
+            if aname.is_empty() {
+                self.err(
+                    a.name.span(),
+                    format!("apis[{i}].name"),
+                    "must not be empty",
+                );
+            } else if let Some(first) = api_names.insert(aname.clone(), i) {
+                self.err(
+                    a.name.span(),
+                    format!("apis[{i}].name"),
+                    format!("duplicate API name `{aname}` (first used by apis[{first}])"),
+                );
+            }
+            let suffix = a.url_suffix.get_ref().trim().trim_matches('/').to_owned();
+            if let Some(bad) = suffix
+                .chars()
+                .find(|c| c.is_whitespace() || matches!(c, '?' | '#' | '%') || c.is_control())
+            {
+                self.err(
+                    a.url_suffix.span(),
+                    format!("apis[{i}].url_suffix"),
+                    format!("character {bad:?} is not allowed in a url_suffix"),
+                );
+            } else if suffix
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+                && !suffix.is_empty()
+            {
+                self.err(
+                    a.url_suffix.span(),
+                    format!("apis[{i}].url_suffix"),
+                    "empty, `.` or `..` path segments are not allowed",
+                );
+            }
+            if let Some(first) = suffixes.insert(suffix.clone(), i) {
+                self.err(
+                    a.url_suffix.span(),
+                    format!("apis[{i}].url_suffix"),
+                    format!(
+                        "duplicate url_suffix `{suffix}`: already used by API `{}` (apis[{first}]); a suffix must be unique across the gateway",
+                        raw.apis[first].name.get_ref()
+                    ),
+                );
+            }
+            let backend = match parse_backend(a.backend.get_ref()) {
+                Ok(b) => Some(b),
+                Err(m) => {
+                    self.err(a.backend.span(), format!("apis[{i}].backend"), m);
+                    None
+                }
+            };
+            let schemes = self.schemes(i, a, listen.is_some(), g.tls.is_some());
+            for p in &a.products {
+                if !product_names.contains_key(p.get_ref().as_str()) {
+                    self.err(
+                        p.span(),
+                        format!("apis[{i}].products"),
+                        format!("product `{}` is not defined in [[products]]", p.get_ref()),
+                    );
+                }
+            }
+            let ca_file = a
+                .ca_file
+                .as_ref()
+                .map(|c| self.existing_file(c, &format!("apis[{i}].ca_file")));
+            if a.ca_file.is_some() && backend.as_ref().is_some_and(|b| !b.tls) {
+                if let Some(c) = &a.ca_file {
+                    self.err(
+                        c.span(),
+                        format!("apis[{i}].ca_file"),
+                        "ca_file is only used with a wss:// backend",
+                    );
+                }
+            }
+            for att in &a.on_handshake {
+                self.no_policy_host(att, &format!("apis[{i}].on_handshake"));
+            }
+            let Some(backend) = backend else { continue };
+            let served = a.gateways.is_empty() || a.gateways.contains(&name);
+            if !served {
+                unserved.push(aname);
+                continue;
+            }
+            apis.push(ApiConfig {
+                display_name: a.display_name.clone().unwrap_or_else(|| aname.clone()),
+                name: aname,
+                url_suffix: suffix,
+                backend,
+                schemes,
+                products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
+                max_connections: a.limits.max_connections,
+                limits: ConnLimits {
+                    idle_timeout: match a.limits.idle_timeout {
+                        Some(d) if d.is_zero() => None,
+                        Some(d) => Some(d),
+                        None => limits.idle_timeout,
+                    },
+                    max_frame_size: a.limits.max_frame_size.unwrap_or(limits.max_frame_size),
+                    max_message_size: a.limits.max_message_size.or(limits.max_message_size),
+                },
+                ca_file,
+                insecure_skip_verify: a.insecure_skip_verify,
+                on_handshake: a
+                    .on_handshake
+                    .iter()
+                    .map(|s| {
+                        let r = s.get_ref();
+                        Attachment {
+                            plugin: r.plugin.clone(),
+                            config: r.config.clone().unwrap_or_default(),
+                        }
+                    })
+                    .collect(),
+            });
+        }
+
+        if !self.errors.is_empty() {
+            return Err(ManifestErrors(self.errors));
+        }
+        Ok(Config {
+            source: self.file.to_owned(),
+            gateway: GatewayConfig {
+                name,
+                listen,
+                tls,
+                plugin_dir,
+                limits,
+            },
+            admin,
+            apis,
+            unserved_apis: unserved,
+            products,
+        })
+    }
+
+    /// Policies need the WebAssembly policy host, which this build does not have yet. Refusing
+    /// the manifest is the honest answer: silently ignoring a JWT check would open the API.
+    fn no_policy_host(&mut self, a: &Spanned<RawAttachment>, key: &str) {
+        self.err(
+            a.span(),
+            key,
+            format!(
+                "policy `{}` cannot be attached: this build has no policy host yet",
+                a.get_ref().plugin
+            ),
+        );
+    }
+
+    fn limits(&mut self, l: &RawLimits) -> Limits {
+        let d = Limits::default();
+        let max_header_bytes = match &l.max_header_bytes {
+            Some(v) if *v.get_ref() < MIN_HEADER_BYTES => {
+                self.err(
+                    v.span(),
+                    "gateway.limits.max_header_bytes",
+                    format!("must be at least {MIN_HEADER_BYTES}"),
+                );
+                MIN_HEADER_BYTES
+            }
+            Some(v) => *v.get_ref(),
+            None => d.max_header_bytes,
+        };
+        Limits {
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
+            backend_timeout: l.backend_timeout.unwrap_or(d.backend_timeout),
+            idle_timeout: match l.idle_timeout {
+                Some(t) if t.is_zero() => None,
+                Some(t) => Some(t),
+                None => d.idle_timeout,
+            },
+            drain_timeout: l.drain_timeout.unwrap_or(d.drain_timeout),
+            max_frame_size: l.max_frame_size.unwrap_or(d.max_frame_size),
+            max_message_size: l.max_message_size.or(d.max_message_size),
+            max_header_bytes,
+        }
+    }
+
+    fn schemes(&mut self, i: usize, a: &RawApi, has_ws: bool, has_wss: bool) -> Schemes {
+        let key = format!("apis[{i}].schemes");
+        let Some(list) = &a.schemes else {
+            // Default: whatever listeners exist.
+            return Schemes {
+                ws: has_ws,
+                wss: has_wss,
+            };
+        };
+        let mut s = Schemes::default();
+        if list.get_ref().is_empty() {
+            self.err(
+                list.span(),
+                key.clone(),
+                "must list at least one of \"ws\", \"wss\"",
+            );
+        }
+        for scheme in list.get_ref() {
+            match scheme.as_str() {
+                "ws" if !has_ws => self.err(
+                    list.span(),
+                    key.clone(),
+                    "scheme \"ws\" needs a plain listener: set gateway.listen",
+                ),
+                "wss" if !has_wss => self.err(
+                    list.span(),
+                    key.clone(),
+                    "scheme \"wss\" needs a TLS listener: add [gateway.tls]",
+                ),
+                "ws" => s.ws = true,
+                "wss" => s.wss = true,
+                other => self.err(
+                    list.span(),
+                    key.clone(),
+                    format!("unknown scheme `{other}` (expected \"ws\" or \"wss\")"),
+                ),
+            }
+        }
+        s
+    }
+}
+
+/// Parses a backend URL: `ws://` or `wss://`, a host, optional port, path and query.
+pub fn parse_backend(s: &str) -> Result<BackendUrl, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a valid URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        Some(other) => {
+            return Err(format!(
+                "backend scheme must be ws or wss, not `{other}` (in `{s}`)"
+            ))
+        }
+        None => return Err(format!("backend `{s}` needs a ws:// or wss:// scheme")),
+    };
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("backend `{s}` has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "backend `{s}` must not carry credentials; use a policy to add an Authorization header"
+        ));
+    }
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let path = if uri.path().is_empty() {
+        "/".to_owned()
+    } else {
+        uri.path().to_owned()
+    };
+    Ok(BackendUrl {
+        tls,
+        host,
+        port,
+        path,
+        query: uri.query().map(str::to_owned),
+        original: s.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ManifestErrors> {
+        parse(Path::new("/tmp/m.toml"), text)
+    }
+
+    const BASE: &str = "[gateway]\nname = \"edge-1\"\nlisten = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn minimal_manifest_with_defaults() {
+        let c = p(&format!(
+            "{BASE}[[apis]]\nname = \"echo\"\nurl_suffix = \"/echo/\"\nbackend = \"ws://127.0.0.1:9000/\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.apis[0].url_suffix, "echo");
+        assert!(c.apis[0].schemes.ws && !c.apis[0].schemes.wss);
+        assert_eq!(c.gateway.limits, Limits::default());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = p(&format!("{BASE}colour = \"blue\"\n")).unwrap_err();
+        assert_eq!(e.0[0].line, 4, "{e}");
+        assert_eq!(e.0[0].key, "colour", "{e}");
+        assert!(e.0[0].message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn all_semantic_errors_reported() {
+        let text = format!(
+            "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"chat\"\nbackend = \"http://x/\"\n\
+             [[apis]]\nname = \"b\"\nurl_suffix = \"chat\"\nbackend = \"ws://x/\"\nproducts = [\"nope\"]\n"
+        );
+        let e = p(&text).unwrap_err();
+        let keys: Vec<_> = e.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(keys.contains(&("apis[0].backend", 7)), "{e}");
+        assert!(keys.contains(&("apis[1].url_suffix", 10)), "{e}");
+        assert!(keys.contains(&("apis[1].products", 12)), "{e}");
+    }
+
+    #[test]
+    fn wss_scheme_needs_tls_listener() {
+        let e = p(&format!(
+            "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://x/\"\nschemes = [\"wss\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("TLS listener"), "{e}");
+    }
+
+    #[test]
+    fn api_for_other_gateway_is_not_served() {
+        let c = p(&format!(
+            "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://x/\"\ngateways = [\"edge-2\"]\n"
+        ))
+        .unwrap();
+        assert!(c.apis.is_empty());
+        assert_eq!(c.unserved_apis, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn backend_target_joins_path_and_query() {
+        let b = parse_backend("ws://h:9000/base?x=1").unwrap();
+        assert_eq!(
+            b.request_target("/room/1", Some("y=2")),
+            "/base/room/1?x=1&y=2"
+        );
+        assert_eq!(b.request_target("", None), "/base?x=1");
+        let b = parse_backend("wss://h/").unwrap();
+        assert_eq!(b.port, 443);
+        assert_eq!(b.host_header(), "h");
+        assert_eq!(b.request_target("/a", None), "/a");
+        assert!(parse_backend("http://h/").is_err());
+        assert!(parse_backend("ws:///x").is_err());
+    }
+}

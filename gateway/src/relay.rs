@@ -1,0 +1,484 @@
+//! The relay: after the 101 pair, frames flow both ways between one client and one backend
+//! connection until either side closes.
+//!
+//! One task drives both directions (like tokio's `copy_bidirectional`), so a connection costs a
+//! single task. Each direction is a [`Pump`] that reads into a buffer it allocates only while
+//! bytes are moving and frees as soon as the socket has nothing more to give: an idle connection
+//! holds no read buffers at all, which is what keeps memory per idle connection small.
+//!
+//! Bytes are forwarded verbatim (see [`crate::frame`]); the gateway only injects frames of its own
+//! (close frames) at frame boundaries.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser};
+use crate::manifest::ConnLimits;
+use crate::stream::Stream;
+
+/// Bytes read per system call while a direction is busy.
+const BUF_SIZE: usize = 32 * 1024;
+
+/// How long to wait for the other side's close reply (or for our own close frames to be written)
+/// before the sockets are simply closed.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Who ended the connection, for the per-connection log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    /// A close frame from the client started the closing handshake.
+    Client,
+    /// A close frame from the backend started the closing handshake.
+    Backend,
+    /// The client's TCP connection ended without a close frame.
+    ClientDropped,
+    /// The backend's TCP connection ended without a close frame.
+    BackendDropped,
+    /// The client broke the protocol or a size limit.
+    ClientViolation,
+    /// The backend broke the protocol or a size limit.
+    BackendViolation,
+    IdleTimeout,
+    Shutdown,
+}
+
+impl ClosedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Backend => "backend",
+            ClosedBy::ClientDropped => "client_dropped",
+            ClosedBy::BackendDropped => "backend_dropped",
+            ClosedBy::ClientViolation => "client_violation",
+            ClosedBy::BackendViolation => "backend_violation",
+            ClosedBy::IdleTimeout => "idle_timeout",
+            ClosedBy::Shutdown => "gateway_shutdown",
+        }
+    }
+}
+
+/// What the relay reports when the connection pair is gone.
+#[derive(Debug, Clone)]
+pub struct RelayOutcome {
+    pub client_to_backend: DirStats,
+    pub backend_to_client: DirStats,
+    pub closed_by: ClosedBy,
+    /// The first close code that was sent or forwarded, if any.
+    pub close_code: Option<u16>,
+    pub close_reason: String,
+    pub duration: Duration,
+}
+
+#[derive(Debug)]
+enum PumpEvent {
+    Close { code: Option<u16>, reason: String },
+    Violation { code: u16, reason: &'static str },
+    SrcGone,
+    DstGone,
+}
+
+/// One direction: reads frames from `src`, writes them to `dst`.
+struct Pump {
+    parser: FrameParser,
+    /// Valid bytes are `buf[start..]`; `buf[start..fwd]` may be written, `buf[fwd..]` is an
+    /// incomplete frame header waiting for more bytes. Capacity 0 while idle.
+    buf: Vec<u8>,
+    start: usize,
+    fwd: usize,
+    inject: Vec<u8>,
+    inject_pos: usize,
+    /// A close frame has been sent to `dst` (forwarded or injected): everything else that
+    /// arrives from `src` is read and discarded.
+    out_closed: bool,
+    /// A close frame came from `src`: nothing more is read.
+    in_closed: bool,
+    src_gone: bool,
+    dst_gone: bool,
+    stopped: bool,
+    need_flush: bool,
+    pending: Option<PumpEvent>,
+    last_read: Instant,
+}
+
+impl Pump {
+    fn new(parser: FrameParser, prefix: Bytes) -> Self {
+        let mut p = Pump {
+            parser,
+            buf: Vec::new(),
+            start: 0,
+            fwd: 0,
+            inject: Vec::new(),
+            inject_pos: 0,
+            out_closed: false,
+            in_closed: false,
+            src_gone: false,
+            dst_gone: false,
+            stopped: false,
+            need_flush: false,
+            pending: None,
+            last_read: Instant::now(),
+        };
+        if !prefix.is_empty() {
+            // Bytes the peer sent right behind its handshake, already read by hyper.
+            p.buf.reserve(BUF_SIZE.max(prefix.len()));
+            p.buf.extend_from_slice(&prefix);
+            p.observe();
+        }
+        p
+    }
+
+    /// True once nothing more will come from `src`.
+    fn input_done(&self) -> bool {
+        self.in_closed || self.src_gone || self.stopped
+    }
+
+    fn output_idle(&self) -> bool {
+        self.dst_gone || (self.start == self.fwd && self.inject_pos == self.inject.len())
+    }
+
+    /// Queues a close frame of the gateway's own towards `dst`, if a frame may go there now.
+    fn queue_close(&mut self, dir: Direction, code: u16, reason: &str) -> bool {
+        if self.out_closed || self.dst_gone {
+            return false;
+        }
+        self.out_closed = true;
+        if !self.parser.at_boundary() {
+            // Mid-frame towards dst: a frame cannot be inserted; the socket is just closed.
+            return false;
+        }
+        self.inject = close_frame(dir, code, reason);
+        self.inject_pos = 0;
+        true
+    }
+
+    /// Runs the parser over newly read bytes.
+    fn observe(&mut self) {
+        let adv = self.parser.advance(&self.buf[self.fwd..]);
+        let new_fwd = self.fwd + adv.forward;
+        let discard = self.out_closed || self.dst_gone;
+        self.fwd = new_fwd;
+        if discard {
+            self.start = new_fwd;
+        }
+        match adv.event {
+            None => {}
+            Some(Event::Close { code, reason }) => {
+                self.in_closed = true;
+                self.out_closed = true;
+                self.buf.truncate(new_fwd);
+                self.pending = Some(PumpEvent::Close { code, reason });
+            }
+            Some(Event::Violation { code, reason }) => {
+                self.stopped = true;
+                self.buf.truncate(new_fwd);
+                self.pending = Some(PumpEvent::Violation { code, reason });
+            }
+        }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Stream,
+        dst: &mut Stream,
+    ) -> Poll<PumpEvent> {
+        loop {
+            if self.dst_gone {
+                self.start = self.fwd;
+                self.inject_pos = self.inject.len();
+            }
+            while self.start < self.fwd {
+                match Pin::new(&mut *dst).poll_write(cx, &self.buf[self.start..self.fwd]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.start += n;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(_) => {
+                        self.dst_gone = true;
+                        return Poll::Ready(PumpEvent::DstGone);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            while self.inject_pos < self.inject.len() {
+                match Pin::new(&mut *dst).poll_write(cx, &self.inject[self.inject_pos..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.inject_pos += n;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(_) => {
+                        self.dst_gone = true;
+                        return Poll::Ready(PumpEvent::DstGone);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.need_flush {
+                match Pin::new(&mut *dst).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.need_flush = false,
+                    Poll::Ready(Err(_)) => {
+                        self.dst_gone = true;
+                        return Poll::Ready(PumpEvent::DstGone);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if let Some(ev) = self.pending.take() {
+                return Poll::Ready(ev);
+            }
+            if self.input_done() {
+                self.buf = Vec::new();
+                return Poll::Pending;
+            }
+            // Everything forwarded: keep only an incomplete header, at the front.
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.fwd -= self.start;
+                self.start = 0;
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(BUF_SIZE);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut self.buf) {
+                Poll::Pending => {
+                    if self.buf.is_empty() {
+                        // Idle: give the buffer back.
+                        self.buf = Vec::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    self.src_gone = true;
+                    return Poll::Ready(PumpEvent::SrcGone);
+                }
+                Poll::Ready(Ok(_)) => {
+                    self.last_read = Instant::now();
+                    self.observe();
+                }
+            }
+        }
+    }
+}
+
+/// Limits and signals for one relayed connection.
+pub struct RelayParams {
+    pub limits: ConnLimits,
+    pub shutdown: CancellationToken,
+}
+
+enum Wake {
+    C2b(PumpEvent),
+    B2c(PumpEvent),
+    Timer,
+    Shutdown,
+}
+
+/// Relays frames between `client` and `backend` until the connection pair ends. The prefixes
+/// are bytes each peer sent right after its handshake that hyper had already read.
+pub async fn relay(
+    mut client: Stream,
+    client_prefix: Bytes,
+    mut backend: Stream,
+    backend_prefix: Bytes,
+    params: RelayParams,
+) -> RelayOutcome {
+    let started = Instant::now();
+    let limits = &params.limits;
+    let mut c2b = Pump::new(
+        FrameParser::new(
+            Direction::ClientToBackend,
+            limits.max_frame_size,
+            limits.max_message_size,
+        ),
+        client_prefix,
+    );
+    let mut b2c = Pump::new(
+        FrameParser::new(
+            Direction::BackendToClient,
+            limits.max_frame_size,
+            limits.max_message_size,
+        ),
+        backend_prefix,
+    );
+    let far = Duration::from_secs(86400 * 365);
+    let idle = limits.idle_timeout;
+    let mut sleep = pin!(tokio::time::sleep(idle.unwrap_or(far)));
+    let shutdown = params.shutdown.clone();
+    let mut shutdown_fut = pin!(shutdown.cancelled());
+    let mut shutdown_seen = false;
+    let mut closing = false;
+    let mut closed_by: Option<ClosedBy> = None;
+    let mut close_code: Option<u16> = None;
+    let mut close_reason = String::new();
+
+    // Starts the end of the connection: sends the gateway's close frames where they may go and
+    // gives both sides CLOSE_GRACE to answer.
+    macro_rules! terminate {
+        ($by:expr, $to_client:expr, $to_backend:expr, $reason:expr) => {{
+            if closed_by.is_none() {
+                closed_by = Some($by);
+                close_code = Some($to_client);
+                close_reason = String::from($reason);
+            }
+            b2c.queue_close(Direction::BackendToClient, $to_client, $reason);
+            c2b.queue_close(Direction::ClientToBackend, $to_backend, $reason);
+            if !closing {
+                closing = true;
+                sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+            }
+        }};
+    }
+
+    // A close frame from one side was forwarded to the other: wait for the answer.
+    macro_rules! on_close {
+        ($by:expr, $code:expr, $reason:expr) => {{
+            if closed_by.is_none() {
+                closed_by = Some($by);
+                close_code = $code;
+                close_reason = $reason;
+            }
+            if !closing {
+                closing = true;
+                sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+            }
+        }};
+    }
+
+    loop {
+        let wake = poll_fn(|cx| {
+            if let Poll::Ready(e) = c2b.poll(cx, &mut client, &mut backend) {
+                return Poll::Ready(Wake::C2b(e));
+            }
+            if let Poll::Ready(e) = b2c.poll(cx, &mut backend, &mut client) {
+                return Poll::Ready(Wake::B2c(e));
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            if !shutdown_seen && shutdown_fut.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Shutdown);
+            }
+            Poll::Pending
+        })
+        .await;
+
+        match wake {
+            Wake::C2b(PumpEvent::Close { code, reason }) => {
+                on_close!(ClosedBy::Client, code, reason);
+            }
+            Wake::B2c(PumpEvent::Close { code, reason }) => {
+                on_close!(ClosedBy::Backend, code, reason);
+            }
+            Wake::C2b(PumpEvent::Violation { code, reason }) => {
+                let other = if code == close_code::TOO_BIG {
+                    code
+                } else {
+                    close_code::GOING_AWAY
+                };
+                terminate!(ClosedBy::ClientViolation, code, other, reason);
+            }
+            Wake::B2c(PumpEvent::Violation { code, reason }) => {
+                let other = if code == close_code::TOO_BIG {
+                    code
+                } else {
+                    close_code::INTERNAL_ERROR
+                };
+                // The backend is the offender: it gets `code`, the client a server error.
+                if closed_by.is_none() {
+                    closed_by = Some(ClosedBy::BackendViolation);
+                    close_code = Some(other);
+                    close_reason = reason.to_owned();
+                }
+                b2c.queue_close(Direction::BackendToClient, other, reason);
+                c2b.queue_close(Direction::ClientToBackend, code, reason);
+                if !closing {
+                    closing = true;
+                    sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                }
+            }
+            Wake::C2b(PumpEvent::SrcGone) | Wake::B2c(PumpEvent::DstGone) => {
+                // The client is gone. If it already had our close, this is the normal end.
+                if !(b2c.out_closed && closing) {
+                    terminate!(
+                        ClosedBy::ClientDropped,
+                        close_code::GOING_AWAY,
+                        close_code::GOING_AWAY,
+                        "client went away"
+                    );
+                }
+                b2c.dst_gone = true;
+                c2b.src_gone = true;
+            }
+            Wake::B2c(PumpEvent::SrcGone) | Wake::C2b(PumpEvent::DstGone) => {
+                if !(c2b.out_closed && closing) {
+                    terminate!(
+                        ClosedBy::BackendDropped,
+                        close_code::INTERNAL_ERROR,
+                        close_code::GOING_AWAY,
+                        "backend connection lost"
+                    );
+                }
+                c2b.dst_gone = true;
+                b2c.src_gone = true;
+            }
+            Wake::Timer => {
+                if closing {
+                    break; // grace period over
+                }
+                let last = c2b.last_read.max(b2c.last_read);
+                match idle {
+                    Some(idle) if last + idle <= Instant::now() => {
+                        terminate!(
+                            ClosedBy::IdleTimeout,
+                            close_code::GOING_AWAY,
+                            close_code::GOING_AWAY,
+                            "idle timeout"
+                        );
+                    }
+                    Some(idle) => sleep.as_mut().reset(last + idle),
+                    None => sleep.as_mut().reset(Instant::now() + far),
+                }
+            }
+            Wake::Shutdown => {
+                shutdown_seen = true;
+                terminate!(
+                    ClosedBy::Shutdown,
+                    close_code::GOING_AWAY,
+                    close_code::GOING_AWAY,
+                    "gateway shutting down"
+                );
+            }
+        }
+
+        if closing && c2b.input_done() && b2c.input_done() && c2b.output_idle() && b2c.output_idle()
+        {
+            break;
+        }
+        // With one side gone there is nobody to wait for once our frames are out.
+        if closing && (c2b.src_gone || b2c.src_gone) && c2b.output_idle() && b2c.output_idle() {
+            break;
+        }
+    }
+
+    // Close both sockets; a peer that stopped reading does not get to hold us up.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tokio::join!(client.shutdown(), backend.shutdown());
+    })
+    .await;
+
+    RelayOutcome {
+        client_to_backend: c2b.parser.stats,
+        backend_to_client: b2c.parser.stats,
+        closed_by: closed_by.unwrap_or(ClosedBy::Client),
+        close_code,
+        close_reason,
+        duration: started.elapsed(),
+    }
+}

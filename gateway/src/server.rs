@@ -1,0 +1,471 @@
+//! The gateway process: builds the served state from a validated [`Config`], binds the
+//! listeners, runs one task per client connection (handshake, then relay), and drains on
+//! shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{self, Connector};
+use crate::handshake::{self, HandshakeCtx, Reject};
+use crate::manifest::{Config, ListenerTls};
+use crate::relay::{self, RelayParams};
+use crate::routes::{Api, Permit, Routes};
+use crate::stream::Stream;
+
+/// Everything that stops a validated manifest from becoming a running gateway (certificate
+/// files that do not parse, listeners that cannot bind...).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{file}: {message}")]
+    Tls { file: String, message: String },
+    #[error("API `{api}`: {message}")]
+    Api { api: String, message: String },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The running gateway's shared state.
+pub struct Gateway {
+    pub config: Config,
+    pub routes: Routes,
+    tls_acceptor: Option<TlsAcceptor>,
+    /// Connections holding a slot (handshakes past admission, and relays).
+    pub active: Arc<AtomicUsize>,
+    pub shutdown: CancellationToken,
+    pub ready: AtomicBool,
+    tracker: TaskTracker,
+}
+
+impl Gateway {
+    /// Builds the served state. Collects every error (for `tollgate check`).
+    pub fn build(config: Config) -> Result<Arc<Gateway>, Vec<StartError>> {
+        let mut errors = Vec::new();
+        let tls_acceptor = match &config.gateway.tls {
+            Some(t) => match server_tls(t) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut apis = Vec::new();
+        for a in &config.apis {
+            let tls = if a.backend.tls {
+                if a.insecure_skip_verify {
+                    tracing::warn!(
+                        api = %a.name,
+                        backend = %a.backend.original,
+                        "insecure_skip_verify is set: the backend's certificate is NOT verified; anyone on the path can impersonate it"
+                    );
+                }
+                match backend::client_tls_config(a.ca_file.as_deref(), a.insecure_skip_verify) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        errors.push(StartError::Api {
+                            api: a.name.clone(),
+                            message: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            match Connector::new(
+                a.backend.clone(),
+                tls,
+                config.gateway.limits.backend_timeout,
+            ) {
+                Ok(connector) => apis.push(Arc::new(Api {
+                    config: a.clone(),
+                    connector,
+                    active: AtomicUsize::new(0),
+                })),
+                Err(message) => errors.push(StartError::Api {
+                    api: a.name.clone(),
+                    message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Arc::new(Gateway {
+            config,
+            routes: Routes::new(apis),
+            tls_acceptor,
+            active: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+            ready: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+        }))
+    }
+
+    /// Binds every listener, then serves until [`Gateway::shutdown`] is cancelled, then drains:
+    /// live connections get close 1001 on both sides and up to `drain_timeout` to finish.
+    pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
+        let mut listeners = Vec::new();
+        if let Some(addr) = self.config.gateway.listen {
+            listeners.push((bind(addr, "ws listener").await?, "ws"));
+        }
+        if let Some(t) = &self.config.gateway.tls {
+            listeners.push((bind(t.listen, "wss listener").await?, "wss"));
+        }
+        let admin = match &self.config.admin {
+            Some(a) => Some(bind(a.listen, "admin listener").await?),
+            None => None,
+        };
+        for (l, scheme) in &listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(event = "listening", scheme = *scheme, addr = %addr, "listening");
+            }
+        }
+        if let Some(a) = admin {
+            if let Ok(addr) = a.local_addr() {
+                tracing::info!(event = "listening", scheme = "admin", addr = %addr, "admin listening");
+            }
+            tokio::spawn(crate::admin::serve(a, self.clone()));
+        }
+        for api in self.routes.apis() {
+            tracing::info!(
+                event = "api_served",
+                api = %api.config.name,
+                url_suffix = %api.config.url_suffix,
+                backend = %api.config.backend.original,
+                "serving API"
+            );
+        }
+        for name in &self.config.unserved_apis {
+            tracing::info!(event = "api_not_served", api = %name, gateway = %self.config.gateway.name,
+                "API not served: its `gateways` list does not name this gateway");
+        }
+        let mut accepts = Vec::new();
+        for (l, scheme) in listeners {
+            accepts.push(tokio::spawn(self.clone().accept_loop(l, scheme)));
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        self.shutdown.cancelled().await;
+
+        self.ready.store(false, Ordering::SeqCst);
+        let drain = self.config.gateway.limits.drain_timeout;
+        tracing::info!(
+            event = "draining",
+            connections = self.active.load(Ordering::SeqCst),
+            drain_timeout_ms = drain.as_millis() as u64,
+            "shutting down: no new connections; closing live ones with 1001"
+        );
+        for a in accepts {
+            let _ = a.await;
+        }
+        self.tracker.close();
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                event = "drain_timeout",
+                connections = self.active.load(Ordering::SeqCst),
+                "drain_timeout reached with connections still open; exiting anyway"
+            );
+        }
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: &'static str) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, addr)) => {
+                    let gw = self.clone();
+                    self.tracker
+                        .spawn(async move { gw.connection(tcp, addr, scheme).await });
+                }
+                Err(e) => {
+                    // Typically EMFILE/ENFILE: back off briefly instead of spinning.
+                    tracing::warn!(event = "accept_error", error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// One client connection: TLS (for wss), the HTTP handshake, then the relay.
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        client_addr: SocketAddr,
+        scheme: &'static str,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let limits = &self.config.gateway.limits;
+        let stream = match (&self.tls_acceptor, scheme) {
+            (Some(acceptor), "wss") => {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %client_addr, error = %e, "client TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(client = %client_addr, "client TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+            _ => Stream::Tcp(tcp),
+        };
+
+        let slot: Arc<Mutex<Option<Accepted>>> = Arc::new(Mutex::new(None));
+        let svc = {
+            let gw = self.clone();
+            let slot = slot.clone();
+            service_fn(move |req| {
+                let gw = gw.clone();
+                let slot = slot.clone();
+                async move { Ok::<_, Infallible>(gw.handshake(req, client_addr, scheme, slot).await) }
+            })
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.handshake_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        // The whole handshake, backend included, is bounded: no client holds a task forever.
+        let overall = limits.handshake_timeout + limits.backend_timeout;
+        match tokio::time::timeout(overall, conn).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
+            }
+            Err(_) => {
+                tracing::info!(event = "handshake_timeout", client = %client_addr, "handshake timed out; connection closed");
+            }
+        }
+        let accepted = slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(a) = accepted {
+            self.relay(a).await;
+        }
+    }
+
+    /// Runs the handshake pipeline for one request and logs its record.
+    async fn handshake(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client_addr: SocketAddr,
+        scheme: &'static str,
+        slot: Arc<Mutex<Option<Accepted>>>,
+    ) -> http::Response<Full<Bytes>> {
+        let mut ctx = HandshakeCtx {
+            started: Instant::now(),
+            client_addr,
+            scheme,
+            api: None,
+            remainder: String::new(),
+            query: None,
+            client_key: String::new(),
+            protocols: Vec::new(),
+            extensions: Vec::new(),
+        };
+        let result: Result<_, Reject> = async {
+            handshake::route(&self.routes, &mut ctx, &req)?;
+            handshake::validate_upgrade(&mut ctx, &req)?;
+            let api = ctx
+                .api
+                .clone()
+                .ok_or_else(|| Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR, "no route"))?;
+            let permit = handshake::admit(
+                &self.active,
+                self.config.gateway.limits.max_connections,
+                &api,
+            )?;
+            let breq = handshake::backend_request(&ctx, &api, &req);
+            let upgraded = api
+                .connector
+                .handshake(&breq.target, breq.headers, &ctx.protocols, &ctx.extensions)
+                .await
+                .map_err(handshake::backend_reject)?;
+            let resp = handshake::switching_protocols(&ctx, &upgraded);
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(Accepted {
+                    on_upgrade,
+                    backend: upgraded,
+                    permit,
+                    api,
+                    client_addr,
+                    target: breq.target,
+                });
+            }
+            Ok(resp)
+        }
+        .await;
+
+        let api_name = ctx.api.as_ref().map_or("", |a| a.config.name.as_str());
+        let backend = ctx
+            .api
+            .as_ref()
+            .map_or("", |a| a.config.backend.original.as_str());
+        let duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(resp) => {
+                tracing::info!(
+                    event = "handshake",
+                    api = api_name,
+                    operation = "onHandshake",
+                    status = 101u16,
+                    client = %client_addr,
+                    scheme,
+                    path = req.uri().path(),
+                    backend,
+                    duration_ms,
+                    "handshake accepted"
+                );
+                resp
+            }
+            Err(r) => {
+                tracing::info!(
+                    event = "handshake",
+                    api = api_name,
+                    operation = "onHandshake",
+                    status = r.status.as_u16(),
+                    client = %client_addr,
+                    scheme,
+                    path = req.uri().path(),
+                    backend,
+                    duration_ms,
+                    reason = %r.reason,
+                    "handshake rejected"
+                );
+                r.into_response()
+            }
+        }
+    }
+
+    async fn relay(&self, a: Accepted) {
+        let Accepted {
+            on_upgrade,
+            backend,
+            permit,
+            api,
+            client_addr,
+            target,
+        } = a;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!(event = "connection_closed", api = %api.config.name, client = %client_addr,
+                    closed_by = "client_dropped", error = %e, "client left before the upgrade completed");
+                return;
+            }
+        };
+        let parts = match upgraded.downcast::<TokioIo<Stream>>() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::error!(event = "connection_closed", api = %api.config.name, "unexpected upgraded stream type");
+                return;
+            }
+        };
+        let outcome = relay::relay(
+            parts.io.into_inner(),
+            parts.read_buf,
+            backend.stream,
+            backend.prefix,
+            RelayParams {
+                limits: api.config.limits.clone(),
+                shutdown: self.shutdown.clone(),
+            },
+        )
+        .await;
+        drop(permit);
+        let c = &outcome.client_to_backend;
+        let b = &outcome.backend_to_client;
+        tracing::info!(
+            event = "connection_closed",
+            api = %api.config.name,
+            client = %client_addr,
+            backend = %api.config.backend.original,
+            backend_target = %target,
+            duration_ms = outcome.duration.as_secs_f64() * 1000.0,
+            closed_by = outcome.closed_by.as_str(),
+            close_code = outcome.close_code,
+            close_reason = %outcome.close_reason,
+            client_frames = c.frames,
+            client_messages = c.messages,
+            client_bytes = c.bytes,
+            backend_frames = b.frames,
+            backend_messages = b.messages,
+            backend_bytes = b.bytes,
+            "connection closed"
+        );
+    }
+}
+
+/// A handshake that got its 101: what the connection task needs to start the relay.
+struct Accepted {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    backend: backend::Upgraded,
+    permit: Permit,
+    api: Arc<Api>,
+    client_addr: SocketAddr,
+    target: String,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, what, source })
+}
+
+fn server_tls(t: &ListenerTls) -> Result<TlsAcceptor, StartError> {
+    use rustls_pki_types::pem::PemObject;
+    let err = |file: &std::path::Path, message: String| StartError::Tls {
+        file: file.display().to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| err(&t.cert, format!("cannot read certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(err(&t.cert, "no certificate found".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .map_err(|e| err(&t.key, format!("cannot read private key: {e}")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(backend::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(&t.cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            err(
+                &t.cert,
+                format!("certificate and key do not work together: {e}"),
+            )
+        })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}

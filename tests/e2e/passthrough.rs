@@ -1,0 +1,378 @@
+//! WebSocket passthrough through the real gateway binary: frames, fragments, close codes,
+//! header forwarding, and how backend failures reach the client.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn manifest(backend: &str, extra_api: &str) -> String {
+    format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("echo", "echo", backend, extra_api)
+    )
+}
+
+#[tokio::test]
+async fn echo_sizes_and_types_through_gateway() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    for (op, len) in [
+        (1u8, 0usize),
+        (1, 5),
+        (2, 125),
+        (2, 126),
+        (2, 65535),
+        (2, 65536),
+        (1, 200_000),
+    ] {
+        let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        ws.send(true, op, &payload).await.unwrap();
+        let f = ws.read_frame().await.unwrap();
+        assert_eq!((f.fin, f.opcode, f.masked), (true, op, false), "len {len}");
+        assert_eq!(f.payload.len(), len);
+        assert_eq!(f.payload, payload, "payload of len {len}");
+    }
+    ws.close(1000, "done").await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1000));
+    assert_eq!(f.close_reason(), "done");
+    let rec = gw
+        .wait_record("connection_closed", |v| v["api"] == "echo")
+        .await;
+    assert_eq!(rec["closed_by"], "client");
+    assert_eq!(rec["close_code"], 1000);
+    assert_eq!(rec["client_messages"], 7);
+    assert_eq!(rec["backend_messages"], 7);
+    let hs = gw.wait_record("handshake", |v| v["status"] == 101).await;
+    assert_eq!(hs["operation"], "onHandshake");
+    assert_eq!(hs["api"], "echo");
+}
+
+#[tokio::test]
+async fn fragments_stay_fragments_and_ping_between_them() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(false, 1, b"Hel").await.unwrap();
+    ws.send(true, 9, b"ping!").await.unwrap();
+    ws.send(false, 0, b"lo, ").await.unwrap();
+    ws.send(true, 0, b"world").await.unwrap();
+    ws.send(false, 2, &[1, 2]).await.unwrap();
+    ws.send(true, 0, &[3]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push((f.fin, f.opcode, f.masked, f.payload));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (false, 1, true, b"Hel".to_vec()),
+            (true, 9, true, b"ping!".to_vec()),
+            (false, 0, true, b"lo, ".to_vec()),
+            (true, 0, true, b"world".to_vec()),
+            (false, 2, true, vec![1, 2]),
+            (true, 0, true, vec![3]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn backend_fragments_and_rsv_bits_reach_client_verbatim() {
+    let handler: Handler = Arc::new(|_h, mut ws| {
+        Box::pin(async move {
+            let _ = ws.send_raw(&encode_frame(false, 4, 1, b"ab", None)).await;
+            let _ = ws.send_raw(&encode_frame(true, 0, 10, b"pong", None)).await;
+            let _ = ws.send_raw(&encode_frame(true, 0, 0, b"cd", None)).await;
+            let _ = ws.read_until_close().await;
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let a = ws.read_frame().await.unwrap();
+    let b = ws.read_frame().await.unwrap();
+    let c = ws.read_frame().await.unwrap();
+    assert_eq!(
+        (a.fin, a.rsv, a.opcode, a.payload.as_slice()),
+        (false, 4, 1, &b"ab"[..])
+    );
+    assert_eq!(
+        (b.fin, b.opcode, b.payload.as_slice()),
+        (true, 10, &b"pong"[..])
+    );
+    assert_eq!(
+        (c.fin, c.opcode, c.payload.as_slice()),
+        (true, 0, &b"cd"[..])
+    );
+}
+
+#[tokio::test]
+async fn close_codes_and_reasons_pass_both_ways() {
+    // Backend-initiated close.
+    let handler: Handler = Arc::new(|_h, mut ws| {
+        Box::pin(async move {
+            let _ = ws.close(4001, "backend says bye").await;
+            let _ = ws.read_until_close().await;
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(
+        (f.close_code(), f.close_reason().as_str()),
+        (Some(4001), "backend says bye")
+    );
+    ws.close(4001, "").await.unwrap();
+    assert!(ws.expect_eof(Duration::from_secs(5)).await);
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "backend");
+    assert_eq!(rec["close_code"], 4001);
+
+    // Client-initiated close reaches the backend with its code.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.close(3999, "client reason").await.unwrap();
+    let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (f.close_code(), f.close_reason().as_str()),
+        (Some(3999), "client reason")
+    );
+    let back = ws.read_until_close().await.unwrap();
+    assert_eq!(back.close_code(), Some(3999));
+}
+
+#[tokio::test]
+async fn tungstenite_client_roundtrip_and_subprotocol() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        gw.ws_url("/echo"),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chat.v2, chat.v1".parse().unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v2"
+    );
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![0u8, 1, 2])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2])
+    );
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn end_to_end_headers_forwarded_hop_by_hop_not() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&format!("ws://{}/base", backend.addr), ""));
+    let (head, _ws) = ws_connect(
+        gw.ws.unwrap(),
+        "/echo/room/42?user=ann&x=1",
+        "Origin: https://app.example\r\nCookie: session=abc\r\nAuthorization: Bearer t0k\r\nX-Custom: yes\r\nKeep-Alive: timeout=5\r\nX-Hop: drop-me\r\nConnection: Upgrade, X-Hop\r\nSec-WebSocket-Protocol: p1\r\nX-Forwarded-For: 10.9.8.7\r\nProxy-Authorization: Basic secret\r\n",
+    )
+    .await;
+    assert_eq!(
+        header(&head, "sec-websocket-protocol").as_deref(),
+        Some("p1")
+    );
+    let seen = backend.last_head();
+    let request_line = seen.lines().next().unwrap();
+    assert_eq!(request_line, "GET /base/room/42?user=ann&x=1 HTTP/1.1");
+    assert_eq!(
+        header(&seen, "origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(header(&seen, "cookie").as_deref(), Some("session=abc"));
+    assert_eq!(
+        header(&seen, "authorization").as_deref(),
+        Some("Bearer t0k")
+    );
+    assert_eq!(header(&seen, "x-custom").as_deref(), Some("yes"));
+    assert_eq!(
+        header(&seen, "x-forwarded-for").as_deref(),
+        Some("10.9.8.7, 127.0.0.1")
+    );
+    assert_eq!(header(&seen, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        header(&seen, "x-forwarded-host"),
+        Some(gw.ws.unwrap().to_string())
+    );
+    assert_eq!(header(&seen, "host"), Some(backend.addr.to_string()));
+    assert_eq!(
+        header(&seen, "sec-websocket-protocol").as_deref(),
+        Some("p1")
+    );
+    assert_eq!(header(&seen, "keep-alive"), None);
+    assert_eq!(header(&seen, "x-hop"), None);
+    assert_eq!(header(&seen, "proxy-authorization"), None);
+    // The backend gets its own key, not the client's.
+    assert_ne!(
+        header(&seen, "sec-websocket-key").as_deref(),
+        Some(TEST_KEY)
+    );
+}
+
+#[tokio::test]
+async fn routing_is_by_whole_path_segments() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/echoes", "").await;
+    assert_eq!(status_of(&head), 404, "{head}");
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/other", "").await;
+    assert_eq!(status_of(&head), 404);
+    ws_connect(gw.ws.unwrap(), "/echo/", "").await;
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[tokio::test]
+async fn bad_upgrades_get_400_or_426() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let addr = gw.ws.unwrap();
+    let cases = [
+        ("GET /echo HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        ("POST /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n", 400),
+        ("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n", 400),
+        ("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 400),
+        ("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n", 426),
+    ];
+    for (req, want) in cases {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (head, _) = read_head(&mut s).await.unwrap();
+        assert_eq!(status_of(&head), want, "for request:\n{req}\ngot:\n{head}");
+        if want == 426 {
+            assert_eq!(
+                header(&head, "sec-websocket-version").as_deref(),
+                Some("13")
+            );
+        }
+    }
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let recs = gw.records("handshake");
+    assert!(recs
+        .iter()
+        .any(|r| r["status"] == 426 && r["reason"].as_str().unwrap().contains("Version")));
+}
+
+/// Backend refuses / answers 403 / answers 200: the client gets 502 / 403 / 502, and what the
+/// client sends afterwards never reaches the backend (no tunnel on a failed upgrade).
+#[tokio::test]
+async fn failed_backend_upgrades_never_open_a_tunnel() {
+    // Refused: a port nothing listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let gw = Gateway::start(&manifest(&format!("ws://{dead}/"), ""));
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(status_of(&head), 502, "{head}");
+    let rec = gw.wait_record("handshake", |v| v["status"] == 502).await;
+    assert!(
+        rec["reason"].as_str().unwrap().contains("cannot connect"),
+        "{rec}"
+    );
+
+    for (resp, want) in [
+        ("HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\nforbidden", 403u16),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 502),
+        ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n", 502),
+    ] {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let handler: Handler = Arc::new(move |_h, mut ws| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    use tokio::io::AsyncReadExt;
+                    match ws.io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let _ = tx.send(n);
+                        }
+                    }
+                }
+            })
+        });
+        let backend = RawBackend::start_with(handler, Some(resp.to_owned())).await;
+        let gw = Gateway::start(&manifest(&backend.url(), ""));
+        let (head, mut ws) = raw_handshake(gw.ws.unwrap(), "/echo", "").await;
+        assert_eq!(status_of(&head), want, "backend answered {resp:?}; client got:\n{head}");
+        if want == 403 {
+            // The backend's own body reaches the client.
+            let mut body = ws.buf.clone();
+            let mut chunk = [0u8; 256];
+            while !body.ends_with(b"forbidden") {
+                use tokio::io::AsyncReadExt;
+                match tokio::time::timeout(Duration::from_secs(5), ws.io.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                    _ => panic!("403 body not received: {:?}", String::from_utf8_lossy(&body)),
+                }
+            }
+        }
+        // Try to smuggle a frame and a second request through.
+        let _ = ws.send(true, 1, b"smuggled").await;
+        let _ = ws.send_raw(b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "bytes reached the backend after a failed upgrade ({resp:?})");
+        assert_eq!(backend.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test]
+async fn backend_too_slow_gets_504() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    // Accepts and never answers.
+    let hold = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            socks.push(s);
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section("[gateway.limits]\nbackend_timeout = \"500ms\""),
+        api_section("echo", "echo", &format!("ws://{addr}/"), "")
+    ));
+    let t = std::time::Instant::now();
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(status_of(&head), 504, "{head}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    hold.abort();
+}

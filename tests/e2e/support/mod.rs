@@ -1,0 +1,625 @@
+//! Shared harness for the end-to-end tests: starts the real `tollgate` binary on a manifest
+//! written by the test, real backends on loopback, and real clients. The raw helpers speak
+//! RFC 6455 byte for byte so tests can see exactly which frames cross the gateway.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sha1::Digest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p =
+            std::env::temp_dir().join(format!("tollgate-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `tollgate run` process with its captured (JSON) log lines.
+pub struct Gateway {
+    pub child: Child,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub dir: TempDir,
+}
+
+impl Gateway {
+    /// Writes `manifest` (a complete TOML document; use port 0 for listeners) and starts the
+    /// gateway on it, returning once every listener is bound.
+    pub fn start(manifest: &str) -> Gateway {
+        let dir = TempDir::new("gw");
+        Self::start_in(dir, manifest)
+    }
+
+    pub fn start_in(dir: TempDir, manifest: &str) -> Gateway {
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, manifest).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["run", "--manifest"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tollgate");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(line.clone());
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(format!("stderr: {line}"));
+                }
+            });
+        }
+        let wants_wss = manifest.contains("[gateway.tls]");
+        let wants_ws = manifest
+            .lines()
+            .take_while(|l| {
+                !l.trim_start().starts_with("[gateway.") && !l.trim_start().starts_with("[[")
+            })
+            .any(|l| l.trim_start().starts_with("listen"));
+        let wants_admin = manifest.contains("[admin]");
+        let (mut ws, mut wss, mut admin) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (wants_ws && ws.is_none())
+            || (wants_wss && wss.is_none())
+            || (wants_admin && admin.is_none())
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "gateway did not start; log:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    );
+                }
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["event"] == "listening" {
+                let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                match v["scheme"].as_str().unwrap() {
+                    "ws" => ws = Some(addr),
+                    "wss" => wss = Some(addr),
+                    _ => admin = Some(addr),
+                }
+            }
+        }
+        Gateway {
+            child,
+            ws,
+            wss,
+            admin,
+            logs,
+            dir,
+        }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.ws.unwrap(), path)
+    }
+
+    /// Parsed JSON log records, optionally only those with `event == event`.
+    pub fn records(&self, event: &str) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    /// Waits until a record matching `pred` appears.
+    pub async fn wait_record(
+        &self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.records(event).into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no `{event}` record as expected; log:\n{}",
+                    self.logs.lock().unwrap().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    pub fn rss_kb(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `[gateway]` section for a plain listener on an ephemeral port.
+pub fn gateway_section(extra: &str) -> String {
+    format!("[gateway]\nname = \"test\"\nlisten = \"127.0.0.1:0\"\n{extra}\n")
+}
+
+pub fn api_section(name: &str, suffix: &str, backend: &str, extra: &str) -> String {
+    format!("[[apis]]\nname = \"{name}\"\nurl_suffix = \"{suffix}\"\nbackend = \"{backend}\"\n{extra}\n")
+}
+
+// ------------------------------------------------------------------------------------------
+// Raw WebSocket pieces.
+
+pub fn accept_for(key: &str) -> String {
+    let mut h = sha1::Sha1::new();
+    h.update(key.as_bytes());
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Reads an HTTP head (up to the blank line). Returns the head text and any bytes after it.
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "eof in head",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Header value from a head text, case-insensitive.
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+pub fn headers_all(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+        .collect()
+}
+
+pub fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A frame as seen on the wire (payload unmasked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub rsv: u8,
+    pub opcode: u8,
+    pub masked: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+    pub fn close_reason(&self) -> String {
+        String::from_utf8_lossy(self.payload.get(2..).unwrap_or(&[])).into_owned()
+    }
+}
+
+pub fn encode_frame(
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 14);
+    v.push((if fin { 0x80 } else { 0 }) | (rsv << 4) | opcode);
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => v.push(m | n as u8),
+        n if n < 65536 => {
+            v.push(m | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(m | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            v.extend_from_slice(&k);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => v.extend_from_slice(payload),
+    }
+    v
+}
+
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// One side of a raw WebSocket: reads frames (with carry-over bytes) and writes frames.
+pub struct RawWs<S> {
+    pub io: S,
+    pub buf: Vec<u8>,
+    /// Client side masks what it sends.
+    pub mask: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawWs<S> {
+    pub fn new(io: S, carry: Vec<u8>, mask: bool) -> Self {
+        RawWs {
+            io,
+            buf: carry,
+            mask,
+        }
+    }
+
+    async fn fill(&mut self, n: usize) -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while self.buf.len() < n {
+            let r = self.io.read(&mut chunk).await?;
+            if r == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "eof",
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+        }
+        Ok(())
+    }
+
+    pub async fn read_frame(&mut self) -> std::io::Result<Frame> {
+        self.fill(2).await?;
+        let b0 = self.buf[0];
+        let b1 = self.buf[1];
+        let masked = b1 & 0x80 != 0;
+        let (len, mut hlen) = match b1 & 0x7f {
+            126 => {
+                self.fill(4).await?;
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
+            127 => {
+                self.fill(10).await?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&self.buf[2..10]);
+                (u64::from_be_bytes(a) as usize, 10)
+            }
+            n => (n as usize, 2),
+        };
+        let key = if masked {
+            self.fill(hlen + 4).await?;
+            let k = [
+                self.buf[hlen],
+                self.buf[hlen + 1],
+                self.buf[hlen + 2],
+                self.buf[hlen + 3],
+            ];
+            hlen += 4;
+            Some(k)
+        } else {
+            None
+        };
+        self.fill(hlen + len).await?;
+        let mut payload: Vec<u8> = self.buf[hlen..hlen + len].to_vec();
+        self.buf.drain(..hlen + len);
+        if let Some(k) = key {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= k[i % 4];
+            }
+        }
+        Ok(Frame {
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 7,
+            opcode: b0 & 0xf,
+            masked,
+            payload,
+        })
+    }
+
+    /// Reads frames until a close; returns it.
+    pub async fn read_until_close(&mut self) -> std::io::Result<Frame> {
+        loop {
+            let f = self.read_frame().await?;
+            if f.opcode == 8 {
+                return Ok(f);
+            }
+        }
+    }
+
+    pub async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        let mask = if self.mask { Some(rand_mask()) } else { None };
+        let f = encode_frame(fin, 0, opcode, payload, mask);
+        self.io.write_all(&f).await
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes).await
+    }
+
+    pub async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
+        self.send(true, 8, &close_payload(code, reason)).await
+    }
+
+    /// True if the peer closed the TCP connection (EOF or reset) within `within`.
+    pub async fn expect_eof(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn rand_mask() -> [u8; 4] {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    n.to_le_bytes()
+}
+
+pub const TEST_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends a raw handshake request. `extra` is extra header lines, each ending in \r\n.
+pub async fn raw_handshake(
+    addr: SocketAddr,
+    path: &str,
+    extra: &str,
+) -> (String, RawWs<TcpStream>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (head, carry) = read_head(&mut s).await.unwrap();
+    (head, RawWs::new(s, carry, true))
+}
+
+/// Like [`raw_handshake`] but asserts the 101 and its accept value.
+pub async fn ws_connect(addr: SocketAddr, path: &str, extra: &str) -> (String, RawWs<TcpStream>) {
+    let (head, ws) = raw_handshake(addr, path, extra).await;
+    assert_eq!(status_of(&head), 101, "handshake failed:\n{head}");
+    assert_eq!(
+        header(&head, "sec-websocket-accept").as_deref(),
+        Some(accept_for(TEST_KEY).as_str())
+    );
+    (head, ws)
+}
+
+// ------------------------------------------------------------------------------------------
+// Backends.
+
+/// What a raw backend saw of one connection.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    pub heads: Vec<String>,
+}
+
+pub type Handler = Arc<
+    dyn Fn(String, RawWs<TcpStream>) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// A raw WebSocket backend: completes the handshake (choosing the first offered subprotocol),
+/// records the request head, then runs `handler` with the socket.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Seen>>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawBackend {
+    pub async fn start(handler: Handler) -> RawBackend {
+        Self::start_with(handler, None).await
+    }
+
+    /// `response`: when set, answer every handshake with this raw HTTP response instead of a
+    /// 101, then report any bytes that arrive afterwards through `seen`.
+    pub async fn start_with(handler: Handler, response: Option<String>) -> RawBackend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen2, conns2) = (seen.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                conns2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let seen = seen2.clone();
+                let handler = handler.clone();
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let Ok((head, carry)) = read_head(&mut s).await else {
+                        return;
+                    };
+                    seen.lock().unwrap().heads.push(head.clone());
+                    if let Some(resp) = response {
+                        let _ = s.write_all(resp.as_bytes()).await;
+                        let ws = RawWs::new(s, carry, false);
+                        handler(head, ws).await;
+                        return;
+                    }
+                    let key = header(&head, "sec-websocket-key").unwrap_or_default();
+                    let mut resp = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
+                        accept_for(&key)
+                    );
+                    if let Some(p) = header(&head, "sec-websocket-protocol") {
+                        let first = p.split(',').next().unwrap().trim().to_owned();
+                        resp.push_str(&format!("Sec-WebSocket-Protocol: {first}\r\n"));
+                    }
+                    if let Some(e) = header(&head, "sec-websocket-extensions") {
+                        if e.contains("permessage-deflate") {
+                            resp.push_str("Sec-WebSocket-Extensions: permessage-deflate\r\n");
+                        }
+                    }
+                    resp.push_str("\r\n");
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    handler(head, RawWs::new(s, carry, false)).await;
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    pub fn last_head(&self) -> String {
+        self.seen
+            .lock()
+            .unwrap()
+            .heads
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Echoes every frame back as it came (same fin/opcode/payload, unmasked), answers a close with
+/// the same close, and returns.
+pub fn echo_frames() -> Handler {
+    Arc::new(|_head, mut ws| {
+        Box::pin(async move {
+            loop {
+                let Ok(f) = ws.read_frame().await else { return };
+                let out = encode_frame(f.fin, f.rsv, f.opcode, &f.payload, None);
+                if ws.send_raw(&out).await.is_err() {
+                    return;
+                }
+                if f.opcode == 8 {
+                    return;
+                }
+            }
+        })
+    })
+}
+
+/// Sends every received frame into a channel (for tests that check what arrived).
+pub fn record_frames(tx: tokio::sync::mpsc::UnboundedSender<Frame>) -> Handler {
+    Arc::new(move |_head, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            while let Ok(f) = ws.read_frame().await {
+                let close = f.opcode == 8;
+                let _ = tx.send(f.clone());
+                if close {
+                    let _ = ws
+                        .send_raw(&encode_frame(true, 0, 8, &f.payload, None))
+                        .await;
+                    return;
+                }
+            }
+        })
+    })
+}
