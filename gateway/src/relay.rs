@@ -78,10 +78,18 @@ pub struct RelayOutcome {
 
 #[derive(Debug)]
 enum PumpEvent {
-    Close { code: Option<u16>, reason: String },
-    Violation { code: u16, reason: &'static str },
+    Close {
+        code: Option<u16>,
+        reason: String,
+    },
+    Violation {
+        code: u16,
+        reason: &'static str,
+    },
     SrcGone,
     DstGone,
+    /// A close frame of the gateway's own has been written out.
+    Injected,
 }
 
 /// One direction: reads frames from `src`, writes them to `dst`.
@@ -212,6 +220,9 @@ impl Pump {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         self.inject_pos += n;
                         self.need_flush = true;
+                        if self.inject_pos == self.inject.len() {
+                            self.pending.get_or_insert(PumpEvent::Injected);
+                        }
                     }
                     Poll::Ready(_) => {
                         self.dst_gone = true;
@@ -428,6 +439,7 @@ pub async fn relay(
                 c2b.dst_gone = true;
                 b2c.src_gone = true;
             }
+            Wake::C2b(PumpEvent::Injected) | Wake::B2c(PumpEvent::Injected) => {}
             Wake::Timer => {
                 if closing {
                     break; // grace period over

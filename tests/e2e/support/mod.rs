@@ -15,6 +15,8 @@ use sha1::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod tls;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// A scratch directory removed on drop.

@@ -1,0 +1,198 @@
+//! Limits: connection caps (503), slowloris (handshake_timeout), header size (431), idle
+//! timeout, frame size (1009), protocol violations (1002).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn manifest(backend: &str, gw_limits: &str, api_extra: &str) -> String {
+    format!(
+        "{}{}",
+        gateway_section(&format!("[gateway.limits]\n{gw_limits}")),
+        api_section("echo", "echo", backend, api_extra)
+    )
+}
+
+#[tokio::test]
+async fn over_max_connections_gets_503_and_a_close_frees_the_slot() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "max_connections = 3",
+        "[apis.limits]\nmax_connections = 2",
+    ));
+    let addr = gw.ws.unwrap();
+    let (_, mut a) = ws_connect(addr, "/echo", "").await;
+    let (_, _b) = ws_connect(addr, "/echo", "").await;
+    let (head, _) = raw_handshake(addr, "/echo", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    assert_eq!(header(&head, "retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    a.close(1000, "").await.unwrap();
+    a.read_until_close().await.unwrap();
+    // The slot comes back as soon as the relay has ended.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (head, _c) = raw_handshake(addr, "/echo", "").await;
+        if status_of(&head) == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {head}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rejected = gw
+        .records("handshake")
+        .into_iter()
+        .filter(|r| r["status"] == 503)
+        .count();
+    assert!(rejected >= 1);
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_handshake_timeout_while_others_connect() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), "handshake_timeout = \"1s\"", ""));
+    let addr = gw.ws.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let drip = async {
+        let mut buf = [0u8; 512];
+        loop {
+            // One header byte every 200 ms: never finishes in time.
+            if slow.write_all(b"X").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {} // e.g. a 408 before the close
+                Err(_) => {}
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                panic!("slow client was never cut off");
+            }
+        }
+    };
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_, mut ws) = ws_connect(addr, "/echo", "").await;
+        ws.send(true, 1, b"fine").await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, b"fine");
+    };
+    tokio::join!(drip, other);
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(900),
+        "cut too early: {cut_after:?}"
+    );
+    assert!(
+        cut_after < Duration::from_secs(4),
+        "cut too late: {cut_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_handshake_head_gets_431() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(&backend.url(), "max_header_bytes = 8192", ""));
+    let big = format!("X-Big: {}\r\n", "a".repeat(10_000));
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/echo", &big).await;
+    assert_eq!(status_of(&head), 431, "{head}");
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_get_1001_on_both_sides() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(&backend.url(), "idle_timeout = \"600ms\"", ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    // Activity keeps it open...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ws.send(true, 1, b"still here").await.unwrap();
+    }
+    let started = Instant::now();
+    let f = tokio::time::timeout(Duration::from_secs(5), ws.read_until_close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.close_code(), Some(1001));
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let mut backend_close = None;
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        if f.opcode == 8 {
+            backend_close = f.close_code();
+            break;
+        }
+    }
+    assert_eq!(backend_close, Some(1001));
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "idle_timeout");
+}
+
+#[tokio::test]
+async fn oversized_frame_gets_1009_and_never_reaches_backend() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "",
+        "[apis.limits]\nmax_frame_size = 1000",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(true, 2, &[7u8; 1000]).await.unwrap();
+    ws.send(true, 2, &[8u8; 1001]).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1009));
+    let mut got = Vec::new();
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+        let close = f.opcode == 8;
+        got.push(f);
+        if close {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].payload.len(), 1000);
+    assert_eq!(got[1].opcode, 8);
+    assert!(got.iter().all(|f| f.payload.len() != 1001));
+}
+
+#[tokio::test]
+async fn unmasked_client_frame_gets_1002() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(&backend.url(), "", ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send_raw(&encode_frame(true, 0, 1, b"not masked", None))
+        .await
+        .unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1002));
+    let first = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.opcode, 8,
+        "the unmasked frame must not be forwarded: {first:?}"
+    );
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "client_violation");
+}

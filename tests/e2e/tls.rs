@@ -1,0 +1,103 @@
+//! TLS on both sides: wss backends verified against a CA made in the test (chain and host
+//! name), and a wss listener.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::tls::*;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn wss_backend_needs_trusted_chain_and_matching_name() {
+    let ca = TestCa::new("Tollgate Test CA");
+    let good = wss_echo_backend(&ca.leaf(&["localhost", "127.0.0.1"])).await;
+    let wrong_name = wss_echo_backend(&ca.leaf(&["other.example"])).await;
+    let dir = TempDir::new("tls");
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let manifest = format!(
+        "{}{}{}{}",
+        gateway_section(""),
+        api_section(
+            "trusted",
+            "trusted",
+            &format!("wss://localhost:{}/", good.port()),
+            &format!("ca_file = \"{}\"", ca_path.display())
+        ),
+        api_section(
+            "untrusted",
+            "untrusted",
+            &format!("wss://localhost:{}/", good.port()),
+            ""
+        ),
+        api_section(
+            "misnamed",
+            "misnamed",
+            &format!("wss://localhost:{}/", wrong_name.port()),
+            &format!("ca_file = \"{}\"", ca_path.display())
+        ),
+    );
+    let gw = Gateway::start_in(dir, &manifest);
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.ws_url("/trusted"))
+        .await
+        .unwrap();
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over tls"));
+
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/untrusted", "").await;
+    assert_eq!(status_of(&head), 502, "{head}");
+    let rec = gw
+        .wait_record("handshake", |v| v["api"] == "untrusted")
+        .await;
+    assert!(rec["reason"].as_str().unwrap().contains("TLS"), "{rec}");
+
+    let (head, _) = raw_handshake(gw.ws.unwrap(), "/misnamed", "").await;
+    assert_eq!(status_of(&head), 502, "{head}");
+    let rec = gw
+        .wait_record("handshake", |v| v["api"] == "misnamed")
+        .await;
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("TLS") && reason.to_lowercase().contains("name"),
+        "{rec}"
+    );
+}
+
+#[tokio::test]
+async fn wss_listener_serves_clients() {
+    let ca = TestCa::new("Listener CA");
+    let leaf = ca.leaf(&["localhost"]);
+    let dir = TempDir::new("wss");
+    let (cert, key) = leaf.write(dir.path(), "gw");
+    let backend = RawBackend::start(echo_frames()).await;
+    let manifest = format!(
+        "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        api_section("echo", "echo", &backend.url(), "schemes = [\"wss\"]")
+    );
+    let gw = Gateway::start_in(dir, &manifest);
+    let addr = gw.wss.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(&ca));
+    let tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/echo", addr.port()), tls)
+            .await
+            .unwrap();
+    ws.send(Message::text("secure hello")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("secure hello")
+    );
+    let seen = backend.last_head();
+    assert_eq!(header(&seen, "x-forwarded-proto").as_deref(), Some("https"));
+    ws.close(None).await.unwrap();
+}
