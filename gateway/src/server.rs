@@ -214,12 +214,29 @@ impl Gateway {
     }
 
     /// One client connection: TLS (for wss), the HTTP handshake, then the relay.
+    ///
+    /// The handshake half is boxed: its state (hyper's connection, TLS accept) is several KB
+    /// and only needed for a moment, while the task lives as long as the connection. Boxing it
+    /// keeps the long-lived task as small as the relay needs (memory per idle connection).
     async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
         client_addr: SocketAddr,
         scheme: &'static str,
     ) {
+        let accepted = Box::pin(self.clone().accept_handshake(tcp, client_addr, scheme)).await;
+        if let Some(a) = accepted {
+            self.relay(a).await;
+        }
+    }
+
+    /// TLS (for wss) and the HTTP exchange; returns the accepted upgrade, if any.
+    async fn accept_handshake(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        client_addr: SocketAddr,
+        scheme: &'static str,
+    ) -> Option<Accepted> {
         let _ = tcp.set_nodelay(true);
         let limits = &self.config.gateway.limits;
         let stream = match (&self.tls_acceptor, scheme) {
@@ -228,11 +245,11 @@ impl Gateway {
                     Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                     Ok(Err(e)) => {
                         tracing::debug!(client = %client_addr, error = %e, "client TLS handshake failed");
-                        return;
+                        return None;
                     }
                     Err(_) => {
                         tracing::debug!(client = %client_addr, "client TLS handshake timed out");
-                        return;
+                        return None;
                     }
                 }
             }
@@ -267,9 +284,7 @@ impl Gateway {
             }
         }
         let accepted = slot.lock().ok().and_then(|mut s| s.take());
-        if let Some(a) = accepted {
-            self.relay(a).await;
-        }
+        accepted
     }
 
     /// Runs the handshake pipeline for one request and logs its record.
@@ -390,11 +405,26 @@ impl Gateway {
                 return;
             }
         };
+        let backend::Upgraded {
+            stream: backend_stream,
+            prefix: backend_prefix,
+            headers: backend_headers,
+        } = backend;
+        // The 101's header values are slices of hyper's read buffer: holding them would pin
+        // 8 KiB per connection for its whole life.
+        drop(backend_headers);
+        // Moved, not borrowed: a Parts kept alive would pin hyper's 8 KiB read buffer for the
+        // connection's whole life.
+        let hyper::upgrade::Parts {
+            io: client_io,
+            read_buf: client_prefix,
+            ..
+        } = parts;
         let outcome = relay::relay(
-            parts.io.into_inner(),
-            parts.read_buf,
-            backend.stream,
-            backend.prefix,
+            client_io.into_inner(),
+            client_prefix,
+            backend_stream,
+            backend_prefix,
             RelayParams {
                 limits: api.config.limits.clone(),
                 shutdown: self.shutdown.clone(),

@@ -1,0 +1,212 @@
+//! The load client. Single-threaded (it shares CPU 0 with the backend), no allocation per
+//! message: each connection writes pre-masked frames from one buffer and counts echoes.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::wire;
+
+#[derive(clap::Args, Clone)]
+pub struct LoadArgs {
+    /// throughput | handshakes | idle
+    #[arg(long)]
+    pub scenario: String,
+    #[arg(long)]
+    pub addr: String,
+    #[arg(long, default_value = "/echo")]
+    pub path: String,
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+}
+
+#[derive(serde::Serialize)]
+struct Result {
+    ops: u64,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    match args.scenario.as_str() {
+        "throughput" => throughput(args).await,
+        "handshakes" => handshakes(args).await,
+        "idle" => idle(args).await,
+        other => anyhow::bail!("unknown scenario {other}"),
+    }
+}
+
+fn percentile(v: &mut [u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p) as usize] as f64
+}
+
+async fn throughput(a: LoadArgs) -> anyhow::Result<()> {
+    let payload = vec![b'x'; a.size];
+    let frame = wire::encode(2, &payload, Some([1, 2, 3, 4]));
+    let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..a.connections {
+        let (addr, path, frame) = (a.addr.clone(), a.path.clone(), frame.clone());
+        let window = a.window;
+        tasks.push(tokio::spawn(async move {
+            conn_throughput(&addr, &path, &frame, window, deadline).await
+        }));
+    }
+    let mut ops = 0;
+    let mut errors = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        match t.await? {
+            Ok((n, l)) => {
+                ops += n;
+                lat.extend(l);
+            }
+            Err(e) => {
+                eprintln!("connection error: {e:#}");
+                errors += 1;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let r = Result {
+        ops,
+        secs,
+        p50_us: percentile(&mut lat, 0.5),
+        p99_us: percentile(&mut lat, 0.99),
+        errors,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+async fn conn_throughput(
+    addr: &str,
+    path: &str,
+    frame: &[u8],
+    window: usize,
+    deadline: Instant,
+) -> anyhow::Result<(u64, Vec<u32>)> {
+    let (mut s, mut buf) = wire::connect(addr, path).await?;
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(window);
+    let mut lat = Vec::with_capacity(100_000);
+    for _ in 0..window {
+        s.write_all(frame).await?;
+        sent.push_back(Instant::now());
+    }
+    let mut done = 0u64;
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut stop = false;
+    while !sent.is_empty() {
+        let n = s.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "closed by peer");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut used = 0;
+        let mut completed = 0;
+        while let Some((h, len, _, _)) = wire::frame_at(&buf[used..]) {
+            used += h + len;
+            completed += 1;
+        }
+        buf.drain(..used);
+        let now = Instant::now();
+        if !stop && now >= deadline {
+            stop = true;
+        }
+        for _ in 0..completed {
+            if let Some(t) = sent.pop_front() {
+                lat.push((now - t).as_micros() as u32);
+                done += 1;
+            }
+            if !stop {
+                // One write per message, as independent clients would send them: the proxy
+                // sees realistic segment sizes rather than one big batch.
+                s.write_all(frame).await?;
+                sent.push_back(Instant::now());
+            }
+        }
+    }
+    let close = wire::encode(8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
+    let _ = s.write_all(&close).await;
+    Ok((done, lat))
+}
+
+async fn handshakes(a: LoadArgs) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections {
+        let (addr, path) = (a.addr.clone(), a.path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let close = wire::encode(8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match wire::connect(&addr, &path).await {
+                    Ok((mut s, _)) => {
+                        lat.push(t.elapsed().as_micros() as u32);
+                        // Close properly: our close, their close, then the socket.
+                        let _ = s.write_all(&close).await;
+                        let mut b = [0u8; 256];
+                        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let r = Result {
+        ops: lat.len() as u64,
+        secs: started.elapsed().as_secs_f64(),
+        p50_us: percentile(&mut lat, 0.5),
+        p99_us: percentile(&mut lat, 0.99),
+        errors,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// Opens `connections` WebSockets, says `ready N` and holds them idle until stdin closes or
+/// says anything.
+async fn idle(a: LoadArgs) -> anyhow::Result<()> {
+    let mut socks = Vec::with_capacity(a.connections);
+    let mut errors = 0u64;
+    for _ in 0..a.connections {
+        match wire::connect(&a.addr, &a.path).await {
+            Ok((s, _)) => socks.push(s),
+            Err(e) => {
+                errors += 1;
+                if errors == 1 {
+                    eprintln!("idle connect error: {e:#}");
+                }
+            }
+        }
+    }
+    println!("ready {} {errors}", socks.len());
+    let mut line = String::new();
+    let _ = tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await;
+    Ok(())
+}
