@@ -243,11 +243,9 @@ impl Connector {
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await?;
-        // The connection future hands the socket to the upgrade once the 101 is read; it runs
-        // as its own task because the response is awaited here.
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
+        // The connection future is driven right here, next to the request, rather than spawned
+        // as a task of its own: one task and one cross-task wake-up less per handshake.
+        let mut conn = std::pin::pin!(conn.with_upgrades());
         let key = wskey::generate_key();
         headers.insert(
             http::header::SEC_WEBSOCKET_KEY,
@@ -259,32 +257,57 @@ impl Connector {
             .body(Empty::<Bytes>::new())
             .map_err(|e| BackendError::BadUpgrade(format!("bad backend request: {e}")))?;
         *req.headers_mut() = headers;
-        let mut resp = sender.send_request(req).await?;
+        // For a 101 the connection future may finish first (it delivers the response and hands
+        // the socket to the upgrade in one poll); it must then not be polled again.
+        let mut conn_done = false;
+        let mut resp = {
+            let mut sent = std::pin::pin!(sender.send_request(req));
+            tokio::select! {
+                biased;
+                r = &mut sent => r?,
+                c = &mut conn => {
+                    c?;
+                    conn_done = true;
+                    sent.await?
+                }
+            }
+        };
+        // No further requests: once the response is consumed, the connection future finishes
+        // (or hands the socket to the upgrade).
+        drop(sender);
 
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
             let headers = resp.headers().clone();
-            let body = Limited::new(resp.into_body(), MAX_REJECT_BODY)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let collect = Limited::new(resp.into_body(), MAX_REJECT_BODY).collect();
+            let body = if conn_done {
+                collect.await
+            } else {
+                tokio::join!(conn, collect).1
+            };
             return Err(BackendError::Rejected {
                 status,
                 headers,
-                body,
+                body: body.map(|b| b.to_bytes()).unwrap_or_default(),
             });
         }
         check_101(resp.headers(), &key, offered_protocols, offered_extensions)
             .map_err(BackendError::BadUpgrade)?;
         let headers = resp.headers().clone();
-        let upgraded = hyper::upgrade::on(&mut resp).await?;
-        let parts = upgraded
+        let upgraded = if conn_done {
+            hyper::upgrade::on(&mut resp).await
+        } else {
+            let (c, u) = tokio::join!(conn, hyper::upgrade::on(&mut resp));
+            c?;
+            u
+        };
+        let parts = upgraded?
             .downcast::<TokioIo<Stream>>()
             .map_err(|_| BackendError::BadUpgrade("unexpected upgraded stream type".into()))?;
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
         Ok(Upgraded {
-            stream: parts.io.into_inner(),
-            prefix: parts.read_buf,
+            stream: io.into_inner(),
+            prefix: read_buf,
             headers,
         })
     }

@@ -30,6 +30,40 @@ const BUF_SIZE: usize = 32 * 1024;
 /// before the sockets are simply closed.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Read buffers of busy connections, recycled per worker thread. A connection holds one only
+/// while bytes are moving; taking it from here instead of malloc saves an allocation and a free
+/// of BUF_SIZE bytes per wake-up (glibc consolidates on such frees), which shows in the CPU cost
+/// per small message and per handshake.
+mod pool {
+    use super::BUF_SIZE;
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread; beyond that they go back to the allocator.
+    const KEEP: usize = 32;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+    }
+
+    pub fn give(mut v: Vec<u8>) {
+        if v.capacity() != BUF_SIZE {
+            return;
+        }
+        v.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(v);
+            }
+        });
+    }
+}
+
 /// Who ended the connection, for the per-connection log record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClosedBy {
@@ -245,7 +279,7 @@ impl Pump {
                 return Poll::Ready(ev);
             }
             if self.input_done() {
-                self.buf = Vec::new();
+                pool::give(std::mem::take(&mut self.buf));
                 return Poll::Pending;
             }
             // Everything forwarded: keep only an incomplete header, at the front.
@@ -254,14 +288,16 @@ impl Pump {
                 self.fwd -= self.start;
                 self.start = 0;
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
+            if self.buf.capacity() == 0 {
+                self.buf = pool::take();
+            } else if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(BUF_SIZE);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut self.buf) {
                 Poll::Pending => {
                     if self.buf.is_empty() {
                         // Idle: give the buffer back.
-                        self.buf = Vec::new();
+                        pool::give(std::mem::take(&mut self.buf));
                     }
                     return Poll::Pending;
                 }
@@ -275,6 +311,12 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+async fn shutdown_tls(s: &mut Stream) {
+    if !matches!(s, Stream::Tcp(_)) {
+        let _ = s.shutdown().await;
     }
 }
 
@@ -479,11 +521,15 @@ pub async fn relay(
         }
     }
 
-    // Close both sockets; a peer that stopped reading does not get to hold us up.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = tokio::join!(client.shutdown(), backend.shutdown());
-    })
-    .await;
+    // TLS sessions get their close_notify; a peer that stopped reading does not get to hold us
+    // up. Plain TCP needs no shutdown(2) before close(2): dropping the socket sends the FIN, and
+    // the extra system call per side is measurable in the per-handshake CPU budget.
+    if !matches!(client, Stream::Tcp(_)) || !matches!(backend, Stream::Tcp(_)) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = tokio::join!(shutdown_tls(&mut client), shutdown_tls(&mut backend));
+        })
+        .await;
+    }
 
     RelayOutcome {
         client_to_backend: c2b.parser.stats,
