@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod capabilities;
 pub mod frame;
 pub mod handshake;
 pub mod logging;

@@ -285,10 +285,9 @@ async fn bad_upgrades_get_400_or_426() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
-    let recs = gw.records("handshake");
-    assert!(recs
-        .iter()
-        .any(|r| r["status"] == 426 && r["reason"].as_str().unwrap().contains("Version")));
+    // The log line may trail the response by a moment: wait for it.
+    let rec = gw.wait_record("handshake", |r| r["status"] == 426).await;
+    assert!(rec["reason"].as_str().unwrap().contains("Version"), "{rec}");
 }
 
 /// Backend refuses / answers 403 / answers 200: the client gets 502 / 403 / 502, and what the
