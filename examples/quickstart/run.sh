@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -p tollgate -p echo-backend
+# The quickstart API runs the set-header policy: build it as a WebAssembly component.
+rustup target add wasm32-wasip2 >/dev/null
+cargo build --release --target wasm32-wasip2 -p set-header
+mkdir -p examples/quickstart/plugins
+cp target/wasm32-wasip2/release/set_header.wasm examples/quickstart/plugins/
 ./target/release/echo-backend --listen 127.0.0.1:9000 &
 backend_pid=$!
 trap 'kill "$backend_pid" 2>/dev/null || true' EXIT

@@ -260,6 +260,45 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
     }
 }
 
+/// The request as policies see it (`handshake-request` in `wit/policy.wit`).
+pub fn policy_request<B>(
+    ctx: &HandshakeCtx,
+    api: &Api,
+    req: &Request<B>,
+) -> crate::policy::wit::HandshakeRequest {
+    use crate::policy::wit::Pair;
+    let query = req
+        .uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| Pair {
+                    name: k.into_owned(),
+                    value: v.into_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    crate::policy::wit::HandshakeRequest {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        query,
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| Pair {
+                name: k.as_str().to_owned(),
+                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            })
+            .collect(),
+        client_address: ctx.client_addr.to_string(),
+        tls: None,
+        api: api.config.name.clone(),
+        product: api.config.products.first().cloned(),
+        context: Vec::new(),
+    }
+}
+
 /// Turns a failed backend handshake into the client's answer.
 pub fn backend_reject(e: BackendError) -> Reject {
     let status = e.client_status();
@@ -292,7 +331,11 @@ pub fn backend_reject(e: BackendError) -> Reject {
 
 /// Phase 6: the client's 101, carrying the backend's chosen subprotocol and extensions and its
 /// other end-to-end headers (e.g. Set-Cookie).
-pub fn switching_protocols(ctx: &HandshakeCtx, backend: &Upgraded) -> Response<Full<Bytes>> {
+pub fn switching_protocols(
+    ctx: &HandshakeCtx,
+    backend: &Upgraded,
+    extra: Vec<(HeaderName, HeaderValue)>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -302,6 +345,9 @@ pub fn switching_protocols(ctx: &HandshakeCtx, backend: &Upgraded) -> Response<F
             continue;
         }
         h.append(name.clone(), value.clone());
+    }
+    for (k, v) in extra {
+        h.append(k, v);
     }
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -8,10 +8,12 @@
 pub mod admin;
 pub mod backend;
 pub mod capabilities;
+pub mod chain;
 pub mod frame;
 pub mod handshake;
 pub mod logging;
 pub mod manifest;
+pub mod policy;
 pub mod relay;
 pub mod routes;
 pub mod server;

@@ -162,6 +162,12 @@ struct RawAttachment {
     plugin: String,
     #[serde(default)]
     config: Option<toml::Table>,
+    /// CPU budget per call, in wasmtime fuel units (roughly instructions).
+    fuel: Option<u64>,
+    /// Memory cap per call.
+    memory_limit_bytes: Option<usize>,
+    /// Status the client gets when the plugin fails (trap, budget, bad result).
+    failure_status: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,6 +185,8 @@ pub struct Config {
     /// Names of APIs in the manifest that this gateway does not serve, for the startup log.
     pub unserved_apis: Vec<String>,
     pub products: Vec<ProductConfig>,
+    /// Global-scope policies (run first, for every API).
+    pub policies: Vec<Attachment>,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +335,7 @@ pub struct ProductConfig {
     pub name: String,
     pub display_name: String,
     pub subscription_required: bool,
+    pub policies: Vec<Attachment>,
 }
 
 /// A policy attached to a scope: the plugin's declared name and its config table.
@@ -334,6 +343,11 @@ pub struct ProductConfig {
 pub struct Attachment {
     pub plugin: String,
     pub config: toml::Table,
+    pub fuel: Option<u64>,
+    pub memory_limit_bytes: Option<usize>,
+    pub failure_status: u16,
+    /// Where it is written, for error messages: `file:line`.
+    pub location: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,6 +422,7 @@ struct Validator<'a> {
     text: &'a str,
     base: PathBuf,
     errors: Vec<ManifestError>,
+    has_policies: bool,
 }
 
 impl<'a> Validator<'a> {
@@ -421,6 +436,7 @@ impl<'a> Validator<'a> {
             text,
             base,
             errors: Vec::new(),
+            has_policies: false,
         }
     }
 
@@ -530,9 +546,7 @@ impl<'a> Validator<'a> {
                     "subscriptions are not implemented yet; this build cannot enforce subscription keys, so it refuses to serve a product that requires them",
                 );
             }
-            for a in &p.policies {
-                self.no_policy_host(a, &format!("products[{i}].policies"));
-            }
+            let policies = self.attachments(&p.policies, &format!("products[{i}].policies"));
             products.push(ProductConfig {
                 name: pname.clone(),
                 display_name: p.display_name.clone().unwrap_or(pname),
@@ -540,11 +554,10 @@ impl<'a> Validator<'a> {
                     .subscription_required
                     .as_ref()
                     .is_some_and(|r| *r.get_ref()),
+                policies,
             });
         }
-        for a in &raw.policies {
-            self.no_policy_host(a, "policies");
-        }
+        let global_policies = self.attachments(&raw.policies, "policies");
 
         // APIs.
         let mut apis = Vec::new();
@@ -627,9 +640,8 @@ impl<'a> Validator<'a> {
                     );
                 }
             }
-            for att in &a.on_handshake {
-                self.no_policy_host(att, &format!("apis[{i}].on_handshake"));
-            }
+            let on_handshake =
+                self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
             let Some(backend) = backend else { continue };
             let served = a.gateways.is_empty() || a.gateways.contains(&name);
             if !served {
@@ -655,20 +667,17 @@ impl<'a> Validator<'a> {
                 },
                 ca_file,
                 insecure_skip_verify: a.insecure_skip_verify,
-                on_handshake: a
-                    .on_handshake
-                    .iter()
-                    .map(|s| {
-                        let r = s.get_ref();
-                        Attachment {
-                            plugin: r.plugin.clone(),
-                            config: r.config.clone().unwrap_or_default(),
-                        }
-                    })
-                    .collect(),
+                on_handshake,
             });
         }
 
+        if self.has_policies && plugin_dir.is_none() {
+            self.err(
+                gw_span,
+                "gateway.plugin_dir",
+                "policies are attached but no plugin_dir is set to load them from",
+            );
+        }
         if !self.errors.is_empty() {
             return Err(ManifestErrors(self.errors));
         }
@@ -685,20 +694,37 @@ impl<'a> Validator<'a> {
             apis,
             unserved_apis: unserved,
             products,
+            policies: global_policies,
         })
     }
 
-    /// Policies need the WebAssembly policy host, which this build does not have yet. Refusing
-    /// the manifest is the honest answer: silently ignoring a JWT check would open the API.
-    fn no_policy_host(&mut self, a: &Spanned<RawAttachment>, key: &str) {
-        self.err(
-            a.span(),
-            key,
-            format!(
-                "policy `{}` cannot be attached: this build has no policy host yet",
-                a.get_ref().plugin
-            ),
-        );
+    fn attachments(&mut self, list: &[Spanned<RawAttachment>], key: &str) -> Vec<Attachment> {
+        let mut out = Vec::new();
+        for (n, a) in list.iter().enumerate() {
+            let r = a.get_ref();
+            let (line, _) = line_col(self.text, a.span().start);
+            let failure_status = r.failure_status.unwrap_or(500);
+            if !(400..=599).contains(&failure_status) {
+                self.err(
+                    a.span(),
+                    format!("{key}[{n}].failure_status"),
+                    "must be between 400 and 599",
+                );
+            }
+            if r.plugin.trim().is_empty() {
+                self.err(a.span(), format!("{key}[{n}].plugin"), "must name a plugin");
+            }
+            out.push(Attachment {
+                plugin: r.plugin.clone(),
+                config: r.config.clone().unwrap_or_default(),
+                fuel: r.fuel,
+                memory_limit_bytes: r.memory_limit_bytes,
+                failure_status,
+                location: format!("{}:{line}", self.file.display()),
+            });
+        }
+        self.has_policies |= !out.is_empty();
+        out
     }
 
     fn limits(&mut self, l: &RawLimits) -> Limits {

@@ -11,6 +11,8 @@ pub struct Api {
     pub config: ApiConfig,
     pub connector: Connector,
     pub active: AtomicUsize,
+    /// onHandshake policies in the order they run: global, product, API.
+    pub chain: Vec<crate::chain::Step>,
 }
 
 /// APIs ordered for matching: longest `url_suffix` first, so `chat/admin` wins over `chat`.
@@ -116,6 +118,7 @@ mod tests {
                 on_handshake: vec![],
             },
             active: AtomicUsize::new(0),
+            chain: Vec::new(),
         })
     }
 

@@ -35,6 +35,8 @@ pub enum StartError {
     Tls { file: String, message: String },
     #[error("API `{api}`: {message}")]
     Api { api: String, message: String },
+    #[error("{0}")]
+    Plugin(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -69,8 +71,39 @@ impl Gateway {
             },
             None => None,
         };
+        let has_policies = !config.policies.is_empty()
+            || config.products.iter().any(|p| !p.policies.is_empty())
+            || config.apis.iter().any(|a| !a.on_handshake.is_empty());
+        let mut plugins = std::collections::HashMap::new();
+        let mut host = None;
+        if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
+            match crate::policy::PolicyHost::new() {
+                Ok(h) => {
+                    let h = Arc::new(h);
+                    let (loaded, errs) = h.load_dir(dir);
+                    errors.extend(errs.into_iter().map(|e| StartError::Plugin(e.to_string())));
+                    for p in loaded {
+                        tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
+                            capabilities = ?p.capabilities, path = %p.path.display(), "plugin loaded");
+                        plugins.insert(p.name.clone(), Arc::new(p));
+                    }
+                    host = Some(h);
+                }
+                Err(e) => errors.push(StartError::Plugin(e)),
+            }
+        }
         let mut apis = Vec::new();
         for a in &config.apis {
+            let chain = match &host {
+                Some(h) => match crate::chain::build(h, &plugins, &config, a) {
+                    Ok(c) => c,
+                    Err(errs) => {
+                        errors.extend(errs.into_iter().map(StartError::Plugin));
+                        continue;
+                    }
+                },
+                None => Vec::new(),
+            };
             let tls = if a.backend.tls {
                 if a.insecure_skip_verify {
                     tracing::warn!(
@@ -101,6 +134,7 @@ impl Gateway {
                     config: a.clone(),
                     connector,
                     active: AtomicUsize::new(0),
+                    chain,
                 })),
                 Err(message) => errors.push(StartError::Api {
                     api: a.name.clone(),
@@ -318,13 +352,19 @@ impl Gateway {
                 self.config.gateway.limits.max_connections,
                 &api,
             )?;
-            let breq = handshake::backend_request(&ctx, &api, &req);
+            let mut breq = handshake::backend_request(&ctx, &api, &req);
+            let extra = if api.chain.is_empty() {
+                Vec::new()
+            } else {
+                let view = handshake::policy_request(&ctx, &api, &req);
+                crate::chain::run(&api.chain, view, &mut breq)?
+            };
             let upgraded = api
                 .connector
                 .handshake(&breq.target, breq.headers, &ctx.protocols, &ctx.extensions)
                 .await
                 .map_err(handshake::backend_reject)?;
-            let resp = handshake::switching_protocols(&ctx, &upgraded);
+            let resp = handshake::switching_protocols(&ctx, &upgraded, extra);
             let on_upgrade = hyper::upgrade::on(&mut req);
             if let Ok(mut s) = slot.lock() {
                 *s = Some(Accepted {

@@ -1,0 +1,275 @@
+//! An API's onHandshake policy chain: built at load from the manifest's attachments (global,
+//! then the API's products, then the API's own onHandshake), applied per handshake to the
+//! backend request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::StatusCode;
+
+use crate::capabilities::{self, Scope, Verdict};
+use crate::handshake::{BackendRequest, Reject};
+use crate::manifest::{ApiConfig, Attachment, Config};
+use crate::policy::{wit, Budget, Plugin, PolicyHost};
+
+/// Headers a policy may not touch: they belong to the WebSocket handshake itself.
+pub const PROTECTED: &[&str] = &[
+    "host",
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "content-length",
+    "transfer-encoding",
+];
+
+/// One attached policy.
+pub struct Step {
+    pub host: Arc<PolicyHost>,
+    pub plugin: Arc<Plugin>,
+    pub config_json: String,
+    pub budget: Budget,
+    pub failure_status: StatusCode,
+    pub scope: Scope,
+    /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
+    pub skip: bool,
+    pub skips: AtomicU64,
+}
+
+/// Builds the chain for `api`; every problem is returned, worded for the operator.
+pub fn build(
+    host: &Arc<PolicyHost>,
+    plugins: &HashMap<String, Arc<Plugin>>,
+    config: &Config,
+    api: &ApiConfig,
+) -> Result<Vec<Step>, Vec<String>> {
+    let mut scoped: Vec<(Scope, &Attachment)> = Vec::new();
+    scoped.extend(config.policies.iter().map(|a| (Scope::Global, a)));
+    for pname in &api.products {
+        if let Some(p) = config.products.iter().find(|p| &p.name == pname) {
+            scoped.extend(
+                p.policies
+                    .iter()
+                    .map(|a| (Scope::Product(p.name.clone()), a)),
+            );
+        }
+    }
+    scoped.extend(
+        api.on_handshake
+            .iter()
+            .map(|a| (Scope::Api(api.name.clone()), a)),
+    );
+
+    let mut steps = Vec::new();
+    let mut errors = Vec::new();
+    for (scope, att) in scoped {
+        let Some(plugin) = plugins.get(&att.plugin) else {
+            errors.push(format!(
+                "{}: plugin `{}` (attached at {scope}) was not found in plugin_dir",
+                att.location, att.plugin
+            ));
+            continue;
+        };
+        let skip = match capabilities::check(&plugin.name, &plugin.capabilities, &scope) {
+            Err(e) => {
+                errors.push(format!("{}: {e}", att.location));
+                continue;
+            }
+            Ok(Verdict::Refuse(refusals)) => {
+                errors.extend(refusals.iter().map(|r| format!("{}: {r}", att.location)));
+                continue;
+            }
+            Ok(Verdict::SkipAtRuntime(refusals)) => {
+                for r in &refusals {
+                    tracing::warn!(event = "policy_skipped_at_load", api = %api.name, plugin = %plugin.name,
+                        capability = %r.capability, scope = %scope,
+                        "inherited policy declares a capability onHandshake does not support; it will be skipped for this WebSocket API");
+                }
+                true
+            }
+            Ok(Verdict::Run) => false,
+        };
+        let config_json = match serde_json::to_string(&att.config) {
+            Ok(j) => j,
+            Err(e) => {
+                errors.push(format!(
+                    "{}: config of `{}` cannot be passed on: {e}",
+                    att.location, att.plugin
+                ));
+                continue;
+            }
+        };
+        let budget = Budget {
+            fuel: att.fuel.unwrap_or(crate::policy::DEFAULT_FUEL),
+            memory_bytes: att
+                .memory_limit_bytes
+                .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
+        };
+        if !skip {
+            // The plugin validates its config now, so bad config stops the start.
+            if let Err(e) = host.call(plugin, &config_json, None, budget) {
+                errors.push(format!("{}: {e}", att.location));
+                continue;
+            }
+        }
+        steps.push(Step {
+            host: host.clone(),
+            plugin: plugin.clone(),
+            config_json,
+            budget,
+            failure_status: StatusCode::from_u16(att.failure_status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            scope,
+            skip,
+            skips: AtomicU64::new(0),
+        });
+    }
+    if errors.is_empty() {
+        Ok(steps)
+    } else {
+        Err(errors)
+    }
+}
+
+fn value(v: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"))
+}
+
+/// Runs the chain. On success the backend request carries the policies' changes and the
+/// returned headers go on the client's 101.
+pub fn run(
+    steps: &[Step],
+    mut request: wit::HandshakeRequest,
+    breq: &mut BackendRequest,
+) -> Result<Vec<(HeaderName, HeaderValue)>, Reject> {
+    let mut response_headers = Vec::new();
+    let api = request.api.clone();
+    for step in steps {
+        let name = &step.plugin.name;
+        if step.skip {
+            step.skips.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(event = "policy_skipped", plugin = %name, scope = %step.scope, api = %api,
+                "inherited policy skipped for a WebSocket API");
+            continue;
+        }
+        let fail = |why: String| {
+            tracing::warn!(event = "policy_error", plugin = %name, api = %api, error = %why, "policy failed; handshake rejected");
+            Reject::new(step.failure_status, format!("policy `{name}` failed"))
+        };
+        let decision = step
+            .host
+            .call(&step.plugin, &step.config_json, Some(&request), step.budget)
+            .map_err(|e| fail(e.to_string()))?
+            .ok_or_else(|| fail("no decision".into()))?;
+        match decision {
+            wit::Decision::Reject(r) => {
+                let status = StatusCode::from_u16(r.status)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .ok_or_else(|| fail(format!("rejected with invalid status {}", r.status)))?;
+                let mut rej = Reject::new(status, format!("rejected by policy `{name}`"));
+                for h in r.headers {
+                    let n = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| fail(format!("invalid header name {:?}", h.name)))?;
+                    rej.headers.push((n, value(&h.value).map_err(fail)?));
+                }
+                rej.body = Some(bytes::Bytes::from(r.body));
+                return Err(rej);
+            }
+            wit::Decision::Proceed(p) => {
+                for change in &p.header_changes {
+                    let target = match change {
+                        wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => h.name.as_str(),
+                        wit::HeaderChange::Remove(n) => n.as_str(),
+                    };
+                    let lower = target.to_ascii_lowercase();
+                    if PROTECTED.contains(&lower.as_str()) {
+                        return Err(fail(format!(
+                            "tried to change protected header `{target}` (Host, Connection, Upgrade, Sec-WebSocket-*, Content-Length and Transfer-Encoding cannot be changed on onHandshake)"
+                        )));
+                    }
+                    let hn = HeaderName::from_bytes(lower.as_bytes())
+                        .map_err(|_| fail(format!("invalid header name {target:?}")))?;
+                    match change {
+                        wit::HeaderChange::Set(h) => {
+                            breq.headers
+                                .insert(hn.clone(), value(&h.value).map_err(fail)?);
+                        }
+                        wit::HeaderChange::Append(h) => {
+                            breq.headers
+                                .append(hn.clone(), value(&h.value).map_err(fail)?);
+                        }
+                        wit::HeaderChange::Remove(_) => {
+                            breq.headers.remove(&hn);
+                        }
+                    }
+                    // Later policies see the request as it now is.
+                    request.headers.retain(|h| {
+                        !h.name.eq_ignore_ascii_case(&lower)
+                            || matches!(change, wit::HeaderChange::Append(_))
+                    });
+                    match change {
+                        wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => {
+                            request.headers.push(wit::Pair {
+                                name: lower.clone(),
+                                value: h.value.clone(),
+                            })
+                        }
+                        wit::HeaderChange::Remove(_) => {}
+                    }
+                }
+                if !p.query_changes.is_empty() {
+                    apply_query(breq, &p.query_changes, &mut request);
+                }
+                for h in p.response_headers {
+                    let n = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| fail(format!("invalid header name {:?}", h.name)))?;
+                    response_headers.push((n, value(&h.value).map_err(fail)?));
+                }
+                request.context.extend(p.context);
+            }
+        }
+    }
+    Ok(response_headers)
+}
+
+fn apply_query(
+    breq: &mut BackendRequest,
+    changes: &[wit::QueryChange],
+    request: &mut wit::HandshakeRequest,
+) {
+    let (path, query) = match breq.target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (breq.target.clone(), String::new()),
+    };
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    for c in changes {
+        match c {
+            wit::QueryChange::Set(p) => {
+                pairs.retain(|(k, _)| k != &p.name);
+                pairs.push((p.name.clone(), p.value.clone()));
+            }
+            wit::QueryChange::Remove(n) => pairs.retain(|(k, _)| k != n),
+        }
+    }
+    request.query = pairs
+        .iter()
+        .map(|(k, v)| wit::Pair {
+            name: k.clone(),
+            value: v.clone(),
+        })
+        .collect();
+    breq.target = if pairs.is_empty() {
+        path
+    } else {
+        let q = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        format!("{path}?{q}")
+    };
+}

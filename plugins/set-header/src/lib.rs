@@ -1,0 +1,203 @@
+//! `set-header`: sets, appends or deletes one header of the backend request, with API
+//! Management's exists-action semantics. The value may reference context values set by earlier
+//! policies: `"{jwt.sub}"` becomes the token's subject.
+//!
+//! ```toml
+//! [[apis.on_handshake]]
+//! plugin = "set-header"
+//! config = { name = "X-User", value = "{jwt.sub}", exists_action = "override" }
+//! ```
+
+use std::cell::RefCell;
+
+use serde::Deserialize;
+use tollgate_sdk::{
+    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Policy, Proceed,
+};
+
+/// APIM's `exists-action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExistsAction {
+    /// Replace any existing value (the default).
+    #[default]
+    Override,
+    /// Leave an existing header alone; set it only when absent.
+    Skip,
+    /// Add another value.
+    Append,
+    /// Remove the header.
+    Delete,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub exists_action: ExistsAction,
+}
+
+impl Config {
+    pub fn parse(json: &str) -> Result<Config, String> {
+        let c: Config = serde_json::from_str(json).map_err(|e| format!("set-header: {e}"))?;
+        if c.name.trim().is_empty() || c.name.bytes().any(|b| !b.is_ascii_graphic() || b == b':') {
+            return Err(format!(
+                "set-header: `{}` is not a valid header name",
+                c.name
+            ));
+        }
+        if c.exists_action != ExistsAction::Delete && c.value.contains(['\r', '\n']) {
+            return Err("set-header: value must not contain line breaks".into());
+        }
+        Ok(c)
+    }
+}
+
+/// Replaces `{key}` with the context value `key` (empty when absent).
+pub fn expand(template: &str, request: &HandshakeRequest) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        match rest[open..].find('}') {
+            Some(close) => {
+                let key = &rest[open + 1..open + close];
+                out.push_str(request.context_value(key).unwrap_or(""));
+                rest = &rest[open + close + 1..];
+            }
+            None => {
+                out.push_str(&rest[open..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The header change this config makes for this request, if any.
+pub fn decide(config: &Config, request: &HandshakeRequest) -> Option<HeaderChange> {
+    let exists = request.header(&config.name).is_some();
+    let pair = || {
+        Pair::new(
+            config.name.to_ascii_lowercase(),
+            expand(&config.value, request),
+        )
+    };
+    match config.exists_action {
+        ExistsAction::Override => Some(HeaderChange::Set(pair())),
+        ExistsAction::Skip if exists => None,
+        ExistsAction::Skip => Some(HeaderChange::Set(pair())),
+        ExistsAction::Append => Some(HeaderChange::Append(pair())),
+        ExistsAction::Delete => Some(HeaderChange::Remove(config.name.to_ascii_lowercase())),
+    }
+}
+
+thread_local! {
+    static CONFIG: RefCell<Option<Config>> = const { RefCell::new(None) };
+}
+
+/// The exported policy. Natively it is only reached from the unit tests.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+struct SetHeader;
+
+impl Policy for SetHeader {
+    fn declare() -> Declaration {
+        Declaration {
+            name: "set-header".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            capabilities: vec![
+                Capability::ReadRequest,
+                Capability::ModifyHeaders,
+                Capability::UseContext,
+            ],
+        }
+    }
+
+    fn configure(config_json: String) -> Result<(), String> {
+        let c = Config::parse(&config_json)?;
+        CONFIG.with(|slot| *slot.borrow_mut() = Some(c));
+        Ok(())
+    }
+
+    fn on_handshake(request: HandshakeRequest) -> Decision {
+        let change = CONFIG.with(|slot| slot.borrow().as_ref().and_then(|c| decide(c, &request)));
+        Decision::Proceed(Proceed {
+            header_changes: change.into_iter().collect(),
+            ..Proceed::default()
+        })
+    }
+}
+
+// Exported only when building the component: native builds (unit tests) cannot link the
+// component-model export names.
+#[cfg(target_arch = "wasm32")]
+tollgate_sdk::export_policy!(SetHeader with_types_in tollgate_sdk);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)], context: &[(&str, &str)]) -> HandshakeRequest {
+        HandshakeRequest {
+            method: "GET".into(),
+            path: "/chat".into(),
+            query: vec![],
+            headers: headers.iter().map(|(k, v)| Pair::new(*k, *v)).collect(),
+            client_address: "127.0.0.1:1".into(),
+            tls: None,
+            api: "chat".into(),
+            product: None,
+            context: context.iter().map(|(k, v)| Pair::new(*k, *v)).collect(),
+        }
+    }
+
+    fn cfg(json: &str) -> Config {
+        Config::parse(json).unwrap()
+    }
+
+    #[test]
+    fn exists_actions() {
+        let with = request(&[("x-user", "old")], &[("jwt.sub", "ann")]);
+        let without = request(&[], &[("jwt.sub", "ann")]);
+        let c = cfg(r#"{"name":"X-User","value":"{jwt.sub}","exists_action":"override"}"#);
+        assert!(matches!(decide(&c, &with), Some(HeaderChange::Set(p)) if p.value == "ann"));
+        let c = cfg(r#"{"name":"X-User","value":"v","exists_action":"skip"}"#);
+        assert!(decide(&c, &with).is_none());
+        assert!(matches!(decide(&c, &without), Some(HeaderChange::Set(_))));
+        let c = cfg(r#"{"name":"X-User","value":"v","exists_action":"append"}"#);
+        assert!(matches!(decide(&c, &with), Some(HeaderChange::Append(_))));
+        let c = cfg(r#"{"name":"X-User","exists_action":"delete"}"#);
+        assert!(matches!(decide(&c, &with), Some(HeaderChange::Remove(n)) if n == "x-user"));
+    }
+
+    #[test]
+    fn policy_trait_round_trip() {
+        let d = <SetHeader as Policy>::declare();
+        assert_eq!(d.name, "set-header");
+        assert!(
+            <SetHeader as Policy>::configure(r#"{"name":"X-A","value":"{jwt.sub}"}"#.into())
+                .is_ok()
+        );
+        let Decision::Proceed(p) =
+            <SetHeader as Policy>::on_handshake(request(&[], &[("jwt.sub", "bob")]))
+        else {
+            panic!("rejected")
+        };
+        assert!(
+            matches!(&p.header_changes[..], [HeaderChange::Set(h)] if h.name == "x-a" && h.value == "bob")
+        );
+    }
+
+    #[test]
+    fn templates_and_bad_config() {
+        let r = request(&[], &[("jwt.sub", "ann"), ("tenant", "t1")]);
+        assert_eq!(expand("{tenant}/{jwt.sub}/{missing}!", &r), "t1/ann/!");
+        assert!(Config::parse(r#"{"name":"","value":"v"}"#).is_err());
+        assert!(Config::parse(r#"{"name":"X","value":"v","exists_action":"sometimes"}"#).is_err());
+        assert!(Config::parse(r#"{"name":"X","colour":"v"}"#).is_err());
+    }
+}
