@@ -26,6 +26,36 @@ pub const PROTECTED: &[&str] = &[
     "transfer-encoding",
 ];
 
+/// Largest decision a policy may return (all header, query and context strings plus a
+/// rejection body). A bigger one is treated as a policy failure: it would otherwise end up in
+/// the backend request or the client's response.
+pub const MAX_DECISION_BYTES: usize = 256 * 1024;
+
+fn decision_size(d: &wit::Decision) -> usize {
+    let pair = |p: &wit::Pair| p.name.len() + p.value.len();
+    match d {
+        wit::Decision::Reject(r) => r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
+        wit::Decision::Proceed(p) => {
+            p.header_changes
+                .iter()
+                .map(|c| match c {
+                    wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => pair(h),
+                    wit::HeaderChange::Remove(n) => n.len(),
+                })
+                .sum::<usize>()
+                + p.query_changes
+                    .iter()
+                    .map(|c| match c {
+                        wit::QueryChange::Set(q) => pair(q),
+                        wit::QueryChange::Remove(n) => n.len(),
+                    })
+                    .sum::<usize>()
+                + p.response_headers.iter().map(pair).sum::<usize>()
+                + p.context.iter().map(pair).sum::<usize>()
+        }
+    }
+}
+
 /// One attached policy.
 pub struct Step {
     pub host: Arc<PolicyHost>,
@@ -159,11 +189,21 @@ pub fn run(
             tracing::warn!(event = "policy_error", plugin = %name, api = %api, error = %why, "policy failed; handshake rejected");
             Reject::new(step.failure_status, format!("policy `{name}` failed"))
         };
-        let decision = step
-            .host
-            .call(&step.plugin, &step.config_json, Some(&request), step.budget)
-            .map_err(|e| fail(e.to_string()))?
-            .ok_or_else(|| fail("no decision".into()))?;
+        // WASI's synchronous bindings block on tokio internally (a guest writing to stderr,
+        // e.g. a Rust panic message, goes through them), which is only allowed off the async
+        // worker: block_in_place hands this worker's other tasks to another thread meanwhile.
+        let decision = tokio::task::block_in_place(|| {
+            step.host
+                .call(&step.plugin, &step.config_json, Some(&request), step.budget)
+        })
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("no decision".into()))?;
+        let size = decision_size(&decision);
+        if size > MAX_DECISION_BYTES {
+            return Err(fail(format!(
+                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES})"
+            )));
+        }
         match decision {
             wit::Decision::Reject(r) => {
                 let status = StatusCode::from_u16(r.status)

@@ -84,17 +84,19 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
-        let gw = match Gateway::build(config) {
-            Ok(gw) => gw,
-            Err(errors) => {
-                for e in &errors {
-                    tracing::error!(error = %e, "cannot start");
-                    eprintln!("{}: {e}", path.display());
-                }
-                return ExitCode::from(1);
+    // Built before the runtime starts: loading plugins runs guest code (declare, configure)
+    // through WASI's synchronous bindings, which must not run on an async worker.
+    let gw = match Gateway::build(config) {
+        Ok(gw) => gw,
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("{}: {e}", path.display());
             }
-        };
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
         let shutdown = gw.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -7,7 +7,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Packages built for wasm32-wasip2 and the file each produces.
-pub const PLUGINS: &[(&str, &str)] = &[("set-header", "set_header.wasm")];
+pub const PLUGINS: &[(&str, &str)] = &[
+    ("set-header", "set_header.wasm"),
+    ("faulty-policy", "faulty_policy.wasm"),
+];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
