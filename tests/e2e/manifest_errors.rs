@@ -8,18 +8,7 @@ use support::*;
 
 fn check(text: &str) -> (i32, String, String) {
     let dir = TempDir::new("check");
-    let path = dir.path().join("m.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--manifest"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        path.display().to_string(),
-    )
+    tollgate_check(dir.path(), text)
 }
 
 const GW: &str = "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\n";

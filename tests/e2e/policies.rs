@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::*;
 
 fn manifest(backend: &str, attachments: &str) -> String {
@@ -78,17 +76,8 @@ async fn changing_a_protected_header_fails_the_handshake_visibly() {
 }
 
 fn check(dir: &TempDir, manifest_text: &str) -> (i32, String) {
-    let path = dir.path().join("m.toml");
-    std::fs::write(&path, manifest_text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--manifest"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, err, _) = tollgate_check(dir.path(), manifest_text);
+    (code, err)
 }
 
 #[test]

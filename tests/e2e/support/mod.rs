@@ -212,6 +212,23 @@ impl Drop for Gateway {
     }
 }
 
+/// Writes `text` as `m.toml` in `dir` and runs `tollgate check` on it: (exit code, stderr,
+/// manifest path).
+pub fn tollgate_check(dir: &Path, text: &str) -> (i32, String, String) {
+    let path = dir.join("m.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--manifest"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path.display().to_string(),
+    )
+}
+
 /// `[gateway]` section for a plain listener on an ephemeral port.
 pub fn gateway_section(extra: &str) -> String {
     format!("[gateway]\nname = \"test\"\nlisten = \"127.0.0.1:0\"\n{extra}\n")
