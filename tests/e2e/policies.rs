@@ -112,3 +112,21 @@ fn unknown_plugin_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn plugin_importing_an_interface_we_do_not_offer_is_refused_with_the_import_named() {
+    let dir = TempDir::new("foreign");
+    plugins::install(
+        &dir.path().join("plugins"),
+        &["set_header.wasm", "foreign_import.wasm"],
+    );
+    let (code, err) = check(
+        &dir,
+        &manifest("ws://127.0.0.1:1/", &set_header("X-A", "v", "override")),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("foreign_import.wasm: imports `test:foreign/net`, which the handshake scope does not offer"),
+        "{err}"
+    );
+}

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 pub const PLUGINS: &[(&str, &str)] = &[
     ("set-header", "set_header.wasm"),
     ("faulty-policy", "faulty_policy.wasm"),
+    ("foreign-import", "foreign_import.wasm"),
 ];
 
 fn workspace() -> PathBuf {
