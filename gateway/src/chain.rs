@@ -11,7 +11,7 @@ use http::StatusCode;
 
 use crate::capabilities::{self, Scope, Verdict};
 use crate::handshake::{BackendRequest, Reject};
-use crate::manifest::{ApiConfig, Attachment, Config};
+use crate::manifest::{ApiConfig, Attachment, Config, Grants};
 use crate::policy::{wit, Budget, Plugin, PolicyHost};
 
 /// Headers a policy may not touch: they belong to the WebSocket handshake itself.
@@ -60,8 +60,10 @@ fn decision_size(d: &wit::Decision) -> usize {
 pub struct Step {
     pub host: Arc<PolicyHost>,
     pub plugin: Arc<Plugin>,
-    pub config_json: String,
+    /// What the plugin's `configure` returned for this attachment.
+    pub prepared: String,
     pub budget: Budget,
+    pub grants: Grants,
     pub failure_status: StatusCode,
     pub scope: Scope,
     /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
@@ -138,18 +140,24 @@ pub fn build(
                 .memory_limit_bytes
                 .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
         };
-        if !skip {
+        let prepared = if skip {
+            String::new()
+        } else {
             // The plugin validates its config now, so bad config stops the start.
-            if let Err(e) = host.call(plugin, &config_json, None, budget) {
-                errors.push(format!("{}: {e}", att.location));
-                continue;
+            match host.configure(plugin, &config_json, budget, &att.grants) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(format!("{}: {e}", att.location));
+                    continue;
+                }
             }
-        }
+        };
         steps.push(Step {
             host: host.clone(),
             plugin: plugin.clone(),
-            config_json,
+            prepared,
             budget,
+            grants: att.grants.clone(),
             failure_status: StatusCode::from_u16(att.failure_status)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             scope,
@@ -180,9 +188,9 @@ pub fn run(
     for step in steps {
         let name = &step.plugin.name;
         if step.skip {
-            step.skips.fetch_add(1, Ordering::Relaxed);
+            let skips_total = step.skips.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::info!(event = "policy_skipped", plugin = %name, scope = %step.scope, api = %api,
-                "inherited policy skipped for a WebSocket API");
+                skips_total, "inherited policy skipped for a WebSocket API");
             continue;
         }
         let fail = |why: String| {
@@ -193,11 +201,15 @@ pub fn run(
         // e.g. a Rust panic message, goes through them), which is only allowed off the async
         // worker: block_in_place hands this worker's other tasks to another thread meanwhile.
         let decision = tokio::task::block_in_place(|| {
-            step.host
-                .call(&step.plugin, &step.config_json, Some(&request), step.budget)
+            step.host.handshake(
+                &step.plugin,
+                &step.prepared,
+                &request,
+                step.budget,
+                &step.grants,
+            )
         })
-        .map_err(|e| fail(e.to_string()))?
-        .ok_or_else(|| fail("no decision".into()))?;
+        .map_err(|e| fail(e.to_string()))?;
         let size = decision_size(&decision);
         if size > MAX_DECISION_BYTES {
             return Err(fail(format!(

@@ -33,6 +33,8 @@ pub struct HandshakeCtx {
     pub client_addr: SocketAddr,
     /// `ws` or `wss`: the listener the client came in on.
     pub scheme: &'static str,
+    /// TLS facts of a wss client connection, gathered only when some API has policies.
+    pub tls: Option<Arc<crate::policy::wit::TlsInfo>>,
     pub api: Option<Arc<Api>>,
     /// Path after the API's url_suffix.
     pub remainder: String,
@@ -292,10 +294,32 @@ pub fn policy_request<B>(
             })
             .collect(),
         client_address: ctx.client_addr.to_string(),
-        tls: None,
+        tls: ctx.tls.as_deref().cloned(),
         api: api.config.name.clone(),
         product: api.config.products.first().cloned(),
         context: Vec::new(),
+        received_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+/// What a policy learns about a wss client's TLS session.
+pub fn tls_facts(conn: &rustls::ServerConnection) -> crate::policy::wit::TlsInfo {
+    crate::policy::wit::TlsInfo {
+        version: conn
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+            .replace("TLSv1_", "TLSv1.")
+            .to_owned(),
+        cipher_suite: conn
+            .negotiated_cipher_suite()
+            .and_then(|c| c.suite().as_str())
+            .unwrap_or("unknown")
+            .to_owned(),
+        server_name: conn.server_name().map(str::to_owned),
     }
 }
 

@@ -30,6 +30,18 @@ enum Command {
         #[arg(long, short)]
         manifest: PathBuf,
     },
+    /// Work with plugin files.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Print a plugin's declaration (name, version, capabilities) and its imports, after the
+    /// same checks `run` applies; exit 1 if the plugin would be refused.
+    Inspect { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +49,29 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { manifest } => check(&manifest),
         Command::Run { manifest } => run(&manifest),
+        Command::Plugin {
+            command: PluginCommand::Inspect { file },
+        } => inspect(&file),
+    }
+}
+
+fn inspect(file: &std::path::Path) -> ExitCode {
+    let host = match tollgate::policy::PolicyHost::new(None) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match host.load(file) {
+        Ok(p) => {
+            print!("{}", p.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -79,6 +79,8 @@ struct RawGateway {
     name: Spanned<String>,
     listen: Option<Spanned<String>>,
     plugin_dir: Option<Spanned<String>>,
+    /// Where compiled plugins are kept between runs.
+    plugin_cache_dir: Option<Spanned<String>>,
     tls: Option<RawListenerTls>,
     #[serde(default)]
     limits: RawLimits,
@@ -168,6 +170,23 @@ struct RawAttachment {
     memory_limit_bytes: Option<usize>,
     /// Status the client gets when the plugin fails (trap, budget, bad result).
     failure_status: Option<u16>,
+    #[serde(default)]
+    grants: RawGrants,
+}
+
+/// What an attachment opens up in the sandbox; everything is denied unless listed here.
+#[derive(Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    /// Directories (relative to the manifest) the plugin may read, under the same relative name.
+    #[serde(default)]
+    read_dirs: Vec<String>,
+    /// Environment variables of the gateway's process the plugin may read.
+    #[serde(default)]
+    env: Vec<String>,
+    /// The real wall and monotonic clocks (otherwise both read as zero).
+    #[serde(default)]
+    clock: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,6 +216,8 @@ pub struct GatewayConfig {
     /// `wss` listener.
     pub tls: Option<ListenerTls>,
     pub plugin_dir: Option<PathBuf>,
+    /// Compiled-plugin cache; `None`: the user's cache directory (see `policy::default_cache_dir`).
+    pub plugin_cache_dir: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -346,8 +367,19 @@ pub struct Attachment {
     pub fuel: Option<u64>,
     pub memory_limit_bytes: Option<usize>,
     pub failure_status: u16,
+    pub grants: Grants,
     /// Where it is written, for error messages: `file:line`.
     pub location: String,
+}
+
+/// Sandbox grants of one attachment. The default grants nothing: no files, no environment,
+/// clocks that read zero, no network (there is no network grant).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// (directory on the host, name the plugin opens it by)
+    pub read_dirs: Vec<(PathBuf, String)>,
+    pub env: Vec<String>,
+    pub clock: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,6 +546,10 @@ impl<'a> Validator<'a> {
             );
         }
         let plugin_dir = g.plugin_dir.as_ref().map(|d| self.resolve(d.get_ref()));
+        let plugin_cache_dir = g
+            .plugin_cache_dir
+            .as_ref()
+            .map(|d| self.resolve(d.get_ref()));
         let limits = self.limits(&g.limits);
 
         let admin = raw.admin.as_ref().and_then(|a| {
@@ -688,6 +724,7 @@ impl<'a> Validator<'a> {
                 listen,
                 tls,
                 plugin_dir,
+                plugin_cache_dir,
                 limits,
             },
             admin,
@@ -714,12 +751,40 @@ impl<'a> Validator<'a> {
             if r.plugin.trim().is_empty() {
                 self.err(a.span(), format!("{key}[{n}].plugin"), "must name a plugin");
             }
+            let mut grants = Grants {
+                read_dirs: Vec::new(),
+                env: r.grants.env.clone(),
+                clock: r.grants.clock,
+            };
+            for d in &r.grants.read_dirs {
+                let rel = d.trim_end_matches('/');
+                let host = self.resolve(rel);
+                if rel.is_empty()
+                    || Path::new(rel).is_absolute()
+                    || rel.split('/').any(|c| c == "..")
+                {
+                    self.err(
+                        a.span(),
+                        format!("{key}[{n}].grants.read_dirs"),
+                        format!("`{d}` must be a relative path below the manifest's directory"),
+                    );
+                } else if !host.is_dir() {
+                    self.err(
+                        a.span(),
+                        format!("{key}[{n}].grants.read_dirs"),
+                        format!("`{}` is not a directory", host.display()),
+                    );
+                } else {
+                    grants.read_dirs.push((host, rel.to_owned()));
+                }
+            }
             out.push(Attachment {
                 plugin: r.plugin.clone(),
                 config: r.config.clone().unwrap_or_default(),
                 fuel: r.fuel,
                 memory_limit_bytes: r.memory_limit_bytes,
                 failure_status,
+                grants,
                 location: format!("{}:{line}", self.file.display()),
             });
         }

@@ -10,14 +10,21 @@
 //! Before any plugin code runs, its imports are checked: our own interfaces and the standard
 //! WASI interfaces language runtimes import anyway (cli, io, clocks, random, filesystem,
 //! sockets) are accepted, anything else is refused with the import named. WASI is linked with
-//! an empty context: no preopened directories, no environment, no network.
+//! an empty context: no preopened directories, no environment, no network, clocks that read
+//! zero; an attachment's `grants` open up directories (read-only), named environment variables
+//! and the real clocks, nothing else.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::manifest::Grants;
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -96,14 +103,56 @@ impl self::tollgate::policy::log::Host for HostState {
 impl self::tollgate::policy::signatures::Host for HostState {
     fn verify(
         &mut self,
-        _alg: self::tollgate::policy::signatures::Algorithm,
-        _key: Vec<u8>,
-        _message: Vec<u8>,
-        _signature: Vec<u8>,
+        alg: self::tollgate::policy::signatures::Algorithm,
+        key: self::tollgate::policy::signatures::Key,
+        message: Vec<u8>,
+        signature: Vec<u8>,
     ) -> Result<bool, String> {
-        // Said plainly rather than pretending: a policy that needs this gets an error it can
-        // act on (fail closed).
-        Err("signature verification is not available in this gateway build yet".into())
+        use self::tollgate::policy::signatures::{Algorithm as W, Key as K};
+        use tollgate_verify::{Algorithm as A, Key};
+        let alg = match alg {
+            W::Rs256 => A::Rs256,
+            W::Rs384 => A::Rs384,
+            W::Rs512 => A::Rs512,
+            W::Ps256 => A::Ps256,
+            W::Ps384 => A::Ps384,
+            W::Ps512 => A::Ps512,
+            W::Es256 => A::Es256,
+            W::Es384 => A::Es384,
+            W::EdDsa => A::EdDsa,
+            W::Hs256 => A::Hs256,
+            W::Hs384 => A::Hs384,
+            W::Hs512 => A::Hs512,
+        };
+        let key = match key {
+            K::Spki(d) => Key::Spki(d),
+            K::Rsa(r) => Key::Rsa { n: r.n, e: r.e },
+            K::Raw(r) => Key::Raw(r),
+            K::Secret(s) => Key::Secret(s),
+        };
+        tollgate_verify::verify(alg, &key, &message, &signature)
+    }
+}
+
+/// Clocks for a plugin without the clock grant: both read zero, so a policy cannot tell time
+/// (or time anything) except through the request's `received-at`.
+struct StoppedClock;
+
+impl wasmtime_wasi::HostWallClock for StoppedClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
     }
 }
 
@@ -114,6 +163,10 @@ pub struct Plugin {
     pub capabilities: Vec<String>,
     pub path: PathBuf,
     pub imports: Vec<String>,
+    /// Loaded from the compiled-plugin cache rather than compiled.
+    pub from_cache: bool,
+    /// Compiling (or loading the compiled artifact) took this long.
+    pub compile_time: std::time::Duration,
     pre: HandshakePolicyPre<HostState>,
 }
 
@@ -136,6 +189,23 @@ impl Default for Budget {
 pub struct PolicyHost {
     engine: Engine,
     linker: Linker<HostState>,
+    /// Compiled components by content hash; `None` when no directory could be used.
+    cache_dir: Option<PathBuf>,
+}
+
+/// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate`, else
+/// `$HOME/.cache/tollgate`, else the system's temporary directory.
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("tollgate").join("compiled")
 }
 
 fn capability_name(c: wit::Capability) -> &'static str {
@@ -167,21 +237,120 @@ fn capability_name(c: wit::Capability) -> &'static str {
 }
 
 impl PolicyHost {
-    pub fn new() -> Result<PolicyHost, String> {
+    /// `cache_dir`: where compiled plugins are kept between runs (created if missing; if it
+    /// cannot be used, plugins are compiled every start and a warning says why).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
         let mut config = Config::new();
         config.consume_fuel(true);
+        // A fresh instance per handshake is only affordable with pre-reserved instance slots:
+        // the pooling allocator makes instantiation a few microseconds. Defaults: up to 1000
+        // instances alive at once (policy calls in flight), memories capped per call by
+        // StoreLimits. Memory is reserved (virtual), not committed, until used.
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
         let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| format!("linking WASI: {e}"))?;
         HandshakePolicy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("linking the policy interfaces: {e}"))?;
-        Ok(PolicyHost { engine, linker })
+        let cache_dir = cache_dir.unwrap_or_else(default_cache_dir);
+        let cache_dir = match std::fs::create_dir_all(&cache_dir) {
+            Ok(()) => Some(cache_dir),
+            Err(e) => {
+                tracing::warn!(event = "plugin_cache_unavailable", dir = %cache_dir.display(), error = %e,
+                    "compiled-plugin cache unavailable; plugins are compiled at every start");
+                None
+            }
+        };
+        Ok(PolicyHost {
+            engine,
+            linker,
+            cache_dir,
+        })
     }
 
-    fn store(&self, plugin: &str, budget: Budget) -> Result<Store<HostState>, String> {
+    /// Compiles `bytes`, or loads the artifact a previous run compiled from the same bytes
+    /// with a compatible engine. Returns whether it came from the cache.
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<(Component, bool), PolicyError> {
+        let not_component = |e: wasmtime::Error| PolicyError::NotAComponent {
+            path: path.display().to_string(),
+            message: format!("{e:#}"),
+        };
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes)
+                .map(|c| (c, false))
+                .map_err(not_component);
+        };
+        // Key: the file's content and everything about the engine that makes an artifact
+        // loadable (wasmtime version, target, compiler settings).
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(bytes);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut h);
+        ctx.update(&std::hash::Hasher::finish(&h).to_le_bytes());
+        let key: String = ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let file = dir.join(format!("{key}.cwasm"));
+        if file.is_file() {
+            // SAFETY: deserialising runs no checks on the machine code inside, so the file must
+            // be one we wrote: the name is the hash of the source and the engine, and the
+            // directory belongs to the gateway's user. A file that fails to load (truncated,
+            // other version) is recompiled and replaced.
+            match unsafe { Component::deserialize_file(&self.engine, &file) } {
+                Ok(c) => return Ok((c, true)),
+                Err(e) => {
+                    tracing::warn!(event = "plugin_cache_stale", file = %file.display(), error = %format!("{e:#}"),
+                        "cached compiled plugin unusable; recompiling");
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(not_component)?;
+        match component.serialize() {
+            Ok(art) => {
+                // Written aside and renamed, so a concurrent reader never sees half a file.
+                let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
+                let stored = std::fs::write(&tmp, &art).and_then(|()| std::fs::rename(&tmp, &file));
+                if let Err(e) = stored {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::warn!(event = "plugin_cache_write_failed", file = %file.display(), error = %e,
+                        "could not store compiled plugin");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "plugin_cache_write_failed", error = %format!("{e:#}"),
+                    "could not serialise compiled plugin");
+            }
+        }
+        Ok((component, false))
+    }
+
+    fn store(
+        &self,
+        plugin: &str,
+        budget: Budget,
+        grants: &Grants,
+    ) -> Result<Store<HostState>, String> {
+        let mut wasi = WasiCtx::builder();
+        if !grants.clock {
+            wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
+        }
+        for name in &grants.env {
+            if let Ok(v) = std::env::var(name) {
+                wasi.env(name, v);
+            }
+        }
+        for (host, guest) in &grants.read_dirs {
+            wasi.preopened_dir(host, guest, wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| format!("granted directory {}: {e:#}", host.display()))?;
+        }
         let state = HostState {
-            wasi: WasiCtx::builder().build(),
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(budget.memory_bytes)
@@ -198,11 +367,13 @@ impl PolicyHost {
     /// it for its declaration.
     pub fn load(&self, path: &Path) -> Result<Plugin, PolicyError> {
         let p = path.display().to_string();
-        let component =
-            Component::from_file(&self.engine, path).map_err(|e| PolicyError::NotAComponent {
-                path: p.clone(),
-                message: format!("{e:#}"),
-            })?;
+        let bytes = std::fs::read(path).map_err(|e| PolicyError::NotAComponent {
+            path: p.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let started = std::time::Instant::now();
+        let (component, cached) = self.compile(path, &bytes)?;
+        let compile_time = started.elapsed();
         let mut imports = Vec::new();
         for (name, _) in component.component_type().imports(&self.engine) {
             let ok = OUR_IMPORTS
@@ -226,7 +397,7 @@ impl PolicyHost {
                 message: format!("{e:#}"),
             })?;
         let mut store = self
-            .store("(loading)", Budget::default())
+            .store("(loading)", Budget::default(), &Grants::default())
             .map_err(|message| PolicyError::Call {
                 plugin: p.clone(),
                 message,
@@ -248,6 +419,8 @@ impl PolicyHost {
                 .collect(),
             path: path.to_owned(),
             imports,
+            from_cache: cached,
+            compile_time,
             pre,
         })
     }
@@ -292,37 +465,103 @@ impl PolicyHost {
         (plugins, errors)
     }
 
-    /// Runs `configure` and then `on-handshake` in a fresh instance.
-    pub fn call(
+    /// Runs `configure` for one attachment (at load) and returns the prepared config.
+    pub fn configure(
         &self,
         plugin: &Plugin,
         config_json: &str,
-        request: Option<&wit::HandshakeRequest>,
         budget: Budget,
-    ) -> Result<Option<wit::Decision>, PolicyError> {
+        grants: &Grants,
+    ) -> Result<String, PolicyError> {
         let err = |message: String| PolicyError::Call {
             plugin: plugin.name.clone(),
             message,
         };
-        let mut store = self.store(&plugin.name, budget).map_err(err)?;
+        let mut store = self.store(&plugin.name, budget, grants).map_err(err)?;
         let instance = plugin
             .pre
             .instantiate(&mut store)
             .map_err(|e| err(format!("instantiation failed: {e:#}")))?;
-        let guest = instance.tollgate_policy_policy();
-        guest
+        instance
+            .tollgate_policy_policy()
             .call_configure(&mut store, config_json)
             .map_err(|e| err(format!("trapped in configure: {e:#}")))?
             .map_err(|message| PolicyError::Config {
                 plugin: plugin.name.clone(),
                 message,
-            })?;
-        match request {
-            None => Ok(None),
-            Some(r) => guest
-                .call_on_handshake(&mut store, r)
-                .map(Some)
-                .map_err(|e| err(format!("trapped in on-handshake: {e:#}"))),
+            })
+    }
+
+    /// Runs `on-handshake` in a fresh instance.
+    pub fn handshake(
+        &self,
+        plugin: &Plugin,
+        prepared: &str,
+        request: &wit::HandshakeRequest,
+        budget: Budget,
+        grants: &Grants,
+    ) -> Result<wit::Decision, PolicyError> {
+        let err = |message: String| PolicyError::Call {
+            plugin: plugin.name.clone(),
+            message,
+        };
+        let mut store = self.store(&plugin.name, budget, grants).map_err(err)?;
+        let instance = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| err(format!("instantiation failed: {e:#}")))?;
+        instance
+            .tollgate_policy_policy()
+            .call_on_handshake(&mut store, prepared, request)
+            .map_err(|e| err(format!("trapped in on-handshake: {e:#}")))
+    }
+}
+
+impl Plugin {
+    /// What `tollgate plugin inspect` prints: the declaration, what each capability means on
+    /// onHandshake, the imports and how each is served, and how the plugin is run.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "plugin:       {} {}", self.name, self.version);
+        let _ = writeln!(out, "file:         {}", self.path.display());
+        let _ = writeln!(out, "capabilities:");
+        for c in &self.capabilities {
+            let note = match crate::capabilities::NOT_ON_HANDSHAKE
+                .iter()
+                .find(|(n, _, _)| n == c)
+            {
+                Some((_, family, apim)) => format!(
+                    "not supported on onHandshake ({} family, APIM \"{apim}\"): refused on an API, skipped when inherited",
+                    family.as_str()
+                ),
+                None => "allowed on onHandshake".into(),
+            };
+            let _ = writeln!(out, "  {c:<24} {note}");
         }
+        let _ = writeln!(out, "imports:");
+        for i in &self.imports {
+            let how = if i.starts_with("tollgate:policy/") {
+                "Tollgate host interface"
+            } else {
+                "WASI, deny-by-default (opened only by the attachment's grants)"
+            };
+            let _ = writeln!(out, "  {i:<40} {how}");
+        }
+        let _ = writeln!(
+            out,
+            "instances:    fresh per handshake (pooling allocator; nothing survives between calls)"
+        );
+        let _ = writeln!(
+            out,
+            "compiled:     {} in {} ms",
+            if self.from_cache {
+                "loaded from cache"
+            } else {
+                "compiled"
+            },
+            self.compile_time.as_millis()
+        );
+        out
     }
 }

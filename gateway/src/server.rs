@@ -50,6 +50,8 @@ pub struct Gateway {
     pub config: Config,
     pub routes: Routes,
     tls_acceptor: Option<TlsAcceptor>,
+    /// Some API runs policies (so TLS facts are worth gathering).
+    routes_have_policies: bool,
     /// Connections holding a slot (handshakes past admission, and relays).
     pub active: Arc<AtomicUsize>,
     pub shutdown: CancellationToken,
@@ -77,14 +79,16 @@ impl Gateway {
         let mut plugins = std::collections::HashMap::new();
         let mut host = None;
         if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
-            match crate::policy::PolicyHost::new() {
+            match crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone()) {
                 Ok(h) => {
                     let h = Arc::new(h);
                     let (loaded, errs) = h.load_dir(dir);
                     errors.extend(errs.into_iter().map(|e| StartError::Plugin(e.to_string())));
                     for p in loaded {
                         tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
-                            capabilities = ?p.capabilities, path = %p.path.display(), "plugin loaded");
+                            capabilities = ?p.capabilities, path = %p.path.display(),
+                            from_cache = p.from_cache, compile_ms = p.compile_time.as_millis() as u64,
+                            "plugin loaded");
                         plugins.insert(p.name.clone(), Arc::new(p));
                     }
                     host = Some(h);
@@ -145,8 +149,10 @@ impl Gateway {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
         Ok(Arc::new(Gateway {
             config,
+            routes_have_policies,
             routes: Routes::new(apis),
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
@@ -273,10 +279,16 @@ impl Gateway {
     ) -> Option<Accepted> {
         let _ = tcp.set_nodelay(true);
         let limits = &self.config.gateway.limits;
+        let mut tls_facts = None;
         let stream = match (&self.tls_acceptor, scheme) {
             (Some(acceptor), "wss") => {
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+                    Ok(Ok(s)) => {
+                        if self.routes_have_policies {
+                            tls_facts = Some(Arc::new(handshake::tls_facts(s.get_ref().1)));
+                        }
+                        Stream::ServerTls(Box::new(s))
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(client = %client_addr, error = %e, "client TLS handshake failed");
                         return None;
@@ -297,7 +309,10 @@ impl Gateway {
             service_fn(move |req| {
                 let gw = gw.clone();
                 let slot = slot.clone();
-                async move { Ok::<_, Infallible>(gw.handshake(req, client_addr, scheme, slot).await) }
+                let tls = tls_facts.clone();
+                async move {
+                    Ok::<_, Infallible>(gw.handshake(req, client_addr, scheme, tls, slot).await)
+                }
             })
         };
         let conn = hyper::server::conn::http1::Builder::new()
@@ -327,12 +342,14 @@ impl Gateway {
         mut req: Request<Incoming>,
         client_addr: SocketAddr,
         scheme: &'static str,
+        tls: Option<Arc<crate::policy::wit::TlsInfo>>,
         slot: Arc<Mutex<Option<Accepted>>>,
     ) -> http::Response<Full<Bytes>> {
         let mut ctx = HandshakeCtx {
             started: Instant::now(),
             client_addr,
             scheme,
+            tls,
             api: None,
             remainder: String::new(),
             query: None,

@@ -13,10 +13,11 @@
 //!     fn declare() -> Declaration {
 //!         Declaration { name: "hello".into(), version: "0.1.0".into(), capabilities: vec![] }
 //!     }
-//!     fn configure(_config_json: String) -> Result<(), String> {
-//!         Ok(())
+//!     // Validate once at load; what is returned comes back with every handshake.
+//!     fn configure(config_json: String) -> Result<String, String> {
+//!         Ok(config_json)
 //!     }
-//!     fn on_handshake(_request: HandshakeRequest) -> Decision {
+//!     fn on_handshake(_config: String, _request: HandshakeRequest) -> Decision {
 //!         Decision::Proceed(Proceed::default())
 //!     }
 //! }
@@ -30,8 +31,11 @@
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` and drop the `.wasm` file into
 //! the gateway's `plugin_dir`. On a native target the same crate compiles too, so a policy's
-//! logic can be unit-tested with plain `cargo test` (calls into the host, such as logging, are
-//! not available there).
+//! logic can be unit-tested with plain `cargo test`: [`host`] answers natively there (signature
+//! checks by the gateway's own code, log lines captured), and [`testing`] builds requests.
+//!
+//! Every handshake runs in a fresh instance: keep nothing in statics between calls, put what
+//! `configure` worked out into the string it returns instead.
 
 wit_bindgen::generate!({
     path: "../wit",
@@ -44,13 +48,13 @@ wit_bindgen::generate!({
 
 /// The trait a policy implements (the exported `policy` interface).
 pub use exports::tollgate::policy::policy::Guest as Policy;
-/// Logging into the gateway's structured log.
-pub use tollgate::policy::log;
 /// Everything host and policy exchange.
 pub use tollgate::policy::types::{
     Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Proceed, QueryChange,
     Rejection, TlsInfo,
 };
+/// Raw bindings of the host interfaces; prefer [`host`], which also works in native tests.
+pub use tollgate::policy::{log, signatures};
 
 impl Default for Proceed {
     /// Continue unchanged.
@@ -112,6 +116,214 @@ impl Pair {
         Pair {
             name: name.into(),
             value: value.into(),
+        }
+    }
+}
+
+/// Calls into the gateway. In a component these are the WIT imports; natively (unit tests)
+/// they are served in-process: [`host::verify`] by the gateway's own verification code and
+/// [`host::log`] into a buffer [`testing::take_logs`] returns.
+pub mod host {
+    pub use crate::log::Level;
+    pub use crate::signatures::{Algorithm, Key, RsaPublicKey};
+
+    /// Writes a line to the gateway's log, tagged with the plugin's name.
+    ///
+    /// ```ignore
+    /// tollgate_sdk::host::log(tollgate_sdk::host::Level::Info, "token expired");
+    /// ```
+    pub fn log(level: Level, message: &str) {
+        #[cfg(target_arch = "wasm32")]
+        crate::log::log(level, message);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::LOGS.with(|l| l.borrow_mut().push((level, message.to_owned())));
+    }
+
+    /// Verifies a signature natively in the host. `Ok(false)`: it does not verify; `Err`: the
+    /// key cannot be used with `alg` (a key is only used with its own family).
+    ///
+    /// ```ignore
+    /// use tollgate_sdk::host::{verify, Algorithm, Key};
+    /// let ok = verify(Algorithm::Hs256, &Key::Secret(b"k".to_vec()), b"msg", &tag)?;
+    /// ```
+    pub fn verify(
+        alg: Algorithm,
+        key: &Key,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<bool, String> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            crate::signatures::verify(alg, key, message, signature)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            native_verify(alg, key, message, signature)
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn native_verify(
+        alg: Algorithm,
+        key: &Key,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<bool, String> {
+        use tollgate_verify::{Algorithm as A, Key as K};
+        let alg = match alg {
+            Algorithm::Rs256 => A::Rs256,
+            Algorithm::Rs384 => A::Rs384,
+            Algorithm::Rs512 => A::Rs512,
+            Algorithm::Ps256 => A::Ps256,
+            Algorithm::Ps384 => A::Ps384,
+            Algorithm::Ps512 => A::Ps512,
+            Algorithm::Es256 => A::Es256,
+            Algorithm::Es384 => A::Es384,
+            Algorithm::EdDsa => A::EdDsa,
+            Algorithm::Hs256 => A::Hs256,
+            Algorithm::Hs384 => A::Hs384,
+            Algorithm::Hs512 => A::Hs512,
+        };
+        let key = match key {
+            Key::Spki(d) => K::Spki(d.clone()),
+            Key::Rsa(r) => K::Rsa {
+                n: r.n.clone(),
+                e: r.e.clone(),
+            },
+            Key::Raw(r) => K::Raw(r.clone()),
+            Key::Secret(s) => K::Secret(s.clone()),
+        };
+        tollgate_verify::verify(alg, &key, message, signature)
+    }
+}
+
+/// Unit-testing a policy with plain `cargo test`, no gateway: build requests, read what the
+/// policy logged.
+///
+/// ```
+/// use tollgate_sdk::testing::request;
+/// let r = request().header("authorization", "Bearer x").query("room", "1").build();
+/// assert_eq!(r.header("Authorization"), Some("Bearer x"));
+/// assert_eq!(r.query_param("room"), Some("1"));
+/// ```
+pub mod testing {
+    use crate::{HandshakeRequest, Pair};
+
+    #[cfg(not(target_arch = "wasm32"))]
+    thread_local! {
+        pub(crate) static LOGS: std::cell::RefCell<Vec<(crate::host::Level, String)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Lines logged through [`crate::host::log`] on this thread since the last call.
+    ///
+    /// ```
+    /// tollgate_sdk::host::log(tollgate_sdk::host::Level::Warn, "hi");
+    /// assert_eq!(tollgate_sdk::testing::take_logs()[0].1, "hi");
+    /// ```
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_logs() -> Vec<(crate::host::Level, String)> {
+        LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    }
+
+    /// A `GET /` handshake of API `test`, received now, with no headers.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().path("/chat/7").build();
+    /// assert_eq!(r.path, "/chat/7");
+    /// ```
+    pub fn request() -> RequestBuilder {
+        RequestBuilder(HandshakeRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            client_address: "127.0.0.1:50000".into(),
+            tls: None,
+            api: "test".into(),
+            product: None,
+            context: Vec::new(),
+            received_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+
+    /// Builds a [`HandshakeRequest`] step by step; see [`request`].
+    pub struct RequestBuilder(HandshakeRequest);
+
+    impl RequestBuilder {
+        /// Adds a header (the name is lower-cased, as the gateway does).
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().header("X-A", "1").build();
+        /// assert_eq!(r.headers[0].name, "x-a");
+        /// ```
+        pub fn header(mut self, name: &str, value: &str) -> Self {
+            self.0
+                .headers
+                .push(Pair::new(name.to_ascii_lowercase(), value));
+            self
+        }
+        /// Adds a query parameter.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().query("a", "1").build();
+        /// assert_eq!(r.query_param("a"), Some("1"));
+        /// ```
+        pub fn query(mut self, name: &str, value: &str) -> Self {
+            self.0.query.push(Pair::new(name, value));
+            self
+        }
+        /// Adds a context value, as an earlier policy would.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
+        /// assert_eq!(r.context_value("jwt.sub"), Some("ann"));
+        /// ```
+        pub fn context(mut self, key: &str, value: &str) -> Self {
+            self.0.context.push(Pair::new(key, value));
+            self
+        }
+        /// Sets the path.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().path("/a").build();
+        /// assert_eq!(r.path, "/a");
+        /// ```
+        pub fn path(mut self, path: &str) -> Self {
+            self.0.path = path.into();
+            self
+        }
+        /// Sets the API name.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().api("chat").build();
+        /// assert_eq!(r.api, "chat");
+        /// ```
+        pub fn api(mut self, api: &str) -> Self {
+            self.0.api = api.into();
+            self
+        }
+        /// Sets when the handshake arrived (seconds since the Unix epoch).
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().received_at(1_700_000_000).build();
+        /// assert_eq!(r.received_at, 1_700_000_000);
+        /// ```
+        pub fn received_at(mut self, unix_seconds: u64) -> Self {
+            self.0.received_at = unix_seconds;
+            self
+        }
+        /// The request.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().build();
+        /// assert_eq!(r.method, "GET");
+        /// ```
+        pub fn build(self) -> HandshakeRequest {
+            self.0
         }
     }
 }

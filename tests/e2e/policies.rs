@@ -130,3 +130,185 @@ fn plugin_importing_an_interface_we_do_not_offer_is_refused_with_the_import_name
         "{err}"
     );
 }
+
+use plugins::FORBIDDEN;
+
+fn install_declaring(dir: &TempDir) {
+    // Plus one declaring only allowed capabilities, which must run.
+    let all: Vec<&str> = FORBIDDEN.iter().copied().chain(["read-request"]).collect();
+    let built = plugins::declaring();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for c in &all {
+        let f = format!("declares-{c}.wasm");
+        std::fs::copy(built.join(&f), plugins.join(&f)).unwrap();
+    }
+}
+
+fn attach_all(table: &str) -> String {
+    FORBIDDEN
+        .iter()
+        .map(|c| format!("[[{table}]]\nplugin = \"declares-{c}\"\n"))
+        .collect()
+}
+
+#[test]
+fn each_forbidden_capability_on_an_api_is_refused_naming_plugin_capability_scope_and_rule() {
+    let dir = TempDir::new("forbidden");
+    install_declaring(&dir);
+    let (code, err) = check(
+        &dir,
+        &manifest("ws://127.0.0.1:1/", &attach_all("apis.on_handshake")),
+    );
+    assert_eq!(code, 1, "{err}");
+    for c in FORBIDDEN {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("plugin `declares-{c}` declares capability `{c}`")))
+            .unwrap_or_else(|| panic!("no refusal for {c}:\n{err}"));
+        assert!(
+            line.contains("refused on API `echo` onHandshake")
+                && line.contains("cannot run on a WebSocket handshake")
+                && line.contains("family)"),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forbidden_capabilities_inherited_from_global_scope_load_and_are_skipped_and_counted() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("skipped");
+    install_declaring(&dir);
+    // A plugin that does run, to show the chain still runs around the skipped ones.
+    let text = format!(
+        "{}{}{}[[policies]]\nplugin = \"declares-read-request\"\n",
+        gateway_section("plugin_dir = \"plugins\""),
+        api_section("echo", "echo", &backend.url(), ""),
+        attach_all("policies")
+    );
+    let (code, err, _) = tollgate_check(dir.path(), &text);
+    assert_eq!(code, 0, "{err}");
+    let gw = Gateway::start_in(dir, &text);
+    for c in FORBIDDEN {
+        gw.wait_record("policy_skipped_at_load", |r| {
+            r["plugin"] == format!("declares-{c}")
+        })
+        .await;
+    }
+    for round in 1..=2u64 {
+        let (head, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+        assert_eq!(
+            headers_all(&head, "x-ran"),
+            vec!["declares-read-request"],
+            "only the allowed policy may run: {head}"
+        );
+        ws.send(true, 1, b"x").await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, b"x");
+        for c in FORBIDDEN {
+            gw.wait_record("policy_skipped", |r| {
+                r["plugin"] == format!("declares-{c}") && r["skips_total"] == round
+            })
+            .await;
+        }
+    }
+}
+
+fn inspect(file: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "inspect"])
+        .arg(file)
+        .env("XDG_CACHE_HOME", test_cache())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_inspect_prints_the_declaration_and_the_imports() {
+    let (code, out, err) = inspect(&plugins::built().join("jwt_validate.wasm"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("plugin:       jwt-validate 0.1.0"), "{out}");
+    assert!(out.contains("verify-signatures"), "{out}");
+    assert!(out.contains("tollgate:policy/signatures@0.1.0"), "{out}");
+    assert!(out.contains("wasi:cli/environment"), "{out}");
+    assert!(out.contains("fresh per handshake"), "{out}");
+
+    let (code, out, _) = inspect(&plugins::declaring().join("declares-set-body.wasm"));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("set-body") && out.contains("not supported on onHandshake (body family"),
+        "{out}"
+    );
+
+    let (code, _, err) = inspect(&plugins::built().join("foreign_import.wasm"));
+    assert_eq!(code, 1);
+    assert!(err.contains("imports `test:foreign/net`"), "{err}");
+    let dir = TempDir::new("notwasm");
+    std::fs::write(dir.path().join("x.wasm"), b"not wasm at all").unwrap();
+    let (code, _, err) = inspect(&dir.path().join("x.wasm"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not a loadable WebAssembly component"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_by_content_hash_and_a_bad_cache_file_is_replaced() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let cache = TempDir::new("cache");
+    let text = manifest(&backend.url(), &set_header("X-A", "v", "override")).replace(
+        "plugin_dir = \"plugins\"",
+        &format!(
+            "plugin_dir = \"plugins\"\nplugin_cache_dir = {}",
+            serde_json::to_string(&cache.path().display().to_string()).unwrap()
+        ),
+    );
+    let start = || {
+        let dir = TempDir::new("cached");
+        plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
+        Gateway::start_in(dir, &text)
+    };
+    let loaded = |gw: &Gateway| {
+        let r = gw
+            .records("plugin_loaded")
+            .into_iter()
+            .find(|r| r["plugin"] == "set-header")
+            .expect("plugin_loaded record");
+        r["from_cache"].as_bool().unwrap()
+    };
+    let cached_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    let gw = start();
+    assert!(!loaded(&gw), "first start must compile");
+    drop(gw);
+    let files = cached_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    let gw = start();
+    assert!(loaded(&gw), "second start must use the cache");
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(headers_all(&backend.last_head(), "x-a"), vec!["v"]);
+    drop(gw);
+
+    std::fs::write(&files[0], b"truncated").unwrap();
+    let gw = start();
+    assert!(!loaded(&gw), "an unusable cache file is recompiled");
+    assert!(!gw.records("plugin_cache_stale").is_empty());
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    drop(gw);
+    assert!(
+        std::fs::metadata(&files[0]).unwrap().len() > 1000,
+        "cache file replaced"
+    );
+}

@@ -8,8 +8,6 @@
 //! config = { name = "X-User", value = "{jwt.sub}", exists_action = "override" }
 //! ```
 
-use std::cell::RefCell;
-
 use serde::Deserialize;
 use tollgate_sdk::{
     Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Policy, Proceed,
@@ -96,10 +94,6 @@ pub fn decide(config: &Config, request: &HandshakeRequest) -> Option<HeaderChang
     }
 }
 
-thread_local! {
-    static CONFIG: RefCell<Option<Config>> = const { RefCell::new(None) };
-}
-
 /// The exported policy. Natively it is only reached from the unit tests.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 struct SetHeader;
@@ -117,14 +111,23 @@ impl Policy for SetHeader {
         }
     }
 
-    fn configure(config_json: String) -> Result<(), String> {
-        let c = Config::parse(&config_json)?;
-        CONFIG.with(|slot| *slot.borrow_mut() = Some(c));
-        Ok(())
+    fn configure(config_json: String) -> Result<String, String> {
+        Config::parse(&config_json)?;
+        Ok(config_json)
     }
 
-    fn on_handshake(request: HandshakeRequest) -> Decision {
-        let change = CONFIG.with(|slot| slot.borrow().as_ref().and_then(|c| decide(c, &request)));
+    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
+        // Validated at load, so this only fails if the host mixed up configs: fail closed.
+        let change = match Config::parse(&config) {
+            Ok(c) => decide(&c, &request),
+            Err(e) => {
+                return Decision::Reject(tollgate_sdk::Rejection {
+                    status: 500,
+                    headers: Vec::new(),
+                    body: e.into_bytes(),
+                })
+            }
+        };
         Decision::Proceed(Proceed {
             header_changes: change.into_iter().collect(),
             ..Proceed::default()
@@ -142,17 +145,14 @@ mod tests {
     use super::*;
 
     fn request(headers: &[(&str, &str)], context: &[(&str, &str)]) -> HandshakeRequest {
-        HandshakeRequest {
-            method: "GET".into(),
-            path: "/chat".into(),
-            query: vec![],
-            headers: headers.iter().map(|(k, v)| Pair::new(*k, *v)).collect(),
-            client_address: "127.0.0.1:1".into(),
-            tls: None,
-            api: "chat".into(),
-            product: None,
-            context: context.iter().map(|(k, v)| Pair::new(*k, *v)).collect(),
+        let mut r = tollgate_sdk::testing::request().path("/chat").api("chat");
+        for (k, v) in headers {
+            r = r.header(k, v);
         }
+        for (k, v) in context {
+            r = r.context(k, v);
+        }
+        r.build()
     }
 
     fn cfg(json: &str) -> Config {
@@ -178,12 +178,11 @@ mod tests {
     fn policy_trait_round_trip() {
         let d = <SetHeader as Policy>::declare();
         assert_eq!(d.name, "set-header");
-        assert!(
+        let prepared =
             <SetHeader as Policy>::configure(r#"{"name":"X-A","value":"{jwt.sub}"}"#.into())
-                .is_ok()
-        );
+                .unwrap();
         let Decision::Proceed(p) =
-            <SetHeader as Policy>::on_handshake(request(&[], &[("jwt.sub", "bob")]))
+            <SetHeader as Policy>::on_handshake(prepared, request(&[], &[("jwt.sub", "bob")]))
         else {
             panic!("rejected")
         };

@@ -69,6 +69,7 @@ impl Gateway {
             .args(["run", "--manifest"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .env("XDG_CACHE_HOME", test_cache())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -145,6 +146,11 @@ impl Gateway {
         format!("ws://{}{}", self.ws.unwrap(), path)
     }
 
+    /// Everything the gateway has logged so far, one line per record.
+    pub fn output(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
     /// Parsed JSON log records, optionally only those with `event == event`.
     pub fn records(&self, event: &str) -> Vec<serde_json::Value> {
         self.logs
@@ -212,6 +218,15 @@ impl Drop for Gateway {
     }
 }
 
+/// One compiled-plugin cache for every gateway the tests start (inside the workspace's target
+/// directory, so nothing outside it is written), so each plugin is compiled once per run.
+pub fn test_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("test-cache")
+}
+
 /// Writes `text` as `m.toml` in `dir` and runs `tollgate check` on it: (exit code, stderr,
 /// manifest path).
 pub fn tollgate_check(dir: &Path, text: &str) -> (i32, String, String) {
@@ -220,6 +235,7 @@ pub fn tollgate_check(dir: &Path, text: &str) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(["check", "--manifest"])
         .arg(&path)
+        .env("XDG_CACHE_HOME", test_cache())
         .output()
         .unwrap();
     (

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 /// Packages built for wasm32-wasip2 and the file each produces.
 pub const PLUGINS: &[(&str, &str)] = &[
     ("set-header", "set_header.wasm"),
+    ("jwt-validate", "jwt_validate.wasm"),
+    ("tenant-check", "tenant_check.wasm"),
     ("faulty-policy", "faulty_policy.wasm"),
     ("foreign-import", "foreign_import.wasm"),
 ];
@@ -17,32 +19,85 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+fn target() -> PathBuf {
+    workspace().join("target").join("wasm-plugins")
+}
+
+fn cargo_build(packages: &[&str], env: Option<(&str, &str)>) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(target());
+    for pkg in packages {
+        cmd.args(["-p", pkg]);
+    }
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run cargo for the test plugins");
+    assert!(
+        out.status.success(),
+        "building test plugins failed (is the wasm32-wasip2 target installed?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Directory holding every built plugin.
 pub fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let target = workspace().join("target").join("wasm-plugins");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--target-dir",
-            ])
-            .arg(&target);
-        for (pkg, _) in PLUGINS {
-            cmd.args(["-p", pkg]);
+        let packages: Vec<&str> = PLUGINS.iter().map(|(p, _)| *p).collect();
+        cargo_build(&packages, None);
+        target().join("wasm32-wasip2").join("release")
+    })
+}
+
+/// The capabilities the seed lists as unsupported on onHandshake.
+pub const FORBIDDEN: &[&str] = &[
+    "mock-response",
+    "cache-lookup",
+    "cache-store",
+    "cross-domain",
+    "cors",
+    "jsonp",
+    "set-method",
+    "set-body",
+    "xml-to-json",
+    "json-to-xml",
+    "xslt",
+    "validate-content",
+    "validate-parameters",
+    "validate-headers",
+    "validate-status-code",
+];
+
+/// One plugin per forbidden capability, plus one declaring only `read-request`, each built
+/// from the `declares-capability` test package with `TOLLGATE_TEST_CAPABILITY`: the file for
+/// capability `c` is `<dir>/declares-<c>.wasm`, and the plugin's name is `declares-<c>`.
+pub fn declaring() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = target().join("declares");
+        std::fs::create_dir_all(&dir).unwrap();
+        for c in FORBIDDEN.iter().chain(&["read-request"]) {
+            cargo_build(
+                &["declares-capability"],
+                Some(("TOLLGATE_TEST_CAPABILITY", c)),
+            );
+            let built = target()
+                .join("wasm32-wasip2")
+                .join("release")
+                .join("declares_capability.wasm");
+            std::fs::copy(built, dir.join(format!("declares-{c}.wasm"))).unwrap();
         }
-        let out = cmd.output().expect("run cargo for the test plugins");
-        assert!(
-            out.status.success(),
-            "building test plugins failed (is the wasm32-wasip2 target installed?):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        target.join("wasm32-wasip2").join("release")
+        dir
     })
 }
 

@@ -1,9 +1,10 @@
 //! A policy that fails in the way its config names, for the fault-isolation tests:
-//! `{"mode": "loop" | "alloc" | "trap" | "recursion" | "huge" | "ok"}`.
+//! `{"mode": "loop" | "alloc" | "trap" | "recursion" | "huge" | "ok"}`, or probes its sandbox
+//! and reports what happened in the 101 header `x-probe`:
+//! `{"mode": "read-file", "arg": PATH}`, `{"mode": "env", "arg": NAME}`,
+//! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-
-use std::cell::RefCell;
 
 use serde::Deserialize;
 use tollgate_sdk::{Capability, Decision, Declaration, HandshakeRequest, Pair, Policy, Proceed};
@@ -11,10 +12,29 @@ use tollgate_sdk::{Capability, Decision, Declaration, HandshakeRequest, Pair, Po
 #[derive(Deserialize, Clone)]
 struct Config {
     mode: String,
+    #[serde(default)]
+    arg: String,
 }
 
-thread_local! {
-    static MODE: RefCell<String> = const { RefCell::new(String::new()) };
+fn probe(c: &Config) -> String {
+    let r: Result<String, String> = match c.mode.as_str() {
+        "read-file" => std::fs::read_to_string(&c.arg)
+            .map(|s| format!("{} bytes", s.len()))
+            .map_err(|e| e.to_string()),
+        "env" => std::env::var(&c.arg).map_err(|e| e.to_string()),
+        "socket" => std::net::TcpStream::connect(&c.arg)
+            .map(|_| "connected".to_owned())
+            .map_err(|e| e.to_string()),
+        "clock" => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs().to_string())
+            .map_err(|e| e.to_string()),
+        other => Err(format!("unknown mode {other}")),
+    };
+    match r {
+        Ok(v) => format!("ok: {v}"),
+        Err(e) => format!("error: {e}").replace(['\r', '\n'], " "),
+    }
 }
 
 struct Faulty;
@@ -35,15 +55,16 @@ impl Policy for Faulty {
         }
     }
 
-    fn configure(config_json: String) -> Result<(), String> {
-        let c: Config = serde_json::from_str(&config_json).map_err(|e| e.to_string())?;
-        MODE.with(|m| *m.borrow_mut() = c.mode);
-        Ok(())
+    fn configure(config_json: String) -> Result<String, String> {
+        let _: Config = serde_json::from_str(&config_json).map_err(|e| e.to_string())?;
+        Ok(config_json)
     }
 
-    fn on_handshake(_request: HandshakeRequest) -> Decision {
-        let mode = MODE.with(|m| m.borrow().clone());
-        match mode.as_str() {
+    fn on_handshake(config: String, _request: HandshakeRequest) -> Decision {
+        let Ok(c) = serde_json::from_str::<Config>(&config) else {
+            panic!("config changed between configure and on-handshake")
+        };
+        match c.mode.as_str() {
             "loop" => {
                 let mut i: u64 = 0;
                 loop {
@@ -66,7 +87,11 @@ impl Policy for Faulty {
                 response_headers: vec![Pair::new("x-huge", "a".repeat(8 * 1024 * 1024))],
                 ..Proceed::default()
             }),
-            _ => Decision::Proceed(Proceed::default()),
+            "ok" => Decision::Proceed(Proceed::default()),
+            _ => Decision::Proceed(Proceed {
+                response_headers: vec![Pair::new("x-probe", probe(&c))],
+                ..Proceed::default()
+            }),
         }
     }
 }

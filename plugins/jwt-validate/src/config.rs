@@ -1,0 +1,403 @@
+//! The manifest's config for jwt-validate, checked once at load and turned into a [`Prepared`]
+//! config (keys decoded and sorted by family) that every handshake receives.
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tollgate_sdk::host::{self, Algorithm, Key, RsaPublicKey};
+
+/// What the manifest may say (names follow API Management's validate-jwt).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default = "default_header")]
+    header_name: String,
+    query_parameter_name: Option<String>,
+    #[serde(default = "default_status")]
+    failed_validation_status: u16,
+    #[serde(default = "default_message")]
+    failed_validation_message: String,
+    #[serde(default = "default_algorithms")]
+    algorithms: Vec<String>,
+    #[serde(default)]
+    issuers: Vec<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    clock_skew_seconds: u64,
+    #[serde(default = "yes")]
+    require_expiration_time: bool,
+    #[serde(default)]
+    required_claims: Vec<RequiredClaim>,
+    /// Inline JWKS: a JSON string or a table.
+    jwks: Option<serde_json::Value>,
+    /// One or more PEM "PUBLIC KEY" blocks.
+    pem: Option<String>,
+    /// A JWKS file, read at load (needs a `grants.read_dirs` entry for its directory).
+    jwks_file: Option<String>,
+    #[serde(default = "default_prefix")]
+    context_prefix: String,
+}
+
+fn default_header() -> String {
+    "Authorization".into()
+}
+fn default_status() -> u16 {
+    401
+}
+fn default_message() -> String {
+    "Unauthorized".into()
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+fn yes() -> bool {
+    true
+}
+fn default_prefix() -> String {
+    "jwt".into()
+}
+
+/// `{ name = "scope", match = "any", values = ["chat"], separator = " " }`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequiredClaim {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub match_: Match,
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Splits a string claim into values (e.g. " " for OAuth's `scope`).
+    pub separator: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Match {
+    /// Every listed value must be present (APIM's default).
+    #[default]
+    All,
+    /// At least one listed value must be present.
+    Any,
+}
+
+/// Key families: a key is only ever tried with algorithms of its own family, which is what
+/// keeps an HS256 token from being checked against an RSA public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Family {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+    Hmac,
+}
+
+/// A decoded key, base64url in the prepared config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PreparedKey {
+    pub kid: Option<String>,
+    /// The JWK's `alg`, when it pins one.
+    pub alg: Option<String>,
+    pub family: Family,
+    /// "spki", "rsa", "raw" or "secret"
+    pub form: String,
+    pub a: String,
+    /// RSA exponent for form "rsa".
+    #[serde(default)]
+    pub b: String,
+}
+
+impl PreparedKey {
+    pub fn key(&self) -> Result<Key, String> {
+        let d = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|e| e.to_string());
+        Ok(match self.form.as_str() {
+            "spki" => Key::Spki(d(&self.a)?),
+            "rsa" => Key::Rsa(RsaPublicKey {
+                n: d(&self.a)?,
+                e: d(&self.b)?,
+            }),
+            "raw" => Key::Raw(d(&self.a)?),
+            _ => Key::Secret(d(&self.a)?),
+        })
+    }
+}
+
+/// What every handshake gets: validated settings and decoded keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Prepared {
+    pub header_name: String,
+    pub query_parameter_name: Option<String>,
+    pub status: u16,
+    pub message: String,
+    pub algorithms: Vec<String>,
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub skew: u64,
+    pub require_exp: bool,
+    pub required_claims: Vec<RequiredClaim>,
+    pub prefix: String,
+    pub keys: Vec<PreparedKey>,
+}
+
+/// The JWS algorithms this policy accepts in `algorithms`. `none` is never one of them.
+pub fn algorithm(name: &str) -> Option<(Algorithm, Family)> {
+    Some(match name {
+        "RS256" => (Algorithm::Rs256, Family::Rsa),
+        "RS384" => (Algorithm::Rs384, Family::Rsa),
+        "RS512" => (Algorithm::Rs512, Family::Rsa),
+        "PS256" => (Algorithm::Ps256, Family::Rsa),
+        "PS384" => (Algorithm::Ps384, Family::Rsa),
+        "PS512" => (Algorithm::Ps512, Family::Rsa),
+        "ES256" => (Algorithm::Es256, Family::P256),
+        "ES384" => (Algorithm::Es384, Family::P384),
+        "EdDSA" => (Algorithm::EdDsa, Family::Ed25519),
+        "HS256" => (Algorithm::Hs256, Family::Hmac),
+        "HS384" => (Algorithm::Hs384, Family::Hmac),
+        "HS512" => (Algorithm::Hs512, Family::Hmac),
+        _ => return None,
+    })
+}
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Parses and checks the manifest's config; every message starts with `jwt-validate:` and
+/// names the key at fault.
+pub fn prepare(config_json: &str) -> Result<Prepared, String> {
+    let raw: Raw =
+        serde_json::from_str(config_json).map_err(|e| format!("jwt-validate: config: {e}"))?;
+    if !(400..=599).contains(&raw.failed_validation_status) {
+        return Err("jwt-validate: failed_validation_status must be between 400 and 599".into());
+    }
+    if raw.algorithms.is_empty() {
+        return Err("jwt-validate: algorithms must list at least one algorithm".into());
+    }
+    for a in &raw.algorithms {
+        if a.eq_ignore_ascii_case("none") {
+            return Err(
+                "jwt-validate: algorithms: \"none\" can never be allowed (unsigned tokens)".into(),
+            );
+        }
+        if algorithm(a).is_none() {
+            return Err(format!(
+                "jwt-validate: algorithms: unknown algorithm `{a}` (RS256/384/512, PS256/384/512, ES256, ES384, EdDSA, HS256/384/512)"
+            ));
+        }
+    }
+    for c in &raw.required_claims {
+        if c.values.is_empty() {
+            return Err(format!(
+                "jwt-validate: required_claims `{}`: values must not be empty",
+                c.name
+            ));
+        }
+    }
+    if raw.header_name.trim().is_empty() && raw.query_parameter_name.is_none() {
+        return Err("jwt-validate: header_name or query_parameter_name must be set".into());
+    }
+    let mut keys = Vec::new();
+    let sources = [
+        raw.jwks.is_some(),
+        raw.pem.is_some(),
+        raw.jwks_file.is_some(),
+    ];
+    if !sources.contains(&true) {
+        return Err("jwt-validate: no keys: set jwks, pem or jwks_file".into());
+    }
+    if let Some(v) = &raw.jwks {
+        let v = match v {
+            serde_json::Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| format!("jwt-validate: jwks is not valid JSON: {e}"))?,
+            other => other.clone(),
+        };
+        keys.extend(jwks_keys(&v).map_err(|e| format!("jwt-validate: jwks: {e}"))?);
+    }
+    if let Some(path) = &raw.jwks_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!(
+                "jwt-validate: cannot read jwks_file `{path}`: {e} (the attachment needs `grants = {{ read_dirs = [\"{dir}\"] }}`)"
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("jwt-validate: jwks_file `{path}` is not valid JSON: {e}"))?;
+        keys.extend(jwks_keys(&v).map_err(|e| format!("jwt-validate: jwks_file `{path}`: {e}"))?);
+    }
+    if let Some(pem) = &raw.pem {
+        keys.extend(pem_keys(pem).map_err(|e| format!("jwt-validate: pem: {e}"))?);
+    }
+    // Every allowed algorithm should have a key it can use; a typo here would otherwise show
+    // up as "invalid token" for every client.
+    for a in &raw.algorithms {
+        let fam = algorithm(a).map(|(_, f)| f);
+        if !keys.iter().any(|k| Some(k.family) == fam) {
+            return Err(format!(
+                "jwt-validate: algorithm `{a}` is allowed but no configured key can verify it"
+            ));
+        }
+    }
+    Ok(Prepared {
+        header_name: raw.header_name,
+        query_parameter_name: raw.query_parameter_name,
+        status: raw.failed_validation_status,
+        message: raw.failed_validation_message,
+        algorithms: raw.algorithms,
+        issuers: raw.issuers,
+        audiences: raw.audiences,
+        skew: raw.clock_skew_seconds,
+        require_exp: raw.require_expiration_time,
+        required_claims: raw.required_claims,
+        prefix: raw.context_prefix,
+        keys,
+    })
+}
+
+fn field<'a>(jwk: &'a serde_json::Value, name: &str) -> Result<&'a str, String> {
+    jwk.get(name)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| format!("key is missing `{name}`"))
+}
+
+fn b64url(jwk: &serde_json::Value, name: &str) -> Result<Vec<u8>, String> {
+    URL_SAFE_NO_PAD
+        .decode(field(jwk, name)?.trim_end_matches('='))
+        .map_err(|e| format!("`{name}` is not base64url: {e}"))
+}
+
+/// Keys of a JWKS document (`{"keys": [...]}`); encryption keys are left out.
+pub fn jwks_keys(v: &serde_json::Value) -> Result<Vec<PreparedKey>, String> {
+    let list = v
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("expected an object with a `keys` array")?;
+    let mut out = Vec::new();
+    for (i, jwk) in list.iter().enumerate() {
+        if jwk.get("use").and_then(|u| u.as_str()) == Some("enc") {
+            continue;
+        }
+        let kid = jwk.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+        let alg = jwk.get("alg").and_then(|k| k.as_str()).map(str::to_owned);
+        let at = |e: String| format!("keys[{i}]: {e}");
+        let kty = field(jwk, "kty").map_err(at)?;
+        let (family, form, a, b) = match kty {
+            "RSA" => (
+                Family::Rsa,
+                "rsa",
+                b64(&b64url(jwk, "n").map_err(at)?),
+                b64(&b64url(jwk, "e").map_err(at)?),
+            ),
+            "EC" => {
+                let (family, len) = match field(jwk, "crv").map_err(at)? {
+                    "P-256" => (Family::P256, 32),
+                    "P-384" => (Family::P384, 48),
+                    other => return Err(at(format!("unsupported curve `{other}`"))),
+                };
+                let x = b64url(jwk, "x").map_err(at)?;
+                let y = b64url(jwk, "y").map_err(at)?;
+                if x.len() != len || y.len() != len {
+                    return Err(at("x and y do not match the curve's size".into()));
+                }
+                let mut point = vec![4u8];
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                (family, "raw", b64(&point), String::new())
+            }
+            "OKP" => {
+                if field(jwk, "crv").map_err(at)? != "Ed25519" {
+                    return Err(at("only the Ed25519 OKP curve is supported".into()));
+                }
+                (
+                    Family::Ed25519,
+                    "raw",
+                    b64(&b64url(jwk, "x").map_err(at)?),
+                    String::new(),
+                )
+            }
+            "oct" => {
+                let k = b64url(jwk, "k").map_err(at)?;
+                if k.is_empty() {
+                    return Err(at("empty secret".into()));
+                }
+                (Family::Hmac, "secret", b64(&k), String::new())
+            }
+            other => return Err(at(format!("unsupported kty `{other}`"))),
+        };
+        let key = PreparedKey {
+            kid,
+            alg,
+            family,
+            form: form.into(),
+            a,
+            b,
+        };
+        check_usable(&key).map_err(at)?;
+        out.push(key);
+    }
+    Ok(out)
+}
+
+/// An algorithm of `family`, to probe a key with.
+fn probe_alg(family: Family) -> Algorithm {
+    match family {
+        Family::Rsa => Algorithm::Rs256,
+        Family::P256 => Algorithm::Es256,
+        Family::P384 => Algorithm::Es384,
+        Family::Ed25519 => Algorithm::EdDsa,
+        Family::Hmac => Algorithm::Hs256,
+    }
+}
+
+/// Asks the host whether it can use the key at all (an error means malformed), so a broken
+/// key fails the load instead of every handshake.
+fn check_usable(key: &PreparedKey) -> Result<(), String> {
+    host::verify(probe_alg(key.family), &key.key()?, b"", b"").map(|_| ())
+}
+
+/// Keys of one or more PEM "PUBLIC KEY" blocks. The family is learnt from the host, which
+/// reads the SubjectPublicKeyInfo.
+pub fn pem_keys(pem: &str) -> Result<Vec<PreparedKey>, String> {
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN ") {
+        let after = &rest[start + 11..];
+        let label_end = after.find("-----").ok_or("unterminated BEGIN line")?;
+        let label = &after[..label_end];
+        if label != "PUBLIC KEY" {
+            return Err(format!(
+                "`{label}` blocks are not supported; give the public key (`-----BEGIN PUBLIC KEY-----`)"
+            ));
+        }
+        let body_start = &after[label_end + 5..];
+        let end = body_start
+            .find("-----END PUBLIC KEY-----")
+            .ok_or("missing -----END PUBLIC KEY-----")?;
+        let b64body: String = body_start[..end]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        let der = STANDARD
+            .decode(b64body)
+            .map_err(|e| format!("PUBLIC KEY block is not base64: {e}"))?;
+        let family = [Family::Rsa, Family::P256, Family::P384, Family::Ed25519]
+            .into_iter()
+            .find(|f| host::verify(probe_alg(*f), &Key::Spki(der.clone()), b"", b"").is_ok())
+            .ok_or("PUBLIC KEY block is not an RSA, P-256, P-384 or Ed25519 key")?;
+        out.push(PreparedKey {
+            kid: None,
+            alg: None,
+            family,
+            form: "spki".into(),
+            a: b64(&der),
+            b: String::new(),
+        });
+        rest = &body_start[end + 24..];
+    }
+    if out.is_empty() {
+        return Err("no `-----BEGIN PUBLIC KEY-----` block found".into());
+    }
+    Ok(out)
+}

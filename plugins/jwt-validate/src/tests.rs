@@ -1,0 +1,266 @@
+//! Native unit tests through the SDK's harness: `host::verify` answers with the gateway's own
+//! verification code, `testing::request()` builds handshakes.
+
+use super::*;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use tollgate_sdk::testing::{request, take_logs};
+
+const NOW: u64 = 1_800_000_000;
+
+fn b64(b: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+fn unsigned(header: &str, claims: &str) -> String {
+    format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()))
+}
+
+struct Keys {
+    ec: EcdsaKeyPair,
+    ed: Ed25519KeyPair,
+    secret: Vec<u8>,
+}
+
+fn keys() -> Keys {
+    let rng = SystemRandom::new();
+    let ec_doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let ed_doc = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    Keys {
+        ec: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, ec_doc.as_ref(), &rng)
+            .unwrap(),
+        ed: Ed25519KeyPair::from_pkcs8(ed_doc.as_ref()).unwrap(),
+        secret: b"a shared secret of decent length!".to_vec(),
+    }
+}
+
+impl Keys {
+    fn jwks(&self) -> String {
+        let p = self.ec.public_key().as_ref();
+        serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec1", "x": b64(&p[1..33]), "y": b64(&p[33..])},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed1", "x": b64(self.ed.public_key().as_ref())},
+            {"kty": "oct", "kid": "hs1", "k": b64(&self.secret)},
+        ]})
+        .to_string()
+    }
+
+    fn sign(&self, alg: &str, kid: &str, claims: &str) -> String {
+        let input = unsigned(
+            &format!(r#"{{"alg":"{alg}","kid":"{kid}","typ":"JWT"}}"#),
+            claims,
+        );
+        let sig = match alg {
+            "ES256" => self
+                .ec
+                .sign(&SystemRandom::new(), input.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec(),
+            "EdDSA" => self.ed.sign(input.as_bytes()).as_ref().to_vec(),
+            _ => {
+                let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
+                ring::hmac::sign(&k, input.as_bytes()).as_ref().to_vec()
+            }
+        };
+        format!("{input}.{}", b64(&sig))
+    }
+}
+
+fn prepared(keys: &Keys, extra: serde_json::Value) -> Prepared {
+    let mut cfg = serde_json::json!({
+        "algorithms": ["ES256", "EdDSA", "HS256"],
+        "issuers": ["https://issuer.test"],
+        "audiences": ["chat"],
+        "clock_skew_seconds": 30,
+        "query_parameter_name": "access_token",
+        "jwks": keys.jwks(),
+    });
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    let json = <JwtValidate as Policy>::configure(cfg.to_string()).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+fn good_claims() -> String {
+    format!(
+        r#"{{"sub":"ann","iss":"https://issuer.test","aud":["chat","other"],"exp":{},"nbf":{},"scope":"chat read"}}"#,
+        NOW + 600,
+        NOW - 10
+    )
+}
+
+fn bearer(token: &str) -> HandshakeRequest {
+    request()
+        .header("Authorization", &format!("Bearer {token}"))
+        .received_at(NOW)
+        .build()
+}
+
+fn status(d: &Decision) -> u16 {
+    match d {
+        Decision::Reject(r) => r.status,
+        Decision::Proceed(_) => 101,
+    }
+}
+
+#[test]
+fn valid_tokens_of_each_algorithm_proceed_with_claims_in_context() {
+    let k = keys();
+    let p = prepared(&k, serde_json::json!({}));
+    for (alg, kid) in [("ES256", "ec1"), ("EdDSA", "ed1"), ("HS256", "hs1")] {
+        let d = decide(&p, &bearer(&k.sign(alg, kid, &good_claims())));
+        let Decision::Proceed(pr) = d else {
+            panic!("{alg}: rejected: {:?}", take_logs())
+        };
+        assert!(pr
+            .context
+            .iter()
+            .any(|c| c.name == "jwt.sub" && c.value == "ann"));
+        assert!(pr
+            .context
+            .iter()
+            .any(|c| c.name == "jwt.aud" && c.value == "chat,other"));
+    }
+}
+
+#[test]
+fn each_bad_token_is_refused_with_the_configured_status_and_logged() {
+    let k = keys();
+    let p = prepared(&k, serde_json::json!({"failed_validation_status": 403}));
+    let claims = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c: serde_json::Value = serde_json::from_str(&good_claims()).unwrap();
+        f(&mut c);
+        c.to_string()
+    };
+    let good = k.sign("ES256", "ec1", &good_claims());
+    let (h, rest) = good.split_once('.').unwrap();
+    let (_, sig) = rest.split_once('.').unwrap();
+    let tampered = format!(
+        "{h}.{}.{sig}",
+        b64(claims(&|c| c["sub"] = "root".into()).as_bytes())
+    );
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            k.sign("ES256", "ec1", &claims(&|c| c["exp"] = (NOW - 31).into())),
+        ),
+        (
+            "not yet valid",
+            k.sign("ES256", "ec1", &claims(&|c| c["nbf"] = (NOW + 31).into())),
+        ),
+        (
+            "no exp",
+            k.sign(
+                "ES256",
+                "ec1",
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+        ),
+        (
+            "wrong issuer",
+            k.sign(
+                "ES256",
+                "ec1",
+                &claims(&|c| c["iss"] = "https://evil.test".into()),
+            ),
+        ),
+        (
+            "wrong audience",
+            k.sign("ES256", "ec1", &claims(&|c| c["aud"] = "billing".into())),
+        ),
+        (
+            "alg none",
+            format!("{}.", unsigned(r#"{"alg":"none"}"#, &good_claims())),
+        ),
+        ("unknown kid", k.sign("ES256", "nope", &good_claims())),
+        ("tampered", tampered),
+        ("garbage", "a.b".into()),
+    ];
+    for (what, token) in cases {
+        let d = decide(&p, &bearer(&token));
+        assert_eq!(status(&d), 403, "{what}");
+        let logs = take_logs();
+        assert!(
+            logs.iter().any(|(_, m)| m.starts_with("token refused")),
+            "{what}: {logs:?}"
+        );
+    }
+    assert_eq!(
+        status(&decide(&p, &request().received_at(NOW).build())),
+        403
+    );
+}
+
+#[test]
+fn skew_is_honoured_and_required_claims_checked() {
+    let k = keys();
+    let p = prepared(
+        &k,
+        serde_json::json!({"required_claims": [{"name": "scope", "match": "all", "values": ["chat", "read"], "separator": " "}]}),
+    );
+    let mut c: serde_json::Value = serde_json::from_str(&good_claims()).unwrap();
+    c["exp"] = (NOW - 29).into();
+    assert_eq!(
+        status(&decide(
+            &p,
+            &bearer(&k.sign("ES256", "ec1", &c.to_string()))
+        )),
+        101
+    );
+    c["scope"] = "chat".into();
+    assert_eq!(
+        status(&decide(
+            &p,
+            &bearer(&k.sign("ES256", "ec1", &c.to_string()))
+        )),
+        401
+    );
+}
+
+#[test]
+fn query_token_is_used_and_removed() {
+    let k = keys();
+    let p = prepared(&k, serde_json::json!({}));
+    let t = k.sign("EdDSA", "ed1", &good_claims());
+    let r = request().query("access_token", &t).received_at(NOW).build();
+    let Decision::Proceed(pr) = decide(&p, &r) else {
+        panic!("rejected")
+    };
+    assert!(matches!(&pr.query_changes[..], [QueryChange::Remove(n)] if n == "access_token"));
+}
+
+#[test]
+fn algorithm_confusion_and_bad_config_are_refused() {
+    let k = keys();
+    // HS256 "signed" with the EC public key bytes as the secret, claiming the EC key's kid.
+    let p = prepared(&k, serde_json::json!({}));
+    let input = unsigned(r#"{"alg":"HS256","kid":"ec1"}"#, &good_claims());
+    let hk = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k.ec.public_key().as_ref());
+    let forged = format!(
+        "{input}.{}",
+        b64(ring::hmac::sign(&hk, input.as_bytes()).as_ref())
+    );
+    assert_eq!(status(&decide(&p, &bearer(&forged))), 401);
+
+    let bad =
+        |cfg: serde_json::Value| <JwtValidate as Policy>::configure(cfg.to_string()).unwrap_err();
+    assert!(
+        bad(serde_json::json!({"algorithms": ["none"], "jwks": k.jwks()}))
+            .contains("\"none\" can never be allowed")
+    );
+    assert!(
+        bad(serde_json::json!({"algorithms": ["RS256"], "jwks": k.jwks()}))
+            .contains("no configured key")
+    );
+    assert!(bad(serde_json::json!({"algorithms": ["ES256"]})).contains("no keys"));
+    assert!(bad(serde_json::json!({"jwks": "{not json"})).contains("jwks is not valid JSON"));
+    assert!(bad(serde_json::json!({"jwks": k.jwks(), "colour": 1})).contains("colour"));
+    assert!(bad(
+        serde_json::json!({"pem": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"})
+    )
+    .contains("pem"));
+}

@@ -1,0 +1,404 @@
+//! jwt-validate and set-header through the real gateway, with tokens made here: RS256, ES256,
+//! HS256 and EdDSA keys generated per run, published as an inline JWKS, a PEM block and a
+//! JWKS file.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use rsa::pkcs8::{EncodePublicKey, LineEnding};
+use rsa::signature::{SignatureEncoding, Signer};
+use rsa::traits::PublicKeyParts;
+use support::*;
+
+fn b64(b: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Keys {
+    rsa: rsa::RsaPrivateKey,
+    ec: EcdsaKeyPair,
+    ed: Ed25519KeyPair,
+    secret: Vec<u8>,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let rng = SystemRandom::new();
+        let ec = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let ed = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        Keys {
+            rsa: rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap(),
+            ec: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, ec.as_ref(), &rng)
+                .unwrap(),
+            ed: Ed25519KeyPair::from_pkcs8(ed.as_ref()).unwrap(),
+            secret: b"the HS256 secret, long enough for a test".to_vec(),
+        }
+    }
+
+    fn rsa_pem(&self) -> String {
+        self.rsa
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    }
+
+    fn jwks(&self) -> String {
+        let p = self.ec.public_key().as_ref();
+        let rsa = self.rsa.to_public_key();
+        serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "rsa1", "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be())},
+            {"kty": "EC", "crv": "P-256", "kid": "ec1", "x": b64(&p[1..33]), "y": b64(&p[33..])},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed1", "x": b64(self.ed.public_key().as_ref())},
+            {"kty": "oct", "kid": "hs1", "k": b64(&self.secret)},
+        ]})
+        .to_string()
+    }
+
+    /// A compact JWS over `claims`, signed with the key of `alg`.
+    fn sign(&self, alg: &str, kid: &str, claims: &serde_json::Value) -> String {
+        let header = serde_json::json!({"alg": alg, "kid": kid, "typ": "JWT"});
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = match alg {
+            "RS256" => rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha256>::new(self.rsa.clone())
+                .sign(input.as_bytes())
+                .to_vec(),
+            "ES256" => self
+                .ec
+                .sign(&SystemRandom::new(), input.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec(),
+            "EdDSA" => self.ed.sign(input.as_bytes()).as_ref().to_vec(),
+            "HS256" => hs256(&self.secret, input.as_bytes()),
+            other => panic!("no signer for {other}"),
+        };
+        format!("{input}.{}", b64(&sig))
+    }
+}
+
+fn hs256(secret: &[u8], input: &[u8]) -> Vec<u8> {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    ring::hmac::sign(&k, input).as_ref().to_vec()
+}
+
+fn claims(sub: &str) -> serde_json::Value {
+    serde_json::json!({
+        "sub": sub,
+        "iss": "https://issuer.test",
+        "aud": "chat",
+        "exp": now() + 600,
+        "nbf": now() - 5,
+    })
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// jwt-validate with the given key source, then set-header X-User from the subject.
+fn attachments(keys_line: &str, extra: &str) -> String {
+    format!(
+        r#"[[apis.on_handshake]]
+plugin = "jwt-validate"
+{extra}
+[apis.on_handshake.config]
+algorithms = ["RS256", "ES256", "HS256", "EdDSA"]
+issuers = ["https://issuer.test"]
+audiences = ["chat"]
+clock_skew_seconds = 30
+query_parameter_name = "access_token"
+{keys_line}
+
+[[apis.on_handshake]]
+plugin = "set-header"
+config = {{ name = "X-User", value = "{{jwt.sub}}", exists_action = "override" }}
+"#
+    )
+}
+
+fn manifest(backend: &str, att: &str) -> String {
+    format!(
+        "{}{}{att}",
+        gateway_section("plugin_dir = \"plugins\""),
+        api_section("chat", "chat", backend, "")
+    )
+}
+
+fn gateway(backend: &RawBackend, att: &str, setup: impl FnOnce(&TempDir)) -> Gateway {
+    let dir = TempDir::new("jwt");
+    plugins::install(
+        &dir.path().join("plugins"),
+        &["jwt_validate.wasm", "set_header.wasm"],
+    );
+    setup(&dir);
+    Gateway::start_in(dir, &manifest(&backend.url(), att))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}\r\n")
+}
+
+#[tokio::test]
+async fn valid_tokens_pass_and_every_bad_one_gets_401_without_reaching_the_backend() {
+    let k = Keys::new();
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = gateway(
+        &backend,
+        &attachments(&format!("jwks = {}", toml_str(&k.jwks())), ""),
+        |_| {},
+    );
+    let addr = gw.ws.unwrap();
+
+    // Valid, one per algorithm: 101, and the backend sees X-User made from the claim.
+    for (alg, kid) in [
+        ("RS256", "rsa1"),
+        ("ES256", "ec1"),
+        ("HS256", "hs1"),
+        ("EdDSA", "ed1"),
+    ] {
+        let sub = format!("user-{alg}");
+        let (_, mut ws) =
+            ws_connect(addr, "/chat", &bearer(&k.sign(alg, kid, &claims(&sub)))).await;
+        ws.send(true, 1, b"hi").await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, b"hi");
+        let seen = backend.last_head();
+        assert_eq!(headers_all(&seen, "x-user"), vec![sub], "{alg}: {seen}");
+        assert!(header(&seen, "authorization").is_some());
+    }
+
+    // Token in the query: accepted, and not forwarded.
+    let t = k.sign("ES256", "ec1", &claims("query-user"));
+    let (_, _ws) = ws_connect(addr, &format!("/chat?room=7&access_token={t}"), "").await;
+    let seen = backend.last_head();
+    let request_line = seen.lines().next().unwrap();
+    assert!(request_line.contains("room=7"), "{request_line}");
+    assert!(
+        !seen.contains("access_token") && !seen.contains(&t),
+        "{seen}"
+    );
+    assert_eq!(headers_all(&seen, "x-user"), vec!["query-user"]);
+
+    let reached = backend.connections.load(Ordering::SeqCst);
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = claims("mallory");
+        f(&mut c);
+        c
+    };
+    let good = k.sign("RS256", "rsa1", &claims("ann"));
+    let (h, rest) = good.split_once('.').unwrap();
+    let sig = rest.split_once('.').unwrap().1;
+    let tampered = format!(
+        "{h}.{}.{sig}",
+        b64(with(&|c| c["sub"] = "root".into()).to_string().as_bytes())
+    );
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims("ann").to_string().as_bytes())
+    );
+    // Algorithm confusion: HS256 with the RSA public key (as published) as the HMAC secret.
+    let confusion_input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","kid":"rsa1","typ":"JWT"}"#),
+        b64(claims("ann").to_string().as_bytes())
+    );
+    let confused = format!(
+        "{confusion_input}.{}",
+        b64(&hs256(k.rsa_pem().as_bytes(), confusion_input.as_bytes()))
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("missing", String::new()),
+        (
+            "expired",
+            bearer(&k.sign("RS256", "rsa1", &with(&|c| c["exp"] = (now() - 120).into()))),
+        ),
+        (
+            "not yet valid",
+            bearer(&k.sign("ES256", "ec1", &with(&|c| c["nbf"] = (now() + 120).into()))),
+        ),
+        (
+            "wrong issuer",
+            bearer(&k.sign(
+                "RS256",
+                "rsa1",
+                &with(&|c| c["iss"] = "https://evil.test".into()),
+            )),
+        ),
+        (
+            "wrong audience",
+            bearer(&k.sign("EdDSA", "ed1", &with(&|c| c["aud"] = "billing".into()))),
+        ),
+        ("alg none", bearer(&unsigned)),
+        ("HS256 with the RSA public key", bearer(&confused)),
+        ("tampered payload", bearer(&tampered)),
+        (
+            "unknown kid",
+            bearer(&k.sign("RS256", "rsa-rotated-away", &claims("ann"))),
+        ),
+        ("not a JWT", bearer("definitely.not.a-token")),
+    ];
+    for (what, extra) in cases {
+        let (head, _) = raw_handshake(addr, "/chat", &extra).await;
+        assert_eq!(status_of(&head), 401, "{what}: {head}");
+        assert!(
+            header(&head, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+            "{what}: {head}"
+        );
+    }
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        reached,
+        "a refused handshake reached the backend"
+    );
+    // Why is logged with the plugin's name; the token itself never is.
+    gw.wait_record("policy_log", |r| {
+        r["plugin"] == "jwt-validate"
+            && r["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("token expired")
+    })
+    .await;
+    let all = gw.output();
+    assert!(
+        !all.contains(sig),
+        "a token's signature appeared in the log"
+    );
+}
+
+#[tokio::test]
+async fn keys_from_pem_and_from_a_granted_jwks_file() {
+    let k = Keys::new();
+    let backend = RawBackend::start(echo_frames()).await;
+    let pem_att = attachments(&format!("pem = {}", toml_str(&k.rsa_pem())), "").replace(
+        "algorithms = [\"RS256\", \"ES256\", \"HS256\", \"EdDSA\"]",
+        "algorithms = [\"RS256\"]",
+    );
+    let gw = gateway(&backend, &pem_att, |_| {});
+    let t = k.sign("RS256", "any", &claims("pem-user"));
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/chat", &bearer(&t)).await;
+    assert_eq!(
+        headers_all(&backend.last_head(), "x-user"),
+        vec!["pem-user"]
+    );
+    let (head, _) = raw_handshake(
+        gw.ws.unwrap(),
+        "/chat",
+        &bearer(&k.sign("ES256", "ec1", &claims("x"))),
+    )
+    .await;
+    assert_eq!(status_of(&head), 401, "no EC key configured: {head}");
+    drop(gw);
+
+    let file_att = attachments(
+        "jwks_file = \"keys/jwks.json\"",
+        "grants = { read_dirs = [\"keys\"] }",
+    );
+    let jwks = k.jwks();
+    let gw = gateway(&backend, &file_att, |dir| {
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/jwks.json"), &jwks).unwrap();
+    });
+    let t = k.sign("EdDSA", "ed1", &claims("file-user"));
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/chat", &bearer(&t)).await;
+    assert_eq!(
+        headers_all(&backend.last_head(), "x-user"),
+        vec!["file-user"]
+    );
+}
+
+#[test]
+fn jwks_file_without_a_grant_and_bad_config_fail_the_check_with_the_plugins_message() {
+    let dir = TempDir::new("jwt-check");
+    plugins::install(
+        &dir.path().join("plugins"),
+        &["jwt_validate.wasm", "set_header.wasm"],
+    );
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/jwks.json"), r#"{"keys": []}"#).unwrap();
+    let (code, err, _) = tollgate_check(
+        dir.path(),
+        &manifest(
+            "ws://127.0.0.1:1/",
+            &attachments("jwks_file = \"keys/jwks.json\"", ""),
+        ),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("plugin `jwt-validate` refused its config")
+            && err.contains("cannot read jwks_file `keys/jwks.json`")
+            && err.contains("read_dirs"),
+        "{err}"
+    );
+    let (code, err, _) = tollgate_check(
+        dir.path(),
+        &manifest(
+            "ws://127.0.0.1:1/",
+            "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\nconfig = { algorithms = [\"none\"], jwks = '{\"keys\": []}' }\n",
+        ),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("\"none\" can never be allowed"), "{err}");
+}
+
+/// The example custom policy (examples/tenant-check), run with its own example manifest.
+#[tokio::test]
+async fn example_tenant_check_policy_keeps_clients_in_their_own_tenant() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/tenant-check/tollgate.toml");
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+        .replace("ws://127.0.0.1:9000/", &backend.url());
+    let dir = TempDir::new("tenant");
+    plugins::install(
+        &dir.path().join("plugins"),
+        &["jwt_validate.wasm", "tenant_check.wasm"],
+    );
+    let gw = Gateway::start_in(dir, &text);
+    let secret = b"tenant-demo-secret-change-me-0123456789";
+    let token = |tenant: &str| {
+        let input = format!(
+            "{}.{}",
+            b64(br#"{"alg":"HS256","kid":"demo"}"#),
+            b64(serde_json::json!({"sub": "ann", "aud": "chat", "tenant": tenant, "exp": now() + 60})
+                .to_string()
+                .as_bytes())
+        );
+        format!("{input}.{}", b64(&hs256(secret, input.as_bytes())))
+    };
+    let (_, _ws) = ws_connect(
+        gw.ws.unwrap(),
+        &format!("/chat/acme/lobby?access_token={}", token("acme")),
+        "",
+    )
+    .await;
+    assert_eq!(headers_all(&backend.last_head(), "x-tenant"), vec!["acme"]);
+    let reached = backend.connections.load(Ordering::SeqCst);
+    let (head, _) = raw_handshake(
+        gw.ws.unwrap(),
+        &format!("/chat/globex/lobby?access_token={}", token("acme")),
+        "",
+    )
+    .await;
+    assert_eq!(status_of(&head), 403, "{head}");
+    assert_eq!(backend.connections.load(Ordering::SeqCst), reached);
+}
