@@ -465,6 +465,23 @@ impl PolicyHost {
         (plugins, errors)
     }
 
+    /// A fresh Store (with this call's limits and grants) and instance of `plugin`.
+    fn fresh(
+        &self,
+        plugin: &Plugin,
+        budget: Budget,
+        grants: &Grants,
+    ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
+        let mut store = self
+            .store(&plugin.name, budget, grants)
+            .map_err(|m| plugin.call_error(m))?;
+        let instance = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| plugin.call_error(format!("instantiation failed: {e:#}")))?;
+        Ok((store, instance))
+    }
+
     /// Runs `configure` for one attachment (at load) and returns the prepared config.
     pub fn configure(
         &self,
@@ -473,19 +490,11 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<String, PolicyError> {
-        let err = |message: String| PolicyError::Call {
-            plugin: plugin.name.clone(),
-            message,
-        };
-        let mut store = self.store(&plugin.name, budget, grants).map_err(err)?;
-        let instance = plugin
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| err(format!("instantiation failed: {e:#}")))?;
+        let (mut store, instance) = self.fresh(plugin, budget, grants)?;
         instance
             .tollgate_policy_policy()
             .call_configure(&mut store, config_json)
-            .map_err(|e| err(format!("trapped in configure: {e:#}")))?
+            .map_err(|e| plugin.call_error(format!("trapped in configure: {e:#}")))?
             .map_err(|message| PolicyError::Config {
                 plugin: plugin.name.clone(),
                 message,
@@ -501,23 +510,22 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<wit::Decision, PolicyError> {
-        let err = |message: String| PolicyError::Call {
-            plugin: plugin.name.clone(),
-            message,
-        };
-        let mut store = self.store(&plugin.name, budget, grants).map_err(err)?;
-        let instance = plugin
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| err(format!("instantiation failed: {e:#}")))?;
+        let (mut store, instance) = self.fresh(plugin, budget, grants)?;
         instance
             .tollgate_policy_policy()
             .call_on_handshake(&mut store, prepared, request)
-            .map_err(|e| err(format!("trapped in on-handshake: {e:#}")))
+            .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))
     }
 }
 
 impl Plugin {
+    fn call_error(&self, message: String) -> PolicyError {
+        PolicyError::Call {
+            plugin: self.name.clone(),
+            message,
+        }
+    }
+
     /// What `tollgate plugin inspect` prints: the declaration, what each capability means on
     /// onHandshake, the imports and how each is served, and how the plugin is run.
     pub fn describe(&self) -> String {

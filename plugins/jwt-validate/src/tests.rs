@@ -259,6 +259,12 @@ fn algorithm_confusion_and_bad_config_are_refused() {
     assert!(bad(serde_json::json!({"algorithms": ["ES256"]})).contains("no keys"));
     assert!(bad(serde_json::json!({"jwks": "{not json"})).contains("jwks is not valid JSON"));
     assert!(bad(serde_json::json!({"jwks": k.jwks(), "colour": 1})).contains("colour"));
+    let short_rsa =
+        serde_json::json!({"keys": [{"kty": "RSA", "n": b64(&[0xff; 128]), "e": "AQAB"}]});
+    assert!(
+        bad(serde_json::json!({"algorithms": ["RS256"], "jwks": short_rsa.to_string()}))
+            .contains("not usable")
+    );
     assert!(bad(
         serde_json::json!({"pem": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"})
     )

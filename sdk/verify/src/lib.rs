@@ -79,6 +79,18 @@ pub fn verify(alg: Algorithm, key: &Key, message: &[u8], signature: &[u8]) -> Re
             if family != "rsa" {
                 return Err(format!("{alg:?} cannot use an RSA key"));
             }
+            // ring answers "does not verify" for an unusable key too; say it plainly instead,
+            // so a 1024-bit key fails the load rather than every token.
+            let bits = n
+                .iter()
+                .position(|b| *b != 0)
+                .map(|i| (n.len() - i) * 8)
+                .unwrap_or(0);
+            if !(2048..=8192).contains(&bits) || e.iter().all(|b| *b == 0) {
+                return Err(format!(
+                    "RSA key of about {bits} bits is not usable (2048 to 8192 bits, non-zero exponent)"
+                ));
+            }
             let rsa = rsa_params(alg);
             Ok(RsaPublicKeyComponents { n, e }
                 .verify(rsa, message, signature)
@@ -196,6 +208,22 @@ mod tests {
         );
         assert!(verify(Algorithm::Rs256, &key, b"m", tag.as_ref()).is_err());
         assert!(verify(Algorithm::Hs256, &Key::Spki(vec![1, 2]), b"m", b"x").is_err());
+    }
+
+    #[test]
+    fn short_rsa_keys_are_an_error_not_a_failed_signature() {
+        let key = Key::Rsa {
+            n: vec![0xff; 128],
+            e: vec![1, 0, 1],
+        };
+        assert!(verify(Algorithm::Rs256, &key, b"m", b"s")
+            .unwrap_err()
+            .contains("1024 bits"));
+        let ok_size = Key::Rsa {
+            n: vec![0xff; 256],
+            e: vec![1, 0, 1],
+        };
+        assert_eq!(verify(Algorithm::Rs256, &ok_size, b"m", b"s"), Ok(false));
     }
 
     #[test]
