@@ -312,8 +312,7 @@ pub fn tls_facts(conn: &rustls::ServerConnection) -> crate::policy::wit::TlsInfo
             .protocol_version()
             .and_then(|v| v.as_str())
             .unwrap_or("unknown")
-            .replace("TLSv1_", "TLSv1.")
-            .to_owned(),
+            .replace("TLSv1_", "TLSv1."),
         cipher_suite: conn
             .negotiated_cipher_suite()
             .and_then(|c| c.suite().as_str())

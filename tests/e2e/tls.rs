@@ -71,11 +71,18 @@ async fn wss_listener_serves_clients() {
     let dir = TempDir::new("wss");
     let (cert, key) = leaf.write(dir.path(), "gw");
     let backend = RawBackend::start(echo_frames()).await;
+    // The probe policy reports the TLS facts the gateway hands to policies.
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
     let manifest = format!(
-        "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        "[gateway]\nname = \"t\"\nplugin_dir = \"plugins\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
         cert.display(),
         key.display(),
-        api_section("echo", "echo", &backend.url(), "schemes = [\"wss\"]")
+        api_section(
+            "echo",
+            "echo",
+            &backend.url(),
+            "schemes = [\"wss\"]\n[[apis.on_handshake]]\nplugin = \"faulty\"\nconfig = { mode = \"tls\" }"
+        )
     );
     let gw = Gateway::start_in(dir, &manifest);
     let addr = gw.wss.unwrap();
@@ -88,10 +95,19 @@ async fn wss_listener_serves_clients() {
         )
         .await
         .unwrap();
-    let (mut ws, _) =
+    let (mut ws, resp) =
         tokio_tungstenite::client_async(format!("wss://localhost:{}/echo", addr.port()), tls)
             .await
             .unwrap();
+    let probe = resp
+        .headers()
+        .get("x-probe")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        probe.starts_with("ok: TLSv1.3 TLS13_") && probe.ends_with(" localhost"),
+        "TLS facts seen by the policy: {probe:?}"
+    );
     ws.send(Message::text("secure hello")).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),

@@ -2,7 +2,8 @@
 //! `{"mode": "loop" | "alloc" | "trap" | "recursion" | "huge" | "ok"}`, or probes its sandbox
 //! and reports what happened in the 101 header `x-probe`:
 //! `{"mode": "read-file", "arg": PATH}`, `{"mode": "env", "arg": NAME}`,
-//! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`.
+//! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`, or reports the
+//! request's TLS facts: `{"mode": "tls"}`.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -16,8 +17,20 @@ struct Config {
     arg: String,
 }
 
-fn probe(c: &Config) -> String {
+fn probe(c: &Config, request: &HandshakeRequest) -> String {
     let r: Result<String, String> = match c.mode.as_str() {
+        "tls" => request
+            .tls
+            .as_ref()
+            .map(|t| {
+                format!(
+                    "{} {} {}",
+                    t.version,
+                    t.cipher_suite,
+                    t.server_name.as_deref().unwrap_or("-")
+                )
+            })
+            .ok_or_else(|| "no TLS".to_owned()),
         "read-file" => std::fs::read_to_string(&c.arg)
             .map(|s| format!("{} bytes", s.len()))
             .map_err(|e| e.to_string()),
@@ -60,7 +73,7 @@ impl Policy for Faulty {
         Ok(config_json)
     }
 
-    fn on_handshake(config: String, _request: HandshakeRequest) -> Decision {
+    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
         let Ok(c) = serde_json::from_str::<Config>(&config) else {
             panic!("config changed between configure and on-handshake")
         };
@@ -89,7 +102,7 @@ impl Policy for Faulty {
             }),
             "ok" => Decision::Proceed(Proceed::default()),
             _ => Decision::Proceed(Proceed {
-                response_headers: vec![Pair::new("x-probe", probe(&c))],
+                response_headers: vec![Pair::new("x-probe", probe(&c, &request))],
                 ..Proceed::default()
             }),
         }
