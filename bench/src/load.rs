@@ -10,7 +10,7 @@ use crate::wire;
 
 #[derive(clap::Args, Clone)]
 pub struct LoadArgs {
-    /// throughput | handshakes | idle
+    /// throughput | handshakes | idle | pending
     #[arg(long)]
     pub scenario: String,
     #[arg(long)]
@@ -25,6 +25,15 @@ pub struct LoadArgs {
     pub window: usize,
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+    /// Extra request header `Name: value` on every handshake (repeatable).
+    #[arg(long)]
+    pub header: Vec<String>,
+}
+
+impl LoadArgs {
+    fn extra_headers(&self) -> String {
+        self.header.iter().map(|h| format!("{h}\r\n")).collect()
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -41,6 +50,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "throughput" => throughput(args).await,
         "handshakes" => handshakes(args).await,
         "idle" => idle(args).await,
+        "pending" => pending(args).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -59,11 +69,12 @@ async fn throughput(a: LoadArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let mut tasks = Vec::new();
     let started = Instant::now();
+    let extra = a.extra_headers();
     for _ in 0..a.connections {
         let (addr, path, frame) = (a.addr.clone(), a.path.clone(), frame.clone());
-        let window = a.window;
+        let (window, extra) = (a.window, extra.clone());
         tasks.push(tokio::spawn(async move {
-            conn_throughput(&addr, &path, &frame, window, deadline).await
+            conn_throughput(&addr, &path, &extra, &frame, window, deadline).await
         }));
     }
     let mut ops = 0;
@@ -96,11 +107,12 @@ async fn throughput(a: LoadArgs) -> anyhow::Result<()> {
 async fn conn_throughput(
     addr: &str,
     path: &str,
+    extra: &str,
     frame: &[u8],
     window: usize,
     deadline: Instant,
 ) -> anyhow::Result<(u64, Vec<u32>)> {
-    let (mut s, mut buf) = wire::connect(addr, path).await?;
+    let (mut s, mut buf) = wire::connect(addr, path, extra).await?;
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(window);
     let mut lat = Vec::with_capacity(100_000);
     for _ in 0..window {
@@ -147,15 +159,16 @@ async fn handshakes(a: LoadArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let extra = a.extra_headers();
     for _ in 0..a.connections {
-        let (addr, path) = (a.addr.clone(), a.path.clone());
+        let (addr, path, extra) = (a.addr.clone(), a.path.clone(), extra.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let close = wire::encode(8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match wire::connect(&addr, &path).await {
+                match wire::connect(&addr, &path, &extra).await {
                     Ok((mut s, _)) => {
                         lat.push(t.elapsed().as_micros() as u32);
                         // Close properly: our close, their close, then the socket.
@@ -192,8 +205,9 @@ async fn handshakes(a: LoadArgs) -> anyhow::Result<()> {
 async fn idle(a: LoadArgs) -> anyhow::Result<()> {
     let mut socks = Vec::with_capacity(a.connections);
     let mut errors = 0u64;
+    let extra = a.extra_headers();
     for _ in 0..a.connections {
-        match wire::connect(&a.addr, &a.path).await {
+        match wire::connect(&a.addr, &a.path, &extra).await {
             Ok((s, _)) => socks.push(s),
             Err(e) => {
                 errors += 1;
@@ -204,6 +218,44 @@ async fn idle(a: LoadArgs) -> anyhow::Result<()> {
         }
     }
     println!("ready {} {errors}", socks.len());
+    let mut line = String::new();
+    let _ = tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await;
+    Ok(())
+}
+
+/// Sends `connections` handshake requests whose answer the backend withholds (the path must
+/// lead to the backend's `/stall`), says `ready N`, and holds them in flight until stdin closes
+/// or says anything: the proxy then has N handshakes past its policies, waiting on the backend.
+async fn pending(a: LoadArgs) -> anyhow::Result<()> {
+    let mut socks = Vec::with_capacity(a.connections);
+    let mut errors = 0u64;
+    let extra = a.extra_headers();
+    for _ in 0..a.connections {
+        match wire::send_request(&a.addr, &a.path, &extra).await {
+            Ok(s) => socks.push(s),
+            Err(e) => {
+                errors += 1;
+                if errors == 1 {
+                    eprintln!("pending connect error: {e:#}");
+                }
+            }
+        }
+    }
+    // Give the proxy time to run every request's policies and reach the backend.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A request the proxy already answered (an error) is not in flight: count what is still
+    // silent.
+    let mut silent = 0;
+    for s in &mut socks {
+        let mut b = [0u8; 1];
+        match s.try_read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => silent += 1,
+            _ => errors += 1,
+        }
+    }
+    println!("ready {silent} {errors}");
     let mut line = String::new();
     let _ = tokio::io::BufReader::new(tokio::io::stdin())
         .read_line(&mut line)

@@ -9,6 +9,7 @@
 //! Sub-commands `backend`, `tcp-relay` and `load` are the pieces the orchestrator starts as
 //! separate, pinned processes.
 
+mod chain;
 mod load;
 mod orchestrate;
 mod proc;
@@ -41,6 +42,8 @@ enum Cmd {
     },
     /// Load client: prints one JSON result line.
     Load(load::LoadArgs),
+    /// The policy chain's own time per handshake, in process: one JSON line per measurement.
+    Chain(chain::ChainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(wire::tcp_relay(listen, upstream)),
         Cmd::Load(args) => current_thread(load::run(args)),
+        Cmd::Chain(args) => chain::run(args),
     }
 }
 

@@ -29,12 +29,21 @@ pub struct RunArgs {
     /// Idle connections for the memory scenario (0 skips it).
     #[arg(long, default_value_t = 8000)]
     pub idle_connections: usize,
-    /// Comma-separated subset of: direct,tcp-relay,tollgate,nginx,haproxy.
+    /// Handshakes held in flight at the backend for the pending-memory scenario (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub pending_handshakes: usize,
+    /// Comma-separated subset of:
+    /// direct,tcp-relay,tollgate,tollgate-policies,tollgate-pooled,nginx,haproxy.
     #[arg(long)]
     pub only: Option<String>,
     /// Path of the tollgate binary (default: target/release/tollgate next to this binary).
     #[arg(long)]
     pub tollgate: Option<PathBuf>,
+    /// Directory holding jwt_validate.wasm and set_header.wasm for `tollgate-policies`
+    /// (default: target/wasm32-wasip2/release, as built by
+    /// `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`).
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
 }
 
 impl Default for RunArgs {
@@ -45,8 +54,10 @@ impl Default for RunArgs {
             connections: 50,
             window: 16,
             idle_connections: 8000,
+            pending_handshakes: 1000,
             only: None,
             tollgate: None,
+            plugins: None,
         }
     }
 }
@@ -87,6 +98,76 @@ struct Target {
     name: &'static str,
     addr: String,
     proc: Option<Proc>,
+    /// Request headers the load client sends on every handshake (`Name: value`).
+    headers: Vec<String>,
+}
+
+/// What `tollgate-policies` needs that the other targets do not: an RS256 key pair made for
+/// this run, its public half as an inline JWKS for jwt-validate, and a token signed with it.
+pub struct Jwt {
+    jwks: String,
+    token: String,
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl Jwt {
+    fn new() -> anyhow::Result<Jwt> {
+        use base64::Engine;
+        use rsa::signature::{SignatureEncoding, Signer};
+        use rsa::traits::PublicKeyParts;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)?;
+        let public = key.to_public_key();
+        let jwks = serde_json::json!({"keys": [{"kty": "RSA", "kid": "bench", "alg": "RS256",
+            "n": b64(&public.n().to_bytes_be()), "e": b64(&public.e().to_bytes_be())}]})
+        .to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let header = serde_json::json!({"alg": "RS256", "kid": "bench", "typ": "JWT"});
+        let claims = serde_json::json!({"sub": "bench-user", "iss": "https://issuer.bench",
+            "aud": "echo", "exp": now + 86_400, "nbf": now - 60});
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha256>::new(key).sign(input.as_bytes());
+        Ok(Jwt {
+            jwks,
+            token: format!("{input}.{}", b64(&sig.to_vec())),
+            n: public.n().to_bytes_be(),
+            e: public.e().to_bytes_be(),
+        })
+    }
+
+    /// p50/p99 of the host's native RS256 check of this token (what `signatures.verify` costs
+    /// a policy before any wasm is involved), in microseconds.
+    fn native_verify(&self, n: usize) -> anyhow::Result<(f64, f64)> {
+        use base64::Engine;
+        let (input, sig) = self.token.rsplit_once('.').context("token")?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig)?;
+        let key = tollgate_verify::Key::Rsa {
+            n: self.n.clone(),
+            e: self.e.clone(),
+        };
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let ok = tollgate_verify::verify(
+                tollgate_verify::Algorithm::Rs256,
+                &key,
+                input.as_bytes(),
+                &sig,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            anyhow::ensure!(ok, "the bench token does not verify");
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok((v[v.len() / 2], v[(v.len() - 1) * 99 / 100]))
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -135,16 +216,20 @@ fn start_target(
     name: &'static str,
     backend_port: u16,
     args: &RunArgs,
+    jwt: &Jwt,
+    cache: &Path,
 ) -> anyhow::Result<Option<Target>> {
     let me = std::env::current_exe()?;
     let port = free_port()?;
     let quiet = || Stdio::null();
+    let mut headers = Vec::new();
     let proc = match name {
         "direct" => {
             return Ok(Some(Target {
                 name,
                 addr: format!("127.0.0.1:{backend_port}"),
                 proc: None,
+                headers,
             }));
         }
         "tcp-relay" => {
@@ -160,7 +245,7 @@ fn start_target(
                 .spawn()?;
             Proc { child, _dir: None }
         }
-        "tollgate" => {
+        "tollgate" | "tollgate-policies" | "tollgate-pooled" => {
             let bin = match &args.tollgate {
                 Some(p) => p.clone(),
                 None => me.parent().context("exe dir")?.join("tollgate"),
@@ -170,19 +255,15 @@ fn start_target(
                 "{} not found: build it with `cargo build --release -p tollgate`",
                 bin.display()
             );
-            let dir = tempdir("tollgate")?;
-            let manifest = dir.0.join("tollgate.toml");
-            std::fs::write(
-                &manifest,
-                format!(
-                    "[gateway]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n[gateway.limits]\nmax_connections = 20000\n\
-                     [[apis]]\nname = \"echo\"\nurl_suffix = \"echo\"\nbackend = \"ws://127.0.0.1:{backend_port}/\"\n"
-                ),
-            )?;
+            let (dir, manifest) = tollgate_dir(name, port, backend_port, args, jwt)?;
+            if name != "tollgate" {
+                headers.push(format!("Authorization: Bearer {}", jwt.token));
+            }
             let child = pinned(1, &bin)
                 .args(["run", "--manifest"])
                 .arg(&manifest)
                 .env("RUST_LOG", "warn")
+                .env("XDG_CACHE_HOME", cache)
                 .stdout(quiet())
                 .spawn()?;
             Proc {
@@ -256,7 +337,113 @@ fn start_target(
         name,
         addr: format!("127.0.0.1:{port}"),
         proc: Some(proc),
+        headers,
     }))
+}
+
+/// Writes the manifest (and, with policies, the plugin directory) of a Tollgate target: one
+/// API, `echo`; `tollgate-policies` adds jwt-validate (RS256, inline JWKS) and set-header
+/// (`X-User` from the token's `sub`) on its onHandshake, each in a fresh instance per
+/// handshake; `tollgate-pooled` is the same with `instances = "pooled"`.
+fn tollgate_dir(
+    name: &str,
+    port: u16,
+    backend_port: u16,
+    args: &RunArgs,
+    jwt: &Jwt,
+) -> anyhow::Result<(TempDir, PathBuf)> {
+    let me = std::env::current_exe()?;
+    let dir = tempdir(name)?;
+    let manifest = dir.0.join("tollgate.toml");
+    let mut text = format!(
+        "[gateway]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nplugin_dir = \"plugins\"\n\
+         [gateway.limits]\nmax_connections = 20000\n\
+         [[apis]]\nname = \"echo\"\nurl_suffix = \"echo\"\nbackend = \"ws://127.0.0.1:{backend_port}/\"\n"
+    );
+    let plugins = dir.0.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    if name != "tollgate" {
+        let from = match &args.plugins {
+            Some(p) => p.clone(),
+            None => me
+                .parent()
+                .and_then(Path::parent)
+                .context("exe dir")?
+                .join("wasm32-wasip2")
+                .join("release"),
+        };
+        for f in ["jwt_validate.wasm", "set_header.wasm"] {
+            std::fs::copy(from.join(f), plugins.join(f)).with_context(|| {
+                format!(
+                    "{} not found: build it with `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`",
+                    from.join(f).display()
+                )
+            })?;
+        }
+        let instances = if name == "tollgate-pooled" {
+            "instances = \"pooled\"\n"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\n{instances}\
+             [apis.on_handshake.config]\nalgorithms = [\"RS256\"]\nissuers = [\"https://issuer.bench\"]\n\
+             audiences = [\"echo\"]\njwks = {}\n\
+             [[apis.on_handshake]]\nplugin = \"set-header\"\n{instances}\
+             config = {{ name = \"X-User\", value = \"{{jwt.sub}}\", exists_action = \"override\" }}\n",
+            serde_json::to_string(&jwt.jwks)?
+        ));
+    }
+    std::fs::write(&manifest, text)?;
+    Ok((dir, manifest))
+}
+
+/// The policy chain's own time, from the `chain` sub-command pinned where the proxies run:
+/// fresh instances, then pooled ones, then the native signature check alone.
+fn chain_timings(
+    me: &Path,
+    args: &RunArgs,
+    jwt: &Jwt,
+    cache: &Path,
+) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    let mut v = Vec::new();
+    for (name, label, cache_entries) in [
+        ("tollgate-policies", "fresh", None),
+        ("tollgate-pooled", "pooled", None),
+        ("tollgate-policies", "fresh, signature cache off", Some(0)),
+        ("tollgate-pooled", "pooled, signature cache off", Some(0)),
+    ] {
+        let (_dir, manifest) = tollgate_dir(name, 0, 1, args, jwt)?;
+        if let Some(n) = cache_entries {
+            let text = std::fs::read_to_string(&manifest)?.replacen(
+                "[gateway]\n",
+                &format!("[gateway]\nsignature_cache_entries = {n}\n"),
+                1,
+            );
+            std::fs::write(&manifest, text)?;
+        }
+        let out = pinned(1, me)
+            .arg("chain")
+            .arg("--manifest")
+            .arg(&manifest)
+            .arg("--header")
+            .arg(format!("Authorization: Bearer {}", jwt.token))
+            .env("XDG_CACHE_HOME", cache)
+            .stderr(Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "chain measurement failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let j: serde_json::Value = serde_json::from_str(line)?;
+            v.push((
+                format!("{label}: {}", j["what"].as_str().unwrap_or("")),
+                j["p50_us"].as_f64().unwrap_or(0.0),
+                j["p99_us"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    let (p50, p99) = jwt.native_verify(20_000)?;
+    v.push(("native RS256 verify alone (no wasm)".into(), p50, p99));
+    Ok(v)
 }
 
 #[derive(Default, Clone)]
@@ -286,15 +473,16 @@ impl Cell {
 fn load(
     me: &Path,
     scenario: &str,
-    addr: &str,
+    t: &Target,
     extra: &[String],
 ) -> anyhow::Result<serde_json::Value> {
-    let out = pinned(0, me)
-        .args(["load", "--scenario", scenario, "--addr", addr])
-        .args(extra)
-        .stderr(Stdio::inherit())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "load client failed for {addr}");
+    let mut cmd = pinned(0, me);
+    cmd.args(["load", "--scenario", scenario, "--addr", &t.addr]);
+    for h in &t.headers {
+        cmd.arg("--header").arg(h);
+    }
+    let out = cmd.args(extra).stderr(Stdio::inherit()).output()?;
+    anyhow::ensure!(out.status.success(), "load client failed for {}", t.name);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().context("no result from load client")?;
     Ok(serde_json::from_str(line)?)
@@ -302,7 +490,15 @@ fn load(
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
-    let all = ["direct", "tcp-relay", "tollgate", "nginx", "haproxy"];
+    let all = [
+        "direct",
+        "tcp-relay",
+        "tollgate",
+        "tollgate-policies",
+        "tollgate-pooled",
+        "nginx",
+        "haproxy",
+    ];
     let wanted: Vec<&'static str> = match &args.only {
         Some(list) => all
             .iter()
@@ -320,57 +516,45 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         _dir: None,
     };
     wait_port(backend_port)?;
+    let jwt = Jwt::new()?;
+    // One compiled-plugin cache for the run: the first start compiles, later starts load.
+    let cache = tempdir("cache")?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     eprintln!("tollgate-bench: {cores} CPUs; proxies on CPU 1, load client and backend on CPU 0");
 
-    // Memory per idle connection first, on freshly started proxies.
+    // Memory first, on freshly started proxies: per idle relayed connection, and per handshake
+    // held in flight at the backend (past every policy, waiting for the backend's 101).
     let mut memory: Vec<(&str, Option<f64>)> = Vec::new();
-    if args.idle_connections > 0 {
-        for name in &wanted {
-            if *name == "direct" {
+    let mut pending: Vec<(&str, Option<f64>)> = Vec::new();
+    for name in &wanted {
+        if *name == "direct" {
+            continue;
+        }
+        for (scenario, count, path, out) in [
+            ("idle", args.idle_connections, "/echo", &mut memory),
+            (
+                "pending",
+                args.pending_handshakes,
+                "/echo/stall",
+                &mut pending,
+            ),
+        ] {
+            if count == 0 {
                 continue;
             }
-            let Some(t) = start_target(name, backend_port, &args)? else {
+            let Some(t) = start_target(name, backend_port, &args, &jwt, &cache.0)? else {
                 continue;
             };
-            let pid = t.proc.as_ref().map(|p| p.child.id()).context("pid")?;
-            std::thread::sleep(Duration::from_millis(300));
-            let before = proc::rss_kb(pid);
-            let mut child = pinned(0, &me)
-                .args([
-                    "load",
-                    "--scenario",
-                    "idle",
-                    "--addr",
-                    &t.addr,
-                    "--connections",
-                    &args.idle_connections.to_string(),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            let opened: u64 = parts.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-            std::thread::sleep(Duration::from_secs(2));
-            let after = proc::rss_kb(pid);
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = writeln!(stdin, "done");
-            }
-            let _ = child.wait();
-            let per = (opened > 0)
-                .then(|| (after.saturating_sub(before)) as f64 * 1024.0 / opened as f64 / 1000.0);
-            eprintln!("  memory {name}: {opened} idle connections, RSS {before} -> {after} KiB");
-            memory.push((name, per));
+            let per = held_rss(&me, &t, scenario, count, path)?;
+            out.push((name, per));
         }
     }
 
     let mut targets = Vec::new();
     for name in &wanted {
-        match start_target(name, backend_port, &args)? {
+        match start_target(name, backend_port, &args, &jwt, &cache.0)? {
             Some(t) => targets.push(t),
             None => eprintln!("  {name}: not installed, skipped"),
         }
@@ -401,7 +585,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 ]);
                 let pid = t.proc.as_ref().map(|p| p.child.id());
                 let cpu0 = pid.map(proc::cpu_seconds).unwrap_or(0.0);
-                let r = load(&me, scenario, &t.addr, &extra)?;
+                let r = load(&me, scenario, t, &extra)?;
                 let cpu1 = pid.map(proc::cpu_seconds).unwrap_or(0.0);
                 let c = &mut results[ti][si];
                 c.ops += r["ops"].as_u64().unwrap_or(0);
@@ -420,8 +604,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    println!("\n| target | 64 B msg/s | 64 B p50 / p99 us | CPU per 64 B round trip | 16 KiB msg/s | 16 KiB p50 / p99 us | CPU per 16 KiB round trip | handshakes/s | handshake p50 / p99 us | CPU per handshake | RSS per idle connection |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| target | 64 B msg/s | 64 B p50 / p99 us | CPU per 64 B round trip | 16 KiB msg/s | 16 KiB p50 / p99 us | CPU per 16 KiB round trip | handshakes/s | handshake p50 / p99 us | CPU per handshake | RSS per idle connection | RSS per 1,000 pending handshakes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (ti, t) in targets.iter().enumerate() {
         let cells = &results[ti];
         let cpu = |c: &Cell| {
@@ -434,9 +618,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .find(|(n, _)| *n == t.name)
             .and_then(|(_, m)| *m)
             .map_or("-".to_owned(), |m| format!("{m:.1} KB"));
+        let pend = pending
+            .iter()
+            .find(|(n, _)| *n == t.name)
+            .and_then(|(_, m)| *m)
+            .map_or("-".to_owned(), |m| format!("{:.0} KB", m * 1000.0));
         let errs: u64 = cells.iter().map(|c| c.errors).sum();
         println!(
-            "| {}{} | {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {}{} | {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} |",
             t.name,
             if errs > 0 {
                 format!(" ({errs} errors)")
@@ -452,12 +641,67 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             cells[2].rate(),
             lat(&cells[2]),
             cpu(&cells[2]),
-            mem
+            mem,
+            pend
         );
     }
+    if wanted.contains(&"tollgate-policies") {
+        let timings = chain_timings(&me, &args, &jwt, &cache.0)?;
+        println!("\nPolicy chain's own time per handshake (in process, CPU 1; jwt-validate RS256 + set-header):\n");
+        println!("| measurement | p50 us | p99 us |\n|---|---|---|");
+        for (what, p50, p99) in timings {
+            println!("| {what} | {p50:.1} | {p99:.1} |");
+        }
+    }
     println!(
-        "\n{} s per measurement, {} rounds, {} connections, window {}, {} idle connections; KB = 1000 bytes.",
-        args.duration, args.rounds, args.connections, args.window, args.idle_connections
+        "\n{} s per measurement, {} rounds, {} connections, window {}, {} idle connections, {} pending handshakes; KB = 1000 bytes.",
+        args.duration, args.rounds, args.connections, args.window, args.idle_connections, args.pending_handshakes
     );
     Ok(())
+}
+
+/// Opens `count` connections of `scenario` (`idle`: relayed WebSockets; `pending`: handshakes
+/// the backend never answers) against a freshly started target and returns the growth of the
+/// proxy's RSS per connection, in KB.
+fn held_rss(
+    me: &Path,
+    t: &Target,
+    scenario: &str,
+    count: usize,
+    path: &str,
+) -> anyhow::Result<Option<f64>> {
+    let pid = t.proc.as_ref().map(|p| p.child.id()).context("pid")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = proc::rss_kb(pid);
+    let mut cmd = pinned(0, me);
+    cmd.args([
+        "load",
+        "--scenario",
+        scenario,
+        "--addr",
+        &t.addr,
+        "--path",
+        path,
+    ])
+    .args(["--connections", &count.to_string()]);
+    for h in &t.headers {
+        cmd.arg("--header").arg(h);
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let opened: u64 = parts.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let failed: u64 = parts.get(2).and_then(|v| v.parse().ok()).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = proc::rss_kb(pid);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = writeln!(stdin, "done");
+    }
+    let _ = child.wait();
+    eprintln!(
+        "  memory {} {scenario}: {opened} held ({failed} failed), RSS {before} -> {after} KiB",
+        t.name
+    );
+    Ok((opened > 0).then(|| after.saturating_sub(before) as f64 * 1024.0 / opened as f64 / 1000.0))
 }

@@ -87,16 +87,23 @@ pub async fn read_head(s: &mut TcpStream) -> anyhow::Result<(String, Vec<u8>)> {
     }
 }
 
-/// Client handshake; returns the socket and any bytes past the 101.
-pub async fn connect(addr: &str, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+/// Sends a client handshake request; `extra` is zero or more preformatted `Name: value\r\n`
+/// lines (e.g. the benchmark's `Authorization` header).
+pub async fn send_request(addr: &str, path: &str, extra: &str) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
     s.set_nodelay(true)?;
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     s.write_all(req.as_bytes()).await?;
+    Ok(s)
+}
+
+/// Client handshake; returns the socket and any bytes past the 101.
+pub async fn connect(addr: &str, path: &str, extra: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut s = send_request(addr, path, extra).await?;
     let (head, rest) = read_head(&mut s).await?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "handshake failed: {head}");
     anyhow::ensure!(head.contains(ACCEPT), "wrong Sec-WebSocket-Accept: {head}");
@@ -104,7 +111,9 @@ pub async fn connect(addr: &str, path: &str) -> anyhow::Result<(TcpStream, Vec<u
 }
 
 /// Echo backend: answers the handshake (any key: the accept is computed), then echoes every
-/// data frame unmasked and answers a close with a close.
+/// data frame unmasked and answers a close with a close. A request for a path starting with
+/// `/stall` is never answered (the memory scenario holds handshakes open at the backend); the
+/// connection is held until the peer closes it.
 pub async fn echo_backend(listen: String) -> anyhow::Result<()> {
     let l = TcpListener::bind(&listen).await?;
     println!("ready {}", l.local_addr()?);
@@ -153,6 +162,11 @@ async fn echo_conn(mut s: TcpStream) -> anyhow::Result<()> {
                 .then(|| v.trim().to_owned())
         })
         .unwrap_or_default();
+    if head.split(' ').nth(1).is_some_and(|p| p.contains("/stall")) {
+        let mut sink = [0u8; 1024];
+        while s.read(&mut sink).await? > 0 {}
+        return Ok(());
+    }
     let resp = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
         accept_for(&key)

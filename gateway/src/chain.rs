@@ -11,8 +11,9 @@ use http::StatusCode;
 
 use crate::capabilities::{self, Scope, Verdict};
 use crate::handshake::{BackendRequest, Reject};
+use crate::manifest::Instances;
 use crate::manifest::{ApiConfig, Attachment, Config, Grants};
-use crate::policy::{wit, Budget, Plugin, PolicyHost};
+use crate::policy::{wit, Budget, InstancePool, Plugin, PolicyHost};
 
 /// Headers a policy may not touch: they belong to the WebSocket handshake itself.
 pub const PROTECTED: &[&str] = &[
@@ -64,6 +65,8 @@ pub struct Step {
     pub prepared: String,
     pub budget: Budget,
     pub grants: Grants,
+    /// Warm instances, when the attachment asks for `instances = "pooled"`.
+    pub pool: Option<InstancePool>,
     pub failure_status: StatusCode,
     pub scope: Scope,
     /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
@@ -158,6 +161,10 @@ pub fn build(
             prepared,
             budget,
             grants: att.grants.clone(),
+            pool: match att.instances {
+                Instances::Fresh => None,
+                Instances::Pooled { max_uses } => Some(InstancePool::new(max_uses)),
+            },
             failure_status: StatusCode::from_u16(att.failure_status)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             scope,
@@ -178,6 +185,12 @@ fn value(v: &str) -> Result<HeaderValue, String> {
 
 /// Runs the chain. On success the backend request carries the policies' changes and the
 /// returned headers go on the client's 101.
+///
+/// Blocking: call it off the async workers or inside `tokio::task::block_in_place`. WASI's
+/// synchronous bindings block on tokio internally (a guest writing to stderr, e.g. a Rust
+/// panic message, goes through them), which a runtime worker must not do; one
+/// `block_in_place` around the whole chain hands the worker's other tasks to another thread
+/// once per handshake rather than once per policy.
 pub fn run(
     steps: &[Step],
     mut request: wit::HandshakeRequest,
@@ -197,19 +210,17 @@ pub fn run(
             tracing::warn!(event = "policy_error", plugin = %name, api = %api, error = %why, "policy failed; handshake rejected");
             Reject::new(step.failure_status, format!("policy `{name}` failed"))
         };
-        // WASI's synchronous bindings block on tokio internally (a guest writing to stderr,
-        // e.g. a Rust panic message, goes through them), which is only allowed off the async
-        // worker: block_in_place hands this worker's other tasks to another thread meanwhile.
-        let decision = tokio::task::block_in_place(|| {
-            step.host.handshake(
+        let decision = step
+            .host
+            .handshake(
                 &step.plugin,
                 &step.prepared,
                 &request,
                 step.budget,
                 &step.grants,
+                step.pool.as_ref(),
             )
-        })
-        .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.to_string()))?;
         let size = decision_size(&decision);
         if size > MAX_DECISION_BYTES {
             return Err(fail(format!(

@@ -18,4 +18,5 @@ pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod stream;
+pub mod verify_cache;
 pub mod wskey;

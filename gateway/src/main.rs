@@ -64,7 +64,11 @@ fn inspect(file: &std::path::Path) -> ExitCode {
         }
     };
     match host.load(file) {
-        Ok(p) => {
+        Ok(mut p) => {
+            if let Err(e) = host.measure_instantiation(&mut p) {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
             print!("{}", p.describe());
             ExitCode::SUCCESS
         }

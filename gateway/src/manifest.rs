@@ -81,6 +81,8 @@ struct RawGateway {
     plugin_dir: Option<Spanned<String>>,
     /// Where compiled plugins are kept between runs.
     plugin_cache_dir: Option<Spanned<String>>,
+    /// Signatures remembered as valid by the host's `signatures.verify` (0: none).
+    signature_cache_entries: Option<usize>,
     tls: Option<RawListenerTls>,
     #[serde(default)]
     limits: RawLimits,
@@ -172,6 +174,10 @@ struct RawAttachment {
     failure_status: Option<u16>,
     #[serde(default)]
     grants: RawGrants,
+    /// `fresh` (default) or `pooled`: see [`Instances`].
+    instances: Option<String>,
+    /// With `pooled`: handshakes one warm instance serves before it is discarded.
+    pool_max_uses: Option<u64>,
 }
 
 /// What an attachment opens up in the sandbox; everything is denied unless listed here.
@@ -218,6 +224,8 @@ pub struct GatewayConfig {
     pub plugin_dir: Option<PathBuf>,
     /// Compiled-plugin cache; `None`: the user's cache directory (see `policy::default_cache_dir`).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// See `verify_cache`; default `verify_cache::DEFAULT_ENTRIES`, 0 disables it.
+    pub signature_cache_entries: usize,
     pub limits: Limits,
 }
 
@@ -368,9 +376,29 @@ pub struct Attachment {
     pub memory_limit_bytes: Option<usize>,
     pub failure_status: u16,
     pub grants: Grants,
+    pub instances: Instances,
     /// Where it is written, for error messages: `file:line`.
     pub location: String,
 }
+
+/// How an attachment's plugin is instantiated for handshakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Instances {
+    /// A new instance for every handshake: nothing a handshake leaves in the plugin's memory
+    /// can be seen by another. Costs an instantiation per handshake (tens of microseconds for
+    /// a small Rust plugin, about a millisecond for an interpreter-based one).
+    #[default]
+    Fresh,
+    /// Warm instances kept per attachment and reused: one instance serves handshakes one at a
+    /// time, up to `max_uses` of them, and is discarded after that or after any failure (trap,
+    /// budget, bad result). What a plugin keeps in its globals between calls is visible to the
+    /// next handshakes the same instance serves; use it for plugins that keep no per-request
+    /// state (the first-party ones keep none).
+    Pooled { max_uses: u64 },
+}
+
+/// Default `pool_max_uses`.
+pub const DEFAULT_POOL_MAX_USES: u64 = 10_000;
 
 /// Sandbox grants of one attachment. The default grants nothing: no files, no environment,
 /// clocks that read zero, no network (there is no network grant).
@@ -725,6 +753,9 @@ impl<'a> Validator<'a> {
                 tls,
                 plugin_dir,
                 plugin_cache_dir,
+                signature_cache_entries: g
+                    .signature_cache_entries
+                    .unwrap_or(crate::verify_cache::DEFAULT_ENTRIES),
                 limits,
             },
             admin,
@@ -778,6 +809,36 @@ impl<'a> Validator<'a> {
                     grants.read_dirs.push((host, rel.to_owned()));
                 }
             }
+            let instances = match (r.instances.as_deref(), r.pool_max_uses) {
+                (None | Some("fresh"), None) => Instances::Fresh,
+                (Some("pooled"), uses) if uses != Some(0) => Instances::Pooled {
+                    max_uses: uses.unwrap_or(DEFAULT_POOL_MAX_USES),
+                },
+                (Some("pooled"), _) => {
+                    self.err(
+                        a.span(),
+                        format!("{key}[{n}].pool_max_uses"),
+                        "must be at least 1",
+                    );
+                    Instances::Fresh
+                }
+                (None | Some("fresh"), Some(_)) => {
+                    self.err(
+                        a.span(),
+                        format!("{key}[{n}].pool_max_uses"),
+                        "only applies with instances = \"pooled\"",
+                    );
+                    Instances::Fresh
+                }
+                (Some(other), _) => {
+                    self.err(
+                        a.span(),
+                        format!("{key}[{n}].instances"),
+                        format!("`{other}` is not an instance strategy; use \"fresh\" (a new instance per handshake, the default) or \"pooled\" (warm instances reused)"),
+                    );
+                    Instances::Fresh
+                }
+            };
             out.push(Attachment {
                 plugin: r.plugin.clone(),
                 config: r.config.clone().unwrap_or_default(),
@@ -785,6 +846,7 @@ impl<'a> Validator<'a> {
                 memory_limit_bytes: r.memory_limit_bytes,
                 failure_status,
                 grants,
+                instances,
                 location: format!("{}:{line}", self.file.display()),
             });
         }

@@ -25,6 +25,7 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::manifest::Grants;
+use crate::verify_cache::VerifyCache;
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -74,6 +75,8 @@ pub struct HostState {
     table: ResourceTable,
     limits: StoreLimits,
     plugin: Arc<str>,
+    /// Shared by every plugin of this host: signatures already found valid.
+    verified: Arc<VerifyCache>,
 }
 
 impl WasiView for HostState {
@@ -130,7 +133,9 @@ impl self::tollgate::policy::signatures::Host for HostState {
             K::Raw(r) => Key::Raw(r),
             K::Secret(s) => Key::Secret(s),
         };
-        tollgate_verify::verify(alg, &key, &message, &signature)
+        self.verified.verify(alg, &key, &message, &signature, || {
+            tollgate_verify::verify(alg, &key, &message, &signature)
+        })
     }
 }
 
@@ -167,7 +172,62 @@ pub struct Plugin {
     pub from_cache: bool,
     /// Compiling (or loading the compiled artifact) took this long.
     pub compile_time: std::time::Duration,
+    /// Median time to create a fresh instance, when measured (`tollgate plugin inspect`).
+    pub instantiate_time: Option<std::time::Duration>,
     pre: HandshakePolicyPre<HostState>,
+}
+
+/// Instantiations `PolicyHost::measure_instantiation` times.
+pub const INSTANTIATE_SAMPLES: usize = 21;
+
+/// Warm instances of one attachment whose strategy is [`Instances::Pooled`]. An instance is
+/// taken for one handshake and put back afterwards, so it never serves two at once; it is
+/// dropped after `max_uses` handshakes or after any failure (a trapped instance is never
+/// reused). At most `max_idle` are kept; the rest are dropped when returned.
+pub struct InstancePool {
+    idle: std::sync::Mutex<Vec<Warm>>,
+    max_uses: u64,
+    max_idle: usize,
+}
+
+struct Warm {
+    store: Store<HostState>,
+    instance: HandshakePolicy,
+    uses: u64,
+}
+
+impl InstancePool {
+    /// `max_idle`: one per thread that may call at once is enough; more only holds memory.
+    pub fn new(max_uses: u64) -> InstancePool {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        InstancePool {
+            idle: std::sync::Mutex::new(Vec::new()),
+            max_uses,
+            max_idle: threads * 2,
+        }
+    }
+
+    fn take(&self) -> Option<Warm> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    fn give_back(&self, w: Warm) {
+        if w.uses >= self.max_uses {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.max_idle {
+                idle.push(w);
+            }
+        }
+    }
+
+    /// Instances waiting for a handshake (for tests and the admin view).
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
 }
 
 /// Limits for one call.
@@ -191,6 +251,7 @@ pub struct PolicyHost {
     linker: Linker<HostState>,
     /// Compiled components by content hash; `None` when no directory could be used.
     cache_dir: Option<PathBuf>,
+    verified: Arc<VerifyCache>,
 }
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate`, else
@@ -237,6 +298,11 @@ fn capability_name(c: wit::Capability) -> &'static str {
 }
 
 impl PolicyHost {
+    /// Replaces the verified-signature cache with one of `entries` (0 disables it).
+    pub fn set_signature_cache(&mut self, entries: usize) {
+        self.verified = Arc::new(VerifyCache::new(entries));
+    }
+
     /// `cache_dir`: where compiled plugins are kept between runs (created if missing; if it
     /// cannot be used, plugins are compiled every start and a warning says why).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
@@ -268,6 +334,7 @@ impl PolicyHost {
             engine,
             linker,
             cache_dir,
+            verified: Arc::new(VerifyCache::new(crate::verify_cache::DEFAULT_ENTRIES)),
         })
     }
 
@@ -356,6 +423,7 @@ impl PolicyHost {
                 .memory_size(budget.memory_bytes)
                 .build(),
             plugin: Arc::from(plugin),
+            verified: self.verified.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -421,8 +489,24 @@ impl PolicyHost {
             imports,
             from_cache: cached,
             compile_time,
+            instantiate_time: None,
             pre,
         })
+    }
+
+    /// Times [`INSTANTIATE_SAMPLES`] fresh instantiations of `plugin` (store and instance, no
+    /// call) and records the median, so `inspect` can say what `fresh` costs for this plugin.
+    pub fn measure_instantiation(&self, plugin: &mut Plugin) -> Result<(), PolicyError> {
+        let mut times = Vec::with_capacity(INSTANTIATE_SAMPLES);
+        for _ in 0..INSTANTIATE_SAMPLES {
+            let t = std::time::Instant::now();
+            let fresh = self.fresh(plugin, Budget::default(), &Grants::default())?;
+            times.push(t.elapsed());
+            drop(fresh);
+        }
+        times.sort();
+        plugin.instantiate_time = times.get(times.len() / 2).copied();
+        Ok(())
     }
 
     /// Loads every `*.wasm` in `dir`, collecting every error.
@@ -501,7 +585,9 @@ impl PolicyHost {
             })
     }
 
-    /// Runs `on-handshake` in a fresh instance.
+    /// Runs `on-handshake` in a fresh instance, or, given a pool, in a warm one (a new one
+    /// when none is idle). The CPU budget is per call either way; the memory cap is per
+    /// instance, so a pooled plugin that leaks hits it and is replaced.
     pub fn handshake(
         &self,
         plugin: &Plugin,
@@ -509,12 +595,37 @@ impl PolicyHost {
         request: &wit::HandshakeRequest,
         budget: Budget,
         grants: &Grants,
+        pool: Option<&InstancePool>,
     ) -> Result<wit::Decision, PolicyError> {
-        let (mut store, instance) = self.fresh(plugin, budget, grants)?;
-        instance
+        let Some(pool) = pool else {
+            let (mut store, instance) = self.fresh(plugin, budget, grants)?;
+            return instance
+                .tollgate_policy_policy()
+                .call_on_handshake(&mut store, prepared, request)
+                .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")));
+        };
+        let mut w = match pool.take() {
+            Some(w) => w,
+            None => {
+                let (store, instance) = self.fresh(plugin, budget, grants)?;
+                Warm {
+                    store,
+                    instance,
+                    uses: 0,
+                }
+            }
+        };
+        w.store
+            .set_fuel(budget.fuel)
+            .map_err(|e| plugin.call_error(e.to_string()))?;
+        w.uses += 1;
+        let decision = w
+            .instance
             .tollgate_policy_policy()
-            .call_on_handshake(&mut store, prepared, request)
-            .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))
+            .call_on_handshake(&mut w.store, prepared, request)
+            .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))?;
+        pool.give_back(w);
+        Ok(decision)
     }
 }
 
@@ -558,8 +669,20 @@ impl Plugin {
         }
         let _ = writeln!(
             out,
-            "instances:    fresh per handshake (pooling allocator; nothing survives between calls)"
+            "instances:    fresh per handshake by default (nothing survives between calls); an attachment\n              with instances = \"pooled\" reuses warm instances (globals survive between the\n              handshakes one instance serves)"
         );
+        if let Some(t) = self.instantiate_time {
+            let _ = writeln!(
+                out,
+                "instantiate:  {:.0} us per fresh instance (median of {INSTANTIATE_SAMPLES}){}",
+                t.as_secs_f64() * 1e6,
+                if t > std::time::Duration::from_micros(200) {
+                    "; consider instances = \"pooled\""
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(
             out,
             "compiled:     {} in {} ms",

@@ -80,7 +80,8 @@ impl Gateway {
         let mut host = None;
         if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
             match crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone()) {
-                Ok(h) => {
+                Ok(mut h) => {
+                    h.set_signature_cache(config.gateway.signature_cache_entries);
                     let h = Arc::new(h);
                     let (loaded, errs) = h.load_dir(dir);
                     errors.extend(errs.into_iter().map(|e| StartError::Plugin(e.to_string())));
@@ -357,6 +358,9 @@ impl Gateway {
             protocols: Vec::new(),
             extensions: Vec::new(),
         };
+        // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
+        // operator can tell a slow policy from a slow backend.
+        let mut policies_ms = 0.0f64;
         let result: Result<_, Reject> = async {
             handshake::route(&self.routes, &mut ctx, &req)?;
             handshake::validate_upgrade(&mut ctx, &req)?;
@@ -374,7 +378,11 @@ impl Gateway {
                 Vec::new()
             } else {
                 let view = handshake::policy_request(&ctx, &api, &req);
-                crate::chain::run(&api.chain, view, &mut breq)?
+                let t = Instant::now();
+                let r =
+                    tokio::task::block_in_place(|| crate::chain::run(&api.chain, view, &mut breq));
+                policies_ms = t.elapsed().as_secs_f64() * 1000.0;
+                r?
             };
             let upgraded = api
                 .connector
@@ -415,6 +423,7 @@ impl Gateway {
                     path = req.uri().path(),
                     backend,
                     duration_ms,
+                    policies_ms,
                     "handshake accepted"
                 );
                 resp
@@ -430,6 +439,7 @@ impl Gateway {
                     path = req.uri().path(),
                     backend,
                     duration_ms,
+                    policies_ms,
                     reason = %r.reason,
                     "handshake rejected"
                 );

@@ -276,6 +276,13 @@ async fn valid_tokens_pass_and_every_bad_one_gets_401_without_reaching_the_backe
                 .contains("token expired")
     })
     .await;
+    // The handshake record says how long the policy chain took, for accepted and rejected ones.
+    for status in [101, 401] {
+        gw.wait_record("handshake", |r| {
+            r["status"] == status && r["policies_ms"].as_f64().is_some_and(|ms| ms > 0.0)
+        })
+        .await;
+    }
     let all = gw.output();
     assert!(
         !all.contains(sig),

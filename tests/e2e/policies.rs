@@ -237,6 +237,15 @@ fn plugin_inspect_prints_the_declaration_and_the_imports() {
     assert!(out.contains("tollgate:policy/signatures@0.1.0"), "{out}");
     assert!(out.contains("wasi:cli/environment"), "{out}");
     assert!(out.contains("fresh per handshake"), "{out}");
+    assert!(out.contains("instances = \"pooled\""), "{out}");
+    // The measured cost of a fresh instance, so the operator can choose the strategy.
+    let us: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("instantiate:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no instantiate line: {out}"));
+    assert!(us > 0.0, "{out}");
 
     let (code, out, _) = inspect(&plugins::declaring().join("declares-set-body.wasm"));
     assert_eq!(code, 0);

@@ -121,3 +121,78 @@ async fn files_sockets_environment_and_clock_are_denied_unless_granted() {
         "the plugin reached a host socket"
     );
 }
+
+/// Isolation by instance strategy: with fresh instances (the default) no handshake sees what
+/// an earlier one left in the plugin's globals; a pooled attachment reuses its warm instance
+/// (the count goes up) and replaces it after `pool_max_uses` handshakes.
+#[tokio::test]
+async fn fresh_instances_share_nothing_and_pooled_ones_are_reused_then_recycled() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("instances");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let apis = [
+        probe_api("fresh", &b, "count", "", ""),
+        probe_api(
+            "pooled",
+            &b,
+            "count",
+            "",
+            "instances = \"pooled\"\npool_max_uses = 3",
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for api in ["fresh", "pooled"] {
+        let mut v = Vec::new();
+        // One after another: a handshake finishes (and its instance is back in the pool)
+        // before the next starts, so the order is deterministic.
+        for _ in 0..5 {
+            let (head, _ws) = ws_connect(addr, &format!("/{api}"), "").await;
+            v.push(header(&head, "x-probe").unwrap_or_else(|| panic!("{api}: {head}")));
+        }
+        seen.insert(api, v);
+    }
+    assert_eq!(seen["fresh"], vec!["ok: 1"; 5]);
+    assert_eq!(
+        seen["pooled"],
+        vec!["ok: 1", "ok: 2", "ok: 3", "ok: 1", "ok: 2"]
+    );
+}
+
+#[test]
+fn instance_strategy_errors_name_the_key() {
+    let dir = TempDir::new("instances-check");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    for (line, key, words) in [
+        (
+            "instances = \"shared\"",
+            "instances",
+            "is not an instance strategy",
+        ),
+        (
+            "pool_max_uses = 5",
+            "pool_max_uses",
+            "only applies with instances = \"pooled\"",
+        ),
+        (
+            "instances = \"pooled\"\npool_max_uses = 0",
+            "pool_max_uses",
+            "must be at least 1",
+        ),
+    ] {
+        let text = format!(
+            "{}{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            probe_api("a", "ws://127.0.0.1:9/", "count", "", line)
+        );
+        let (code, err, _) = tollgate_check(dir.path(), &text);
+        assert_eq!(code, 1, "{line}: {err}");
+        assert!(err.contains(key) && err.contains(words), "{line}: {err}");
+    }
+}

@@ -3,7 +3,8 @@
 //! and reports what happened in the 101 header `x-probe`:
 //! `{"mode": "read-file", "arg": PATH}`, `{"mode": "env", "arg": NAME}`,
 //! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`, or reports the
-//! request's TLS facts: `{"mode": "tls"}`.
+//! request's TLS facts: `{"mode": "tls"}`, or counts the calls this instance has served:
+//! `{"mode": "count"}` (1 every time with fresh instances; 1, 2, 3... with a pooled one).
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -38,6 +39,11 @@ fn probe(c: &Config, request: &HandshakeRequest) -> String {
         "socket" => std::net::TcpStream::connect(&c.arg)
             .map(|_| "connected".to_owned())
             .map_err(|e| e.to_string()),
+        "count" => {
+            static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            Ok(n.to_string())
+        }
         "clock" => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs().to_string())

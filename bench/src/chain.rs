@@ -1,0 +1,176 @@
+//! The policy chain's own time per handshake, measured in process with the gateway's own code
+//! (`tollgate::chain::run` on the chain `tollgate::chain::build` makes from a manifest): no
+//! sockets, no HTTP, so the figure is what the plugin host adds to a handshake. Each step is
+//! also timed alone, and the host's native signature check once more without any wasm, so the
+//! report can say where the time goes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tollgate::policy::wit;
+
+#[derive(clap::Args, Clone)]
+pub struct ChainArgs {
+    /// Manifest whose API's chain is measured (plugins from its `plugin_dir`).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// API name (default: the manifest's first API).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Request header `Name: value` (repeatable), e.g. the `Authorization` header.
+    #[arg(long)]
+    pub header: Vec<String>,
+    /// Handshakes to time per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    pub iterations: usize,
+}
+
+/// p50 and p99 of one measurement, in microseconds.
+#[derive(serde::Serialize)]
+pub struct Timing {
+    pub what: String,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v.get(((v.len().max(1) - 1) as f64 * p) as usize).copied();
+    (at(0.5).unwrap_or(0.0), at(0.99).unwrap_or(0.0))
+}
+
+fn request(api: &str, headers: &[String]) -> wit::HandshakeRequest {
+    let pair = |n: &str, v: &str| wit::Pair {
+        name: n.to_owned(),
+        value: v.to_owned(),
+    };
+    let mut h = vec![
+        pair("host", "127.0.0.1:8080"),
+        pair("upgrade", "websocket"),
+        pair("connection", "Upgrade"),
+        pair("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        pair("sec-websocket-version", "13"),
+    ];
+    for line in headers {
+        if let Some((n, v)) = line.split_once(':') {
+            h.push(pair(&n.trim().to_ascii_lowercase(), v.trim()));
+        }
+    }
+    wit::HandshakeRequest {
+        method: "GET".into(),
+        path: format!("/{api}"),
+        query: Vec::new(),
+        headers: h,
+        client_address: "127.0.0.1:40000".into(),
+        tls: None,
+        api: api.to_owned(),
+        product: None,
+        context: Vec::new(),
+        received_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+/// Times `steps` over `n` handshakes; fails on the first rejection (the measurement would be
+/// of the wrong path).
+fn time_steps(
+    steps: &[tollgate::chain::Step],
+    req: &wit::HandshakeRequest,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let mut breq = tollgate::handshake::BackendRequest {
+            target: "/".into(),
+            headers: http::HeaderMap::new(),
+        };
+        let t = Instant::now();
+        let r = tollgate::chain::run(steps, req.clone(), &mut breq);
+        let el = t.elapsed();
+        if let Err(rej) = r {
+            anyhow::bail!("the chain rejected the request: {}", rej.status);
+        }
+        // The first tenth warms caches and the allocator; not counted.
+        if i >= n / 10 {
+            v.push(el.as_secs_f64() * 1e6);
+        }
+    }
+    Ok(percentiles(v))
+}
+
+/// Runs every measurement; returns them in report order.
+pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
+    let config = tollgate::manifest::load(&args.manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let api = match &args.api {
+        Some(n) => config.apis.iter().find(|a| &a.name == n),
+        None => config.apis.first(),
+    }
+    .context("no such API in the manifest")?;
+    let dir = config
+        .gateway
+        .plugin_dir
+        .clone()
+        .context("the manifest has no plugin_dir")?;
+    let mut host = tollgate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    host.set_signature_cache(config.gateway.signature_cache_entries);
+    let host = Arc::new(host);
+    let (loaded, errors) = host.load_dir(&dir);
+    if let Some(e) = errors.first() {
+        anyhow::bail!("{e}");
+    }
+    let plugins: HashMap<String, Arc<tollgate::policy::Plugin>> = loaded
+        .into_iter()
+        .map(|p| (p.name.clone(), Arc::new(p)))
+        .collect();
+    let steps = tollgate::chain::build(&host, &plugins, &config, api)
+        .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
+    let req = request(&api.name, &args.header);
+    let mut out = Vec::new();
+    let (p50, p99) = time_steps(&steps, &req, args.iterations)?;
+    out.push(Timing {
+        what: "whole chain".into(),
+        p50_us: p50,
+        p99_us: p99,
+    });
+    // Each step alone, fed the context the steps before it produced (so set-header finds the
+    // claims jwt-validate would have put there).
+    let mut ctx_req = req.clone();
+    for (i, step) in steps.iter().enumerate() {
+        let one = std::slice::from_ref(step);
+        let (p50, p99) = time_steps(one, &ctx_req, args.iterations)?;
+        out.push(Timing {
+            what: format!("step {}: {}", i + 1, step.plugin.name),
+            p50_us: p50,
+            p99_us: p99,
+        });
+        let d = host
+            .handshake(
+                &step.plugin,
+                &step.prepared,
+                &ctx_req,
+                step.budget,
+                &step.grants,
+                step.pool.as_ref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let wit::Decision::Proceed(p) = d {
+            ctx_req.context.extend(p.context);
+        }
+    }
+    Ok(out)
+}
+
+/// The `chain` sub-command: prints one JSON line per measurement.
+pub fn run(args: ChainArgs) -> anyhow::Result<()> {
+    // Called on a plain thread, as the gateway calls it inside `block_in_place`.
+    for t in measure(&args)? {
+        println!("{}", serde_json::to_string(&t)?);
+    }
+    Ok(())
+}
