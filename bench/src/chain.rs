@@ -78,7 +78,7 @@ fn request(api: &str, headers: &[String]) -> wit::HandshakeRequest {
 
 /// Times `steps` over `n` handshakes; fails on the first rejection (the measurement would be
 /// of the wrong path).
-fn time_steps(
+async fn time_steps(
     steps: &[tollgate::chain::Step],
     req: &wit::HandshakeRequest,
     n: usize,
@@ -90,7 +90,7 @@ fn time_steps(
             headers: http::HeaderMap::new(),
         };
         let t = Instant::now();
-        let r = tollgate::chain::run(steps, req.clone(), &mut breq);
+        let r = tollgate::chain::run(steps, req.clone(), &mut breq).await;
         let el = t.elapsed();
         if let Err(rej) = r {
             anyhow::bail!("the chain rejected the request: {}", rej.status);
@@ -103,7 +103,8 @@ fn time_steps(
     Ok(percentiles(v))
 }
 
-/// Runs every measurement; returns them in report order.
+/// Runs every measurement; returns them in report order. Loading (and `configure`) happens
+/// before the runtime starts, as in the gateway.
 pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
     let config = tollgate::manifest::load(&args.manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
     let api = match &args.api {
@@ -131,8 +132,21 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
     let steps = tollgate::chain::build(&host, &plugins, &config, api)
         .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
     let req = request(&api.name, &args.header);
+    // One worker, as a connection's task sees it: the guest runs on a fiber in this task.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(timed(&host, &steps, req, args.iterations))
+}
+
+async fn timed(
+    host: &tollgate::policy::PolicyHost,
+    steps: &[tollgate::chain::Step],
+    req: wit::HandshakeRequest,
+    iterations: usize,
+) -> anyhow::Result<Vec<Timing>> {
     let mut out = Vec::new();
-    let (p50, p99) = time_steps(&steps, &req, args.iterations)?;
+    let (p50, p99) = time_steps(steps, &req, iterations).await?;
     out.push(Timing {
         what: "whole chain".into(),
         p50_us: p50,
@@ -143,7 +157,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
     let mut ctx_req = req.clone();
     for (i, step) in steps.iter().enumerate() {
         let one = std::slice::from_ref(step);
-        let (p50, p99) = time_steps(one, &ctx_req, args.iterations)?;
+        let (p50, p99) = time_steps(one, &ctx_req, iterations).await?;
         out.push(Timing {
             what: format!("step {}: {}", i + 1, step.plugin.name),
             p50_us: p50,
@@ -158,6 +172,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
                 &step.grants,
                 step.pool.as_ref(),
             )
+            .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let wit::Decision::Proceed(p) = d {
             ctx_req.context.extend(p.context);
@@ -168,7 +183,6 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
 
 /// The `chain` sub-command: prints one JSON line per measurement.
 pub fn run(args: ChainArgs) -> anyhow::Result<()> {
-    // Called on a plain thread, as the gateway calls it inside `block_in_place`.
     for t in measure(&args)? {
         println!("{}", serde_json::to_string(&t)?);
     }

@@ -222,7 +222,9 @@ fn start_target(
     let me = std::env::current_exe()?;
     let port = free_port()?;
     let quiet = || Stdio::null();
-    let mut headers = Vec::new();
+    // Every target gets the same request, token included, so that only the policies differ
+    // between `tollgate` and `tollgate-policies` (a bigger request costs every party more).
+    let headers = vec![format!("Authorization: Bearer {}", jwt.token)];
     let proc = match name {
         "direct" => {
             return Ok(Some(Target {
@@ -256,9 +258,6 @@ fn start_target(
                 bin.display()
             );
             let (dir, manifest) = tollgate_dir(name, port, backend_port, args, jwt)?;
-            if name != "tollgate" {
-                headers.push(format!("Authorization: Bearer {}", jwt.token));
-            }
             let child = pinned(1, &bin)
                 .args(["run", "--manifest"])
                 .arg(&manifest)

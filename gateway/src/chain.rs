@@ -186,12 +186,9 @@ fn value(v: &str) -> Result<HeaderValue, String> {
 /// Runs the chain. On success the backend request carries the policies' changes and the
 /// returned headers go on the client's 101.
 ///
-/// Blocking: call it off the async workers or inside `tokio::task::block_in_place`. WASI's
-/// synchronous bindings block on tokio internally (a guest writing to stderr, e.g. a Rust
-/// panic message, goes through them), which a runtime worker must not do; one
-/// `block_in_place` around the whole chain hands the worker's other tasks to another thread
-/// once per handshake rather than once per policy.
-pub fn run(
+/// Each guest runs on a fiber inside the caller's task and yields to the runtime every
+/// million units of fuel, so a slow policy delays its own handshake, not the worker.
+pub async fn run(
     steps: &[Step],
     mut request: wit::HandshakeRequest,
     breq: &mut BackendRequest,
@@ -220,6 +217,7 @@ pub fn run(
                 &step.grants,
                 step.pool.as_ref(),
             )
+            .await
             .map_err(|e| fail(e.to_string()))?;
         let size = decision_size(&decision);
         if size > MAX_DECISION_BYTES {

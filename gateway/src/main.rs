@@ -123,8 +123,8 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Built before the runtime starts: loading plugins runs guest code (declare, configure)
-    // through WASI's synchronous bindings, which must not run on an async worker.
+    // Built before the runtime starts: loading plugins runs guest code (declare, configure) to
+    // completion on this thread, which an async worker must not do.
     let gw = match Gateway::build(config) {
         Ok(gw) => gw,
         Err(errors) => {

@@ -27,9 +27,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::manifest::Grants;
 use crate::verify_cache::VerifyCache;
 
+// Exports are called asynchronously: a guest runs on a fiber inside the connection's task, so
+// no worker thread is handed off per handshake, and WASI's own async implementations (streams,
+// files) never block a worker. Our imports (log, signatures) are quick and stay synchronous.
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "handshake-policy",
+    exports: { default: async },
 });
 
 pub use self::tollgate::policy::types as wit;
@@ -38,6 +42,16 @@ pub use self::tollgate::policy::types as wit;
 /// enough that a runaway plugin costs milliseconds, not the gateway.
 pub const DEFAULT_FUEL: u64 = 50_000_000;
 pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+/// Fuel between two yields of a running guest to the async runtime (about a millisecond).
+const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
+
+/// Runs a load-time guest call (declare, configure, inspect) to completion on the calling
+/// thread. Load happens before the gateway's runtime starts (and in `tollgate check`), so
+/// there is no runtime to borrow; WASI's file access needs one, hence a tokio runtime rather
+/// than a bare executor.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    wasmtime_wasi::runtime::in_tokio(f)
+}
 
 /// Interfaces of ours a handshake policy may import.
 const OUR_IMPORTS: &[&str] = &[
@@ -317,7 +331,7 @@ impl PolicyHost {
         ));
         let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e}"))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("linking WASI: {e}"))?;
         HandshakePolicy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("linking the policy interfaces: {e}"))?;
@@ -428,6 +442,11 @@ impl PolicyHost {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_fuel(budget.fuel).map_err(|e| e.to_string())?;
+        // A long call gives the worker back every so often instead of holding it for its whole
+        // budget, so other connections on the same worker keep moving.
+        store
+            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
+            .map_err(|e| e.to_string())?;
         Ok(store)
     }
 
@@ -470,13 +489,14 @@ impl PolicyHost {
                 plugin: p.clone(),
                 message,
             })?;
-        let decl = pre
-            .instantiate(&mut store)
-            .and_then(|i| i.tollgate_policy_policy().call_declare(&mut store))
-            .map_err(|e| PolicyError::Call {
-                plugin: p.clone(),
-                message: format!("declare failed: {e:#}"),
-            })?;
+        let decl = block_on(async {
+            let i = pre.instantiate_async(&mut store).await?;
+            i.tollgate_policy_policy().call_declare(&mut store).await
+        })
+        .map_err(|e| PolicyError::Call {
+            plugin: p.clone(),
+            message: format!("declare failed: {e:#}"),
+        })?;
         Ok(Plugin {
             name: decl.name,
             version: decl.version,
@@ -500,7 +520,7 @@ impl PolicyHost {
         let mut times = Vec::with_capacity(INSTANTIATE_SAMPLES);
         for _ in 0..INSTANTIATE_SAMPLES {
             let t = std::time::Instant::now();
-            let fresh = self.fresh(plugin, Budget::default(), &Grants::default())?;
+            let fresh = block_on(self.fresh(plugin, Budget::default(), &Grants::default()))?;
             times.push(t.elapsed());
             drop(fresh);
         }
@@ -550,7 +570,7 @@ impl PolicyHost {
     }
 
     /// A fresh Store (with this call's limits and grants) and instance of `plugin`.
-    fn fresh(
+    async fn fresh(
         &self,
         plugin: &Plugin,
         budget: Budget,
@@ -561,12 +581,13 @@ impl PolicyHost {
             .map_err(|m| plugin.call_error(m))?;
         let instance = plugin
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| plugin.call_error(format!("instantiation failed: {e:#}")))?;
         Ok((store, instance))
     }
 
-    /// Runs `configure` for one attachment (at load) and returns the prepared config.
+    /// Runs `configure` for one attachment (at load, blocking) and returns the prepared config.
     pub fn configure(
         &self,
         plugin: &Plugin,
@@ -574,21 +595,24 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<String, PolicyError> {
-        let (mut store, instance) = self.fresh(plugin, budget, grants)?;
-        instance
-            .tollgate_policy_policy()
-            .call_configure(&mut store, config_json)
-            .map_err(|e| plugin.call_error(format!("trapped in configure: {e:#}")))?
-            .map_err(|message| PolicyError::Config {
-                plugin: plugin.name.clone(),
-                message,
-            })
+        block_on(async {
+            let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
+            instance
+                .tollgate_policy_policy()
+                .call_configure(&mut store, config_json)
+                .await
+                .map_err(|e| plugin.call_error(format!("trapped in configure: {e:#}")))
+        })?
+        .map_err(|message| PolicyError::Config {
+            plugin: plugin.name.clone(),
+            message,
+        })
     }
 
     /// Runs `on-handshake` in a fresh instance, or, given a pool, in a warm one (a new one
     /// when none is idle). The CPU budget is per call either way; the memory cap is per
     /// instance, so a pooled plugin that leaks hits it and is replaced.
-    pub fn handshake(
+    pub async fn handshake(
         &self,
         plugin: &Plugin,
         prepared: &str,
@@ -598,16 +622,17 @@ impl PolicyHost {
         pool: Option<&InstancePool>,
     ) -> Result<wit::Decision, PolicyError> {
         let Some(pool) = pool else {
-            let (mut store, instance) = self.fresh(plugin, budget, grants)?;
+            let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
             return instance
                 .tollgate_policy_policy()
                 .call_on_handshake(&mut store, prepared, request)
+                .await
                 .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")));
         };
         let mut w = match pool.take() {
             Some(w) => w,
             None => {
-                let (store, instance) = self.fresh(plugin, budget, grants)?;
+                let (store, instance) = self.fresh(plugin, budget, grants).await?;
                 Warm {
                     store,
                     instance,
@@ -623,6 +648,7 @@ impl PolicyHost {
             .instance
             .tollgate_policy_policy()
             .call_on_handshake(&mut w.store, prepared, request)
+            .await
             .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))?;
         pool.give_back(w);
         Ok(decision)

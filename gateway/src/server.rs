@@ -379,8 +379,7 @@ impl Gateway {
             } else {
                 let view = handshake::policy_request(&ctx, &api, &req);
                 let t = Instant::now();
-                let r =
-                    tokio::task::block_in_place(|| crate::chain::run(&api.chain, view, &mut breq));
+                let r = crate::chain::run(&api.chain, view, &mut breq).await;
                 policies_ms = t.elapsed().as_secs_f64() * 1000.0;
                 r?
             };
