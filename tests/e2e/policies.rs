@@ -214,20 +214,6 @@ async fn forbidden_capabilities_inherited_from_global_scope_load_and_are_skipped
     }
 }
 
-fn inspect(file: &std::path::Path) -> (i32, String, String) {
-    let out = std::process::Command::new(BIN)
-        .args(["plugin", "inspect"])
-        .arg(file)
-        .env("XDG_CACHE_HOME", test_cache())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn plugin_inspect_prints_the_declaration_and_the_imports() {
     let (code, out, err) = inspect(&plugins::built().join("jwt_validate.wasm"));

@@ -245,6 +245,21 @@ pub fn tollgate_check(dir: &Path, text: &str) -> (i32, String, String) {
     )
 }
 
+/// `tollgate plugin inspect FILE`: (exit code, stdout, stderr).
+pub fn inspect(file: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["plugin", "inspect"])
+        .arg(file)
+        .env("XDG_CACHE_HOME", test_cache())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `[gateway]` section for a plain listener on an ephemeral port.
 pub fn gateway_section(extra: &str) -> String {
     format!("[gateway]\nname = \"test\"\nlisten = \"127.0.0.1:0\"\n{extra}\n")

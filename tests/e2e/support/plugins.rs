@@ -101,6 +101,47 @@ pub fn declaring() -> &'static Path {
     })
 }
 
+/// The Python example policy (`examples/origin-check-py`), built once per test process with
+/// componentize-py, which `scripts/test` installs from PyPI into `target/py`. Written aside and
+/// renamed, so concurrent test binaries never see half a file.
+pub fn python_origin_check() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let ws = workspace();
+        let tool = ws
+            .join("target")
+            .join("py")
+            .join("bin")
+            .join("componentize-py");
+        assert!(
+            tool.exists(),
+            "{} is missing: run the suite with ./scripts/test, which installs it",
+            tool.display()
+        );
+        let dir = target();
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("origin_check.wasm");
+        let tmp = dir.join(format!("origin_check.{}.tmp", std::process::id()));
+        let run = Command::new(&tool)
+            .arg("-d")
+            .arg(ws.join("wit"))
+            .args(["-w", "handshake-policy", "componentize", "-p"])
+            .arg(ws.join("examples").join("origin-check-py"))
+            .arg("app")
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .expect("run componentize-py");
+        assert!(
+            run.status.success(),
+            "componentize-py failed:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+}
+
 /// Copies the named plugin files into `dir`.
 pub fn install(dir: &Path, files: &[&str]) {
     std::fs::create_dir_all(dir).unwrap();
