@@ -1,6 +1,7 @@
 //! Policies written in other languages than Rust, built from source in the test run and
-//! loaded through the same checks: the Python example (`examples/origin-check-py`, built
-//! with componentize-py) allows and refuses handshakes through the real gateway.
+//! loaded through the same checks: the Python example (`examples/origin-check-py`, built with
+//! componentize-py) and the JavaScript one (`examples/tenant-route-js`, built with
+//! componentize-js) allow and refuse handshakes through the real gateway.
 
 mod support;
 
@@ -108,4 +109,159 @@ fn python_policy_config_errors_and_inspect() {
     // served deny-by-default.
     assert!(out.contains("wasi:filesystem/preopens"), "{out}");
     assert!(out.contains("wasi:sockets/"), "{out}");
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+const SECRET: &[u8] = b"the tenant-route test's HS256 secret";
+
+fn hs256_token(claims: serde_json::Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","kid":"k1","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let sig = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+fn claims(extra: serde_json::Value) -> serde_json::Value {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut c =
+        serde_json::json!({"sub": "ann", "iss": "https://issuer.test", "aud": "chat", "exp": exp});
+    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    c
+}
+
+/// jwt-validate (Rust) puts the token's `tenant` claim into the context; tenant-route (JS)
+/// turns it and the `region` query parameter into the backend's routing header.
+#[tokio::test]
+async fn js_tenant_route_derives_the_backend_header_from_a_claim_and_the_query() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("js");
+    let plugin_dir = dir.path().join("plugins");
+    plugins::install(&plugin_dir, &["jwt_validate.wasm"]);
+    std::fs::copy(
+        plugins::js_tenant_route(),
+        plugin_dir.join("tenant_route.wasm"),
+    )
+    .unwrap();
+    let jwks =
+        serde_json::json!({"keys": [{"kty": "oct", "kid": "k1", "k": b64(SECRET)}]}).to_string();
+    let policies = format!(
+        r#"[[apis.on_handshake]]
+plugin = "jwt-validate"
+[apis.on_handshake.config]
+algorithms = ["HS256"]
+issuers = ["https://issuer.test"]
+audiences = ["chat"]
+jwks = {}
+
+[[apis.on_handshake]]
+plugin = "tenant-route"
+instances = "pooled"
+[apis.on_handshake.config]
+regions = ["eu", "us"]
+"#,
+        serde_json::to_string(&jwks).unwrap()
+    );
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            api_section("chat", "chat", &backend.url(), &policies)
+        ),
+    );
+    let addr = gw.ws.unwrap();
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let acme = bearer(&hs256_token(claims(serde_json::json!({"tenant": "acme"}))));
+
+    let (_, mut ws) = ws_connect(addr, "/chat?region=us&room=1", &acme).await;
+    ws.send(true, 1, b"hi").await.unwrap();
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"hi");
+    let seen = backend.last_head();
+    assert_eq!(
+        header(&seen, "x-tenant-route").as_deref(),
+        Some("acme.us"),
+        "{seen}"
+    );
+    let request_line = seen.lines().next().unwrap_or_default();
+    assert!(
+        request_line.contains("room=1") && !request_line.contains("region"),
+        "{request_line}"
+    );
+
+    let reached = backend.connections.load(Ordering::SeqCst);
+    let no_tenant = bearer(&hs256_token(claims(serde_json::json!({}))));
+    for (what, path, extra, status) in [
+        ("unknown region", "/chat?region=mars", acme.as_str(), 400),
+        ("no region and no default", "/chat", acme.as_str(), 400),
+        (
+            "no tenant claim",
+            "/chat?region=eu",
+            no_tenant.as_str(),
+            403,
+        ),
+        (
+            "no token: jwt-validate refuses first",
+            "/chat?region=eu",
+            "",
+            401,
+        ),
+    ] {
+        let (head, _) = raw_handshake(addr, path, extra).await;
+        assert_eq!(status_of(&head), status, "{what}: {head}");
+    }
+    assert_eq!(backend.connections.load(Ordering::SeqCst), reached);
+    gw.wait_record("policy_log", |r| {
+        r["plugin"] == "tenant-route"
+            && r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("region \"mars\" refused"))
+    })
+    .await;
+}
+
+#[test]
+fn js_policy_imports_no_wasi_and_its_config_errors_stop_the_check() {
+    let dir = TempDir::new("js-check");
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let file = plugin_dir.join("tenant_route.wasm");
+    std::fs::copy(plugins::js_tenant_route(), &file).unwrap();
+    let (code, out, err) = inspect(&file);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("plugin:       tenant-route 0.1.0"), "{out}");
+    assert!(
+        !out.contains("wasi:"),
+        "a pure JS component imports no WASI: {out}"
+    );
+
+    let text = format!(
+        "{}{}",
+        gateway_section("plugin_dir = \"plugins\""),
+        api_section(
+            "chat",
+            "chat",
+            "ws://127.0.0.1:9/",
+            "[[apis.on_handshake]]\nplugin = \"tenant-route\"\nconfig = { regions = [\"eu\"], default_region = \"us\" }\n"
+        )
+    );
+    let (code, err, _) = tollgate_check(dir.path(), &text);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("tenant-route") && err.contains("default_region: `us` is not one of regions"),
+        "{err}"
+    );
 }

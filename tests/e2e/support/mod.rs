@@ -104,7 +104,7 @@ impl Gateway {
             .any(|l| l.trim_start().starts_with("listen"));
         let wants_admin = manifest.contains("[admin]");
         let (mut ws, mut wss, mut admin) = (None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while (wants_ws && ws.is_none())
             || (wants_wss && wss.is_none())
             || (wants_admin && admin.is_none())

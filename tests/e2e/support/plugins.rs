@@ -138,8 +138,58 @@ pub fn python_origin_check() -> &'static Path {
             String::from_utf8_lossy(&run.stderr)
         );
         std::fs::rename(&tmp, &out).unwrap();
+        warm_compiled_cache(&out);
         out
     })
+}
+
+/// The JavaScript example policy (`examples/tenant-route-js`), built once per test process with
+/// componentize-js, which `scripts/test` installs from npm into `target/js`. Its sources are
+/// copied next to that `node_modules` so Node's module resolution finds the package.
+pub fn js_tenant_route() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let ws = workspace();
+        let js = ws.join("target").join("js");
+        assert!(
+            js.join("node_modules/@bytecodealliance/componentize-js").is_dir(),
+            "componentize-js is missing in {}: run the suite with ./scripts/test, which installs it",
+            js.display()
+        );
+        let src = js.join(format!("tenant-route.{}", std::process::id()));
+        std::fs::create_dir_all(&src).unwrap();
+        for f in ["policy.js", "build.mjs"] {
+            std::fs::copy(ws.join("examples/tenant-route-js").join(f), src.join(f)).unwrap();
+        }
+        let dir = target();
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("tenant_route.wasm");
+        let tmp = dir.join(format!("tenant_route.{}.tmp", std::process::id()));
+        let run = Command::new("node")
+            .arg(src.join("build.mjs"))
+            .arg(&tmp)
+            .arg(ws.join("wit"))
+            .output()
+            .expect("run node");
+        assert!(
+            run.status.success(),
+            "componentize-js failed:\n{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::rename(&tmp, &out).unwrap();
+        let _ = std::fs::remove_dir_all(&src);
+        warm_compiled_cache(&out);
+        out
+    })
+}
+
+/// Compiles a big (interpreter-based) component once, into the tests' compiled-plugin cache,
+/// so the gateways and checks that load it afterwards start in milliseconds instead of each
+/// compiling it for tens of seconds at once.
+fn warm_compiled_cache(file: &Path) {
+    let (code, _, err) = super::inspect(file);
+    assert_eq!(code, 0, "inspect {}: {err}", file.display());
 }
 
 /// Copies the named plugin files into `dir`.
