@@ -34,8 +34,10 @@
 //! logic can be unit-tested with plain `cargo test`: [`host`] answers natively there (signature
 //! checks by the gateway's own code, log lines captured), and [`testing`] builds requests.
 //!
-//! Every handshake runs in a fresh instance: keep nothing in statics between calls, put what
-//! `configure` worked out into the string it returns instead.
+//! By default every handshake runs in a fresh instance; an attachment with
+//! `instances = "pooled"` lets one warm instance serve many handshakes in turn. Either way,
+//! keep nothing in statics between calls: put what `configure` worked out into the string it
+//! returns instead, and the policy is correct under both strategies.
 
 wit_bindgen::generate!({
     path: "../wit",
