@@ -15,6 +15,7 @@ pub mod logging;
 pub mod manifest;
 pub mod policy;
 pub mod relay;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod stream;

@@ -136,6 +136,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        tokio::spawn(tollgate::reload::watch(gw.clone(), path.to_owned()));
         let shutdown = gw.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

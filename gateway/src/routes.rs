@@ -10,7 +10,9 @@ use crate::manifest::ApiConfig;
 pub struct Api {
     pub config: ApiConfig,
     pub connector: Connector,
-    pub active: AtomicUsize,
+    /// Connections admitted to this API; shared with the `Api` of the same name that a reload
+    /// puts in its place, so the per-API limit counts connections admitted before it too.
+    pub active: Arc<AtomicUsize>,
     /// onHandshake policies in the order they run: global, product, API.
     pub chain: Vec<crate::chain::Step>,
 }
@@ -117,7 +119,7 @@ mod tests {
                 insecure_skip_verify: false,
                 on_handshake: vec![],
             },
-            active: AtomicUsize::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
             chain: Vec::new(),
         })
     }

@@ -45,13 +45,26 @@ pub enum StartError {
     },
 }
 
-/// The running gateway's shared state.
-pub struct Gateway {
+/// What handshakes are served from: the manifest, its APIs and their policy chains (with the
+/// plugins they hold). A reload builds a new one completely, checks and all, and swaps it in
+/// at once; a handshake takes the current one when it starts, and an established connection
+/// keeps the `Api` (and so the plugins) it was admitted with.
+pub struct Served {
     pub config: Config,
     pub routes: Routes,
-    tls_acceptor: Option<TlsAcceptor>,
     /// Some API runs policies (so TLS facts are worth gathering).
     routes_have_policies: bool,
+    /// The policy host the chains run in, when any policy is attached.
+    host: Option<Arc<crate::policy::PolicyHost>>,
+}
+
+/// The running gateway's shared state.
+pub struct Gateway {
+    /// The manifest the process started with: listeners, admin, drain (changing those needs a
+    /// restart). Everything else is read from [`Gateway::served`].
+    pub config: Config,
+    served: arc_swap::ArcSwap<Served>,
+    tls_acceptor: Option<TlsAcceptor>,
     /// Connections holding a slot (handshakes past admission, and relays).
     pub active: Arc<AtomicUsize>,
     pub shutdown: CancellationToken,
@@ -59,30 +72,38 @@ pub struct Gateway {
     tracker: TaskTracker,
 }
 
-impl Gateway {
-    /// Builds the served state. Collects every error (for `tollgate check`).
-    pub fn build(config: Config) -> Result<Arc<Gateway>, Vec<StartError>> {
+impl Served {
+    /// Loads the plugins and builds every API (backend connector, policy chain). Collects
+    /// every error. `previous`: the state being replaced by a reload, whose per-API connection
+    /// counts carry over.
+    pub fn build(config: Config, previous: Option<&Served>) -> Result<Served, Vec<StartError>> {
         let mut errors = Vec::new();
-        let tls_acceptor = match &config.gateway.tls {
-            Some(t) => match server_tls(t) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    errors.push(e);
-                    None
-                }
-            },
-            None => None,
-        };
         let has_policies = !config.policies.is_empty()
             || config.products.iter().any(|p| !p.policies.is_empty())
             || config.apis.iter().any(|a| !a.on_handshake.is_empty());
         let mut plugins = std::collections::HashMap::new();
         let mut host = None;
+        // One wasm engine for the process's life: a reload with the same host settings reuses
+        // it (each engine reserves its own pooling-allocator address space, and engines of
+        // older states live as long as connections admitted under them).
+        let reuse = previous.and_then(|p| p.host.clone()).filter(|_| {
+            previous.is_some_and(|p| {
+                p.config.gateway.plugin_cache_dir == config.gateway.plugin_cache_dir
+                    && p.config.gateway.signature_cache_entries
+                        == config.gateway.signature_cache_entries
+            })
+        });
         if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
-            match crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone()) {
-                Ok(mut h) => {
-                    h.set_signature_cache(config.gateway.signature_cache_entries);
-                    let h = Arc::new(h);
+            let made = match reuse {
+                Some(h) => Ok(h),
+                None => crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
+                    .map(|mut h| {
+                        h.set_signature_cache(config.gateway.signature_cache_entries);
+                        Arc::new(h)
+                    }),
+            };
+            match made {
+                Ok(h) => {
                     let (loaded, errs) = h.load_dir(dir);
                     errors.extend(errs.into_iter().map(|e| StartError::Plugin(e.to_string())));
                     for p in loaded {
@@ -138,7 +159,11 @@ impl Gateway {
                 Ok(connector) => apis.push(Arc::new(Api {
                     config: a.clone(),
                     connector,
-                    active: AtomicUsize::new(0),
+                    // Same API as before a reload: keep counting its connections.
+                    active: previous
+                        .and_then(|p| p.routes.apis().iter().find(|o| o.config.name == a.name))
+                        .map(|o| o.active.clone())
+                        .unwrap_or_default(),
                     chain,
                 })),
                 Err(message) => errors.push(StartError::Api {
@@ -151,16 +176,58 @@ impl Gateway {
             return Err(errors);
         }
         let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
-        Ok(Arc::new(Gateway {
+        Ok(Served {
             config,
             routes_have_policies,
             routes: Routes::new(apis),
+            host,
+        })
+    }
+}
+
+impl Gateway {
+    /// Builds the served state. Collects every error (for `tollgate check`).
+    pub fn build(config: Config) -> Result<Arc<Gateway>, Vec<StartError>> {
+        let mut errors = Vec::new();
+        let tls_acceptor = match &config.gateway.tls {
+            Some(t) => match server_tls(t) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let served = match Served::build(config.clone(), None) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        let Some(served) = served.filter(|_| errors.is_empty()) else {
+            return Err(errors);
+        };
+        Ok(Arc::new(Gateway {
+            config,
+            served: arc_swap::ArcSwap::from_pointee(served),
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
         }))
+    }
+
+    /// The state new handshakes are served from.
+    pub fn served(&self) -> Arc<Served> {
+        self.served.load_full()
+    }
+
+    /// Makes `s` the state new handshakes are served from (see [`crate::reload`]).
+    pub(crate) fn swap_in(&self, s: Served) {
+        self.served.store(Arc::new(s));
     }
 
     /// Binds every listener, then serves until [`Gateway::shutdown`] is cancelled, then drains:
@@ -188,7 +255,7 @@ impl Gateway {
             }
             tokio::spawn(crate::admin::serve(a, self.clone()));
         }
-        for api in self.routes.apis() {
+        for api in self.served().routes.apis() {
             tracing::info!(
                 event = "api_served",
                 api = %api.config.name,
@@ -285,7 +352,7 @@ impl Gateway {
             (Some(acceptor), "wss") => {
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        if self.routes_have_policies {
+                        if self.served.load().routes_have_policies {
                             tls_facts = Some(Arc::new(handshake::tls_facts(s.get_ref().1)));
                         }
                         Stream::ServerTls(Box::new(s))
@@ -361,8 +428,10 @@ impl Gateway {
         // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
         // operator can tell a slow policy from a slow backend.
         let mut policies_ms = 0.0f64;
+        // This handshake is served from the state current now, whatever a reload does meanwhile.
+        let served = self.served();
         let result: Result<_, Reject> = async {
-            handshake::route(&self.routes, &mut ctx, &req)?;
+            handshake::route(&served.routes, &mut ctx, &req)?;
             handshake::validate_upgrade(&mut ctx, &req)?;
             let api = ctx
                 .api
@@ -370,7 +439,7 @@ impl Gateway {
                 .ok_or_else(|| Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR, "no route"))?;
             let permit = handshake::admit(
                 &self.active,
-                self.config.gateway.limits.max_connections,
+                served.config.gateway.limits.max_connections,
                 &api,
             )?;
             let mut breq = handshake::backend_request(&ctx, &api, &req);

@@ -1,0 +1,175 @@
+//! Live reload: on SIGHUP, or when the manifest or a file in `plugin_dir` changes, the gateway
+//! re-reads the manifest, loads every plugin, runs every load-time check and swaps the new
+//! served state in as a whole ([`Gateway::swap_in`]). New handshakes use it; established
+//! connections keep what they started with. A reload that fails any check is refused as a
+//! whole, every error is logged, and the previous state keeps serving. Changes that cannot be
+//! applied to running listeners (addresses, certificates, the admin listener) refuse the
+//! reload with "needs a restart".
+//!
+//! Changes are found by polling a fingerprint (name, size, modification time) of the manifest
+//! and of `plugin_dir` rather than with an inotify watcher: a file being copied in keeps
+//! changing size, and a reload starts only once two readings in a row agree, so a half-written
+//! plugin is never loaded. Polling also works the same on every filesystem (network mounts,
+//! container volumes), where change notifications are unreliable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::manifest::{self, Config};
+use crate::server::{Gateway, Served};
+
+/// How often the manifest and `plugin_dir` are looked at.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why a reload was refused (the previous state keeps serving).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct Refused(pub Vec<String>);
+
+/// Listener-level settings a running process cannot change.
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut v = Vec::new();
+    if old.gateway.listen != new.gateway.listen {
+        v.push(format!(
+            "gateway.listen changed ({:?} -> {:?}): needs a restart",
+            old.gateway.listen, new.gateway.listen
+        ));
+    }
+    let tls = |c: &Config| {
+        c.gateway
+            .tls
+            .as_ref()
+            .map(|t| (t.listen, t.cert.clone(), t.key.clone()))
+    };
+    if tls(old) != tls(new) {
+        v.push("gateway.tls changed (listener, certificate or key): needs a restart".into());
+    }
+    let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+    if admin(old) != admin(new) {
+        v.push("admin.listen changed: needs a restart".into());
+    }
+    v
+}
+
+impl Gateway {
+    /// Reads the manifest at `path` and, if every check passes, makes it the served state.
+    /// Blocking: plugins are compiled and their `configure` runs; call it off the async
+    /// workers (`spawn_blocking`).
+    pub fn reload(&self, path: &Path) -> Result<usize, Refused> {
+        let config = manifest::load(path)
+            .map_err(|e| Refused(e.0.iter().map(|m| m.to_string()).collect()))?;
+        let restart = restart_needed(&self.config, &config);
+        if !restart.is_empty() {
+            return Err(Refused(restart));
+        }
+        let current = self.served();
+        let served = Served::build(config, Some(&current))
+            .map_err(|e| Refused(e.iter().map(|m| m.to_string()).collect()))?;
+        let apis = served.routes.apis().len();
+        self.swap_in(served);
+        Ok(apis)
+    }
+}
+
+/// Runs [`Gateway::reload`] off the async workers and logs the outcome.
+pub async fn reload_and_log(gw: Arc<Gateway>, path: PathBuf, trigger: &'static str) {
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || gw.reload(&path)).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match outcome {
+        Ok(Ok(apis)) => {
+            tracing::info!(event = "reload", outcome = "applied", trigger, apis, duration_ms = ms,
+                "configuration reloaded; new handshakes use it, established connections are untouched");
+        }
+        Ok(Err(Refused(errors))) => {
+            for e in &errors {
+                tracing::error!(event = "reload_error", trigger, error = %e, "reload check failed");
+            }
+            tracing::error!(
+                event = "reload",
+                outcome = "rejected",
+                trigger,
+                errors = errors.len(),
+                duration_ms = ms,
+                "reload rejected as a whole; the previous configuration keeps serving"
+            );
+        }
+        Err(e) => {
+            tracing::error!(event = "reload", outcome = "rejected", trigger, error = %e,
+                "reload failed; the previous configuration keeps serving");
+        }
+    }
+}
+
+/// Name, size and modification time of the manifest and of every `*.wasm` in `plugin_dir`.
+fn fingerprint(
+    manifest: &Path,
+    plugin_dir: Option<&Path>,
+) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let entry = |p: &Path| {
+        let m = std::fs::metadata(p).ok();
+        (
+            p.to_owned(),
+            m.as_ref().map_or(0, |m| m.len()),
+            m.and_then(|m| m.modified().ok()),
+        )
+    };
+    let mut v = vec![entry(manifest)];
+    if let Some(dir) = plugin_dir {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            let mut files: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                .collect();
+            files.sort();
+            v.extend(files.iter().map(|p| entry(p)));
+        }
+    }
+    v
+}
+
+/// Reloads on SIGHUP and on settled changes of the manifest or `plugin_dir`, until shutdown.
+pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file changes only");
+            None
+        }
+    };
+    // The plugin directory of the manifest as it is now (it may move with a reload).
+    let dir = |gw: &Gateway| gw.served().config.gateway.plugin_dir.clone();
+    let mut applied = fingerprint(&manifest, dir(&gw).as_deref());
+    let mut last = applied.clone();
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let hup_recv = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            _ = hup_recv => {
+                reload_and_log(gw.clone(), manifest.clone(), "sighup").await;
+                applied = fingerprint(&manifest, dir(&gw).as_deref());
+                last = applied.clone();
+            }
+            _ = tick.tick() => {
+                let now = fingerprint(&manifest, dir(&gw).as_deref());
+                // Changed since the last reload, and the same as half a second ago: settled.
+                if now != applied && now == last {
+                    reload_and_log(gw.clone(), manifest.clone(), "file_change").await;
+                    applied = fingerprint(&manifest, dir(&gw).as_deref());
+                    last = applied.clone();
+                } else {
+                    last = now;
+                }
+            }
+        }
+    }
+}
