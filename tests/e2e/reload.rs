@@ -47,6 +47,8 @@ async fn next_reload(gw: &Gateway, seen: usize) -> serde_json::Value {
 async fn changes_apply_to_new_handshakes_and_bad_ones_are_refused_as_a_whole() {
     let backend = RawBackend::start(echo_frames()).await;
     let b = backend.url();
+    // Built first: building takes a while, and the steps below must land at once.
+    let declares = plugins::declaring().join("declares-set-body.wasm");
     let dir = TempDir::new("reload");
     plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
     let gw = Gateway::start_in(dir, &manifest(&b, 1, false, "127.0.0.1:0"));
@@ -103,16 +105,39 @@ async fn changes_apply_to_new_handshakes_and_bad_ones_are_refused_as_a_whole() {
     let (_, _a) = ws_connect(addr, "/a", "").await;
     assert_eq!(gen_seen(&backend.last_head()).as_deref(), Some("2"));
 
-    // 4. The corrupt file removed: generation 4 applies.
+    // 3b. The corrupt file replaced by a plugin that declares a capability onHandshake does
+    // not support, attached to `a`: refused, naming plugin and capability.
     std::fs::remove_file(gw.dir.path().join("plugins/corrupt.wasm")).unwrap();
+    std::fs::copy(
+        &declares,
+        gw.dir.path().join("plugins/declares-set-body.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        manifest(&b, 4, true, "127.0.0.1:0")
+            + "[[apis.on_handshake]]\nplugin = \"declares-set-body\"\n",
+    )
+    .unwrap();
     let r = next_reload(&gw, 3).await;
+    assert_eq!(r["outcome"], "rejected", "{r}");
+    assert!(gw.records("reload_error").iter().any(|e| {
+        let m = e["error"].as_str().unwrap_or("");
+        m.contains("declares-set-body") && m.contains("set-body")
+    }));
+    let (_, _a) = ws_connect(addr, "/a", "").await;
+    assert_eq!(gen_seen(&backend.last_head()).as_deref(), Some("2"));
+
+    // 4. That attachment dropped (the plugin may stay in the directory): generation 4 applies.
+    std::fs::write(&path, manifest(&b, 4, true, "127.0.0.1:0")).unwrap();
+    let r = next_reload(&gw, 4).await;
     assert_eq!(r["outcome"], "applied", "{r}");
     let (_, _a) = ws_connect(addr, "/a", "").await;
     assert_eq!(gen_seen(&backend.last_head()).as_deref(), Some("4"));
 
     // 5. A new listen address cannot be applied live: refused, "needs a restart".
     std::fs::write(&path, manifest(&b, 5, true, "127.0.0.1:1")).unwrap();
-    let r = next_reload(&gw, 4).await;
+    let r = next_reload(&gw, 5).await;
     assert_eq!(r["outcome"], "rejected", "{r}");
     assert!(gw.records("reload_error").iter().any(|e| {
         let m = e["error"].as_str().unwrap_or("");
@@ -123,14 +148,14 @@ async fn changes_apply_to_new_handshakes_and_bad_ones_are_refused_as_a_whole() {
 
     // 6. SIGHUP reloads on demand.
     std::fs::write(&path, manifest(&b, 4, true, "127.0.0.1:0")).unwrap();
-    let r = next_reload(&gw, 5).await;
+    let r = next_reload(&gw, 6).await;
     assert_eq!(r["outcome"], "applied", "{r}");
     let status = std::process::Command::new("kill")
         .args(["-HUP", &gw.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let r = next_reload(&gw, 6).await;
+    let r = next_reload(&gw, 7).await;
     assert_eq!(r["trigger"], "sighup", "{r}");
     assert_eq!(r["outcome"], "applied", "{r}");
 
