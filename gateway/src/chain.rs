@@ -186,7 +186,7 @@ fn value(v: &str) -> Result<HeaderValue, String> {
 /// Runs the chain. On success the backend request carries the policies' changes and the
 /// returned headers go on the client's 101.
 ///
-/// Each guest runs on a fiber inside the caller's task and yields to the runtime every
+/// Each guest runs on a fiber inside the caller's task and yields to the runtime every ten
 /// million units of fuel, so a slow policy delays its own handshake, not the worker.
 pub async fn run(
     steps: &[Step],
