@@ -136,11 +136,10 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(timed(&host, &steps, req, args.iterations))
+    rt.block_on(timed(&steps, req, args.iterations))
 }
 
 async fn timed(
-    host: &tollgate::policy::PolicyHost,
     steps: &[tollgate::chain::Step],
     req: wit::HandshakeRequest,
     iterations: usize,
@@ -163,15 +162,8 @@ async fn timed(
             p50_us: p50,
             p99_us: p99,
         });
-        let d = host
-            .handshake(
-                &step.plugin,
-                &step.prepared,
-                &ctx_req,
-                step.budget,
-                &step.grants,
-                step.pool.as_ref(),
-            )
+        let d = step
+            .decide(&ctx_req)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let wit::Decision::Proceed(p) = d {

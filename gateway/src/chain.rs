@@ -11,9 +11,8 @@ use http::StatusCode;
 
 use crate::capabilities::{self, Scope, Verdict};
 use crate::handshake::{BackendRequest, Reject};
-use crate::manifest::Instances;
-use crate::manifest::{ApiConfig, Attachment, Config, Grants};
-use crate::policy::{wit, Budget, InstancePool, Plugin, PolicyHost};
+use crate::manifest::{ApiConfig, Attachment, Config, Grants, Instances};
+use crate::policy::{wit, Budget, InstancePool, Plugin, PolicyError, PolicyHost};
 
 /// Headers a policy may not touch: they belong to the WebSocket handshake itself.
 pub const PROTECTED: &[&str] = &[
@@ -72,6 +71,26 @@ pub struct Step {
     /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
     pub skip: bool,
     pub skips: AtomicU64,
+}
+
+impl Step {
+    /// Runs this attachment's plugin on one handshake, with its prepared config, budget,
+    /// grants and instance strategy.
+    pub async fn decide(
+        &self,
+        request: &wit::HandshakeRequest,
+    ) -> Result<wit::Decision, PolicyError> {
+        self.host
+            .handshake(
+                &self.plugin,
+                &self.prepared,
+                request,
+                self.budget,
+                &self.grants,
+                self.pool.as_ref(),
+            )
+            .await
+    }
 }
 
 /// Builds the chain for `api`; every problem is returned, worded for the operator.
@@ -208,15 +227,7 @@ pub async fn run(
             Reject::new(step.failure_status, format!("policy `{name}` failed"))
         };
         let decision = step
-            .host
-            .handshake(
-                &step.plugin,
-                &step.prepared,
-                &request,
-                step.budget,
-                &step.grants,
-                step.pool.as_ref(),
-            )
+            .decide(&request)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let size = decision_size(&decision);

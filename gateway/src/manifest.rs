@@ -390,8 +390,8 @@ pub enum Instances {
     #[default]
     Fresh,
     /// Warm instances kept per attachment and reused: one instance serves handshakes one at a
-    /// time, up to `max_uses` of them, and is discarded after that or after any failure (trap,
-    /// budget, bad result). What a plugin keeps in its globals between calls is visible to the
+    /// time, up to `max_uses` of them, and is discarded after that or when its call fails (trap,
+    /// exhausted fuel or memory). What a plugin keeps in its globals between calls is visible to the
     /// next handshakes the same instance serves; use it for plugins that keep no per-request
     /// state (the first-party ones keep none).
     Pooled { max_uses: u64 },

@@ -198,10 +198,11 @@ pub struct Plugin {
 /// Instantiations `PolicyHost::measure_instantiation` times.
 pub const INSTANTIATE_SAMPLES: usize = 21;
 
-/// Warm instances of one attachment whose strategy is [`Instances::Pooled`]. An instance is
+/// Warm instances of one attachment whose strategy is `instances = "pooled"`. An instance is
 /// taken for one handshake and put back afterwards, so it never serves two at once; it is
-/// dropped after `max_uses` handshakes or after any failure (a trapped instance is never
-/// reused). At most `max_idle` are kept; the rest are dropped when returned.
+/// dropped after `max_uses` handshakes or when its call fails (trap, exhausted fuel or memory:
+/// a trapped instance is never reused). At most `max_idle` are kept; the rest are dropped when
+/// returned.
 pub struct InstancePool {
     idle: std::sync::Mutex<Vec<Warm>>,
     max_uses: u64,
@@ -240,11 +241,6 @@ impl InstancePool {
                 idle.push(w);
             }
         }
-    }
-
-    /// Instances waiting for a handshake (for tests and the admin view).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 }
 
@@ -635,16 +631,14 @@ impl PolicyHost {
         grants: &Grants,
         pool: Option<&InstancePool>,
     ) -> Result<wit::Decision, PolicyError> {
-        let Some(pool) = pool else {
-            let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
-            return instance
-                .tollgate_policy_policy()
-                .call_on_handshake(&mut store, prepared, request)
-                .await
-                .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")));
-        };
-        let mut w = match pool.take() {
-            Some(w) => w,
+        let mut w = match pool.and_then(InstancePool::take) {
+            Some(mut w) => {
+                // The budget is per call: a warm instance starts each one with all of it.
+                w.store
+                    .set_fuel(budget.fuel)
+                    .map_err(|e| plugin.call_error(e.to_string()))?;
+                w
+            }
             None => {
                 let (store, instance) = self.fresh(plugin, budget, grants).await?;
                 Warm {
@@ -654,17 +648,17 @@ impl PolicyHost {
                 }
             }
         };
-        w.store
-            .set_fuel(budget.fuel)
-            .map_err(|e| plugin.call_error(e.to_string()))?;
         w.uses += 1;
+        // On a trap `w` is dropped here, never returned to the pool.
         let decision = w
             .instance
             .tollgate_policy_policy()
             .call_on_handshake(&mut w.store, prepared, request)
             .await
             .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))?;
-        pool.give_back(w);
+        if let Some(pool) = pool {
+            pool.give_back(w);
+        }
         Ok(decision)
     }
 }

@@ -86,13 +86,13 @@ impl Served {
         // One wasm engine for the process's life: a reload with the same host settings reuses
         // it (each engine reserves its own pooling-allocator address space, and engines of
         // older states live as long as connections admitted under them).
-        let reuse = previous.and_then(|p| p.host.clone()).filter(|_| {
-            previous.is_some_and(|p| {
+        let reuse = previous
+            .filter(|p| {
                 p.config.gateway.plugin_cache_dir == config.gateway.plugin_cache_dir
                     && p.config.gateway.signature_cache_entries
                         == config.gateway.signature_cache_entries
             })
-        });
+            .and_then(|p| p.host.clone());
         if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
             let made = match reuse {
                 Some(h) => Ok(h),
@@ -200,14 +200,12 @@ impl Gateway {
             None => None,
         };
         let served = match Served::build(config.clone(), None) {
-            Ok(s) => Some(s),
+            Ok(s) if errors.is_empty() => s,
+            Ok(_) => return Err(errors),
             Err(e) => {
                 errors.extend(e);
-                None
+                return Err(errors);
             }
-        };
-        let Some(served) = served.filter(|_| errors.is_empty()) else {
-            return Err(errors);
         };
         Ok(Arc::new(Gateway {
             config,
