@@ -129,8 +129,14 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         .into_iter()
         .map(|p| (p.name.clone(), Arc::new(p)))
         .collect();
-    let steps = tollgate::chain::build(&host, &plugins, &config, api)
-        .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
+    let steps = tollgate::chain::build(
+        &host,
+        &plugins,
+        &config,
+        api,
+        &tollgate::metrics::Metrics::new(),
+    )
+    .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
     let req = request(&api.name, &args.header);
     // One worker, as a connection's task sees it: the guest runs on a fiber in this task.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -43,6 +43,16 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
 }
 
 fn route(gw: &Gateway, path: &str) -> Response<Full<Bytes>> {
+    if path == "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from(gw.metrics.encode())));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        return r;
+    }
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if gw.ready.load(Ordering::SeqCst) => (StatusCode::OK, "ready\n"),

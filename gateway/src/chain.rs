@@ -3,7 +3,6 @@
 //! backend request.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
@@ -12,6 +11,7 @@ use http::StatusCode;
 use crate::capabilities::{self, Scope, Verdict};
 use crate::handshake::{BackendRequest, Reject};
 use crate::manifest::{ApiConfig, Attachment, Config, Grants, Instances};
+use crate::metrics::{Metrics, PolicyMetrics};
 use crate::policy::{wit, Budget, InstancePool, Plugin, PolicyError, PolicyHost};
 
 /// Headers a policy may not touch: they belong to the WebSocket handshake itself.
@@ -70,7 +70,8 @@ pub struct Step {
     pub scope: Scope,
     /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
     pub skip: bool,
-    pub skips: AtomicU64,
+    /// Calls by outcome, skips and call durations (`tollgate_policy_*`).
+    pub metrics: PolicyMetrics,
 }
 
 impl Step {
@@ -99,6 +100,7 @@ pub fn build(
     plugins: &HashMap<String, Arc<Plugin>>,
     config: &Config,
     api: &ApiConfig,
+    metrics: &Metrics,
 ) -> Result<Vec<Step>, Vec<String>> {
     let mut scoped: Vec<(Scope, &Attachment)> = Vec::new();
     scoped.extend(config.policies.iter().map(|a| (Scope::Global, a)));
@@ -186,9 +188,17 @@ pub fn build(
             },
             failure_status: StatusCode::from_u16(att.failure_status)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            metrics: metrics.policy(
+                &api.name,
+                &plugin.name,
+                match scope {
+                    Scope::Global => "global",
+                    Scope::Product(_) => "product",
+                    Scope::Api(_) => "api",
+                },
+            ),
             scope,
             skip,
-            skips: AtomicU64::new(0),
         });
     }
     if errors.is_empty() {
@@ -217,7 +227,7 @@ pub async fn run(
     for step in steps {
         let name = &step.plugin.name;
         if step.skip {
-            let skips_total = step.skips.fetch_add(1, Ordering::Relaxed) + 1;
+            let skips_total = step.metrics.skips.inc() + 1;
             tracing::info!(event = "policy_skipped", plugin = %name, scope = %step.scope, api = %api,
                 skips_total, "inherited policy skipped for a WebSocket API");
             continue;
@@ -226,10 +236,17 @@ pub async fn run(
             tracing::warn!(event = "policy_error", plugin = %name, api = %api, error = %why, "policy failed; handshake rejected");
             Reject::new(step.failure_status, format!("policy `{name}` failed"))
         };
-        let decision = step
-            .decide(&request)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let decided = step.decide(&request).await;
+        step.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        // Counted as an error unless the decision turns out to be usable.
+        let fail = |why: String| {
+            step.metrics.error.inc();
+            fail(why)
+        };
+        let decision = decided.map_err(|e| fail(e.to_string()))?;
         let size = decision_size(&decision);
         if size > MAX_DECISION_BYTES {
             return Err(fail(format!(
@@ -249,6 +266,7 @@ pub async fn run(
                     rej.headers.push((n, value(&h.value).map_err(fail)?));
                 }
                 rej.body = Some(bytes::Bytes::from(r.body));
+                step.metrics.reject.inc();
                 return Err(rej);
             }
             wit::Decision::Proceed(p) => {
@@ -302,6 +320,7 @@ pub async fn run(
                     response_headers.push((n, value(&h.value).map_err(fail)?));
                 }
                 request.context.extend(p.context);
+                step.metrics.allow.inc();
             }
         }
     }

@@ -34,8 +34,8 @@ pub mod close_code {
     pub const INTERNAL_ERROR: u16 = 1011;
 }
 
-/// Per-direction counters. Plain integers: they live in the connection's own task and are
-/// published once, when the connection ends, so the hot path never touches shared memory.
+/// Per-direction counters. Plain integers in the connection's own task; the relay publishes
+/// their growth to the shared metrics once per read (see [`crate::metrics::DirCounters::add`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DirStats {
     /// Bytes on the wire (headers and payloads).

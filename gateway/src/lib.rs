@@ -13,6 +13,7 @@ pub mod frame;
 pub mod handshake;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod reload;

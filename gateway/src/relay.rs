@@ -11,6 +11,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser};
 use crate::manifest::ConnLimits;
+use crate::metrics::{ApiMetrics, DirCounters};
 use crate::stream::Stream;
 
 /// Bytes read per system call while a direction is busy.
@@ -147,6 +149,8 @@ struct Pump {
     need_flush: bool,
     pending: Option<PumpEvent>,
     last_read: Instant,
+    /// What of `parser.stats` the metrics have seen.
+    published: DirStats,
 }
 
 impl Pump {
@@ -166,6 +170,7 @@ impl Pump {
             need_flush: false,
             pending: None,
             last_read: Instant::now(),
+            published: DirStats::default(),
         };
         if !prefix.is_empty() {
             // Bytes the peer sent right behind its handshake, already read by hyper.
@@ -230,6 +235,7 @@ impl Pump {
         cx: &mut Context<'_>,
         src: &mut Stream,
         dst: &mut Stream,
+        counters: &DirCounters,
     ) -> Poll<PumpEvent> {
         loop {
             if self.dst_gone {
@@ -308,6 +314,7 @@ impl Pump {
                 Poll::Ready(Ok(_)) => {
                     self.last_read = Instant::now();
                     self.observe();
+                    counters.add(&self.parser.stats, &mut self.published);
                 }
             }
         }
@@ -324,6 +331,8 @@ async fn shutdown_tls(s: &mut Stream) {
 pub struct RelayParams {
     pub limits: ConnLimits,
     pub shutdown: CancellationToken,
+    /// The API's counters, updated as frames go by.
+    pub metrics: Arc<ApiMetrics>,
 }
 
 enum Wake {
@@ -344,6 +353,8 @@ pub async fn relay(
 ) -> RelayOutcome {
     let started = Instant::now();
     let limits = &params.limits;
+    let metrics = &*params.metrics;
+    metrics.active.inc();
     let mut c2b = Pump::new(
         FrameParser::new(
             Direction::ClientToBackend,
@@ -406,10 +417,14 @@ pub async fn relay(
 
     loop {
         let wake = poll_fn(|cx| {
-            if let Poll::Ready(e) = c2b.poll(cx, &mut client, &mut backend) {
+            if let Poll::Ready(e) =
+                c2b.poll(cx, &mut client, &mut backend, &metrics.client_to_backend)
+            {
                 return Poll::Ready(Wake::C2b(e));
             }
-            if let Poll::Ready(e) = b2c.poll(cx, &mut backend, &mut client) {
+            if let Poll::Ready(e) =
+                b2c.poll(cx, &mut backend, &mut client, &metrics.backend_to_client)
+            {
                 return Poll::Ready(Wake::B2c(e));
             }
             if sleep.as_mut().poll(cx).is_ready() {
@@ -531,12 +546,21 @@ pub async fn relay(
         .await;
     }
 
+    metrics
+        .client_to_backend
+        .add(&c2b.parser.stats, &mut c2b.published);
+    metrics
+        .backend_to_client
+        .add(&b2c.parser.stats, &mut b2c.published);
+    metrics.active.dec();
+    let duration = started.elapsed();
+    metrics.connection_duration.observe(duration.as_secs_f64());
     RelayOutcome {
         client_to_backend: c2b.parser.stats,
         backend_to_client: b2c.parser.stats,
         closed_by: closed_by.unwrap_or(ClosedBy::Client),
         close_code,
         close_reason,
-        duration: started.elapsed(),
+        duration,
     }
 }

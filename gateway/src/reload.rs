@@ -64,7 +64,7 @@ impl Gateway {
             return Err(Refused(restart));
         }
         let current = self.served();
-        let served = Served::build(config, Some(&current))
+        let served = Served::build(config, Some(&current), &self.metrics)
             .map_err(|e| Refused(e.iter().map(|m| m.to_string()).collect()))?;
         let apis = served.routes.apis().len();
         self.swap_in(served);
@@ -75,7 +75,10 @@ impl Gateway {
 /// Runs [`Gateway::reload`] off the async workers and logs the outcome.
 pub async fn reload_and_log(gw: Arc<Gateway>, path: PathBuf, trigger: &'static str) {
     let started = std::time::Instant::now();
+    let metrics = gw.metrics.clone();
     let outcome = tokio::task::spawn_blocking(move || gw.reload(&path)).await;
+    let applied = matches!(outcome, Ok(Ok(_)));
+    metrics.reload(trigger, if applied { "applied" } else { "rejected" });
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     match outcome {
         Ok(Ok(apis)) => {

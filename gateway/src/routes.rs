@@ -15,6 +15,8 @@ pub struct Api {
     pub active: Arc<AtomicUsize>,
     /// onHandshake policies in the order they run: global, product, API.
     pub chain: Vec<crate::chain::Step>,
+    /// This API's metric handles (shared with the `Api` a reload puts in its place).
+    pub metrics: Arc<crate::metrics::ApiMetrics>,
 }
 
 /// APIs ordered for matching: longest `url_suffix` first, so `chat/admin` wins over `chat`.
@@ -98,6 +100,7 @@ mod tests {
     fn api(suffix: &str) -> Arc<Api> {
         let backend = parse_backend("ws://127.0.0.1:1/").unwrap();
         Arc::new(Api {
+            metrics: crate::metrics::Metrics::new().api(suffix),
             connector: Connector::new(backend.clone(), None, Duration::from_secs(1)).unwrap(),
             config: ApiConfig {
                 name: suffix.into(),

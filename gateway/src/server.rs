@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::{self, Connector};
 use crate::handshake::{self, HandshakeCtx, Reject};
 use crate::manifest::{Config, ListenerTls};
+use crate::metrics::Metrics;
 use crate::relay::{self, RelayParams};
 use crate::routes::{Api, Permit, Routes};
 use crate::stream::Stream;
@@ -70,13 +71,19 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     pub ready: AtomicBool,
     tracker: TaskTracker,
+    /// Counters and histograms for `/metrics`; one set for the process's life.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Served {
     /// Loads the plugins and builds every API (backend connector, policy chain). Collects
     /// every error. `previous`: the state being replaced by a reload, whose per-API connection
     /// counts carry over.
-    pub fn build(config: Config, previous: Option<&Served>) -> Result<Served, Vec<StartError>> {
+    pub fn build(
+        config: Config,
+        previous: Option<&Served>,
+        metrics: &Metrics,
+    ) -> Result<Served, Vec<StartError>> {
         let mut errors = Vec::new();
         let has_policies = !config.policies.is_empty()
             || config.products.iter().any(|p| !p.policies.is_empty())
@@ -121,7 +128,7 @@ impl Served {
         let mut apis = Vec::new();
         for a in &config.apis {
             let chain = match &host {
-                Some(h) => match crate::chain::build(h, &plugins, &config, a) {
+                Some(h) => match crate::chain::build(h, &plugins, &config, a, metrics) {
                     Ok(c) => c,
                     Err(errs) => {
                         errors.extend(errs.into_iter().map(StartError::Plugin));
@@ -165,6 +172,7 @@ impl Served {
                         .map(|o| o.active.clone())
                         .unwrap_or_default(),
                     chain,
+                    metrics: metrics.api(&a.name),
                 })),
                 Err(message) => errors.push(StartError::Api {
                     api: a.name.clone(),
@@ -199,7 +207,8 @@ impl Gateway {
             },
             None => None,
         };
-        let served = match Served::build(config.clone(), None) {
+        let metrics = Arc::new(Metrics::new());
+        let served = match Served::build(config.clone(), None, &metrics) {
             Ok(s) if errors.is_empty() => s,
             Ok(_) => return Err(errors),
             Err(e) => {
@@ -215,6 +224,7 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            metrics,
         }))
     }
 
@@ -395,6 +405,7 @@ impl Gateway {
                 tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
             }
             Err(_) => {
+                self.metrics.limit_hit("", "handshake_timeout");
                 tracing::info!(event = "handshake_timeout", client = %client_addr, "handshake timed out; connection closed");
             }
         }
@@ -439,7 +450,15 @@ impl Gateway {
                 &self.active,
                 served.config.gateway.limits.max_connections,
                 &api,
-            )?;
+            )
+            .inspect_err(|r| {
+                let limit = if r.reason.starts_with("gateway") {
+                    "gateway_max_connections"
+                } else {
+                    "api_max_connections"
+                };
+                self.metrics.limit_hit(&api.config.name, limit);
+            })?;
             let mut breq = handshake::backend_request(&ctx, &api, &req);
             let extra = if api.chain.is_empty() {
                 Vec::new()
@@ -454,7 +473,10 @@ impl Gateway {
                 .connector
                 .handshake(&breq.target, breq.headers, &ctx.protocols, &ctx.extensions)
                 .await
-                .map_err(handshake::backend_reject)?;
+                .map_err(|e| {
+                    self.metrics.backend_error(&api.config.name, e.kind());
+                    handshake::backend_reject(e)
+                })?;
             let resp = handshake::switching_protocols(&ctx, &upgraded, extra);
             let on_upgrade = hyper::upgrade::on(&mut req);
             if let Ok(mut s) = slot.lock() {
@@ -476,7 +498,18 @@ impl Gateway {
             .api
             .as_ref()
             .map_or("", |a| a.config.backend.original.as_str());
-        let duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = ctx.started.elapsed();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let status = match &result {
+            Ok(_) => 101,
+            Err(r) => r.status.as_u16(),
+        };
+        self.metrics.handshake(api_name, status);
+        if let Some(api) = &ctx.api {
+            api.metrics
+                .handshake_duration
+                .observe(elapsed.as_secs_f64());
+        }
         match result {
             Ok(resp) => {
                 tracing::info!(
@@ -561,10 +594,25 @@ impl Gateway {
             RelayParams {
                 limits: api.config.limits.clone(),
                 shutdown: self.shutdown.clone(),
+                metrics: api.metrics.clone(),
             },
         )
         .await;
         drop(permit);
+        let name = &api.config.name;
+        self.metrics
+            .connection_closed(name, outcome.closed_by.as_str(), outcome.close_code);
+        match outcome.closed_by {
+            relay::ClosedBy::IdleTimeout => self.metrics.limit_hit(name, "idle_timeout"),
+            relay::ClosedBy::ClientViolation | relay::ClosedBy::BackendViolation => {
+                if outcome.close_reason.contains("max_message_size") {
+                    self.metrics.limit_hit(name, "max_message_size");
+                } else if outcome.close_reason.contains("max_frame_size") {
+                    self.metrics.limit_hit(name, "max_frame_size");
+                }
+            }
+            _ => {}
+        }
         let c = &outcome.client_to_backend;
         let b = &outcome.backend_to_client;
         tracing::info!(

@@ -674,3 +674,51 @@ pub fn record_frames(tx: tokio::sync::mpsc::UnboundedSender<Frame>) -> Handler {
         })
     })
 }
+
+// ------------------------------------------------------------------------------------------
+// Admin listener.
+
+/// A plain HTTP/1.1 GET (one request per connection): status, head and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .expect("admin answer within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status_of(head), head.to_owned(), body.to_owned())
+}
+
+/// `/metrics`, parsed with a Prometheus text-format parser.
+pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, head, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "{head}\n{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// The value of the sample `name` whose labels are exactly `labels`; None if there is none.
+pub fn sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .find(|s| {
+            s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}

@@ -101,6 +101,23 @@ pub fn declaring() -> &'static Path {
     })
 }
 
+/// One plugin declaring capability `c` (see [`declaring`]), without building the others:
+/// `<returned dir>/declares-<c>.wasm`.
+pub fn declaring_one(c: &str) -> PathBuf {
+    let dir = target().join(format!("declares-only-{c}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    cargo_build(
+        &["declares-capability"],
+        Some(("TOLLGATE_TEST_CAPABILITY", c)),
+    );
+    let built = target()
+        .join("wasm32-wasip2")
+        .join("release")
+        .join("declares_capability.wasm");
+    std::fs::copy(built, dir.join(format!("declares-{c}.wasm"))).unwrap();
+    dir
+}
+
 /// The Python example policy (`examples/origin-check-py`), built once per test process with
 /// componentize-py, which `scripts/test` installs from PyPI into `target/py`. Written aside and
 /// renamed, so concurrent test binaries never see half a file.

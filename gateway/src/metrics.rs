@@ -1,0 +1,486 @@
+//! Prometheus metrics, served at `GET /metrics` on the admin listener (OpenMetrics text).
+//!
+//! Every metric is named `tollgate_*` and documented in `docs/observability.md`. Label values
+//! come only from the manifest (API and plugin names) or from small fixed sets (status codes,
+//! directions, frame types, bucketed close codes), never from what a client sends, so a client
+//! cannot blow up the number of series.
+//!
+//! The relay's hot path does not look anything up: each API resolves its per-direction
+//! counters once, when the served state is built ([`ApiMetrics`]), and a connection adds to
+//! those atomics once per read system call ([`DirCounters::add`]), not per frame.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::frame::{DirStats, Direction};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    api: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    api: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    api: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    api: String,
+    direction: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    api: String,
+    closed_by: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    api: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    api: String,
+    plugin: String,
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyOutcomeLabels {
+    api: String,
+    plugin: String,
+    scope: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    trigger: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    api: String,
+    limit: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn handshake_buckets() -> Histogram {
+    // 0.25 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+fn connection_buckets() -> Histogram {
+    // 0.1 s .. ~7 h
+    Histogram::new(exponential_buckets(0.1, 4.0, 10))
+}
+
+fn policy_buckets() -> Histogram {
+    // 10 us .. ~1.8 s
+    Histogram::new(exponential_buckets(0.000_01, 3.0, 12))
+}
+
+/// The process's metrics. One per gateway process; reloads keep it, so counters survive them.
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<HandshakeLabels, Counter>,
+    handshake_duration: HistogramFamily<ApiLabel>,
+    connections_active: Family<ApiLabel, Gauge>,
+    connection_duration: HistogramFamily<ApiLabel>,
+    frames: Family<TypeLabels, Counter>,
+    messages: Family<TypeLabels, Counter>,
+    bytes: Family<DirLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    backend_errors: Family<KindLabels, Counter>,
+    policy_calls: Family<PolicyOutcomeLabels, Counter>,
+    policy_skips: Family<PolicyLabels, Counter>,
+    policy_duration: HistogramFamily<PolicyLabels>,
+    reloads: Family<ReloadLabels, Counter>,
+    limits: Family<LimitLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tollgate");
+        let m = Metrics {
+            handshakes: Family::default(),
+            handshake_duration: Family::new_with_constructor(handshake_buckets),
+            connections_active: Family::default(),
+            connection_duration: Family::new_with_constructor(connection_buckets),
+            frames: Family::default(),
+            messages: Family::default(),
+            bytes: Family::default(),
+            closes: Family::default(),
+            backend_errors: Family::default(),
+            policy_calls: Family::default(),
+            policy_skips: Family::default(),
+            policy_duration: Family::new_with_constructor(policy_buckets),
+            reloads: Family::default(),
+            limits: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "handshakes",
+            "WebSocket opening handshakes answered, by API (empty: no API matched) and the HTTP status the client got (101: accepted)",
+            m.handshakes.clone(),
+        );
+        registry.register_with_unit(
+            "handshake_duration",
+            "Time from the client's request to the gateway's answer (101 or rejection), backend handshake and policies included",
+            Unit::Seconds,
+            m.handshake_duration.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Relayed WebSocket connections open now (after the 101 pair)",
+            m.connections_active.clone(),
+        );
+        registry.register_with_unit(
+            "connection_duration",
+            "Life of relayed connections, from the 101 to the end of the relay",
+            Unit::Seconds,
+            m.connection_duration.clone(),
+        );
+        registry.register(
+            "frames",
+            "WebSocket frames relayed, by direction (client_to_backend, backend_to_client) and type (text, binary, continuation, ping, pong, close)",
+            m.frames.clone(),
+        );
+        registry.register(
+            "messages",
+            "Complete WebSocket data messages relayed, by direction and type (text, binary)",
+            m.messages.clone(),
+        );
+        registry.register_with_unit(
+            "relayed",
+            "Bytes relayed on the wire (frame headers and payloads), by direction",
+            Unit::Bytes,
+            m.bytes.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Relayed connections that ended, by who ended them and the close code (bucketed: 1000-2999 exact, 3xxx, 4xxx, none)",
+            m.closes.clone(),
+        );
+        registry.register(
+            "backend_handshake_errors",
+            "Backend handshakes that failed, by kind (connect, tls, timeout, http, bad_upgrade, rejected)",
+            m.backend_errors.clone(),
+        );
+        registry.register(
+            "policy_calls",
+            "onHandshake policy calls, by plugin, scope and outcome (allow, reject, error)",
+            m.policy_calls.clone(),
+        );
+        registry.register(
+            "policy_skips",
+            "Inherited policies skipped on a WebSocket API because they declare a capability onHandshake does not support",
+            m.policy_skips.clone(),
+        );
+        registry.register_with_unit(
+            "policy_duration",
+            "Time one policy call took (instance, guest code, host calls)",
+            Unit::Seconds,
+            m.policy_duration.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Reloads of the manifest and plugin directory, by trigger (sighup, file_change) and outcome (applied, rejected)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "limits_hit",
+            "Times a limit stopped a handshake or a connection, by API and limit",
+            m.limits.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The exposition, OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The handles one API's connections update, resolved once.
+    pub fn api(&self, api: &str) -> Arc<ApiMetrics> {
+        let a = || ApiLabel {
+            api: api.to_owned(),
+        };
+        let dir = |d: Direction| {
+            let direction = direction_label(d);
+            let typed = |fam: &Family<TypeLabels, Counter>, t: &'static str| {
+                fam.get_or_create_owned(&TypeLabels {
+                    api: api.to_owned(),
+                    direction,
+                    r#type: t,
+                })
+            };
+            DirCounters {
+                bytes: self.bytes.get_or_create_owned(&DirLabels {
+                    api: api.to_owned(),
+                    direction,
+                }),
+                text_frames: typed(&self.frames, "text"),
+                binary_frames: typed(&self.frames, "binary"),
+                continuation_frames: typed(&self.frames, "continuation"),
+                ping_frames: typed(&self.frames, "ping"),
+                pong_frames: typed(&self.frames, "pong"),
+                close_frames: typed(&self.frames, "close"),
+                text_messages: typed(&self.messages, "text"),
+                binary_messages: typed(&self.messages, "binary"),
+            }
+        };
+        Arc::new(ApiMetrics {
+            name: api.to_owned(),
+            active: self.connections_active.get_or_create_owned(&a()),
+            connection_duration: self.connection_duration.get_or_create_owned(&a()),
+            handshake_duration: self.handshake_duration.get_or_create_owned(&a()),
+            client_to_backend: dir(Direction::ClientToBackend),
+            backend_to_client: dir(Direction::BackendToClient),
+        })
+    }
+
+    /// The handles one policy attachment updates, resolved once.
+    pub fn policy(&self, api: &str, plugin: &str, scope: &str) -> PolicyMetrics {
+        let outcome = |o: &'static str| {
+            self.policy_calls.get_or_create_owned(&PolicyOutcomeLabels {
+                api: api.to_owned(),
+                plugin: plugin.to_owned(),
+                scope: scope.to_owned(),
+                outcome: o,
+            })
+        };
+        let l = PolicyLabels {
+            api: api.to_owned(),
+            plugin: plugin.to_owned(),
+            scope: scope.to_owned(),
+        };
+        PolicyMetrics {
+            allow: outcome("allow"),
+            reject: outcome("reject"),
+            error: outcome("error"),
+            skips: self.policy_skips.get_or_create_owned(&l),
+            duration: self.policy_duration.get_or_create_owned(&l),
+        }
+    }
+
+    /// A handshake answered with `status`; `api` is empty when no API matched.
+    pub fn handshake(&self, api: &str, status: u16) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                api: api.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn backend_error(&self, api: &str, kind: &'static str) {
+        self.backend_errors
+            .get_or_create(&KindLabels {
+                api: api.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn connection_closed(&self, api: &str, closed_by: &'static str, code: Option<u16>) {
+        self.closes
+            .get_or_create(&CloseLabels {
+                api: api.to_owned(),
+                closed_by,
+                code: close_code_label(code),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, trigger: &'static str, outcome: &'static str) {
+        self.reloads
+            .get_or_create(&ReloadLabels { trigger, outcome })
+            .inc();
+    }
+
+    /// A limit stopped something: `limit` is the manifest key's name (e.g.
+    /// `max_connections`, `handshake_timeout`, `max_message_size`, `idle_timeout`).
+    pub fn limit_hit(&self, api: &str, limit: &'static str) {
+        self.limits
+            .get_or_create(&LimitLabels {
+                api: api.to_owned(),
+                limit,
+            })
+            .inc();
+    }
+}
+
+fn direction_label(d: Direction) -> &'static str {
+    match d {
+        Direction::ClientToBackend => "client_to_backend",
+        Direction::BackendToClient => "backend_to_client",
+    }
+}
+
+/// Close codes as a label: the registered range (1000-2999) exactly, since the frame parser
+/// refuses codes that are not defined there; application ranges grouped, so a client choosing
+/// codes cannot create series at will.
+fn close_code_label(code: Option<u16>) -> &'static str {
+    const EXACT: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
+    match code {
+        None => "none",
+        Some(c @ 1000..=1015) => EXACT[(c - 1000) as usize],
+        Some(3000..=3999) => "3xxx",
+        Some(4000..=4999) => "4xxx",
+        Some(_) => "other",
+    }
+}
+
+/// One API's connection metrics.
+pub struct ApiMetrics {
+    pub name: String,
+    pub active: Gauge,
+    pub connection_duration: Histogram,
+    pub handshake_duration: Histogram,
+    pub client_to_backend: DirCounters,
+    pub backend_to_client: DirCounters,
+}
+
+/// One direction's relay counters of one API.
+pub struct DirCounters {
+    bytes: Counter,
+    text_frames: Counter,
+    binary_frames: Counter,
+    continuation_frames: Counter,
+    ping_frames: Counter,
+    pong_frames: Counter,
+    close_frames: Counter,
+    text_messages: Counter,
+    binary_messages: Counter,
+}
+
+impl DirCounters {
+    /// Publishes what a connection counted since the last call (`published` is brought up to
+    /// `now`). Called once per read, so a long-lived connection shows up while it lives.
+    pub fn add(&self, now: &DirStats, published: &mut DirStats) {
+        if now == published {
+            return;
+        }
+        let pairs: [(&Counter, u64, u64); 9] = [
+            (&self.bytes, now.bytes, published.bytes),
+            (&self.text_frames, now.text_frames, published.text_frames),
+            (
+                &self.binary_frames,
+                now.binary_frames,
+                published.binary_frames,
+            ),
+            (
+                &self.continuation_frames,
+                now.continuation_frames,
+                published.continuation_frames,
+            ),
+            (&self.ping_frames, now.ping_frames, published.ping_frames),
+            (&self.pong_frames, now.pong_frames, published.pong_frames),
+            (&self.close_frames, now.close_frames, published.close_frames),
+            (
+                &self.text_messages,
+                now.text_messages,
+                published.text_messages,
+            ),
+            (
+                &self.binary_messages,
+                now.binary_messages,
+                published.binary_messages,
+            ),
+        ];
+        for (c, n, p) in pairs {
+            if n != p {
+                c.inc_by(n - p);
+            }
+        }
+        *published = *now;
+    }
+}
+
+/// One policy attachment's metrics.
+pub struct PolicyMetrics {
+    pub allow: Counter,
+    pub reject: Counter,
+    pub error: Counter,
+    pub skips: Counter,
+    pub duration: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_counters_publish_deltas() {
+        let m = Metrics::new();
+        let a = m.api("echo");
+        let mut published = DirStats::default();
+        let mut now = DirStats {
+            bytes: 10,
+            frames: 2,
+            text_frames: 2,
+            text_messages: 1,
+            ..DirStats::default()
+        };
+        a.client_to_backend.add(&now, &mut published);
+        now.bytes = 25;
+        now.frames = 3;
+        now.binary_frames = 1;
+        now.binary_messages = 1;
+        a.client_to_backend.add(&now, &mut published);
+        a.client_to_backend.add(&now, &mut published);
+        let text = m.encode();
+        assert!(text.contains(
+            "tollgate_relayed_bytes_total{api=\"echo\",direction=\"client_to_backend\"} 25"
+        ));
+        assert!(text.contains(
+            "tollgate_frames_total{api=\"echo\",direction=\"client_to_backend\",type=\"text\"} 2"
+        ));
+        assert!(text.contains(
+            "tollgate_messages_total{api=\"echo\",direction=\"client_to_backend\",type=\"binary\"} 1"
+        ));
+    }
+
+    #[test]
+    fn close_codes_are_bucketed() {
+        assert_eq!(close_code_label(Some(1000)), "1000");
+        assert_eq!(close_code_label(Some(1015)), "1015");
+        assert_eq!(close_code_label(Some(4321)), "4xxx");
+        assert_eq!(close_code_label(Some(3000)), "3xxx");
+        assert_eq!(close_code_label(None), "none");
+    }
+}

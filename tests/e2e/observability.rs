@@ -1,0 +1,250 @@
+//! What operators watch: `/metrics` (parsed as Prometheus text), the admin endpoints, and the
+//! documented fields of the handshake and connection log records.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+/// Two APIs with policies behind one global policy that is skipped on WebSocket APIs, plus an
+/// API whose backend is down.
+fn observed_manifest(backend: &str, down: &str) -> String {
+    format!(
+        r#"{}
+[admin]
+listen = "127.0.0.1:0"
+
+[[policies]]
+plugin = "declares-set-body"
+
+{}
+[[apis.on_handshake]]
+plugin = "set-header"
+config = {{ name = "X-Seen", value = "yes" }}
+
+{}
+[[apis.on_handshake]]
+plugin = "jwt-validate"
+[apis.on_handshake.config]
+algorithms = ["HS256"]
+jwks = '{{"keys": [{{"kty": "oct", "kid": "k", "k": "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IG9mIGVub3VnaCBsZW5ndGg"}}]}}'
+
+{}"#,
+        gateway_section("plugin_dir = \"plugins\""),
+        api_section(
+            "open",
+            "open",
+            backend,
+            "[apis.limits]\nmax_connections = 2"
+        ),
+        api_section("locked", "locked", backend, ""),
+        api_section("down", "down", down, ""),
+    )
+}
+
+fn start_observed(backend: &RawBackend, down: &str) -> Gateway {
+    let dir = TempDir::new("metrics");
+    let plugin_dir = dir.path().join("plugins");
+    plugins::install(&plugin_dir, &["set_header.wasm", "jwt_validate.wasm"]);
+    std::fs::copy(
+        plugins::declaring_one("set-body").join("declares-set-body.wasm"),
+        plugin_dir.join("declares-set-body.wasm"),
+    )
+    .unwrap();
+    Gateway::start_in(dir, &observed_manifest(&backend.url(), down))
+}
+
+/// Bytes of a masked client frame / an unmasked server frame with `len` payload bytes.
+fn wire(len: usize, masked: bool) -> f64 {
+    let head = if len < 126 { 2 } else { 4 };
+    (head + len + if masked { 4 } else { 0 }) as f64
+}
+
+#[tokio::test]
+async fn metrics_count_a_scripted_session_exactly() {
+    let backend = RawBackend::start(echo_frames()).await;
+    // A port nothing listens on.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        drop(l);
+        format!("ws://{a}")
+    };
+    let gw = start_observed(&backend, &down);
+    let addr = gw.ws.unwrap();
+    let admin = gw.admin.unwrap();
+
+    // Two connections, at the API's max_connections = 2; a third is refused with 503.
+    let (_, mut a) = ws_connect(addr, "/open", "").await;
+    let (_, mut b) = ws_connect(addr, "/open", "").await;
+    let (head, _) = raw_handshake(addr, "/open", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+
+    // Live counters show while the connections are open.
+    let live = scrape(admin).await;
+    let api = |k: &'static str| vec![("api", "open"), ("direction", k)];
+    assert_eq!(
+        sample(&live, "tollgate_connections_active", &[("api", "open")]),
+        Some(2.0)
+    );
+
+    let (mut c2b_bytes, mut b2c_bytes) = (0.0, 0.0);
+    for ws in [&mut a, &mut b] {
+        for (opcode, payload) in [
+            (1u8, &b"hello"[..]),
+            (2, &[0u8, 1, 2][..]),
+            (1, &[b'x'; 200][..]),
+        ] {
+            ws.send(true, opcode, payload).await.unwrap();
+            assert_eq!(ws.read_frame().await.unwrap().payload, payload);
+            c2b_bytes += wire(payload.len(), true);
+            b2c_bytes += wire(payload.len(), false);
+        }
+        ws.close(1000, "done").await.unwrap();
+        let f = ws.read_until_close().await.unwrap();
+        assert_eq!(f.close_code(), Some(1000));
+        c2b_bytes += wire(6, true);
+        b2c_bytes += wire(6, false);
+    }
+    // Rejected handshakes: by a policy, by routing, by a dead backend.
+    for (path, status) in [("/locked", 401), ("/nowhere", 404), ("/down", 502)] {
+        let (head, _) = raw_handshake(addr, path, "").await;
+        assert_eq!(status_of(&head), status, "{path}: {head}");
+    }
+    // Both relays have ended (their records are written after the counters).
+    for _ in 0..100 {
+        if gw.records("connection_closed").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.records("connection_closed").len(), 2, "{}", gw.output());
+
+    let m = scrape(admin).await;
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(&m, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in\n{m:#?}"))
+    };
+    let h = "tollgate_handshakes_total";
+    assert_eq!(get(h, &[("api", "open"), ("status", "101")]), 2.0);
+    assert_eq!(get(h, &[("api", "open"), ("status", "503")]), 1.0);
+    assert_eq!(get(h, &[("api", "locked"), ("status", "401")]), 1.0);
+    assert_eq!(get(h, &[("api", ""), ("status", "404")]), 1.0);
+    assert_eq!(get(h, &[("api", "down"), ("status", "502")]), 1.0);
+    assert_eq!(
+        m.samples.iter().filter(|s| s.metric == h).count(),
+        5,
+        "no other handshake series"
+    );
+    assert_eq!(
+        get(
+            "tollgate_handshake_duration_seconds_count",
+            &[("api", "open")]
+        ),
+        3.0
+    );
+    assert_eq!(get("tollgate_connections_active", &[("api", "open")]), 0.0);
+    assert_eq!(
+        get(
+            "tollgate_connection_duration_seconds_count",
+            &[("api", "open")]
+        ),
+        2.0
+    );
+    for (dir, bytes) in [
+        ("client_to_backend", c2b_bytes),
+        ("backend_to_client", b2c_bytes),
+    ] {
+        let l = |t: &'static str| {
+            let mut v = api(dir);
+            v.push(("type", t));
+            v
+        };
+        assert_eq!(get("tollgate_frames_total", &l("text")), 4.0, "{dir}");
+        assert_eq!(get("tollgate_frames_total", &l("binary")), 2.0, "{dir}");
+        assert_eq!(get("tollgate_frames_total", &l("close")), 2.0, "{dir}");
+        assert_eq!(get("tollgate_frames_total", &l("ping")), 0.0, "{dir}");
+        assert_eq!(get("tollgate_messages_total", &l("text")), 4.0, "{dir}");
+        assert_eq!(get("tollgate_messages_total", &l("binary")), 2.0, "{dir}");
+        assert_eq!(
+            get("tollgate_relayed_bytes_total", &api(dir)),
+            bytes,
+            "{dir}"
+        );
+    }
+    assert_eq!(
+        get(
+            "tollgate_connections_closed_total",
+            &[("api", "open"), ("closed_by", "client"), ("code", "1000")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            "tollgate_backend_handshake_errors_total",
+            &[("api", "down"), ("kind", "connect")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "tollgate_limits_hit_total",
+            &[("api", "open"), ("limit", "api_max_connections")]
+        ),
+        1.0
+    );
+    let calls = "tollgate_policy_calls_total";
+    let p = |api: &'static str, plugin: &'static str, outcome: &'static str| {
+        vec![
+            ("api", api),
+            ("plugin", plugin),
+            ("scope", "api"),
+            ("outcome", outcome),
+        ]
+    };
+    assert_eq!(get(calls, &p("open", "set-header", "allow")), 2.0);
+    assert_eq!(get(calls, &p("open", "set-header", "reject")), 0.0);
+    assert_eq!(get(calls, &p("locked", "jwt-validate", "reject")), 1.0);
+    assert_eq!(get(calls, &p("locked", "jwt-validate", "allow")), 0.0);
+    assert_eq!(get(calls, &p("locked", "jwt-validate", "error")), 0.0);
+    assert_eq!(
+        get(
+            "tollgate_policy_duration_seconds_count",
+            &[("api", "open"), ("plugin", "set-header"), ("scope", "api")]
+        ),
+        2.0
+    );
+    // The global policy is skipped on every handshake that reaches the chain.
+    let skips = |api: &'static str| {
+        get(
+            "tollgate_policy_skips_total",
+            &[
+                ("api", api),
+                ("plugin", "declares-set-body"),
+                ("scope", "global"),
+            ],
+        )
+    };
+    assert_eq!(skips("open"), 2.0);
+    assert_eq!(skips("locked"), 1.0);
+    assert_eq!(skips("down"), 1.0);
+
+    // A reload is counted with its trigger and outcome.
+    gw.signal("HUP");
+    gw.wait_record("reload", |r| r["outcome"] == "applied")
+        .await;
+    let m = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_reloads_total",
+            &[("trigger", "sighup"), ("outcome", "applied")]
+        ),
+        Some(1.0)
+    );
+    // Counters survive the reload.
+    assert_eq!(
+        sample(&m, h, &[("api", "open"), ("status", "101")]),
+        Some(2.0)
+    );
+}
