@@ -1,8 +1,12 @@
-//! The admin listener: health endpoints now; metrics and the test console slot in here.
+//! The admin listener (bind it to localhost or a private network: it is not authenticated).
 //!
-//! - `GET /healthz`: 200 while the process is up and serving its event loop.
-//! - `GET /readyz`: 200 once every listener is bound and while not draining; 503 otherwise
-//!   (a load balancer takes the gateway out of rotation during shutdown).
+//! - `GET /healthz`: 200 while the process is up and its event loop answers (liveness).
+//! - `GET /readyz`: 200 once the manifest is loaded, every plugin is loaded and checked, and
+//!   every listener is bound, and while not draining; 503 otherwise (a load balancer takes the
+//!   gateway out of rotation during shutdown).
+//! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
+//! - `GET /apis`: the served APIs as JSON (see [`apis_json`]).
+//! - `GET /console`: the web test console ([`crate::console`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -18,22 +22,21 @@ use tokio::net::TcpListener;
 use crate::server::Gateway;
 
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    // Serves until the process exits, drain included: `/readyz` answers 503 while draining
+    // instead of refusing connections.
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = gw.shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let (tcp, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let gw = gw.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(route(&gw, req.uri().path())) }
+                async move { Ok::<_, Infallible>(route(&gw, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -42,7 +45,39 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     }
 }
 
-fn route(gw: &Gateway, path: &str) -> Response<Full<Bytes>> {
+async fn route<B>(gw: &Gateway, req: &http::Request<B>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/console" || path == "/console/" {
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            include_str!("console.html").as_bytes(),
+        )));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        return r;
+    }
+    if path == "/console/probe" {
+        let origin = req
+            .headers()
+            .get(http::header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        let answer = crate::console::probe(gw, req.uri().query().unwrap_or(""), origin).await;
+        let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+    if path == "/apis" {
+        let mut r = Response::new(Full::new(Bytes::from(apis_json(gw).to_string())));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
     if path == "/metrics" {
         let mut r = Response::new(Full::new(Bytes::from(gw.metrics.encode())));
         r.headers_mut().insert(
@@ -62,4 +97,72 @@ fn route(gw: &Gateway, path: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r
+}
+
+/// The served APIs, from the state new handshakes use now (so it follows reloads): names,
+/// paths, schemes, backend, products, limits, live connection counts and the policy chain
+/// (plugin, version, scope, instance strategy). Policy *configs* are left out: they may hold
+/// keys or secrets.
+pub fn apis_json(gw: &Gateway) -> serde_json::Value {
+    use serde_json::json;
+    let served = gw.served();
+    let listeners: Vec<_> = gw
+        .bound
+        .get()
+        .map(|b| {
+            b.iter()
+                .map(|(scheme, addr)| json!({"scheme": scheme, "addr": addr.to_string()}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut apis: Vec<_> = served
+        .routes
+        .apis()
+        .iter()
+        .map(|a| {
+            let c = &a.config;
+            let mut schemes = Vec::new();
+            if c.schemes.ws {
+                schemes.push("ws");
+            }
+            if c.schemes.wss {
+                schemes.push("wss");
+            }
+            let policies: Vec<_> = a
+                .chain
+                .iter()
+                .map(|s| {
+                    json!({
+                        "plugin": s.plugin.name,
+                        "version": s.plugin.version,
+                        "scope": match &s.scope {
+                            crate::capabilities::Scope::Global => "global".to_owned(),
+                            crate::capabilities::Scope::Product(p) => format!("product:{p}"),
+                            crate::capabilities::Scope::Api(_) => "api".to_owned(),
+                        },
+                        "instances": if s.pool.is_some() { "pooled" } else { "fresh" },
+                        "skipped": s.skip,
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "display_name": c.display_name,
+                "url_suffix": c.url_suffix,
+                "path": format!("/{}", c.url_suffix),
+                "schemes": schemes,
+                "backend": c.backend.original,
+                "products": c.products,
+                "max_connections": c.max_connections,
+                "active_connections": a.active.load(Ordering::Relaxed),
+                "policies": policies,
+            })
+        })
+        .collect();
+    apis.sort_by(|x, y| x["name"].as_str().cmp(&y["name"].as_str()));
+    json!({
+        "gateway": served.config.gateway.name,
+        "listeners": listeners,
+        "apis": apis,
+    })
 }

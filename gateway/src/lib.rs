@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backend;
 pub mod capabilities;
 pub mod chain;
+pub mod console;
 pub mod frame;
 pub mod handshake;
 pub mod logging;

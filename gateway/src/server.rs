@@ -73,6 +73,11 @@ pub struct Gateway {
     tracker: TaskTracker,
     /// Counters and histograms for `/metrics`; one set for the process's life.
     pub metrics: Arc<Metrics>,
+    /// The client listeners' bound addresses (`ws`/`wss`), once bound (for `/apis`).
+    pub bound: std::sync::OnceLock<Vec<(&'static str, SocketAddr)>>,
+    /// Numbers client connections, so a connection's handshake and close records can be
+    /// joined (`conn` field).
+    next_conn: std::sync::atomic::AtomicU64,
 }
 
 impl Served {
@@ -225,6 +230,8 @@ impl Gateway {
             ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             metrics,
+            bound: std::sync::OnceLock::new(),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
         }))
     }
 
@@ -252,11 +259,14 @@ impl Gateway {
             Some(a) => Some(bind(a.listen, "admin listener").await?),
             None => None,
         };
+        let mut bound = Vec::new();
         for (l, scheme) in &listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(event = "listening", scheme = *scheme, addr = %addr, "listening");
+                bound.push((*scheme, addr));
             }
         }
+        let _ = self.bound.set(bound);
         if let Some(a) = admin {
             if let Ok(addr) = a.local_addr() {
                 tracing::info!(event = "listening", scheme = "admin", addr = %addr, "admin listening");
@@ -340,7 +350,12 @@ impl Gateway {
         client_addr: SocketAddr,
         scheme: &'static str,
     ) {
-        let accepted = Box::pin(self.clone().accept_handshake(tcp, client_addr, scheme)).await;
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let accepted = Box::pin(
+            self.clone()
+                .accept_handshake(tcp, client_addr, scheme, conn),
+        )
+        .await;
         if let Some(a) = accepted {
             self.relay(a).await;
         }
@@ -352,6 +367,7 @@ impl Gateway {
         tcp: TcpStream,
         client_addr: SocketAddr,
         scheme: &'static str,
+        conn: u64,
     ) -> Option<Accepted> {
         let _ = tcp.set_nodelay(true);
         let limits = &self.config.gateway.limits;
@@ -387,11 +403,14 @@ impl Gateway {
                 let slot = slot.clone();
                 let tls = tls_facts.clone();
                 async move {
-                    Ok::<_, Infallible>(gw.handshake(req, client_addr, scheme, tls, slot).await)
+                    Ok::<_, Infallible>(
+                        gw.handshake(req, client_addr, scheme, conn, tls, slot)
+                            .await,
+                    )
                 }
             })
         };
-        let conn = hyper::server::conn::http1::Builder::new()
+        let http = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.handshake_timeout)
             .max_buf_size(limits.max_header_bytes)
@@ -399,14 +418,14 @@ impl Gateway {
             .with_upgrades();
         // The whole handshake, backend included, is bounded: no client holds a task forever.
         let overall = limits.handshake_timeout + limits.backend_timeout;
-        match tokio::time::timeout(overall, conn).await {
+        match tokio::time::timeout(overall, http).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
             }
             Err(_) => {
                 self.metrics.limit_hit("", "handshake_timeout");
-                tracing::info!(event = "handshake_timeout", client = %client_addr, "handshake timed out; connection closed");
+                tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "handshake timed out; connection closed");
             }
         }
         let accepted = slot.lock().ok().and_then(|mut s| s.take());
@@ -419,6 +438,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         client_addr: SocketAddr,
         scheme: &'static str,
+        conn: u64,
         tls: Option<Arc<crate::policy::wit::TlsInfo>>,
         slot: Arc<Mutex<Option<Accepted>>>,
     ) -> http::Response<Full<Bytes>> {
@@ -487,6 +507,7 @@ impl Gateway {
                     api,
                     client_addr,
                     target: breq.target,
+                    conn,
                 });
             }
             Ok(resp)
@@ -514,6 +535,7 @@ impl Gateway {
             Ok(resp) => {
                 tracing::info!(
                     event = "handshake",
+                    conn,
                     api = api_name,
                     operation = "onHandshake",
                     status = 101u16,
@@ -530,6 +552,7 @@ impl Gateway {
             Err(r) => {
                 tracing::info!(
                     event = "handshake",
+                    conn,
                     api = api_name,
                     operation = "onHandshake",
                     status = r.status.as_u16(),
@@ -555,11 +578,12 @@ impl Gateway {
             api,
             client_addr,
             target,
+            conn,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::info!(event = "connection_closed", api = %api.config.name, client = %client_addr,
+                tracing::info!(event = "connection_closed", conn, api = %api.config.name, client = %client_addr,
                     closed_by = "client_dropped", error = %e, "client left before the upgrade completed");
                 return;
             }
@@ -617,6 +641,7 @@ impl Gateway {
         let b = &outcome.backend_to_client;
         tracing::info!(
             event = "connection_closed",
+            conn,
             api = %api.config.name,
             client = %client_addr,
             backend = %api.config.backend.original,
@@ -644,6 +669,7 @@ struct Accepted {
     api: Arc<Api>,
     client_addr: SocketAddr,
     target: String,
+    conn: u64,
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

@@ -248,3 +248,144 @@ async fn metrics_count_a_scripted_session_exactly() {
         Some(2.0)
     );
 }
+
+/// A backend that accepts and then neither reads nor answers: a closing connection waits out
+/// the gateway's close grace, which keeps a drain going long enough to watch it.
+fn silent() -> Handler {
+    std::sync::Arc::new(|_head, ws| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(ws);
+        })
+    })
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_the_served_apis() {
+    let backend = RawBackend::start(silent()).await;
+    let dir = TempDir::new("admin");
+    plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
+    let text = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        gateway_section("plugin_dir = \"plugins\"\n[gateway.limits]\ndrain_timeout = \"20s\""),
+        api_section(
+            "echo",
+            "echo",
+            &backend.url(),
+            "[[apis.on_handshake]]\nplugin = \"set-header\"\ninstances = \"pooled\"\nconfig = { name = \"X-Api-Key\", value = \"s3cret-value\" }\n"
+        )
+    );
+    let gw = Gateway::start_in(dir, &text);
+    let admin = gw.admin.unwrap();
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(admin, "/nothing-here").await.0, 404);
+
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let (status, head, body) = http_get(admin, "/apis").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(
+        header(&head, "content-type").as_deref(),
+        Some("application/json")
+    );
+    assert!(
+        !body.contains("s3cret-value"),
+        "policy config must not be listed: {body}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["gateway"], "test");
+    assert_eq!(v["listeners"][0]["scheme"], "ws");
+    assert_eq!(v["listeners"][0]["addr"], gw.ws.unwrap().to_string());
+    let api = &v["apis"][0];
+    assert_eq!(api["name"], "echo");
+    assert_eq!(api["path"], "/echo");
+    assert_eq!(api["schemes"], serde_json::json!(["ws"]));
+    assert_eq!(api["backend"], backend.url());
+    assert_eq!(api["active_connections"], 1);
+    assert_eq!(api["policies"][0]["plugin"], "set-header");
+    assert_eq!(api["policies"][0]["scope"], "api");
+    assert_eq!(api["policies"][0]["instances"], "pooled");
+
+    // Draining: not ready (so a load balancer stops sending), still alive.
+    gw.signal("TERM");
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = http_get(admin, "/readyz").await.0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, 503, "readyz while draining");
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+}
+
+/// The README documents the `handshake` and `connection_closed` records field by field; the
+/// real records carry exactly those fields (the ones marked *(rejections only)* only on a
+/// rejection).
+#[tokio::test]
+async fn handshake_and_close_records_carry_the_documented_fields() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let documented = |record: &str| -> Vec<(String, bool)> {
+        let heading = format!("#### `{record}` record");
+        let start = readme
+            .find(&heading)
+            .unwrap_or_else(|| panic!("README has no `{heading}` section"));
+        readme[start..]
+            .lines()
+            .skip(1)
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| {
+                let name = l.strip_prefix("| `")?.split('`').next()?;
+                Some((name.to_owned(), l.contains("*(rejections only)*")))
+            })
+            .collect()
+    };
+    let handshake_fields = documented("handshake");
+    let close_fields = documented("connection_closed");
+    assert!(handshake_fields.len() >= 10 && close_fields.len() >= 10);
+
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), "")
+    ));
+    let addr = gw.ws.unwrap();
+    let (_, mut ws) = ws_connect(addr, "/echo?room=1", "").await;
+    ws.send(true, 1, b"hi").await.unwrap();
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"hi");
+    ws.close(1000, "bye").await.unwrap();
+    ws.read_until_close().await.unwrap();
+    let (head, _) = raw_handshake(addr, "/nowhere", "").await;
+    assert_eq!(status_of(&head), 404);
+
+    let ok = gw.wait_record("handshake", |r| r["status"] == 101).await;
+    let rejected = gw.wait_record("handshake", |r| r["status"] == 404).await;
+    let closed = gw.wait_record("connection_closed", |_| true).await;
+    let keys =
+        |r: &serde_json::Value| -> Vec<String> { r.as_object().unwrap().keys().cloned().collect() };
+    let check = |what: &str, r: &serde_json::Value, fields: &[(String, bool)], rejection: bool| {
+        let want: Vec<&String> = fields
+            .iter()
+            .filter(|(_, only_rejections)| rejection || !only_rejections)
+            .map(|(f, _)| f)
+            .collect();
+        let mut have = keys(r);
+        have.sort();
+        let mut want_sorted: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want_sorted.sort();
+        assert_eq!(have, want_sorted, "{what}: record {r}");
+    };
+    check("101 handshake", &ok, &handshake_fields, false);
+    check("rejected handshake", &rejected, &handshake_fields, true);
+    check("connection_closed", &closed, &close_fields, false);
+    // The records of one connection share its `conn` number.
+    assert_eq!(ok["conn"], closed["conn"]);
+    assert_eq!(ok["api"], "echo");
+    assert_eq!(ok["path"], "/echo");
+    assert_eq!(closed["close_code"], 1000);
+    assert_eq!(closed["client_messages"], 1);
+}
