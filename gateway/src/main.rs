@@ -30,6 +30,25 @@ enum Command {
         #[arg(long, short)]
         manifest: PathBuf,
     },
+    /// Interactive WebSocket client for testing an API from a terminal: prints the handshake
+    /// status, sends typed lines, prints received messages (`>` sent, `<` received).
+    /// Commands: /binary HEX, /ping [TEXT], /close [CODE [REASON]]; Ctrl-D closes and exits.
+    Console {
+        /// ws:// or wss:// URL, e.g. ws://127.0.0.1:8080/echo
+        url: String,
+        /// Extra handshake header, `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H', value_name = "K:V")]
+        headers: Vec<String>,
+        /// Query parameter added to the URL, `name=value` (repeatable).
+        #[arg(long, short = 'q', value_name = "k=v", value_parser = parse_pair)]
+        query: Vec<(String, String)>,
+        /// Offered subprotocol (repeatable).
+        #[arg(long = "subprotocol", short = 'p', value_name = "P")]
+        subprotocols: Vec<String>,
+        /// CA certificate (PEM) to trust for a wss URL, besides the system's.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -52,7 +71,43 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::Inspect { file },
         } => inspect(&file),
+        Command::Console {
+            url,
+            headers,
+            query,
+            subprotocols,
+            ca,
+        } => console(tollgate::console::TermArgs {
+            url,
+            headers,
+            query,
+            subprotocols,
+            ca_file: ca,
+        }),
     }
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected name=value"))
+}
+
+fn console(args: tollgate::console::TermArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(tollgate::console::terminal(args));
+    // stdin's reader thread may still be blocked in read(2): do not wait for it.
+    runtime.shutdown_background();
+    ExitCode::from(code as u8)
 }
 
 fn inspect(file: &std::path::Path) -> ExitCode {

@@ -1,7 +1,7 @@
 // Drives the web test console (GET /console on the admin listener) in headless Chromium with
 // playwright-core: connect to an API, send a message, see the echo, disconnect; then a refused
 // handshake shows its HTTP status. Usage: node web-console.cjs ADMIN_URL SCREENSHOT.png
-// Run by tests/e2e/console.rs; playwright-core comes from target/js (scripts/test), Chromium
+// Run by tests/e2e/console.rs; playwright-core comes from target/browser (scripts/test), Chromium
 // from Debian (CHROMIUM, default /usr/bin/chromium).
 const { chromium } = require("playwright-core");
 

@@ -44,11 +44,11 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
             .arg(&shot)
             .env(
                 "NODE_PATH",
-                root.join("target").join("js").join("node_modules"),
+                root.join("target").join("browser").join("node_modules"),
             )
             .env("CHROMIUM", chromium)
             .output()
-            .expect("run node (scripts/test installs playwright-core into target/js)")
+            .expect("run node (scripts/test installs playwright-core into target/browser)")
     })
     .await
     .unwrap();
@@ -95,4 +95,142 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
         backend.last_head().lines().next().unwrap_or_default(),
         "GET /?room=1 HTTP/1.1"
     );
+}
+
+/// `tollgate console` on a pseudo-terminal, as a person would use it.
+struct Pty {
+    child: std::process::Child,
+    master: std::fs::File,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Pty {
+    fn spawn(args: &[&str]) -> Pty {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two new descriptors into the given ints.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty failed");
+        // SAFETY: both descriptors are fresh and owned here.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let child = Command::new(BIN)
+            .arg("console")
+            .args(args)
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave)
+            .spawn()
+            .unwrap();
+        let master = std::fs::File::from(master);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        {
+            let mut r = master.try_clone().unwrap();
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 4096];
+                // Ends with EIO once the child has exited and no slave is open.
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Pty {
+            child,
+            master,
+            seen,
+        }
+    }
+
+    fn type_line(&mut self, s: &str) {
+        use std::io::Write;
+        self.master.write_all(s.as_bytes()).unwrap();
+        self.master.write_all(b"\n").unwrap();
+    }
+
+    async fn expect(&self, needle: &str) {
+        for _ in 0..500 {
+            if self.seen.lock().unwrap().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let shown = self.seen.lock().unwrap().clone();
+        panic!("terminal never showed {needle:?}; it shows:\n{shown}");
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        for _ in 0..500 {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = self.child.kill();
+        let shown = self.seen.lock().unwrap().clone();
+        panic!("console did not exit; it shows:\n{shown}");
+    }
+}
+
+#[tokio::test]
+async fn terminal_console_connects_sends_receives_and_closes_on_ctrl_d() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), "")
+    ));
+    let url = gw.ws_url("/echo");
+    let mut t = Pty::spawn(&[
+        &url,
+        "--header",
+        "X-Console: yes",
+        "--query",
+        "room=7",
+        "--subprotocol",
+        "chat",
+    ]);
+    t.expect("* connected: 101 Switching Protocols, subprotocol chat")
+        .await;
+    t.type_line("hello there");
+    t.expect("< hello there").await;
+    t.type_line("/binary 01 ff 7e");
+    t.expect("< [binary 3 B] 01 ff 7e").await;
+    t.type_line("/ping are you there");
+    t.expect("< [ping] are you there").await;
+    t.type_line("/bogus");
+    t.expect("unknown command /bogus").await;
+    // Ctrl-D at the start of a line: end of input, a clean close.
+    {
+        use std::io::Write;
+        t.master.write_all(&[4]).unwrap();
+    }
+    t.expect("> [close 1000 ]").await;
+    t.expect("< [close 1000 ]").await;
+    assert_eq!(t.exit_code().await, 0);
+    let head = backend.last_head();
+    assert_eq!(header(&head, "x-console").as_deref(), Some("yes"), "{head}");
+    assert!(head.starts_with("GET /?room=7 HTTP/1.1"), "{head}");
+    let closed = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(closed["closed_by"], "client");
+    assert_eq!(closed["close_code"], 1000);
+
+    // A refused handshake: its status, and exit code 1.
+    let mut t = Pty::spawn(&[&gw.ws_url("/nowhere")]);
+    t.expect("* handshake refused: 404 Not Found").await;
+    assert_eq!(t.exit_code().await, 1);
 }
