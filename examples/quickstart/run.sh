@@ -12,5 +12,5 @@ cp target/wasm32-wasip2/release/set_header.wasm examples/quickstart/plugins/
 ./target/release/echo-backend --listen 127.0.0.1:9000 &
 backend_pid=$!
 trap 'kill "$backend_pid" 2>/dev/null || true' EXIT
-echo "gateway: ws://127.0.0.1:8080/echo  (admin: http://127.0.0.1:9090/healthz)"
+echo "gateway: ws://127.0.0.1:8080/echo  (test console: http://127.0.0.1:9090/console; metrics: /metrics)"
 ./target/release/tollgate run --manifest examples/quickstart/tollgate.toml
