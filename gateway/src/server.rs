@@ -61,8 +61,8 @@ pub struct Served {
 
 /// The running gateway's shared state.
 pub struct Gateway {
-    /// The manifest the process started with: listeners, admin, drain (changing those needs a
-    /// restart). Everything else is read from [`Gateway::served`].
+    /// The manifest the process started with: listeners and admin (changing those needs a
+    /// restart). Everything else, limits included, is read from [`Gateway::served`].
     pub config: Config,
     served: arc_swap::ArcSwap<Served>,
     tls_acceptor: Option<TlsAcceptor>,
@@ -294,7 +294,8 @@ impl Gateway {
         self.shutdown.cancelled().await;
 
         self.ready.store(false, Ordering::SeqCst);
-        let drain = self.config.gateway.limits.drain_timeout;
+        // Limits follow reloads: the drain uses the current state's.
+        let drain = self.served().config.gateway.limits.drain_timeout;
         tracing::info!(
             event = "draining",
             connections = self.active.load(Ordering::SeqCst),
@@ -370,7 +371,9 @@ impl Gateway {
         conn: u64,
     ) -> Option<Accepted> {
         let _ = tcp.set_nodelay(true);
-        let limits = &self.config.gateway.limits;
+        // The current state's limits (they follow reloads); copied, as the connection outlives
+        // any one state.
+        let limits = self.served.load().config.gateway.limits.clone();
         let mut tls_facts = None;
         let stream = match (&self.tls_acceptor, scheme) {
             (Some(acceptor), "wss") => {

@@ -261,3 +261,35 @@ async fn reloads_under_load_drop_nothing() {
     // Every one of the 200 kept echoing to the end (each task checks every echo).
     assert!(echoed.load(Ordering::Relaxed) >= 200);
 }
+
+/// Gateway limits follow a reload: a shorter `handshake_timeout` applies to the next client
+/// that sends nothing.
+#[tokio::test]
+async fn gateway_limits_apply_after_a_reload() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let text = |timeout: &str| {
+        format!(
+            "{}{}",
+            gateway_section(&format!(
+                "[gateway.limits]\nhandshake_timeout = \"{timeout}\""
+            )),
+            api_section("a", "a", &backend.url(), "")
+        )
+    };
+    let gw = Gateway::start(&text("60s"));
+    let addr = gw.ws.unwrap();
+    std::fs::write(gw.dir.path().join("tollgate.toml"), text("1s")).unwrap();
+    gw.signal("HUP");
+    let r = next_reload(&gw, 0).await;
+    assert_eq!(r["outcome"], "applied", "{r}");
+
+    use tokio::io::AsyncReadExt;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
+        .await
+        .expect("a client that sends nothing is dropped after the reloaded handshake_timeout");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
