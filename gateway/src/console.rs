@@ -79,6 +79,22 @@ pub async fn probe(gw: &Gateway, query: &str, origin: Option<&str>) -> serde_jso
         Ok(c) => c,
         Err(e) => return json!({"error": e}),
     };
+    let mut headers = opening_headers(&url, &protocols);
+    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(o).ok()) {
+        headers.insert(http::header::ORIGIN, o);
+    }
+    match connector.handshake(&target, headers, &protocols, &[]).await {
+        Ok(_upgraded) => json!({"status": 101}),
+        Err(BackendError::Rejected { status, body, .. }) => json!({
+            "status": status.as_u16(),
+            "body": String::from_utf8_lossy(&body[..body.len().min(4096)]),
+        }),
+        Err(e) => json!({"error": e.to_string()}),
+    }
+}
+
+/// The opening handshake's own headers towards `url`, offering `protocols`.
+fn opening_headers(url: &crate::manifest::BackendUrl, protocols: &[String]) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
         headers.insert(http::header::HOST, v);
@@ -97,17 +113,7 @@ pub async fn probe(gw: &Gateway, query: &str, origin: Option<&str>) -> serde_jso
             headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, v);
         }
     }
-    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(o).ok()) {
-        headers.insert(http::header::ORIGIN, o);
-    }
-    match connector.handshake(&target, headers, &protocols, &[]).await {
-        Ok(_upgraded) => json!({"status": 101}),
-        Err(BackendError::Rejected { status, body, .. }) => json!({
-            "status": status.as_u16(),
-            "body": String::from_utf8_lossy(&body[..body.len().min(4096)]),
-        }),
-        Err(e) => json!({"error": e.to_string()}),
-    }
+    headers
 }
 
 /// What `tollgate console` is asked to do.
@@ -155,24 +161,7 @@ pub async fn terminal(args: TermArgs) -> i32 {
     } else {
         None
     };
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
-        headers.insert(http::header::HOST, v);
-    }
-    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("Upgrade"),
-    );
-    headers.insert(
-        http::header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    if !args.subprotocols.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&args.subprotocols.join(", ")) {
-            headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, v);
-        }
-    }
+    let mut headers = opening_headers(&url, &args.subprotocols);
     for h in &args.headers {
         let parsed = h.split_once(':').and_then(|(k, v)| {
             Some((
