@@ -33,12 +33,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub pending_handshakes: usize,
     /// Comma-separated subset of:
-    /// direct,tcp-relay,tollgate,tollgate-policies,tollgate-pooled,nginx,haproxy.
+    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-policies,tollgate-pooled,nginx,haproxy.
     #[arg(long)]
     pub only: Option<String>,
     /// Path of the tollgate binary (default: target/release/tollgate next to this binary).
     #[arg(long)]
     pub tollgate: Option<PathBuf>,
+    /// A second tollgate binary (e.g. built from an older commit), run as target
+    /// `tollgate-baseline` with the same manifest as `tollgate`, alternating with it in every
+    /// round: the way to measure a change's cost side by side on a noisy machine.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     /// Directory holding jwt_validate.wasm and set_header.wasm for `tollgate-policies`
     /// (default: target/wasm32-wasip2/release, as built by
     /// `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`).
@@ -57,6 +62,7 @@ impl Default for RunArgs {
             pending_handshakes: 1000,
             only: None,
             tollgate: None,
+            baseline: None,
             plugins: None,
         }
     }
@@ -247,10 +253,12 @@ fn start_target(
                 .spawn()?;
             Proc { child, _dir: None }
         }
-        "tollgate" | "tollgate-policies" | "tollgate-pooled" => {
-            let bin = match &args.tollgate {
-                Some(p) => p.clone(),
-                None => me.parent().context("exe dir")?.join("tollgate"),
+        "tollgate" | "tollgate-baseline" | "tollgate-policies" | "tollgate-pooled" => {
+            let bin = match (name, &args.tollgate, &args.baseline) {
+                ("tollgate-baseline", _, Some(p)) => p.clone(),
+                ("tollgate-baseline", _, None) => return Ok(None),
+                (_, Some(p), _) => p.clone(),
+                _ => me.parent().context("exe dir")?.join("tollgate"),
             };
             anyhow::ensure!(
                 bin.exists(),
@@ -361,7 +369,7 @@ fn tollgate_dir(
     );
     let plugins = dir.0.join("plugins");
     std::fs::create_dir_all(&plugins)?;
-    if name != "tollgate" {
+    if name != "tollgate" && name != "tollgate-baseline" {
         let from = match &args.plugins {
             Some(p) => p.clone(),
             None => me
@@ -493,6 +501,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "direct",
         "tcp-relay",
         "tollgate",
+        "tollgate-baseline",
         "tollgate-policies",
         "tollgate-pooled",
         "nginx",
