@@ -101,8 +101,8 @@ async fn route<B>(gw: &Gateway, req: &http::Request<B>) -> Response<Full<Bytes>>
 
 /// The served APIs, from the state new handshakes use now (so it follows reloads): names,
 /// paths, schemes, backend, products, limits, live connection counts and the policy chain
-/// (plugin, version, scope, instance strategy). Policy *configs* are left out: they may hold
-/// keys or secrets.
+/// (plugin, version, scope, instance strategy), and the products with their subscriptions'
+/// names, limits and live counts. Policy *configs* and subscription keys are left out.
 pub fn apis_json(gw: &Gateway) -> serde_json::Value {
     use serde_json::json;
     let served = gw.served();
@@ -153,6 +153,12 @@ pub fn apis_json(gw: &Gateway) -> serde_json::Value {
                 "schemes": schemes,
                 "backend": c.backend.original,
                 "products": c.products,
+                // Where a subscription key goes, for APIs in products (the console shows it).
+                "subscription_key": (!c.products.is_empty()).then(|| json!({
+                    "header": c.subscription_key.header,
+                    "query": c.subscription_key.query,
+                    "required": a.open_product.is_none(),
+                })),
                 "max_connections": c.max_connections,
                 "active_connections": a.active.load(Ordering::Relaxed),
                 "policies": policies,
@@ -160,9 +166,45 @@ pub fn apis_json(gw: &Gateway) -> serde_json::Value {
         })
         .collect();
     apis.sort_by(|x, y| x["name"].as_str().cmp(&y["name"].as_str()));
+    // Subscriptions by name with their live counts; never a key or a digest.
+    let products: Vec<_> = served
+        .config
+        .products
+        .iter()
+        .map(|p| {
+            let subscriptions: Vec<_> = served
+                .keys
+                .all()
+                .iter()
+                .filter(|s| s.product == p.name)
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "max_connections": s.max_connections,
+                        "active_connections": s.active.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "name": p.name,
+                "display_name": p.display_name,
+                "subscription_required": p.subscription_required,
+                "apis": served
+                    .config
+                    .apis
+                    .iter()
+                    .filter(|a| a.products.contains(&p.name))
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>(),
+                "policies": p.policies.iter().map(|a| a.plugin.as_str()).collect::<Vec<_>>(),
+                "subscriptions": subscriptions,
+            })
+        })
+        .collect();
     json!({
         "gateway": served.config.gateway.name,
         "listeners": listeners,
         "apis": apis,
+        "products": products,
     })
 }

@@ -225,6 +225,12 @@ pub async fn run(
     let mut response_headers = Vec::new();
     let api = request.api.clone();
     for step in steps {
+        // A product's policies apply to the handshakes that came in through that product.
+        if let Scope::Product(p) = &step.scope {
+            if request.product.as_deref() != Some(p.as_str()) {
+                continue;
+            }
+        }
         let name = &step.plugin.name;
         if step.skip {
             let skips_total = step.metrics.skips.inc() + 1;

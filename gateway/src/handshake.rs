@@ -3,14 +3,16 @@
 //!
 //! 1. [`route`]: which API serves this path (404 if none).
 //! 2. [`validate_upgrade`]: is this a well-formed RFC 6455 opening handshake (400 / 426).
-//! 3. [`admit`]: is there room under the global and per-API connection limits (503).
-//! 4. [`backend_request`]: the request the backend will get (end-to-end headers forwarded,
-//!    hop-by-hop ones dropped, `X-Forwarded-*` added). onHandshake policies act on this
-//!    request; this build has no policy host, and the manifest refuses policy attachments, so
-//!    the chain is empty.
-//! 5. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
+//! 3. [`subscribe`]: for an API published through products, the subscription key: which
+//!    subscription and product the handshake comes in through (401 if none may).
+//! 4. [`admit`]: is there room under the subscription's (429), the global and the per-API
+//!    (503) connection limits.
+//! 5. [`backend_request`]: the request the backend will get (end-to-end headers forwarded,
+//!    hop-by-hop ones and the subscription key dropped, `X-Forwarded-*` added). The
+//!    onHandshake policy chain ([`crate::chain::run`]) then acts on this request.
+//! 6. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
 //!    (502 / 504 / the backend's own status).
-//! 6. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
+//! 7. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
 //!
 //! Then the connection task hands both sockets to the [`relay`](crate::relay).
 
@@ -24,7 +26,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::backend::{BackendError, Upgraded};
-use crate::routes::{Api, Permit, Routes};
+use crate::routes::{Api, LimitReached, Permit, Routes};
+use crate::subscriptions::{Keys, Subscription};
 use crate::wskey;
 
 /// What the phases learn about one handshake; also the source of its log record.
@@ -42,6 +45,12 @@ pub struct HandshakeCtx {
     pub client_key: String,
     pub protocols: Vec<String>,
     pub extensions: Vec<String>,
+    /// The product the handshake comes in through (see [`subscribe`]).
+    pub product: Option<String>,
+    pub subscription: Option<Arc<Subscription>>,
+    /// Lower-case name of the subscription-key header, not forwarded anywhere, when the API is
+    /// published through products.
+    pub key_header: Option<String>,
 }
 
 /// A refused handshake: the status the client gets and the reason that is logged (and sent as
@@ -173,17 +182,124 @@ pub fn validate_upgrade<B>(ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(
     Ok(())
 }
 
-/// Phase 3: a connection slot, or 503.
+/// What a client without a key is told (APIM's wording).
+pub const MISSING_KEY: &str = "Access denied due to missing subscription key. Make sure to include the subscription key when making requests to this API.";
+/// What a client with a key that does not open this API is told (APIM's wording). The same
+/// for an unknown key and for another product's key, so a client cannot probe which keys exist.
+pub const INVALID_KEY: &str = "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
+
+/// Seconds a subscriber at its `max_connections` is told to wait. Connections are long-lived, so
+/// hammering every second would only add load; a few seconds is a polite default.
+pub const SUBSCRIPTION_RETRY_AFTER: &str = "5";
+
+/// Phase 3: the subscription. For an API published through products, the key comes from the
+/// API's header, else its query parameter; both are removed from what the backend and the
+/// policies see. A key is always checked when sent; with no key (or an empty one), the
+/// handshake comes in through the API's open product, if it has one, and is refused (401)
+/// otherwise.
+pub fn subscribe<B>(
+    keys: &Keys,
+    ctx: &mut HandshakeCtx,
+    api: &Api,
+    req: &Request<B>,
+) -> Result<(), Reject> {
+    if api.config.products.is_empty() {
+        return Ok(());
+    }
+    let loc = &api.config.subscription_key;
+    ctx.key_header = Some(loc.header.clone());
+    let (from_query, rest) = take_query_param(ctx.query.as_deref(), &loc.query);
+    ctx.query = rest;
+    // An empty header or parameter counts as no key. A header that is not text cannot hold a
+    // key we issued; it is kept as an (invalid) key rather than ignored.
+    let from_header = req
+        .headers()
+        .get(loc.header.as_str())
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_owned());
+    let presented = from_header
+        .filter(|k| !k.is_empty())
+        .or(from_query.filter(|k| !k.is_empty()));
+    let deny = |reason: String, body: &'static str| {
+        let mut r = Reject::new(StatusCode::UNAUTHORIZED, reason);
+        r.body = Some(Bytes::from(format!("{body}\n")));
+        r
+    };
+    let Some(key) = presented else {
+        return match &api.open_product {
+            Some(p) => {
+                ctx.product = Some(p.clone());
+                Ok(())
+            }
+            None => Err(deny(
+                format!(
+                    "missing subscription key (header {}, query parameter {})",
+                    loc.header, loc.query
+                ),
+                MISSING_KEY,
+            )),
+        };
+    };
+    match keys.find(&key) {
+        Some(sub) if api.config.products.contains(&sub.product) => {
+            ctx.product = Some(sub.product.clone());
+            ctx.subscription = Some(sub.clone());
+            Ok(())
+        }
+        // Logged by subscription name, never by key.
+        Some(sub) => Err(deny(
+            format!(
+                "subscription `{}` is for product `{}`, which does not publish API `{}`",
+                sub.name, sub.product, api.config.name
+            ),
+            INVALID_KEY,
+        )),
+        None => Err(deny("unknown subscription key".into(), INVALID_KEY)),
+    }
+}
+
+/// Removes every `name=...` pair from a raw query string, keeping the other pairs exactly as
+/// the client wrote them; returns the first value found and what is left.
+fn take_query_param(query: Option<&str>, name: &str) -> (Option<String>, Option<String>) {
+    let Some(q) = query else {
+        return (None, None);
+    };
+    let mut found = None;
+    let mut kept = Vec::new();
+    for piece in q.split('&') {
+        let decoded = form_urlencoded::parse(piece.as_bytes()).next();
+        match decoded {
+            Some((k, v)) if k == name => {
+                if found.is_none() {
+                    found = Some(v.into_owned());
+                }
+            }
+            _ => kept.push(piece),
+        }
+    }
+    let rest = if kept.is_empty() {
+        None
+    } else {
+        Some(kept.join("&"))
+    };
+    (found, rest)
+}
+
+/// Phase 4: a connection slot, or 429 (subscription) / 503 (API, gateway).
 pub fn admit(
     global: &Arc<std::sync::atomic::AtomicUsize>,
     global_max: usize,
     api: &Arc<Api>,
-) -> Result<Permit, Reject> {
-    Permit::acquire(global, global_max, api).map_err(|why| {
-        let mut r = Reject::new(StatusCode::SERVICE_UNAVAILABLE, why);
+    subscription: Option<&Arc<Subscription>>,
+) -> Result<Permit, (Reject, LimitReached)> {
+    Permit::acquire(global, global_max, api, subscription).map_err(|full| {
+        let (status, retry) = match full {
+            LimitReached::Subscription => (StatusCode::TOO_MANY_REQUESTS, SUBSCRIPTION_RETRY_AFTER),
+            LimitReached::Api | LimitReached::Gateway => (StatusCode::SERVICE_UNAVAILABLE, "1"),
+        };
+        let mut r = Reject::new(status, full.reason());
         r.headers
-            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
-        r
+            .push((header::RETRY_AFTER, HeaderValue::from_static(retry)));
+        (r, full)
     })
 }
 
@@ -226,7 +342,10 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
     let mut headers = HeaderMap::with_capacity(src.len() + 6);
     for (name, value) in src {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n) || named_hop.iter().any(|h| h == n) {
+        if NOT_FORWARDED.contains(&n)
+            || named_hop.iter().any(|h| h == n)
+            || ctx.key_header.as_deref() == Some(n)
+        {
             continue;
         }
         headers.append(name.clone(), value.clone());
@@ -269,9 +388,10 @@ pub fn policy_request<B>(
     req: &Request<B>,
 ) -> crate::policy::wit::HandshakeRequest {
     use crate::policy::wit::Pair;
-    let query = req
-        .uri()
-        .query()
+    // The query as forwarded (without the subscription key).
+    let query = ctx
+        .query
+        .as_deref()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .map(|(k, v)| Pair {
@@ -288,6 +408,7 @@ pub fn policy_request<B>(
         headers: req
             .headers()
             .iter()
+            .filter(|(k, _)| ctx.key_header.as_deref() != Some(k.as_str()))
             .map(|(k, v)| Pair {
                 name: k.as_str().to_owned(),
                 value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
@@ -296,8 +417,20 @@ pub fn policy_request<B>(
         client_address: ctx.client_addr.to_string(),
         tls: ctx.tls.as_deref().cloned(),
         api: api.config.name.clone(),
-        product: api.config.products.first().cloned(),
-        context: Vec::new(),
+        product: ctx.product.clone(),
+        // What the gateway knows before any policy runs.
+        context: ctx
+            .product
+            .iter()
+            .map(|p| Pair {
+                name: "product.name".into(),
+                value: p.clone(),
+            })
+            .chain(ctx.subscription.iter().map(|s| Pair {
+                name: "subscription.name".into(),
+                value: s.name.clone(),
+            }))
+            .collect(),
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

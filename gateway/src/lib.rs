@@ -21,5 +21,6 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod stream;
+pub mod subscriptions;
 pub mod verify_cache;
 pub mod wskey;

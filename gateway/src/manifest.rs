@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::HeaderName;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -83,6 +84,8 @@ struct RawGateway {
     plugin_cache_dir: Option<Spanned<String>>,
     /// Signatures remembered as valid by the host's `signatures.verify` (0: none).
     signature_cache_entries: Option<usize>,
+    /// TOML file with subscriptions' plain-text keys, by subscription name.
+    subscription_keys_file: Option<Spanned<String>>,
     tls: Option<RawListenerTls>,
     #[serde(default)]
     limits: RawLimits,
@@ -146,6 +149,10 @@ struct RawApi {
     insecure_skip_verify: bool,
     #[serde(default)]
     limits: RawApiLimits,
+    /// Header carrying the subscription key (default `Ocp-Apim-Subscription-Key`).
+    subscription_key_header: Option<Spanned<String>>,
+    /// Query parameter carrying the subscription key (default `subscription-key`).
+    subscription_key_query: Option<Spanned<String>>,
     #[serde(default)]
     on_handshake: Vec<Spanned<RawAttachment>>,
 }
@@ -156,8 +163,33 @@ struct RawProduct {
     name: Spanned<String>,
     display_name: Option<String>,
     subscription_required: Option<Spanned<bool>>,
+    /// Not accepted: APIs list their products (one source of truth). Parsed only to say so.
+    apis: Option<Spanned<toml::Value>>,
     #[serde(default)]
     policies: Vec<Spanned<RawAttachment>>,
+    #[serde(default)]
+    subscriptions: Vec<Spanned<RawSubscription>>,
+}
+
+/// A subscription as written. Each key comes from exactly one place: an environment variable
+/// (`*_key_env`), its SHA-256 (`*_key_sha256`, hex), or the gateway's `subscription_keys_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscription {
+    name: Spanned<String>,
+    max_connections: Option<Spanned<usize>>,
+    primary_key_env: Option<Spanned<String>>,
+    secondary_key_env: Option<Spanned<String>>,
+    primary_key_sha256: Option<Spanned<String>>,
+    secondary_key_sha256: Option<Spanned<String>>,
+}
+
+/// One subscription's entry in the keys file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyPair {
+    primary: Option<Spanned<String>>,
+    secondary: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -226,6 +258,8 @@ pub struct GatewayConfig {
     pub plugin_cache_dir: Option<PathBuf>,
     /// See `verify_cache`; default `verify_cache::DEFAULT_ENTRIES`, 0 disables it.
     pub signature_cache_entries: usize,
+    /// Subscriptions' plain-text keys (read, hashed and checked at every load and reload).
+    pub subscription_keys_file: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -292,6 +326,8 @@ pub struct ApiConfig {
     pub backend: BackendUrl,
     pub schemes: Schemes,
     pub products: Vec<String>,
+    /// Where handshakes carry a subscription key; used only when `products` is not empty.
+    pub subscription_key: KeyLocation,
     pub max_connections: Option<usize>,
     pub limits: ConnLimits,
     pub ca_file: Option<PathBuf>,
@@ -363,9 +399,62 @@ impl BackendUrl {
 pub struct ProductConfig {
     pub name: String,
     pub display_name: String,
+    /// `true` (the default, as in APIM): a handshake on this product's APIs needs a key of one
+    /// of its subscriptions. `false` ("open"): no key needed, though a key sent is still checked.
     pub subscription_required: bool,
     pub policies: Vec<Attachment>,
+    pub subscriptions: Vec<SubscriptionConfig>,
 }
+
+/// Header and query parameter names a subscription key is read from (header first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLocation {
+    /// Lower-case header name.
+    pub header: String,
+    pub query: String,
+}
+
+impl Default for KeyLocation {
+    fn default() -> Self {
+        KeyLocation {
+            header: "ocp-apim-subscription-key".into(),
+            query: "subscription-key".into(),
+        }
+    }
+}
+
+/// A subscription to a product. Only SHA-256 digests of its keys are kept in memory: a key
+/// read from the environment or the keys file is hashed as soon as it is read.
+#[derive(Clone)]
+pub struct SubscriptionConfig {
+    /// Unique across the manifest (the keys file and logs name subscriptions by it).
+    pub name: String,
+    pub max_connections: Option<usize>,
+    /// Primary first, then secondary; one or both.
+    pub keys: Vec<KeyDigest>,
+}
+
+impl fmt::Debug for SubscriptionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionConfig")
+            .field("name", &self.name)
+            .field("max_connections", &self.max_connections)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+/// SHA-256 of a subscription key.
+pub type KeyDigest = [u8; 32];
+
+/// The digest a key is stored and looked up by.
+pub fn key_digest(key: &str) -> KeyDigest {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+/// Shortest plain-text subscription key accepted (APIM's generated keys have 32 characters).
+pub const MIN_KEY_CHARS: usize = 16;
 
 /// A policy attached to a scope: the plugin's declared name and its config table.
 #[derive(Debug, Clone)]
@@ -483,6 +572,16 @@ struct Validator<'a> {
     base: PathBuf,
     errors: Vec<ManifestError>,
     has_policies: bool,
+    /// Where each subscription is written (key path, span), for errors found later.
+    sub_sites: HashMap<String, (String, Range<usize>)>,
+}
+
+/// The subscription keys file, parsed; `used` collects the subscriptions that took a key from it.
+struct KeysFile {
+    path: PathBuf,
+    text: String,
+    entries: BTreeMap<Spanned<String>, RawKeyPair>,
+    used: std::collections::HashSet<String>,
 }
 
 impl<'a> Validator<'a> {
@@ -497,7 +596,262 @@ impl<'a> Validator<'a> {
             base,
             errors: Vec::new(),
             has_policies: false,
+            sub_sites: HashMap::new(),
         }
+    }
+
+    /// An error in another file (the keys file), located in that file's text.
+    fn err_in(
+        &mut self,
+        file: &Path,
+        text: &str,
+        span: Range<usize>,
+        key: String,
+        message: String,
+    ) {
+        let (line, column) = line_col(text, span.start);
+        self.errors.push(ManifestError {
+            file: file.to_owned(),
+            line,
+            column,
+            key,
+            message,
+        });
+    }
+
+    /// Reads and parses `gateway.subscription_keys_file`.
+    fn keys_file(&mut self, f: &Spanned<String>) -> Option<KeysFile> {
+        let path = self.resolve(f.get_ref());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(
+                    f.span(),
+                    "gateway.subscription_keys_file",
+                    format!(
+                        "cannot read subscription keys file `{}`: {e}",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+        };
+        match toml::from_str::<BTreeMap<Spanned<String>, RawKeyPair>>(&text) {
+            Ok(entries) => Some(KeysFile {
+                path,
+                text,
+                entries,
+                used: Default::default(),
+            }),
+            Err(e) => {
+                // toml's message names the problem, never the value, so no key is echoed.
+                let span = e.span().unwrap_or(0..0);
+                let key = key_at(&text, &span);
+                self.err_in(
+                    &path,
+                    &text,
+                    span,
+                    key,
+                    format!(
+                        "{} (expected one table per subscription: [NAME] primary = \"...\" secondary = \"...\")",
+                        e.message().replace('\n', " ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A plain-text key's problem, if any; worded without the key.
+    fn key_problem(key: &str) -> Option<String> {
+        if key.chars().count() < MIN_KEY_CHARS {
+            Some(format!(
+                "a subscription key must have at least {MIN_KEY_CHARS} characters"
+            ))
+        } else if !key.chars().all(|c| c.is_ascii_graphic()) {
+            Some("a subscription key must be printable ASCII without spaces (it travels in a header or query parameter)".into())
+        } else {
+            None
+        }
+    }
+
+    /// The subscriptions of product `i`, each key resolved to its digest.
+    fn subscriptions(
+        &mut self,
+        i: usize,
+        list: &[Spanned<RawSubscription>],
+        keys_file: &mut Option<KeysFile>,
+        names: &mut HashMap<String, String>,
+    ) -> Vec<SubscriptionConfig> {
+        let mut out = Vec::new();
+        for (j, sub) in list.iter().enumerate() {
+            let path = format!("products[{i}].subscriptions[{j}]");
+            let r = sub.get_ref();
+            let name = r.name.get_ref().trim().to_owned();
+            if name.is_empty() {
+                self.err(r.name.span(), format!("{path}.name"), "must not be empty");
+                continue;
+            }
+            if let Some(first) = names.insert(name.clone(), path.clone()) {
+                self.err(
+                    r.name.span(),
+                    format!("{path}.name"),
+                    format!("duplicate subscription name `{name}` (first used by {first}); names are unique across the manifest"),
+                );
+                continue;
+            }
+            self.sub_sites
+                .insert(name.clone(), (path.clone(), sub.span()));
+            if let Some(m) = &r.max_connections {
+                if *m.get_ref() == 0 {
+                    self.err(
+                        m.span(),
+                        format!("{path}.max_connections"),
+                        "must be at least 1 (remove the subscription to shut it out)",
+                    );
+                }
+            }
+            let from_file = keys_file
+                .as_ref()
+                .and_then(|kf| kf.entries.get_key_value(name.as_str()))
+                .map(|(k, v)| (k.span(), v.primary.clone(), v.secondary.clone()));
+            let mut keys = Vec::new();
+            for (slot, env, sha) in [
+                ("primary", &r.primary_key_env, &r.primary_key_sha256),
+                ("secondary", &r.secondary_key_env, &r.secondary_key_sha256),
+            ] {
+                let file_key = from_file.as_ref().and_then(|(_, p, s)| {
+                    if slot == "primary" {
+                        p.clone()
+                    } else {
+                        s.clone()
+                    }
+                });
+                let sources = env.is_some() as u8 + sha.is_some() as u8 + file_key.is_some() as u8;
+                if sources > 1 {
+                    self.err(
+                        sub.span(),
+                        format!("{path}.{slot}_key_env"),
+                        format!("subscription `{name}` has its {slot} key in more than one place ({slot}_key_env, {slot}_key_sha256, subscription_keys_file): keep one"),
+                    );
+                    continue;
+                }
+                if let Some(var) = env {
+                    match std::env::var(var.get_ref()) {
+                        Ok(v) => match Self::key_problem(&v) {
+                            Some(p) => self.err(
+                                var.span(),
+                                format!("{path}.{slot}_key_env"),
+                                format!("environment variable `{}`: {p}", var.get_ref()),
+                            ),
+                            None => keys.push(key_digest(&v)),
+                        },
+                        Err(_) => self.err(
+                            var.span(),
+                            format!("{path}.{slot}_key_env"),
+                            format!(
+                                "environment variable `{}` is not set (or not UTF-8)",
+                                var.get_ref()
+                            ),
+                        ),
+                    }
+                } else if let Some(h) = sha {
+                    match parse_sha256(h.get_ref()) {
+                        Some(d) => keys.push(d),
+                        None => self.err(
+                            h.span(),
+                            format!("{path}.{slot}_key_sha256"),
+                            "must be 64 hex digits: the SHA-256 of the key (e.g. `printf %s \"$KEY\" | sha256sum`)",
+                        ),
+                    }
+                } else if let (Some(k), Some(kf)) = (file_key, keys_file.as_mut()) {
+                    kf.used.insert(name.clone());
+                    if let Some(p) = Self::key_problem(k.get_ref()) {
+                        let (file, text) = (kf.path.clone(), kf.text.clone());
+                        self.err_in(&file, &text, k.span(), format!("{name}.{slot}"), p);
+                    } else {
+                        keys.push(key_digest(k.get_ref()));
+                    }
+                }
+            }
+            if keys.is_empty() && !self.errors.iter().any(|e| e.key.starts_with(&path)) {
+                self.err(
+                    sub.span(),
+                    path.clone(),
+                    format!("subscription `{name}` has no key: set primary_key_env or primary_key_sha256, or give it a [{name}] table in gateway.subscription_keys_file"),
+                );
+            }
+            out.push(SubscriptionConfig {
+                name,
+                max_connections: r.max_connections.as_ref().map(|m| *m.get_ref()),
+                keys,
+            });
+        }
+        out
+    }
+
+    /// Entries of the keys file that name no subscription: most likely a typo, which would
+    /// otherwise leave a subscriber locked out without a word.
+    fn unused_keys(&mut self, kf: &KeysFile) {
+        for k in kf.entries.keys() {
+            if !kf.used.contains(k.get_ref()) && !self.sub_sites.contains_key(k.get_ref()) {
+                self.err_in(
+                    &kf.path,
+                    &kf.text,
+                    k.span(),
+                    k.get_ref().clone(),
+                    format!("no subscription is named `{}` in the manifest", k.get_ref()),
+                );
+            }
+        }
+    }
+
+    /// A key must identify one subscription.
+    fn duplicate_keys(&mut self, products: &[ProductConfig]) {
+        let mut seen: HashMap<KeyDigest, &str> = HashMap::new();
+        for s in products.iter().flat_map(|p| &p.subscriptions) {
+            for k in &s.keys {
+                match seen.insert(*k, &s.name) {
+                    Some(other) if other != s.name => {
+                        let (path, span) = self.sub_sites.get(&s.name).cloned().unwrap_or_default();
+                        self.err(
+                            span,
+                            path,
+                            format!("subscriptions `{other}` and `{}` have the same key; a key must identify one subscription", s.name),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The API's subscription key header and query parameter names.
+    fn key_location(&mut self, i: usize, a: &RawApi) -> KeyLocation {
+        let mut loc = KeyLocation::default();
+        if let Some(h) = &a.subscription_key_header {
+            if HeaderName::from_bytes(h.get_ref().trim().as_bytes()).is_err() {
+                self.err(
+                    h.span(),
+                    format!("apis[{i}].subscription_key_header"),
+                    format!("`{}` is not a valid header name", h.get_ref()),
+                );
+            } else {
+                loc.header = h.get_ref().trim().to_ascii_lowercase();
+            }
+        }
+        if let Some(q) = &a.subscription_key_query {
+            if q.get_ref().trim().is_empty() {
+                self.err(
+                    q.span(),
+                    format!("apis[{i}].subscription_key_query"),
+                    "must not be empty",
+                );
+            } else {
+                loc.query = q.get_ref().trim().to_owned();
+            }
+        }
+        loc
     }
 
     fn err(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
@@ -586,6 +940,11 @@ impl<'a> Validator<'a> {
         });
 
         // Products.
+        let mut keys_file = g
+            .subscription_keys_file
+            .as_ref()
+            .and_then(|f| self.keys_file(f));
+        let mut sub_names: HashMap<String, String> = HashMap::new();
         let mut products = Vec::new();
         let mut product_names = HashMap::new();
         for (i, p) in raw.products.iter().enumerate() {
@@ -603,24 +962,32 @@ impl<'a> Validator<'a> {
                     format!("duplicate product name `{pname}`"),
                 );
             }
-            if let Some(req) = p.subscription_required.as_ref().filter(|r| *r.get_ref()) {
+            if let Some(apis) = &p.apis {
                 self.err(
-                    req.span(),
-                    format!("products[{i}].subscription_required"),
-                    "subscriptions are not implemented yet; this build cannot enforce subscription keys, so it refuses to serve a product that requires them",
+                    apis.span(),
+                    format!("products[{i}].apis"),
+                    format!("a product does not list its APIs: each API lists its products (one source of truth); add `products = [\"{pname}\"]` to those [[apis]] entries"),
                 );
             }
             let policies = self.attachments(&p.policies, &format!("products[{i}].policies"));
+            let subscriptions =
+                self.subscriptions(i, &p.subscriptions, &mut keys_file, &mut sub_names);
             products.push(ProductConfig {
                 name: pname.clone(),
                 display_name: p.display_name.clone().unwrap_or(pname),
+                // APIM's default: a product is protected unless it says otherwise.
                 subscription_required: p
                     .subscription_required
                     .as_ref()
-                    .is_some_and(|r| *r.get_ref()),
+                    .is_none_or(|r| *r.get_ref()),
                 policies,
+                subscriptions,
             });
         }
+        if let Some(kf) = &keys_file {
+            self.unused_keys(kf);
+        }
+        self.duplicate_keys(&products);
         let global_policies = self.attachments(&raw.policies, "policies");
 
         // APIs.
@@ -682,15 +1049,33 @@ impl<'a> Validator<'a> {
                 }
             };
             let schemes = self.schemes(i, a, listen.is_some(), g.tls.is_some());
+            let mut open = Vec::new();
             for p in &a.products {
-                if !product_names.contains_key(p.get_ref().as_str()) {
-                    self.err(
+                match product_names.get(p.get_ref().as_str()) {
+                    None => self.err(
                         p.span(),
                         format!("apis[{i}].products"),
                         format!("product `{}` is not defined in [[products]]", p.get_ref()),
-                    );
+                    ),
+                    Some(&n) if !products[n].subscription_required => {
+                        open.push(p.get_ref().as_str())
+                    }
+                    Some(_) => {}
                 }
             }
+            if open.len() > 1 {
+                // A handshake without a key comes in through the API's open product; with two
+                // there would be no telling which product's policies apply.
+                self.err(
+                    a.products[0].span(),
+                    format!("apis[{i}].products"),
+                    format!(
+                        "an API can be in at most one open product (subscription_required = false); `{aname}` is in {}",
+                        open.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+            let subscription_key = self.key_location(i, a);
             let ca_file = a
                 .ca_file
                 .as_ref()
@@ -719,6 +1104,7 @@ impl<'a> Validator<'a> {
                 backend,
                 schemes,
                 products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
+                subscription_key,
                 max_connections: a.limits.max_connections,
                 limits: ConnLimits {
                     idle_timeout: match a.limits.idle_timeout {
@@ -733,6 +1119,22 @@ impl<'a> Validator<'a> {
                 insecure_skip_verify: a.insecure_skip_verify,
                 on_handshake,
             });
+        }
+
+        for (i, p) in raw.products.iter().enumerate() {
+            let pname = p.name.get_ref().trim();
+            if !pname.is_empty()
+                && !raw
+                    .apis
+                    .iter()
+                    .any(|a| a.products.iter().any(|ap| ap.get_ref() == pname))
+            {
+                self.err(
+                    p.name.span(),
+                    format!("products[{i}].name"),
+                    format!("product `{pname}` publishes no API: add `products = [\"{pname}\"]` to the [[apis]] entries it publishes"),
+                );
+            }
         }
 
         if self.has_policies && plugin_dir.is_none() {
@@ -756,6 +1158,10 @@ impl<'a> Validator<'a> {
                 signature_cache_entries: g
                     .signature_cache_entries
                     .unwrap_or(crate::verify_cache::DEFAULT_ENTRIES),
+                subscription_keys_file: g
+                    .subscription_keys_file
+                    .as_ref()
+                    .map(|f| self.resolve(f.get_ref())),
                 limits,
             },
             admin,
@@ -926,6 +1332,19 @@ impl<'a> Validator<'a> {
     }
 }
 
+/// 64 hex digits to a digest.
+fn parse_sha256(hex: &str) -> Option<KeyDigest> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Parses a backend URL: `ws://` or `wss://`, a host, optional port, path and query.
 pub fn parse_backend(s: &str) -> Result<BackendUrl, String> {
     let uri: http::Uri = s
@@ -1009,6 +1428,105 @@ mod tests {
         assert!(keys.contains(&("apis[0].backend", 7)), "{e}");
         assert!(keys.contains(&("apis[1].url_suffix", 10)), "{e}");
         assert!(keys.contains(&("apis[1].products", 12)), "{e}");
+    }
+
+    fn hex(d: &KeyDigest) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn products_and_subscriptions_are_validated_with_every_error_located() {
+        let dir = std::env::temp_dir().join(format!("tollgate-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("keys.toml"),
+            "[bob]\nprimary = \"short-secret\"\n\n[carol]\nprimary = \"carol-key-0123456789\"\n[nobody]\nprimary = \"nobody-key-0123456789\"\n",
+        )
+        .unwrap();
+        std::env::remove_var("TOLLGATE_TEST_UNSET_KEY");
+        let text = format!(
+            "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\nsubscription_keys_file = \"keys.toml\"\n\
+             [[products]]\nname = \"gold\"\napis = [\"a\"]\n\
+             [[products.subscriptions]]\nname = \"alice\"\nprimary_key_env = \"TOLLGATE_TEST_UNSET_KEY\"\nsecondary_key_sha256 = \"abc\"\n\
+             [[products.subscriptions]]\nname = \"bob\"\n\
+             [[products.subscriptions]]\nname = \"carol\"\n\
+             [[products.subscriptions]]\nname = \"dave\"\nprimary_key_sha256 = \"{}\"\n\
+             [[products.subscriptions]]\nname = \"erin\"\n\
+             [[products]]\nname = \"open1\"\nsubscription_required = false\n\
+             [[products]]\nname = \"open2\"\nsubscription_required = false\n\
+             [[products]]\nname = \"lonely\"\n\
+             [[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\nproducts = [\"gold\", \"open1\", \"open2\"]\n",
+            hex(&key_digest("carol-key-0123456789"))
+        );
+        let e = parse(&dir.join("m.toml"), &text).unwrap_err();
+        let shown = e.to_string();
+        let has = |key: &str, what: &str| {
+            e.0.iter()
+                .any(|x| x.key == key && x.message.contains(what) && x.line > 0)
+        };
+        assert!(
+            has("products[0].apis", "each API lists its products"),
+            "{shown}"
+        );
+        assert!(
+            has(
+                "products[0].subscriptions[0].primary_key_env",
+                "TOLLGATE_TEST_UNSET_KEY` is not set"
+            ),
+            "{shown}"
+        );
+        assert!(
+            has(
+                "products[0].subscriptions[0].secondary_key_sha256",
+                "64 hex digits"
+            ),
+            "{shown}"
+        );
+        assert!(has("bob.primary", "at least 16 characters"), "{shown}");
+        assert!(
+            has("nobody", "no subscription is named `nobody`"),
+            "{shown}"
+        );
+        assert!(
+            has("products[0].subscriptions[3]", "have the same key"),
+            "{shown}"
+        );
+        assert!(has("products[0].subscriptions[4]", "has no key"), "{shown}");
+        assert!(
+            has("apis[0].products", "at most one open product"),
+            "{shown}"
+        );
+        assert!(has("products[3].name", "publishes no API"), "{shown}");
+        // Errors found in the keys file name that file and its line.
+        let bob = e.0.iter().find(|x| x.key == "bob.primary").unwrap();
+        assert!(bob.file.ends_with("keys.toml") && bob.line == 2, "{bob}");
+        // No key value is ever echoed.
+        for secret in ["short-secret", "carol-key", "nobody-key"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn products_require_subscriptions_unless_they_say_otherwise() {
+        std::env::set_var("TOLLGATE_TEST_SET_KEY", "0123456789abcdef0123");
+        let c = p(&format!(
+            "{BASE}[[products]]\nname = \"gold\"\n[[products.subscriptions]]\nname = \"s\"\nprimary_key_env = \"TOLLGATE_TEST_SET_KEY\"\nmax_connections = 3\n\
+             [[products]]\nname = \"free\"\nsubscription_required = false\n\
+             [[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\nproducts = [\"gold\", \"free\"]\nsubscription_key_header = \"X-Key\"\n"
+        ))
+        .unwrap();
+        assert!(c.products[0].subscription_required);
+        assert!(!c.products[1].subscription_required);
+        assert_eq!(
+            c.products[0].subscriptions[0].keys,
+            vec![key_digest("0123456789abcdef0123")]
+        );
+        assert_eq!(c.products[0].subscriptions[0].max_connections, Some(3));
+        assert_eq!(c.apis[0].subscription_key.header, "x-key");
+        assert_eq!(c.apis[0].subscription_key.query, "subscription-key");
+        // Debug output (e.g. in a panic) never shows key material.
+        assert!(!format!("{:?}", c.products[0]).contains(&hex(&key_digest("0123456789abcdef0123"))));
     }
 
     #[test]

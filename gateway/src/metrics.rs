@@ -28,7 +28,18 @@ struct ApiLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     api: String,
+    /// The product the handshake came in through (its subscription's, or the API's open
+    /// product); empty when none.
+    product: String,
+    /// Empty when the handshake carried no (valid) key.
+    subscription: String,
     status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionLabels {
+    product: String,
+    subscription: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,6 +129,7 @@ pub struct Metrics {
     policy_duration: HistogramFamily<PolicyLabels>,
     reloads: Family<ReloadLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
+    subscriptions_active: Family<SubscriptionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -144,11 +156,12 @@ impl Metrics {
             policy_duration: Family::new_with_constructor(policy_buckets),
             reloads: Family::default(),
             limits: Family::default(),
+            subscriptions_active: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "handshakes",
-            "WebSocket opening handshakes answered, by API (empty: no API matched) and the HTTP status the client got (101: accepted)",
+            "WebSocket opening handshakes answered, by API (empty: no API matched), product and subscription (empty: none) and the HTTP status the client got (101: accepted)",
             m.handshakes.clone(),
         );
         registry.register_with_unit(
@@ -219,6 +232,11 @@ impl Metrics {
             "limits_hit",
             "Times a limit stopped a handshake or a connection, by API and limit",
             m.limits.clone(),
+        );
+        registry.register(
+            "subscription_connections_active",
+            "Connections held under each subscription now (counted against its max_connections)",
+            m.subscriptions_active.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -294,14 +312,26 @@ impl Metrics {
         }
     }
 
-    /// A handshake answered with `status`; `api` is empty when no API matched.
-    pub fn handshake(&self, api: &str, status: u16) {
+    /// A handshake answered with `status`; `api` is empty when no API matched, `product` and
+    /// `subscription` when the handshake had none.
+    pub fn handshake(&self, api: &str, product: &str, subscription: &str, status: u16) {
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 api: api.to_owned(),
+                product: product.to_owned(),
+                subscription: subscription.to_owned(),
                 status,
             })
             .inc();
+    }
+
+    /// The live-connections gauge of one subscription.
+    pub fn subscription_active(&self, product: &str, subscription: &str) -> Gauge {
+        self.subscriptions_active
+            .get_or_create_owned(&SubscriptionLabels {
+                product: product.to_owned(),
+                subscription: subscription.to_owned(),
+            })
     }
 
     pub fn backend_error(&self, api: &str, kind: &'static str) {

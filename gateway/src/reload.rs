@@ -1,6 +1,6 @@
-//! Live reload: on SIGHUP, or when the manifest or a file in `plugin_dir` changes, the gateway
-//! re-reads the manifest, loads every plugin, runs every load-time check and swaps the new
-//! served state in as a whole ([`Gateway::swap_in`]). New handshakes use it; established
+//! Live reload: on SIGHUP, or when the manifest, the subscription keys file or a file in
+//! `plugin_dir` changes, the gateway re-reads the manifest, loads every plugin, runs every
+//! load-time check and swaps the new served state in as a whole ([`Gateway::swap_in`]). New handshakes use it; established
 //! connections keep what they started with. A reload that fails any check is refused as a
 //! whole, every error is logged, and the previous state keeps serving. Changes that cannot be
 //! applied to running listeners (addresses, certificates, the admin listener) refuse the
@@ -105,10 +105,11 @@ pub async fn reload_and_log(gw: Arc<Gateway>, path: PathBuf, trigger: &'static s
     }
 }
 
-/// Name, size and modification time of the manifest and of every `*.wasm` in `plugin_dir`.
+/// Name, size and modification time of the manifest, the subscription keys file and every
+/// `*.wasm` in `plugin_dir`.
 fn fingerprint(
     manifest: &Path,
-    plugin_dir: Option<&Path>,
+    (plugin_dir, keys_file): (Option<PathBuf>, Option<PathBuf>),
 ) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let entry = |p: &Path| {
         let m = std::fs::metadata(p).ok();
@@ -119,6 +120,7 @@ fn fingerprint(
         )
     };
     let mut v = vec![entry(manifest)];
+    v.extend(keys_file.as_deref().map(entry));
     if let Some(dir) = plugin_dir {
         if let Ok(rd) = std::fs::read_dir(dir) {
             let mut files: Vec<PathBuf> = rd
@@ -142,9 +144,16 @@ pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
             None
         }
     };
-    // The plugin directory of the manifest as it is now (it may move with a reload).
-    let dir = |gw: &Gateway| gw.served().config.gateway.plugin_dir.clone();
-    let mut applied = fingerprint(&manifest, dir(&gw).as_deref());
+    // The plugin directory and keys file of the manifest as it is now (they may move with a
+    // reload).
+    let dir = |gw: &Gateway| {
+        let s = gw.served();
+        (
+            s.config.gateway.plugin_dir.clone(),
+            s.config.gateway.subscription_keys_file.clone(),
+        )
+    };
+    let mut applied = fingerprint(&manifest, dir(&gw));
     let mut last = applied.clone();
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,15 +168,15 @@ pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
             _ = gw.shutdown.cancelled() => return,
             _ = hup_recv => {
                 reload_and_log(gw.clone(), manifest.clone(), "sighup").await;
-                applied = fingerprint(&manifest, dir(&gw).as_deref());
+                applied = fingerprint(&manifest, dir(&gw));
                 last = applied.clone();
             }
             _ = tick.tick() => {
-                let now = fingerprint(&manifest, dir(&gw).as_deref());
+                let now = fingerprint(&manifest, dir(&gw));
                 // Changed since the last reload, and the same as half a second ago: settled.
                 if now != applied && now == last {
                     reload_and_log(gw.clone(), manifest.clone(), "file_change").await;
-                    applied = fingerprint(&manifest, dir(&gw).as_deref());
+                    applied = fingerprint(&manifest, dir(&gw));
                     last = applied.clone();
                 } else {
                     last = now;

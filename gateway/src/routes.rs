@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::backend::Connector;
 use crate::manifest::ApiConfig;
+use crate::subscriptions::Subscription;
 
 /// One served API with its backend connector and live connection count.
 pub struct Api {
@@ -13,8 +14,12 @@ pub struct Api {
     /// Connections admitted to this API; shared with the `Api` of the same name that a reload
     /// puts in its place, so the per-API limit counts connections admitted before it too.
     pub active: Arc<AtomicUsize>,
-    /// onHandshake policies in the order they run: global, product, API.
+    /// onHandshake policies in the order they run: global, product, API. Product steps run
+    /// only for handshakes that came in through their product.
     pub chain: Vec<crate::chain::Step>,
+    /// The open product (`subscription_required = false`) among the API's products, if any: a
+    /// handshake without a key comes in through it.
+    pub open_product: Option<String>,
     /// This API's metric handles (shared with the `Api` a reload puts in its place).
     pub metrics: Arc<crate::metrics::ApiMetrics>,
 }
@@ -53,39 +58,81 @@ impl Routes {
     }
 }
 
-/// A connection slot, counted globally and per API; given back when dropped, so every exit path
-/// (rejection, error, normal close) frees it at once.
+/// A connection slot, counted globally, per API and per subscription; given back when dropped,
+/// so every exit path (rejection, error, normal close) frees it at once.
 pub struct Permit {
     global: Arc<AtomicUsize>,
     api: Arc<Api>,
+    subscription: Option<Arc<Subscription>>,
+}
+
+/// Which limit refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReached {
+    Subscription,
+    Api,
+    Gateway,
+}
+
+impl LimitReached {
+    pub fn reason(self) -> &'static str {
+        match self {
+            LimitReached::Subscription => "subscription max_connections reached",
+            LimitReached::Api => "API max_connections reached",
+            LimitReached::Gateway => "gateway max_connections reached",
+        }
+    }
 }
 
 impl Permit {
-    /// Takes a slot if both the global and the API's limit allow it.
+    /// Takes a slot if the subscription's, the API's and the global limit all allow it. The
+    /// subscription comes first: a subscriber at its own limit hears so (429) whatever the
+    /// gateway's load (503).
     pub fn acquire(
         global: &Arc<AtomicUsize>,
         global_max: usize,
         api: &Arc<Api>,
-    ) -> Result<Permit, &'static str> {
+        subscription: Option<&Arc<Subscription>>,
+    ) -> Result<Permit, LimitReached> {
+        if let Some(s) = subscription {
+            if !s.try_take() {
+                return Err(LimitReached::Subscription);
+            }
+        }
+        let give_back_sub = || {
+            if let Some(s) = subscription {
+                s.give_back();
+            }
+        };
         if global.fetch_add(1, Ordering::AcqRel) >= global_max {
             global.fetch_sub(1, Ordering::AcqRel);
-            return Err("gateway max_connections reached");
+            give_back_sub();
+            return Err(LimitReached::Gateway);
         }
         let api_max = api.config.max_connections.unwrap_or(usize::MAX);
         if api.active.fetch_add(1, Ordering::AcqRel) >= api_max {
             api.active.fetch_sub(1, Ordering::AcqRel);
             global.fetch_sub(1, Ordering::AcqRel);
-            return Err("API max_connections reached");
+            give_back_sub();
+            return Err(LimitReached::Api);
         }
         Ok(Permit {
             global: global.clone(),
             api: api.clone(),
+            subscription: subscription.cloned(),
         })
+    }
+
+    pub fn subscription(&self) -> Option<&Arc<Subscription>> {
+        self.subscription.as_ref()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(s) = &self.subscription {
+            s.give_back();
+        }
         self.api.active.fetch_sub(1, Ordering::AcqRel);
         self.global.fetch_sub(1, Ordering::AcqRel);
     }
@@ -112,6 +159,7 @@ mod tests {
                     wss: false,
                 },
                 products: vec![],
+                subscription_key: Default::default(),
                 max_connections: Some(1),
                 limits: ConnLimits {
                     idle_timeout: None,
@@ -124,6 +172,7 @@ mod tests {
             },
             active: Arc::new(AtomicUsize::new(0)),
             chain: Vec::new(),
+            open_product: None,
         })
     }
 
@@ -151,11 +200,11 @@ mod tests {
     fn permits_are_counted_and_returned() {
         let g = Arc::new(AtomicUsize::new(0));
         let a = api("a");
-        let p = Permit::acquire(&g, 10, &a).unwrap();
-        assert!(Permit::acquire(&g, 10, &a).is_err());
+        let p = Permit::acquire(&g, 10, &a, None).unwrap();
+        assert!(Permit::acquire(&g, 10, &a, None).is_err());
         assert_eq!(g.load(Ordering::SeqCst), 1);
         drop(p);
         assert_eq!(g.load(Ordering::SeqCst), 0);
-        assert!(Permit::acquire(&g, 10, &a).is_ok());
+        assert!(Permit::acquire(&g, 10, &a, None).is_ok());
     }
 }

@@ -57,6 +57,8 @@ pub struct Served {
     routes_have_policies: bool,
     /// The policy host the chains run in, when any policy is attached.
     host: Option<Arc<crate::policy::PolicyHost>>,
+    /// Products' subscriptions, by key digest.
+    pub keys: crate::subscriptions::Keys,
 }
 
 /// The running gateway's shared state.
@@ -177,6 +179,16 @@ impl Served {
                         .map(|o| o.active.clone())
                         .unwrap_or_default(),
                     chain,
+                    open_product: a
+                        .products
+                        .iter()
+                        .find(|p| {
+                            config
+                                .products
+                                .iter()
+                                .any(|c| &c.name == *p && !c.subscription_required)
+                        })
+                        .cloned(),
                     metrics: metrics.api(&a.name),
                 })),
                 Err(message) => errors.push(StartError::Api {
@@ -189,11 +201,13 @@ impl Served {
             return Err(errors);
         }
         let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
+        let keys = crate::subscriptions::Keys::build(&config, previous.map(|p| &p.keys), metrics);
         Ok(Served {
             config,
             routes_have_policies,
             routes: Routes::new(apis),
             host,
+            keys,
         })
     }
 }
@@ -456,6 +470,9 @@ impl Gateway {
             client_key: String::new(),
             protocols: Vec::new(),
             extensions: Vec::new(),
+            product: None,
+            subscription: None,
+            key_header: None,
         };
         // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
         // operator can tell a slow policy from a slow backend.
@@ -469,18 +486,21 @@ impl Gateway {
                 .api
                 .clone()
                 .ok_or_else(|| Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR, "no route"))?;
+            handshake::subscribe(&served.keys, &mut ctx, &api, &req)?;
             let permit = handshake::admit(
                 &self.active,
                 served.config.gateway.limits.max_connections,
                 &api,
+                ctx.subscription.as_ref(),
             )
-            .inspect_err(|r| {
-                let limit = if r.reason.starts_with("gateway") {
-                    "gateway_max_connections"
-                } else {
-                    "api_max_connections"
+            .map_err(|(r, full)| {
+                let limit = match full {
+                    crate::routes::LimitReached::Gateway => "gateway_max_connections",
+                    crate::routes::LimitReached::Api => "api_max_connections",
+                    crate::routes::LimitReached::Subscription => "subscription_max_connections",
                 };
                 self.metrics.limit_hit(&api.config.name, limit);
+                r
             })?;
             let mut breq = handshake::backend_request(&ctx, &api, &req);
             let extra = if api.chain.is_empty() {
@@ -511,6 +531,7 @@ impl Gateway {
                     client_addr,
                     target: breq.target,
                     conn,
+                    product: ctx.product.clone(),
                 });
             }
             Ok(resp)
@@ -528,7 +549,10 @@ impl Gateway {
             Ok(_) => 101,
             Err(r) => r.status.as_u16(),
         };
-        self.metrics.handshake(api_name, status);
+        let product = ctx.product.as_deref().unwrap_or("");
+        let subscription = ctx.subscription.as_ref().map_or("", |s| s.name.as_str());
+        self.metrics
+            .handshake(api_name, product, subscription, status);
         if let Some(api) = &ctx.api {
             api.metrics
                 .handshake_duration
@@ -540,6 +564,8 @@ impl Gateway {
                     event = "handshake",
                     conn,
                     api = api_name,
+                    product,
+                    subscription,
                     operation = "onHandshake",
                     status = 101u16,
                     client = %client_addr,
@@ -557,6 +583,8 @@ impl Gateway {
                     event = "handshake",
                     conn,
                     api = api_name,
+                    product,
+                    subscription,
                     operation = "onHandshake",
                     status = r.status.as_u16(),
                     client = %client_addr,
@@ -582,6 +610,7 @@ impl Gateway {
             client_addr,
             target,
             conn,
+            product,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -625,7 +654,10 @@ impl Gateway {
             },
         )
         .await;
+        let subscription = permit.subscription().map(|s| s.name.clone());
         drop(permit);
+        let product = product.as_deref().unwrap_or("");
+        let subscription = subscription.as_deref().unwrap_or("");
         let name = &api.config.name;
         self.metrics
             .connection_closed(name, outcome.closed_by.as_str(), outcome.close_code);
@@ -646,6 +678,8 @@ impl Gateway {
             event = "connection_closed",
             conn,
             api = %api.config.name,
+            product,
+            subscription,
             client = %client_addr,
             backend = %api.config.backend.original,
             backend_target = %target,
@@ -673,6 +707,8 @@ struct Accepted {
     client_addr: SocketAddr,
     target: String,
     conn: u64,
+    /// The product the handshake came in through (for the close record).
+    product: Option<String>,
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

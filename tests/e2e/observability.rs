@@ -126,11 +126,66 @@ async fn metrics_count_a_scripted_session_exactly() {
         sample(&m, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in\n{m:#?}"))
     };
     let h = "tollgate_handshakes_total";
-    assert_eq!(get(h, &[("api", "open"), ("status", "101")]), 2.0);
-    assert_eq!(get(h, &[("api", "open"), ("status", "503")]), 1.0);
-    assert_eq!(get(h, &[("api", "locked"), ("status", "401")]), 1.0);
-    assert_eq!(get(h, &[("api", ""), ("status", "404")]), 1.0);
-    assert_eq!(get(h, &[("api", "down"), ("status", "502")]), 1.0);
+    assert_eq!(
+        get(
+            h,
+            &[
+                ("api", "open"),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "101")
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            h,
+            &[
+                ("api", "open"),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "503")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            h,
+            &[
+                ("api", "locked"),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "401")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            h,
+            &[
+                ("api", ""),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "404")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            h,
+            &[
+                ("api", "down"),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "502")
+            ]
+        ),
+        1.0
+    );
     assert_eq!(
         m.samples.iter().filter(|s| s.metric == h).count(),
         5,
@@ -244,7 +299,16 @@ async fn metrics_count_a_scripted_session_exactly() {
     );
     // Counters survive the reload.
     assert_eq!(
-        sample(&m, h, &[("api", "open"), ("status", "101")]),
+        sample(
+            &m,
+            h,
+            &[
+                ("api", "open"),
+                ("product", ""),
+                ("subscription", ""),
+                ("status", "101")
+            ]
+        ),
         Some(2.0)
     );
 }
@@ -278,7 +342,12 @@ async fn admin_endpoints_report_health_readiness_and_the_served_apis() {
     let gw = Gateway::start_in(dir, &text);
     let admin = gw.admin.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
-    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    // The admin listener binds before the client listeners are serving: ready follows shortly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(http_get(admin, "/nothing-here").await.0, 404);
 
     let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;

@@ -63,11 +63,17 @@ impl Gateway {
     }
 
     pub fn start_in(dir: TempDir, manifest: &str) -> Gateway {
+        Self::start_with_env(dir, manifest, &[])
+    }
+
+    /// Like [`Gateway::start_in`], with extra environment variables for the process.
+    pub fn start_with_env(dir: TempDir, manifest: &str, env: &[(&str, &str)]) -> Gateway {
         let path = dir.path().join("tollgate.toml");
         std::fs::write(&path, manifest).unwrap();
         let mut child = Command::new(BIN)
             .args(["run", "--manifest"])
             .arg(&path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("XDG_CACHE_HOME", test_cache())
             .stdout(Stdio::piped())
