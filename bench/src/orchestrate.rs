@@ -33,7 +33,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub pending_handshakes: usize,
     /// Comma-separated subset of:
-    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-policies,tollgate-pooled,nginx,haproxy.
+    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-policies,tollgate-pooled,
+    /// tollgate-py,tollgate-js,nginx,haproxy.
     #[arg(long)]
     pub only: Option<String>,
     /// Path of the tollgate binary (default: target/release/tollgate next to this binary).
@@ -49,6 +50,14 @@ pub struct RunArgs {
     /// `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`).
     #[arg(long)]
     pub plugins: Option<PathBuf>,
+    /// Directory holding origin_check.wasm (Python, componentize-py) and tenant_route.wasm
+    /// (JavaScript, componentize-js) for `tollgate-py` / `tollgate-js` (default:
+    /// target/wasm-plugins, where `./scripts/test` builds them).
+    #[arg(long)]
+    pub lang_plugins: Option<PathBuf>,
+    /// Only the handshake scenario (and the chain timings): the throughput columns stay empty.
+    #[arg(long)]
+    pub handshakes_only: bool,
 }
 
 impl Default for RunArgs {
@@ -64,6 +73,8 @@ impl Default for RunArgs {
             tollgate: None,
             baseline: None,
             plugins: None,
+            lang_plugins: None,
+            handshakes_only: false,
         }
     }
 }
@@ -132,8 +143,9 @@ impl Jwt {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
         let header = serde_json::json!({"alg": "RS256", "kid": "bench", "typ": "JWT"});
+        // `tenant` is read by the JavaScript tenant-route of `tollgate-js`.
         let claims = serde_json::json!({"sub": "bench-user", "iss": "https://issuer.bench",
-            "aud": "echo", "exp": now + 86_400, "nbf": now - 60});
+            "aud": "echo", "exp": now + 86_400, "nbf": now - 60, "tenant": "acme"});
         let input = format!(
             "{}.{}",
             b64(header.to_string().as_bytes()),
@@ -186,8 +198,10 @@ fn pinned(cpu: u32, program: &Path) -> Command {
     c
 }
 
-fn wait_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits for a listener. A Tollgate target compiles its plugins on first start (an 18 MB
+/// Python component takes well over a minute on the one CPU it is pinned to), hence `secs`.
+fn wait_port(port: u16, secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
@@ -228,9 +242,12 @@ fn start_target(
     let me = std::env::current_exe()?;
     let port = free_port()?;
     let quiet = || Stdio::null();
-    // Every target gets the same request, token included, so that only the policies differ
-    // between `tollgate` and `tollgate-policies` (a bigger request costs every party more).
-    let headers = vec![format!("Authorization: Bearer {}", jwt.token)];
+    // Every target gets the same request, token and Origin included, so that only the policies
+    // differ between the tollgate targets (a bigger request costs every party more).
+    let headers = vec![
+        format!("Authorization: Bearer {}", jwt.token),
+        format!("Origin: {BENCH_ORIGIN}"),
+    ];
     let proc = match name {
         "direct" => {
             return Ok(Some(Target {
@@ -253,7 +270,18 @@ fn start_target(
                 .spawn()?;
             Proc { child, _dir: None }
         }
-        "tollgate" | "tollgate-baseline" | "tollgate-policies" | "tollgate-pooled" => {
+        "tollgate" | "tollgate-baseline" | "tollgate-policies" | "tollgate-pooled"
+        | "tollgate-py" | "tollgate-js" => {
+            if let Some(file) = lang_plugin(name) {
+                let p = lang_dir(args)?.join(file);
+                if !p.exists() {
+                    eprintln!(
+                        "  {name}: {} not found (./scripts/test builds it); skipped",
+                        p.display()
+                    );
+                    return Ok(None);
+                }
+            }
             let bin = match (name, &args.tollgate, &args.baseline) {
                 ("tollgate-baseline", _, Some(p)) => p.clone(),
                 ("tollgate-baseline", _, None) => return Ok(None),
@@ -339,7 +367,12 @@ fn start_target(
         }
         _ => anyhow::bail!("unknown target {name}"),
     };
-    wait_port(port).with_context(|| format!("{name} did not start"))?;
+    let secs = if name.starts_with("tollgate") {
+        600
+    } else {
+        20
+    };
+    wait_port(port, secs).with_context(|| format!("{name} did not start"))?;
     Ok(Some(Target {
         name,
         addr: format!("127.0.0.1:{port}"),
@@ -348,10 +381,49 @@ fn start_target(
     }))
 }
 
+/// Origin header every target gets (the Python origin check allows it).
+const BENCH_ORIGIN: &str = "https://app.example.com";
+
+/// The Python or JavaScript plugin file a target needs, if any.
+fn lang_plugin(name: &str) -> Option<&'static str> {
+    match name {
+        "tollgate-py" => Some("origin_check.wasm"),
+        "tollgate-js" => Some("tenant_route.wasm"),
+        _ => None,
+    }
+}
+
+/// Where the first-party Rust plugins are.
+fn rust_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
+    Ok(match &args.plugins {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("exe dir")?
+            .join("wasm32-wasip2")
+            .join("release"),
+    })
+}
+
+fn lang_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
+    Ok(match &args.lang_plugins {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("exe dir")?
+            .join("wasm-plugins"),
+    })
+}
+
 /// Writes the manifest (and, with policies, the plugin directory) of a Tollgate target: one
 /// API, `echo`; `tollgate-policies` adds jwt-validate (RS256, inline JWKS) and set-header
 /// (`X-User` from the token's `sub`) on its onHandshake, each in a fresh instance per
-/// handshake; `tollgate-pooled` is the same with `instances = "pooled"`.
+/// handshake; `tollgate-pooled` is the same with `instances = "pooled"`. `tollgate-py` has
+/// the Python origin-check alone; `tollgate-js` has jwt-validate then the JavaScript
+/// tenant-route (tenant claim + default region); both pooled, the strategy their READMEs
+/// recommend for interpreter-based plugins.
 fn tollgate_dir(
     name: &str,
     port: u16,
@@ -359,7 +431,6 @@ fn tollgate_dir(
     args: &RunArgs,
     jwt: &Jwt,
 ) -> anyhow::Result<(TempDir, PathBuf)> {
-    let me = std::env::current_exe()?;
     let dir = tempdir(name)?;
     let manifest = dir.0.join("tollgate.toml");
     let mut text = format!(
@@ -369,17 +440,22 @@ fn tollgate_dir(
     );
     let plugins = dir.0.join("plugins");
     std::fs::create_dir_all(&plugins)?;
-    if name != "tollgate" && name != "tollgate-baseline" {
-        let from = match &args.plugins {
-            Some(p) => p.clone(),
-            None => me
-                .parent()
-                .and_then(Path::parent)
-                .context("exe dir")?
-                .join("wasm32-wasip2")
-                .join("release"),
-        };
-        for f in ["jwt_validate.wasm", "set_header.wasm"] {
+    // `-fresh` variants of the Python/JavaScript targets exist only for the chain timings.
+    let base = name.trim_end_matches("-fresh");
+    let instances = if name == "tollgate-policies" || name.ends_with("-fresh") {
+        ""
+    } else {
+        "instances = \"pooled\"\n"
+    };
+    let jwt_validate = format!(
+        "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\n{instances}\
+         [apis.on_handshake.config]\nalgorithms = [\"RS256\"]\nissuers = [\"https://issuer.bench\"]\n\
+         audiences = [\"echo\"]\njwks = {}\n",
+        serde_json::to_string(&jwt.jwks)?
+    );
+    let rust = |files: &[&str]| -> anyhow::Result<()> {
+        let from = rust_dir(args)?;
+        for f in files {
             std::fs::copy(from.join(f), plugins.join(f)).with_context(|| {
                 format!(
                     "{} not found: build it with `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`",
@@ -387,39 +463,81 @@ fn tollgate_dir(
                 )
             })?;
         }
-        let instances = if name == "tollgate-pooled" {
-            "instances = \"pooled\"\n"
-        } else {
-            ""
-        };
-        text.push_str(&format!(
-            "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\n{instances}\
-             [apis.on_handshake.config]\nalgorithms = [\"RS256\"]\nissuers = [\"https://issuer.bench\"]\n\
-             audiences = [\"echo\"]\njwks = {}\n\
-             [[apis.on_handshake]]\nplugin = \"set-header\"\n{instances}\
-             config = {{ name = \"X-User\", value = \"{{jwt.sub}}\", exists_action = \"override\" }}\n",
-            serde_json::to_string(&jwt.jwks)?
-        ));
+        Ok(())
+    };
+    match (base, lang_plugin(base)) {
+        ("tollgate" | "tollgate-baseline", _) => {}
+        ("tollgate-py", Some(file)) => {
+            std::fs::copy(lang_dir(args)?.join(file), plugins.join(file))?;
+            text.push_str(&format!(
+                "[[apis.on_handshake]]\nplugin = \"origin-check\"\n{instances}\
+                 [apis.on_handshake.config]\nallowed_origins = [\"{BENCH_ORIGIN}\"]\n"
+            ));
+        }
+        ("tollgate-js", Some(file)) => {
+            std::fs::copy(lang_dir(args)?.join(file), plugins.join(file))?;
+            rust(&["jwt_validate.wasm"])?;
+            text.push_str(&jwt_validate);
+            text.push_str(&format!(
+                "[[apis.on_handshake]]\nplugin = \"tenant-route\"\n{instances}\
+                 [apis.on_handshake.config]\nregions = [\"eu\", \"us\"]\ndefault_region = \"eu\"\n"
+            ));
+        }
+        _ => {
+            rust(&["jwt_validate.wasm", "set_header.wasm"])?;
+            text.push_str(&jwt_validate);
+            text.push_str(&format!(
+                "[[apis.on_handshake]]\nplugin = \"set-header\"\n{instances}\
+                 config = {{ name = \"X-User\", value = \"{{jwt.sub}}\", exists_action = \"override\" }}\n"
+            ));
+        }
     }
     std::fs::write(&manifest, text)?;
     Ok((dir, manifest))
 }
 
 /// The policy chain's own time, from the `chain` sub-command pinned where the proxies run:
-/// fresh instances, then pooled ones, then the native signature check alone.
+/// fresh instances, then pooled ones, then the native signature check alone; then, when
+/// `tollgate-py` / `tollgate-js` are wanted, their chains pooled and fresh.
 fn chain_timings(
     me: &Path,
     args: &RunArgs,
     jwt: &Jwt,
     cache: &Path,
+    wanted: &[&str],
 ) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let mut v = Vec::new();
-    for (name, label, cache_entries) in [
-        ("tollgate-policies", "fresh", None),
-        ("tollgate-pooled", "pooled", None),
-        ("tollgate-policies", "fresh, signature cache off", Some(0)),
-        ("tollgate-pooled", "pooled, signature cache off", Some(0)),
+    let mut runs: Vec<(&str, String, Option<usize>)> = Vec::new();
+    if wanted.contains(&"tollgate-policies") {
+        for (name, label, cache_entries) in [
+            ("tollgate-policies", "Rust, fresh", None),
+            ("tollgate-pooled", "Rust, pooled", None),
+            (
+                "tollgate-policies",
+                "Rust, fresh, signature cache off",
+                Some(0),
+            ),
+            (
+                "tollgate-pooled",
+                "Rust, pooled, signature cache off",
+                Some(0),
+            ),
+        ] {
+            runs.push((name, label.to_owned(), cache_entries));
+        }
+    }
+    for (target, fresh, lang) in [
+        ("tollgate-py", "tollgate-py-fresh", "Python"),
+        ("tollgate-js", "tollgate-js-fresh", "JavaScript"),
     ] {
+        let built = lang_plugin(target)
+            .is_some_and(|f| lang_dir(args).map(|d| d.join(f).exists()).unwrap_or(false));
+        if wanted.contains(&target) && built {
+            runs.push((target, format!("{lang}, pooled"), None));
+            runs.push((fresh, format!("{lang}, fresh"), None));
+        }
+    }
+    for (name, label, cache_entries) in runs {
         let (_dir, manifest) = tollgate_dir(name, 0, 1, args, jwt)?;
         if let Some(n) = cache_entries {
             let text = std::fs::read_to_string(&manifest)?.replacen(
@@ -429,12 +547,22 @@ fn chain_timings(
             );
             std::fs::write(&manifest, text)?;
         }
+        // An interpreter started per handshake costs milliseconds: fewer iterations.
+        let iterations = if name.ends_with("-fresh") {
+            2_000
+        } else {
+            20_000
+        };
         let out = pinned(1, me)
             .arg("chain")
             .arg("--manifest")
             .arg(&manifest)
+            .arg("--iterations")
+            .arg(iterations.to_string())
             .arg("--header")
             .arg(format!("Authorization: Bearer {}", jwt.token))
+            .arg("--header")
+            .arg(format!("Origin: {BENCH_ORIGIN}"))
             .env("XDG_CACHE_HOME", cache)
             .stderr(Stdio::inherit())
             .output()?;
@@ -448,8 +576,10 @@ fn chain_timings(
             ));
         }
     }
-    let (p50, p99) = jwt.native_verify(20_000)?;
-    v.push(("native RS256 verify alone (no wasm)".into(), p50, p99));
+    if wanted.contains(&"tollgate-policies") {
+        let (p50, p99) = jwt.native_verify(20_000)?;
+        v.push(("native RS256 verify alone (no wasm)".into(), p50, p99));
+    }
     Ok(v)
 }
 
@@ -504,6 +634,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "tollgate-baseline",
         "tollgate-policies",
         "tollgate-pooled",
+        "tollgate-py",
+        "tollgate-js",
         "nginx",
         "haproxy",
     ];
@@ -523,7 +655,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .spawn()?,
         _dir: None,
     };
-    wait_port(backend_port)?;
+    wait_port(backend_port, 20)?;
     let jwt = Jwt::new()?;
     // One compiled-plugin cache for the run: the first start compiles, later starts load.
     let cache = tempdir("cache")?;
@@ -578,6 +710,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     ];
     let mut results: Vec<Vec<Cell>> = vec![vec![Cell::default(); scenarios.len()]; targets.len()];
     for (si, (label, scenario, extra)) in scenarios.iter().enumerate() {
+        if args.handshakes_only && *scenario == "throughput" {
+            continue;
+        }
         for round in 0..args.rounds {
             for k in 0..targets.len() {
                 let ti = (k + round) % targets.len();
@@ -653,9 +788,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             pend
         );
     }
-    if wanted.contains(&"tollgate-policies") {
-        let timings = chain_timings(&me, &args, &jwt, &cache.0)?;
-        println!("\nPolicy chain's own time per handshake (in process, CPU 1; jwt-validate RS256 + set-header):\n");
+    if ["tollgate-policies", "tollgate-py", "tollgate-js"]
+        .iter()
+        .any(|t| wanted.contains(t))
+    {
+        let timings = chain_timings(&me, &args, &jwt, &cache.0, &wanted)?;
+        println!("\nPolicy chain's own time per handshake (in process, CPU 1). Rust: jwt-validate RS256 + set-header; Python: origin-check; JavaScript: jwt-validate + tenant-route:\n");
         println!("| measurement | p50 us | p99 us |\n|---|---|---|");
         for (what, p50, p99) in timings {
             println!("| {what} | {p50:.1} | {p99:.1} |");
