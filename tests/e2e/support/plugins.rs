@@ -139,16 +139,26 @@ pub fn python_origin_check() -> &'static Path {
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("origin_check.wasm");
         let tmp = dir.join(format!("origin_check.{}.tmp", std::process::id()));
+        // Built from a copy: componentize-py's interpreter writes __pycache__ next to the
+        // source, which would dirty the checkout.
+        let src = dir.join(format!("origin-check-py.{}", std::process::id()));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::copy(
+            ws.join("examples").join("origin-check-py").join("app.py"),
+            src.join("app.py"),
+        )
+        .unwrap();
         let run = Command::new(&tool)
             .arg("-d")
             .arg(ws.join("wit"))
             .args(["-w", "handshake-policy", "componentize", "-p"])
-            .arg(ws.join("examples").join("origin-check-py"))
+            .arg(&src)
             .arg("app")
             .arg("-o")
             .arg(&tmp)
             .output()
             .expect("run componentize-py");
+        let _ = std::fs::remove_dir_all(&src);
         assert!(
             run.status.success(),
             "componentize-py failed:\n{}",
