@@ -393,28 +393,29 @@ fn lang_plugin(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Where the first-party Rust plugins are.
-fn rust_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
-    Ok(match &args.plugins {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("exe dir")?
-            .join("wasm32-wasip2")
-            .join("release"),
-    })
+/// The `target/` directory this binary was built into.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("exe dir")?
+        .to_owned())
 }
 
+/// Where the first-party Rust plugins are.
+fn rust_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
+    match &args.plugins {
+        Some(p) => Ok(p.clone()),
+        None => Ok(target_dir()?.join("wasm32-wasip2").join("release")),
+    }
+}
+
+/// Where the Python and JavaScript example plugins are.
 fn lang_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
-    Ok(match &args.lang_plugins {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("exe dir")?
-            .join("wasm-plugins"),
-    })
+    match &args.lang_plugins {
+        Some(p) => Ok(p.clone()),
+        None => Ok(target_dir()?.join("wasm-plugins")),
+    }
 }
 
 /// Writes the manifest (and, with policies, the plugin directory) of a Tollgate target: one
