@@ -73,7 +73,7 @@ fn start(backend: &RawBackend) -> Gateway {
             "lobby",
             "lobby",
             &b,
-            "products = [\"free\"]\nsubscription_key_header = \"X-Key\"\nsubscription_key_query = \"key\""
+            "products = [\"free\", \"gold\"]\nsubscription_key_header = \"X-Key\"\nsubscription_key_query = \"key\""
         ),
     );
     Gateway::start_with_env(dir, &manifest, &[("TG_TEST_ALICE_PRIMARY", ALICE_PRIMARY)])
@@ -197,10 +197,21 @@ async fn keys_in_header_or_query_open_the_api_and_never_reach_the_backend() {
     )
     .await;
 
-    // An open product needs no key; its API's own key names apply, and a key sent is checked.
+    // An open product needs no key, and a keyless handshake comes in through it: gold's
+    // policy does not run, though lobby is in gold too. The API's own key names apply.
     let (_, _lobby) = ws_connect(addr, "/lobby?key", "").await;
     let seen = backend.last_head();
     assert_eq!(headers_all(&seen, "x-order"), vec!["global"], "{seen}");
+    // With a gold key, the same API comes in through gold and runs gold's policy.
+    let (_, _lobby_gold) = ws_connect(addr, "/lobby", &format!("X-Key: {RACER_KEY}\r\n")).await;
+    let seen = backend.last_head();
+    assert_eq!(
+        headers_all(&seen, "x-order"),
+        vec!["global", "product:gold"],
+        "{seen}"
+    );
+    assert!(headers_all(&seen, "x-key").is_empty(), "{seen}");
+    // A key sent to an open product's API is still checked.
     let (head, _) = raw_handshake(addr, "/lobby", &format!("X-Key: {UNKNOWN_KEY}\r\n")).await;
     assert_eq!(status_of(&head), 401, "{head}");
 
@@ -222,6 +233,7 @@ async fn keys_in_header_or_query_open_the_api_and_never_reach_the_backend() {
     assert_eq!(h("chat", "", "", "401"), Some(5.0));
     assert_eq!(h("news", "silver", "sam", "101"), Some(1.0));
     assert_eq!(h("lobby", "free", "", "101"), Some(1.0));
+    assert_eq!(h("lobby", "gold", "racer", "101"), Some(1.0));
     let text = http_get(gw.admin.unwrap(), "/metrics").await.2;
     for k in ALL_KEYS {
         assert!(!text.contains(k));
@@ -417,7 +429,7 @@ async fn a_key_rotated_in_the_keys_file_applies_live_and_live_connections_keep_t
         .find(|s| s["name"] == "racer")
         .unwrap();
     assert_eq!(racer["active_connections"], 2, "{apis}");
-    assert_eq!(gold["apis"], serde_json::json!(["chat"]), "{apis}");
+    assert_eq!(gold["apis"], serde_json::json!(["chat", "lobby"]), "{apis}");
     let api = |name: &str| {
         apis["apis"]
             .as_array()
