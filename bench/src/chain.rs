@@ -23,6 +23,10 @@ pub struct ChainArgs {
     /// Request header `Name: value` (repeatable), e.g. the `Authorization` header.
     #[arg(long)]
     pub header: Vec<String>,
+    /// Context value `name=value` the request starts with (repeatable), as an earlier policy
+    /// would have set it.
+    #[arg(long)]
+    pub context: Vec<String>,
     /// Handshakes to time per measurement.
     #[arg(long, default_value_t = 20_000)]
     pub iterations: usize,
@@ -42,7 +46,7 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     (at(0.5).unwrap_or(0.0), at(0.99).unwrap_or(0.0))
 }
 
-fn request(api: &str, headers: &[String]) -> wit::HandshakeRequest {
+fn request(api: &str, headers: &[String], context: &[String]) -> wit::HandshakeRequest {
     let pair = |n: &str, v: &str| wit::Pair {
         name: n.to_owned(),
         value: v.to_owned(),
@@ -68,7 +72,11 @@ fn request(api: &str, headers: &[String]) -> wit::HandshakeRequest {
         tls: None,
         api: api.to_owned(),
         product: None,
-        context: Vec::new(),
+        context: context
+            .iter()
+            .filter_map(|c| c.split_once('='))
+            .map(|(n, v)| pair(n, v))
+            .collect(),
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -137,7 +145,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         &tollgate::metrics::Metrics::new(),
     )
     .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
-    let req = request(&api.name, &args.header);
+    let req = request(&api.name, &args.header, &args.context);
     // One worker, as a connection's task sees it: the guest runs on a fiber in this task.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

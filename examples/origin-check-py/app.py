@@ -18,6 +18,20 @@ from wit_world import exports
 from wit_world.imports import log, types
 
 
+# The prepared config, parsed once per instance and config: a pooled instance serves many
+# handshakes of the same attachment. Parsing it on every call cost a fifth of a warm call
+# (43 -> 34 us p50, `tollgate-bench chain`, 2026-11-25).
+_parsed: dict = {}
+
+
+def _prepared(config: str) -> dict:
+    c = _parsed.get(config)
+    if c is None:
+        _parsed.clear()
+        c = _parsed[config] = json.loads(config)
+    return c
+
+
 class Policy(exports.Policy):
     def declare(self) -> types.Declaration:
         return types.Declaration(
@@ -52,7 +66,7 @@ class Policy(exports.Policy):
         )
 
     def on_handshake(self, config: str, request: types.HandshakeRequest) -> types.Decision:
-        c = json.loads(config)
+        c = _prepared(config)
         origin = next((h.value for h in request.headers if h.name.lower() == "origin"), None)
         if origin is None:
             if c["allow_missing"]:
