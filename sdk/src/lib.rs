@@ -37,7 +37,8 @@
 //! By default every handshake runs in a fresh instance; an attachment with
 //! `instances = "pooled"` lets one warm instance serve many handshakes in turn. Either way,
 //! keep nothing in statics between calls: put what `configure` worked out into the string it
-//! returns instead, and the policy is correct under both strategies.
+//! returns instead, and the policy is correct under both strategies. The one exception is
+//! [`Memo`], which remembers the parsed form of that string (a pure function of it).
 
 wit_bindgen::generate!({
     path: "../wit",
@@ -119,6 +120,84 @@ impl Pair {
             name: name.into(),
             value: value.into(),
         }
+    }
+}
+
+/// Remembers the parsed form of the prepared config an instance was last called with, so a
+/// warm instance (`instances = "pooled"`) parses it once instead of on every handshake.
+///
+/// Parsing the config string is often the largest part of a small policy's call (measured:
+/// about a third of jwt-validate's own time). This is the one kind of state that may live in
+/// a static: it is a pure function of the `config` argument, which the gateway passes again
+/// with every call, so a fresh instance computes it once and a pooled one reuses it, and the
+/// decision is the same either way. Only successful parses are kept; a different config
+/// string (another attachment, after a reload) is parsed anew.
+///
+/// ```
+/// use std::rc::Rc;
+/// use tollgate_sdk::Memo;
+///
+/// struct Settings { header: String }
+///
+/// fn parse(json: &str) -> Result<Settings, String> {
+///     Ok(Settings { header: json.trim_matches('"').to_owned() })
+/// }
+///
+/// thread_local! {
+///     static SETTINGS: Memo<Settings> = const { Memo::new() };
+/// }
+///
+/// let first: Rc<Settings> = SETTINGS.with(|m| m.get_or_parse("\"x-user\"", parse)).unwrap();
+/// let again = SETTINGS.with(|m| m.get_or_parse("\"x-user\"", parse)).unwrap();
+/// assert!(Rc::ptr_eq(&first, &again)); // parsed once
+/// assert_eq!(again.header, "x-user");
+/// ```
+pub struct Memo<T> {
+    last: std::cell::RefCell<Option<(String, std::rc::Rc<T>)>>,
+}
+
+impl<T> Memo<T> {
+    /// An empty memo; `const` so it can initialise a `thread_local!` without a lazy check.
+    ///
+    /// ```
+    /// thread_local! {
+    ///     static CONFIG: tollgate_sdk::Memo<u32> = const { tollgate_sdk::Memo::new() };
+    /// }
+    /// ```
+    pub const fn new() -> Memo<T> {
+        Memo {
+            last: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// The parsed form of `config`: the remembered one if `config` is the string it was
+    /// parsed from, else `parse(config)` (remembered when it succeeds).
+    ///
+    /// ```
+    /// let memo = tollgate_sdk::Memo::new();
+    /// let n = memo.get_or_parse("42", |s| s.parse::<u32>()).unwrap();
+    /// assert_eq!(*n, 42);
+    /// assert!(memo.get_or_parse("x", |s| s.parse::<u32>()).is_err());
+    /// ```
+    pub fn get_or_parse<E>(
+        &self,
+        config: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<std::rc::Rc<T>, E> {
+        if let Some((key, value)) = self.last.borrow().as_ref() {
+            if key == config {
+                return Ok(value.clone());
+            }
+        }
+        let value = std::rc::Rc::new(parse(config)?);
+        *self.last.borrow_mut() = Some((config.to_owned(), value.clone()));
+        Ok(value)
+    }
+}
+
+impl<T> Default for Memo<T> {
+    fn default() -> Memo<T> {
+        Memo::new()
     }
 }
 
@@ -327,5 +406,33 @@ pub mod testing {
         pub fn build(self) -> HandshakeRequest {
             self.0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memo;
+    use std::cell::Cell;
+
+    #[test]
+    fn memo_parses_each_config_once_and_never_keeps_a_failure() {
+        let parses = Cell::new(0);
+        let parse = |s: &str| {
+            parses.set(parses.get() + 1);
+            s.parse::<u32>()
+        };
+        let memo = Memo::new();
+        assert_eq!(*memo.get_or_parse("1", parse).unwrap(), 1);
+        assert_eq!(*memo.get_or_parse("1", parse).unwrap(), 1);
+        assert_eq!(parses.get(), 1, "same config: parsed once");
+        // Another attachment's (or a reloaded) config is parsed anew, not mistaken for the old.
+        assert_eq!(*memo.get_or_parse("2", parse).unwrap(), 2);
+        assert_eq!(parses.get(), 2);
+        assert!(memo.get_or_parse("bad", parse).is_err());
+        assert!(memo.get_or_parse("bad", parse).is_err());
+        assert_eq!(parses.get(), 4, "a failed parse is not remembered");
+        // A failure does not evict what was good.
+        assert_eq!(*memo.get_or_parse("2", parse).unwrap(), 2);
+        assert_eq!(parses.get(), 4);
     }
 }

@@ -104,7 +104,11 @@ impl Policy for TenantCheck {
     }
 
     fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
-        match Config::parse(&config) {
+        // Parsed once per warm instance (`instances = "pooled"`), not once per handshake.
+        thread_local! {
+            static CONFIG: tollgate_sdk::Memo<Config> = const { tollgate_sdk::Memo::new() };
+        }
+        match CONFIG.with(|m| m.get_or_parse(&config, Config::parse)) {
             Ok(c) => decide(&c, &request),
             Err(e) => forbidden(&e),
         }

@@ -10,8 +10,13 @@
 
 use serde::Deserialize;
 use tollgate_sdk::{
-    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Policy, Proceed,
+    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Memo, Pair, Policy, Proceed,
 };
+
+thread_local! {
+    /// The config, parsed once per warm instance instead of once per handshake.
+    static CONFIG: Memo<Config> = const { Memo::new() };
+}
 
 /// APIM's `exists-action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -118,7 +123,7 @@ impl Policy for SetHeader {
 
     fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
         // Validated at load, so this only fails if the host mixed up configs: fail closed.
-        let change = match Config::parse(&config) {
+        let change = match CONFIG.with(|m| m.get_or_parse(&config, Config::parse)) {
             Ok(c) => decide(&c, &request),
             Err(e) => {
                 return Decision::Reject(tollgate_sdk::Rejection {
