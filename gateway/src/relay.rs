@@ -32,6 +32,10 @@ const BUF_SIZE: usize = 32 * 1024;
 /// before the sockets are simply closed.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// After a client's protocol violation, how long the backend gets to answer the gateway's close
+/// before the client gets its own.
+pub const CLIENT_VIOLATION_GRACE: Duration = Duration::from_secs(1);
+
 /// Read buffers of busy connections, recycled per worker thread. A connection holds one only
 /// while bytes are moving; taking it from here instead of malloc saves an allocation and a free
 /// of BUF_SIZE bytes per wake-up (glibc consolidates on such frees), which shows in the CPU cost
@@ -333,6 +337,8 @@ pub struct RelayParams {
     pub shutdown: CancellationToken,
     /// The API's counters, updated as frames go by.
     pub metrics: Arc<ApiMetrics>,
+    /// The 101 agreed an extension, so frames may carry RSV bits.
+    pub extensions_agreed: bool,
 }
 
 enum Wake {
@@ -360,7 +366,8 @@ pub async fn relay(
             Direction::ClientToBackend,
             limits.max_frame_size,
             limits.max_message_size,
-        ),
+        )
+        .with_extensions(params.extensions_agreed),
         client_prefix,
     );
     let mut b2c = Pump::new(
@@ -368,7 +375,8 @@ pub async fn relay(
             Direction::BackendToClient,
             limits.max_frame_size,
             limits.max_message_size,
-        ),
+        )
+        .with_extensions(params.extensions_agreed),
         backend_prefix,
     );
     let far = Duration::from_secs(86400 * 365);
@@ -381,6 +389,9 @@ pub async fn relay(
     let mut closed_by: Option<ClosedBy> = None;
     let mut close_code: Option<u16> = None;
     let mut close_reason = String::new();
+    // After a client violation: the close the client is owed, sent once the backend has
+    // answered ours (or gone, or taken CLIENT_VIOLATION_GRACE).
+    let mut owed_to_client: Option<(u16, &'static str)> = None;
 
     // Starts the end of the connection: sends the gateway's close frames where they may go and
     // gives both sides CLOSE_GRACE to answer.
@@ -442,15 +453,32 @@ pub async fn relay(
                 on_close!(ClosedBy::Client, code, reason);
             }
             Wake::B2c(PumpEvent::Close { code, reason }) => {
+                // Its close is on the way to the client: that is the close the client was owed.
+                owed_to_client = None;
                 on_close!(ClosedBy::Backend, code, reason);
             }
             Wake::C2b(PumpEvent::Violation { code, reason }) => {
-                let other = if code == close_code::TOO_BIG {
-                    code
+                // Nothing more is read from the client, and the backend gets the same close
+                // code. The client's close waits until the backend has answered: whatever the
+                // backend sent in reply to the client's valid frames before the violation
+                // still reaches the client (as it would with no gateway in between), followed
+                // by the backend's close reply, normally the same code.
+                if closed_by.is_none() {
+                    closed_by = Some(ClosedBy::ClientViolation);
+                    close_code = Some(code);
+                    close_reason = reason.to_owned();
+                }
+                if c2b.queue_close(Direction::ClientToBackend, code, reason) {
+                    owed_to_client = Some((code, reason));
+                    if !closing {
+                        closing = true;
+                        sleep
+                            .as_mut()
+                            .reset(Instant::now() + CLIENT_VIOLATION_GRACE);
+                    }
                 } else {
-                    close_code::GOING_AWAY
-                };
-                terminate!(ClosedBy::ClientViolation, code, other, reason);
+                    terminate!(ClosedBy::ClientViolation, code, code, reason);
+                }
             }
             Wake::B2c(PumpEvent::Violation { code, reason }) => {
                 let other = if code == close_code::TOO_BIG {
@@ -485,7 +513,9 @@ pub async fn relay(
                 c2b.src_gone = true;
             }
             Wake::B2c(PumpEvent::SrcGone) | Wake::C2b(PumpEvent::DstGone) => {
-                if !(c2b.out_closed && closing) {
+                if let Some((code, reason)) = owed_to_client.take() {
+                    b2c.queue_close(Direction::BackendToClient, code, reason);
+                } else if !(c2b.out_closed && closing) {
                     terminate!(
                         ClosedBy::BackendDropped,
                         close_code::INTERNAL_ERROR,
@@ -498,6 +528,12 @@ pub async fn relay(
             }
             Wake::C2b(PumpEvent::Injected) | Wake::B2c(PumpEvent::Injected) => {}
             Wake::Timer => {
+                if let Some((code, reason)) = owed_to_client.take() {
+                    // The backend did not answer in time: the client gets its close now.
+                    b2c.queue_close(Direction::BackendToClient, code, reason);
+                    sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                    continue;
+                }
                 if closing {
                     break; // grace period over
                 }

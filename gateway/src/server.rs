@@ -632,6 +632,8 @@ impl Gateway {
             prefix: backend_prefix,
             headers: backend_headers,
         } = backend;
+        let extensions_agreed =
+            backend_headers.contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS);
         // The 101's header values are slices of hyper's read buffer: holding them would pin
         // 8 KiB per connection for its whole life.
         drop(backend_headers);
@@ -651,6 +653,7 @@ impl Gateway {
                 limits: api.config.limits.clone(),
                 shutdown: self.shutdown.clone(),
                 metrics: api.metrics.clone(),
+                extensions_agreed,
             },
         )
         .await;

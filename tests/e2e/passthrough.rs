@@ -91,6 +91,9 @@ async fn fragments_stay_fragments_and_ping_between_them() {
 
 #[tokio::test]
 async fn backend_fragments_and_rsv_bits_reach_client_verbatim() {
+    // RSV bits are only valid with an agreed extension: the client offers permessage-deflate
+    // and the backend accepts it (the frames below are not really compressed: the gateway
+    // does not look inside them).
     let handler: Handler = Arc::new(|_h, mut ws| {
         Box::pin(async move {
             let _ = ws.send_raw(&encode_frame(false, 4, 1, b"ab", None)).await;
@@ -101,7 +104,16 @@ async fn backend_fragments_and_rsv_bits_reach_client_verbatim() {
     });
     let backend = RawBackend::start(handler).await;
     let gw = Gateway::start(&manifest(&backend.url(), ""));
-    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let (head, mut ws) = ws_connect(
+        gw.ws.unwrap(),
+        "/echo",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert_eq!(
+        header(&head, "sec-websocket-extensions").as_deref(),
+        Some("permessage-deflate")
+    );
     let a = ws.read_frame().await.unwrap();
     let b = ws.read_frame().await.unwrap();
     let c = ws.read_frame().await.unwrap();
