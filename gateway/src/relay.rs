@@ -392,6 +392,7 @@ pub async fn relay(
     // After a client violation: the close the client is owed, sent once the backend has
     // answered ours (or gone, or taken CLIENT_VIOLATION_GRACE).
     let mut owed_to_client: Option<(u16, &'static str)> = None;
+    let mut end_when_written = false;
 
     // Starts the end of the connection: sends the gateway's close frames where they may go and
     // gives both sides CLOSE_GRACE to answer.
@@ -529,8 +530,11 @@ pub async fn relay(
             Wake::C2b(PumpEvent::Injected) | Wake::B2c(PumpEvent::Injected) => {}
             Wake::Timer => {
                 if let Some((code, reason)) = owed_to_client.take() {
-                    // The backend did not answer in time: the client gets its close now.
+                    // The backend did not answer in time: the client gets its close now, and
+                    // the connection ends once it is written (nothing is read from the client
+                    // any more, so there is no reply to wait for).
                     b2c.queue_close(Direction::BackendToClient, code, reason);
+                    end_when_written = true;
                     sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
                     continue;
                 }
@@ -568,6 +572,9 @@ pub async fn relay(
         }
         // With one side gone there is nobody to wait for once our frames are out.
         if closing && (c2b.src_gone || b2c.src_gone) && c2b.output_idle() && b2c.output_idle() {
+            break;
+        }
+        if end_when_written && c2b.output_idle() && b2c.output_idle() {
             break;
         }
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -167,6 +168,57 @@ async fn oversized_frame_gets_1009_and_never_reaches_backend() {
     assert_eq!(got[0].payload.len(), 1000);
     assert_eq!(got[1].opcode, 8);
     assert!(got.iter().all(|f| f.payload.len() != 1001));
+}
+
+#[tokio::test]
+async fn after_a_client_violation_the_backends_answers_arrive_first_and_a_silent_backend_costs_a_second(
+) {
+    // A backend that answers the client's valid message only after a while, and then says
+    // nothing more (it never answers the gateway's close).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |_h, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let first = ws.read_frame().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = ws
+                .send_raw(&encode_frame(true, 0, 1, &first.payload, None))
+                .await;
+            while let Ok(f) = ws.read_frame().await {
+                let _ = tx.send(f);
+            }
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let gw = Gateway::start(&manifest(&backend.url(), "", ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(true, 1, b"answer me").await.unwrap();
+    ws.send_raw(&encode_frame(true, 0, 1, b"not masked", None))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // The answer to the valid message still arrives, then the gateway's own 1002.
+    let answer = ws.read_frame().await.unwrap();
+    assert_eq!(
+        (answer.opcode, answer.payload.as_slice()),
+        (1, &b"answer me"[..])
+    );
+    let close = ws.read_frame().await.unwrap();
+    assert_eq!(close.close_code(), Some(1002));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "the client's close should come after the 1 s the backend had to answer: {waited:?}"
+    );
+    // The backend got the protocol error's close, never the unmasked frame.
+    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.close_code(), Some(1002), "{got:?}");
+    assert!(ws.expect_eof(Duration::from_secs(3)).await);
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "client_violation");
 }
 
 #[tokio::test]
