@@ -336,38 +336,28 @@ fn cases() -> Vec<Case> {
         ],
         echo(TEXT, b"abcde"),
     ));
+    // A ping between the fragments of a text message: its pong comes first.
+    let ping_between = [
+        frame(false, 0, TEXT, b"frag1"),
+        msg(PING, b"between"),
+        frame(true, 0, CONT, b"frag2"),
+    ]
+    .concat();
+    let pong_then_text = Expect::Echo(vec![
+        (PONG, b"between".to_vec()),
+        (TEXT, b"frag1frag2".to_vec()),
+    ]);
     v.push(case(
         "5.6",
         "text fragments with a ping between them",
-        vec![Step::Send(
-            [
-                frame(false, 0, TEXT, b"frag1"),
-                msg(PING, b"between"),
-                frame(true, 0, CONT, b"frag2"),
-            ]
-            .concat(),
-        )],
-        Expect::Echo(vec![
-            (PONG, b"between".to_vec()),
-            (TEXT, b"frag1frag2".to_vec()),
-        ]),
+        vec![Step::Send(ping_between.clone())],
+        pong_then_text.clone(),
     ));
     v.push(case(
         "5.7",
         "text fragments with a ping between them, written a byte at a time",
-        vec![Step::Chopped(
-            [
-                frame(false, 0, TEXT, b"frag1"),
-                msg(PING, b"between"),
-                frame(true, 0, CONT, b"frag2"),
-            ]
-            .concat(),
-            1,
-        )],
-        Expect::Echo(vec![
-            (PONG, b"between".to_vec()),
-            (TEXT, b"frag1frag2".to_vec()),
-        ]),
+        vec![Step::Chopped(ping_between, 1)],
+        pong_then_text,
     ));
     v.push(case(
         "5.8",
