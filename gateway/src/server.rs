@@ -202,6 +202,9 @@ impl Served {
         }
         let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
         let keys = crate::subscriptions::Keys::build(&config, previous.map(|p| &p.keys), metrics);
+        if let Some(path) = &config.gateway.subscription_keys_file {
+            crate::subscriptions::warn_if_readable_by_others(path);
+        }
         Ok(Served {
             config,
             routes_have_policies,

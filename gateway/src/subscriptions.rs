@@ -119,6 +119,27 @@ impl Subscription {
     }
 }
 
+/// Logs a warning when the keys file can be read by users other than its owner: it holds
+/// every subscriber's keys in plain text. A warning, not an error, because the file may be
+/// protected another way (a directory only the gateway can enter, a secrets mount); it is
+/// repeated at every load so it is not lost.
+pub fn warn_if_readable_by_others(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(event = "keys_file_permissions", path = %path.display(),
+                    mode = %format!("{mode:03o}"),
+                    "the subscription keys file can be read by other users: `chmod 600` it");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

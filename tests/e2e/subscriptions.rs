@@ -48,6 +48,7 @@ fn start(backend: &RawBackend) -> Gateway {
         format!("[racer]\nprimary = \"{RACER_KEY}\"\n\n[sam]\nsecondary = \"{SAM_KEY}\"\n"),
     )
     .unwrap();
+    chmod(&dir.path().join("keys.toml"), 0o600);
     let b = backend.url();
     let manifest = format!(
         "{}[admin]\nlisten = \"127.0.0.1:0\"\n\
@@ -77,6 +78,11 @@ fn start(backend: &RawBackend) -> Gateway {
         ),
     );
     Gateway::start_with_env(dir, &manifest, &[("TG_TEST_ALICE_PRIMARY", ALICE_PRIMARY)])
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn no_key_in_logs(gw: &Gateway) {
@@ -376,6 +382,26 @@ async fn tollgate_check_reports_subscription_problems_without_showing_keys() {
         !err.contains(RACER_KEY) && !err.contains("short\""),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_keys_file_other_users_can_read_is_warned_about_at_every_load() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = start(&backend);
+    // Mode 0600 (as `start` writes it): nothing to say.
+    assert!(gw.records("keys_file_permissions").is_empty());
+    chmod(&gw.dir.path().join("keys.toml"), 0o644);
+    gw.signal("HUP");
+    let rec = gw.wait_record("keys_file_permissions", |_| true).await;
+    assert_eq!(rec["level"], "WARN", "{rec}");
+    assert_eq!(rec["mode"], "644", "{rec}");
+    assert!(
+        rec["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("keys.toml")),
+        "{rec}"
+    );
+    no_key_in_logs(&gw);
 }
 
 #[tokio::test]
