@@ -15,7 +15,8 @@
 //! backend drop; the comparison judges that close as the drop it stands for and the report
 //! marks each such case.
 //!
-//! The per-case table is written to `target/test-artifacts/conformance.md`.
+//! The per-case tables are written to `target/test-artifacts/conformance.md` (ws) and
+//! `conformance-wss.md` (TLS on both legs).
 
 mod support;
 
@@ -24,8 +25,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use support::tls::*;
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -612,7 +614,43 @@ async fn tungstenite_echo() -> SocketAddr {
     addr
 }
 
-async fn next_frame(ws: &mut RawWs<TcpStream>) -> Result<Frame, End> {
+/// A client byte stream: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where a case's client connects: `tls` wraps the TCP connection in TLS for `localhost`.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    path: &'static str,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// Opens the WebSocket: the opening handshake by hand, so every frame after it is raw.
+async fn open(t: &Target) -> (String, RawWs<Box<dyn Io>>) {
+    let tcp = TcpStream::connect(t.addr).await.unwrap();
+    let mut io: Box<dyn Io> = match &t.tls {
+        Some(c) => Box::new(
+            c.connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap(),
+        ),
+        None => Box::new(tcp),
+    };
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        t.path
+    );
+    io.write_all(req.as_bytes()).await.unwrap();
+    io.flush().await.unwrap();
+    let (head, carry) = read_head(&mut io).await.unwrap();
+    (head, RawWs::new(io, carry, true))
+}
+
+async fn next_frame(ws: &mut RawWs<Box<dyn Io>>) -> Result<Frame, End> {
     match tokio::time::timeout(WAIT, ws.read_frame()).await {
         Ok(Ok(f)) => Ok(f),
         Ok(Err(_)) => Err(End::Eof),
@@ -620,12 +658,15 @@ async fn next_frame(ws: &mut RawWs<TcpStream>) -> Result<Frame, End> {
     }
 }
 
-async fn run_case(addr: SocketAddr, path: &str, c: &Case) -> Observed {
-    let (head, mut ws) = raw_handshake(addr, path, "").await;
+async fn run_case(target: &Target, c: &Case) -> Observed {
+    let (head, mut ws) = open(target).await;
     assert_eq!(status_of(&head), 101, "{}: handshake: {head}", c.id);
     for s in &c.steps {
         let sent = match s {
-            Step::Send(b) => ws.io.write_all(b).await,
+            Step::Send(b) => match ws.io.write_all(b).await {
+                Ok(()) => ws.io.flush().await,
+                e => e,
+            },
             Step::Chopped(b, n) => {
                 let mut r = Ok(());
                 for chunk in b.chunks(*n) {
@@ -656,6 +697,7 @@ async fn run_case(addr: SocketAddr, path: &str, c: &Case) -> Observed {
         if wanted == 0 {
             // Everything expected came back: start the closing handshake.
             let _ = ws.send_raw(&msg(CLOSE, &close_payload(1000, ""))).await;
+            let _ = ws.io.flush().await;
             wanted = usize::MAX;
         }
         match next_frame(&mut ws).await {
@@ -730,16 +772,9 @@ fn describe(o: &Observed) -> String {
     s
 }
 
-#[tokio::test]
-async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct() {
-    let backend = tungstenite_echo().await;
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        gateway_section(""),
-        api_section("echo", "echo", &format!("ws://{backend}/"), "")
-    ));
-    let through = gw.ws.unwrap();
-
+/// Runs every case against `direct` and `through`, writes the table to
+/// `target/test-artifacts/{report}`, and fails on any verdict that differs.
+async fn compare(direct: &Target, through: &Target, report_file: &str) {
     let cases = cases();
     let mut report = String::from(
         "| case | what | direct | through Tollgate | observed direct | observed through Tollgate |\n|---|---|---|---|---|---|\n",
@@ -748,8 +783,8 @@ async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct(
     let mut direct_ok = 0;
     let mut translations = 0;
     for c in &cases {
-        let d = run_case(backend, "/", c).await;
-        let g = run_case(through, "/echo", c).await;
+        let d = run_case(direct, c).await;
+        let g = run_case(through, c).await;
         // The one translation the BRIEF asks of the gateway: a backend that drops the TCP
         // connection without a close frame becomes a close 1011 to the client (section 1,
         // "1006-style drops become close 1001/1011"). Judged as the drop it stands for, and
@@ -802,7 +837,7 @@ async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct(
         "\n{} cases; OK directly: {direct_ok}; backend drops translated to close 1011: {translations}",
         cases.len()
     );
-    std::fs::write(artifacts.join("conformance.md"), &report).unwrap();
+    std::fs::write(artifacts.join(report_file), &report).unwrap();
     println!("{report}");
 
     assert!(
@@ -818,9 +853,65 @@ async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct(
         "only {direct_ok} of {} cases OK directly: the suite or the backend is broken",
         cases.len()
     );
-    // The gateway never cut a connection on its own: no handshake failed, every case got an
-    // answer (checked above), and the gateway is still serving.
-    let (_, mut ws) = ws_connect(through, "/echo", "").await;
+    // Every case got an answer (checked above), and the gateway is still serving.
+    let (_, mut ws) = open(through).await;
     ws.send(true, TEXT, b"still here").await.unwrap();
+    ws.io.flush().await.unwrap();
     assert_eq!(ws.read_frame().await.unwrap().payload, b"still here");
+}
+
+#[tokio::test]
+async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct() {
+    let backend = tungstenite_echo().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("echo", "echo", &format!("ws://{backend}/"), "")
+    ));
+    let direct = Target {
+        addr: backend,
+        path: "/",
+        tls: None,
+    };
+    let through = Target {
+        addr: gw.ws.unwrap(),
+        path: "/echo",
+        tls: None,
+    };
+    compare(&direct, &through, "conformance.md").await;
+}
+
+/// The same over TLS on both legs: a wss client, the gateway's wss listener, a wss backend
+/// (TLS changes how the relay writes, flushes and shuts down, not what it relays).
+#[tokio::test]
+async fn conformance_suite_over_wss_gives_the_same_verdict_through_the_gateway_as_direct() {
+    let ca = TestCa::new("Conformance CA");
+    let backend = wss_echo_backend(&ca.leaf(&["localhost", "127.0.0.1"])).await;
+    let dir = TempDir::new("conformance-wss");
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "gw");
+    let manifest = format!(
+        "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        api_section(
+            "echo",
+            "echo",
+            &format!("wss://localhost:{}/", backend.port()),
+            &format!("schemes = [\"wss\"]\nca_file = \"{}\"", ca_path.display())
+        )
+    );
+    let gw = Gateway::start_in(dir, &manifest);
+    let tls = Some(tokio_rustls::TlsConnector::from(client_config(&ca)));
+    let direct = Target {
+        addr: backend,
+        path: "/",
+        tls: tls.clone(),
+    };
+    let through = Target {
+        addr: gw.wss.unwrap(),
+        path: "/echo",
+        tls,
+    };
+    compare(&direct, &through, "conformance-wss.md").await;
 }
