@@ -20,3 +20,16 @@ pub fn init() {
             .init();
     }
 }
+
+/// For `tollgate check`: warnings (an inherited policy that will be skipped, a backend with
+/// `insecure_skip_verify`, a keys file others can read, ...) go to stderr as plain lines, so a
+/// manifest that passes still shows what an operator should look at. Info lines stay quiet.
+pub fn init_check() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

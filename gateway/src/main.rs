@@ -135,6 +135,7 @@ fn inspect(file: &std::path::Path) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
+    logging::init_check();
     let config = match manifest::load(path) {
         Ok(c) => c,
         Err(errors) => {

@@ -189,6 +189,16 @@ async fn forbidden_capabilities_inherited_from_global_scope_load_and_are_skipped
     );
     let (code, err, _) = tollgate_check(dir.path(), &text);
     assert_eq!(code, 0, "{err}");
+    // `check` passes, and says what will be skipped.
+    for c in FORBIDDEN {
+        assert!(
+            err.lines().any(|l| l.contains("WARN")
+                && l.contains("will be skipped")
+                && l.contains(&format!("plugin=declares-{c}"))
+                && l.contains(&format!("capability={c}"))),
+            "no warning for declares-{c}:\n{err}"
+        );
+    }
     let gw = Gateway::start_in(dir, &text);
     for c in FORBIDDEN {
         gw.wait_record("policy_skipped_at_load", |r| {
