@@ -394,36 +394,43 @@ pub async fn relay(
     let mut owed_to_client: Option<(u16, &'static str)> = None;
     let mut end_when_written = false;
 
+    // The first reason the connection ends is the one logged; later ones do not overwrite it.
+    macro_rules! record_end {
+        ($by:expr, $code:expr, $reason:expr) => {{
+            if closed_by.is_none() {
+                closed_by = Some($by);
+                close_code = $code;
+                close_reason = String::from($reason);
+            }
+        }};
+    }
+
+    // The closing phase starts once: the timer then bounds how long the peers get to answer.
+    macro_rules! start_closing {
+        ($grace:expr) => {{
+            if !closing {
+                closing = true;
+                sleep.as_mut().reset(Instant::now() + $grace);
+            }
+        }};
+    }
+
     // Starts the end of the connection: sends the gateway's close frames where they may go and
     // gives both sides CLOSE_GRACE to answer.
     macro_rules! terminate {
         ($by:expr, $to_client:expr, $to_backend:expr, $reason:expr) => {{
-            if closed_by.is_none() {
-                closed_by = Some($by);
-                close_code = Some($to_client);
-                close_reason = String::from($reason);
-            }
+            record_end!($by, Some($to_client), $reason);
             b2c.queue_close(Direction::BackendToClient, $to_client, $reason);
             c2b.queue_close(Direction::ClientToBackend, $to_backend, $reason);
-            if !closing {
-                closing = true;
-                sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
-            }
+            start_closing!(CLOSE_GRACE);
         }};
     }
 
     // A close frame from one side was forwarded to the other: wait for the answer.
     macro_rules! on_close {
         ($by:expr, $code:expr, $reason:expr) => {{
-            if closed_by.is_none() {
-                closed_by = Some($by);
-                close_code = $code;
-                close_reason = $reason;
-            }
-            if !closing {
-                closing = true;
-                sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
-            }
+            record_end!($by, $code, $reason);
+            start_closing!(CLOSE_GRACE);
         }};
     }
 
@@ -464,19 +471,10 @@ pub async fn relay(
                 // backend sent in reply to the client's valid frames before the violation
                 // still reaches the client (as it would with no gateway in between), followed
                 // by the backend's close reply, normally the same code.
-                if closed_by.is_none() {
-                    closed_by = Some(ClosedBy::ClientViolation);
-                    close_code = Some(code);
-                    close_reason = reason.to_owned();
-                }
                 if c2b.queue_close(Direction::ClientToBackend, code, reason) {
+                    record_end!(ClosedBy::ClientViolation, Some(code), reason);
                     owed_to_client = Some((code, reason));
-                    if !closing {
-                        closing = true;
-                        sleep
-                            .as_mut()
-                            .reset(Instant::now() + CLIENT_VIOLATION_GRACE);
-                    }
+                    start_closing!(CLIENT_VIOLATION_GRACE);
                 } else {
                     terminate!(ClosedBy::ClientViolation, code, code, reason);
                 }
@@ -488,17 +486,7 @@ pub async fn relay(
                     close_code::INTERNAL_ERROR
                 };
                 // The backend is the offender: it gets `code`, the client a server error.
-                if closed_by.is_none() {
-                    closed_by = Some(ClosedBy::BackendViolation);
-                    close_code = Some(other);
-                    close_reason = reason.to_owned();
-                }
-                b2c.queue_close(Direction::BackendToClient, other, reason);
-                c2b.queue_close(Direction::ClientToBackend, code, reason);
-                if !closing {
-                    closing = true;
-                    sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
-                }
+                terminate!(ClosedBy::BackendViolation, other, code, reason);
             }
             Wake::C2b(PumpEvent::SrcGone) | Wake::B2c(PumpEvent::DstGone) => {
                 // The client is gone. If it already had our close, this is the normal end.

@@ -24,12 +24,10 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use support::tls::*;
 use support::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::net::TcpStream;
 
 /// How long a case waits for the peer to answer (or to fail the connection). No case passes by
 /// timing out, so this only bounds a broken run (at most ~10 min for all cases); room for a
@@ -593,29 +591,6 @@ fn cases() -> Vec<Case> {
     v
 }
 
-/// A compliant echo server (tungstenite, default limits): what `examples/echo-backend` does.
-async fn tungstenite_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if matches!(m, Message::Text(_) | Message::Binary(_))
-                        && ws.send(m).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A client byte stream: plain TCP or TLS.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -631,7 +606,7 @@ struct Target {
 /// Opens the WebSocket: the opening handshake by hand, so every frame after it is raw.
 async fn open(t: &Target) -> (String, RawWs<Box<dyn Io>>) {
     let tcp = TcpStream::connect(t.addr).await.unwrap();
-    let mut io: Box<dyn Io> = match &t.tls {
+    let io: Box<dyn Io> = match &t.tls {
         Some(c) => Box::new(
             c.connect(
                 rustls::pki_types::ServerName::try_from("localhost").unwrap(),
@@ -642,14 +617,7 @@ async fn open(t: &Target) -> (String, RawWs<Box<dyn Io>>) {
         ),
         None => Box::new(tcp),
     };
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        t.path
-    );
-    io.write_all(req.as_bytes()).await.unwrap();
-    io.flush().await.unwrap();
-    let (head, carry) = read_head(&mut io).await.unwrap();
-    (head, RawWs::new(io, carry, true))
+    handshake_on(io, "localhost", t.path, "").await
 }
 
 async fn next_frame(ws: &mut RawWs<Box<dyn Io>>) -> Result<Frame, End> {
@@ -864,7 +832,7 @@ async fn compare(direct: &Target, through: &Target, report_file: &str) {
 
 #[tokio::test]
 async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct() {
-    let backend = tungstenite_echo().await;
+    let backend = ws_echo_backend().await;
     let gw = Gateway::start(&format!(
         "{}{}",
         gateway_section(""),

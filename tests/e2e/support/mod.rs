@@ -525,13 +525,52 @@ pub async fn raw_handshake(
     path: &str,
     extra: &str,
 ) -> (String, RawWs<TcpStream>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let s = TcpStream::connect(addr).await.unwrap();
+    handshake_on(s, &addr.to_string(), path, extra).await
+}
+
+/// [`raw_handshake`] over a stream the caller opened (e.g. TLS): the response head, and the
+/// client side of the WebSocket with whatever arrived behind the head.
+pub async fn handshake_on<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    host: &str,
+    path: &str,
+    extra: &str,
+) -> (String, RawWs<S>) {
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
     let (head, carry) = read_head(&mut s).await.unwrap();
     (head, RawWs::new(s, carry, true))
+}
+
+/// Serves one WebSocket connection as a compliant echo server (tungstenite, default limits,
+/// what `examples/echo-backend` does): text and binary come back, pings are answered, and
+/// protocol errors end the connection the way tungstenite ends them.
+pub async fn tungstenite_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+    use futures_util::{SinkExt, StreamExt};
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    while let Some(Ok(m)) = ws.next().await {
+        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A plain-ws [`tungstenite_echo`] backend on loopback.
+pub async fn ws_echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(tungstenite_echo(s));
+        }
+    });
+    addr
 }
 
 /// Like [`raw_handshake`] but asserts the 101 and its accept value.

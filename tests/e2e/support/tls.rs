@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -79,7 +78,7 @@ impl Leaf {
     }
 }
 
-/// A wss echo backend presenting `leaf`.
+/// A wss [`super::tungstenite_echo`] backend presenting `leaf`.
 pub async fn wss_echo_backend(leaf: &Leaf) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(leaf.server_config());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -88,16 +87,8 @@ pub async fn wss_echo_backend(leaf: &Leaf) -> SocketAddr {
         while let Ok((s, _)) = l.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() || m.is_binary() {
-                        let _ = ws.send(m).await;
-                    }
+                if let Ok(tls) = acceptor.accept(s).await {
+                    super::tungstenite_echo(tls).await;
                 }
             });
         }
