@@ -1,0 +1,146 @@
+//! Whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` the gateway passes on.
+//!
+//! Backends use these headers for client addresses (logs, rate limits, allow-lists). A client
+//! that writes its own `X-Forwarded-For: 10.0.0.1` must not have the gateway vouch for it, so
+//! the headers are extended only when the peer is a configured trusted proxy (a load balancer
+//! that sets them itself); from anyone else they are replaced with what the gateway saw.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// `[gateway] trusted_proxies`: networks whose forwarding headers are believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Parses CIDRs (`10.0.0.0/8`, `::1/128`) and single addresses (`192.0.2.7`).
+    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Self, String> {
+        let mut nets = Vec::with_capacity(list.len());
+        for s in list {
+            let s = s.as_ref().trim();
+            let net = match s.parse::<IpNet>() {
+                Ok(n) => n,
+                Err(_) => match s.parse::<IpAddr>() {
+                    Ok(ip) => IpNet::from(ip),
+                    Err(_) => {
+                        return Err(format!(
+                            "`{s}` is neither an address nor a CIDR network (e.g. 10.0.0.0/8)"
+                        ))
+                    }
+                },
+            };
+            nets.push(net);
+        }
+        Ok(TrustedProxies(nets))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a peer at `ip` is a trusted proxy (an IPv4-mapped IPv6 peer counts as IPv4).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The forwarding headers the backend gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarding {
+    pub x_forwarded_for: String,
+    pub forwarded: String,
+    pub x_real_ip: String,
+}
+
+/// What the client sent, all values of each header joined with `, `.
+#[derive(Debug, Clone, Default)]
+pub struct Sent<'a> {
+    pub x_forwarded_for: Option<&'a str>,
+    pub forwarded: Option<&'a str>,
+    pub x_real_ip: Option<&'a str>,
+}
+
+/// The headers for a handshake from `peer` over `proto` (`http` or `https`). From a trusted
+/// proxy the chain it sent is extended (and its `X-Real-IP` kept); from anyone else every value
+/// is the peer's own address.
+pub fn forwarding(peer: IpAddr, proto: &str, trusted: bool, sent: &Sent<'_>) -> Forwarding {
+    let peer = peer.to_canonical();
+    let ip = peer.to_string();
+    let node = match peer {
+        IpAddr::V4(_) => ip.clone(),
+        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    };
+    let element = format!("for={node};proto={proto}");
+    let nonempty = |v: Option<&str>| {
+        v.map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    if trusted {
+        Forwarding {
+            x_forwarded_for: match nonempty(sent.x_forwarded_for) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip.clone(),
+            },
+            forwarded: match nonempty(sent.forwarded) {
+                Some(prev) => format!("{prev}, {element}"),
+                None => element,
+            },
+            x_real_ip: nonempty(sent.x_real_ip).unwrap_or(ip),
+        }
+    } else {
+        Forwarding {
+            x_forwarded_for: ip.clone(),
+            forwarded: element,
+            x_real_ip: ip,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_networks_and_addresses() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8", "192.0.2.7", "::1/128"]).unwrap();
+        assert!(t.trusts("10.1.2.3".parse().unwrap()));
+        assert!(t.trusts("192.0.2.7".parse().unwrap()));
+        assert!(!t.trusts("192.0.2.8".parse().unwrap()));
+        assert!(t.trusts("::1".parse().unwrap()));
+        assert!(t.trusts("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
+        assert!(TrustedProxies::parse(&["example.com"]).is_err());
+    }
+
+    #[test]
+    fn untrusted_peers_get_their_own_address_only() {
+        let sent = Sent {
+            x_forwarded_for: Some("10.9.9.9"),
+            forwarded: Some("for=10.9.9.9"),
+            x_real_ip: Some("10.9.9.9"),
+        };
+        let f = forwarding("203.0.113.5".parse().unwrap(), "http", false, &sent);
+        assert_eq!(f.x_forwarded_for, "203.0.113.5");
+        assert_eq!(f.forwarded, "for=203.0.113.5;proto=http");
+        assert_eq!(f.x_real_ip, "203.0.113.5");
+    }
+
+    #[test]
+    fn trusted_proxies_chains_are_extended() {
+        let sent = Sent {
+            x_forwarded_for: Some("198.51.100.1"),
+            forwarded: Some("for=198.51.100.1"),
+            x_real_ip: Some("198.51.100.1"),
+        };
+        let f = forwarding("::1".parse().unwrap(), "https", true, &sent);
+        assert_eq!(f.x_forwarded_for, "198.51.100.1, ::1");
+        assert_eq!(f.forwarded, "for=198.51.100.1, for=\"[::1]\";proto=https");
+        assert_eq!(f.x_real_ip, "198.51.100.1");
+        let f = forwarding("10.0.0.1".parse().unwrap(), "http", true, &Sent::default());
+        assert_eq!(f.x_forwarded_for, "10.0.0.1");
+        assert_eq!(f.x_real_ip, "10.0.0.1");
+    }
+}
