@@ -31,6 +31,7 @@ pub const OP_PONG: u8 = 0xA;
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
 }

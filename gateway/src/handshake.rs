@@ -39,6 +39,9 @@ pub struct HandshakeCtx {
     /// TLS facts of a wss client connection, gathered only when some API has policies.
     pub tls: Option<Arc<crate::policy::wit::TlsInfo>>,
     pub api: Option<Arc<Api>>,
+    /// The normalised request path (see [`route`]): what is routed, what policies see and what
+    /// the backend path is built from.
+    pub path: String,
     /// Path after the API's url_suffix.
     pub remainder: String,
     pub query: Option<String>,
@@ -51,10 +54,18 @@ pub struct HandshakeCtx {
     /// Lower-case name of the subscription-key header, not forwarded anywhere, when the API is
     /// published through products.
     pub key_header: Option<String>,
+    /// The peer is one of `[gateway] trusted_proxies`: its forwarding headers are extended.
+    pub trusted_proxy: bool,
+    /// The key the subscription was found by, ended when a reload revokes it.
+    pub key_token: Option<tokio_util::sync::CancellationToken>,
 }
 
-/// A refused handshake: the status the client gets and the reason that is logged (and sent as
-/// the body, since it names no secrets).
+/// A refused handshake: the status the client gets and the reason that is logged.
+///
+/// The client sees the status's generic reason phrase (`Bad Gateway`, `Not Found`) unless a
+/// body is set on purpose (a policy's own rejection, the subscription messages): the logged
+/// reason may name backend addresses, OS errors or policy internals, which are nobody's
+/// business outside.
 #[derive(Debug)]
 pub struct Reject {
     pub status: StatusCode,
@@ -77,9 +88,12 @@ impl Reject {
     /// The HTTP response. The connection is closed after it: a gateway that refused an upgrade
     /// has no reason to keep reading from that client.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = self
-            .body
-            .unwrap_or_else(|| Bytes::from(format!("{}\n", self.reason)));
+        let body = self.body.unwrap_or_else(|| {
+            Bytes::from(format!(
+                "{}\n",
+                self.status.canonical_reason().unwrap_or("Error")
+            ))
+        });
         let mut resp = Response::new(Full::new(body));
         *resp.status_mut() = self.status;
         for (k, v) in self.headers {
@@ -97,15 +111,33 @@ impl Reject {
     }
 }
 
-/// Phase 1: finds the API. The listener's scheme must be one the API is served on.
+/// Phase 1: finds the API. The path is normalised first (`tollgate_edge::path`): routing,
+/// policies and the backend see only the normalised path, and a path that is unsafe to
+/// normalise, or whose `..` segments climb out of the API it ends up in, is refused (400). The
+/// listener's scheme must be one the API is served on.
 pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(), Reject> {
-    let path = req.uri().path();
+    let bad = |why: String| Reject::new(StatusCode::BAD_REQUEST, why);
+    let norm = tollgate_edge::path::normalise(req.uri().path())
+        .map_err(|e| bad(format!("refused path: {e}")))?;
+    let path = norm.path.as_str();
     let Some((api, rest)) = routes.find(path) else {
         return Err(Reject::new(
             StatusCode::NOT_FOUND,
             format!("no API serves path {path}"),
         ));
     };
+    let depth = api
+        .config
+        .url_suffix
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .count();
+    if norm.climbs_above(depth) {
+        return Err(bad(format!(
+            "refused path: its `..` segments climb out of API `{}`",
+            api.config.name
+        )));
+    }
     let schemes = api.config.schemes;
     let allowed = if ctx.scheme == "wss" {
         schemes.wss
@@ -121,6 +153,7 @@ pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Re
     ctx.remainder = rest.to_owned();
     ctx.query = req.uri().query().map(str::to_owned);
     ctx.api = Some(api.clone());
+    ctx.path = norm.path;
     Ok(())
 }
 
@@ -143,6 +176,17 @@ pub fn validate_upgrade<B>(ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(
         return bad("a WebSocket handshake must use HTTP/1.1");
     }
     let h = req.headers();
+    if let Err(e) = tollgate_edge::headers::check(h) {
+        return bad(&e.to_string());
+    }
+    // An absolute-form target names the authority itself (RFC 9112 section 3.2.2); one that
+    // disagrees with Host would let routing and X-Forwarded-Host tell different stories.
+    if let Some(authority) = req.uri().authority() {
+        let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+        if host.is_none_or(|host| !host.trim().eq_ignore_ascii_case(authority.as_str())) {
+            return bad("the request target's authority does not match `Host`");
+        }
+    }
     if !header_tokens(h, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket")) {
         return bad("missing `Upgrade: websocket`");
     }
@@ -208,8 +252,16 @@ pub fn subscribe<B>(
     }
     let loc = &api.config.subscription_key;
     ctx.key_header = Some(loc.header.clone());
-    let (from_query, rest) = take_query_param(ctx.query.as_deref(), &loc.query);
-    ctx.query = rest;
+    let bad = |why: String| Reject::new(StatusCode::BAD_REQUEST, why);
+    // Two keys could each be read by someone different (the gateway, a policy, the backend).
+    if let Ok(name) = HeaderName::from_bytes(loc.header.as_bytes()) {
+        tollgate_edge::headers::at_most_once(req.headers(), &name)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    let taken = tollgate_edge::query::take_param(ctx.query.as_deref(), &loc.query)
+        .map_err(|e| bad(e.to_string()))?;
+    let from_query = taken.value;
+    ctx.query = taken.rest;
     // An empty header or parameter counts as no key. A header that is not text cannot hold a
     // key we issued; it is kept as an (invalid) key rather than ignored.
     let from_header = req
@@ -240,13 +292,14 @@ pub fn subscribe<B>(
         };
     };
     match keys.find(&key) {
-        Some(sub) if api.config.products.contains(&sub.product) => {
+        Some((sub, token)) if api.config.products.contains(&sub.product) => {
             ctx.product = Some(sub.product.clone());
             ctx.subscription = Some(sub.clone());
+            ctx.key_token = Some(token.clone());
             Ok(())
         }
         // Logged by subscription name, never by key.
-        Some(sub) => Err(deny(
+        Some((sub, _)) => Err(deny(
             format!(
                 "subscription `{}` is for product `{}`, which does not publish API `{}`",
                 sub.name, sub.product, api.config.name
@@ -255,33 +308,6 @@ pub fn subscribe<B>(
         )),
         None => Err(deny("unknown subscription key".into(), INVALID_KEY)),
     }
-}
-
-/// Removes every `name=...` pair from a raw query string, keeping the other pairs exactly as
-/// the client wrote them; returns the first value found and what is left.
-fn take_query_param(query: Option<&str>, name: &str) -> (Option<String>, Option<String>) {
-    let Some(q) = query else {
-        return (None, None);
-    };
-    let mut found = None;
-    let mut kept = Vec::new();
-    for piece in q.split('&') {
-        let decoded = form_urlencoded::parse(piece.as_bytes()).next();
-        match decoded {
-            Some((k, v)) if k == name => {
-                if found.is_none() {
-                    found = Some(v.into_owned());
-                }
-            }
-            _ => kept.push(piece),
-        }
-    }
-    let rest = if kept.is_empty() {
-        None
-    } else {
-        Some(kept.join("&"))
-    };
-    (found, rest)
 }
 
 /// Phase 4: a connection slot, or 429 (subscription) / 503 (API, gateway).
@@ -322,6 +348,9 @@ const NOT_FORWARDED: &[&str] = &[
     "sec-websocket-accept",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
 ];
 
 /// The request the backend gets.
@@ -360,18 +389,42 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
         header::SEC_WEBSOCKET_VERSION,
         HeaderValue::from_static("13"),
     );
-    let ip = ctx.client_addr.ip().to_string();
-    let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{}, {ip}", prev.trim()),
-        _ => ip,
+    // A client's own forwarding headers are passed on only from a trusted proxy, extended;
+    // from anyone else they are replaced by the address the gateway saw.
+    let joined = |name: &str| {
+        let all: Vec<&str> = src
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!all.is_empty()).then(|| all.join(", "))
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if ctx.scheme == "wss" { "https" } else { "http" }),
+    let (xff, fwd, real) = (
+        joined("x-forwarded-for"),
+        joined("forwarded"),
+        joined("x-real-ip"),
     );
+    let proto = if ctx.scheme == "wss" { "https" } else { "http" };
+    let f = tollgate_edge::forwarded::forwarding(
+        ctx.client_addr.ip(),
+        proto,
+        ctx.trusted_proxy,
+        &tollgate_edge::forwarded::Sent {
+            x_forwarded_for: xff.as_deref(),
+            forwarded: fwd.as_deref(),
+            x_real_ip: real.as_deref(),
+        },
+    );
+    for (name, value) in [
+        ("x-forwarded-for", f.x_forwarded_for),
+        ("forwarded", f.forwarded),
+        ("x-real-ip", f.x_real_ip),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if let Some(host) = src.get(header::HOST) {
         headers.insert("x-forwarded-host", host.clone());
     }
@@ -403,7 +456,7 @@ pub fn policy_request<B>(
         .unwrap_or_default();
     crate::policy::wit::HandshakeRequest {
         method: req.method().as_str().to_owned(),
-        path: req.uri().path().to_owned(),
+        path: ctx.path.clone(),
         query,
         headers: req
             .headers()

@@ -86,6 +86,11 @@ struct RawGateway {
     signature_cache_entries: Option<usize>,
     /// TOML file with subscriptions' plain-text keys, by subscription name.
     subscription_keys_file: Option<Spanned<String>>,
+    /// Write query values into log records (default: redacted).
+    log_query_values: Option<bool>,
+    /// Peers (CIDRs or addresses) whose X-Forwarded-For / Forwarded / X-Real-IP are extended
+    /// rather than replaced.
+    trusted_proxies: Option<Spanned<Vec<String>>>,
     tls: Option<RawListenerTls>,
     #[serde(default)]
     limits: RawLimits,
@@ -114,6 +119,7 @@ struct RawLimits {
     max_frame_size: Option<u64>,
     max_message_size: Option<u64>,
     max_header_bytes: Option<Spanned<usize>>,
+    max_pending_handshakes: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -122,6 +128,9 @@ struct RawApiLimits {
     max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    /// Longest a connection may live, however busy (close 1001 to both sides); `0s` = off.
+    #[serde(default, with = "humantime_serde")]
+    max_connection_lifetime: Option<Duration>,
     max_frame_size: Option<u64>,
     max_message_size: Option<u64>,
 }
@@ -260,6 +269,11 @@ pub struct GatewayConfig {
     pub signature_cache_entries: usize,
     /// Subscriptions' plain-text keys (read, hashed and checked at every load and reload).
     pub subscription_keys_file: Option<PathBuf>,
+    /// Query values appear in log records as written (`log_query_values = true`, an opt-out
+    /// logged at start); otherwise every value is `REDACTED` (names kept).
+    pub log_query_values: bool,
+    /// Peers whose forwarding headers are extended (see `tollgate_edge::forwarded`).
+    pub trusted_proxies: tollgate_edge::forwarded::TrustedProxies,
     pub limits: Limits,
 }
 
@@ -289,6 +303,9 @@ pub struct Limits {
     /// `None`: unlimited (messages stream, so size costs no memory).
     pub max_message_size: Option<u64>,
     pub max_header_bytes: usize,
+    /// Accepted sockets that have not finished their handshake (TLS included); over it, new
+    /// sockets are closed at once.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -302,6 +319,7 @@ impl Default for Limits {
             max_frame_size: 64 * 1024 * 1024,
             max_message_size: None,
             max_header_bytes: 16 * 1024,
+            max_pending_handshakes: 4096,
         }
     }
 }
@@ -313,6 +331,8 @@ pub const MIN_HEADER_BYTES: usize = 8192;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConnLimits {
     pub idle_timeout: Option<Duration>,
+    /// `None`: a connection may live as long as it is used.
+    pub max_connection_lifetime: Option<Duration>,
     pub max_frame_size: u64,
     pub max_message_size: Option<u64>,
 }
@@ -933,6 +953,16 @@ impl<'a> Validator<'a> {
             .as_ref()
             .map(|d| self.resolve(d.get_ref()));
         let limits = self.limits(&g.limits);
+        let trusted_proxies = match &g.trusted_proxies {
+            Some(list) => match tollgate_edge::forwarded::TrustedProxies::parse(list.get_ref()) {
+                Ok(t) => t,
+                Err(m) => {
+                    self.err(list.span(), "gateway.trusted_proxies", m);
+                    Default::default()
+                }
+            },
+            None => Default::default(),
+        };
 
         let admin = raw.admin.as_ref().and_then(|a| {
             self.addr(&a.listen, "admin.listen")
@@ -1112,6 +1142,10 @@ impl<'a> Validator<'a> {
                         Some(d) => Some(d),
                         None => limits.idle_timeout,
                     },
+                    max_connection_lifetime: a
+                        .limits
+                        .max_connection_lifetime
+                        .filter(|d| !d.is_zero()),
                     max_frame_size: a.limits.max_frame_size.unwrap_or(limits.max_frame_size),
                     max_message_size: a.limits.max_message_size.or(limits.max_message_size),
                 },
@@ -1162,6 +1196,8 @@ impl<'a> Validator<'a> {
                     .subscription_keys_file
                     .as_ref()
                     .map(|f| self.resolve(f.get_ref())),
+                log_query_values: g.log_query_values.unwrap_or(false),
+                trusted_proxies,
                 limits,
             },
             admin,
@@ -1274,6 +1310,18 @@ impl<'a> Validator<'a> {
             Some(v) => *v.get_ref(),
             None => d.max_header_bytes,
         };
+        let max_pending_handshakes = match &l.max_pending_handshakes {
+            Some(v) if *v.get_ref() == 0 => {
+                self.err(
+                    v.span(),
+                    "gateway.limits.max_pending_handshakes",
+                    "must be at least 1",
+                );
+                d.max_pending_handshakes
+            }
+            Some(v) => *v.get_ref(),
+            None => d.max_pending_handshakes,
+        };
         Limits {
             max_connections: l.max_connections.unwrap_or(d.max_connections),
             handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
@@ -1287,6 +1335,7 @@ impl<'a> Validator<'a> {
             max_frame_size: l.max_frame_size.unwrap_or(d.max_frame_size),
             max_message_size: l.max_message_size.or(d.max_message_size),
             max_header_bytes,
+            max_pending_handshakes,
         }
     }
 
@@ -1407,6 +1456,49 @@ mod tests {
         assert_eq!(c.apis[0].url_suffix, "echo");
         assert!(c.apis[0].schemes.ws && !c.apis[0].schemes.wss);
         assert_eq!(c.gateway.limits, Limits::default());
+    }
+
+    #[test]
+    fn edge_settings_have_safe_defaults_and_located_errors() {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://x/\"\n";
+        let c = p(&format!("{BASE}{api}")).unwrap();
+        assert!(
+            !c.gateway.log_query_values,
+            "query values are redacted by default"
+        );
+        assert!(
+            c.gateway.trusted_proxies.is_empty(),
+            "no proxy is trusted by default"
+        );
+        assert_eq!(c.gateway.limits.max_pending_handshakes, 4096);
+        assert_eq!(c.apis[0].limits.max_connection_lifetime, None);
+        let c = p(&format!(
+            "{BASE}log_query_values = true\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n{api}[apis.limits]\nmax_connection_lifetime = \"1h\"\n"
+        ))
+        .unwrap();
+        assert!(c.gateway.log_query_values);
+        assert!(c
+            .gateway
+            .trusted_proxies
+            .trusts("10.2.3.4".parse().unwrap()));
+        assert_eq!(
+            c.apis[0].limits.max_connection_lifetime,
+            Some(Duration::from_secs(3600))
+        );
+        let e = p(&format!(
+            "{BASE}trusted_proxies = [\"10.0.0.0/99\"]\n[gateway.limits]\nmax_pending_handshakes = 0\n{api}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        let proxies = e.0.iter().find(|m| m.key == "gateway.trusted_proxies");
+        let proxies = proxies.unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(proxies.line, 4, "{e}");
+        assert!(proxies.message.contains("10.0.0.0/99"), "{e}");
+        assert!(
+            e.0.iter()
+                .any(|m| m.key == "gateway.limits.max_pending_handshakes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
+    accept_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -157,6 +158,7 @@ impl Metrics {
             reloads: Family::default(),
             limits: Family::default(),
             subscriptions_active: Family::default(),
+            accept_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,6 +234,11 @@ impl Metrics {
             "limits_hit",
             "Times a limit stopped a handshake or a connection, by API and limit",
             m.limits.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accept(2) calls on the client listeners (typically out of file descriptors); the listener backs off and keeps serving",
+            m.accept_errors.clone(),
         );
         registry.register(
             "subscription_connections_active",
@@ -357,6 +364,10 @@ impl Metrics {
         self.reloads
             .get_or_create(&ReloadLabels { trigger, outcome })
             .inc();
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
     }
 
     /// A limit stopped something: `limit` is the manifest key's name (e.g.

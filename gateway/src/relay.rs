@@ -86,6 +86,10 @@ pub enum ClosedBy {
     /// The backend broke the protocol or a size limit.
     BackendViolation,
     IdleTimeout,
+    /// The API's `max_connection_lifetime` was reached.
+    Lifetime,
+    /// A reload removed the subscription key the connection was admitted with.
+    Revoked,
     Shutdown,
 }
 
@@ -99,6 +103,8 @@ impl ClosedBy {
             ClosedBy::ClientViolation => "client_violation",
             ClosedBy::BackendViolation => "backend_violation",
             ClosedBy::IdleTimeout => "idle_timeout",
+            ClosedBy::Lifetime => "max_connection_lifetime",
+            ClosedBy::Revoked => "subscription_revoked",
             ClosedBy::Shutdown => "gateway_shutdown",
         }
     }
@@ -334,7 +340,13 @@ async fn shutdown_tls(s: &mut Stream) {
 /// Limits and signals for one relayed connection.
 pub struct RelayParams {
     pub limits: ConnLimits,
+    /// The gateway's shutdown token.
     pub shutdown: CancellationToken,
+    /// Ends the connection: the shutdown token itself, or for a connection admitted with a
+    /// subscription key, that key's token (a child of it, cancelled when a reload revokes the
+    /// key). One token to wait on keeps the relay's state small; which of the two fired is
+    /// told by whether `shutdown` is cancelled.
+    pub end: CancellationToken,
     /// The API's counters, updated as frames go by.
     pub metrics: Arc<ApiMetrics>,
     /// The 101 agreed an extension, so frames may carry RSV bits.
@@ -381,9 +393,15 @@ pub async fn relay(
     );
     let far = Duration::from_secs(86400 * 365);
     let idle = limits.idle_timeout;
-    let mut sleep = pin!(tokio::time::sleep(idle.unwrap_or(far)));
-    let shutdown = params.shutdown.clone();
-    let mut shutdown_fut = pin!(shutdown.cancelled());
+    // One timer serves the idle timeout and the lifetime: it is set to whichever comes first.
+    let lifetime_end = limits.max_connection_lifetime.map(|l| started + l);
+    let next_deadline = |last_read: Instant| {
+        let idle_end = idle.map_or(Instant::now() + far, |i| last_read + i);
+        lifetime_end.map_or(idle_end, |l| l.min(idle_end))
+    };
+    let mut sleep = pin!(tokio::time::sleep_until(next_deadline(started)));
+    let end = params.end.clone();
+    let mut shutdown_fut = pin!(end.cancelled());
     let mut shutdown_seen = false;
     let mut closing = false;
     let mut closed_by: Option<ClosedBy> = None;
@@ -530,8 +548,17 @@ pub async fn relay(
                     break; // grace period over
                 }
                 let last = c2b.last_read.max(b2c.last_read);
+                let now = Instant::now();
                 match idle {
-                    Some(idle) if last + idle <= Instant::now() => {
+                    _ if lifetime_end.is_some_and(|l| l <= now) => {
+                        terminate!(
+                            ClosedBy::Lifetime,
+                            close_code::GOING_AWAY,
+                            close_code::GOING_AWAY,
+                            "max_connection_lifetime reached"
+                        );
+                    }
+                    Some(idle) if last + idle <= now => {
                         terminate!(
                             ClosedBy::IdleTimeout,
                             close_code::GOING_AWAY,
@@ -539,11 +566,10 @@ pub async fn relay(
                             "idle timeout"
                         );
                     }
-                    Some(idle) => sleep.as_mut().reset(last + idle),
-                    None => sleep.as_mut().reset(Instant::now() + far),
+                    _ => sleep.as_mut().reset(next_deadline(last)),
                 }
             }
-            Wake::Shutdown => {
+            Wake::Shutdown if params.shutdown.is_cancelled() => {
                 shutdown_seen = true;
                 terminate!(
                     ClosedBy::Shutdown,
@@ -551,6 +577,28 @@ pub async fn relay(
                     close_code::GOING_AWAY,
                     "gateway shutting down"
                 );
+            }
+            Wake::Shutdown => {
+                // The key this connection was admitted with was revoked by a reload: the
+                // client is told why (1008, policy violation), the backend that the client is
+                // going away.
+                shutdown_seen = true;
+                record_end!(
+                    ClosedBy::Revoked,
+                    Some(close_code::POLICY_VIOLATION),
+                    "subscription revoked"
+                );
+                b2c.queue_close(
+                    Direction::BackendToClient,
+                    close_code::POLICY_VIOLATION,
+                    "subscription revoked",
+                );
+                c2b.queue_close(
+                    Direction::ClientToBackend,
+                    close_code::GOING_AWAY,
+                    "client's subscription revoked",
+                );
+                start_closing!(CLOSE_GRACE);
             }
         }
 

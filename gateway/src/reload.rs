@@ -64,7 +64,7 @@ impl Gateway {
             return Err(Refused(restart));
         }
         let current = self.served();
-        let served = Served::build(config, Some(&current), &self.metrics)
+        let served = Served::build(config, Some(&current), &self.metrics, &self.shutdown)
             .map_err(|e| Refused(e.iter().map(|m| m.to_string()).collect()))?;
         let apis = served.routes.apis().len();
         self.swap_in(served);

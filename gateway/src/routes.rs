@@ -163,6 +163,7 @@ mod tests {
                 max_connections: Some(1),
                 limits: ConnLimits {
                     idle_timeout: None,
+                    max_connection_lifetime: None,
                     max_frame_size: 1,
                     max_message_size: None,
                 },

@@ -70,6 +70,10 @@ pub struct Gateway {
     tls_acceptor: Option<TlsAcceptor>,
     /// Connections holding a slot (handshakes past admission, and relays).
     pub active: Arc<AtomicUsize>,
+    /// Accepted sockets whose handshake has not finished (TLS and HTTP), bounded by
+    /// `max_pending_handshakes`: a flood of sockets that never get to admission cannot take
+    /// unbounded tasks and memory.
+    pending: Arc<AtomicUsize>,
     pub shutdown: CancellationToken,
     pub ready: AtomicBool,
     tracker: TaskTracker,
@@ -90,6 +94,7 @@ impl Served {
         config: Config,
         previous: Option<&Served>,
         metrics: &Metrics,
+        shutdown: &CancellationToken,
     ) -> Result<Served, Vec<StartError>> {
         let mut errors = Vec::new();
         let has_policies = !config.policies.is_empty()
@@ -148,7 +153,7 @@ impl Served {
                 if a.insecure_skip_verify {
                     tracing::warn!(
                         api = %a.name,
-                        backend = %a.backend.original,
+                        backend = %loggable(&a.backend.original, config.gateway.log_query_values),
                         "insecure_skip_verify is set: the backend's certificate is NOT verified; anyone on the path can impersonate it"
                     );
                 }
@@ -201,7 +206,12 @@ impl Served {
             return Err(errors);
         }
         let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
-        let keys = crate::subscriptions::Keys::build(&config, previous.map(|p| &p.keys), metrics);
+        let keys = crate::subscriptions::Keys::build(
+            &config,
+            previous.map(|p| &p.keys),
+            metrics,
+            shutdown,
+        );
         if let Some(path) = &config.gateway.subscription_keys_file {
             crate::subscriptions::warn_if_readable_by_others(path);
         }
@@ -229,8 +239,18 @@ impl Gateway {
             },
             None => None,
         };
+        // Opt-outs of safe defaults are said at every start (and by `tollgate check`).
+        let g = &config.gateway;
+        if g.log_query_values {
+            tracing::warn!(event = "log_query_values", "log_query_values = true: query values (tokens, keys) are written to the logs as sent");
+        }
+        if !g.trusted_proxies.is_empty() {
+            tracing::info!(event = "trusted_proxies", proxies = ?g.trusted_proxies,
+                "forwarding headers from these peers are extended; from anyone else they are replaced");
+        }
         let metrics = Arc::new(Metrics::new());
-        let served = match Served::build(config.clone(), None, &metrics) {
+        let shutdown = CancellationToken::new();
+        let served = match Served::build(config.clone(), None, &metrics, &shutdown) {
             Ok(s) if errors.is_empty() => s,
             Ok(_) => return Err(errors),
             Err(e) => {
@@ -243,7 +263,8 @@ impl Gateway {
             served: arc_swap::ArcSwap::from_pointee(served),
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
-            shutdown: CancellationToken::new(),
+            pending: Arc::new(AtomicUsize::new(0)),
+            shutdown,
             ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             metrics,
@@ -257,9 +278,12 @@ impl Gateway {
         self.served.load_full()
     }
 
-    /// Makes `s` the state new handshakes are served from (see [`crate::reload`]).
+    /// Makes `s` the state new handshakes are served from (see [`crate::reload`]), then ends the
+    /// connections of subscription keys it no longer has.
     pub(crate) fn swap_in(&self, s: Served) {
-        self.served.store(Arc::new(s));
+        let new = Arc::new(s);
+        let old = self.served.swap(new.clone());
+        new.keys.revoke_missing(&old.keys);
     }
 
     /// Binds every listener, then serves until [`Gateway::shutdown`] is cancelled, then drains:
@@ -295,7 +319,7 @@ impl Gateway {
                 event = "api_served",
                 api = %api.config.name,
                 url_suffix = %api.config.url_suffix,
-                backend = %api.config.backend.original,
+                backend = %loggable(&api.config.backend.original, self.config.gateway.log_query_values),
                 "serving API"
             );
         }
@@ -337,6 +361,13 @@ impl Gateway {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: &'static str) {
+        // accept(2) fails mostly for want of file descriptors (EMFILE/ENFILE) or memory. The
+        // loop keeps serving: it backs off (doubling up to a second) instead of spinning,
+        // logs once when the trouble starts and once when it is over, and counts each failure.
+        const BACKOFF_MIN: Duration = Duration::from_millis(10);
+        const BACKOFF_MAX: Duration = Duration::from_secs(1);
+        let mut backoff = BACKOFF_MIN;
+        let mut failing: Option<(Instant, u64)> = None;
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -344,14 +375,47 @@ impl Gateway {
             };
             match accepted {
                 Ok((tcp, addr)) => {
+                    if let Some((since, failures)) = failing.take() {
+                        tracing::info!(
+                            event = "accept_recovered",
+                            scheme,
+                            failures,
+                            after_ms = since.elapsed().as_millis() as u64,
+                            "accepting connections again"
+                        );
+                    }
+                    backoff = BACKOFF_MIN;
+                    let max = self
+                        .served
+                        .load()
+                        .config
+                        .gateway
+                        .limits
+                        .max_pending_handshakes;
+                    if self.pending.fetch_add(1, Ordering::AcqRel) >= max {
+                        self.pending.fetch_sub(1, Ordering::AcqRel);
+                        self.metrics.limit_hit("", "max_pending_handshakes");
+                        tracing::debug!(client = %addr, "max_pending_handshakes reached; connection closed");
+                        drop(tcp);
+                        continue;
+                    }
+                    let pending = PendingSlot(self.pending.clone());
                     let gw = self.clone();
                     self.tracker
-                        .spawn(async move { gw.connection(tcp, addr, scheme).await });
+                        .spawn(async move { gw.connection(tcp, addr, scheme, pending).await });
                 }
                 Err(e) => {
-                    // Typically EMFILE/ENFILE: back off briefly instead of spinning.
-                    tracing::warn!(event = "accept_error", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    self.metrics.accept_error();
+                    match &mut failing {
+                        Some((_, n)) => *n += 1,
+                        None => {
+                            tracing::warn!(event = "accept_error", scheme, error = %e,
+                                "accept failed (out of file descriptors?); backing off and retrying");
+                            failing = Some((Instant::now(), 1));
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -367,6 +431,7 @@ impl Gateway {
         tcp: TcpStream,
         client_addr: SocketAddr,
         scheme: &'static str,
+        pending: PendingSlot,
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let accepted = Box::pin(
@@ -374,6 +439,7 @@ impl Gateway {
                 .accept_handshake(tcp, client_addr, scheme, conn),
         )
         .await;
+        drop(pending);
         if let Some(a) = accepted {
             self.relay(a).await;
         }
@@ -391,10 +457,16 @@ impl Gateway {
         // The current state's limits (they follow reloads); copied, as the connection outlives
         // any one state.
         let limits = self.served.load().config.gateway.limits.clone();
+        // The whole life before the 101 is bounded from the moment of accept: the client has
+        // `handshake_timeout` for its TLS handshake and request head together, and everything
+        // up to the 101 (policies, backend handshake) ends within `backend_timeout` after that.
+        let accepted_at = tokio::time::Instant::now();
+        let head_deadline = accepted_at + limits.handshake_timeout;
+        let overall_deadline = head_deadline + limits.backend_timeout;
         let mut tls_facts = None;
         let stream = match (&self.tls_acceptor, scheme) {
             (Some(acceptor), "wss") => {
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout_at(head_deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         if self.served.load().routes_have_policies {
                             tls_facts = Some(Arc::new(handshake::tls_facts(s.get_ref().1)));
@@ -406,6 +478,7 @@ impl Gateway {
                         return None;
                     }
                     Err(_) => {
+                        self.metrics.limit_hit("", "handshake_timeout");
                         tracing::debug!(client = %client_addr, "client TLS handshake timed out");
                         return None;
                     }
@@ -432,13 +505,17 @@ impl Gateway {
         };
         let http = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.handshake_timeout)
+            // What is left of handshake_timeout after TLS (hyper wants a non-zero duration).
+            .header_read_timeout(
+                head_deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(1)),
+            )
             .max_buf_size(limits.max_header_bytes)
             .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades();
         // The whole handshake, backend included, is bounded: no client holds a task forever.
-        let overall = limits.handshake_timeout + limits.backend_timeout;
-        match tokio::time::timeout(overall, http).await {
+        match tokio::time::timeout_at(overall_deadline, http).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
@@ -462,12 +539,15 @@ impl Gateway {
         tls: Option<Arc<crate::policy::wit::TlsInfo>>,
         slot: Arc<Mutex<Option<Accepted>>>,
     ) -> http::Response<Full<Bytes>> {
+        // This handshake is served from the state current now, whatever a reload does meanwhile.
+        let served = self.served();
         let mut ctx = HandshakeCtx {
             started: Instant::now(),
             client_addr,
             scheme,
             tls,
             api: None,
+            path: String::new(),
             remainder: String::new(),
             query: None,
             client_key: String::new(),
@@ -476,12 +556,16 @@ impl Gateway {
             product: None,
             subscription: None,
             key_header: None,
+            trusted_proxy: served
+                .config
+                .gateway
+                .trusted_proxies
+                .trusts(client_addr.ip()),
+            key_token: None,
         };
         // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
         // operator can tell a slow policy from a slow backend.
         let mut policies_ms = 0.0f64;
-        // This handshake is served from the state current now, whatever a reload does meanwhile.
-        let served = self.served();
         let result: Result<_, Reject> = async {
             handshake::route(&served.routes, &mut ctx, &req)?;
             handshake::validate_upgrade(&mut ctx, &req)?;
@@ -535,6 +619,10 @@ impl Gateway {
                     target: breq.target,
                     conn,
                     product: ctx.product.clone(),
+                    end: ctx
+                        .key_token
+                        .clone()
+                        .unwrap_or_else(|| self.shutdown.clone()),
                 });
             }
             Ok(resp)
@@ -542,10 +630,12 @@ impl Gateway {
         .await;
 
         let api_name = ctx.api.as_ref().map_or("", |a| a.config.name.as_str());
-        let backend = ctx
-            .api
-            .as_ref()
-            .map_or("", |a| a.config.backend.original.as_str());
+        let backend = loggable(
+            ctx.api
+                .as_ref()
+                .map_or("", |a| a.config.backend.original.as_str()),
+            served.config.gateway.log_query_values,
+        );
         let elapsed = ctx.started.elapsed();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = match &result {
@@ -554,6 +644,13 @@ impl Gateway {
         };
         let product = ctx.product.as_deref().unwrap_or("");
         let subscription = ctx.subscription.as_ref().map_or("", |s| s.name.as_str());
+        // The normalised path once routing got that far, else the path as the client wrote it
+        // (a refused path is worth seeing as it was sent).
+        let path = if ctx.path.is_empty() {
+            req.uri().path()
+        } else {
+            ctx.path.as_str()
+        };
         self.metrics
             .handshake(api_name, product, subscription, status);
         if let Some(api) = &ctx.api {
@@ -573,8 +670,8 @@ impl Gateway {
                     status = 101u16,
                     client = %client_addr,
                     scheme,
-                    path = req.uri().path(),
-                    backend,
+                    path,
+                    backend = %backend,
                     duration_ms,
                     policies_ms,
                     "handshake accepted"
@@ -592,8 +689,8 @@ impl Gateway {
                     status = r.status.as_u16(),
                     client = %client_addr,
                     scheme,
-                    path = req.uri().path(),
-                    backend,
+                    path,
+                    backend = %backend,
                     duration_ms,
                     policies_ms,
                     reason = %r.reason,
@@ -614,6 +711,7 @@ impl Gateway {
             target,
             conn,
             product,
+            end,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -655,6 +753,7 @@ impl Gateway {
             RelayParams {
                 limits: api.config.limits.clone(),
                 shutdown: self.shutdown.clone(),
+                end,
                 metrics: api.metrics.clone(),
                 extensions_agreed,
             },
@@ -669,6 +768,7 @@ impl Gateway {
             .connection_closed(name, outcome.closed_by.as_str(), outcome.close_code);
         match outcome.closed_by {
             relay::ClosedBy::IdleTimeout => self.metrics.limit_hit(name, "idle_timeout"),
+            relay::ClosedBy::Lifetime => self.metrics.limit_hit(name, "max_connection_lifetime"),
             relay::ClosedBy::ClientViolation | relay::ClosedBy::BackendViolation => {
                 if outcome.close_reason.contains("max_message_size") {
                     self.metrics.limit_hit(name, "max_message_size");
@@ -680,6 +780,9 @@ impl Gateway {
         }
         let c = &outcome.client_to_backend;
         let b = &outcome.backend_to_client;
+        let log_values = self.served.load().config.gateway.log_query_values;
+        let target = loggable(&target, log_values);
+        let backend_url = loggable(&api.config.backend.original, log_values);
         tracing::info!(
             event = "connection_closed",
             conn,
@@ -687,7 +790,7 @@ impl Gateway {
             product,
             subscription,
             client = %client_addr,
-            backend = %api.config.backend.original,
+            backend = %backend_url,
             backend_target = %target,
             duration_ms = outcome.duration.as_secs_f64() * 1000.0,
             closed_by = outcome.closed_by.as_str(),
@@ -715,6 +818,27 @@ struct Accepted {
     conn: u64,
     /// The product the handshake came in through (for the close record).
     product: Option<String>,
+    /// Ends the relay (see [`RelayParams::end`]).
+    end: CancellationToken,
+}
+
+/// A URL or request target as log records show it: browsers pass credentials in the query
+/// (`?access_token=`), so values are redacted unless the manifest says `log_query_values = true`.
+fn loggable(target: &str, log_values: bool) -> std::borrow::Cow<'_, str> {
+    if log_values {
+        target.into()
+    } else {
+        tollgate_edge::query::redact_target(target)
+    }
+}
+
+/// One of `max_pending_handshakes`, held from accept until the handshake is over.
+struct PendingSlot(Arc<AtomicUsize>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::gauge::Gauge;
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{key_digest, Config, KeyDigest};
 use crate::metrics::Metrics;
@@ -30,10 +31,20 @@ pub struct Subscription {
     pub gauge: Gauge,
 }
 
+/// One key of one subscription, with the token that ends the connections it opened.
+struct KeyEntry {
+    digest: KeyDigest,
+    sub: Arc<Subscription>,
+    /// Cancelled when a reload drops this key (or its subscription): every connection admitted
+    /// with it is then closed. A child of the gateway's shutdown token, so a relay waits on one
+    /// token for both (and tells them apart by whether shutdown is cancelled).
+    token: CancellationToken,
+}
+
 /// Every subscription of the served manifest, indexed by key digest.
 #[derive(Default)]
 pub struct Keys {
-    index: HashMap<[u8; 8], Vec<(KeyDigest, Arc<Subscription>)>>,
+    index: HashMap<[u8; 8], Vec<KeyEntry>>,
     all: Vec<Arc<Subscription>>,
 }
 
@@ -45,8 +56,14 @@ fn prefix(d: &KeyDigest) -> [u8; 8] {
 
 impl Keys {
     /// Builds the index; `previous` is the state a reload replaces (its connection counts carry
-    /// over to the subscriptions that keep their product and name).
-    pub fn build(config: &Config, previous: Option<&Keys>, metrics: &Metrics) -> Keys {
+    /// over to the subscriptions that keep their product and name, and the revocation tokens to
+    /// the keys that stay with the same subscription). `root`: the gateway's shutdown token.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Keys>,
+        metrics: &Metrics,
+        root: &CancellationToken,
+    ) -> Keys {
         let mut keys = Keys::default();
         for p in &config.products {
             for s in &p.subscriptions {
@@ -66,10 +83,16 @@ impl Keys {
                     active,
                 });
                 for k in &s.keys {
-                    keys.index
-                        .entry(prefix(k))
-                        .or_default()
-                        .push((*k, sub.clone()));
+                    let token = previous
+                        .and_then(|prev| prev.entry(k))
+                        .filter(|e| e.sub.product == p.name && e.sub.name == s.name)
+                        .map(|e| e.token.clone())
+                        .unwrap_or_else(|| root.child_token());
+                    keys.index.entry(prefix(k)).or_default().push(KeyEntry {
+                        digest: *k,
+                        sub: sub.clone(),
+                        token,
+                    });
                 }
                 keys.all.push(sub);
             }
@@ -77,17 +100,39 @@ impl Keys {
         keys
     }
 
-    /// The subscription `presented` is a key of, if any.
-    pub fn find(&self, presented: &str) -> Option<&Arc<Subscription>> {
-        let d = key_digest(presented);
-        let candidates = self.index.get(&prefix(&d))?;
+    /// The subscription `presented` is a key of, if any, and the key's revocation token.
+    pub fn find(&self, presented: &str) -> Option<(&Arc<Subscription>, &CancellationToken)> {
+        self.entry(&key_digest(presented))
+            .map(|e| (&e.sub, &e.token))
+    }
+
+    fn entry(&self, d: &KeyDigest) -> Option<&KeyEntry> {
+        let candidates = self.index.get(&prefix(d))?;
         let mut found = None;
-        for (k, sub) in candidates {
-            if bool::from(k.ct_eq(&d)) {
-                found = Some(sub);
+        for e in candidates {
+            if bool::from(e.digest.ct_eq(d)) {
+                found = Some(e);
             }
         }
         found
+    }
+
+    /// Ends the connections of every key of `previous` that this state no longer has (a key
+    /// removed or rotated away, a subscription deleted or moved to another product). Called
+    /// once this state is serving; returns how many keys were revoked.
+    pub fn revoke_missing(&self, previous: &Keys) -> usize {
+        let mut revoked = 0;
+        for e in previous.index.values().flatten() {
+            let kept = self.entry(&e.digest).is_some_and(|n| n.token == e.token);
+            if !kept && !e.token.is_cancelled() {
+                tracing::info!(event = "subscription_key_revoked", product = %e.sub.product,
+                    subscription = %e.sub.name,
+                    "a subscription key is gone after the reload; its connections are closed");
+                e.token.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
     }
 
     pub fn all(&self) -> &[Arc<Subscription>] {
@@ -165,24 +210,56 @@ mod tests {
     #[test]
     fn primary_and_secondary_find_the_subscription_and_others_do_not() {
         let m = Metrics::new();
-        let k = Keys::build(&config(), None, &m);
-        assert_eq!(k.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().name, "alice");
-        assert_eq!(k.find("bbbbbbbbbbbbbbbbbbbbbbbb").unwrap().product, "gold");
+        let k = Keys::build(&config(), None, &m, &CancellationToken::new());
+        assert_eq!(k.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().0.name, "alice");
+        assert_eq!(
+            k.find("bbbbbbbbbbbbbbbbbbbbbbbb").unwrap().0.product,
+            "gold"
+        );
         assert!(k.find("aaaaaaaaaaaaaaaaaaaaaaab").is_none());
         assert!(k.find("").is_none());
+    }
+
+    #[test]
+    fn a_reload_revokes_exactly_the_keys_it_drops() {
+        let m = Metrics::new();
+        let root = CancellationToken::new();
+        let k = Keys::build(&config(), None, &m, &root);
+        let primary = k.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().1.clone();
+        let secondary = k.find("bbbbbbbbbbbbbbbbbbbbbbbb").unwrap().1.clone();
+        // The secondary key is rotated: same subscription, another digest.
+        let mut rotated = config();
+        rotated.products[0].subscriptions[0].keys[1] = key_digest("cccccccccccccccccccccccc");
+        let k2 = Keys::build(&rotated, Some(&k), &m, &root);
+        assert_eq!(k2.revoke_missing(&k), 1);
+        assert!(
+            secondary.is_cancelled(),
+            "the rotated-away key's connections end"
+        );
+        assert!(!primary.is_cancelled(), "the kept key's connections stay");
+        assert!(!k2
+            .find("cccccccccccccccccccccccc")
+            .unwrap()
+            .1
+            .is_cancelled());
+        // Shutdown reaches every key's connections through the same token.
+        root.cancel();
+        assert!(primary.is_cancelled());
     }
 
     #[test]
     fn slots_are_exact_and_carry_over_a_reload() {
         let m = Metrics::new();
         let c = config();
-        let k = Keys::build(&c, None, &m);
-        let alice = k.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().clone();
+        let root = CancellationToken::new();
+        let k = Keys::build(&c, None, &m, &root);
+        let alice = k.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().0.clone();
         assert!(alice.try_take());
         assert!(alice.try_take());
         assert!(!alice.try_take());
-        let k2 = Keys::build(&c, Some(&k), &m);
-        let again = k2.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
+        let k2 = Keys::build(&c, Some(&k), &m, &root);
+        assert_eq!(k2.revoke_missing(&k), 0, "same keys: nothing revoked");
+        let again = k2.find("aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().0;
         assert!(
             !again.try_take(),
             "the reload must keep counting the 2 live connections"

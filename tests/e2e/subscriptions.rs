@@ -405,7 +405,7 @@ async fn a_keys_file_other_users_can_read_is_warned_about_at_every_load() {
 }
 
 #[tokio::test]
-async fn a_key_rotated_in_the_keys_file_applies_live_and_live_connections_keep_their_slot() {
+async fn a_key_rotated_in_the_keys_file_applies_live_and_ends_the_old_keys_connections() {
     let backend = RawBackend::start(echo_frames()).await;
     let gw = start(&backend);
     let addr = gw.ws.unwrap();
@@ -437,9 +437,17 @@ async fn a_key_rotated_in_the_keys_file_applies_live_and_live_connections_keep_t
         &format!("Ocp-Apim-Subscription-Key: {rotated}\r\n"),
     )
     .await;
-    // The connection opened before the reload still relays, and still counts.
-    old.send(true, 1, b"still here").await.unwrap();
-    assert_eq!(old.read_frame().await.unwrap().payload, b"still here");
+    // The connection opened with the rotated-away key is ended (the key is revoked), and its
+    // slot is given back.
+    let close = tokio::time::timeout(Duration::from_secs(10), old.read_until_close())
+        .await
+        .expect("the old key's connection is closed")
+        .unwrap();
+    assert_eq!(close.close_code(), Some(1008));
+    gw.wait_record("connection_closed", |r| {
+        r["subscription"] == "racer" && r["closed_by"] == "subscription_revoked"
+    })
+    .await;
     let apis: serde_json::Value =
         serde_json::from_str(&http_get(gw.admin.unwrap(), "/apis").await.2).unwrap();
     let gold = apis["products"]
@@ -454,7 +462,7 @@ async fn a_key_rotated_in_the_keys_file_applies_live_and_live_connections_keep_t
         .iter()
         .find(|s| s["name"] == "racer")
         .unwrap();
-    assert_eq!(racer["active_connections"], 2, "{apis}");
+    assert_eq!(racer["active_connections"], 1, "{apis}");
     assert_eq!(gold["apis"], serde_json::json!(["chat", "lobby"]), "{apis}");
     let api = |name: &str| {
         apis["apis"]

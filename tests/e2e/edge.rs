@@ -1,0 +1,621 @@
+//! The edge, probed from outside as an attacker would (issue "Edge hardening"): paths that try
+//! to climb out of an API, repeated credential headers, what error bodies and logs give away,
+//! forged forwarding headers, revoked keys, and sockets that never finish a handshake. Every
+//! refusal is checked to have left the backend untouched.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `request` (a complete raw HTTP head) and reads the answer: a 101's head, or a
+/// refusal whole (the gateway closes after a refusal).
+async fn exchange(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let (head, mut rest) = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("the gateway answers")
+        .unwrap_or_default();
+    let status = status_of(&head);
+    if status != 101 {
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("the gateway closes after a refusal")
+            .unwrap();
+    }
+    (status, format!("{head}{}", String::from_utf8_lossy(&rest)))
+}
+
+/// A handshake request for `path` with `extra` header lines; `host`: the Host line, if any.
+fn request(path: &str, host: Option<&str>, extra: &str) -> String {
+    let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+    format!(
+        "GET {path} HTTP/1.1\r\n{host}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+fn body_of(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// Two APIs, `chat` -> `/ws` and `chat/admin` -> `/ws/admin`, on two backends so the test
+/// sees which one a path reached.
+async fn two_apis() -> (Gateway, RawBackend, RawBackend) {
+    let chat = RawBackend::start(echo_frames()).await;
+    let admin = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}{}{}",
+        gateway_section(""),
+        api_section("chat", "chat", &format!("ws://{}/ws", chat.addr), ""),
+        api_section(
+            "chat-admin",
+            "chat/admin",
+            &format!("ws://{}/ws/admin", admin.addr),
+            ""
+        ),
+    ));
+    (gw, chat, admin)
+}
+
+fn contacted(b: &RawBackend) -> usize {
+    b.connections.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn paths_are_normalised_before_routing_and_never_climb_out_of_an_api() {
+    let (gw, chat, admin) = two_apis().await;
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+    // Normalised, routed and forwarded normalised.
+    for (path, backend_path) in [
+        ("/chat/./room//1", "/ws/room/1"),
+        ("/chat/a/../room", "/ws/room"),
+        ("/chat/%72oom/%7Eann", "/ws/room/~ann"),
+        ("/chat/a/%2e%2E/b", "/ws/b"),
+        ("//chat//admin/x", "/ws/admin/x"),
+    ] {
+        let (head, _ws) = ws_connect(addr, path, "").await;
+        assert_eq!(status_of(&head), 101, "{path}: {head}");
+        let b = if backend_path.starts_with("/ws/admin") {
+            &admin
+        } else {
+            &chat
+        };
+        let seen = b.last_head();
+        assert_eq!(
+            seen.lines().next().unwrap(),
+            format!("GET {backend_path} HTTP/1.1"),
+            "{path}"
+        );
+    }
+    let before = (contacted(&chat), contacted(&admin));
+    // Refused: climbing out of the API it would end up in (with or without encoding), above
+    // the root, encoded separators, NUL, malformed encodings.
+    for path in [
+        "/chat/x/../admin",
+        "/chat/x/%2e%2e/admin",
+        "/chat/admin/../../chat",
+        "/chat/../chat/admin",
+        "/chat/../../etc/passwd",
+        "/chat/%2e%2e/%2e%2e/etc",
+        "/chat/..%2fadmin",
+        "/chat/..%2Fadmin",
+        "/chat/a%5c..%5cadmin",
+        "/chat/a%00",
+        "/chat/%zz",
+        "/..",
+    ] {
+        let (status, resp) = exchange(addr, &request(path, Some(&host), "")).await;
+        assert_eq!(status, 400, "{path}: {resp}");
+        assert_eq!(body_of(&resp), "Bad Request\n", "{path}");
+        let rec = gw
+            .wait_record("handshake", |r| r["path"] == path && r["status"] == 400)
+            .await;
+        assert!(
+            rec["reason"].as_str().unwrap().starts_with("refused path"),
+            "{rec}"
+        );
+    }
+    assert_eq!(
+        (contacted(&chat), contacted(&admin)),
+        before,
+        "no refused path reached a backend"
+    );
+}
+
+#[tokio::test]
+async fn repeated_credential_headers_and_a_missing_host_are_refused() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("edge-headers");
+    let gw = Gateway::start_with_env(
+        dir,
+        &format!(
+            "{}[[products]]\nname = \"gold\"\n[[products.subscriptions]]\nname = \"ann\"\nprimary_key_env = \"TG_EDGE_KEY\"\n{}",
+            gateway_section(""),
+            api_section("echo", "echo", &backend.url(), "products = [\"gold\"]"),
+        ),
+        &[("TG_EDGE_KEY", "edge-test-key-0123456789")],
+    );
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+    let key = "Ocp-Apim-Subscription-Key: edge-test-key-0123456789\r\n";
+    // The baseline request is accepted.
+    let (status, _) = exchange(addr, &request("/echo", Some(&host), key)).await;
+    assert_eq!(status, 101);
+    let before = contacted(&backend);
+    for (what, extra) in [
+        ("host", format!("{key}Host: evil.example\r\n")),
+        (
+            "authorization",
+            format!("{key}Authorization: Bearer a\r\nAuthorization: Bearer b\r\n"),
+        ),
+        (
+            "sec-websocket-key",
+            format!("{key}Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"),
+        ),
+        (
+            "sec-websocket-version",
+            format!("{key}Sec-WebSocket-Version: 13\r\n"),
+        ),
+        (
+            "origin",
+            format!("{key}Origin: https://a.example\r\nOrigin: https://b.example\r\n"),
+        ),
+        ("ocp-apim-subscription-key", format!("{key}{key}")),
+    ] {
+        let (status, resp) = exchange(addr, &request("/echo", Some(&host), &extra)).await;
+        assert_eq!(status, 400, "{what}: {resp}");
+        let rec = gw
+            .wait_record("handshake", |r| {
+                r["status"] == 400 && r["reason"].as_str().is_some_and(|m| m.contains(what))
+            })
+            .await;
+        assert!(
+            rec["reason"].as_str().unwrap().contains("repeated"),
+            "{rec}"
+        );
+    }
+    // The key twice in the query is as ambiguous as twice in a header.
+    let (status, _) = exchange(
+        addr,
+        &request(
+            "/echo?subscription-key=edge-test-key-0123456789&subscription-key=x",
+            Some(&host),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, resp) = exchange(addr, &request("/echo", None, key)).await;
+    assert_eq!(status, 400, "{resp}");
+    gw.wait_record("handshake", |r| {
+        r["status"] == 400
+            && r["reason"]
+                .as_str()
+                .is_some_and(|m| m.contains("missing `Host`"))
+    })
+    .await;
+    assert_eq!(
+        contacted(&backend),
+        before,
+        "no refused handshake reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn clients_get_generic_errors_and_the_log_gets_the_details() {
+    // A port nobody listens on (bound, then closed) and a backend that accepts TCP but never
+    // answers the handshake.
+    let refused_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "{}[gateway.limits]\nbackend_timeout = \"1s\"\n{}{}",
+        gateway_section(""),
+        api_section(
+            "down",
+            "down",
+            &format!("ws://127.0.0.1:{refused_port}/"),
+            ""
+        ),
+        api_section("slow", "slow", &format!("ws://{silent_addr}/"), ""),
+    ));
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+    let (status, resp) = exchange(addr, &request("/down", Some(&host), "")).await;
+    assert_eq!(status, 502);
+    assert_eq!(body_of(&resp), "Bad Gateway\n", "{resp}");
+    assert!(!resp.contains("127.0.0.1") && !resp.to_lowercase().contains("refused"));
+    let rec = gw
+        .wait_record("handshake", |r| r["api"] == "down" && r["status"] == 502)
+        .await;
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("127.0.0.1:{refused_port}")) && reason.contains("refused"),
+        "the detail is in the log: {rec}"
+    );
+    let (status, resp) = exchange(addr, &request("/slow", Some(&host), "")).await;
+    assert_eq!(status, 504);
+    assert_eq!(body_of(&resp), "Gateway Timeout\n", "{resp}");
+    // Not found says nothing about which paths exist.
+    let (status, resp) = exchange(addr, &request("/nope", Some(&host), "")).await;
+    assert_eq!(status, 404);
+    assert_eq!(body_of(&resp), "Not Found\n");
+}
+
+#[tokio::test]
+async fn query_values_stay_out_of_the_logs_unless_the_manifest_opts_out() {
+    let backend = RawBackend::start(echo_frames()).await;
+    for opt_out in [false, true] {
+        let extra = if opt_out {
+            "log_query_values = true"
+        } else {
+            ""
+        };
+        let gw = Gateway::start(&format!(
+            "{}{}",
+            gateway_section(extra),
+            api_section(
+                "echo",
+                "echo",
+                &format!("ws://{}/ws?tenant=t-secret-1", backend.addr),
+                ""
+            ),
+        ));
+        let (head, mut ws) = ws_connect(
+            gw.ws.unwrap(),
+            "/echo/room?access_token=eyJhbGciOi.s3cret-token.sig&room=42",
+            "",
+        )
+        .await;
+        assert_eq!(status_of(&head), 101);
+        assert!(
+            backend.last_head().starts_with(
+                "GET /ws/room?tenant=t-secret-1&access_token=eyJhbGciOi.s3cret-token.sig&room=42 "
+            ),
+            "the backend gets the query as sent: {}",
+            backend.last_head()
+        );
+        ws.close(1000, "bye").await.unwrap();
+        let rec = gw.wait_record("connection_closed", |_| true).await;
+        let out = gw.output();
+        if opt_out {
+            assert!(
+                out.contains("s3cret-token"),
+                "log_query_values = true keeps values"
+            );
+            gw.wait_record("log_query_values", |r| r["level"] == "WARN")
+                .await;
+        } else {
+            assert_eq!(
+                rec["backend_target"],
+                "/ws/room?tenant=REDACTED&access_token=REDACTED&room=REDACTED",
+                "{rec}"
+            );
+            assert!(
+                !out.contains("s3cret-token") && !out.contains("t-secret-1"),
+                "{out}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let forged = "X-Forwarded-For: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\n";
+    for trusted in [false, true] {
+        let extra = if trusted {
+            "trusted_proxies = [\"127.0.0.0/8\"]"
+        } else {
+            "trusted_proxies = [\"192.0.2.0/24\"]"
+        };
+        let gw = Gateway::start(&format!(
+            "{}{}",
+            gateway_section(extra),
+            api_section("echo", "echo", &backend.url(), ""),
+        ));
+        let (head, _ws) = ws_connect(gw.ws.unwrap(), "/echo", forged).await;
+        assert_eq!(status_of(&head), 101);
+        let seen = backend.last_head();
+        let h = |n: &str| headers_all(&seen, n);
+        if trusted {
+            assert_eq!(h("x-forwarded-for"), ["10.9.9.9, 127.0.0.1"], "{seen}");
+            assert_eq!(
+                h("forwarded"),
+                ["for=10.9.9.9, for=127.0.0.1;proto=http"],
+                "{seen}"
+            );
+            assert_eq!(h("x-real-ip"), ["10.9.9.9"], "{seen}");
+        } else {
+            assert_eq!(h("x-forwarded-for"), ["127.0.0.1"], "{seen}");
+            assert_eq!(h("forwarded"), ["for=127.0.0.1;proto=http"], "{seen}");
+            assert_eq!(h("x-real-ip"), ["127.0.0.1"], "{seen}");
+        }
+    }
+}
+
+/// Collects the frames a backend connection receives.
+fn recording_backend() -> (Handler, tokio::sync::mpsc::UnboundedReceiver<Frame>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (record_frames(tx), rx)
+}
+
+#[tokio::test]
+async fn a_key_revoked_by_a_reload_ends_its_connections_and_only_those() {
+    let (handler, mut backend_frames) = recording_backend();
+    let backend = RawBackend::start(handler).await;
+    let dir = TempDir::new("edge-revoke");
+    let keys = |ann: &str| {
+        format!("[ann]\nprimary = \"{ann}\"\n\n[bob]\nprimary = \"bob-key-0123456789abcdef\"\n")
+    };
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        keys("ann-key-0123456789abcdef"),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("keys.toml"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}[[products]]\nname = \"gold\"\n[[products.subscriptions]]\nname = \"ann\"\n[[products.subscriptions]]\nname = \"bob\"\n{}",
+            gateway_section("subscription_keys_file = \"keys.toml\""),
+            api_section("echo", "echo", &backend.url(), "products = [\"gold\"]"),
+        ),
+    );
+    let addr = gw.ws.unwrap();
+    let (head, mut ann) = ws_connect(
+        addr,
+        "/echo",
+        "Ocp-Apim-Subscription-Key: ann-key-0123456789abcdef\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&head), 101);
+    let (head, mut bob) =
+        ws_connect(addr, "/echo?subscription-key=bob-key-0123456789abcdef", "").await;
+    assert_eq!(status_of(&head), 101);
+    // ann's key is rotated away; bob's stays.
+    std::fs::write(
+        gw.dir.path().join("keys.toml"),
+        keys("ann-new-key-0123456789abcdef"),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    let close = tokio::time::timeout(Duration::from_secs(10), ann.read_until_close())
+        .await
+        .expect("ann's connection is closed after the reload")
+        .unwrap();
+    assert_eq!(close.close_code(), Some(1008));
+    assert_eq!(close.close_reason(), "subscription revoked");
+    // The backend side of ann's connection got 1001.
+    let to_backend = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let f = backend_frames.recv().await.unwrap();
+            if f.opcode == 8 {
+                return f;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(to_backend.close_code(), Some(1001));
+    let rec = gw
+        .wait_record("connection_closed", |r| r["subscription"] == "ann")
+        .await;
+    assert_eq!(rec["closed_by"], "subscription_revoked", "{rec}");
+    gw.wait_record("subscription_key_revoked", |r| r["subscription"] == "ann")
+        .await;
+    // bob's connection is untouched.
+    bob.send(true, 1, b"still here").await.unwrap();
+    assert!(gw
+        .records("connection_closed")
+        .iter()
+        .all(|r| r["subscription"] != "bob"));
+}
+
+#[tokio::test]
+async fn max_connection_lifetime_ends_a_busy_connection() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}{}[apis.limits]\nmax_connection_lifetime = \"1500ms\"\n",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), ""),
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let started = Instant::now();
+    // Busy: a message every 200 ms, so the idle timeout never applies.
+    let close = loop {
+        ws.send(true, 1, b"tick").await.unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(5), ws.read_frame())
+            .await
+            .expect("an answer")
+            .unwrap();
+        if f.opcode == 8 {
+            break f;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(close.close_code(), Some(1001));
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "max_connection_lifetime", "{rec}");
+}
+
+#[tokio::test]
+async fn sockets_that_never_finish_a_handshake_are_bounded() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[gateway.limits]\nmax_pending_handshakes = 3\n{}",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), ""),
+    ));
+    let addr = gw.ws.unwrap();
+    // Three silent sockets take every pending slot.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The fourth is closed at once, without an answer.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s
+        .write_all(request("/echo", Some(&addr.to_string()), "").as_bytes())
+        .await;
+    let mut buf = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(got, Ok(Ok(0)) | Ok(Err(_))),
+        "closed without an answer: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let scrape = scrape(gw.admin.unwrap()).await;
+    assert!(
+        sample(
+            &scrape,
+            "tollgate_limits_hit_total",
+            &[("api", ""), ("limit", "max_pending_handshakes")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    // Once they go, handshakes are served again.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = exchange(addr, &request("/echo", Some(&addr.to_string()), "")).await;
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_wss_client_gets_handshake_timeout_once_not_once_for_tls_and_again_for_http() {
+    use support::tls::*;
+    let ca = TestCa::new("edge CA");
+    let dir = TempDir::new("edge-wss");
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "gw");
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n[gateway.limits]\nhandshake_timeout = \"1500ms\"\nbackend_timeout = \"1s\"\n{}",
+            cert.display(),
+            key.display(),
+            api_section("echo", "echo", &backend.url(), ""),
+        ),
+    );
+    let addr = gw.wss.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(&ca));
+    // A prompt client is served.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (head, _ws) = handshake_on(tls, "localhost", "/echo", "").await;
+    assert_eq!(status_of(&head), 101);
+    // A slow one: TLS after 1 s, the request head 1 s after that. Each step is within
+    // handshake_timeout on its own; together they are not.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = tls
+        .write_all(request("/echo", Some("localhost"), "").as_bytes())
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await;
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        !answer.starts_with("HTTP/1.1 101"),
+        "served after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert_eq!(
+        contacted(&backend),
+        1,
+        "only the prompt client reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn the_accept_loop_survives_running_out_of_descriptors() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[gateway.limits]\nmax_pending_handshakes = 10000\n{}",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), ""),
+    ));
+    let addr = gw.ws.unwrap();
+    // Leave the gateway a few descriptors above what it uses now.
+    let limit = gw.open_fds() + 8;
+    let st = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &gw.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success());
+    // Silent sockets use up the rest; the kernel keeps accepting into the backlog, the
+    // gateway's accept(2) fails with EMFILE.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    gw.wait_record("accept_error", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        gw.records("accept_error").len(),
+        1,
+        "one line per episode, not one per failed accept"
+    );
+    drop(silent);
+    // Served again once descriptors are free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = exchange(addr, &request("/echo", Some(&addr.to_string()), "")).await;
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.wait_record("accept_recovered", |r| r["failures"].as_u64() >= Some(1))
+        .await;
+}
