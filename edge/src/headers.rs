@@ -24,6 +24,10 @@ pub enum HeaderError {
     Repeated(HeaderName),
     /// No `Host` header (required in HTTP/1.1, RFC 9112 section 3.2).
     MissingHost,
+    /// `Transfer-Encoding`, or a non-zero `Content-Length`: an opening handshake has no body,
+    /// and bytes sent as one would end up read as WebSocket frames (or smuggled past the
+    /// gateway's view of the request).
+    Body,
 }
 
 impl std::fmt::Display for HeaderError {
@@ -31,6 +35,7 @@ impl std::fmt::Display for HeaderError {
         match self {
             HeaderError::Repeated(h) => write!(f, "header `{h}` is repeated"),
             HeaderError::MissingHost => f.write_str("missing `Host` header"),
+            HeaderError::Body => f.write_str("a handshake request must not have a body"),
         }
     }
 }
@@ -53,6 +58,13 @@ pub fn check(h: &HeaderMap) -> Result<(), HeaderError> {
     }
     if !h.contains_key(header::HOST) {
         return Err(HeaderError::MissingHost);
+    }
+    let no_length = h
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .all(|v| v.as_bytes().trim_ascii() == b"0");
+    if h.contains_key(header::TRANSFER_ENCODING) || !no_length {
+        return Err(HeaderError::Body);
     }
     Ok(())
 }
@@ -101,6 +113,22 @@ mod tests {
                 ("sec-websocket-protocol", "b")
             ])),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn a_body_is_refused() {
+        assert_eq!(
+            check(&map(&[("host", "a"), ("content-length", "0")])),
+            Ok(())
+        );
+        assert_eq!(
+            check(&map(&[("host", "a"), ("content-length", "5")])),
+            Err(HeaderError::Body)
+        );
+        assert_eq!(
+            check(&map(&[("host", "a"), ("transfer-encoding", "chunked")])),
+            Err(HeaderError::Body)
         );
     }
 

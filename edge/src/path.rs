@@ -11,8 +11,8 @@
 //! - `.` and `..` segments are removed (section 5.2.4) and `//` is merged into `/`;
 //! - what cannot be made safe is refused: an encoded `/` (`%2F`, a segment boundary the
 //!   backend may or may not honour), a `\` raw or encoded (Windows-style separators some
-//!   servers accept), an encoded NUL, a malformed percent-encoding, and a `..` that would climb
-//!   above the root.
+//!   servers accept), an encoded NUL, a malformed percent-encoding, a `..` that would climb
+//!   above the root, and `..;params` / `.;params` (dot segments to servlet containers).
 //!
 //! [`Normalised::lowest_after_climb`] records how high the path climbed, so the router can
 //! refuse a path that climbed out of the API it ends up in (see [`Normalised::climbs_above`]).
@@ -37,6 +37,10 @@ pub enum PathError {
     EncodedNul,
     /// A `..` segment with nothing left to remove.
     AboveRoot,
+    /// A `.` or `..` with path parameters (`..;x`): RFC 3986 says it is an ordinary segment,
+    /// but servlet containers strip the parameters and treat it as a dot segment, which would
+    /// let `/api/x/..;/admin` reach what the gateway never routed.
+    DotSegmentWithParams,
 }
 
 impl fmt::Display for PathError {
@@ -48,6 +52,9 @@ impl fmt::Display for PathError {
             PathError::Backslash => "a `\\` (raw or %5C) is not allowed in the path",
             PathError::EncodedNul => "an encoded NUL (%00) is not allowed in the path",
             PathError::AboveRoot => "the path climbs above the root with `..`",
+            PathError::DotSegmentWithParams => {
+                "a `.` or `..` segment with `;` parameters is not allowed in the path"
+            }
         })
     }
 }
@@ -145,6 +152,11 @@ pub fn normalise(raw: &str) -> Result<Normalised, PathError> {
     for seg in rest.split('/') {
         decoded.clear();
         normalise_segment(seg, &mut decoded)?;
+        if let Some((head, _)) = decoded.split_once(';') {
+            if head == "." || head == ".." {
+                return Err(PathError::DotSegmentWithParams);
+            }
+        }
         match decoded.as_str() {
             "" => {
                 // `//` merged; a final empty segment is the trailing slash.
@@ -243,6 +255,13 @@ mod tests {
         assert_eq!(n("/chat/%4"), Err(PathError::BadPercentEncoding));
         assert_eq!(n("/chat/%"), Err(PathError::BadPercentEncoding));
         assert_eq!(n("/.."), Err(PathError::AboveRoot));
+        assert_eq!(n("/chat/x/..;/admin"), Err(PathError::DotSegmentWithParams));
+        assert_eq!(
+            n("/chat/%2e%2e;jsessionid=1/a"),
+            Err(PathError::DotSegmentWithParams)
+        );
+        assert_eq!(n("/chat/.;x/a"), Err(PathError::DotSegmentWithParams));
+        assert_eq!(n("/chat/a;b/c").as_deref(), Ok("/chat/a;b/c"));
         assert_eq!(n("/chat/../../etc"), Err(PathError::AboveRoot));
         assert_eq!(n("/chat/%2e%2e/%2e%2e/etc"), Err(PathError::AboveRoot));
         assert_eq!(n("chat"), Err(PathError::NotAbsolute));

@@ -108,6 +108,7 @@ async fn paths_are_normalised_before_routing_and_never_climb_out_of_an_api() {
         "/chat/a%00",
         "/chat/%zz",
         "/..",
+        "/chat/x/..;/admin",
     ] {
         let (status, resp) = exchange(addr, &request(path, Some(&host), "")).await;
         assert_eq!(status, 400, "{path}: {resp}");
@@ -190,6 +191,15 @@ async fn repeated_credential_headers_and_a_missing_host_are_refused() {
     )
     .await;
     assert_eq!(status, 400);
+    // A handshake has no body: bytes sent as one must not reach the relay as frames.
+    for body in ["Content-Length: 5\r\n", "Transfer-Encoding: chunked\r\n"] {
+        let (status, resp) = exchange(
+            addr,
+            &request("/echo", Some(&host), &format!("{key}{body}")),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {resp}");
+    }
     let (status, resp) = exchange(addr, &request("/echo", None, key)).await;
     assert_eq!(status, 400, "{resp}");
     gw.wait_record("handshake", |r| {
