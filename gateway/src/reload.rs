@@ -45,9 +45,11 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if tls(old) != tls(new) {
         v.push("gateway.tls changed (listener, certificate or key): needs a restart".into());
     }
-    let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
-    if admin(old) != admin(new) {
+    // The admin listener's Host names and token are read when it starts, like its address.
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
         v.push("admin.listen changed: needs a restart".into());
+    } else if old.admin != new.admin {
+        v.push("admin.allowed_hosts or the admin token changed: needs a restart".into());
     }
     v
 }

@@ -218,6 +218,7 @@ impl Served {
 impl Gateway {
     /// Builds the served state. Collects every error (for `tollgate check`).
     pub fn build(config: Config) -> Result<Arc<Gateway>, Vec<StartError>> {
+        crate::admin::warn_if_exposed(&config);
         let mut errors = Vec::new();
         let tls_acceptor = match &config.gateway.tls {
             Some(t) => match server_tls(t) {
