@@ -113,6 +113,7 @@ impl Served {
                 None => crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
                     .map(|mut h| {
                         h.set_signature_cache(config.gateway.signature_cache_entries);
+                        h.set_metrics(metrics);
                         Arc::new(h)
                     }),
             };

@@ -497,6 +497,53 @@ async fn a_token_without_kid_is_tried_against_at_most_four_keys() {
 }
 
 #[tokio::test]
+async fn failed_signature_checks_are_counted_by_plugin_algorithm_and_result() {
+    let k = Keys::new();
+    let backend = RawBackend::start(echo_frames()).await;
+    let pk = k.rsa.to_public_key();
+    let jwks = serde_json::json!({"keys": [rsa_jwk(&pk.n().to_bytes_be(), &pk.e().to_bytes_be())]});
+    let dir = TempDir::new("jwt-metrics");
+    plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            rs256_api("chat", &backend.url(), &jwks),
+        ),
+    );
+    let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+    let series = |result: &'static str| {
+        [
+            ("plugin", "jwt-validate"),
+            ("algorithm", "RS256"),
+            ("result", result),
+        ]
+    };
+    const NAME: &str = "tollgate_signature_verifications_total";
+    // The key probes jwt-validate makes while loading are not handshakes: nothing counted.
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("invalid")), None);
+
+    // A token whose signature was made over other claims.
+    let good = rs256_without_kid(&k, &claims("ann"));
+    let (h, rest) = good.split_once('.').unwrap();
+    let sig = rest.split_once('.').unwrap().1;
+    let forged = format!("{h}.{}.{sig}", b64(claims("root").to_string().as_bytes()));
+    let (head, _) = raw_handshake(addr, "/chat", &bearer(&forged)).await;
+    assert_eq!(status_of(&head), 401, "{head}");
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("invalid")), Some(1.0));
+    assert_eq!(sample(&m, NAME, &series("valid")), None);
+
+    let (head, _) = raw_handshake(addr, "/chat", &bearer(&good)).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("valid")), Some(1.0));
+    assert_eq!(sample(&m, NAME, &series("invalid")), Some(1.0));
+}
+
+#[tokio::test]
 async fn jwt_validate_without_issuers_or_audiences_warns_at_check_and_at_load() {
     let k = Keys::new();
     let dir = TempDir::new("jwt-open");
