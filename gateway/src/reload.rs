@@ -187,3 +187,30 @@ pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(admin: &str) -> Config {
+        let text = format!(
+            "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n{admin}"
+        );
+        crate::manifest::parse(Path::new("/tmp/m.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn admin_hosts_and_token_need_a_restart() {
+        let sha = |c: char| format!("token_sha256 = \"{}\"\n", c.to_string().repeat(64));
+        let base = config("");
+        assert!(restart_needed(&base, &config("")).is_empty());
+        for changed in [
+            config("allowed_hosts = [\"admin.internal\"]\n"),
+            config(&sha('a')),
+        ] {
+            let r = restart_needed(&base, &changed);
+            assert!(r.len() == 1 && r[0].contains("needs a restart"), "{r:?}");
+        }
+        assert!(!restart_needed(&config(&sha('a')), &config(&sha('b'))).is_empty());
+    }
+}
