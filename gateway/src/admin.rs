@@ -1,4 +1,5 @@
-//! The admin listener (bind it to localhost or a private network: it is not authenticated).
+//! The admin listener. Bind it to localhost or a private network; it answers only the Host
+//! names it is known by, and can require a token.
 //!
 //! - `GET /healthz`: 200 while the process is up and its event loop answers (liveness).
 //! - `GET /readyz`: 200 once the manifest is loaded, every plugin is loaded and checked, and
@@ -6,47 +7,418 @@
 //!   gateway out of rotation during shutdown).
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
 //! - `GET /apis`: the served APIs as JSON (see [`apis_json`]).
-//! - `GET /console`: the web test console ([`crate::console`]).
+//! - `GET /console`: the web test console ([`crate::console`]); `/console/probe` repeats a
+//!   handshake for it.
+//!
+//! Every request is checked by [`Guard::admit`] before it is routed:
+//! - its `Host` (and an absolute-form target's authority) must be one of the listener's names:
+//!   `localhost`, `127.0.0.1`, `[::1]`, the address the connection reached, or a name in
+//!   `admin.allowed_hosts`, with or without the listener's port; else 421. A web page that
+//!   rebinds its own DNS name to this address still sends its own name, so it can neither read
+//!   `/apis` nor make the gateway probe for it. A missing, repeated or malformed Host is 400.
+//! - with `admin.token_env` / `admin.token_sha256`, every path but `/healthz`, `/readyz` and
+//!   the console's static page needs `Authorization: Bearer TOKEN` (digests compared in
+//!   constant time); else 401 with `WWW-Authenticate: Bearer`.
+//! - `/console/probe` makes a real handshake, so it also refuses (403) a browser request
+//!   another site started (`Sec-Fetch-Site` other than `same-origin`/`none`, or a foreign
+//!   `Origin`): without a token, a page elsewhere could otherwise fire probes through the
+//!   user's browser.
+//!
+//! The listener itself is bounded: at most [`MAX_CONNECTIONS`] connections at once (the next
+//! is closed at once), [`HEADER_READ_TIMEOUT`] to send a request head, at most
+//! [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] in it (over it: 431).
 
 use std::convert::Infallible;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use crate::manifest::{AdminConfig, KeyDigest};
 use crate::server::Gateway;
 
+/// Admin connections served at once; one more is closed as soon as it is accepted. Scrapers,
+/// probes and a few console tabs need a handful; the cap keeps a flood from holding memory
+/// and tasks.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request head (also the longest a kept-alive connection may
+/// idle before its next request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) accepted; over it: 431.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Most header fields in a request head; over it: 431.
+pub const MAX_HEADERS: usize = 64;
+
+/// A name a request may address the admin listener by, as written in a `Host` header:
+/// lower-case, an IPv6 address bracketed and in canonical form, a trailing dot dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostName {
+    name: String,
+    /// `None`: written without a port (in `allowed_hosts`: with or without the listener's port).
+    port: Option<u16>,
+}
+
+/// Why a string is not a [`HostName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("empty host name")]
+    Empty,
+    #[error("not a host name: expected a DNS name, an IPv4 address or a bracketed IPv6 address, optionally followed by :PORT")]
+    Malformed,
+    #[error("the port must be a number from 1 to 65535")]
+    BadPort,
+}
+
+impl HostName {
+    /// Parses `name`, `name:port`, `[v6]` or `[v6]:port`.
+    pub fn parse(s: &str) -> Result<HostName, HostError> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(HostError::Empty);
+        }
+        if let Some(rest) = s.strip_prefix('[') {
+            let (inside, after) = rest.split_once(']').ok_or(HostError::Malformed)?;
+            let ip: Ipv6Addr = inside.parse().map_err(|_| HostError::Malformed)?;
+            let port = match after {
+                "" => None,
+                p => Some(parse_port(
+                    p.strip_prefix(':').ok_or(HostError::Malformed)?,
+                )?),
+            };
+            return Ok(HostName {
+                name: format!("[{ip}]"),
+                port,
+            });
+        }
+        let (name, port) = match s.split_once(':') {
+            Some((n, p)) => (n, Some(parse_port(p)?)),
+            None => (s, None),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.is_empty() {
+            return Err(HostError::Empty);
+        }
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(HostError::Malformed);
+        }
+        Ok(HostName {
+            name: name.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// An address as a Host names it, without a port.
+    fn ip(ip: IpAddr) -> HostName {
+        HostName {
+            name: match ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("[{v6}]"),
+            },
+            port: None,
+        }
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, HostError> {
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HostError::BadPort);
+    }
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(HostError::BadPort)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme is case-insensitive).
+pub fn bearer_token(value: &[u8]) -> Option<&str> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim_start();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' '))
+        .then_some(token)
+}
+
+/// Paths served without the admin token: the health checks (load balancers and orchestrators
+/// probe them without credentials) and the console's static page (it holds no data, and a
+/// browser cannot attach a header to a page it navigates to; the page asks for the token and
+/// sends it on its own requests).
+fn token_exempt(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/console" | "/console/")
+}
+
+/// Why a request was refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Host missing, repeated or malformed: 400.
+    BadHost,
+    /// A Host this listener is not known by: 421.
+    UnknownHost,
+    /// Token required and missing or wrong: 401.
+    Unauthorized,
+    /// `/console/probe` asked for by another site's page: 403.
+    CrossSite,
+}
+
+impl Refusal {
+    fn response(self) -> Response<Full<Bytes>> {
+        let (status, body) = match self {
+            Refusal::BadHost => (
+                StatusCode::BAD_REQUEST,
+                "bad request: exactly one valid Host header is needed\n",
+            ),
+            Refusal::UnknownHost => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: this admin listener does not answer to that host name (see admin.allowed_hosts)\n",
+            ),
+            Refusal::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: send the admin token as Authorization: Bearer TOKEN\n",
+            ),
+            Refusal::CrossSite => (
+                StatusCode::FORBIDDEN,
+                "forbidden: the probe only answers the console's own page\n",
+            ),
+        };
+        let mut r = text(status, body);
+        if self == Refusal::Unauthorized {
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"tollgate-admin\""),
+            );
+        }
+        r
+    }
+}
+
+/// What the admin listener checks on every request: the names it answers to and its token.
+pub struct Guard {
+    /// Names with `port: None` match with or without [`Guard::port`].
+    names: Vec<HostName>,
+    /// The listener's bound port.
+    port: u16,
+    token: Option<KeyDigest>,
+}
+
+impl Guard {
+    /// `bound`: the address the listener is bound to (its real port when the manifest said 0).
+    pub fn new(config: &AdminConfig, bound: SocketAddr) -> Guard {
+        let mut names = vec![
+            HostName::ip(Ipv4Addr::LOCALHOST.into()),
+            HostName::ip(Ipv6Addr::LOCALHOST.into()),
+            HostName {
+                name: "localhost".into(),
+                port: None,
+            },
+        ];
+        if !bound.ip().is_unspecified() {
+            names.push(HostName::ip(bound.ip()));
+        }
+        names.extend(config.allowed_hosts.iter().cloned());
+        Guard {
+            names,
+            port: bound.port(),
+            token: config.token,
+        }
+    }
+
+    /// Whether `host` names this listener. `local`: the address the connection reached; on a
+    /// listener bound to 0.0.0.0 or [::] that is how a client on the network names it (an IP
+    /// literal, which no other site's page can send as its own name).
+    fn knows(&self, host: &HostName, local: IpAddr) -> bool {
+        let port_ok = |entry: Option<u16>| match (entry, host.port) {
+            (Some(e), Some(h)) => e == h,
+            (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(h)) => h == self.port,
+        };
+        let mut local_names = vec![HostName::ip(local)];
+        if let IpAddr::V6(v6) = local {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                local_names.push(HostName::ip(v4.into()));
+            }
+        }
+        self.names
+            .iter()
+            .chain(&local_names)
+            .any(|n| n.name == host.name && port_ok(n.port))
+    }
+
+    /// Admits `req` (which reached the listener at `local`) or says why not.
+    pub fn admit<B>(&self, req: &Request<B>, local: IpAddr) -> Result<(), Refusal> {
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(h), None) => h,
+            _ => return Err(Refusal::BadHost),
+        };
+        let host = host
+            .to_str()
+            .ok()
+            .and_then(|h| HostName::parse(h).ok())
+            .ok_or(Refusal::BadHost)?;
+        if !self.knows(&host, local) {
+            return Err(Refusal::UnknownHost);
+        }
+        // An absolute-form target (`GET http://name/apis`) names the host the client meant.
+        if let Some(a) = req.uri().authority() {
+            let target = HostName::parse(a.as_str()).map_err(|_| Refusal::BadHost)?;
+            if !self.knows(&target, local) {
+                return Err(Refusal::UnknownHost);
+            }
+        }
+        let path = req.uri().path();
+        if !token_exempt(path) {
+            self.check_token(req.headers())?;
+        }
+        if path == "/console/probe" && !self.same_site(req.headers(), local) {
+            return Err(Refusal::CrossSite);
+        }
+        Ok(())
+    }
+
+    fn check_token(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let Some(want) = &self.token else {
+            return Ok(());
+        };
+        let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+        let presented = match (all.next(), all.next()) {
+            (Some(v), None) => bearer_token(v.as_bytes()),
+            _ => None,
+        };
+        let Some(token) = presented else {
+            return Err(Refusal::Unauthorized);
+        };
+        if bool::from(crate::manifest::key_digest(token).ct_eq(want)) {
+            Ok(())
+        } else {
+            Err(Refusal::Unauthorized)
+        }
+    }
+
+    /// A browser marks requests other sites' pages make (`Sec-Fetch-Site`, and `Origin` on
+    /// cross-origin ones); other clients send neither.
+    fn same_site(&self, headers: &HeaderMap, local: IpAddr) -> bool {
+        let site_ok = headers
+            .get("sec-fetch-site")
+            .is_none_or(|v| matches!(v.as_bytes(), b"same-origin" | b"none"));
+        let origin_ok = headers.get(http::header::ORIGIN).is_none_or(|o| {
+            o.to_str()
+                .ok()
+                .and_then(|o| o.strip_prefix("http://").or(o.strip_prefix("https://")))
+                .and_then(|h| HostName::parse(h).ok())
+                .is_some_and(|h| self.knows(&h, local))
+        });
+        site_ok && origin_ok
+    }
+}
+
+/// Warns when the admin listener is reachable from other hosts without a token (`tollgate
+/// check` prints it; `tollgate run` logs it at start).
+pub fn warn_if_exposed(config: &crate::manifest::Config) {
+    if let Some(a) = &config.admin {
+        if !a.listen.ip().is_loopback() && a.token.is_none() {
+            tracing::warn!(
+                event = "admin_exposed",
+                addr = %a.listen,
+                "admin listener on a non-loopback address without a token: anyone who can reach it reads /apis and /metrics and can use /console/probe; set admin.token_env or admin.token_sha256, or listen on 127.0.0.1"
+            );
+        }
+    }
+}
+
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    let Some(config) = &gw.config.admin else {
+        return;
+    };
+    let bound = listener.local_addr().unwrap_or(config.listen);
+    let guard = Arc::new(Guard::new(config, bound));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
     // Serves until the process exits, drain included: `/readyz` answers 503 while draining
     // instead of refusing connections.
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(a) => a,
             Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
+        // Over the cap: dropped here, which closes it.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let local = tcp.local_addr().map_or(bound.ip(), |a| a.ip());
         let gw = gw.clone();
+        let guard = guard.clone();
+        let http = http.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(route(&gw, &req).await) }
+                let guard = guard.clone();
+                async move {
+                    Ok::<_, Infallible>(match guard.admit(&req, local) {
+                        Ok(()) => route(&gw, &req).await,
+                        Err(r) => r.response(),
+                    })
+                }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+            drop(slot);
         });
     }
 }
 
-async fn route<B>(gw: &Gateway, req: &http::Request<B>) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+async fn route<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    let known = matches!(
+        path,
+        "/console" | "/console/" | "/console/probe" | "/apis" | "/metrics" | "/healthz" | "/readyz"
+    );
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
     if path == "/console" || path == "/console/" {
         let mut r = Response::new(Full::new(Bytes::from_static(
             include_str!("console.html").as_bytes(),
@@ -88,15 +460,11 @@ async fn route<B>(gw: &Gateway, req: &http::Request<B>) -> Response<Full<Bytes>>
         );
         return r;
     }
-    let (status, body) = match path {
-        "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" if gw.ready.load(Ordering::SeqCst) => (StatusCode::OK, "ready\n"),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
-    };
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    r
+    match path {
+        "/readyz" if gw.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(StatusCode::OK, "ok\n"),
+    }
 }
 
 /// The served APIs, from the state new handshakes use now (so it follows reloads): names,
@@ -207,4 +575,234 @@ pub fn apis_json(gw: &Gateway) -> serde_json::Value {
         "apis": apis,
         "products": products,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(listen: &str, allowed: &[&str], token: Option<&str>) -> Guard {
+        let config = AdminConfig {
+            listen: listen.parse().unwrap(),
+            allowed_hosts: allowed
+                .iter()
+                .map(|h| HostName::parse(h).unwrap())
+                .collect(),
+            token: token.map(crate::manifest::key_digest),
+        };
+        let bound = SocketAddr::new(config.listen.ip(), 9090);
+        Guard::new(&config, bound)
+    }
+
+    fn req(path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn host_names_parse_to_one_normal_form() {
+        let h = |s: &str| HostName::parse(s).map(|h| h.to_string());
+        assert_eq!(h("LocalHost").as_deref(), Ok("localhost"));
+        assert_eq!(h("localhost.:9090").as_deref(), Ok("localhost:9090"));
+        assert_eq!(h("[0:0::1]:80").as_deref(), Ok("[::1]:80"));
+        assert_eq!(h("admin.example").as_deref(), Ok("admin.example"));
+        assert_eq!(h(""), Err(HostError::Empty));
+        assert_eq!(h("a:b"), Err(HostError::BadPort));
+        assert_eq!(h("a:0"), Err(HostError::BadPort));
+        assert_eq!(h("a:70000"), Err(HostError::BadPort));
+        assert_eq!(h("::1"), Err(HostError::BadPort));
+        assert_eq!(h("[::1"), Err(HostError::Malformed));
+        assert_eq!(h("[::1]x"), Err(HostError::Malformed));
+        assert_eq!(h("user@host"), Err(HostError::Malformed));
+        assert_eq!(h("a..b"), Err(HostError::Malformed));
+        assert_eq!(h("*"), Err(HostError::Malformed));
+    }
+
+    #[test]
+    fn loopback_names_own_address_and_allowed_hosts_are_known_with_or_without_the_port() {
+        let g = guard(
+            "127.0.0.1:0",
+            &["admin.internal", "proxy.example:8443"],
+            None,
+        );
+        for ok in [
+            "localhost",
+            "localhost:9090",
+            "127.0.0.1",
+            "127.0.0.1:9090",
+            "[::1]",
+            "[::1]:9090",
+            "ADMIN.internal:9090",
+            "proxy.example:8443",
+        ] {
+            assert_eq!(g.admit(&req("/apis", &[("host", ok)]), LO), Ok(()), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9090",
+            "localhost:9091",
+            "admin.internal:80",
+            "proxy.example",
+            "10.0.0.5:9090",
+        ] {
+            assert_eq!(
+                g.admit(&req("/apis", &[("host", bad)]), LO),
+                Err(Refusal::UnknownHost),
+                "{bad}"
+            );
+        }
+        // Missing, repeated, malformed.
+        assert_eq!(g.admit(&req("/apis", &[]), LO), Err(Refusal::BadHost));
+        assert_eq!(
+            g.admit(
+                &req("/apis", &[("host", "localhost"), ("host", "localhost")]),
+                LO
+            ),
+            Err(Refusal::BadHost)
+        );
+        assert_eq!(
+            g.admit(&req("/apis", &[("host", "local host")]), LO),
+            Err(Refusal::BadHost)
+        );
+        // An absolute-form target must name the listener too.
+        assert_eq!(
+            g.admit(
+                &req("http://evil.example/apis", &[("host", "localhost")]),
+                LO
+            ),
+            Err(Refusal::UnknownHost)
+        );
+    }
+
+    #[test]
+    fn on_a_wildcard_listener_the_address_the_connection_reached_is_known() {
+        let g = guard("0.0.0.0:0", &[], None);
+        let local: IpAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(
+            g.admit(&req("/apis", &[("host", "10.0.0.5:9090")]), local),
+            Ok(())
+        );
+        assert_eq!(
+            g.admit(&req("/apis", &[("host", "10.0.0.6:9090")]), local),
+            Err(Refusal::UnknownHost)
+        );
+        assert_eq!(
+            g.admit(&req("/apis", &[("host", "0.0.0.0:9090")]), local),
+            Err(Refusal::UnknownHost)
+        );
+        // An IPv4 client on a dual-stack socket.
+        let mapped: IpAddr = "::ffff:10.0.0.5".parse().unwrap();
+        assert_eq!(
+            g.admit(&req("/apis", &[("host", "10.0.0.5")]), mapped),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_value() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token(b"bearer   abc "), Some("abc"));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bearer a b"), None);
+        assert_eq!(bearer_token(b"Bearer \xff"), None);
+    }
+
+    #[test]
+    fn with_a_token_everything_but_the_health_checks_and_the_page_needs_it() {
+        let token = "0123456789abcdef-admin";
+        let g = guard("127.0.0.1:0", &[], Some(token));
+        let host = ("host", "127.0.0.1:9090");
+        let good = format!("Bearer {token}");
+        for open in ["/healthz", "/readyz", "/console"] {
+            assert_eq!(g.admit(&req(open, &[host]), LO), Ok(()), "{open}");
+        }
+        for closed in ["/apis", "/metrics", "/console/probe", "/nothing"] {
+            assert_eq!(
+                g.admit(&req(closed, &[host]), LO),
+                Err(Refusal::Unauthorized),
+                "{closed}"
+            );
+            assert_eq!(
+                g.admit(
+                    &req(
+                        closed,
+                        &[host, ("authorization", "Bearer 0123456789abcdef-admiN")]
+                    ),
+                    LO
+                ),
+                Err(Refusal::Unauthorized),
+                "{closed}"
+            );
+            assert_eq!(
+                g.admit(&req(closed, &[host, ("authorization", &good)]), LO),
+                Ok(()),
+                "{closed}"
+            );
+            // Two Authorization headers: refused, whichever is right.
+            assert_eq!(
+                g.admit(
+                    &req(
+                        closed,
+                        &[
+                            host,
+                            ("authorization", &good),
+                            ("authorization", "Bearer x")
+                        ]
+                    ),
+                    LO
+                ),
+                Err(Refusal::Unauthorized)
+            );
+        }
+        // The Host is checked first: a wrong name with the right token is still misdirected.
+        assert_eq!(
+            g.admit(
+                &req(
+                    "/apis",
+                    &[("host", "evil.example"), ("authorization", &good)]
+                ),
+                LO
+            ),
+            Err(Refusal::UnknownHost)
+        );
+    }
+
+    #[test]
+    fn the_probe_refuses_requests_other_sites_start() {
+        let g = guard("127.0.0.1:0", &[], None);
+        let host = ("host", "127.0.0.1:9090");
+        let probe = |extra: &[(&str, &str)]| {
+            let mut h = vec![host];
+            h.extend_from_slice(extra);
+            g.admit(&req("/console/probe?target=/x", &h), LO)
+        };
+        assert_eq!(probe(&[]), Ok(()));
+        assert_eq!(probe(&[("sec-fetch-site", "same-origin")]), Ok(()));
+        assert_eq!(probe(&[("origin", "http://127.0.0.1:9090")]), Ok(()));
+        assert_eq!(
+            probe(&[("sec-fetch-site", "cross-site")]),
+            Err(Refusal::CrossSite)
+        );
+        assert_eq!(
+            probe(&[("sec-fetch-site", "same-site")]),
+            Err(Refusal::CrossSite)
+        );
+        assert_eq!(
+            probe(&[("origin", "https://evil.example")]),
+            Err(Refusal::CrossSite)
+        );
+        assert_eq!(probe(&[("origin", "null")]), Err(Refusal::CrossSite));
+        // Other paths only read, which another site's page cannot do anyway.
+        assert_eq!(
+            g.admit(&req("/apis", &[host, ("sec-fetch-site", "cross-site")]), LO),
+            Ok(())
+        );
+    }
 }

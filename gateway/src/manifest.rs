@@ -139,6 +139,13 @@ struct RawApiLimits {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Spanned<String>,
+    /// Host names the admin listener answers besides its loopback names and own addresses.
+    #[serde(default)]
+    allowed_hosts: Vec<Spanned<String>>,
+    /// Environment variable holding the admin token.
+    token_env: Option<Spanned<String>>,
+    /// The admin token's SHA-256, hex.
+    token_sha256: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -284,10 +291,32 @@ pub struct ListenerTls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+/// The admin listener. Compared as a whole by a reload: any change needs a restart.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Names (besides the loopback names and the listener's own addresses) a request's `Host`
+    /// may carry: a page on another site that rebinds its DNS name to this address still sends
+    /// its own name, and is refused.
+    pub allowed_hosts: Vec<crate::admin::HostName>,
+    /// SHA-256 of the token every request but the health checks (and the console's static
+    /// page) must carry as `Authorization: Bearer`; `None`: no token required. Only the digest
+    /// is kept, as for subscription keys.
+    pub token: Option<KeyDigest>,
 }
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// Gateway-wide limits. Defaults are chosen for a public-facing gateway: generous enough for
 /// real chat/streaming traffic, tight enough that one client cannot pin resources forever.
@@ -964,10 +993,7 @@ impl<'a> Validator<'a> {
             None => Default::default(),
         };
 
-        let admin = raw.admin.as_ref().and_then(|a| {
-            self.addr(&a.listen, "admin.listen")
-                .map(|listen| AdminConfig { listen })
-        });
+        let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
 
         // Products.
         let mut keys_file = g
@@ -1296,6 +1322,86 @@ impl<'a> Validator<'a> {
         out
     }
 
+    /// `[admin]`: its address, the extra Host names it answers, and its token (from one
+    /// place, at least [`MIN_ADMIN_TOKEN_CHARS`] long, never echoed in a message).
+    fn admin(&mut self, a: &RawAdmin) -> Option<AdminConfig> {
+        let listen = self.addr(&a.listen, "admin.listen");
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in a.allowed_hosts.iter().enumerate() {
+            match crate::admin::HostName::parse(h.get_ref()) {
+                Ok(name) => allowed_hosts.push(name),
+                Err(e) => self.err(
+                    h.span(),
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!("`{}`: {e}", h.get_ref()),
+                ),
+            }
+        }
+        let token = match (&a.token_env, &a.token_sha256) {
+            (Some(_), Some(sha)) => {
+                self.err(
+                    sha.span(),
+                    "admin.token_sha256",
+                    "set admin.token_env or admin.token_sha256, not both",
+                );
+                None
+            }
+            (Some(var), None) => match std::env::var(var.get_ref()) {
+                Ok(v) if v.chars().count() < MIN_ADMIN_TOKEN_CHARS => {
+                    self.err(
+                        var.span(),
+                        "admin.token_env",
+                        format!(
+                            "environment variable `{}`: the admin token must have at least {MIN_ADMIN_TOKEN_CHARS} characters",
+                            var.get_ref()
+                        ),
+                    );
+                    None
+                }
+                Ok(v) if !v.chars().all(|c| c.is_ascii_graphic()) => {
+                    self.err(
+                        var.span(),
+                        "admin.token_env",
+                        format!(
+                            "environment variable `{}`: the admin token must be printable ASCII without spaces (it travels in an Authorization header)",
+                            var.get_ref()
+                        ),
+                    );
+                    None
+                }
+                Ok(v) => Some(key_digest(&v)),
+                Err(_) => {
+                    self.err(
+                        var.span(),
+                        "admin.token_env",
+                        format!(
+                            "environment variable `{}` is not set (or not UTF-8)",
+                            var.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+            (None, Some(sha)) => match parse_sha256(sha.get_ref()) {
+                Some(d) => Some(d),
+                None => {
+                    self.err(
+                        sha.span(),
+                        "admin.token_sha256",
+                        "must be 64 hex digits: the SHA-256 of the token (e.g. `printf %s \"$TOKEN\" | sha256sum`)",
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        Some(AdminConfig {
+            listen: listen?,
+            allowed_hosts,
+            token,
+        })
+    }
+
     fn limits(&mut self, l: &RawLimits) -> Limits {
         let d = Limits::default();
         let max_header_bytes = match &l.max_header_bytes {
@@ -1499,6 +1605,55 @@ mod tests {
                 .any(|m| m.key == "gateway.limits.max_pending_handshakes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_hosts_and_token_are_validated_and_only_the_digest_is_kept() {
+        let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let c = p(&format!(
+            "{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\nallowed_hosts = [\"Admin.Internal\", \"ops.example:8443\"]\ntoken_sha256 = \"{sha}\"\n"
+        ))
+        .unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(
+            a.allowed_hosts
+                .iter()
+                .map(|h| h.to_string())
+                .collect::<Vec<_>>(),
+            ["admin.internal", "ops.example:8443"]
+        );
+        assert_eq!(a.token.map(|d| hex(&d)).as_deref(), Some(sha));
+        assert!(!format!("{a:?}").contains(sha));
+
+        // SAFETY (edition 2021: safe): a variable only this test reads.
+        std::env::set_var("TOLLGATE_UNIT_ADMIN_TOKEN_SHORT", "short-secret");
+        std::env::set_var("TOLLGATE_UNIT_ADMIN_TOKEN", "a-long-enough-admin-token");
+        let e = p(&format!(
+            "{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_env = \"TOLLGATE_UNIT_ADMIN_TOKEN_SHORT\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.0[0].line, e.0[0].key.as_str()),
+            (6, "admin.token_env"),
+            "{e}"
+        );
+        assert!(e.0[0].message.contains("at least 16"), "{e}");
+        assert!(!e.to_string().contains("short-secret"), "{e}");
+        let c = p(&format!(
+            "{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_env = \"TOLLGATE_UNIT_ADMIN_TOKEN\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin.unwrap().token,
+            Some(key_digest("a-long-enough-admin-token"))
+        );
+        let e = p(&format!(
+            "{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_env = \"TOLLGATE_UNIT_ADMIN_TOKEN_UNSET\"\ntoken_sha256 = \"abc\"\nallowed_hosts = [\"a b\"]\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = e.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(keys.contains(&("admin.allowed_hosts[0]", 8)), "{e}");
+        assert!(keys.contains(&("admin.token_sha256", 7)), "{e}");
     }
 
     #[test]

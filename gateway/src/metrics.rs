@@ -95,6 +95,13 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignatureLabels {
+    plugin: String,
+    algorithm: &'static str,
+    result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn handshake_buckets() -> Histogram {
@@ -131,6 +138,7 @@ pub struct Metrics {
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
+    signatures: Family<SignatureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -159,6 +167,7 @@ impl Metrics {
             limits: Family::default(),
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
+            signatures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -245,7 +254,17 @@ impl Metrics {
             "Connections held under each subscription now (counted against its max_connections)",
             m.subscriptions_active.clone(),
         );
+        registry.register(
+            "signature_verifications",
+            "Signature checks policies asked the host for during handshakes (signatures.verify), by plugin, algorithm and result (valid, invalid, error: the key cannot be used with the algorithm)",
+            m.signatures.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The signature-check counters, for the policy host to hand out per plugin.
+    pub fn signatures(&self) -> SignatureMetrics {
+        SignatureMetrics(self.signatures.clone())
     }
 
     /// The exposition, OpenMetrics text format.
@@ -481,6 +500,90 @@ pub struct PolicyMetrics {
     pub duration: Histogram,
 }
 
+/// `tollgate_signature_verifications_total`, for the policy host: a plugin's counters come
+/// from [`SignatureMetrics::plugin`] once, when the plugin is loaded.
+#[derive(Clone)]
+pub struct SignatureMetrics(Family<SignatureLabels, Counter>);
+
+/// How one `signatures.verify` call came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyResult {
+    Valid,
+    Invalid,
+    /// The key cannot be used with the algorithm (wrong family, malformed).
+    Error,
+}
+
+impl VerifyResult {
+    pub fn of(r: &Result<bool, String>) -> VerifyResult {
+        match r {
+            Ok(true) => VerifyResult::Valid,
+            Ok(false) => VerifyResult::Invalid,
+            Err(_) => VerifyResult::Error,
+        }
+    }
+}
+
+const ALGORITHMS: usize = 12;
+
+fn algorithm_label(a: tollgate_verify::Algorithm) -> (usize, &'static str) {
+    use tollgate_verify::Algorithm as A;
+    match a {
+        A::Rs256 => (0, "RS256"),
+        A::Rs384 => (1, "RS384"),
+        A::Rs512 => (2, "RS512"),
+        A::Ps256 => (3, "PS256"),
+        A::Ps384 => (4, "PS384"),
+        A::Ps512 => (5, "PS512"),
+        A::Es256 => (6, "ES256"),
+        A::Es384 => (7, "ES384"),
+        A::EdDsa => (8, "EdDSA"),
+        A::Hs256 => (9, "HS256"),
+        A::Hs384 => (10, "HS384"),
+        A::Hs512 => (11, "HS512"),
+    }
+}
+
+impl SignatureMetrics {
+    /// One plugin's counters. Each series is created on its first use (a plugin that only
+    /// ever checks RS256 adds no zero series for the other eleven algorithms) and found
+    /// without a lookup after that.
+    pub fn plugin(&self, plugin: &str) -> Arc<PluginSignatureMetrics> {
+        Arc::new(PluginSignatureMetrics {
+            family: self.0.clone(),
+            plugin: plugin.to_owned(),
+            cells: Default::default(),
+        })
+    }
+}
+
+/// One plugin's `tollgate_signature_verifications_total` series.
+pub struct PluginSignatureMetrics {
+    family: Family<SignatureLabels, Counter>,
+    plugin: String,
+    cells: [[std::sync::OnceLock<Counter>; 3]; ALGORITHMS],
+}
+
+impl PluginSignatureMetrics {
+    pub fn record(&self, algorithm: tollgate_verify::Algorithm, result: VerifyResult) {
+        let (i, name) = algorithm_label(algorithm);
+        let (j, r) = match result {
+            VerifyResult::Valid => (0, "valid"),
+            VerifyResult::Invalid => (1, "invalid"),
+            VerifyResult::Error => (2, "error"),
+        };
+        self.cells[i][j]
+            .get_or_init(|| {
+                self.family.get_or_create_owned(&SignatureLabels {
+                    plugin: self.plugin.clone(),
+                    algorithm: name,
+                    result: r,
+                })
+            })
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,5 +626,31 @@ mod tests {
         assert_eq!(close_code_label(Some(4321)), "4xxx");
         assert_eq!(close_code_label(Some(3000)), "3xxx");
         assert_eq!(close_code_label(None), "none");
+    }
+
+    #[test]
+    fn signature_checks_count_per_plugin_algorithm_and_result_without_zero_series() {
+        let m = Metrics::new();
+        let jwt = m.signatures().plugin("jwt-validate");
+        jwt.record(tollgate_verify::Algorithm::Rs256, VerifyResult::Invalid);
+        jwt.record(tollgate_verify::Algorithm::Rs256, VerifyResult::Invalid);
+        jwt.record(
+            tollgate_verify::Algorithm::EdDsa,
+            VerifyResult::of(&Ok(true)),
+        );
+        // A second handle for the same plugin (a reload) adds to the same series.
+        m.signatures().plugin("jwt-validate").record(
+            tollgate_verify::Algorithm::Rs256,
+            VerifyResult::of(&Err("x".into())),
+        );
+        let text = m.encode();
+        for line in [
+            "tollgate_signature_verifications_total{plugin=\"jwt-validate\",algorithm=\"RS256\",result=\"invalid\"} 2",
+            "tollgate_signature_verifications_total{plugin=\"jwt-validate\",algorithm=\"EdDSA\",result=\"valid\"} 1",
+            "tollgate_signature_verifications_total{plugin=\"jwt-validate\",algorithm=\"RS256\",result=\"error\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert!(!text.contains("HS512"), "{text}");
     }
 }

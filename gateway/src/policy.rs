@@ -25,6 +25,7 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::manifest::Grants;
+use crate::metrics::{PluginSignatureMetrics, SignatureMetrics, VerifyResult};
 use crate::verify_cache::VerifyCache;
 
 // Exports are called asynchronously: a guest runs on a fiber inside the connection's task, so
@@ -95,6 +96,9 @@ pub struct HostState {
     plugin: Arc<str>,
     /// Shared by every plugin of this host: signatures already found valid.
     verified: Arc<VerifyCache>,
+    /// This plugin's `tollgate_signature_verifications_total`; set for handshake calls only,
+    /// so the key probes a plugin makes in `configure` are not counted.
+    signature_metrics: Option<Arc<PluginSignatureMetrics>>,
 }
 
 impl WasiView for HostState {
@@ -151,9 +155,13 @@ impl self::tollgate::policy::signatures::Host for HostState {
             K::Raw(r) => Key::Raw(r),
             K::Secret(s) => Key::Secret(s),
         };
-        self.verified.verify(alg, &key, &message, &signature, || {
+        let result = self.verified.verify(alg, &key, &message, &signature, || {
             tollgate_verify::verify(alg, &key, &message, &signature)
-        })
+        });
+        if let Some(m) = &self.signature_metrics {
+            m.record(alg, VerifyResult::of(&result));
+        }
+        result
     }
 }
 
@@ -193,6 +201,8 @@ pub struct Plugin {
     /// Median time to create a fresh instance, when measured (`tollgate plugin inspect`).
     pub instantiate_time: Option<std::time::Duration>,
     pre: HandshakePolicyPre<HostState>,
+    /// Its signature-check counters, when the host has metrics.
+    signature_metrics: Option<Arc<PluginSignatureMetrics>>,
 }
 
 /// Instantiations `PolicyHost::measure_instantiation` times.
@@ -266,6 +276,7 @@ pub struct PolicyHost {
     /// Compiled components by content hash; `None` when no directory could be used.
     cache_dir: Option<PathBuf>,
     verified: Arc<VerifyCache>,
+    signature_metrics: Option<SignatureMetrics>,
 }
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate`, else
@@ -317,6 +328,11 @@ impl PolicyHost {
         self.verified = Arc::new(VerifyCache::new(entries));
     }
 
+    /// Counts the signature checks of plugins loaded from now on in `metrics`.
+    pub fn set_metrics(&mut self, metrics: &crate::metrics::Metrics) {
+        self.signature_metrics = Some(metrics.signatures());
+    }
+
     /// `cache_dir`: where compiled plugins are kept between runs (created if missing; if it
     /// cannot be used, plugins are compiled every start and a warning says why).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
@@ -349,6 +365,7 @@ impl PolicyHost {
             linker,
             cache_dir,
             verified: Arc::new(VerifyCache::new(crate::verify_cache::DEFAULT_ENTRIES)),
+            signature_metrics: None,
         })
     }
 
@@ -438,6 +455,7 @@ impl PolicyHost {
                 .build(),
             plugin: Arc::from(plugin),
             verified: self.verified.clone(),
+            signature_metrics: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -497,6 +515,10 @@ impl PolicyHost {
             plugin: p.clone(),
             message: format!("declare failed: {e:#}"),
         })?;
+        let signature_metrics = self
+            .signature_metrics
+            .as_ref()
+            .map(|m| m.plugin(&decl.name));
         Ok(Plugin {
             name: decl.name,
             version: decl.version,
@@ -511,6 +533,7 @@ impl PolicyHost {
             compile_time,
             instantiate_time: None,
             pre,
+            signature_metrics,
         })
     }
 
@@ -640,7 +663,8 @@ impl PolicyHost {
                 w
             }
             None => {
-                let (store, instance) = self.fresh(plugin, budget, grants).await?;
+                let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
+                store.data_mut().signature_metrics = plugin.signature_metrics.clone();
                 Warm {
                     store,
                     instance,

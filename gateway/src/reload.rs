@@ -45,9 +45,11 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if tls(old) != tls(new) {
         v.push("gateway.tls changed (listener, certificate or key): needs a restart".into());
     }
-    let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
-    if admin(old) != admin(new) {
+    // The admin listener's Host names and token are read when it starts, like its address.
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
         v.push("admin.listen changed: needs a restart".into());
+    } else if old.admin != new.admin {
+        v.push("admin.allowed_hosts or the admin token changed: needs a restart".into());
     }
     v
 }
@@ -183,5 +185,32 @@ pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(admin: &str) -> Config {
+        let text = format!(
+            "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n{admin}"
+        );
+        crate::manifest::parse(Path::new("/tmp/m.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn admin_hosts_and_token_need_a_restart() {
+        let sha = |c: char| format!("token_sha256 = \"{}\"\n", c.to_string().repeat(64));
+        let base = config("");
+        assert!(restart_needed(&base, &config("")).is_empty());
+        for changed in [
+            config("allowed_hosts = [\"admin.internal\"]\n"),
+            config(&sha('a')),
+        ] {
+            let r = restart_needed(&base, &changed);
+            assert!(r.len() == 1 && r[0].contains("needs a restart"), "{r:?}");
+        }
+        assert!(!restart_needed(&config(&sha('a')), &config(&sha('b'))).is_empty());
     }
 }

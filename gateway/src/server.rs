@@ -118,6 +118,7 @@ impl Served {
                 None => crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
                     .map(|mut h| {
                         h.set_signature_cache(config.gateway.signature_cache_entries);
+                        h.set_metrics(metrics);
                         Arc::new(h)
                     }),
             };
@@ -228,6 +229,7 @@ impl Served {
 impl Gateway {
     /// Builds the served state. Collects every error (for `tollgate check`).
     pub fn build(config: Config) -> Result<Arc<Gateway>, Vec<StartError>> {
+        crate::admin::warn_if_exposed(&config);
         let mut errors = Vec::new();
         let tls_acceptor = match &config.gateway.tls {
             Some(t) => match server_tls(t) {

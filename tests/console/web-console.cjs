@@ -1,11 +1,12 @@
 // Drives the web test console (GET /console on the admin listener) in headless Chromium with
 // playwright-core: connect to an API, send a message, see the echo, disconnect; then a refused
-// handshake shows its HTTP status. Usage: node web-console.cjs ADMIN_URL SCREENSHOT.png
+// handshake shows its HTTP status. Usage: node web-console.cjs ADMIN_URL SCREENSHOT.png [TOKEN]
+// With TOKEN (an admin listener that requires one), the page must first ask for it.
 // Run by tests/e2e/console.rs; playwright-core comes from target/browser (scripts/test), Chromium
 // from Debian (CHROMIUM, default /usr/bin/chromium).
 const { chromium } = require("playwright-core");
 
-const [admin, screenshot] = process.argv.slice(2);
+const [admin, screenshot, token] = process.argv.slice(2);
 
 async function main() {
   const browser = await chromium.launch({
@@ -18,6 +19,13 @@ async function main() {
   try {
     const page = await browser.newPage();
     await page.goto(`${admin}/console`);
+    let askedForToken = false;
+    if (token) {
+      await page.waitForSelector("body[data-ready='token']", { timeout: 10000 });
+      askedForToken = await page.locator("#tokenbox").isVisible();
+      await page.fill("#token", token);
+      await page.click("#usetoken");
+    }
     await page.waitForSelector("body[data-ready='1']", { timeout: 10000 });
     const text = (sel) => page.locator(sel).textContent();
 
@@ -44,7 +52,7 @@ async function main() {
     const refused = await text("#status");
     const refusedLog = await text("#log .error:last-child");
     await page.screenshot({ path: screenshot, fullPage: true });
-    console.log(JSON.stringify({ received, receivedBinary, closed, refused, refusedLog }));
+    console.log(JSON.stringify({ askedForToken, received, receivedBinary, closed, refused, refusedLog }));
   } finally {
     await browser.close();
   }

@@ -7,13 +7,15 @@ use std::process::Command;
 
 use support::*;
 
+/// The admin listener here requires a token: the page asks for it and sends it on its own
+/// requests (`/apis`, `/console/probe`).
 #[tokio::test]
 async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusal() {
     let backend = RawBackend::start(echo_frames()).await;
     let dir = TempDir::new("console");
     plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
     let text = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"CONSOLE_ADMIN_TOKEN\"\n\n{}{}",
         gateway_section("plugin_dir = \"plugins\""),
         api_section("echo", "echo", &backend.url(), ""),
         api_section(
@@ -23,7 +25,8 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
             "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\n[apis.on_handshake.config]\nalgorithms = [\"HS256\"]\nquery_parameter_name = \"access_token\"\njwks = '{\"keys\": [{\"kty\": \"oct\", \"kid\": \"k\", \"k\": \"dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IG9mIGVub3VnaCBsZW5ndGg\"}]}'\n"
         )
     );
-    let gw = Gateway::start_in(dir, &text);
+    let token = "console-admin-token-0123456789";
+    let gw = Gateway::start_with_env(dir, &text, &[("CONSOLE_ADMIN_TOKEN", token)]);
     let admin = gw.admin.unwrap();
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -42,6 +45,7 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
             .arg(script)
             .arg(format!("http://{admin}"))
             .arg(&shot)
+            .arg(token)
             .env(
                 "NODE_PATH",
                 root.join("target").join("browser").join("node_modules"),
@@ -60,6 +64,7 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
         gw.output()
     );
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["askedForToken"], true, "{r}");
     assert!(
         r["received"]
             .as_str()

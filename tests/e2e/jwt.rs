@@ -409,3 +409,171 @@ async fn example_tenant_check_policy_keeps_clients_in_their_own_tenant() {
     assert_eq!(status_of(&head), 403, "{head}");
     assert_eq!(backend.connections.load(Ordering::SeqCst), reached);
 }
+
+/// A JWK for an RSA public key, without `kid`.
+fn rsa_jwk(n: &[u8], e: &[u8]) -> serde_json::Value {
+    serde_json::json!({"kty": "RSA", "n": b64(n), "e": b64(e)})
+}
+
+/// A well-formed RSA public key that verifies nothing `k` signed: its modulus with a few
+/// middle bits changed (still 2048 bits and odd), one variant per `i`.
+fn decoy_jwk(k: &Keys, i: u8) -> serde_json::Value {
+    let pk = k.rsa.to_public_key();
+    let mut n = pk.n().to_bytes_be();
+    n[100] ^= i;
+    rsa_jwk(&n, &pk.e().to_bytes_be())
+}
+
+/// An RS256 token without `kid` in its header.
+fn rs256_without_kid(k: &Keys, claims: &serde_json::Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha256>::new(k.rsa.clone())
+        .sign(input.as_bytes())
+        .to_vec();
+    format!("{input}.{}", b64(&sig))
+}
+
+/// jwt-validate (RS256, issuer and audience set) for an API, with the given JWKS.
+fn rs256_api(name: &str, backend: &str, jwks: &serde_json::Value) -> String {
+    api_section(
+        name,
+        name,
+        backend,
+        &format!(
+            "[[apis.on_handshake]]\nplugin = \"jwt-validate\"\n[apis.on_handshake.config]\nalgorithms = [\"RS256\"]\nissuers = [\"https://issuer.test\"]\naudiences = [\"chat\"]\njwks = {}\n",
+            toml_str(&jwks.to_string())
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_token_without_kid_is_tried_against_at_most_four_keys() {
+    let k = Keys::new();
+    let backend = RawBackend::start(echo_frames()).await;
+    let pk = k.rsa.to_public_key();
+    let real = rsa_jwk(&pk.n().to_bytes_be(), &pk.e().to_bytes_be());
+    let decoys: Vec<_> = (1..=4).map(|i| decoy_jwk(&k, i)).collect();
+    let fifth =
+        serde_json::json!({"keys": [&decoys[0], &decoys[1], &decoys[2], &decoys[3], &real]});
+    let fourth =
+        serde_json::json!({"keys": [&decoys[0], &decoys[1], &decoys[2], &real, &decoys[3]]});
+    let dir = TempDir::new("jwt-kid");
+    plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}{}{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            rs256_api("fifth", &backend.url(), &fifth),
+            rs256_api("fourth", &backend.url(), &fourth),
+        ),
+    );
+    let addr = gw.ws.unwrap();
+    let token = bearer(&rs256_without_kid(&k, &claims("ann")));
+    let (head, _) = raw_handshake(addr, "/fifth", &token).await;
+    assert_eq!(status_of(&head), 401, "the fifth key was tried: {head}");
+    let (head, _) = raw_handshake(addr, "/fourth", &token).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    gw.wait_record("policy_log", |r| {
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("first 4 of 5 RS256 keys")
+    })
+    .await;
+    // Five keys of one family: said at load.
+    gw.wait_record("policy_log", |r| {
+        r["level"] == "WARN"
+            && r["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("5 Rsa keys: a token is checked against at most 4")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failed_signature_checks_are_counted_by_plugin_algorithm_and_result() {
+    let k = Keys::new();
+    let backend = RawBackend::start(echo_frames()).await;
+    let pk = k.rsa.to_public_key();
+    let jwks = serde_json::json!({"keys": [rsa_jwk(&pk.n().to_bytes_be(), &pk.e().to_bytes_be())]});
+    let dir = TempDir::new("jwt-metrics");
+    plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            rs256_api("chat", &backend.url(), &jwks),
+        ),
+    );
+    let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+    let series = |result: &'static str| {
+        [
+            ("plugin", "jwt-validate"),
+            ("algorithm", "RS256"),
+            ("result", result),
+        ]
+    };
+    const NAME: &str = "tollgate_signature_verifications_total";
+    // The key probes jwt-validate makes while loading are not handshakes: nothing counted.
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("invalid")), None);
+
+    // A token whose signature was made over other claims.
+    let good = rs256_without_kid(&k, &claims("ann"));
+    let (h, rest) = good.split_once('.').unwrap();
+    let sig = rest.split_once('.').unwrap().1;
+    let forged = format!("{h}.{}.{sig}", b64(claims("root").to_string().as_bytes()));
+    let (head, _) = raw_handshake(addr, "/chat", &bearer(&forged)).await;
+    assert_eq!(status_of(&head), 401, "{head}");
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("invalid")), Some(1.0));
+    assert_eq!(sample(&m, NAME, &series("valid")), None);
+
+    let (head, _) = raw_handshake(addr, "/chat", &bearer(&good)).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, NAME, &series("valid")), Some(1.0));
+    assert_eq!(sample(&m, NAME, &series("invalid")), Some(1.0));
+}
+
+#[tokio::test]
+async fn jwt_validate_without_issuers_or_audiences_warns_at_check_and_at_load() {
+    let k = Keys::new();
+    let dir = TempDir::new("jwt-open");
+    plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+    let pk = k.rsa.to_public_key();
+    let jwks = serde_json::json!({"keys": [rsa_jwk(&pk.n().to_bytes_be(), &pk.e().to_bytes_be())]});
+    let scoped = format!(
+        "{}{}",
+        gateway_section("plugin_dir = \"plugins\""),
+        rs256_api("chat", "ws://127.0.0.1:9/", &jwks)
+    );
+    let warning = "neither issuers nor audiences is set";
+    let (code, err, _) = tollgate_check(dir.path(), &scoped);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains(warning), "{err}");
+    let open = scoped
+        .replace("issuers = [\"https://issuer.test\"]\n", "")
+        .replace("audiences = [\"chat\"]\n", "");
+    let (code, err, _) = tollgate_check(dir.path(), &open);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains(warning) && l.contains("jwt-validate")),
+        "{err}"
+    );
+    let gw = Gateway::start_in(dir, &open);
+    gw.wait_record("policy_log", |r| {
+        r["level"] == "WARN"
+            && r["plugin"] == "jwt-validate"
+            && r["message"].as_str().unwrap_or("").contains(warning)
+    })
+    .await;
+}

@@ -256,6 +256,31 @@ pub fn prepare(config_json: &str) -> Result<Prepared, String> {
     })
 }
 
+/// What a valid config may still get wrong, worded for the operator: each is logged at warn
+/// level when the config is loaded.
+pub fn warnings(p: &Prepared) -> Vec<String> {
+    let mut out = Vec::new();
+    if p.issuers.is_empty() && p.audiences.is_empty() {
+        out.push("jwt-validate: neither issuers nor audiences is set: any unexpired token the configured keys signed is accepted, including tokens the identity provider issued for other applications; set audiences (and issuers)".to_owned());
+    }
+    for family in [
+        Family::Rsa,
+        Family::P256,
+        Family::P384,
+        Family::Ed25519,
+        Family::Hmac,
+    ] {
+        let n = p.keys.iter().filter(|k| k.family == family).count();
+        if n > crate::MAX_KEYS_PER_TOKEN {
+            out.push(format!(
+                "jwt-validate: {n} {family:?} keys: a token is checked against at most {} of them (those whose kid matches first); tokens signed with another are refused",
+                crate::MAX_KEYS_PER_TOKEN
+            ));
+        }
+    }
+    out
+}
+
 fn field<'a>(jwk: &'a serde_json::Value, name: &str) -> Result<&'a str, String> {
     jwk.get(name)
         .and_then(|v| v.as_str())

@@ -33,6 +33,12 @@ use config::{algorithm, Match, Prepared};
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
+/// Most keys one token's signature is checked against. A token without `kid` (or a JWKS
+/// without kids) would otherwise cost one host verification per key of its family for every
+/// handshake; an RSA check is tens of microseconds, and a JWKS can hold dozens of keys. Keys
+/// whose `kid` matches the token's are tried first.
+pub const MAX_KEYS_PER_TOKEN: usize = 4;
+
 /// Why a token was refused; logged, never sent to the client (the client gets
 /// `failed_validation_message`).
 pub type Why = String;
@@ -112,7 +118,7 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
         .decode(s)
         .map_err(|_| "signature is not base64url".to_owned())?;
     let kid = header.get("kid").and_then(Value::as_str);
-    let candidates: Vec<_> = p
+    let mut candidates: Vec<_> = p
         .keys
         .iter()
         .filter(|k| k.family == family)
@@ -125,9 +131,14 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
             None => format!("no key for {alg}"),
         });
     }
+    // Exact kid matches first (a stable sort keeps the JWKS order otherwise).
+    if kid.is_some() {
+        candidates.sort_by_key(|k| k.kid.is_none());
+    }
+    let eligible = candidates.len();
     let signing_input = &token.as_bytes()[..h.len() + 1 + c.len()];
     let mut verified = false;
-    for k in candidates {
+    for k in candidates.into_iter().take(MAX_KEYS_PER_TOKEN) {
         let key = k.key()?;
         if host::verify(walg, &key, signing_input, &signature)? {
             verified = true;
@@ -135,7 +146,11 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
         }
     }
     if !verified {
-        return Err("signature does not verify".into());
+        return Err(if eligible > MAX_KEYS_PER_TOKEN {
+            format!("signature does not verify with the first {MAX_KEYS_PER_TOKEN} of {eligible} {alg} keys (a token is tried against at most {MAX_KEYS_PER_TOKEN}; give tokens and keys a kid)")
+        } else {
+            "signature does not verify".into()
+        });
     }
     let claims = decode_json(c, "payload")?;
     let skew = p.skew;
@@ -270,6 +285,11 @@ impl Policy for JwtValidate {
 
     fn configure(config_json: String) -> Result<String, String> {
         let p = config::prepare(&config_json)?;
+        // Accepted, but worth an operator's look: the host logs these at load (and `tollgate
+        // check` prints them).
+        for w in config::warnings(&p) {
+            host::log(Level::Warn, &w);
+        }
         serde_json::to_string(&p).map_err(|e| format!("jwt-validate: {e}"))
     }
 

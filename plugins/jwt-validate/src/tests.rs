@@ -270,3 +270,107 @@ fn algorithm_confusion_and_bad_config_are_refused() {
     )
     .contains("pem"));
 }
+
+/// An HS256 token signed with `secret`, with `kid` in its header when given.
+fn hs256_token(secret: &[u8], kid: Option<&str>) -> String {
+    let header = match kid {
+        Some(k) => format!(r#"{{"alg":"HS256","kid":"{k}"}}"#),
+        None => r#"{"alg":"HS256"}"#.to_owned(),
+    };
+    let input = unsigned(&header, &good_claims());
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    format!(
+        "{input}.{}",
+        b64(ring::hmac::sign(&k, input.as_bytes()).as_ref())
+    )
+}
+
+#[test]
+fn a_token_is_tried_against_at_most_four_keys_kid_matches_first() {
+    let secrets: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!("shared secret number {i} of five, long").into_bytes())
+        .collect();
+    let jwks = |with_kids: bool| {
+        let keys: Vec<_> = secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if with_kids {
+                    serde_json::json!({"kty": "oct", "kid": format!("k{i}"), "k": b64(s)})
+                } else {
+                    serde_json::json!({"kty": "oct", "k": b64(s)})
+                }
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    };
+    let cfg = |with_kids: bool| {
+        let json = <JwtValidate as Policy>::configure(
+            serde_json::json!({
+                "algorithms": ["HS256"],
+                "issuers": ["https://issuer.test"],
+                "jwks": jwks(with_kids),
+            })
+            .to_string(),
+        )
+        .unwrap();
+        serde_json::from_str::<Prepared>(&json).unwrap()
+    };
+    let p = cfg(true);
+    // Five keys of one family: configure says a token only gets four tries.
+    assert!(
+        take_logs()
+            .iter()
+            .any(|(l, m)| *l == Level::Warn && m.contains("at most 4")),
+        "no warning about the key cap"
+    );
+    // No kid: the first four keys are tried, the fifth never is.
+    for (i, secret) in secrets.iter().enumerate().take(4) {
+        let t = hs256_token(secret, None);
+        assert_eq!(status(&decide(&p, &bearer(&t))), 101, "key {i}");
+    }
+    let t = hs256_token(&secrets[4], None);
+    assert_eq!(status(&decide(&p, &bearer(&t))), 401);
+    assert!(
+        take_logs()
+            .iter()
+            .any(|(_, m)| m.contains("first 4 of 5 HS256 keys")),
+        "the refusal does not say why"
+    );
+    // With its kid, the fifth key is found.
+    let t = hs256_token(&secrets[4], Some("k4"));
+    assert_eq!(status(&decide(&p, &bearer(&t))), 101);
+    // A JWKS without kids: a token naming a kid still gets four tries only.
+    let p = cfg(false);
+    let t = hs256_token(&secrets[4], Some("k4"));
+    assert_eq!(status(&decide(&p, &bearer(&t))), 401);
+    let t = hs256_token(&secrets[3], Some("k3"));
+    assert_eq!(status(&decide(&p, &bearer(&t))), 101);
+}
+
+#[test]
+fn no_issuers_and_no_audiences_is_accepted_with_a_warning() {
+    let k = keys();
+    take_logs();
+    let ok = <JwtValidate as Policy>::configure(
+        serde_json::json!({"algorithms": ["ES256"], "jwks": k.jwks()}).to_string(),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+    let logs = take_logs();
+    assert!(
+        logs.iter()
+            .any(|(l, m)| *l == Level::Warn && m.contains("neither issuers nor audiences")),
+        "{logs:?}"
+    );
+    for extra in [
+        serde_json::json!({"audiences": ["chat"]}),
+        serde_json::json!({"issuers": ["https://issuer.test"]}),
+    ] {
+        let mut cfg = serde_json::json!({"algorithms": ["ES256"], "jwks": k.jwks()});
+        cfg.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        <JwtValidate as Policy>::configure(cfg.to_string()).unwrap();
+        assert!(take_logs().is_empty(), "{extra}");
+    }
+}
