@@ -4,8 +4,17 @@
 //! agreed end to end keeps working) and fragment boundaries all survive. This parser only watches
 //! the bytes go by: it finds frame boundaries, enforces the protocol rules a gateway must
 //! enforce (masking direction, opcodes, control-frame rules, RSV bits without an agreed
-//! extension, size limits), captures close frames,
-//! and counts. It never holds a payload, so a 1 GiB message streams through in constant memory.
+//! extension, size limits), validates text as UTF-8 (section 8.1) and close frames (section
+//! 7.4), captures close frames, and counts. It never holds a data payload, so a 1 GiB message
+//! streams through in constant memory.
+//!
+//! Text is validated as it streams ([`Utf8Stream`]): a code point split across reads, frames or
+//! fragments is carried over (at most 3 bytes), nothing is reassembled, and the first invalid
+//! byte fails the message at once. Client payloads are unmasked into a per-thread scratch
+//! buffer for the check; the forwarded bytes keep the client's masking. When the handshake
+//! agreed an extension (permessage-deflate), payloads are compressed and are not validated:
+//! the endpoints check what they decompress. A close frame is held until it is complete (at
+//! most 139 bytes) and checked before any of it is forwarded.
 //!
 //! Why hand-written: tungstenite and friends parse whole messages (they reassemble fragments and
 //! unmask into owned buffers), which is exactly what a frame-preserving, zero-copy relay must not
@@ -31,6 +40,7 @@ pub const OP_PONG: u8 = 0xA;
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
@@ -80,6 +90,85 @@ enum State {
     Payload,
 }
 
+/// Streaming UTF-8 validation of one text message: bytes arrive in pieces of any size, a code
+/// point may be split between them. Wraps `simdutf8` (vectorised); only the up to 3 bytes of an
+/// unfinished code point are carried between pieces.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Utf8Stream {
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+/// Invalid UTF-8 (or a sequence that can no longer become valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
+impl Utf8Stream {
+    /// Checks the next piece. Fails as soon as a byte makes the text invalid, even if more
+    /// bytes of the same code point were still to come.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), InvalidUtf8> {
+        if self.carry_len > 0 {
+            // Complete the carried code point first (it is at most 4 bytes long).
+            let have = usize::from(self.carry_len);
+            let take = (4 - have).min(bytes.len());
+            let mut tmp = [0u8; 4];
+            tmp[..have].copy_from_slice(&self.carry[..have]);
+            tmp[have..have + take].copy_from_slice(&bytes[..take]);
+            match simdutf8::compat::from_utf8(&tmp[..have + take]) {
+                Ok(_) => {
+                    self.carry_len = 0;
+                    bytes = &bytes[take..];
+                }
+                Err(e) if e.valid_up_to() >= have => {
+                    // The carried code point is complete; what follows is checked below.
+                    self.carry_len = 0;
+                    bytes = &bytes[e.valid_up_to() - have..];
+                }
+                Err(e) if e.error_len().is_some() => return Err(InvalidUtf8),
+                Err(_) => {
+                    // Still unfinished (the piece was shorter than the code point).
+                    self.carry = tmp;
+                    self.carry_len = (have + take) as u8;
+                    return Ok(());
+                }
+            }
+        }
+        match simdutf8::compat::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(InvalidUtf8),
+            Err(e) => {
+                let tail = &bytes[e.valid_up_to()..];
+                self.carry[..tail.len()].copy_from_slice(tail);
+                self.carry_len = tail.len() as u8;
+                Ok(())
+            }
+        }
+    }
+
+    /// The message ended: an unfinished code point makes it invalid.
+    pub fn finish(&mut self) -> Result<(), InvalidUtf8> {
+        let unfinished = self.carry_len > 0;
+        self.carry_len = 0;
+        if unfinished {
+            Err(InvalidUtf8)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Whether a close code may appear in a close frame on the wire (RFC 6455 section 7.4, IANA
+/// registry): 1000-1003, 1007-1014 and 3000-4999. 1004-1006 and 1015 are reserved or only for
+/// reporting, the rest of 1000-2999 is unassigned.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+thread_local! {
+    /// Unmasked client text, for the UTF-8 check; per thread, so an idle connection holds none.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Debug)]
 pub struct FrameParser {
     dir: Direction,
@@ -100,6 +189,10 @@ pub struct FrameParser {
     /// RSV bits may be set: only when the 101 agreed an extension (RFC 6455 5.2). Which bits
     /// an extension uses is its business, so with any extension all three pass.
     rsv_allowed: bool,
+    /// Text is validated as UTF-8 (not when an extension may have transformed payloads).
+    validate_text: bool,
+    /// The text message in progress, as validated so far.
+    utf8: Utf8Stream,
     pub stats: DirStats,
 }
 
@@ -119,6 +212,8 @@ impl FrameParser {
             message: None,
             message_len: 0,
             rsv_allowed: true,
+            validate_text: false,
+            utf8: Utf8Stream::default(),
             stats: DirStats::default(),
         }
     }
@@ -126,9 +221,34 @@ impl FrameParser {
     /// Whether the handshake agreed an extension (`Sec-WebSocket-Extensions` in the 101).
     /// Without one, a frame with an RSV bit set fails the connection with 1002 here, at the
     /// gateway, instead of reaching the peer (which would have to fail it anyway).
+    ///
+    /// Without an extension, text payloads are also validated as UTF-8 (with one, they may be
+    /// compressed, and only the endpoints can check them).
     pub fn with_extensions(mut self, agreed: bool) -> Self {
         self.rsv_allowed = agreed;
+        self.validate_text = !agreed;
         self
+    }
+
+    /// Whether the frame being read carries text to validate.
+    fn checking_text(&self) -> bool {
+        self.validate_text
+            && (self.opcode == OP_TEXT
+                || (self.opcode == OP_CONTINUATION && self.message == Some(OP_TEXT)))
+    }
+
+    /// Validates a piece of the current text frame's payload, unmasking it first if needed.
+    fn check_text(&mut self, chunk: &[u8]) -> Result<(), InvalidUtf8> {
+        match self.mask {
+            None => self.utf8.feed(chunk),
+            Some(k) => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                s.clear();
+                let off = self.payload_pos as usize;
+                s.extend(chunk.iter().enumerate().map(|(i, b)| b ^ k[(off + i) % 4]));
+                self.utf8.feed(&s)
+            }),
+        }
     }
 
     /// True between frames: a frame generated by the gateway may be inserted here.
@@ -144,11 +264,20 @@ impl FrameParser {
     /// Observes `data`, which continues exactly where the previous call's forwarded bytes ended.
     pub fn advance(&mut self, data: &[u8]) -> Advance {
         let mut pos = 0;
+        // Where the current frame's header starts, if it is in `data`: a frame found invalid
+        // in the same call is then not forwarded at all, so the receiver stays at a frame
+        // boundary and can be sent a close frame.
+        let mut frame_start: Option<usize> = None;
         loop {
             match self.state {
                 State::Payload => {
                     let avail = (data.len() - pos) as u64;
                     let take = avail.min(self.remaining);
+                    if self.checking_text()
+                        && self.check_text(&data[pos..pos + take as usize]).is_err()
+                    {
+                        return self.invalid_text(pos, frame_start);
+                    }
                     if self.opcode == OP_CLOSE {
                         let chunk = &data[pos..pos + take as usize];
                         for (i, b) in chunk.iter().enumerate() {
@@ -171,6 +300,10 @@ impl FrameParser {
                     }
                     self.state = State::Header;
                     if let Some(ev) = self.finish_frame() {
+                        if matches!(ev, Event::Violation { .. }) {
+                            self.state = State::Payload;
+                            return self.invalid_text(pos - take as usize, frame_start);
+                        }
                         return Advance {
                             forward: pos,
                             event: Some(ev),
@@ -193,6 +326,7 @@ impl FrameParser {
                             }
                         }
                         HeaderResult::Ok(hlen) => {
+                            frame_start = Some(pos);
                             pos += hlen;
                             self.stats.bytes += hlen as u64;
                             self.stats.frames += 1;
@@ -200,6 +334,9 @@ impl FrameParser {
                             if self.remaining == 0 {
                                 self.state = State::Header;
                                 if let Some(ev) = self.finish_frame() {
+                                    if matches!(ev, Event::Violation { .. }) {
+                                        return self.invalid_text(pos, frame_start);
+                                    }
                                     return Advance {
                                         forward: pos,
                                         event: Some(ev),
@@ -215,6 +352,52 @@ impl FrameParser {
                     forward: pos,
                     event: None,
                 };
+            }
+        }
+    }
+
+    /// A text message turned out invalid while reading the frame whose current piece starts at
+    /// `piece` in this call's input. Nothing of that piece is forwarded, nor of the frame if it
+    /// started in this call (the parser is then back at that frame's start, a boundary).
+    fn invalid_text(&mut self, piece: usize, frame_start: Option<usize>) -> Advance {
+        let forward = match frame_start {
+            Some(start) => {
+                self.state = State::Header;
+                start
+            }
+            None => piece,
+        };
+        Advance {
+            forward,
+            event: Some(Event::Violation {
+                code: close_code::INVALID_PAYLOAD,
+                reason: "invalid UTF-8 in a text message",
+            }),
+        }
+    }
+
+    /// Checks a complete close frame's payload (already unmasked).
+    fn check_close(payload: &[u8]) -> Result<(), (u16, &'static str)> {
+        match payload {
+            [] => Ok(()),
+            [_] => Err((
+                close_code::PROTOCOL_ERROR,
+                "close frame with a 1-byte payload",
+            )),
+            [a, b, reason @ ..] => {
+                if !close_code_allowed(u16::from_be_bytes([*a, *b])) {
+                    return Err((
+                        close_code::PROTOCOL_ERROR,
+                        "close code that may not be sent",
+                    ));
+                }
+                if simdutf8::basic::from_utf8(reason).is_err() {
+                    return Err((
+                        close_code::INVALID_PAYLOAD,
+                        "close reason is not valid UTF-8",
+                    ));
+                }
+                Ok(())
             }
         }
     }
@@ -282,6 +465,25 @@ impl FrameParser {
                     "control frame payload over 125 bytes",
                 );
             }
+            if opcode == OP_CLOSE {
+                // Held until complete, then checked before any of it goes on.
+                let end = hlen + len as usize;
+                if b.len() < end {
+                    return HeaderResult::Incomplete;
+                }
+                let mut payload = [0u8; 125];
+                let payload = &mut payload[..len as usize];
+                payload.copy_from_slice(&b[hlen..end]);
+                if masked {
+                    let k = &b[hlen - 4..hlen];
+                    for (i, x) in payload.iter_mut().enumerate() {
+                        *x ^= k[i % 4];
+                    }
+                }
+                if let Err((code, reason)) = Self::check_close(payload) {
+                    return HeaderResult::Bad(code, reason);
+                }
+            }
         } else {
             if opcode == OP_CONTINUATION && self.message.is_none() {
                 return HeaderResult::Bad(
@@ -326,6 +528,7 @@ impl FrameParser {
             OP_TEXT | OP_BINARY => {
                 self.message = Some(opcode);
                 self.message_len = len;
+                self.utf8 = Utf8Stream::default();
                 if opcode == OP_TEXT {
                     self.stats.text_frames += 1;
                 } else {
@@ -349,6 +552,12 @@ impl FrameParser {
     fn finish_frame(&mut self) -> Option<Event> {
         match self.opcode {
             OP_TEXT | OP_BINARY | OP_CONTINUATION if self.fin => {
+                if self.checking_text() && self.utf8.finish().is_err() {
+                    return Some(Event::Violation {
+                        code: close_code::INVALID_PAYLOAD,
+                        reason: "invalid UTF-8 in a text message",
+                    });
+                }
                 self.stats.messages += 1;
                 match self.message.take() {
                     Some(OP_TEXT) => self.stats.text_messages += 1,
@@ -540,6 +749,161 @@ mod tests {
         let mut without =
             FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
         assert_eq!(without.advance(&plain).forward, plain.len());
+    }
+
+    /// Feeds `text` to a fresh stream split at every possible pair of points.
+    fn utf8_verdict_for_every_split(text: &[u8]) -> bool {
+        let whole = {
+            let mut u = Utf8Stream::default();
+            u.feed(text).is_ok() && u.finish().is_ok()
+        };
+        for i in 0..=text.len() {
+            for j in i..=text.len() {
+                let mut u = Utf8Stream::default();
+                let split = u.feed(&text[..i]).is_ok()
+                    && u.feed(&text[i..j]).is_ok()
+                    && u.feed(&text[j..]).is_ok()
+                    && u.finish().is_ok();
+                assert_eq!(split, whole, "{text:02x?} split at {i}, {j}");
+            }
+        }
+        whole
+    }
+
+    #[test]
+    fn utf8_stream_agrees_with_std_however_the_text_is_cut() {
+        for t in [
+            "κόσμε".as_bytes(),
+            "Hello-µ@ßöäüàá-UTF-8!!".as_bytes(),
+            "𝄞 and 😀".as_bytes(),
+            b"",
+            b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited",
+            b"\xf4\x90\x80\x80",
+            b"\xc0\xaf",
+            b"\xed\xbf\xbf",
+            b"\xef\xbf\xbf",
+            b"\xf0\x9f\x98",
+            b"a\xff",
+            b"\xce",
+        ] {
+            assert_eq!(
+                utf8_verdict_for_every_split(t),
+                std::str::from_utf8(t).is_ok(),
+                "{t:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn utf8_fails_fast_on_an_impossible_prefix() {
+        // 0xF4 0x90 can never start a valid code point (> U+10FFFF): no need to wait.
+        let mut u = Utf8Stream::default();
+        assert!(u.feed(b"ok \xf4").is_ok());
+        assert_eq!(u.feed(b"\x90"), Err(InvalidUtf8));
+    }
+
+    fn parsed(dir: Direction, data: &[u8]) -> Advance {
+        FrameParser::new(dir, 1 << 20, None)
+            .with_extensions(false)
+            .advance(data)
+    }
+
+    #[test]
+    fn invalid_text_is_stopped_before_its_frame_when_it_arrives_whole() {
+        let mut data = frame(true, OP_TEXT, b"fine", K);
+        let bad = data.len();
+        data.extend(frame(true, OP_TEXT, b"bad \xff text", K));
+        let a = parsed(Direction::ClientToBackend, &data);
+        assert_eq!(a.forward, bad, "the bad frame is not forwarded at all");
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+        // Unmasked (backend) text the same.
+        let a = parsed(
+            Direction::BackendToClient,
+            &frame(true, OP_TEXT, b"\xed\xa0\x80", None),
+        );
+        assert_eq!(a.forward, 0);
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+        // Binary is not text.
+        let b = frame(true, OP_BINARY, b"\xff", None);
+        assert_eq!(parsed(Direction::BackendToClient, &b).forward, b.len());
+        // With an extension agreed, payloads may be compressed: not checked.
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, None).with_extensions(true);
+        let t = frame(true, OP_TEXT, b"\xff", None);
+        assert_eq!(p.advance(&t).forward, t.len());
+    }
+
+    #[test]
+    fn invalid_text_across_fragments_and_reads_fails_at_the_first_bad_byte() {
+        // "κ" split between two fragments is fine; a truncated code point at the end is not.
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
+        let f1 = frame(false, OP_TEXT, b"a\xce", K);
+        assert_eq!(p.advance(&f1).forward, f1.len());
+        let f2 = frame(true, OP_CONTINUATION, b"\xba!", K);
+        let a = p.advance(&f2);
+        assert_eq!((a.forward, a.event), (f2.len(), None));
+        let f3 = frame(false, OP_TEXT, b"\xe2\x82", K);
+        assert_eq!(p.advance(&f3).forward, f3.len());
+        let f4 = frame(true, OP_CONTINUATION, b"", K);
+        let a = p.advance(&f4);
+        assert_eq!(a.forward, 0);
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+        // A long frame read in pieces: the piece with the bad byte is not forwarded.
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, None).with_extensions(false);
+        let mut f = frame(true, OP_TEXT, &[b'x'; 200], None);
+        f[150] = 0xff;
+        let a = p.advance(&f[..100]);
+        assert_eq!((a.forward, a.event), (100, None));
+        let a = p.advance(&f[100..]);
+        assert_eq!(a.forward, 0, "nothing of the bad piece goes on");
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+        assert!(!p.at_boundary(), "the receiver is mid-frame");
+    }
+
+    #[test]
+    fn close_frames_are_checked_whole_before_forwarding() {
+        let close = |payload: &[u8]| frame(true, OP_CLOSE, payload, K);
+        let code = |c: u16, reason: &[u8]| {
+            let mut v = c.to_be_bytes().to_vec();
+            v.extend_from_slice(reason);
+            v
+        };
+        for (payload, expect) in [
+            (vec![], None),
+            (code(1000, b"bye"), None),
+            (code(1012, b""), None),
+            (code(4999, "κόσμε".as_bytes()), None),
+            (vec![0x03], Some(1002)),
+            (code(999, b""), Some(1002)),
+            (code(1005, b""), Some(1002)),
+            (code(1006, b""), Some(1002)),
+            (code(1015, b""), Some(1002)),
+            (code(1016, b""), Some(1002)),
+            (code(2999, b""), Some(1002)),
+            (code(5000, b""), Some(1002)),
+            (code(1000, b"\xce\xba\xff"), Some(1007)),
+        ] {
+            let f = close(&payload);
+            let a = parsed(Direction::ClientToBackend, &f);
+            match expect {
+                None => {
+                    assert_eq!(a.forward, f.len(), "{payload:02x?}");
+                    assert!(matches!(a.event, Some(Event::Close { .. })));
+                }
+                Some(c) => {
+                    assert_eq!(a.forward, 0, "{payload:02x?}");
+                    assert!(
+                        matches!(a.event, Some(Event::Violation { code, .. }) if code == c),
+                        "{payload:02x?}: {:?}",
+                        a.event
+                    );
+                }
+            }
+        }
+        // A close frame arriving in pieces is held until it is whole.
+        let f = close(&code(1000, b"bye"));
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None);
+        assert_eq!(p.advance(&f[..f.len() - 1]).forward, 0);
+        assert_eq!(p.advance(&f).forward, f.len());
     }
 
     #[test]

@@ -489,21 +489,30 @@ pub async fn relay(
                 // backend sent in reply to the client's valid frames before the violation
                 // still reaches the client (as it would with no gateway in between), followed
                 // by the backend's close reply, normally the same code.
+                // (A violation found in the middle of a frame the backend has partly seen, e.g.
+                // invalid UTF-8 in a long text frame, leaves no frame boundary for a close: the
+                // backend is then simply disconnected once the client has its close.)
+                let mid_frame = !c2b.parser.at_boundary();
                 if c2b.queue_close(Direction::ClientToBackend, code, reason) {
                     record_end!(ClosedBy::ClientViolation, Some(code), reason);
                     owed_to_client = Some((code, reason));
                     start_closing!(CLIENT_VIOLATION_GRACE);
                 } else {
                     terminate!(ClosedBy::ClientViolation, code, code, reason);
+                    if mid_frame {
+                        end_when_written = true;
+                    }
                 }
             }
             Wake::B2c(PumpEvent::Violation { code, reason }) => {
-                let other = if code == close_code::TOO_BIG {
+                // The backend is the offender: it gets `code`. The client gets the same code
+                // when it describes what the client saw (an oversized or invalid message that
+                // will never be finished), else a server error.
+                let other = if code == close_code::TOO_BIG || code == close_code::INVALID_PAYLOAD {
                     code
                 } else {
                     close_code::INTERNAL_ERROR
                 };
-                // The backend is the offender: it gets `code`, the client a server error.
                 terminate!(ClosedBy::BackendViolation, other, code, reason);
             }
             Wake::C2b(PumpEvent::SrcGone) | Wake::B2c(PumpEvent::DstGone) => {

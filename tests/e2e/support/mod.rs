@@ -550,24 +550,62 @@ pub async fn handshake_on<S: AsyncRead + AsyncWrite + Unpin>(
 /// what `examples/echo-backend` does): text and binary come back, pings are answered, and
 /// protocol errors end the connection the way tungstenite ends them.
 pub async fn tungstenite_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S) {
+    tungstenite_echo_as(stream, OnBadText::Drop).await
+}
+
+/// How an echo backend reacts to a text message that is not UTF-8 (RFC 6455 8.1 allows both:
+/// fail the connection with 1007, or drop it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBadText {
+    /// tungstenite's own behaviour: the TCP connection is dropped.
+    Drop,
+    /// A close 1007 is sent first, then the connection is closed.
+    Close1007,
+}
+
+/// [`tungstenite_echo`], reacting to invalid UTF-8 as `on_bad_text` says.
+pub async fn tungstenite_echo_as<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    on_bad_text: OnBadText,
+) {
     use futures_util::{SinkExt, StreamExt};
     let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
         return;
     };
-    while let Some(Ok(m)) = ws.next().await {
-        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-            return;
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) => {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(tokio_tungstenite::tungstenite::Error::Utf8(_)))
+                if on_bad_text == OnBadText::Close1007 =>
+            {
+                // Written raw: tungstenite's own state may refuse to send after a read error.
+                let io = ws.get_mut();
+                let _ = io.write_all(&[0x88, 0x02, 0x03, 0xef]).await;
+                let _ = io.flush().await;
+                let _ = io.shutdown().await;
+                return;
+            }
+            _ => return,
         }
     }
 }
 
 /// A plain-ws [`tungstenite_echo`] backend on loopback.
 pub async fn ws_echo_backend() -> SocketAddr {
+    ws_echo_backend_as(OnBadText::Drop).await
+}
+
+/// A plain-ws [`tungstenite_echo_as`] backend on loopback.
+pub async fn ws_echo_backend_as(on_bad_text: OnBadText) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(tungstenite_echo(s));
+            tokio::spawn(tungstenite_echo_as(s, on_bad_text));
         }
     });
     addr

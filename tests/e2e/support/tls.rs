@@ -80,6 +80,11 @@ impl Leaf {
 
 /// A wss [`super::tungstenite_echo`] backend presenting `leaf`.
 pub async fn wss_echo_backend(leaf: &Leaf) -> SocketAddr {
+    wss_echo_backend_as(leaf, super::OnBadText::Drop).await
+}
+
+/// A wss [`super::tungstenite_echo_as`] backend presenting `leaf`.
+pub async fn wss_echo_backend_as(leaf: &Leaf, on_bad_text: super::OnBadText) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(leaf.server_config());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -88,7 +93,7 @@ pub async fn wss_echo_backend(leaf: &Leaf) -> SocketAddr {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(s).await {
-                    super::tungstenite_echo(tls).await;
+                    super::tungstenite_echo_as(tls, on_bad_text).await;
                 }
             });
         }
