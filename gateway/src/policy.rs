@@ -268,19 +268,41 @@ pub struct PolicyHost {
     verified: Arc<VerifyCache>,
 }
 
-/// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate`, else
-/// `$HOME/.cache/tollgate`, else the system's temporary directory.
-pub fn default_cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache"))
-        })
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("tollgate").join("compiled")
+/// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
+/// else `$HOME/.cache/tollgate/compiled`, else none (never the temporary directory: see
+/// [`crate::plugin_cache`]).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    crate::plugin_cache::default_dir()
+}
+
+/// The cache directory to use, if any: `dir` (or the default), created 0700 when missing and
+/// used only if nobody but the gateway's user can write to it. Every refusal is logged.
+fn trusted_cache_dir(dir: Option<PathBuf>) -> Option<PathBuf> {
+    use crate::plugin_cache::{prepare_dir, Untrusted};
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = dir.or_else(default_cache_dir) else {
+        tracing::info!(
+            event = "plugin_cache_disabled",
+            "no compiled-plugin cache: neither XDG_CACHE_HOME nor HOME is set, and the temporary directory is never used (others can write there); plugins are compiled at every start (set gateway.plugin_cache_dir to keep them)"
+        );
+        return None;
+    };
+    match prepare_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(Untrusted::Io { error, .. }) => {
+            tracing::warn!(event = "plugin_cache_unavailable", dir = %dir.display(), error = %error,
+                "compiled-plugin cache unavailable; plugins are compiled at every start");
+            None
+        }
+        Err(e) => {
+            let mode = std::fs::metadata(&dir)
+                .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
+                .unwrap_or_default();
+            tracing::warn!(event = "plugin_cache_untrusted", dir = %dir.display(), mode = %mode, error = %e,
+                "compiled-plugin cache not used: its directory must belong to the gateway's user and not be writable by group or others (cached plugins are native code); plugins are compiled in memory");
+            None
+        }
+    }
 }
 
 fn capability_name(c: wit::Capability) -> &'static str {
@@ -317,8 +339,9 @@ impl PolicyHost {
         self.verified = Arc::new(VerifyCache::new(entries));
     }
 
-    /// `cache_dir`: where compiled plugins are kept between runs (created if missing; if it
-    /// cannot be used, plugins are compiled every start and a warning says why).
+    /// `cache_dir`: where compiled plugins are kept between runs (`None`: the default, see
+    /// [`default_cache_dir`]); created 0700 if missing. If it cannot be used or others could
+    /// write to it, plugins are compiled in memory at every start and a log record says why.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
         let mut config = Config::new();
         config.consume_fuel(true);
@@ -335,15 +358,7 @@ impl PolicyHost {
             .map_err(|e| format!("linking WASI: {e}"))?;
         HandshakePolicy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("linking the policy interfaces: {e}"))?;
-        let cache_dir = cache_dir.unwrap_or_else(default_cache_dir);
-        let cache_dir = match std::fs::create_dir_all(&cache_dir) {
-            Ok(()) => Some(cache_dir),
-            Err(e) => {
-                tracing::warn!(event = "plugin_cache_unavailable", dir = %cache_dir.display(), error = %e,
-                    "compiled-plugin cache unavailable; plugins are compiled at every start");
-                None
-            }
-        };
+        let cache_dir = trusted_cache_dir(cache_dir);
         Ok(PolicyHost {
             engine,
             linker,
@@ -377,28 +392,34 @@ impl PolicyHost {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let file = dir.join(format!("{key}.cwasm"));
-        if file.is_file() {
-            // SAFETY: deserialising runs no checks on the machine code inside, so the file must
-            // be one we wrote: the name is the hash of the source and the engine, and the
-            // directory belongs to the gateway's user. A file that fails to load (truncated,
-            // other version) is recompiled and replaced.
-            match unsafe { Component::deserialize_file(&self.engine, &file) } {
-                Ok(c) => return Ok((c, true)),
-                Err(e) => {
-                    tracing::warn!(event = "plugin_cache_stale", file = %file.display(), error = %format!("{e:#}"),
-                        "cached compiled plugin unusable; recompiling");
+        let name = format!("{key}.cwasm");
+        let file = dir.join(&name);
+        match crate::plugin_cache::read_trusted(&file) {
+            Ok(None) => {}
+            Ok(Some(art)) => {
+                // SAFETY: deserialising runs no checks on the machine code inside, so the bytes
+                // must be ones this user wrote: the directory and the file (checked on the
+                // descriptor they were read from) belong to the gateway's user and nobody else
+                // can write to them, and the name is the hash of the source and the engine. An
+                // artifact that fails to load (truncated, other version) is recompiled and
+                // replaced.
+                match unsafe { Component::deserialize(&self.engine, &art) } {
+                    Ok(c) => return Ok((c, true)),
+                    Err(e) => {
+                        tracing::warn!(event = "plugin_cache_stale", file = %file.display(), error = %format!("{e:#}"),
+                            "cached compiled plugin unusable; recompiling");
+                    }
                 }
+            }
+            Err(e) => {
+                tracing::warn!(event = "plugin_cache_file_untrusted", file = %file.display(), error = %e,
+                    "cached compiled plugin not trusted (must be a regular file of the gateway's user, not writable by group or others); recompiling and replacing it");
             }
         }
         let component = Component::new(&self.engine, bytes).map_err(not_component)?;
         match component.serialize() {
             Ok(art) => {
-                // Written aside and renamed, so a concurrent reader never sees half a file.
-                let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
-                let stored = std::fs::write(&tmp, &art).and_then(|()| std::fs::rename(&tmp, &file));
-                if let Err(e) = stored {
-                    let _ = std::fs::remove_file(&tmp);
+                if let Err(e) = crate::plugin_cache::write(dir, &name, &art) {
                     tracing::warn!(event = "plugin_cache_write_failed", file = %file.display(), error = %e,
                         "could not store compiled plugin");
                 }
