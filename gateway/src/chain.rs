@@ -27,32 +27,48 @@ pub const PROTECTED: &[&str] = &[
 ];
 
 /// Largest decision a policy may return (all header, query and context strings plus a
-/// rejection body). A bigger one is treated as a policy failure: it would otherwise end up in
-/// the backend request or the client's response.
+/// rejection body, each entry counted with [`DECISION_ENTRY_BYTES`] on top). A bigger one is
+/// treated as a policy failure: it would otherwise end up in the backend request or the
+/// client's response.
 pub const MAX_DECISION_BYTES: usize = 256 * 1024;
+/// What each entry of a decision (header change, query change, response header, context value,
+/// rejection header) counts towards [`MAX_DECISION_BYTES`] besides its strings: an entry costs
+/// the gateway memory and work even when its strings are empty.
+pub const DECISION_ENTRY_BYTES: usize = 32;
+/// Most entries a decision may have, all lists together.
+pub const MAX_DECISION_ENTRIES: usize = 1024;
 
-fn decision_size(d: &wit::Decision) -> usize {
-    let pair = |p: &wit::Pair| p.name.len() + p.value.len();
+/// (entries, bytes) of a decision, each entry's bytes including [`DECISION_ENTRY_BYTES`].
+fn decision_size(d: &wit::Decision) -> (usize, usize) {
+    let pair = |p: &wit::Pair| DECISION_ENTRY_BYTES + p.name.len() + p.value.len();
+    let name = |n: &String| DECISION_ENTRY_BYTES + n.len();
     match d {
-        wit::Decision::Reject(r) => r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
-        wit::Decision::Proceed(p) => {
+        wit::Decision::Reject(r) => (
+            r.headers.len(),
+            r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
+        ),
+        wit::Decision::Proceed(p) => (
+            p.header_changes.len()
+                + p.query_changes.len()
+                + p.response_headers.len()
+                + p.context.len(),
             p.header_changes
                 .iter()
                 .map(|c| match c {
                     wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => pair(h),
-                    wit::HeaderChange::Remove(n) => n.len(),
+                    wit::HeaderChange::Remove(n) => name(n),
                 })
                 .sum::<usize>()
                 + p.query_changes
                     .iter()
                     .map(|c| match c {
                         wit::QueryChange::Set(q) => pair(q),
-                        wit::QueryChange::Remove(n) => n.len(),
+                        wit::QueryChange::Remove(n) => name(n),
                     })
                     .sum::<usize>()
                 + p.response_headers.iter().map(pair).sum::<usize>()
-                + p.context.iter().map(pair).sum::<usize>()
-        }
+                + p.context.iter().map(pair).sum::<usize>(),
+        ),
     }
 }
 
@@ -163,6 +179,7 @@ pub fn build(
             memory_bytes: att
                 .memory_limit_bytes
                 .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
+            timeout: att.timeout.unwrap_or(crate::policy::DEFAULT_TIMEOUT),
         };
         let prepared = if skip {
             String::new()
@@ -253,10 +270,15 @@ pub async fn run(
             fail(why)
         };
         let decision = decided.map_err(|e| fail(e.to_string()))?;
-        let size = decision_size(&decision);
+        let (entries, size) = decision_size(&decision);
+        if entries > MAX_DECISION_ENTRIES {
+            return Err(fail(format!(
+                "returned a decision of {entries} entries (limit {MAX_DECISION_ENTRIES})"
+            )));
+        }
         if size > MAX_DECISION_BYTES {
             return Err(fail(format!(
-                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES})"
+                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES}, each entry counting {DECISION_ENTRY_BYTES})"
             )));
         }
         match decision {
