@@ -18,7 +18,8 @@
 //! refused outright (a refused socket never opens a descriptor on the host, so a pooled plugin
 //! cannot hoard the gateway's descriptors); every call has a wall-clock deadline (waiting on a
 //! host pollable, e.g. a sleep, burns no fuel); and the host calls are metered (each charges
-//! fuel, `signatures.verify` takes bounded inputs, `log` truncates and rate-limits).
+//! fuel, `signatures.verify` takes bounded inputs, `log` truncates and rate-limits). A host
+//! call that needs a capability the plugin did not declare is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,6 +126,19 @@ pub enum PolicyError {
     Config { plugin: String, message: String },
     #[error("plugin `{plugin}`: timed out after {after:?} (the wall-clock deadline of one call)")]
     Timeout { plugin: String, after: Duration },
+    #[error("plugin `{plugin}` {action} without declaring the capability `{capability}`")]
+    Undeclared {
+        plugin: String,
+        capability: &'static str,
+        action: &'static str,
+    },
+}
+
+/// A host call refused because the plugin did not declare what it needs.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    capability: &'static str,
+    action: &'static str,
 }
 
 /// Per-call host state: the WASI context (empty), the resource table and the limits.
@@ -135,14 +149,20 @@ pub struct HostState {
     plugin: Arc<str>,
     /// Shared by every plugin of this host: signatures already found valid.
     verified: Arc<VerifyCache>,
+    /// The plugin declared `verify-signatures` (false while it is being asked to `declare`).
+    may_verify: bool,
     /// `log` calls in the current call (reset by each call).
     logs: u32,
+    /// Set when a host call was refused for a capability the plugin did not declare; the call
+    /// then traps, and this names why.
+    refused: Option<Refused>,
 }
 
 impl HostState {
     /// Readies a (possibly warm) store for the next call.
     fn start_call(&mut self) {
         self.logs = 0;
+        self.refused = None;
     }
 }
 
@@ -216,12 +236,22 @@ fn host_log(
     Ok(())
 }
 
-/// `tollgate:policy/signatures.verify`: charged [`VERIFY_FUEL`] plus the message's length;
-/// inputs beyond the caps get an error back instead of being processed.
+/// `tollgate:policy/signatures.verify`: refused (the call traps) unless the plugin declared
+/// `verify-signatures`; charged [`VERIFY_FUEL`] plus the message's length; inputs beyond the
+/// caps get an error back instead of being processed.
 fn host_verify(
     mut store: StoreContextMut<'_, HostState>,
     (alg, key, message, signature): (SigAlgorithm, SigKey, Vec<u8>, Vec<u8>),
 ) -> wasmtime::Result<(Result<bool, String>,)> {
+    if !store.data().may_verify {
+        store.data_mut().refused = Some(Refused {
+            capability: "verify-signatures",
+            action: "called signatures.verify",
+        });
+        return Err(wasmtime::Error::msg(
+            "signatures.verify refused: the plugin does not declare `verify-signatures`",
+        ));
+    }
     let counted = message.len().min(MAX_VERIFY_MESSAGE_BYTES);
     charge(
         &mut store,
@@ -321,6 +351,8 @@ pub struct Plugin {
     pub name: String,
     pub version: String,
     pub capabilities: Vec<String>,
+    /// The same, as declared: what the host lets the plugin do (see [`Plugin::declares`]).
+    declared: Vec<wit::Capability>,
     pub path: PathBuf,
     pub imports: Vec<String>,
     /// Loaded from the compiled-plugin cache rather than compiled.
@@ -447,7 +479,8 @@ fn trusted_cache_dir(dir: Option<PathBuf>) -> Option<PathBuf> {
     }
 }
 
-fn capability_name(c: wit::Capability) -> &'static str {
+/// A capability's name as the WIT spells it (`modify-headers`).
+pub fn capability_name(c: wit::Capability) -> &'static str {
     use wit::Capability as C;
     match c {
         C::ReadRequest => "read-request",
@@ -574,11 +607,13 @@ impl PolicyHost {
         Ok((component, false))
     }
 
+    /// A store for calls of `plugin`; `may_verify`: it declared `verify-signatures`.
     fn store(
         &self,
         plugin: &str,
         budget: Budget,
         grants: &Grants,
+        may_verify: bool,
     ) -> Result<Store<HostState>, String> {
         let mut wasi = WasiCtx::builder();
         // No network, and no socket at all: with TCP/UDP merely "allowed but every address
@@ -610,7 +645,9 @@ impl PolicyHost {
                 .build(),
             plugin: Arc::from(plugin),
             verified: self.verified.clone(),
+            may_verify,
             logs: 0,
+            refused: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -657,7 +694,7 @@ impl PolicyHost {
                 message: format!("{e:#}"),
             })?;
         let mut store = self
-            .store("(loading)", Budget::default(), &Grants::default())
+            .store("(loading)", Budget::default(), &Grants::default(), false)
             .map_err(|message| PolicyError::Call {
                 plugin: p.clone(),
                 message,
@@ -679,9 +716,10 @@ impl PolicyHost {
             version: decl.version,
             capabilities: decl
                 .capabilities
-                .into_iter()
-                .map(|c| capability_name(c).to_owned())
+                .iter()
+                .map(|c| capability_name(*c).to_owned())
                 .collect(),
+            declared: decl.capabilities,
             path: path.to_owned(),
             imports,
             from_cache: cached,
@@ -764,8 +802,9 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
+        let may_verify = plugin.declares(wit::Capability::VerifySignatures);
         let mut store = self
-            .store(&plugin.name, budget, grants)
+            .store(&plugin.name, budget, grants, may_verify)
             .map_err(|m| plugin.call_error(m))?;
         let instance = plugin
             .pre
@@ -790,7 +829,7 @@ impl PolicyHost {
                 .tollgate_policy_policy()
                 .call_configure(&mut store, config_json)
                 .await;
-            r.map_err(|e| plugin.call_error(format!("trapped in configure: {e:#}")))
+            r.map_err(|e| plugin.call_failed(&store, "configure", e))
         })
         .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??
         .map_err(|message| PolicyError::Config {
@@ -856,7 +895,7 @@ impl PolicyHost {
             .tollgate_policy_policy()
             .call_on_handshake(&mut w.store, prepared, request)
             .await
-            .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))?;
+            .map_err(|e| plugin.call_failed(&w.store, "on-handshake", e))?;
         if let Some(pool) = pool {
             pool.give_back(w);
         }
@@ -865,6 +904,12 @@ impl PolicyHost {
 }
 
 impl Plugin {
+    /// Whether the plugin declared capability `c`: what it did not declare, the host does not
+    /// let it do.
+    pub fn declares(&self, c: wit::Capability) -> bool {
+        self.declared.contains(&c)
+    }
+
     fn call_error(&self, message: String) -> PolicyError {
         PolicyError::Call {
             plugin: self.name.clone(),
@@ -876,6 +921,24 @@ impl Plugin {
         PolicyError::Timeout {
             plugin: self.name.clone(),
             after,
+        }
+    }
+
+    /// A call into the plugin failed: a host call it was refused (undeclared capability), or
+    /// else a trap (including exhausted fuel or memory).
+    fn call_failed(
+        &self,
+        store: &Store<HostState>,
+        during: &str,
+        e: wasmtime::Error,
+    ) -> PolicyError {
+        match store.data().refused {
+            Some(r) => PolicyError::Undeclared {
+                plugin: self.name.clone(),
+                capability: r.capability,
+                action: r.action,
+            },
+            None => self.call_error(format!("trapped in {during}: {e:#}")),
         }
     }
 

@@ -439,3 +439,116 @@ async fn without_a_home_there_is_no_compiled_plugin_cache_in_the_temp_dir() {
         "something was written to the temporary directory"
     );
 }
+
+/// What a plugin did not declare it may not do: `overreach` declares only `read-request`, and
+/// each thing it then does anyway fails the handshake with `failure_status` and a
+/// `policy_error` record naming the plugin and the missing capability (a `signatures.verify`
+/// call is refused by the host); the backend is never contacted. Doing nothing passes, and
+/// such a plugin is shown no context values (here the open product's `product.name`).
+#[tokio::test]
+async fn capabilities_a_plugin_did_not_declare_are_refused() {
+    use std::sync::atomic::Ordering;
+    let backend = RawBackend::start(echo_frames()).await;
+    let cases = [
+        ("reject", "reject"),
+        ("header", "modify-headers"),
+        ("query", "modify-query"),
+        ("response-header", "modify-response-headers"),
+        ("context", "use-context"),
+        ("verify", "verify-signatures"),
+    ];
+    let mut text = gateway_section("plugin_dir = \"plugins\"");
+    for (action, _) in cases.iter().chain(&[("nothing", "")]) {
+        text.push_str(&api_section(
+            action,
+            action,
+            &backend.url(),
+            &format!(
+                "products = [\"free\"]\n[[apis.on_handshake]]\nplugin = \"overreach\"\nfailure_status = 503\nconfig = {{ do = \"{action}\" }}\n"
+            ),
+        ));
+    }
+    text.push_str("[[products]]\nname = \"free\"\nsubscription_required = false\n");
+    let dir = TempDir::new("overreach");
+    plugins::install(&dir.path().join("plugins"), &["overreach.wasm"]);
+    let gw = Gateway::start_in(dir, &text);
+    let addr = gw.ws.unwrap();
+    for (action, capability) in cases {
+        let (head, _) = raw_handshake(addr, &format!("/{action}"), "").await;
+        assert_eq!(status_of(&head), 503, "{action}: {head}");
+        let rec = gw.wait_record("policy_error", |r| r["api"] == action).await;
+        assert_eq!(rec["plugin"], "overreach", "{rec}");
+        let err = rec["error"].as_str().unwrap();
+        assert!(
+            err.contains(&format!("without declaring the capability `{capability}`")),
+            "{action}: {rec}"
+        );
+    }
+    let (head, _ws) = ws_connect(addr, "/nothing", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "a refused decision reached the backend"
+    );
+    let shown = gw
+        .wait_record("policy_log", |r| r["plugin"] == "overreach")
+        .await;
+    assert_eq!(shown["message"], "context values shown: 0", "{shown}");
+}
+
+/// A policy's 101 headers go through a protected list too: the handshake's own headers,
+/// `Sec-WebSocket-Protocol` and `-Extensions` (negotiated with the backend) and hop-by-hop
+/// headers fail the handshake (the backend is never contacted); any other header is added.
+#[tokio::test]
+async fn protected_response_headers_cannot_be_added_to_the_101() {
+    use std::sync::atomic::Ordering;
+    let backend = RawBackend::start(echo_frames()).await;
+    let protected = [
+        "sec-websocket-protocol",
+        "Sec-WebSocket-Extensions",
+        "sec-websocket-accept",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+    ];
+    let mut text = gateway_section("plugin_dir = \"plugins\"");
+    for (i, name) in protected.iter().chain(&["x-fine"]).enumerate() {
+        text.push_str(&api_section(
+            &format!("h{i}"),
+            &format!("h{i}"),
+            &backend.url(),
+            &format!(
+                "[[apis.on_handshake]]\nplugin = \"faulty\"\nfailure_status = 503\nconfig = {{ mode = \"respond-header\", arg = \"{name}\" }}\n"
+            ),
+        ));
+    }
+    let dir = TempDir::new("response-headers");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let gw = Gateway::start_in(dir, &text);
+    let addr = gw.ws.unwrap();
+    for (i, name) in protected.iter().enumerate() {
+        let (head, _) = raw_handshake(addr, &format!("/h{i}"), "").await;
+        assert_eq!(status_of(&head), 503, "{name}: {head}");
+        let api = format!("h{i}");
+        let rec = gw
+            .wait_record("policy_error", |r| r["api"] == api.as_str())
+            .await;
+        assert!(
+            rec["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("protected response header `{name}`")),
+            "{rec}"
+        );
+    }
+    let (head, _ws) = ws_connect(addr, &format!("/h{}", protected.len()), "").await;
+    assert_eq!(
+        header(&head, "x-fine").as_deref(),
+        Some("from-policy"),
+        "{head}"
+    );
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+}
