@@ -37,7 +37,11 @@ class Policy(exports.Policy):
         return types.Declaration(
             name="origin-check",
             version="0.1.0",
-            capabilities=[types.Capability.READ_REQUEST, types.Capability.REJECT],
+            capabilities=[
+                types.Capability.READ_REQUEST,
+                types.Capability.USE_CONTEXT,  # puts origin.checked into the context
+                types.Capability.REJECT,
+            ],
         )
 
     def configure(self, config_json: str) -> str:

@@ -26,34 +26,98 @@ pub const PROTECTED: &[&str] = &[
     "transfer-encoding",
 ];
 
-/// Largest decision a policy may return (all header, query and context strings plus a
-/// rejection body). A bigger one is treated as a policy failure: it would otherwise end up in
-/// the backend request or the client's response.
-pub const MAX_DECISION_BYTES: usize = 256 * 1024;
+/// Headers a policy may not put on the client's 101: those of the WebSocket handshake itself
+/// ([`PROTECTED`]), the two the backend negotiates with the client (a second
+/// `Sec-WebSocket-Protocol` or `-Extensions` would contradict what the relay speaks), and the
+/// hop-by-hop ones, which describe a connection, not the response.
+pub const PROTECTED_RESPONSE: &[&str] = &[
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+];
 
-fn decision_size(d: &wit::Decision) -> usize {
-    let pair = |p: &wit::Pair| p.name.len() + p.value.len();
+fn protected_response_header(lower: &str) -> bool {
+    PROTECTED.contains(&lower) || PROTECTED_RESPONSE.contains(&lower)
+}
+
+/// Largest decision a policy may return (all header, query and context strings plus a
+/// rejection body, each entry counted with [`DECISION_ENTRY_BYTES`] on top). A bigger one is
+/// treated as a policy failure: it would otherwise end up in the backend request or the
+/// client's response.
+pub const MAX_DECISION_BYTES: usize = 256 * 1024;
+/// What each entry of a decision (header change, query change, response header, context value,
+/// rejection header) counts towards [`MAX_DECISION_BYTES`] besides its strings: an entry costs
+/// the gateway memory and work even when its strings are empty.
+pub const DECISION_ENTRY_BYTES: usize = 32;
+/// Most entries a decision may have, all lists together.
+pub const MAX_DECISION_ENTRIES: usize = 1024;
+
+/// (entries, bytes) of a decision, each entry's bytes including [`DECISION_ENTRY_BYTES`].
+fn decision_size(d: &wit::Decision) -> (usize, usize) {
+    let pair = |p: &wit::Pair| DECISION_ENTRY_BYTES + p.name.len() + p.value.len();
+    let name = |n: &String| DECISION_ENTRY_BYTES + n.len();
     match d {
-        wit::Decision::Reject(r) => r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
-        wit::Decision::Proceed(p) => {
+        wit::Decision::Reject(r) => (
+            r.headers.len(),
+            r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
+        ),
+        wit::Decision::Proceed(p) => (
+            p.header_changes.len()
+                + p.query_changes.len()
+                + p.response_headers.len()
+                + p.context.len(),
             p.header_changes
                 .iter()
                 .map(|c| match c {
                     wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => pair(h),
-                    wit::HeaderChange::Remove(n) => n.len(),
+                    wit::HeaderChange::Remove(n) => name(n),
                 })
                 .sum::<usize>()
                 + p.query_changes
                     .iter()
                     .map(|c| match c {
                         wit::QueryChange::Set(q) => pair(q),
-                        wit::QueryChange::Remove(n) => n.len(),
+                        wit::QueryChange::Remove(n) => name(n),
                     })
                     .sum::<usize>()
                 + p.response_headers.iter().map(pair).sum::<usize>()
-                + p.context.iter().map(pair).sum::<usize>()
-        }
+                + p.context.iter().map(pair).sum::<usize>(),
+        ),
     }
+}
+
+/// The first capability `d` uses that `plugin` did not declare, with what it did.
+fn undeclared(plugin: &Plugin, d: &wit::Decision) -> Option<(wit::Capability, &'static str)> {
+    use wit::Capability as C;
+    let used: &[(bool, C, &'static str)] = match d {
+        wit::Decision::Reject(_) => &[(true, C::Reject, "rejected the handshake")],
+        wit::Decision::Proceed(p) => &[
+            (
+                !p.header_changes.is_empty(),
+                C::ModifyHeaders,
+                "changed backend request headers",
+            ),
+            (
+                !p.query_changes.is_empty(),
+                C::ModifyQuery,
+                "changed the backend request's query",
+            ),
+            (
+                !p.response_headers.is_empty(),
+                C::ModifyResponseHeaders,
+                "added 101 response headers",
+            ),
+            (!p.context.is_empty(), C::UseContext, "set context values"),
+        ],
+    };
+    used.iter()
+        .find(|(uses, c, _)| *uses && !plugin.declares(*c))
+        .map(|(_, c, what)| (*c, *what))
 }
 
 /// One attached policy.
@@ -163,6 +227,7 @@ pub fn build(
             memory_bytes: att
                 .memory_limit_bytes
                 .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
+            timeout: att.timeout.unwrap_or(crate::policy::DEFAULT_TIMEOUT),
         };
         let prepared = if skip {
             String::new()
@@ -243,7 +308,17 @@ pub async fn run(
             Reject::new(step.failure_status, format!("policy `{name}` failed"))
         };
         let started = std::time::Instant::now();
+        // Context values (claims, subscription names) are only shown to a plugin that
+        // declared `use-context`.
+        let hidden = if step.plugin.declares(wit::Capability::UseContext) {
+            Vec::new()
+        } else {
+            std::mem::take(&mut request.context)
+        };
         let decided = step.decide(&request).await;
+        if !hidden.is_empty() {
+            request.context = hidden;
+        }
         step.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -253,11 +328,26 @@ pub async fn run(
             fail(why)
         };
         let decision = decided.map_err(|e| fail(e.to_string()))?;
-        let size = decision_size(&decision);
+        let (entries, size) = decision_size(&decision);
+        if entries > MAX_DECISION_ENTRIES {
+            return Err(fail(format!(
+                "returned a decision of {entries} entries (limit {MAX_DECISION_ENTRIES})"
+            )));
+        }
         if size > MAX_DECISION_BYTES {
             return Err(fail(format!(
-                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES})"
+                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES}, each entry counting {DECISION_ENTRY_BYTES})"
             )));
+        }
+        if let Some((capability, what)) = undeclared(&step.plugin, &decision) {
+            return Err(fail(
+                PolicyError::Undeclared {
+                    plugin: name.clone(),
+                    capability: crate::policy::capability_name(capability),
+                    action: what,
+                }
+                .to_string(),
+            ));
         }
         match decision {
             wit::Decision::Reject(r) => {
@@ -321,7 +411,14 @@ pub async fn run(
                     apply_query(breq, &p.query_changes, &mut request);
                 }
                 for h in p.response_headers {
-                    let n = HeaderName::from_bytes(h.name.as_bytes())
+                    let lower = h.name.to_ascii_lowercase();
+                    if protected_response_header(&lower) {
+                        return Err(fail(format!(
+                            "tried to add protected response header `{}` (the handshake's own headers, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions and hop-by-hop headers cannot be set on the 101)",
+                            h.name
+                        )));
+                    }
+                    let n = HeaderName::from_bytes(lower.as_bytes())
                         .map_err(|_| fail(format!("invalid header name {:?}", h.name)))?;
                     response_headers.push((n, value(&h.value).map_err(fail)?));
                 }

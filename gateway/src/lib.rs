@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod plugin_cache;
 pub mod policy;
 pub mod relay;
 pub mod reload;

@@ -218,6 +218,8 @@ struct RawAttachment {
     fuel: Option<u64>,
     /// Memory cap per call.
     memory_limit_bytes: Option<usize>,
+    /// Wall-clock deadline per call, e.g. "500ms" (humantime).
+    timeout: Option<Spanned<String>>,
     /// Status the client gets when the plugin fails (trap, budget, bad result).
     failure_status: Option<u16>,
     #[serde(default)]
@@ -512,6 +514,8 @@ pub struct Attachment {
     pub config: toml::Table,
     pub fuel: Option<u64>,
     pub memory_limit_bytes: Option<usize>,
+    /// Wall-clock deadline of one call; `None`: `policy::DEFAULT_TIMEOUT`.
+    pub timeout: Option<Duration>,
     pub failure_status: u16,
     pub grants: Grants,
     pub instances: Instances,
@@ -1250,6 +1254,31 @@ impl<'a> Validator<'a> {
             if r.plugin.trim().is_empty() {
                 self.err(a.span(), format!("{key}[{n}].plugin"), "must name a plugin");
             }
+            let timeout =
+                r.timeout.as_ref().and_then(
+                    |t| match humantime_serde::re::humantime::parse_duration(t.get_ref().trim()) {
+                        Ok(d) if d.is_zero() => {
+                            self.err(
+                                t.span(),
+                                format!("{key}[{n}].timeout"),
+                                "must be more than 0",
+                            );
+                            None
+                        }
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            self.err(
+                                t.span(),
+                                format!("{key}[{n}].timeout"),
+                                format!(
+                                    "`{}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\"",
+                                    t.get_ref()
+                                ),
+                            );
+                            None
+                        }
+                    },
+                );
             let mut grants = Grants {
                 read_dirs: Vec::new(),
                 env: r.grants.env.clone(),
@@ -1312,6 +1341,7 @@ impl<'a> Validator<'a> {
                 config: r.config.clone().unwrap_or_default(),
                 fuel: r.fuel,
                 memory_limit_bytes: r.memory_limit_bytes,
+                timeout,
                 failure_status,
                 grants,
                 instances,
@@ -1675,6 +1705,34 @@ mod tests {
         assert!(keys.contains(&("apis[0].backend", 7)), "{e}");
         assert!(keys.contains(&("apis[1].url_suffix", 10)), "{e}");
         assert!(keys.contains(&("apis[1].products", 12)), "{e}");
+    }
+
+    #[test]
+    fn attachment_timeout_is_a_positive_duration_located_by_line_and_key() {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\n";
+        let att = |t: &str| {
+            format!(
+                "{BASE}plugin_dir = \"plugins\"\n{api}[[apis.on_handshake]]\nplugin = \"p\"\n{t}\n"
+            )
+        };
+        let c = p(&att("timeout = \"500ms\"")).unwrap();
+        assert_eq!(
+            c.apis[0].on_handshake[0].timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(p(&att("")).unwrap().apis[0].on_handshake[0].timeout, None);
+        for (bad, words) in [
+            ("timeout = \"soon\"", "is not a duration"),
+            ("timeout = \"0s\"", "must be more than 0"),
+        ] {
+            let e = p(&att(bad)).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].key, "apis[0].on_handshake[0].timeout", "{e}");
+            assert_eq!(e.0[0].line, 11, "{e}");
+            assert!(e.0[0].message.contains(words), "{e}");
+        }
+        let e = p(&att("timeout = 5")).unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
     }
 
     fn hex(d: &KeyDigest) -> String {

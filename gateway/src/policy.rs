@@ -13,11 +13,20 @@
 //! an empty context: no preopened directories, no environment, no network, clocks that read
 //! zero; an attachment's `grants` open up directories (read-only), named environment variables
 //! and the real clocks, nothing else.
+//!
+//! Beyond fuel and memory, a call is bounded in three more ways: sockets and name lookups are
+//! refused outright (a refused socket never opens a descriptor on the host, so a pooled plugin
+//! cannot hoard the gateway's descriptors); every call has a wall-clock deadline (waiting on a
+//! host pollable, e.g. a sleep, burns no fuel); and the host calls are metered (each charges
+//! fuel, `signatures.verify` takes bounded inputs, `log` truncates and rate-limits). A host
+//! call that needs a capability the plugin did not declare is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::StoreContextMut;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
     StoreLimitsBuilder,
@@ -43,6 +52,28 @@ pub use self::tollgate::policy::types as wit;
 /// enough that a runaway plugin costs milliseconds, not the gateway.
 pub const DEFAULT_FUEL: u64 = 50_000_000;
 pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+/// Wall-clock deadline of one `on-handshake` call when the attachment sets no `timeout`: far
+/// above what a header check or a JWT verification takes, far below the handshake timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Wall-clock deadline of a load-time call (`declare`, `configure`): long enough for a plugin
+/// to read its granted files, short enough that a stuck plugin cannot hang a start or reload.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `message` `signatures.verify` accepts (a JWT's signing input is far smaller).
+pub const MAX_VERIFY_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest key (all its parts together) and signature `signatures.verify` accepts: an RSA-8192
+/// key or signature is about 1 KiB, a DER SPKI slightly more.
+pub const MAX_VERIFY_KEY_BYTES: usize = 16 * 1024;
+pub const MAX_VERIFY_SIGNATURE_BYTES: usize = 2 * 1024;
+/// Fuel one `signatures.verify` call costs, plus one unit per message byte: roughly what the
+/// native work (hashing, an RSA or ECDSA verification) would cost as guest instructions, so
+/// the default budget allows some 200 verifications per call, not an unbounded number.
+pub const VERIFY_FUEL: u64 = 250_000;
+/// Fuel one `log` call costs, plus one unit per message byte.
+pub const LOG_FUEL: u64 = 10_000;
+/// A `log` message is cut to this many bytes (on a character boundary).
+pub const MAX_LOG_MESSAGE_BYTES: usize = 1024;
+/// Records one call may log; further ones are dropped, with one note saying so.
+pub const MAX_LOGS_PER_CALL: u32 = 16;
 /// Fuel between two yields of a running guest to the async runtime (roughly ten milliseconds
 /// of guest work). Large enough that ordinary calls never yield: a pooled call that yields lets
 /// other handshakes take more instances meanwhile, and an interpreter-based guest (a JS call
@@ -56,6 +87,14 @@ const FUEL_YIELD_INTERVAL: u64 = 10_000_000;
 /// than a bare executor.
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     wasmtime_wasi::runtime::in_tokio(f)
+}
+
+/// [`block_on`] within [`LOAD_TIMEOUT`]. The timer is made inside the runtime `block_on`
+/// provides (a tokio timer cannot be made outside one).
+fn block_on_within_load_timeout<F: std::future::Future>(
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    block_on(async { tokio::time::timeout(LOAD_TIMEOUT, f).await })
 }
 
 /// Interfaces of ours a handshake policy may import.
@@ -86,6 +125,21 @@ pub enum PolicyError {
     Call { plugin: String, message: String },
     #[error("plugin `{plugin}` refused its config: {message}")]
     Config { plugin: String, message: String },
+    #[error("plugin `{plugin}`: timed out after {after:?} (the wall-clock deadline of one call)")]
+    Timeout { plugin: String, after: Duration },
+    #[error("plugin `{plugin}` {action} without declaring the capability `{capability}`")]
+    Undeclared {
+        plugin: String,
+        capability: &'static str,
+        action: &'static str,
+    },
+}
+
+/// A host call refused because the plugin did not declare what it needs.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    capability: &'static str,
+    action: &'static str,
 }
 
 /// Per-call host state: the WASI context (empty), the resource table and the limits.
@@ -99,6 +153,21 @@ pub struct HostState {
     /// This plugin's `tollgate_signature_verifications_total`; set for handshake calls only,
     /// so the key probes a plugin makes in `configure` are not counted.
     signature_metrics: Option<Arc<PluginSignatureMetrics>>,
+    /// The plugin declared `verify-signatures` (false while it is being asked to `declare`).
+    may_verify: bool,
+    /// `log` calls in the current call (reset by each call).
+    logs: u32,
+    /// Set when a host call was refused for a capability the plugin did not declare; the call
+    /// then traps, and this names why.
+    refused: Option<Refused>,
+}
+
+impl HostState {
+    /// Readies a (possibly warm) store for the next call.
+    fn start_call(&mut self) {
+        self.logs = 0;
+        self.refused = None;
+    }
 }
 
 impl WasiView for HostState {
@@ -112,57 +181,166 @@ impl WasiView for HostState {
 
 impl self::tollgate::policy::types::Host for HostState {}
 
-impl self::tollgate::policy::log::Host for HostState {
-    fn log(&mut self, level: self::tollgate::policy::log::Level, message: String) {
-        use self::tollgate::policy::log::Level;
-        let plugin = &*self.plugin;
-        match level {
-            Level::Debug => tracing::debug!(event = "policy_log", plugin, "{message}"),
-            Level::Info => tracing::info!(event = "policy_log", plugin, "{message}"),
-            Level::Warn => tracing::warn!(event = "policy_log", plugin, "{message}"),
-            Level::Error => tracing::error!(event = "policy_log", plugin, "{message}"),
+type LogLevel = self::tollgate::policy::log::Level;
+type SigAlgorithm = self::tollgate::policy::signatures::Algorithm;
+type SigKey = self::tollgate::policy::signatures::Key;
+
+/// Takes `units` of fuel from the running call, as if the guest had executed that much; with
+/// too little left the call ends as if it had run out (a trap).
+fn charge(store: &mut StoreContextMut<'_, HostState>, units: u64) -> wasmtime::Result<()> {
+    let left = store.get_fuel()?;
+    match left.checked_sub(units) {
+        Some(rest) => store.set_fuel(rest),
+        None => {
+            store.set_fuel(0)?;
+            Err(wasmtime::Trap::OutOfFuel.into())
         }
     }
 }
 
-impl self::tollgate::policy::signatures::Host for HostState {
-    fn verify(
-        &mut self,
-        alg: self::tollgate::policy::signatures::Algorithm,
-        key: self::tollgate::policy::signatures::Key,
-        message: Vec<u8>,
-        signature: Vec<u8>,
-    ) -> Result<bool, String> {
-        use self::tollgate::policy::signatures::{Algorithm as W, Key as K};
-        use tollgate_verify::{Algorithm as A, Key};
-        let alg = match alg {
-            W::Rs256 => A::Rs256,
-            W::Rs384 => A::Rs384,
-            W::Rs512 => A::Rs512,
-            W::Ps256 => A::Ps256,
-            W::Ps384 => A::Ps384,
-            W::Ps512 => A::Ps512,
-            W::Es256 => A::Es256,
-            W::Es384 => A::Es384,
-            W::EdDsa => A::EdDsa,
-            W::Hs256 => A::Hs256,
-            W::Hs384 => A::Hs384,
-            W::Hs512 => A::Hs512,
-        };
-        let key = match key {
-            K::Spki(d) => Key::Spki(d),
-            K::Rsa(r) => Key::Rsa { n: r.n, e: r.e },
-            K::Raw(r) => Key::Raw(r),
-            K::Secret(s) => Key::Secret(s),
-        };
-        let result = self.verified.verify(alg, &key, &message, &signature, || {
-            tollgate_verify::verify(alg, &key, &message, &signature)
-        });
-        if let Some(m) = &self.signature_metrics {
-            m.record(alg, VerifyResult::of(&result));
-        }
-        result
+/// `message` cut to at most `max` bytes on a character boundary, saying how much was cut.
+fn truncated(message: String, max: usize) -> String {
+    if message.len() <= max {
+        return message;
     }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes cut]", &message[..end], message.len() - end)
+}
+
+/// `tollgate:policy/log.log`: charged, truncated, and at most [`MAX_LOGS_PER_CALL`] records per
+/// call (then one note, then nothing), so a plugin cannot flood the gateway's log.
+fn host_log(
+    mut store: StoreContextMut<'_, HostState>,
+    (level, message): (LogLevel, String),
+) -> wasmtime::Result<()> {
+    charge(
+        &mut store,
+        LOG_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX)),
+    )?;
+    let state = store.data_mut();
+    state.logs = state.logs.saturating_add(1);
+    let plugin = &*state.plugin;
+    if state.logs > MAX_LOGS_PER_CALL {
+        if state.logs == MAX_LOGS_PER_CALL + 1 {
+            tracing::warn!(event = "policy_log", plugin, suppressed = true,
+                "further log records of this call suppressed (at most {MAX_LOGS_PER_CALL} per call)");
+        }
+        return Ok(());
+    }
+    let message = truncated(message, MAX_LOG_MESSAGE_BYTES);
+    match level {
+        LogLevel::Debug => tracing::debug!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Info => tracing::info!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Error => tracing::error!(event = "policy_log", plugin, "{message}"),
+    }
+    Ok(())
+}
+
+/// `tollgate:policy/signatures.verify`: refused (the call traps) unless the plugin declared
+/// `verify-signatures`; charged [`VERIFY_FUEL`] plus the message's length; inputs beyond the
+/// caps get an error back instead of being processed.
+fn host_verify(
+    mut store: StoreContextMut<'_, HostState>,
+    (alg, key, message, signature): (SigAlgorithm, SigKey, Vec<u8>, Vec<u8>),
+) -> wasmtime::Result<(Result<bool, String>,)> {
+    if !store.data().may_verify {
+        store.data_mut().refused = Some(Refused {
+            capability: "verify-signatures",
+            action: "called signatures.verify",
+        });
+        return Err(wasmtime::Error::msg(
+            "signatures.verify refused: the plugin does not declare `verify-signatures`",
+        ));
+    }
+    let counted = message.len().min(MAX_VERIFY_MESSAGE_BYTES);
+    charge(
+        &mut store,
+        VERIFY_FUEL.saturating_add(u64::try_from(counted).unwrap_or(u64::MAX)),
+    )?;
+    let key_bytes = match &key {
+        SigKey::Spki(d) | SigKey::Raw(d) | SigKey::Secret(d) => d.len(),
+        SigKey::Rsa(r) => r.n.len().saturating_add(r.e.len()),
+    };
+    for (what, got, max) in [
+        ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
+        ("key", key_bytes, MAX_VERIFY_KEY_BYTES),
+        ("signature", signature.len(), MAX_VERIFY_SIGNATURE_BYTES),
+    ] {
+        if got > max {
+            return Ok((Err(format!(
+                "{what} of {got} bytes is larger than signatures.verify accepts ({max} bytes)"
+            )),));
+        }
+    }
+    let state = store.data();
+    let verified = verify(
+        &state.verified,
+        state.signature_metrics.as_deref(),
+        alg,
+        key,
+        &message,
+        &signature,
+    );
+    Ok((verified,))
+}
+
+/// Verifies through the cache of valid signatures, and counts the outcome in the plugin's
+/// `tollgate_signature_verifications_total` when it has one (handshake calls only).
+fn verify(
+    cache: &VerifyCache,
+    metrics: Option<&PluginSignatureMetrics>,
+    alg: SigAlgorithm,
+    key: SigKey,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<bool, String> {
+    use tollgate_verify::{Algorithm as A, Key};
+    use SigAlgorithm as W;
+    use SigKey as K;
+    let alg = match alg {
+        W::Rs256 => A::Rs256,
+        W::Rs384 => A::Rs384,
+        W::Rs512 => A::Rs512,
+        W::Ps256 => A::Ps256,
+        W::Ps384 => A::Ps384,
+        W::Ps512 => A::Ps512,
+        W::Es256 => A::Es256,
+        W::Es384 => A::Es384,
+        W::EdDsa => A::EdDsa,
+        W::Hs256 => A::Hs256,
+        W::Hs384 => A::Hs384,
+        W::Hs512 => A::Hs512,
+    };
+    let key = match key {
+        K::Spki(d) => Key::Spki(d),
+        K::Rsa(r) => Key::Rsa { n: r.n, e: r.e },
+        K::Raw(r) => Key::Raw(r),
+        K::Secret(s) => Key::Secret(s),
+    };
+    let result = cache.verify(alg, &key, message, signature, || {
+        tollgate_verify::verify(alg, &key, message, signature)
+    });
+    if let Some(m) = metrics {
+        m.record(alg, VerifyResult::of(&result));
+    }
+    result
+}
+
+/// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
+/// host traits see only the state: charging fuel needs the store.
+fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    self::tollgate::policy::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    linker
+        .instance("tollgate:policy/log@0.1.0")?
+        .func_wrap("log", host_log)?;
+    linker
+        .instance("tollgate:policy/signatures@0.1.0")?
+        .func_wrap("verify", host_verify)?;
+    Ok(())
 }
 
 /// Clocks for a plugin without the clock grant: both read zero, so a policy cannot tell time
@@ -192,6 +370,8 @@ pub struct Plugin {
     pub name: String,
     pub version: String,
     pub capabilities: Vec<String>,
+    /// The same, as declared: what the host lets the plugin do (see [`Plugin::declares`]).
+    declared: Vec<wit::Capability>,
     pub path: PathBuf,
     pub imports: Vec<String>,
     /// Loaded from the compiled-plugin cache rather than compiled.
@@ -259,6 +439,10 @@ impl InstancePool {
 pub struct Budget {
     pub fuel: u64,
     pub memory_bytes: usize,
+    /// Wall-clock deadline of one `on-handshake` call. Fuel only counts executed guest code: a
+    /// guest waiting on a host pollable (a sleep) burns none, so without a deadline it could
+    /// hold the handshake until the handshake timeout.
+    pub timeout: Duration,
 }
 
 impl Default for Budget {
@@ -266,6 +450,7 @@ impl Default for Budget {
         Budget {
             fuel: DEFAULT_FUEL,
             memory_bytes: DEFAULT_MEMORY_BYTES,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -279,22 +464,45 @@ pub struct PolicyHost {
     signature_metrics: Option<SignatureMetrics>,
 }
 
-/// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate`, else
-/// `$HOME/.cache/tollgate`, else the system's temporary directory.
-pub fn default_cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache"))
-        })
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("tollgate").join("compiled")
+/// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
+/// else `$HOME/.cache/tollgate/compiled`, else none (never the temporary directory: see
+/// [`crate::plugin_cache`]).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    crate::plugin_cache::default_dir()
 }
 
-fn capability_name(c: wit::Capability) -> &'static str {
+/// The cache directory to use, if any: `dir` (or the default), created 0700 when missing and
+/// used only if nobody but the gateway's user can write to it. Every refusal is logged.
+fn trusted_cache_dir(dir: Option<PathBuf>) -> Option<PathBuf> {
+    use crate::plugin_cache::{prepare_dir, Untrusted};
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = dir.or_else(default_cache_dir) else {
+        tracing::info!(
+            event = "plugin_cache_disabled",
+            "no compiled-plugin cache: neither XDG_CACHE_HOME nor HOME is set, and the temporary directory is never used (others can write there); plugins are compiled at every start (set gateway.plugin_cache_dir to keep them)"
+        );
+        return None;
+    };
+    match prepare_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(Untrusted::Io { error, .. }) => {
+            tracing::warn!(event = "plugin_cache_unavailable", dir = %dir.display(), error = %error,
+                "compiled-plugin cache unavailable; plugins are compiled at every start");
+            None
+        }
+        Err(e) => {
+            let mode = std::fs::metadata(&dir)
+                .map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
+                .unwrap_or_default();
+            tracing::warn!(event = "plugin_cache_untrusted", dir = %dir.display(), mode = %mode, error = %e,
+                "compiled-plugin cache not used: its directory must belong to the gateway's user and not be writable by group or others (cached plugins are native code); plugins are compiled in memory");
+            None
+        }
+    }
+}
+
+/// A capability's name as the WIT spells it (`modify-headers`).
+pub fn capability_name(c: wit::Capability) -> &'static str {
     use wit::Capability as C;
     match c {
         C::ReadRequest => "read-request",
@@ -333,8 +541,9 @@ impl PolicyHost {
         self.signature_metrics = Some(metrics.signatures());
     }
 
-    /// `cache_dir`: where compiled plugins are kept between runs (created if missing; if it
-    /// cannot be used, plugins are compiled every start and a warning says why).
+    /// `cache_dir`: where compiled plugins are kept between runs (`None`: the default, see
+    /// [`default_cache_dir`]); created 0700 if missing. If it cannot be used or others could
+    /// write to it, plugins are compiled in memory at every start and a log record says why.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
         let mut config = Config::new();
         config.consume_fuel(true);
@@ -349,17 +558,9 @@ impl PolicyHost {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("linking WASI: {e}"))?;
-        HandshakePolicy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+        add_host_interfaces(&mut linker)
             .map_err(|e| format!("linking the policy interfaces: {e}"))?;
-        let cache_dir = cache_dir.unwrap_or_else(default_cache_dir);
-        let cache_dir = match std::fs::create_dir_all(&cache_dir) {
-            Ok(()) => Some(cache_dir),
-            Err(e) => {
-                tracing::warn!(event = "plugin_cache_unavailable", dir = %cache_dir.display(), error = %e,
-                    "compiled-plugin cache unavailable; plugins are compiled at every start");
-                None
-            }
-        };
+        let cache_dir = trusted_cache_dir(cache_dir);
         Ok(PolicyHost {
             engine,
             linker,
@@ -394,28 +595,34 @@ impl PolicyHost {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let file = dir.join(format!("{key}.cwasm"));
-        if file.is_file() {
-            // SAFETY: deserialising runs no checks on the machine code inside, so the file must
-            // be one we wrote: the name is the hash of the source and the engine, and the
-            // directory belongs to the gateway's user. A file that fails to load (truncated,
-            // other version) is recompiled and replaced.
-            match unsafe { Component::deserialize_file(&self.engine, &file) } {
-                Ok(c) => return Ok((c, true)),
-                Err(e) => {
-                    tracing::warn!(event = "plugin_cache_stale", file = %file.display(), error = %format!("{e:#}"),
-                        "cached compiled plugin unusable; recompiling");
+        let name = format!("{key}.cwasm");
+        let file = dir.join(&name);
+        match crate::plugin_cache::read_trusted(&file) {
+            Ok(None) => {}
+            Ok(Some(art)) => {
+                // SAFETY: deserialising runs no checks on the machine code inside, so the bytes
+                // must be ones this user wrote: the directory and the file (checked on the
+                // descriptor they were read from) belong to the gateway's user and nobody else
+                // can write to them, and the name is the hash of the source and the engine. An
+                // artifact that fails to load (truncated, other version) is recompiled and
+                // replaced.
+                match unsafe { Component::deserialize(&self.engine, &art) } {
+                    Ok(c) => return Ok((c, true)),
+                    Err(e) => {
+                        tracing::warn!(event = "plugin_cache_stale", file = %file.display(), error = %format!("{e:#}"),
+                            "cached compiled plugin unusable; recompiling");
+                    }
                 }
+            }
+            Err(e) => {
+                tracing::warn!(event = "plugin_cache_file_untrusted", file = %file.display(), error = %e,
+                    "cached compiled plugin not trusted (must be a regular file of the gateway's user, not writable by group or others); recompiling and replacing it");
             }
         }
         let component = Component::new(&self.engine, bytes).map_err(not_component)?;
         match component.serialize() {
             Ok(art) => {
-                // Written aside and renamed, so a concurrent reader never sees half a file.
-                let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
-                let stored = std::fs::write(&tmp, &art).and_then(|()| std::fs::rename(&tmp, &file));
-                if let Err(e) = stored {
-                    let _ = std::fs::remove_file(&tmp);
+                if let Err(e) = crate::plugin_cache::write(dir, &name, &art) {
                     tracing::warn!(event = "plugin_cache_write_failed", file = %file.display(), error = %e,
                         "could not store compiled plugin");
                 }
@@ -428,13 +635,24 @@ impl PolicyHost {
         Ok((component, false))
     }
 
+    /// A store for calls of `plugin`; `may_verify`: it declared `verify-signatures`.
     fn store(
         &self,
         plugin: &str,
         budget: Budget,
         grants: &Grants,
+        may_verify: bool,
     ) -> Result<Store<HostState>, String> {
         let mut wasi = WasiCtx::builder();
+        // No network, and no socket at all: with TCP/UDP merely "allowed but every address
+        // denied", creating a socket still opens a descriptor on the host, which a pooled
+        // instance could keep until the gateway runs out. Name lookups are refused too.
+        // wasmtime-wasi 48 refuses all three by default; said explicitly so that neither a
+        // changed default nor a later edit here turns them on unnoticed.
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }));
         if !grants.clock {
             wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
         }
@@ -456,6 +674,9 @@ impl PolicyHost {
             plugin: Arc::from(plugin),
             verified: self.verified.clone(),
             signature_metrics: None,
+            may_verify,
+            logs: 0,
+            refused: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -502,15 +723,19 @@ impl PolicyHost {
                 message: format!("{e:#}"),
             })?;
         let mut store = self
-            .store("(loading)", Budget::default(), &Grants::default())
+            .store("(loading)", Budget::default(), &Grants::default(), false)
             .map_err(|message| PolicyError::Call {
                 plugin: p.clone(),
                 message,
             })?;
-        let decl = block_on(async {
+        let decl = block_on_within_load_timeout(async {
             let i = pre.instantiate_async(&mut store).await?;
             i.tollgate_policy_policy().call_declare(&mut store).await
         })
+        .map_err(|_| PolicyError::Timeout {
+            plugin: p.clone(),
+            after: LOAD_TIMEOUT,
+        })?
         .map_err(|e| PolicyError::Call {
             plugin: p.clone(),
             message: format!("declare failed: {e:#}"),
@@ -524,9 +749,10 @@ impl PolicyHost {
             version: decl.version,
             capabilities: decl
                 .capabilities
-                .into_iter()
-                .map(|c| capability_name(c).to_owned())
+                .iter()
+                .map(|c| capability_name(*c).to_owned())
                 .collect(),
+            declared: decl.capabilities,
             path: path.to_owned(),
             imports,
             from_cache: cached,
@@ -545,7 +771,7 @@ impl PolicyHost {
         let mut times = Vec::with_capacity(INSTANTIATE_SAMPLES);
         for _ in 0..INSTANTIATE_SAMPLES {
             let t = std::time::Instant::now();
-            block_on(async {
+            block_on_within_load_timeout(async {
                 let (mut store, instance) = self
                     .fresh(plugin, Budget::default(), &Grants::default())
                     .await?;
@@ -554,7 +780,8 @@ impl PolicyHost {
                     .call_declare(&mut store)
                     .await
                     .map_err(|e| plugin.call_error(format!("declare failed: {e:#}")))
-            })?;
+            })
+            .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??;
             times.push(t.elapsed());
         }
         times.sort();
@@ -609,8 +836,9 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
+        let may_verify = plugin.declares(wit::Capability::VerifySignatures);
         let mut store = self
-            .store(&plugin.name, budget, grants)
+            .store(&plugin.name, budget, grants, may_verify)
             .map_err(|m| plugin.call_error(m))?;
         let instance = plugin
             .pre
@@ -620,7 +848,8 @@ impl PolicyHost {
         Ok((store, instance))
     }
 
-    /// Runs `configure` for one attachment (at load, blocking) and returns the prepared config.
+    /// Runs `configure` for one attachment (at load, blocking, within [`LOAD_TIMEOUT`]) and
+    /// returns the prepared config.
     pub fn configure(
         &self,
         plugin: &Plugin,
@@ -628,14 +857,15 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
     ) -> Result<String, PolicyError> {
-        block_on(async {
+        block_on_within_load_timeout(async {
             let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
-            instance
+            let r = instance
                 .tollgate_policy_policy()
                 .call_configure(&mut store, config_json)
-                .await
-                .map_err(|e| plugin.call_error(format!("trapped in configure: {e:#}")))
-        })?
+                .await;
+            r.map_err(|e| plugin.call_failed(&store, "configure", e))
+        })
+        .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??
         .map_err(|message| PolicyError::Config {
             plugin: plugin.name.clone(),
             message,
@@ -643,9 +873,29 @@ impl PolicyHost {
     }
 
     /// Runs `on-handshake` in a fresh instance, or, given a pool, in a warm one (a new one
-    /// when none is idle). The CPU budget is per call either way; the memory cap is per
+    /// when none is idle). The CPU budget and the wall-clock deadline are per call either way
+    /// (the deadline covers a fresh instance's instantiation too); the memory cap is per
     /// instance, so a pooled plugin that leaks hits it and is replaced.
     pub async fn handshake(
+        &self,
+        plugin: &Plugin,
+        prepared: &str,
+        request: &wit::HandshakeRequest,
+        budget: Budget,
+        grants: &Grants,
+        pool: Option<&InstancePool>,
+    ) -> Result<wit::Decision, PolicyError> {
+        // On a timeout the call's future is dropped mid-call, and with it the instance: a
+        // stopped instance is never returned to the pool.
+        tokio::time::timeout(
+            budget.timeout,
+            self.handshake_call(plugin, prepared, request, budget, grants, pool),
+        )
+        .await
+        .map_err(|_| plugin.timeout(budget.timeout))?
+    }
+
+    async fn handshake_call(
         &self,
         plugin: &Plugin,
         prepared: &str,
@@ -673,13 +923,14 @@ impl PolicyHost {
             }
         };
         w.uses += 1;
+        w.store.data_mut().start_call();
         // On a trap `w` is dropped here, never returned to the pool.
         let decision = w
             .instance
             .tollgate_policy_policy()
             .call_on_handshake(&mut w.store, prepared, request)
             .await
-            .map_err(|e| plugin.call_error(format!("trapped in on-handshake: {e:#}")))?;
+            .map_err(|e| plugin.call_failed(&w.store, "on-handshake", e))?;
         if let Some(pool) = pool {
             pool.give_back(w);
         }
@@ -688,10 +939,41 @@ impl PolicyHost {
 }
 
 impl Plugin {
+    /// Whether the plugin declared capability `c`: what it did not declare, the host does not
+    /// let it do.
+    pub fn declares(&self, c: wit::Capability) -> bool {
+        self.declared.contains(&c)
+    }
+
     fn call_error(&self, message: String) -> PolicyError {
         PolicyError::Call {
             plugin: self.name.clone(),
             message,
+        }
+    }
+
+    fn timeout(&self, after: Duration) -> PolicyError {
+        PolicyError::Timeout {
+            plugin: self.name.clone(),
+            after,
+        }
+    }
+
+    /// A call into the plugin failed: a host call it was refused (undeclared capability), or
+    /// else a trap (including exhausted fuel or memory).
+    fn call_failed(
+        &self,
+        store: &Store<HostState>,
+        during: &str,
+        e: wasmtime::Error,
+    ) -> PolicyError {
+        match store.data().refused {
+            Some(r) => PolicyError::Undeclared {
+                plugin: self.name.clone(),
+                capability: r.capability,
+                action: r.action,
+            },
+            None => self.call_error(format!("trapped in {during}: {e:#}")),
         }
     }
 

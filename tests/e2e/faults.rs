@@ -1,4 +1,5 @@
-//! Faulting policies (infinite loop, unbounded allocation, trap, deep recursion, huge result):
+//! Faulting policies (infinite loop, unbounded allocation, trap, deep recursion, huge result,
+//! a result of 100,000 empty entries):
 //! each handshake gets its error status within the CPU budget, while 100 other connections keep
 //! echoing without a single error.
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const MODES: &[&str] = &["loop", "alloc", "trap", "recursion", "huge"];
+const MODES: &[&str] = &["loop", "alloc", "trap", "recursion", "huge", "many"];
 
 #[tokio::test]
 async fn faulting_policies_fail_only_their_handshake() {
@@ -98,5 +99,12 @@ async fn faulting_policies_fail_only_their_handshake() {
             .iter()
             .any(|r| r["error"].as_str().unwrap().contains("decision of")),
         "huge result not named"
+    );
+    // Empty entries count too: 100,000 of them are over the entry limit.
+    assert!(
+        errors
+            .iter()
+            .any(|r| r["api"] == "many" && r["error"].as_str().unwrap().contains("100000 entries")),
+        "many empty entries not refused: {errors:?}"
     );
 }

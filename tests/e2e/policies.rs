@@ -317,3 +317,238 @@ async fn compiled_plugins_are_cached_by_content_hash_and_a_bad_cache_file_is_rep
         "cache file replaced"
     );
 }
+
+/// Cached plugins are native code, so the cache is only used where nobody but the gateway's
+/// user can write: a 0777 directory is refused with a warning naming it and its mode (and an
+/// artifact planted there is not loaded), a cache file others can write to or a symbolic link
+/// is not loaded (recompiled and replaced by a 0600 file), and a new directory is made 0700.
+#[tokio::test]
+async fn a_compiled_plugin_cache_others_can_write_to_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    let backend = RawBackend::start(echo_frames()).await;
+    let scratch = TempDir::new("cache-trust");
+    let start_with = |cache: &std::path::Path| {
+        let text = manifest(&backend.url(), &set_header("X-A", "v", "override")).replace(
+            "plugin_dir = \"plugins\"",
+            &format!(
+                "plugin_dir = \"plugins\"\nplugin_cache_dir = {}",
+                serde_json::to_string(&cache.display().to_string()).unwrap()
+            ),
+        );
+        let dir = TempDir::new("cache-trust-gw");
+        plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
+        Gateway::start_in(dir, &text)
+    };
+    let from_cache = |gw: &Gateway| {
+        gw.records("plugin_loaded")
+            .into_iter()
+            .find(|r| r["plugin"] == "set-header")
+            .expect("plugin_loaded record")["from_cache"]
+            .as_bool()
+            .unwrap()
+    };
+    let cwasm = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // A directory that does not exist yet is created 0700; the artifact is written 0600.
+    let trusted = scratch.path().join("new").join("compiled");
+    drop(start_with(&trusted));
+    assert_eq!(mode(&trusted), 0o700);
+    assert_eq!(mode(&scratch.path().join("new")), 0o700);
+    let files = cwasm(&trusted);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let artifact = files[0].clone();
+    assert_eq!(mode(&artifact), 0o600);
+    let gw = start_with(&trusted);
+    assert!(from_cache(&gw), "a trusted cache is used");
+    drop(gw);
+
+    // A world-writable directory holding a (valid) artifact someone planted: not used.
+    let open = scratch.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let planted = open.join(artifact.file_name().unwrap());
+    std::fs::copy(&artifact, &planted).unwrap();
+    let gw = start_with(&open);
+    assert!(!from_cache(&gw), "a 0777 cache directory must not be used");
+    let warn = gw
+        .wait_record("plugin_cache_untrusted", |r| {
+            r["dir"] == open.display().to_string()
+        })
+        .await;
+    assert_eq!(warn["mode"], "0777", "{warn}");
+    assert_eq!(warn["level"], "WARN", "{warn}");
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(headers_all(&backend.last_head(), "x-a"), vec!["v"]);
+    drop(gw);
+    assert_eq!(cwasm(&open), vec![planted], "nothing written to it either");
+
+    // A cache file group or others can write to: not loaded, replaced by one of ours.
+    std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let gw = start_with(&trusted);
+    assert!(!from_cache(&gw), "a 0666 cache file must not be loaded");
+    gw.wait_record("plugin_cache_file_untrusted", |_| true)
+        .await;
+    drop(gw);
+    assert_eq!(mode(&artifact), 0o600, "replaced by a file of mode 0600");
+
+    // A symbolic link in place of the file (to a valid artifact): not followed.
+    let elsewhere = scratch.path().join("elsewhere.cwasm");
+    std::fs::rename(&artifact, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &artifact).unwrap();
+    let gw = start_with(&trusted);
+    assert!(
+        !from_cache(&gw),
+        "a symlinked cache file must not be loaded"
+    );
+    drop(gw);
+    assert!(std::fs::symlink_metadata(&artifact).unwrap().is_file());
+    assert_eq!(mode(&artifact), 0o600);
+}
+
+/// With neither `XDG_CACHE_HOME` nor `HOME` there is no default cache: nothing is written to
+/// the temporary directory (where anyone could have created the path first), and a log record
+/// says so.
+#[tokio::test]
+async fn without_a_home_there_is_no_compiled_plugin_cache_in_the_temp_dir() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let tmp = TempDir::new("no-home-tmp");
+    let dir = TempDir::new("no-home");
+    plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
+    let tmp_s = tmp.path().display().to_string();
+    let gw = Gateway::start_with_env(
+        dir,
+        &manifest(&backend.url(), &set_header("X-A", "v", "override")),
+        &[("HOME", ""), ("XDG_CACHE_HOME", ""), ("TMPDIR", &tmp_s)],
+    );
+    gw.wait_record("plugin_cache_disabled", |_| true).await;
+    let loaded = gw.wait_record("plugin_loaded", |_| true).await;
+    assert_eq!(loaded["from_cache"], false, "{loaded}");
+    let (_, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(headers_all(&backend.last_head(), "x-a"), vec!["v"]);
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().next().is_none(),
+        "something was written to the temporary directory"
+    );
+}
+
+/// What a plugin did not declare it may not do: `overreach` declares only `read-request`, and
+/// each thing it then does anyway fails the handshake with `failure_status` and a
+/// `policy_error` record naming the plugin and the missing capability (a `signatures.verify`
+/// call is refused by the host); the backend is never contacted. Doing nothing passes, and
+/// such a plugin is shown no context values (here the open product's `product.name`).
+#[tokio::test]
+async fn capabilities_a_plugin_did_not_declare_are_refused() {
+    use std::sync::atomic::Ordering;
+    let backend = RawBackend::start(echo_frames()).await;
+    let cases = [
+        ("reject", "reject"),
+        ("header", "modify-headers"),
+        ("query", "modify-query"),
+        ("response-header", "modify-response-headers"),
+        ("context", "use-context"),
+        ("verify", "verify-signatures"),
+    ];
+    let mut text = gateway_section("plugin_dir = \"plugins\"");
+    for (action, _) in cases.iter().chain(&[("nothing", "")]) {
+        text.push_str(&api_section(
+            action,
+            action,
+            &backend.url(),
+            &format!(
+                "products = [\"free\"]\n[[apis.on_handshake]]\nplugin = \"overreach\"\nfailure_status = 503\nconfig = {{ do = \"{action}\" }}\n"
+            ),
+        ));
+    }
+    text.push_str("[[products]]\nname = \"free\"\nsubscription_required = false\n");
+    let dir = TempDir::new("overreach");
+    plugins::install(&dir.path().join("plugins"), &["overreach.wasm"]);
+    let gw = Gateway::start_in(dir, &text);
+    let addr = gw.ws.unwrap();
+    for (action, capability) in cases {
+        let (head, _) = raw_handshake(addr, &format!("/{action}"), "").await;
+        assert_eq!(status_of(&head), 503, "{action}: {head}");
+        let rec = gw.wait_record("policy_error", |r| r["api"] == action).await;
+        assert_eq!(rec["plugin"], "overreach", "{rec}");
+        let err = rec["error"].as_str().unwrap();
+        assert!(
+            err.contains(&format!("without declaring the capability `{capability}`")),
+            "{action}: {rec}"
+        );
+    }
+    let (head, _ws) = ws_connect(addr, "/nothing", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "a refused decision reached the backend"
+    );
+    let shown = gw
+        .wait_record("policy_log", |r| r["plugin"] == "overreach")
+        .await;
+    assert_eq!(shown["message"], "context values shown: 0", "{shown}");
+}
+
+/// A policy's 101 headers go through a protected list too: the handshake's own headers,
+/// `Sec-WebSocket-Protocol` and `-Extensions` (negotiated with the backend) and hop-by-hop
+/// headers fail the handshake (the backend is never contacted); any other header is added.
+#[tokio::test]
+async fn protected_response_headers_cannot_be_added_to_the_101() {
+    use std::sync::atomic::Ordering;
+    let backend = RawBackend::start(echo_frames()).await;
+    let protected = [
+        "sec-websocket-protocol",
+        "Sec-WebSocket-Extensions",
+        "sec-websocket-accept",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+    ];
+    let mut text = gateway_section("plugin_dir = \"plugins\"");
+    for (i, name) in protected.iter().chain(&["x-fine"]).enumerate() {
+        text.push_str(&api_section(
+            &format!("h{i}"),
+            &format!("h{i}"),
+            &backend.url(),
+            &format!(
+                "[[apis.on_handshake]]\nplugin = \"faulty\"\nfailure_status = 503\nconfig = {{ mode = \"respond-header\", arg = \"{name}\" }}\n"
+            ),
+        ));
+    }
+    let dir = TempDir::new("response-headers");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let gw = Gateway::start_in(dir, &text);
+    let addr = gw.ws.unwrap();
+    for (i, name) in protected.iter().enumerate() {
+        let (head, _) = raw_handshake(addr, &format!("/h{i}"), "").await;
+        assert_eq!(status_of(&head), 503, "{name}: {head}");
+        let api = format!("h{i}");
+        let rec = gw
+            .wait_record("policy_error", |r| r["api"] == api.as_str())
+            .await;
+        assert!(
+            rec["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("protected response header `{name}`")),
+            "{rec}"
+        );
+    }
+    let (head, _ws) = ws_connect(addr, &format!("/h{}", protected.len()), "").await;
+    assert_eq!(
+        header(&head, "x-fine").as_deref(),
+        Some("from-policy"),
+        "{head}"
+    );
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+}

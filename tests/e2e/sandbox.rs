@@ -196,3 +196,190 @@ fn instance_strategy_errors_name_the_key() {
         assert!(err.contains(key) && err.contains(words), "{line}: {err}");
     }
 }
+
+/// Sockets are refused outright: with TCP merely "allowed, every address denied", creating a
+/// socket opens a real descriptor in the gateway, and a pooled instance that keeps its sockets
+/// keeps those descriptors (8 per handshake here, 160 over this test when TCP is allowed) until
+/// the gateway runs out. UDP sockets and name lookups are refused too.
+#[tokio::test]
+async fn sockets_are_refused_without_opening_a_descriptor() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("sockets");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let pooled = "instances = \"pooled\"\npool_max_uses = 1000";
+    let apis = [
+        probe_api("sockets", &b, "sockets", "8", pooled),
+        probe_api("udp", &b, "udp", "", ""),
+        probe_api("lookup", &b, "lookup", "", ""),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+    let probe = |api: &'static str| async move {
+        let (head, ws) = ws_connect(addr, &format!("/{api}"), "").await;
+        drop(ws);
+        header(&head, "x-probe").unwrap_or_else(|| panic!("{api}: no x-probe in {head}"))
+    };
+    let mut got = vec![probe("udp").await, probe("lookup").await];
+    // The first call makes the pooled instance; measure from there.
+    got.push(probe("sockets").await);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = gw.open_fds();
+    for _ in 0..20 {
+        got.push(probe("sockets").await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after = gw.open_fds();
+    assert!(
+        after <= before + 6,
+        "descriptors grew from {before} to {after} over 20 handshakes; probes: {got:?}"
+    );
+    for g in &got {
+        assert!(g.starts_with("error:"), "{got:?}");
+    }
+}
+
+/// Every call has a wall-clock deadline besides its fuel: a plugin sleeping on a host pollable
+/// burns no fuel, and used to hold its handshake until the handshake timeout (10 s). With
+/// `timeout = "300ms"` (or the 1 s default) the handshake fails with `failure_status` and a
+/// `policy_error` record saying so, the backend is never contacted, and a pooled instance that
+/// timed out is not reused.
+#[tokio::test]
+async fn a_call_that_outlives_its_deadline_fails_the_handshake() {
+    use std::time::{Duration, Instant};
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("deadline");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let apis = [
+        probe_api(
+            "sleepy",
+            &b,
+            "sleep",
+            "5000",
+            "timeout = \"300ms\"\nfailure_status = 503",
+        ),
+        probe_api("default", &b, "sleep", "5000", "failure_status = 504"),
+        probe_api(
+            "pooled",
+            &b,
+            "sleep-first",
+            "5000",
+            "timeout = \"300ms\"\nfailure_status = 503\ninstances = \"pooled\"",
+        ),
+        probe_api("quick", &b, "sleep", "20", "timeout = \"300ms\""),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+    let timed = |path: &'static str| async move {
+        let t = Instant::now();
+        let (head, _) = raw_handshake(addr, path, "").await;
+        (status_of(&head), t.elapsed(), head)
+    };
+
+    let (status, took, head) = timed("/sleepy").await;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let (status, took, head) = timed("/default").await;
+    assert_eq!(status, 504, "{head}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "default deadline: {took:?}"
+    );
+    // The pooled plugin sleeps only in an instance's first call: if the timed-out instance
+    // went back to the pool, the second handshake would get it and pass.
+    for round in 0..2 {
+        let (status, took, head) = timed("/pooled").await;
+        assert_eq!(status, 503, "round {round}: {head}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    let (head, _ws) = ws_connect(addr, "/quick", "").await;
+    assert_eq!(header(&head, "x-probe").as_deref(), Some("ok: slept"));
+
+    for (api, after) in [("sleepy", "300ms"), ("default", "1s"), ("pooled", "300ms")] {
+        let rec = gw.wait_record("policy_error", |r| r["api"] == api).await;
+        assert_eq!(rec["plugin"], "faulty", "{rec}");
+        let err = rec["error"].as_str().unwrap();
+        assert!(err.contains(&format!("timed out after {after}")), "{rec}");
+    }
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "only the quick handshake may reach the backend"
+    );
+}
+
+/// Host calls are metered: each `signatures.verify` charges fuel, so a plugin calling it in a
+/// loop on a large message runs out of budget instead of costing the gateway unmetered CPU;
+/// a message above 64 KiB gets an error instead of being hashed; `log` keeps at most 16
+/// records of at most 1 KiB per call, and says once that it dropped the rest.
+#[tokio::test]
+async fn host_calls_are_charged_and_bounded() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("host-calls");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let apis = [
+        probe_api(
+            "verify-spam",
+            &b,
+            "verify",
+            "1000:60000",
+            "failure_status = 503",
+        ),
+        probe_api("verify-few", &b, "verify", "3:100", ""),
+        probe_api("verify-big", &b, "verify", "1:70000", ""),
+        probe_api("log-spam", &b, "log", "100", ""),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+
+    let (head, _) = raw_handshake(addr, "/verify-spam", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    let rec = gw
+        .wait_record("policy_error", |r| r["api"] == "verify-spam")
+        .await;
+    assert!(rec["error"].as_str().unwrap().contains("fuel"), "{rec}");
+
+    let probe = |api: &'static str| async move {
+        let (head, _ws) = ws_connect(addr, &format!("/{api}"), "").await;
+        header(&head, "x-probe").unwrap_or_else(|| panic!("{api}: no x-probe in {head}"))
+    };
+    assert_eq!(probe("verify-few").await, "ok: 3 calls, last false");
+    let big = probe("verify-big").await;
+    assert!(
+        big.starts_with("error: message of 70000 bytes is larger"),
+        "{big}"
+    );
+    assert_eq!(probe("log-spam").await, "ok: logged 100");
+    let note = gw
+        .wait_record("policy_log", |r| r["suppressed"] == true)
+        .await;
+    assert_eq!(note["plugin"], "faulty", "{note}");
+    let logged: Vec<_> = gw
+        .records("policy_log")
+        .into_iter()
+        .filter(|r| r["plugin"] == "faulty" && r["suppressed"].is_null())
+        .collect();
+    assert_eq!(logged.len(), 16, "{logged:?}");
+    for r in &logged {
+        let m = r["message"].as_str().unwrap();
+        assert!(m.len() <= 1100 && m.ends_with("bytes cut]"), "{m}");
+    }
+    assert_eq!(gw.records("policy_log").len(), 17);
+}

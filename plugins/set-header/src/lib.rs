@@ -108,10 +108,13 @@ impl Policy for SetHeader {
         Declaration {
             name: "set-header".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            // `reject`: only when its prepared config does not parse (the host mixed up
+            // configs), it fails closed with a 500 rather than forwarding unchanged.
             capabilities: vec![
                 Capability::ReadRequest,
                 Capability::ModifyHeaders,
                 Capability::UseContext,
+                Capability::Reject,
             ],
         }
     }

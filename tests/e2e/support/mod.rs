@@ -66,16 +66,18 @@ impl Gateway {
         Self::start_with_env(dir, manifest, &[])
     }
 
-    /// Like [`Gateway::start_in`], with extra environment variables for the process.
+    /// Like [`Gateway::start_in`], with extra environment variables for the process (they
+    /// win over the harness's own `RUST_LOG` and `XDG_CACHE_HOME`).
     pub fn start_with_env(dir: TempDir, manifest: &str, env: &[(&str, &str)]) -> Gateway {
         let path = dir.path().join("tollgate.toml");
         std::fs::write(&path, manifest).unwrap();
         let mut child = Command::new(BIN)
             .args(["run", "--manifest"])
             .arg(&path)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("XDG_CACHE_HOME", test_cache())
+            // Last, so a test can override the two above.
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

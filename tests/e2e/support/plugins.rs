@@ -13,6 +13,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("tenant-check", "tenant_check.wasm"),
     ("faulty-policy", "faulty_policy.wasm"),
     ("foreign-import", "foreign_import.wasm"),
+    ("overreach", "overreach.wasm"),
 ];
 
 fn workspace() -> PathBuf {

@@ -5,6 +5,15 @@
 //! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`, or reports the
 //! request's TLS facts: `{"mode": "tls"}`, or counts the calls this instance has served:
 //! `{"mode": "count"}` (1 every time with fresh instances; 1, 2, 3... with a pooled one).
+//!
+//! Probes of the sandbox's bounds: `{"mode": "sleep", "arg": MS}` waits on the monotonic clock
+//! (no fuel burnt); `"sleep-first"` does so only in an instance's first call, then counts;
+//! `{"mode": "sockets", "arg": N}` creates N TCP sockets through wasi-libc and keeps them
+//! (never closed, so a warm instance would hold their descriptors); `"udp"` and `"lookup"` try
+//! a UDP socket and a name lookup; `{"mode": "verify", "arg": "CALLS:BYTES"}` calls
+//! `signatures.verify` CALLS times on a BYTES-long message; `{"mode": "log", "arg": N}` logs N
+//! records of 4000 bytes; `"many"` returns 100,000 empty context values;
+//! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -44,6 +53,59 @@ fn probe(c: &Config, request: &HandshakeRequest) -> String {
             let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             Ok(n.to_string())
         }
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(
+                c.arg.parse().unwrap_or(10_000),
+            ));
+            Ok("slept".to_owned())
+        }
+        "sleep-first" => {
+            static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(
+                    c.arg.parse().unwrap_or(10_000),
+                ));
+            }
+            Ok(n.to_string())
+        }
+        "sockets" => sockets(c.arg.parse().unwrap_or(1)),
+        "udp" => std::net::UdpSocket::bind("127.0.0.1:0")
+            .map(|_| "bound".to_owned())
+            .map_err(|e| e.to_string()),
+        "lookup" => std::net::ToSocketAddrs::to_socket_addrs("localhost:80")
+            .map(|a| format!("{} addresses", a.count()))
+            .map_err(|e| e.to_string()),
+        "verify" => {
+            let (calls, bytes) = c.arg.split_once(':').unwrap_or(("1", "16"));
+            let (calls, bytes): (u32, usize) =
+                (calls.parse().unwrap_or(1), bytes.parse().unwrap_or(16));
+            let message = vec![b'm'; bytes];
+            let mut done = 0u32;
+            let mut last = Ok(false);
+            while done < calls {
+                last = tollgate_sdk::host::verify(
+                    tollgate_sdk::host::Algorithm::Hs256,
+                    &tollgate_sdk::host::Key::Secret(b"secret".to_vec()),
+                    &message,
+                    &[0u8; 32],
+                );
+                if last.is_err() {
+                    break;
+                }
+                done += 1;
+            }
+            last.map(|v| format!("{done} calls, last {v}"))
+        }
+        "log" => {
+            let n: u32 = c.arg.parse().unwrap_or(1);
+            for i in 0..n {
+                let mut line = format!("record {i} ");
+                line.push_str(&"x".repeat(4000 - line.len()));
+                tollgate_sdk::host::log(tollgate_sdk::host::Level::Info, &line);
+            }
+            Ok(format!("logged {n}"))
+        }
         "clock" => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs().to_string())
@@ -53,6 +115,26 @@ fn probe(c: &Config, request: &HandshakeRequest) -> String {
     match r {
         Ok(v) => format!("ok: {v}"),
         Err(e) => format!("error: {e}").replace(['\r', '\n'], " "),
+    }
+}
+
+/// Creates `n` TCP sockets (wasi-libc's `socket`, which calls `wasi:sockets`'
+/// `create-tcp-socket`) and leaks them on purpose: a warm instance keeps them open.
+fn sockets(n: u32) -> Result<String, String> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        for i in 0..n {
+            // SAFETY: plain libc call; the descriptor is leaked on purpose.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                return Err(format!("socket {i}: {}", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(format!("{n} sockets"))
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        Err(format!("{n} sockets: only in the component"))
     }
 }
 
@@ -70,7 +152,16 @@ impl Policy for Faulty {
         Declaration {
             name: "faulty".into(),
             version: "0.0.0".into(),
-            capabilities: vec![Capability::ReadRequest, Capability::ModifyResponseHeaders],
+            // Everything it may do, so the probes are about the sandbox, not the declaration;
+            // it never rejects.
+            capabilities: vec![
+                Capability::ReadRequest,
+                Capability::ModifyHeaders,
+                Capability::ModifyQuery,
+                Capability::ModifyResponseHeaders,
+                Capability::UseContext,
+                Capability::VerifySignatures,
+            ],
         }
     }
 
@@ -107,6 +198,14 @@ impl Policy for Faulty {
                 ..Proceed::default()
             }),
             "ok" => Decision::Proceed(Proceed::default()),
+            "many" => Decision::Proceed(Proceed {
+                context: vec![Pair::new("", ""); 100_000],
+                ..Proceed::default()
+            }),
+            "respond-header" => Decision::Proceed(Proceed {
+                response_headers: vec![Pair::new(c.arg.clone(), "from-policy")],
+                ..Proceed::default()
+            }),
             _ => Decision::Proceed(Proceed {
                 response_headers: vec![Pair::new("x-probe", probe(&c, &request))],
                 ..Proceed::default()
