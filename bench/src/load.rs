@@ -19,6 +19,9 @@ pub struct LoadArgs {
     pub path: String,
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// `binary`, or `text` (multi-byte UTF-8, which the gateway validates as it streams).
+    #[arg(long, default_value = "binary")]
+    pub opcode: String,
     #[arg(long, default_value_t = 50)]
     pub connections: usize,
     #[arg(long, default_value_t = 16)]
@@ -63,9 +66,27 @@ fn percentile(v: &mut [u32], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p) as usize] as f64
 }
 
+/// `size` bytes of valid UTF-8 with 1- to 4-byte characters (ASCII padding at the end).
+fn text_payload(size: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size);
+    for c in "κόσμε 𝄞 Hello ".chars().cycle() {
+        if v.len() + c.len_utf8() > size {
+            break;
+        }
+        let mut b = [0u8; 4];
+        v.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+    }
+    v.resize(size, b'x');
+    v
+}
+
 async fn throughput(a: LoadArgs) -> anyhow::Result<()> {
-    let payload = vec![b'x'; a.size];
-    let frame = wire::encode(2, &payload, Some([1, 2, 3, 4]));
+    let (op, payload) = match a.opcode.as_str() {
+        "text" => (1, text_payload(a.size)),
+        "binary" => (2, vec![b'x'; a.size]),
+        other => anyhow::bail!("unknown opcode {other} (binary or text)"),
+    };
+    let frame = wire::encode(op, &payload, Some([1, 2, 3, 4]));
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let mut tasks = Vec::new();
     let started = Instant::now();
