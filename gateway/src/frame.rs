@@ -10,8 +10,8 @@
 //!
 //! Text is validated as it streams ([`Utf8Stream`]): a code point split across reads, frames or
 //! fragments is carried over (at most 3 bytes), nothing is reassembled, and the first invalid
-//! byte fails the message at once. Client payloads are unmasked into a per-thread scratch
-//! buffer for the check; the forwarded bytes keep the client's masking. When the handshake
+//! byte fails the message at once. Client payloads are unmasked into a 4 KiB block on the
+//! stack for the check, one block at a time; the forwarded bytes keep the client's masking. When the handshake
 //! agreed an extension (permessage-deflate), payloads are compressed and are not validated:
 //! the endpoints check what they decompress. A close frame is held until it is complete (at
 //! most 139 bytes) and checked before any of it is forwarded.
@@ -133,11 +133,18 @@ impl Utf8Stream {
                 }
             }
         }
-        match simdutf8::compat::from_utf8(bytes) {
+        // A piece usually ends inside a code point (reads cut text anywhere): check what comes
+        // before the unfinished one with the fast validator, and only the up to 3 bytes of the
+        // unfinished one with the one that tells a prefix from an error.
+        let split = unfinished_tail(bytes);
+        if simdutf8::basic::from_utf8(&bytes[..split]).is_err() {
+            return Err(InvalidUtf8);
+        }
+        let tail = &bytes[split..];
+        match simdutf8::compat::from_utf8(tail) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_some() => Err(InvalidUtf8),
-            Err(e) => {
-                let tail = &bytes[e.valid_up_to()..];
+            Err(_) => {
                 self.carry[..tail.len()].copy_from_slice(tail);
                 self.carry_len = tail.len() as u8;
                 Ok(())
@@ -157,6 +164,25 @@ impl Utf8Stream {
     }
 }
 
+/// Where a code point that `b` does not finish starts (`b.len()` if it ends on a boundary, as
+/// far as its last 3 bytes tell).
+fn unfinished_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let i = b.len() - back;
+        let lead = b[i];
+        if lead & 0xc0 != 0x80 {
+            let needs = match lead {
+                0xf0.. => 4,
+                0xe0.. => 3,
+                0xc0.. => 2,
+                _ => 1,
+            };
+            return if needs > back { i } else { b.len() };
+        }
+    }
+    b.len()
+}
+
 /// Whether a close code may appear in a close frame on the wire (RFC 6455 section 7.4, IANA
 /// registry): 1000-1003, 1007-1014 and 3000-4999. 1004-1006 and 1015 are reserved or only for
 /// reporting, the rest of 1000-2999 is unassigned.
@@ -164,9 +190,27 @@ pub fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-thread_local! {
-    /// Unmasked client text, for the UTF-8 check; per thread, so an idle connection holds none.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Bytes of client text unmasked at a time for the UTF-8 check.
+const UNMASK_BLOCK: usize = 4096;
+
+/// Writes `data` unmasked with `key` into `out` (the same length), `data` starting `offset`
+/// bytes into its payload. Eight bytes at a time (the compiler vectorises the word loop): a
+/// byte-at-a-time loop with a modulo per byte cost more than the UTF-8 check itself.
+fn unmask_into(out: &mut [u8], data: &[u8], key: [u8; 4], offset: u64) {
+    let r = (offset % 4) as usize;
+    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
+    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    out.copy_from_slice(data);
+    let mut words = out.chunks_exact_mut(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        w.copy_from_slice(&(u64::from_ne_bytes(b) ^ word).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so the key lines up with index 0 again.
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= k[i % 4];
+    }
 }
 
 #[derive(Debug)]
@@ -241,13 +285,18 @@ impl FrameParser {
     fn check_text(&mut self, chunk: &[u8]) -> Result<(), InvalidUtf8> {
         match self.mask {
             None => self.utf8.feed(chunk),
-            Some(k) => SCRATCH.with(|s| {
-                let mut s = s.borrow_mut();
-                s.clear();
-                let off = self.payload_pos as usize;
-                s.extend(chunk.iter().enumerate().map(|(i, b)| b ^ k[(off + i) % 4]));
-                self.utf8.feed(&s)
-            }),
+            Some(k) => {
+                // In blocks that stay in the L1 cache: unmask one, check it, reuse the space.
+                let mut block = [0u8; UNMASK_BLOCK];
+                let mut offset = self.payload_pos;
+                for piece in chunk.chunks(UNMASK_BLOCK) {
+                    let out = &mut block[..piece.len()];
+                    unmask_into(out, piece, k, offset);
+                    self.utf8.feed(out)?;
+                    offset += piece.len() as u64;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -791,6 +840,24 @@ mod tests {
                 std::str::from_utf8(t).is_ok(),
                 "{t:02x?}"
             );
+        }
+    }
+
+    #[test]
+    fn unmasking_by_words_matches_byte_by_byte() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        for offset in 0..9u64 {
+            for len in [0usize, 1, 3, 7, 8, 9, 17, 1000] {
+                let mut out = vec![0; len];
+                unmask_into(&mut out, &data[..len], key, offset);
+                let want: Vec<u8> = data[..len]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ key[(offset as usize + i) % 4])
+                    .collect();
+                assert_eq!(out, want, "offset {offset}, len {len}");
+            }
         }
     }
 

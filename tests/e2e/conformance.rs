@@ -1219,3 +1219,43 @@ async fn invalid_close_frames_never_reach_the_backend() {
         );
     }
 }
+
+/// A side that broke the protocol gets the close for its own violation even when the other
+/// side then drops the TCP connection: the drop is not turned into a 1011 for the violator.
+#[tokio::test]
+async fn a_violator_gets_its_own_code_when_the_other_side_then_drops() {
+    // The backend drops the connection as soon as anything arrives (here: the gateway's close).
+    let dropper: Handler = std::sync::Arc::new(|_head, mut ws| {
+        Box::pin(async move {
+            let _ = ws.read_frame().await;
+        })
+    });
+    let backend = RawBackend::start(dropper).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("echo", "echo", &backend.url(), "")
+    ));
+    for (what, wire, code) in [
+        (
+            "unmasked frame",
+            encode_frame(true, 0, TEXT, b"x", None),
+            1002,
+        ),
+        ("reserved opcode", msg(5, b""), 1002),
+        ("invalid UTF-8", msg(TEXT, &[0xce, 0xff]), 1007),
+        (
+            "invalid close code",
+            msg(CLOSE, &close_payload(1005, "")),
+            1002,
+        ),
+    ] {
+        let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+        ws.send_raw(&wire).await.unwrap();
+        let close = tokio::time::timeout(Duration::from_secs(5), ws.read_until_close())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no close"))
+            .unwrap();
+        assert_eq!(close.close_code(), Some(code), "{what}");
+    }
+}
