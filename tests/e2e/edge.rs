@@ -629,3 +629,210 @@ async fn the_accept_loop_survives_running_out_of_descriptors() {
     gw.wait_record("accept_recovered", |r| r["failures"].as_u64() >= Some(1))
         .await;
 }
+
+/// Every way the gateway refuses a handshake, as a client sees it: the status (and the headers
+/// that go with it), `Connection: close` and the socket closed after the answer, a generic body
+/// (the subscription messages are the deliberate exception), and no backend contacted unless the
+/// refusal is about the backend.
+#[tokio::test]
+async fn every_refusal_answers_with_its_status_closes_and_leaves_the_backend_alone() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let refused_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let key = "refusal-test-key-0123456789";
+    let gw = Gateway::start_with_env(
+        TempDir::new("edge-refusals"),
+        &format!(
+            "{}[gateway.limits]\nbackend_timeout = \"1s\"\nmax_connections = 3\n\
+             [[products]]\nname = \"gold\"\n[[products.subscriptions]]\nname = \"ann\"\nmax_connections = 1\nprimary_key_env = \"TG_REFUSAL_KEY\"\n\
+             {}{}[apis.limits]\nmax_connections = 1\n{}{}{}",
+            gateway_section(""),
+            api_section("open", "open", &backend.url(), ""),
+            api_section("one", "one", &backend.url(), ""),
+            api_section("keyed", "keyed", &backend.url(), "products = [\"gold\"]"),
+            api_section("down", "down", &format!("ws://127.0.0.1:{refused_port}/"), ""),
+            api_section("slow", "slow", &format!("ws://{silent_addr}/"), ""),
+        ),
+        &[("TG_REFUSAL_KEY", key)],
+    );
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+    // Hold the API `one`'s single slot and ann's single slot.
+    let (h1, _one) = ws_connect(addr, "/one", "").await;
+    let (h2, _ann) = ws_connect(
+        addr,
+        "/keyed",
+        &format!("Ocp-Apim-Subscription-Key: {key}\r\n"),
+    )
+    .await;
+    assert_eq!((status_of(&h1), status_of(&h2)), (101, 101));
+    let held = contacted(&backend);
+    let big = format!("X-Big: {}\r\n", "a".repeat(20_000));
+    let key_header = format!("Ocp-Apim-Subscription-Key: {key}\r\n");
+    // (what, request, status, a header it must carry, whether the backend may be contacted)
+    type Refusal<'a> = (&'a str, String, u16, Option<(&'a str, &'a str)>, bool);
+    let cases: Vec<Refusal> = vec![
+        (
+            "no API",
+            request("/nowhere", Some(&host), ""),
+            404,
+            None,
+            false,
+        ),
+        (
+            "path climbs out",
+            request("/open/../one", Some(&host), ""),
+            400,
+            None,
+            false,
+        ),
+        (
+            "repeated Host",
+            request("/open", Some(&host), "Host: b\r\n"),
+            400,
+            None,
+            false,
+        ),
+        (
+            "not an upgrade",
+            format!("GET /open HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            400,
+            None,
+            false,
+        ),
+        (
+            "wrong version",
+            request("/open", Some(&host), "").replace("Version: 13", "Version: 8"),
+            426,
+            Some(("sec-websocket-version", "13")),
+            false,
+        ),
+        (
+            "POST",
+            request("/open", Some(&host), "").replace("GET ", "POST "),
+            400,
+            None,
+            false,
+        ),
+        (
+            "head too large",
+            request("/open", Some(&host), &big),
+            431,
+            None,
+            false,
+        ),
+        (
+            "no key",
+            request("/keyed", Some(&host), ""),
+            401,
+            None,
+            false,
+        ),
+        (
+            "unknown key",
+            request(
+                "/keyed",
+                Some(&host),
+                "Ocp-Apim-Subscription-Key: nope-nope-nope-nope\r\n",
+            ),
+            401,
+            None,
+            false,
+        ),
+        (
+            "subscription full",
+            request("/keyed", Some(&host), &key_header),
+            429,
+            Some(("retry-after", "5")),
+            false,
+        ),
+        (
+            "API full",
+            request("/one", Some(&host), ""),
+            503,
+            Some(("retry-after", "1")),
+            false,
+        ),
+        (
+            "backend down",
+            request("/down", Some(&host), ""),
+            502,
+            None,
+            true,
+        ),
+        (
+            "backend silent",
+            request("/slow", Some(&host), ""),
+            504,
+            None,
+            true,
+        ),
+    ];
+    for (what, req, status, must, backend_ok) in cases {
+        let before = contacted(&backend);
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the gateway must close after refusing"))
+            .unwrap_or_default();
+        let resp = String::from_utf8_lossy(&all).into_owned();
+        assert_eq!(status_of(&resp), status, "{what}: {resp}");
+        assert_eq!(
+            header(&resp, "connection")
+                .map(|v| v.to_ascii_lowercase())
+                .as_deref(),
+            Some("close"),
+            "{what}: {resp}"
+        );
+        if let Some((name, value)) = must {
+            assert_eq!(
+                header(&resp, name).as_deref(),
+                Some(value),
+                "{what}: {resp}"
+            );
+        }
+        let body = body_of(&resp);
+        if status == 401 {
+            assert!(body.starts_with("Access denied due to"), "{what}: {body}");
+        } else if status != 431 {
+            let generic = format!(
+                "{}\n",
+                http::StatusCode::from_u16(status)
+                    .unwrap()
+                    .canonical_reason()
+                    .unwrap()
+            );
+            assert_eq!(body, generic, "{what}");
+        }
+        if !backend_ok {
+            assert_eq!(
+                contacted(&backend),
+                before,
+                "{what}: the backend was contacted"
+            );
+        }
+    }
+    // The gateway-wide limit: 3 slots, two held; a third connection takes the last one.
+    let (h3, _third) = ws_connect(addr, "/open", "").await;
+    assert_eq!(status_of(&h3), 101);
+    let (status, resp) = exchange(addr, &request("/open", Some(&host), "")).await;
+    assert_eq!(status, 503, "gateway full: {resp}");
+    assert_eq!(header(&resp, "retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        contacted(&backend),
+        held + 1,
+        "only the admitted third reached the backend"
+    );
+}
