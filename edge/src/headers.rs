@@ -17,6 +17,21 @@ pub const SINGLE_VALUED: &[HeaderName] = &[
     header::ORIGIN,
 ];
 
+/// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`): they describe one connection, so a proxy never passes them on, in a
+/// request or in a response.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// What is wrong with a handshake's headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderError {

@@ -26,23 +26,17 @@ pub const PROTECTED: &[&str] = &[
     "transfer-encoding",
 ];
 
-/// Headers a policy may not put on the client's 101: those of the WebSocket handshake itself
-/// ([`PROTECTED`]), the two the backend negotiates with the client (a second
-/// `Sec-WebSocket-Protocol` or `-Extensions` would contradict what the relay speaks), and the
-/// hop-by-hop ones, which describe a connection, not the response.
-pub const PROTECTED_RESPONSE: &[&str] = &[
-    "sec-websocket-protocol",
-    "sec-websocket-extensions",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-];
+/// Headers a policy may not put on the client's 101 besides [`PROTECTED`]: the two the backend
+/// negotiates with the client (a second `Sec-WebSocket-Protocol` or `-Extensions` would
+/// contradict what the relay speaks); the hop-by-hop ones
+/// (`tollgate_edge::headers::HOP_BY_HOP`) describe a connection, not the response, and are
+/// refused too.
+pub const PROTECTED_RESPONSE: &[&str] = &["sec-websocket-protocol", "sec-websocket-extensions"];
 
 fn protected_response_header(lower: &str) -> bool {
-    PROTECTED.contains(&lower) || PROTECTED_RESPONSE.contains(&lower)
+    PROTECTED.contains(&lower)
+        || PROTECTED_RESPONSE.contains(&lower)
+        || tollgate_edge::headers::HOP_BY_HOP.contains(&lower)
 }
 
 /// Largest decision a policy may return (all header, query and context strings plus a

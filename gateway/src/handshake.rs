@@ -126,13 +126,7 @@ pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Re
             format!("no API serves path {path}"),
         ));
     };
-    let depth = api
-        .config
-        .url_suffix
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .count();
-    if norm.climbs_above(depth) {
+    if norm.climbs_out_of(&api.config.url_suffix) {
         return Err(bad(format!(
             "refused path: its `..` segments climb out of API `{}`",
             api.config.name
@@ -329,18 +323,9 @@ pub fn admit(
     })
 }
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1) and the handshake's own headers, which the
-/// gateway sets itself on the backend request.
-const NOT_FORWARDED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// The handshake's own headers and the forwarding ones, which the gateway sets itself on the
+/// backend request (besides the hop-by-hop ones, which no proxy passes on).
+const SET_BY_GATEWAY: &[&str] = &[
     "host",
     "content-length",
     "sec-websocket-key",
@@ -352,6 +337,11 @@ const NOT_FORWARDED: &[&str] = &[
     "forwarded",
     "x-real-ip",
 ];
+
+/// Headers a client's request or a backend's 101 does not pass on as they are.
+fn not_forwarded(lower: &str) -> bool {
+    tollgate_edge::headers::HOP_BY_HOP.contains(&lower) || SET_BY_GATEWAY.contains(&lower)
+}
 
 /// The request the backend gets.
 pub struct BackendRequest {
@@ -371,7 +361,7 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
     let mut headers = HeaderMap::with_capacity(src.len() + 6);
     for (name, value) in src {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n)
+        if not_forwarded(n)
             || named_hop.iter().any(|h| h == n)
             || ctx.key_header.as_deref() == Some(n)
         {
@@ -550,7 +540,7 @@ pub fn switching_protocols(
     let h = resp.headers_mut();
     for (name, value) in &backend.headers {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n) || n == "date" || n == "server" {
+        if not_forwarded(n) || n == "date" || n == "server" {
             continue;
         }
         h.append(name.clone(), value.clone());

@@ -102,6 +102,18 @@ fn msg(op: u8, payload: &[u8]) -> Vec<u8> {
     frame(true, 0, op, payload)
 }
 
+/// `payload` as one message of opcode `op` in fragments of `size` bytes (the last may be
+/// shorter), on the wire.
+fn fragmented(op: u8, payload: &[u8], size: usize) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+    let last = chunks.len().saturating_sub(1);
+    chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(j, c)| frame(j == last, 0, if j == 0 { op } else { CONT }, c))
+        .collect()
+}
+
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| b'*' + (i % 64) as u8).collect()
 }
@@ -434,12 +446,7 @@ fn cases() -> Vec<Case> {
             expect(),
         ));
         if text.len() > 1 {
-            let last = text.len() - 1;
-            let wire: Vec<u8> = text
-                .iter()
-                .enumerate()
-                .flat_map(|(j, b)| frame(j == last, 0, if j == 0 { TEXT } else { CONT }, &[*b]))
-                .collect();
+            let wire = fragmented(TEXT, &text, 1);
             v.push(case(
                 &format!("6.{}.2", i + 1),
                 &format!("{what}, 1-byte fragments"),
@@ -637,13 +644,7 @@ fn cases() -> Vec<Case> {
             vec![Step::Send(msg(op, &p))],
             echo(op, &p),
         ));
-        let chunks: Vec<&[u8]> = p.chunks(64 * 1024).collect();
-        let last = chunks.len() - 1;
-        let wire: Vec<u8> = chunks
-            .iter()
-            .enumerate()
-            .flat_map(|(j, c)| frame(j == last, 0, if j == 0 { op } else { CONT }, c))
-            .collect();
+        let wire = fragmented(op, &p, 64 * 1024);
         v.push(case(
             &format!("9.2.{}", i + 1),
             &format!("opcode {op}, {len} bytes in 64 KiB fragments"),
@@ -654,13 +655,7 @@ fn cases() -> Vec<Case> {
     // Big text, multi-byte characters split everywhere: in 997-byte fragments, and written
     // 4093 bytes at a time.
     let text: Vec<u8> = "κόσμε 𝄞 ".repeat(1 << 15).into_bytes();
-    let chunks: Vec<&[u8]> = text.chunks(997).collect();
-    let last = chunks.len() - 1;
-    let wire: Vec<u8> = chunks
-        .iter()
-        .enumerate()
-        .flat_map(|(j, c)| frame(j == last, 0, if j == 0 { TEXT } else { CONT }, c))
-        .collect();
+    let wire = fragmented(TEXT, &text, 997);
     v.push(case(
         "9.3.1",
         "multi-byte text, 480 KiB in 997-byte fragments",

@@ -216,10 +216,9 @@ async fn repeated_credential_headers_and_a_missing_host_are_refused() {
     );
 }
 
-#[tokio::test]
-async fn clients_get_generic_errors_and_the_log_gets_the_details() {
-    // A port nobody listens on (bound, then closed) and a backend that accepts TCP but never
-    // answers the handshake.
+/// A port nobody listens on (bound, then closed) and the address of a backend that accepts TCP
+/// but never answers the handshake.
+async fn unreachable_backends() -> (u16, std::net::SocketAddr) {
     let refused_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -232,6 +231,12 @@ async fn clients_get_generic_errors_and_the_log_gets_the_details() {
             held.push(s);
         }
     });
+    (refused_port, silent_addr)
+}
+
+#[tokio::test]
+async fn clients_get_generic_errors_and_the_log_gets_the_details() {
+    let (refused_port, silent_addr) = unreachable_backends().await;
     let gw = Gateway::start(&format!(
         "{}[gateway.limits]\nbackend_timeout = \"1s\"\n{}{}",
         gateway_section(""),
@@ -637,18 +642,7 @@ async fn the_accept_loop_survives_running_out_of_descriptors() {
 #[tokio::test]
 async fn every_refusal_answers_with_its_status_closes_and_leaves_the_backend_alone() {
     let backend = RawBackend::start(echo_frames()).await;
-    let refused_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (refused_port, silent_addr) = unreachable_backends().await;
     let key = "refusal-test-key-0123456789";
     let gw = Gateway::start_with_env(
         TempDir::new("edge-refusals"),
