@@ -19,7 +19,8 @@ pub struct LoadArgs {
     pub path: String,
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// `binary`, or `text` (multi-byte UTF-8, which the gateway validates as it streams).
+    /// `binary`, `text` (multi-byte UTF-8, which the gateway validates as it streams) or `json`
+    /// (text that is ASCII JSON, what most WebSocket APIs send).
     #[arg(long, default_value = "binary")]
     pub opcode: String,
     #[arg(long, default_value_t = 50)]
@@ -66,10 +67,10 @@ fn percentile(v: &mut [u32], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p) as usize] as f64
 }
 
-/// `size` bytes of valid UTF-8 with 1- to 4-byte characters (ASCII padding at the end).
-fn text_payload(size: usize) -> Vec<u8> {
+/// `size` bytes of valid UTF-8 repeating `pattern` (ASCII padding at the end).
+fn text_payload(size: usize, pattern: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(size);
-    for c in "κόσμε 𝄞 Hello ".chars().cycle() {
+    for c in pattern.chars().cycle() {
         if v.len() + c.len_utf8() > size {
             break;
         }
@@ -82,9 +83,17 @@ fn text_payload(size: usize) -> Vec<u8> {
 
 async fn throughput(a: LoadArgs) -> anyhow::Result<()> {
     let (op, payload) = match a.opcode.as_str() {
-        "text" => (1, text_payload(a.size)),
+        // 1- to 4-byte characters.
+        "text" => (1, text_payload(a.size, "κόσμε 𝄞 Hello ")),
+        "json" => (
+            1,
+            text_payload(
+                a.size,
+                r#"{"id":12345,"user":"alice","event":"price","value":101.25},"#,
+            ),
+        ),
         "binary" => (2, vec![b'x'; a.size]),
-        other => anyhow::bail!("unknown opcode {other} (binary or text)"),
+        other => anyhow::bail!("unknown opcode {other} (binary, text or json)"),
     };
     let frame = wire::encode(op, &payload, Some([1, 2, 3, 4]));
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);

@@ -720,6 +720,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 "text".into(),
             ],
         ),
+        (
+            "16 KiB JSON",
+            "throughput",
+            vec![
+                "--size".into(),
+                "16384".into(),
+                "--opcode".into(),
+                "json".into(),
+            ],
+        ),
     ];
     let mut results: Vec<Vec<Cell>> = vec![vec![Cell::default(); scenarios.len()]; targets.len()];
     for (si, (label, scenario, extra)) in scenarios.iter().enumerate() {
@@ -760,8 +770,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    println!("\n| target | 64 B msg/s | 64 B p50 / p99 us | CPU per 64 B round trip | 16 KiB msg/s | 16 KiB p50 / p99 us | CPU per 16 KiB round trip | CPU per 16 KiB text round trip | handshakes/s | handshake p50 / p99 us | CPU per handshake | RSS per idle connection | RSS per 1,000 pending handshakes |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| target | 64 B msg/s | 64 B p50 / p99 us | CPU per 64 B round trip | 16 KiB msg/s | 16 KiB p50 / p99 us | CPU per 16 KiB round trip | CPU per 16 KiB text round trip | CPU per 16 KiB JSON round trip | handshakes/s | handshake p50 / p99 us | CPU per handshake | RSS per idle connection | RSS per 1,000 pending handshakes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (ti, t) in targets.iter().enumerate() {
         let cells = &results[ti];
         let cpu = |c: &Cell| {
@@ -781,7 +791,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_or("-".to_owned(), |m| format!("{:.0} KB", m * 1000.0));
         let errs: u64 = cells.iter().map(|c| c.errors).sum();
         println!(
-            "| {}{} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {}{} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
             t.name,
             if errs > 0 {
                 format!(" ({errs} errors)")
@@ -795,6 +805,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             lat(&cells[1]),
             cpu(&cells[1]),
             cpu(&cells[3]),
+            cpu(&cells[4]),
             cells[2].rate(),
             lat(&cells[2]),
             cpu(&cells[2]),

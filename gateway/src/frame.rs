@@ -10,8 +10,9 @@
 //!
 //! Text is validated as it streams ([`Utf8Stream`]): a code point split across reads, frames or
 //! fragments is carried over (at most 3 bytes), nothing is reassembled, and the first invalid
-//! byte fails the message at once. Client payloads are unmasked into a 4 KiB block on the
-//! stack for the check, one block at a time; the forwarded bytes keep the client's masking. When the handshake
+//! byte fails the message at once. Client payloads are checked 4 KiB at a time: an all-ASCII
+//! block is recognised while still masked (no copy), any other is unmasked into a block on the
+//! stack for the validator; the forwarded bytes keep the client's masking. When the handshake
 //! agreed an extension (permessage-deflate), payloads are compressed and are not validated:
 //! the endpoints check what they decompress. A close frame is held until it is complete (at
 //! most 139 bytes) and checked before any of it is forwarded.
@@ -152,6 +153,11 @@ impl Utf8Stream {
         }
     }
 
+    /// Whether a code point begun in an earlier piece is still unfinished.
+    pub fn in_code_point(&self) -> bool {
+        self.carry_len > 0
+    }
+
     /// The message ended: an unfinished code point makes it invalid.
     pub fn finish(&mut self) -> Result<(), InvalidUtf8> {
         let unfinished = self.carry_len > 0;
@@ -211,6 +217,27 @@ fn unmask_into(out: &mut [u8], data: &[u8], key: [u8; 4], offset: u64) {
     for (i, b) in words.into_remainder().iter_mut().enumerate() {
         *b ^= k[i % 4];
     }
+}
+
+/// Whether `data`, masked with `key` and starting `offset` bytes into its payload, is all ASCII
+/// once unmasked. Reads eight bytes at a time and only ORs them together (the compiler
+/// vectorises the loop): no copy is written.
+fn masked_ascii(data: &[u8], key: [u8; 4], offset: u64) -> bool {
+    let r = (offset % 4) as usize;
+    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
+    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let mut words = data.chunks_exact(8);
+    let mut high = 0u64;
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        high |= u64::from_ne_bytes(b) ^ word;
+    }
+    let mut tail = 0u8;
+    for (i, b) in words.remainder().iter().enumerate() {
+        tail |= b ^ k[i % 4];
+    }
+    (high & 0x8080_8080_8080_8080) == 0 && tail & 0x80 == 0
 }
 
 #[derive(Debug)]
@@ -287,9 +314,15 @@ impl FrameParser {
             None => self.utf8.feed(chunk),
             Some(k) => {
                 // In blocks that stay in the L1 cache: unmask one, check it, reuse the space.
+                // A block that is all ASCII (most text is: JSON, protocols) needs neither the
+                // copy nor the validator, unless it has to finish a code point begun earlier.
                 let mut block = [0u8; UNMASK_BLOCK];
                 let mut offset = self.payload_pos;
                 for piece in chunk.chunks(UNMASK_BLOCK) {
+                    if !self.utf8.in_code_point() && masked_ascii(piece, k, offset) {
+                        offset += piece.len() as u64;
+                        continue;
+                    }
                     let out = &mut block[..piece.len()];
                     unmask_into(out, piece, k, offset);
                     self.utf8.feed(out)?;
@@ -862,6 +895,33 @@ mod tests {
     }
 
     #[test]
+    fn masked_ascii_sees_a_high_bit_anywhere_at_any_offset() {
+        let key = [0x12, 0x80, 0x7f, 0xff];
+        for len in 0..40 {
+            for offset in 0..4u64 {
+                let plain = vec![b'a'; len];
+                let masked: Vec<u8> = plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ key[(i + offset as usize) % 4])
+                    .collect();
+                assert!(
+                    masked_ascii(&masked, key, offset),
+                    "len {len} offset {offset}"
+                );
+                for at in 0..len {
+                    let mut m = masked.clone();
+                    m[at] ^= 0x80;
+                    assert!(
+                        !masked_ascii(&m, key, offset),
+                        "len {len} offset {offset} at {at}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn utf8_fails_fast_on_an_impossible_prefix() {
         // 0xF4 0x90 can never start a valid code point (> U+10FFFF): no need to wait.
         let mut u = Utf8Stream::default();
@@ -913,6 +973,15 @@ mod tests {
         let f4 = frame(true, OP_CONTINUATION, b"", K);
         let a = p.advance(&f4);
         assert_eq!(a.forward, 0);
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+        // Masked ASCII after an unfinished code point fails at once, not at the message's end
+        // (the all-ASCII shortcut must not skip the byte that breaks the code point).
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
+        let f1 = frame(false, OP_TEXT, b"a\xce", K);
+        assert_eq!(p.advance(&f1).forward, f1.len());
+        let f2 = frame(true, OP_CONTINUATION, &[b'x'; 100], K);
+        let a = p.advance(&f2[..50]);
+        assert_eq!(a.forward, 0, "the piece with the broken code point is held");
         assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
         // A long frame read in pieces: the piece with the bad byte is not forwarded.
         let mut p = FrameParser::new(Direction::BackendToClient, 1000, None).with_extensions(false);
