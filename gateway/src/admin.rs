@@ -703,6 +703,21 @@ mod tests {
         );
     }
 
+    /// `/readyz` answers 503 until `run` has bound every listener and started serving. Plugins
+    /// load in `Gateway::build`, before the admin listener is bound, so the window is too short
+    /// to catch from outside the process: the state is checked here instead.
+    #[tokio::test]
+    async fn readyz_is_503_until_the_gateway_serves_and_healthz_is_200_throughout() {
+        let text = "[gateway]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://127.0.0.1:9/\"\n";
+        let config = crate::manifest::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let gw = Gateway::build(config).unwrap();
+        let get = |path: &str| req(path, &[("host", "localhost")]);
+        assert_eq!(route(&gw, &get("/readyz")).await.status(), 503);
+        assert_eq!(route(&gw, &get("/healthz")).await.status(), 200);
+        gw.ready.store(true, Ordering::SeqCst);
+        assert_eq!(route(&gw, &get("/readyz")).await.status(), 200);
+    }
+
     #[test]
     fn bearer_tokens_are_read_from_the_authorization_value() {
         assert_eq!(bearer_token(b"Bearer abc"), Some("abc"));

@@ -519,6 +519,13 @@ impl Gateway {
         // The whole handshake, backend included, is bounded: no client holds a task forever.
         match tokio::time::timeout_at(overall_deadline, http).await {
             Ok(Ok(())) => {}
+            // The request head did not arrive within handshake_timeout (a slow client, or one
+            // that sent nothing): the same limit as the overall deadline, counted and logged
+            // the same way.
+            Ok(Err(e)) if e.is_timeout() => {
+                self.metrics.limit_hit("", "handshake_timeout");
+                tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "request head not received within handshake_timeout; connection closed");
+            }
             Ok(Err(e)) => {
                 tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
             }

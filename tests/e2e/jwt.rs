@@ -174,13 +174,18 @@ async fn valid_tokens_pass_and_every_bad_one_gets_401_without_reaching_the_backe
         ("EdDSA", "ed1"),
     ] {
         let sub = format!("user-{alg}");
-        let (_, mut ws) =
-            ws_connect(addr, "/chat", &bearer(&k.sign(alg, kid, &claims(&sub)))).await;
+        let token = k.sign(alg, kid, &claims(&sub));
+        let (_, mut ws) = ws_connect(addr, "/chat", &bearer(&token)).await;
         ws.send(true, 1, b"hi").await.unwrap();
         assert_eq!(ws.read_frame().await.unwrap().payload, b"hi");
         let seen = backend.last_head();
         assert_eq!(headers_all(&seen, "x-user"), vec![sub], "{alg}: {seen}");
-        assert!(header(&seen, "authorization").is_some());
+        // The header token is the backend's to see too (only a query token is removed).
+        assert_eq!(
+            headers_all(&seen, "authorization"),
+            vec![format!("Bearer {token}")],
+            "{alg}: {seen}"
+        );
     }
 
     // Token in the query: accepted, and not forwarded.
@@ -223,15 +228,19 @@ async fn valid_tokens_pass_and_every_bad_one_gets_401_without_reaching_the_backe
         "{confusion_input}.{}",
         b64(&hs256(k.rsa_pem().as_bytes(), confusion_input.as_bytes()))
     );
-    let cases: Vec<(&str, String)> = vec![
-        ("missing", String::new()),
+    // Each refusal for its own reason (logged by the policy): any 401 would not do, since a
+    // token refused for the wrong reason means a check did not run.
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("missing", String::new(), "no token in the request"),
         (
             "expired",
             bearer(&k.sign("RS256", "rsa1", &with(&|c| c["exp"] = (now() - 120).into()))),
+            "token expired",
         ),
         (
             "not yet valid",
             bearer(&k.sign("ES256", "ec1", &with(&|c| c["nbf"] = (now() + 120).into()))),
+            "token not yet valid (nbf)",
         ),
         (
             "wrong issuer",
@@ -240,27 +249,49 @@ async fn valid_tokens_pass_and_every_bad_one_gets_401_without_reaching_the_backe
                 "rsa1",
                 &with(&|c| c["iss"] = "https://evil.test".into()),
             )),
+            "issuer \"https://evil.test\" is not accepted",
         ),
         (
             "wrong audience",
             bearer(&k.sign("EdDSA", "ed1", &with(&|c| c["aud"] = "billing".into()))),
+            "audience [\"billing\"] is not accepted",
         ),
-        ("alg none", bearer(&unsigned)),
-        ("HS256 with the RSA public key", bearer(&confused)),
-        ("tampered payload", bearer(&tampered)),
+        ("alg none", bearer(&unsigned), "unsigned token (alg none)"),
+        (
+            "HS256 with the RSA public key",
+            bearer(&confused),
+            "no HS256 key with kid \"rsa1\"",
+        ),
+        (
+            "tampered payload",
+            bearer(&tampered),
+            "signature does not verify",
+        ),
         (
             "unknown kid",
             bearer(&k.sign("RS256", "rsa-rotated-away", &claims("ann"))),
+            "no RS256 key with kid \"rsa-rotated-away\"",
         ),
-        ("not a JWT", bearer("definitely.not.a-token")),
+        (
+            "not a JWT",
+            bearer("definitely.not.a-token"),
+            "header is not base64url",
+        ),
     ];
-    for (what, extra) in cases {
+    for (what, extra, why) in cases {
+        let logged = gw.records("policy_log").len();
         let (head, _) = raw_handshake(addr, "/chat", &extra).await;
         assert_eq!(status_of(&head), 401, "{what}: {head}");
-        assert!(
-            header(&head, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+        assert_eq!(
+            header(&head, "www-authenticate").as_deref(),
+            Some("Bearer error=\"invalid_token\""),
             "{what}: {head}"
         );
+        let want = format!("token refused: {why}");
+        wait_until(what, || gw.records("policy_log").len() > logged).await;
+        let r = &gw.records("policy_log")[logged];
+        assert_eq!(r["plugin"], "jwt-validate", "{what}: {r}");
+        assert_eq!(r["message"], want.as_str(), "{what}: {r}");
     }
     assert_eq!(
         backend.connections.load(Ordering::SeqCst),

@@ -113,12 +113,10 @@ async fn metrics_count_a_scripted_session_exactly() {
         assert_eq!(status_of(&head), status, "{path}: {head}");
     }
     // Both relays have ended (their records are written after the counters).
-    for _ in 0..100 {
-        if gw.records("connection_closed").len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("both close records", || {
+        gw.records("connection_closed").len() >= 2
+    })
+    .await;
     assert_eq!(gw.records("connection_closed").len(), 2, "{}", gw.output());
 
     let m = scrape(admin).await;
@@ -343,7 +341,7 @@ async fn admin_endpoints_report_health_readiness_and_the_served_apis() {
     let admin = gw.admin.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     // The admin listener binds before the client listeners are serving: ready follows shortly.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while http_get(admin, "/readyz").await.0 != 200 {
         assert!(std::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -377,15 +375,15 @@ async fn admin_endpoints_report_health_readiness_and_the_served_apis() {
 
     // Draining: not ready (so a load balancer stops sending), still alive.
     gw.signal("TERM");
-    let mut ready = 200;
-    for _ in 0..100 {
-        ready = http_get(admin, "/readyz").await.0;
-        if ready == 503 {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http_get(admin, "/readyz").await.0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz still 200 while draining"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(ready, 503, "readyz while draining");
+    gw.wait_record("draining", |r| r["connections"] == 1).await;
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
 }
 
@@ -396,7 +394,8 @@ async fn admin_endpoints_report_health_readiness_and_the_served_apis() {
 async fn handshake_and_close_records_carry_the_documented_fields() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let documented = |record: &str| -> Vec<(String, bool)> {
+    // (name, documented type, rejections only)
+    let documented = |record: &str| -> Vec<(String, String, bool)> {
         let heading = format!("#### `{record}` record");
         let start = readme
             .find(&heading)
@@ -408,7 +407,12 @@ async fn handshake_and_close_records_carry_the_documented_fields() {
             .take_while(|l| l.starts_with('|'))
             .filter_map(|l| {
                 let name = l.strip_prefix("| `")?.split('`').next()?;
-                Some((name.to_owned(), l.contains("*(rejections only)*")))
+                let ty = l.split('|').nth(2)?.trim();
+                Some((
+                    name.to_owned(),
+                    ty.to_owned(),
+                    l.contains("*(rejections only)*"),
+                ))
             })
             .collect()
     };
@@ -436,25 +440,142 @@ async fn handshake_and_close_records_carry_the_documented_fields() {
     let closed = gw.wait_record("connection_closed", |_| true).await;
     let keys =
         |r: &serde_json::Value| -> Vec<String> { r.as_object().unwrap().keys().cloned().collect() };
-    let check = |what: &str, r: &serde_json::Value, fields: &[(String, bool)], rejection: bool| {
-        let want: Vec<&String> = fields
-            .iter()
-            .filter(|(_, only_rejections)| rejection || !only_rejections)
-            .map(|(f, _)| f)
-            .collect();
-        let mut have = keys(r);
-        have.sort();
-        let mut want_sorted: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-        want_sorted.sort();
-        assert_eq!(have, want_sorted, "{what}: record {r}");
-    };
+    let check =
+        |what: &str, r: &serde_json::Value, fields: &[(String, String, bool)], rejection: bool| {
+            let want: Vec<&(String, String, bool)> = fields
+                .iter()
+                .filter(|(_, _, only_rejections)| rejection || !only_rejections)
+                .collect();
+            let mut have = keys(r);
+            have.sort();
+            let mut want_sorted: Vec<String> = want.iter().map(|(f, _, _)| f.clone()).collect();
+            want_sorted.sort();
+            assert_eq!(have, want_sorted, "{what}: record {r}");
+            // Each field has the documented JSON type.
+            for (f, ty, _) in want {
+                let v = &r[f.as_str()];
+                let fits = match ty.as_str() {
+                    "string" => v.is_string(),
+                    "number" => v.is_number(),
+                    other => panic!("README documents `{f}` with an unknown type {other:?}"),
+                };
+                assert!(fits, "{what}: `{f}` should be a {ty}: {r}");
+            }
+            // RFC 3339 in UTC, within a few minutes of now (the test's own clock).
+            let ts = r["timestamp"].as_str().unwrap();
+            let secs = rfc3339_utc_seconds(ts).unwrap_or_else(|| panic!("{what}: timestamp {ts}"));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            assert!(
+                (now - secs).abs() < 300,
+                "{what}: timestamp {ts} is not now"
+            );
+            assert_eq!(r["level"], "INFO", "{what}");
+            assert_eq!(r["target"], "tollgate::server", "{what}");
+            let client: std::net::SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
+            assert!(
+                client.ip().is_loopback() && client.port() != 0,
+                "{what}: {r}"
+            );
+            let ms = r["duration_ms"].as_f64().unwrap();
+            assert!((0.0..60_000.0).contains(&ms), "{what}: duration_ms {ms}");
+        };
     check("101 handshake", &ok, &handshake_fields, false);
     check("rejected handshake", &rejected, &handshake_fields, true);
     check("connection_closed", &closed, &close_fields, false);
-    // The records of one connection share its `conn` number.
+    let expect = |r: &serde_json::Value, pairs: &[(&str, serde_json::Value)]| {
+        for (k, v) in pairs {
+            assert_eq!(&r[*k], v, "`{k}` in {r}");
+        }
+    };
+    use serde_json::json;
+    // The records of one connection share its `conn` number, and its client address.
     assert_eq!(ok["conn"], closed["conn"]);
-    assert_eq!(ok["api"], "echo");
-    assert_eq!(ok["path"], "/echo");
-    assert_eq!(closed["close_code"], 1000);
-    assert_eq!(closed["client_messages"], 1);
+    assert_eq!(ok["client"], closed["client"]);
+    assert_ne!(ok["conn"], rejected["conn"]);
+    expect(
+        &ok,
+        &[
+            ("message", json!("handshake accepted")),
+            ("event", json!("handshake")),
+            ("api", json!("echo")),
+            ("product", json!("")),
+            ("subscription", json!("")),
+            ("operation", json!("onHandshake")),
+            ("status", json!(101)),
+            ("scheme", json!("ws")),
+            ("path", json!("/echo")),
+            ("backend", json!(backend.url())),
+            ("policies_ms", json!(0.0)),
+        ],
+    );
+    expect(
+        &rejected,
+        &[
+            ("message", json!("handshake rejected")),
+            ("api", json!("")),
+            ("status", json!(404)),
+            ("path", json!("/nowhere")),
+            ("backend", json!("")),
+            ("reason", json!("no API serves path /nowhere")),
+        ],
+    );
+    // "hi" and a close "bye" each way: masked 8 + 11 bytes from the client, 4 + 7 back.
+    expect(
+        &closed,
+        &[
+            ("message", json!("connection closed")),
+            ("event", json!("connection_closed")),
+            ("api", json!("echo")),
+            ("backend", json!(backend.url())),
+            ("backend_target", json!("/?room=REDACTED")),
+            ("closed_by", json!("client")),
+            ("close_code", json!(1000)),
+            ("close_reason", json!("bye")),
+            ("client_frames", json!(2)),
+            ("client_messages", json!(1)),
+            ("client_bytes", json!(19)),
+            ("backend_frames", json!(2)),
+            ("backend_messages", json!(1)),
+            ("backend_bytes", json!(11)),
+        ],
+    );
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 timestamp in UTC (`YYYY-MM-DDTHH:MM:SS[.f]Z`);
+/// `None` for anything else, an offset other than `Z` included.
+fn rfc3339_utc_seconds(ts: &str) -> Option<i64> {
+    let b = ts.as_bytes();
+    let (date, rest) = ts.split_once('T')?;
+    let time = rest.strip_suffix('Z')?;
+    let num = |s: &str| -> Option<i64> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    let d: Vec<&str> = date.split('-').collect();
+    let (whole, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<&str> = whole.split(':').collect();
+    if b.len() < 20 || d.len() != 3 || t.len() != 3 || num(frac).is_none() {
+        return None;
+    }
+    let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
+    let (h, min, s) = (num(t[0])?, num(t[1])?, num(t[2])?);
+    if d[0].len() != 4
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || h > 23
+        || min > 59
+        || s > 60
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3_600 + min * 60 + s)
 }

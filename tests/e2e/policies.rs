@@ -235,13 +235,28 @@ fn plugin_inspect_prints_the_declaration_and_the_imports() {
     assert!(out.contains("fresh per handshake"), "{out}");
     assert!(out.contains("instances = \"pooled\""), "{out}");
     // The measured cost of a fresh instance, so the operator can choose the strategy.
-    let us: f64 = out
+    // A median in microseconds, and the advice to pool exactly when it is over 200 us.
+    let line = out
         .lines()
         .find_map(|l| l.strip_prefix("instantiate:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no instantiate line: {out}"));
-    assert!(us > 0.0, "{out}");
+    let (us, rest) = line.trim_start().split_once(' ').unwrap();
+    let us: u64 = us
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {line}"));
+    assert!((1..1_000_000).contains(&us), "{line}");
+    assert!(
+        rest.starts_with("us per fresh instance and first call (median of "),
+        "{line}"
+    );
+    if us != 200 {
+        // (200 itself may be 200.4 rounded down.)
+        assert_eq!(
+            rest.ends_with("; consider instances = \"pooled\""),
+            us > 200,
+            "{line}"
+        );
+    }
 
     let (code, out, _) = inspect(&plugins::declaring().join("declares-set-body.wasm"));
     assert_eq!(code, 0);

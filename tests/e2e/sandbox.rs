@@ -92,6 +92,7 @@ async fn files_sockets_environment_and_clock_are_denied_unless_granted() {
 
     for api in ["file", "file-rel", "socket", "env", "escape"] {
         let got = probe(api).await;
+        eprintln!("PROBE {api}: {got}");
         assert!(got.starts_with("error:"), "{api}: {got}");
     }
     assert_eq!(

@@ -141,14 +141,16 @@ fn each_bad_token_is_refused_with_the_configured_status_and_logged() {
         "{h}.{}.{sig}",
         b64(claims(&|c| c["sub"] = "root".into()).as_bytes())
     );
-    let cases: Vec<(&str, String)> = vec![
+    let cases: Vec<(&str, String, &str)> = vec![
         (
             "expired",
             k.sign("ES256", "ec1", &claims(&|c| c["exp"] = (NOW - 31).into())),
+            "token expired",
         ),
         (
             "not yet valid",
             k.sign("ES256", "ec1", &claims(&|c| c["nbf"] = (NOW + 31).into())),
+            "token not yet valid (nbf)",
         ),
         (
             "no exp",
@@ -159,6 +161,7 @@ fn each_bad_token_is_refused_with_the_configured_status_and_logged() {
                     c.as_object_mut().unwrap().remove("exp");
                 }),
             ),
+            "token has no exp",
         ),
         (
             "wrong issuer",
@@ -167,27 +170,40 @@ fn each_bad_token_is_refused_with_the_configured_status_and_logged() {
                 "ec1",
                 &claims(&|c| c["iss"] = "https://evil.test".into()),
             ),
+            "issuer \"https://evil.test\" is not accepted",
         ),
         (
             "wrong audience",
             k.sign("ES256", "ec1", &claims(&|c| c["aud"] = "billing".into())),
+            "audience [\"billing\"] is not accepted",
         ),
         (
             "alg none",
             format!("{}.", unsigned(r#"{"alg":"none"}"#, &good_claims())),
+            "unsigned token (alg none)",
         ),
-        ("unknown kid", k.sign("ES256", "nope", &good_claims())),
-        ("tampered", tampered),
-        ("garbage", "a.b".into()),
+        (
+            "unknown kid",
+            k.sign("ES256", "nope", &good_claims()),
+            "no ES256 key with kid \"nope\"",
+        ),
+        ("tampered", tampered, "signature does not verify"),
+        (
+            "garbage",
+            "a.b".into(),
+            "not a compact JWS (three dot-separated parts)",
+        ),
     ];
-    for (what, token) in cases {
+    // Each for its own reason: a token refused for another one means a check did not run.
+    for (what, token, why) in cases {
         let d = decide(&p, &bearer(&token));
         assert_eq!(status(&d), 403, "{what}");
         let logs = take_logs();
-        assert!(
-            logs.iter().any(|(_, m)| m.starts_with("token refused")),
-            "{what}: {logs:?}"
-        );
+        let refused: Vec<&str> = logs
+            .iter()
+            .filter_map(|(_, m)| m.strip_prefix("token refused: "))
+            .collect();
+        assert_eq!(refused, vec![why], "{what}: {logs:?}");
     }
     assert_eq!(
         status(&decide(&p, &request().received_at(NOW).build())),

@@ -228,6 +228,16 @@ impl Drop for Gateway {
 
 /// One compiled-plugin cache for every gateway the tests start (inside the workspace's target
 /// directory, so nothing outside it is written), so each plugin is compiled once per run.
+/// Polls `done` every 10 ms until it holds, failing after a generous 30 s: tests wait for the
+/// event they need (a count, a state), never for a fixed time that a loaded machine could miss.
+pub async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn test_cache() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
