@@ -139,6 +139,7 @@ pub struct Metrics {
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
     signatures: Family<SignatureLabels, Counter>,
+    signature_cache: crate::verify_cache::CacheCounters,
 }
 
 impl Default for Metrics {
@@ -168,6 +169,7 @@ impl Metrics {
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
             signatures: Family::default(),
+            signature_cache: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -255,11 +257,26 @@ impl Metrics {
             m.subscriptions_active.clone(),
         );
         registry.register(
+            "signature_cache_hits",
+            "Signature checks answered from the cache of signatures already found valid (signature_cache_entries)",
+            m.signature_cache.hits.clone(),
+        );
+        registry.register(
+            "signature_cache_misses",
+            "Signature checks the cache did not know, so the host verified them (failures included)",
+            m.signature_cache.misses.clone(),
+        );
+        registry.register(
             "signature_verifications",
             "Signature checks policies asked the host for during handshakes (signatures.verify), by plugin, algorithm and result (valid, invalid, error: the key cannot be used with the algorithm)",
             m.signatures.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// The signature cache's hit and miss counters, for the policy host.
+    pub fn signature_cache(&self) -> crate::verify_cache::CacheCounters {
+        self.signature_cache.clone()
     }
 
     /// The signature-check counters, for the policy host to hand out per plugin.

@@ -35,7 +35,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::manifest::Grants;
 use crate::metrics::{PluginSignatureMetrics, SignatureMetrics, VerifyResult};
-use crate::verify_cache::VerifyCache;
+use crate::verify_cache::{CacheCounters, VerifyCache};
 
 // Exports are called asynchronously: a guest runs on a fiber inside the connection's task, so
 // no worker thread is handed off per handshake, and WASI's own async implementations (streams,
@@ -461,6 +461,8 @@ pub struct PolicyHost {
     /// Compiled components by content hash; `None` when no directory could be used.
     cache_dir: Option<PathBuf>,
     verified: Arc<VerifyCache>,
+    /// The metrics the signature cache counts its hits and misses in.
+    cache_counters: CacheCounters,
     signature_metrics: Option<SignatureMetrics>,
 }
 
@@ -533,12 +535,15 @@ pub fn capability_name(c: wit::Capability) -> &'static str {
 impl PolicyHost {
     /// Replaces the verified-signature cache with one of `entries` (0 disables it).
     pub fn set_signature_cache(&mut self, entries: usize) {
-        self.verified = Arc::new(VerifyCache::new(entries));
+        self.verified = Arc::new(VerifyCache::new(entries, self.cache_counters.clone()));
     }
 
-    /// Counts the signature checks of plugins loaded from now on in `metrics`.
+    /// Counts the signature checks of plugins loaded from now on, and the signature cache's
+    /// hits and misses, in `metrics`.
     pub fn set_metrics(&mut self, metrics: &crate::metrics::Metrics) {
         self.signature_metrics = Some(metrics.signatures());
+        self.cache_counters = metrics.signature_cache();
+        self.set_signature_cache(self.verified.capacity());
     }
 
     /// `cache_dir`: where compiled plugins are kept between runs (`None`: the default, see
@@ -565,7 +570,11 @@ impl PolicyHost {
             engine,
             linker,
             cache_dir,
-            verified: Arc::new(VerifyCache::new(crate::verify_cache::DEFAULT_ENTRIES)),
+            verified: Arc::new(VerifyCache::new(
+                crate::verify_cache::DEFAULT_ENTRIES,
+                CacheCounters::default(),
+            )),
+            cache_counters: CacheCounters::default(),
             signature_metrics: None,
         })
     }

@@ -14,30 +14,43 @@
 //! in the previous generation is promoted).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use prometheus_client::metrics::counter::Counter;
 
 /// Default number of remembered signatures (about 100 bytes each).
 pub const DEFAULT_ENTRIES: usize = 10_000;
 
 type Digest = [u8; 32];
 
+/// Lookups that found a remembered signature and lookups that did not, exported as
+/// `tollgate_signature_cache_hits_total` / `_misses_total` (an operator sizing
+/// `signature_cache_entries` needs the hit ratio).
+#[derive(Clone, Default)]
+pub struct CacheCounters {
+    pub hits: Counter,
+    pub misses: Counter,
+}
+
 pub struct VerifyCache {
     generations: Mutex<(HashSet<Digest>, HashSet<Digest>)>,
     per_generation: usize,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    counters: CacheCounters,
 }
 
 impl VerifyCache {
-    /// `capacity` 0 disables the cache.
-    pub fn new(capacity: usize) -> VerifyCache {
+    /// `capacity` 0 disables the cache (and nothing is counted).
+    pub fn new(capacity: usize, counters: CacheCounters) -> VerifyCache {
         VerifyCache {
             generations: Mutex::new((HashSet::new(), HashSet::new())),
             per_generation: capacity / 2,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            counters,
         }
+    }
+
+    /// The number of entries it was made for.
+    pub fn capacity(&self) -> usize {
+        self.per_generation * 2
     }
 
     /// The result of `check()` for these inputs: from the cache when the same check passed
@@ -55,10 +68,10 @@ impl VerifyCache {
         }
         let digest = digest(alg, key, message, signature);
         if self.lookup(&digest) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.hits.inc();
             return Ok(true);
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.counters.misses.inc();
         let result = check();
         if let Ok(true) = result {
             self.insert(digest);
@@ -94,10 +107,7 @@ impl VerifyCache {
 
     /// (hits, misses) since start.
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        (self.counters.hits.get(), self.counters.misses.get())
     }
 }
 
@@ -156,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_pass_is_remembered_for_exactly_the_same_inputs() {
-        let c = VerifyCache::new(100);
+        let c = VerifyCache::new(100, CacheCounters::default());
         assert_eq!(call(&c, b"k", b"m", b"s", true), (true, true));
         assert_eq!(call(&c, b"k", b"m", b"s", false), (true, false), "hit");
         // Any input different: checked again, and the check's answer stands.
@@ -170,14 +180,14 @@ mod tests {
 
     #[test]
     fn failures_are_never_remembered() {
-        let c = VerifyCache::new(100);
+        let c = VerifyCache::new(100, CacheCounters::default());
         assert_eq!(call(&c, b"k", b"m", b"bad", false), (false, true));
         assert_eq!(call(&c, b"k", b"m", b"bad", false), (false, true));
     }
 
     #[test]
     fn bounded_and_disabled() {
-        let c = VerifyCache::new(4);
+        let c = VerifyCache::new(4, CacheCounters::default());
         for i in 0..10u8 {
             call(&c, b"k", &[i], b"s", true);
         }
@@ -188,7 +198,7 @@ mod tests {
         assert_eq!(call(&c, b"k", &[9], b"s", false), (true, false));
         assert_eq!(call(&c, b"k", &[0], b"s", false), (false, true));
 
-        let off = VerifyCache::new(0);
+        let off = VerifyCache::new(0, CacheCounters::default());
         call(&off, b"k", b"m", b"s", true);
         assert_eq!(call(&off, b"k", b"m", b"s", false), (false, true));
     }

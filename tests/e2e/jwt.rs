@@ -608,3 +608,96 @@ async fn jwt_validate_without_issuers_or_audiences_warns_at_check_and_at_load() 
     })
     .await;
 }
+
+/// The host remembers valid signatures (README, "signature cache"): a token seen before is a
+/// cache hit, a bad signature is never remembered, expiry is still checked on a hit, and
+/// `signature_cache_entries = 0` turns the cache off.
+#[tokio::test]
+async fn the_signature_cache_remembers_only_valid_signatures_and_never_skips_expiry() {
+    const HITS: &str = "tollgate_signature_cache_hits_total";
+    const MISSES: &str = "tollgate_signature_cache_misses_total";
+    let k = Keys::new();
+    let pk = k.rsa.to_public_key();
+    let jwks = serde_json::json!({"keys": [rsa_jwk(&pk.n().to_bytes_be(), &pk.e().to_bytes_be())]});
+    for entries in ["", "signature_cache_entries = 0\n"] {
+        let on = entries.is_empty();
+        let backend = RawBackend::start(echo_frames()).await;
+        let dir = TempDir::new("jwt-cache");
+        plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+        let gw = Gateway::start_in(
+            dir,
+            &format!(
+                "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+                gateway_section(&format!("plugin_dir = \"plugins\"\n{entries}")),
+                rs256_api("chat", &backend.url(), &jwks).replace(
+                    "audiences = [\"chat\"]\n",
+                    "audiences = [\"chat\"]\nclock_skew_seconds = 0\n"
+                ),
+            ),
+        );
+        let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+        let total = || async move {
+            let m = scrape(admin).await;
+            (
+                sample(&m, HITS, &[]).unwrap_or(0.0) as u64,
+                sample(&m, MISSES, &[]).unwrap_or(0.0) as u64,
+            )
+        };
+        // The key probes jwt-validate makes while loading go through the cache too.
+        let at_load = total().await;
+        let counts = || async move {
+            let (h, m) = total().await;
+            (h - at_load.0, m - at_load.1)
+        };
+        // Expires in a few seconds.
+        let exp = now() + 4;
+        let token = rs256_without_kid(&k, &{
+            let mut c = claims("ann");
+            c["exp"] = exp.into();
+            c
+        });
+        for _ in 0..2 {
+            let (head, _) = raw_handshake(addr, "/chat", &bearer(&token)).await;
+            assert_eq!(status_of(&head), 101, "{head}");
+        }
+        // The second one was answered from the cache.
+        assert_eq!(
+            counts().await,
+            if on { (1, 1) } else { (0, 0) },
+            "cache on: {on}"
+        );
+        // A forged signature is checked every time (never remembered).
+        let (h, rest) = token.split_once('.').unwrap();
+        let sig = rest.split_once('.').unwrap().1;
+        let forged = format!("{h}.{}.{sig}", b64(claims("root").to_string().as_bytes()));
+        for _ in 0..2 {
+            let (head, _) = raw_handshake(addr, "/chat", &bearer(&forged)).await;
+            assert_eq!(status_of(&head), 401, "{head}");
+        }
+        assert_eq!(
+            counts().await,
+            if on { (1, 3) } else { (0, 0) },
+            "cache on: {on}"
+        );
+        // Once the token has expired, its remembered signature does not let it in.
+        while now() <= exp {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let logged = gw.records("policy_log").len();
+        let (head, _) = raw_handshake(addr, "/chat", &bearer(&token)).await;
+        assert_eq!(status_of(&head), 401, "{head}");
+        assert_eq!(
+            counts().await,
+            if on { (2, 3) } else { (0, 0) },
+            "cache on: {on}"
+        );
+        wait_until("the refusal's reason", || {
+            gw.records("policy_log").len() > logged
+        })
+        .await;
+        assert_eq!(
+            gw.records("policy_log")[logged]["message"],
+            "token refused: token expired"
+        );
+    }
+}

@@ -206,7 +206,7 @@ async fn end_to_end_headers_forwarded_hop_by_hop_not() {
     let (head, _ws) = ws_connect(
         gw.ws.unwrap(),
         "/echo/room/42?user=ann&x=1",
-        "Origin: https://app.example\r\nCookie: session=abc\r\nAuthorization: Bearer t0k\r\nX-Custom: yes\r\nKeep-Alive: timeout=5\r\nX-Hop: drop-me\r\nConnection: Upgrade, X-Hop\r\nSec-WebSocket-Protocol: p1\r\nX-Forwarded-For: 10.9.8.7\r\nProxy-Authorization: Basic secret\r\n",
+        "Origin: https://app.example\r\nCookie: session=abc\r\nAuthorization: Bearer t0k\r\nX-Custom: yes\r\nKeep-Alive: timeout=5\r\nX-Hop: drop-me\r\nConnection: Upgrade, X-Hop\r\nSec-WebSocket-Protocol: p1\r\nX-Forwarded-For: 10.9.8.7\r\nProxy-Authorization: Basic secret\r\nTE: trailers\r\nTrailer: X-Checksum\r\nProxy-Connection: keep-alive\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n",
     )
     .await;
     assert_eq!(
@@ -244,6 +244,15 @@ async fn end_to_end_headers_forwarded_hop_by_hop_not() {
     assert_eq!(header(&seen, "keep-alive"), None);
     assert_eq!(header(&seen, "x-hop"), None);
     assert_eq!(header(&seen, "proxy-authorization"), None);
+    assert_eq!(header(&seen, "proxy-connection"), None);
+    assert_eq!(header(&seen, "te"), None);
+    assert_eq!(header(&seen, "trailer"), None);
+    // The client's own X-Forwarded-Proto/-Host were replaced (one value each, the gateway's).
+    assert_eq!(headers_all(&seen, "x-forwarded-proto"), vec!["http"]);
+    assert_eq!(
+        headers_all(&seen, "x-forwarded-host"),
+        vec![gw.ws.unwrap().to_string()]
+    );
     // The backend gets its own key, not the client's.
     assert_ne!(
         header(&seen, "sec-websocket-key").as_deref(),
@@ -395,4 +404,223 @@ async fn backend_too_slow_gets_504() {
     assert_eq!(status_of(&head), 504, "{head}");
     assert!(t.elapsed() < Duration::from_secs(5));
     hold.abort();
+}
+
+/// Frames cross verbatim: the backend receives the client's bytes exactly as sent, each
+/// frame's masking key included (the gateway unmasks only a copy, to check text).
+#[tokio::test]
+async fn client_frames_reach_the_backend_byte_for_byte_with_their_masking_keys() {
+    let frames = [
+        encode_frame(
+            true,
+            0,
+            1,
+            "héllo".as_bytes(),
+            Some([0xde, 0xad, 0xbe, 0xef]),
+        ),
+        encode_frame(false, 0, 2, &[7u8; 300], Some([1, 2, 3, 4])),
+        encode_frame(true, 0, 9, b"ping", Some([0x80, 0x80, 0x80, 0x80])),
+        encode_frame(true, 0, 0, b"end", Some([9, 8, 7, 6])),
+    ]
+    .concat();
+    let want = frames.len();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let handler: Handler = Arc::new(move |_h, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            use tokio::io::AsyncReadExt;
+            let mut got = ws.buf.clone();
+            let mut chunk = [0u8; 1024];
+            while got.len() < want {
+                match ws.io.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = tx.send(got);
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let gw = Gateway::start(&manifest(&backend.url(), ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send_raw(&frames).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, frames);
+}
+
+/// A backend that answers its handshake with anything but a valid 101 to what was offered:
+/// 1xx and 2xx become 502; 3xx-5xx reach the client with their body and only Content-Type,
+/// WWW-Authenticate, Retry-After and Location; a 101 with a subprotocol or extension the
+/// client did not offer is a 502. Every answer closes the connection (README, "Backend
+/// handshake").
+#[tokio::test]
+async fn backend_answers_reach_the_client_as_documented() {
+    struct Case {
+        what: &'static str,
+        offer: &'static str,
+        answer: &'static str,
+        status: u16,
+        kept: &'static [(&'static str, &'static str)],
+        body: &'static str,
+    }
+    let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n";
+    let cases = [
+        // Interim answers are skipped; the final one decides.
+        Case {
+            what: "100 Continue, then nothing",
+            offer: "",
+            answer: "HTTP/1.1 100 Continue\r\n\r\n",
+            status: 504,
+            kept: &[],
+            body: "",
+        },
+        Case {
+            what: "103 Early Hints, then 403",
+            offer: "",
+            answer: "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+            status: 403,
+            kept: &[],
+            body: "",
+        },
+        Case {
+            what: "204",
+            offer: "",
+            answer: "HTTP/1.1 204 No Content\r\nX-Internal: 1\r\n\r\n",
+            status: 502,
+            kept: &[],
+            body: "",
+        },
+        Case {
+            what: "302 with Location",
+            offer: "",
+            answer: "HTTP/1.1 302 Found\r\nLocation: wss://other.example/ws\r\nSet-Cookie: s=1\r\nX-Internal: 1\r\nContent-Length: 0\r\n\r\n",
+            status: 302,
+            kept: &[("location", "wss://other.example/ws")],
+            body: "",
+        },
+        Case {
+            what: "401 with WWW-Authenticate",
+            offer: "",
+            answer: "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"api\"\r\nContent-Type: application/json\r\nX-Internal: 1\r\nContent-Length: 17\r\n\r\n{\"error\":\"login\"}",
+            status: 401,
+            kept: &[
+                ("www-authenticate", "Bearer realm=\"api\""),
+                ("content-type", "application/json"),
+            ],
+            body: "{\"error\":\"login\"}",
+        },
+        Case {
+            what: "503 with Retry-After",
+            offer: "",
+            answer: "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Type: text/plain\r\nServer: backend/1.0\r\nContent-Length: 4\r\n\r\nbusy",
+            status: 503,
+            kept: &[("retry-after", "30"), ("content-type", "text/plain")],
+            body: "busy",
+        },
+        Case {
+            what: "101 choosing a subprotocol that was not offered",
+            offer: "Sec-WebSocket-Protocol: p1\r\n",
+            answer: "Sec-WebSocket-Protocol: p2\r\n\r\n",
+            status: 502,
+            kept: &[],
+            body: "",
+        },
+        Case {
+            what: "101 with a subprotocol when none was offered",
+            offer: "",
+            answer: "Sec-WebSocket-Protocol: p1\r\n\r\n",
+            status: 502,
+            kept: &[],
+            body: "",
+        },
+        Case {
+            what: "101 with an extension that was not offered",
+            offer: "",
+            answer: "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            status: 502,
+            kept: &[],
+            body: "",
+        },
+    ];
+    for c in cases {
+        // A backend that answers with `c.answer` (a 101's head completed with the right
+        // accept value for the gateway's key), then waits for the gateway to close.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let answer = c.answer;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (head, _) = read_head(&mut s).await.unwrap();
+            let text = if answer.starts_with("HTTP/") {
+                answer.to_owned()
+            } else {
+                let key = header(&head, "sec-websocket-key").unwrap_or_default();
+                switching.replace("{accept}", &accept_for(&key)) + answer
+            };
+            s.write_all(text.as_bytes()).await.unwrap();
+            use tokio::io::AsyncReadExt;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+            let _ = tx.send(rest.len());
+        });
+        // A short backend_timeout for the backend that never gives a final answer.
+        let gw = Gateway::start(&format!(
+            "{}{}",
+            gateway_section("[gateway.limits]\nbackend_timeout = \"1s\""),
+            api_section("echo", "echo", &format!("ws://{addr}/"), "")
+        ));
+        let (head, mut ws) = raw_handshake(gw.ws.unwrap(), "/echo", c.offer).await;
+        let what = c.what;
+        assert_eq!(status_of(&head), c.status, "{what}:\n{head}");
+        assert_eq!(
+            header(&head, "connection").as_deref(),
+            Some("close"),
+            "{what}:\n{head}"
+        );
+        for (name, value) in c.kept {
+            assert_eq!(
+                header(&head, name).as_deref(),
+                Some(*value),
+                "{what}:\n{head}"
+            );
+        }
+        for dropped in [
+            "x-internal",
+            "set-cookie",
+            "server",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+            "upgrade",
+        ] {
+            assert_eq!(
+                header(&head, dropped),
+                None,
+                "{what}: {dropped} passed on:\n{head}"
+            );
+        }
+        if !c.body.is_empty() {
+            let mut body = ws.buf.clone();
+            use tokio::io::AsyncReadExt;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), ws.io.read_to_end(&mut body)).await;
+            assert_eq!(String::from_utf8_lossy(&body), c.body, "{what}");
+        }
+        assert!(
+            ws.expect_eof(Duration::from_secs(10)).await,
+            "{what}: client left open"
+        );
+        // The backend's connection is closed too, with nothing sent after its answer.
+        let after = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: backend connection left open"));
+        assert_eq!(after, Some(0), "{what}");
+        let r = gw
+            .wait_record("handshake", |r| r["status"] == c.status)
+            .await;
+        assert_eq!(r["api"], "echo", "{what}: {r}");
+    }
 }
