@@ -33,6 +33,13 @@ pub const PROTECTED: &[&str] = &[
 /// refused too.
 pub const PROTECTED_RESPONSE: &[&str] = &["sec-websocket-protocol", "sec-websocket-extensions"];
 
+/// A backend request header a policy may not set, append or remove: [`PROTECTED`] and every
+/// `Sec-WebSocket-*` (the gateway negotiates subprotocols and extensions with the backend on
+/// the client's behalf and checks the answer against the client's offer).
+fn protected_request_header(lower: &str) -> bool {
+    PROTECTED.contains(&lower) || lower.starts_with("sec-websocket-")
+}
+
 fn protected_response_header(lower: &str) -> bool {
     PROTECTED.contains(&lower)
         || PROTECTED_RESPONSE.contains(&lower)
@@ -366,7 +373,7 @@ pub async fn run(
                         wit::HeaderChange::Remove(n) => n.as_str(),
                     };
                     let lower = target.to_ascii_lowercase();
-                    if PROTECTED.contains(&lower.as_str()) {
+                    if protected_request_header(&lower) {
                         return Err(fail(format!(
                             "tried to change protected header `{target}` (Host, Connection, Upgrade, Sec-WebSocket-*, Content-Length and Transfer-Encoding cannot be changed on onHandshake)"
                         )));

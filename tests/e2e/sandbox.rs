@@ -166,6 +166,46 @@ async fn fresh_instances_share_nothing_and_pooled_ones_are_reused_then_recycled(
     );
 }
 
+/// A pooled instance that trapped, ran out of fuel or hit its memory limit is dropped, never
+/// put back: the next handshake gets a fresh one (its count starts again at 1).
+#[tokio::test]
+async fn a_pooled_instance_that_failed_is_replaced() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("pool-fail");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let failures = ["trap", "loop", "alloc"];
+    let apis: String = failures
+        .iter()
+        .map(|f| {
+            probe_api(
+                f,
+                &b,
+                "fail-second",
+                f,
+                "instances = \"pooled\"\nfailure_status = 503\nmemory_limit_bytes = 16777216",
+            )
+        })
+        .collect();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+    for f in failures {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let (head, _ws) = raw_handshake(addr, &format!("/{f}"), "").await;
+            got.push(match status_of(&head) {
+                101 => header(&head, "x-probe").unwrap_or_else(|| panic!("{f}: {head}")),
+                s => s.to_string(),
+            });
+        }
+        // Reused after a failure, the third would say "ok: 3".
+        assert_eq!(got, vec!["ok: 1", "503", "ok: 1", "503"], "{f}");
+    }
+}
+
 #[test]
 fn instance_strategy_errors_name_the_key() {
     let dir = TempDir::new("instances-check");

@@ -13,7 +13,9 @@
 //! a UDP socket and a name lookup; `{"mode": "verify", "arg": "CALLS:BYTES"}` calls
 //! `signatures.verify` CALLS times on a BYTES-long message; `{"mode": "log", "arg": N}` logs N
 //! records of 4000 bytes; `"many"` returns 100,000 empty context values;
-//! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME.
+//! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME; `{"mode": "fail-second",
+//! "arg": "trap" | "loop" | "alloc"}` fails that way in an instance's second call and reports
+//! the count otherwise (a pooled instance that failed must not be reused).
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -197,6 +199,19 @@ impl Policy for Faulty {
                 response_headers: vec![Pair::new("x-huge", "a".repeat(8 * 1024 * 1024))],
                 ..Proceed::default()
             }),
+            "fail-second" => {
+                // An instance's second call fails as `arg` says; the others report the count.
+                static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n == 2 {
+                    let fail = serde_json::json!({ "mode": c.arg }).to_string();
+                    return Faulty::on_handshake(fail, request);
+                }
+                Decision::Proceed(Proceed {
+                    response_headers: vec![Pair::new("x-probe", format!("ok: {n}"))],
+                    ..Proceed::default()
+                })
+            }
             "ok" => Decision::Proceed(Proceed::default()),
             "many" => Decision::Proceed(Proceed {
                 context: vec![Pair::new("", ""); 100_000],
