@@ -213,4 +213,74 @@ mod tests {
         }
         assert!(!restart_needed(&config(&sha('a')), &config(&sha('b'))).is_empty());
     }
+
+    /// The listeners' addresses and the TLS certificate and key are bound at start: any change
+    /// is refused, one message per listener, and nothing else is.
+    #[test]
+    fn listeners_and_tls_need_a_restart() {
+        // The manifest checks that the certificate and key files exist.
+        let dir = std::env::temp_dir().join(format!("tollgate-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["a.pem", "b.pem", "a.key", "b.key"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let manifest = dir.join("m.toml");
+        let m = |listen: &str, tls: &str, admin: &str| {
+            let text = format!(
+                "[gateway]\nname = \"g\"\nlisten = \"{listen}\"\n{tls}\n[admin]\nlisten = \"{admin}\"\n"
+            );
+            crate::manifest::parse(&manifest, &text).unwrap()
+        };
+        let tls = |listen: &str, cert: &str, key: &str| {
+            format!("[gateway.tls]\nlisten = \"{listen}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n")
+        };
+        let base_tls = tls("127.0.0.1:8443", "a.pem", "a.key");
+        let base = m("127.0.0.1:8080", &base_tls, "127.0.0.1:9090");
+        assert!(
+            restart_needed(&base, &m("127.0.0.1:8080", &base_tls, "127.0.0.1:9090")).is_empty()
+        );
+        for (changed, what) in [
+            (
+                m("127.0.0.1:8081", &base_tls, "127.0.0.1:9090"),
+                "gateway.listen",
+            ),
+            (
+                m(
+                    "127.0.0.1:8080",
+                    &tls("127.0.0.1:8444", "a.pem", "a.key"),
+                    "127.0.0.1:9090",
+                ),
+                "gateway.tls",
+            ),
+            (
+                m(
+                    "127.0.0.1:8080",
+                    &tls("127.0.0.1:8443", "b.pem", "a.key"),
+                    "127.0.0.1:9090",
+                ),
+                "gateway.tls",
+            ),
+            (
+                m(
+                    "127.0.0.1:8080",
+                    &tls("127.0.0.1:8443", "a.pem", "b.key"),
+                    "127.0.0.1:9090",
+                ),
+                "gateway.tls",
+            ),
+            (m("127.0.0.1:8080", "", "127.0.0.1:9090"), "gateway.tls"),
+            (
+                m("127.0.0.1:8080", &base_tls, "127.0.0.1:9091"),
+                "admin.listen",
+            ),
+        ] {
+            let r = restart_needed(&base, &changed);
+            assert_eq!(r.len(), 1, "{what}: {r:?}");
+            assert!(
+                r[0].starts_with(what) && r[0].ends_with("needs a restart"),
+                "{r:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

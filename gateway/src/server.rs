@@ -153,6 +153,7 @@ impl Served {
             let tls = if a.backend.tls {
                 if a.insecure_skip_verify {
                     tracing::warn!(
+                        event = "insecure_skip_verify",
                         api = %a.name,
                         backend = %loggable(&a.backend.original, config.gateway.log_query_values),
                         "insecure_skip_verify is set: the backend's certificate is NOT verified; anyone on the path can impersonate it"

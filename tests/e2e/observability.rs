@@ -579,3 +579,37 @@ fn rfc3339_utc_seconds(ts: &str) -> Option<i64> {
     let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + h * 3_600 + min * 60 + s)
 }
+
+/// At start, one `api_served` record per API this gateway serves (name, url_suffix, backend
+/// with query values redacted) and one `api_not_served` per API whose `gateways` list leaves
+/// it out; `listening` names each bound listener.
+#[tokio::test]
+async fn start_records_name_each_api_served_or_not_and_each_listener() {
+    let gw = Gateway::start(&format!(
+        "{}{}{}",
+        gateway_section(""),
+        api_section(
+            "chat",
+            "chat/v1",
+            "ws://127.0.0.1:9/socket?token=s3cret",
+            ""
+        ),
+        api_section(
+            "elsewhere",
+            "else",
+            "ws://127.0.0.1:9/",
+            "gateways = [\"other\"]"
+        )
+    ));
+    let served = gw.wait_record("api_served", |_| true).await;
+    assert_eq!(served["api"], "chat");
+    assert_eq!(served["url_suffix"], "chat/v1");
+    assert_eq!(served["backend"], "ws://127.0.0.1:9/socket?token=REDACTED");
+    assert_eq!(gw.records("api_served").len(), 1);
+    let not = gw.wait_record("api_not_served", |_| true).await;
+    assert_eq!(not["api"], "elsewhere");
+    assert_eq!(not["gateway"], "test");
+    let listening = gw.wait_record("listening", |r| r["scheme"] == "ws").await;
+    assert_eq!(listening["addr"], gw.ws.unwrap().to_string());
+    assert!(!gw.output().contains("s3cret"), "{}", gw.output());
+}

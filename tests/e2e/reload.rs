@@ -316,3 +316,146 @@ async fn gateway_limits_apply_after_a_reload() {
     let r = gw.wait_record("handshake_timeout", |_| true).await;
     assert!(started.elapsed() >= Duration::from_millis(900), "{r}");
 }
+
+/// Every `gateway.limits` value follows a reload, for what starts after it; a connection
+/// established before keeps the limits it started with (README, "Live reload").
+#[tokio::test]
+async fn every_gateway_limit_follows_a_reload_and_established_connections_keep_theirs() {
+    let backend = RawBackend::start(echo_frames()).await;
+    // A backend that accepts and never answers, for backend_timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let text = |limits: &str| {
+        format!(
+            "{}{}{}",
+            gateway_section(&format!("[gateway.limits]\n{limits}")),
+            api_section("echo", "echo", &backend.url(), ""),
+            api_section("silent", "silent", &format!("ws://{silent_addr}/"), "")
+        )
+    };
+    let before = "max_connections = 100\nbackend_timeout = \"30s\"\nidle_timeout = \"10m\"\ndrain_timeout = \"60s\"\nmax_frame_size = 65536\nmax_message_size = 1048576\nmax_header_bytes = 65536\nmax_pending_handshakes = 4096\n";
+    let after = "max_connections = 2\nbackend_timeout = \"1s\"\nidle_timeout = \"1s\"\ndrain_timeout = \"1s\"\nmax_frame_size = 1024\nmax_message_size = 4096\nmax_header_bytes = 8192\nmax_pending_handshakes = 1\n";
+    let mut gw = Gateway::start(&text(before));
+    let addr = gw.ws.unwrap();
+    let big_header = format!("X-Big: {}\r\n", "a".repeat(10_000));
+    let (head, _) = raw_handshake(addr, "/echo", &big_header).await;
+    assert_eq!(status_of(&head), 101, "before the reload: {head}");
+    // Established under the first limits.
+    let (_, mut old) = ws_connect(addr, "/echo", "").await;
+
+    std::fs::write(gw.dir.path().join("tollgate.toml"), text(after)).unwrap();
+    gw.signal("HUP");
+    let r = next_reload(&gw, 0).await;
+    assert_eq!(r["outcome"], "applied", "{r}");
+
+    // max_header_bytes: new handshakes only.
+    let (head, _) = raw_handshake(addr, "/echo", &big_header).await;
+    assert_eq!(status_of(&head), 431, "{head}");
+    // max_connections: `old` and one more.
+    let (_, mut new) = ws_connect(addr, "/echo", "").await;
+    let (head, _) = raw_handshake(addr, "/echo", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    // max_frame_size: 2 KiB is too much for the new connection, not for the old one.
+    let two_k = vec![b'x'; 2048];
+    new.send(true, 2, &two_k).await.unwrap();
+    assert_eq!(
+        new.read_until_close().await.unwrap().close_code(),
+        Some(1009)
+    );
+    old.send(true, 2, &two_k).await.unwrap();
+    assert_eq!(old.read_frame().await.unwrap().payload, two_k);
+    // max_message_size: five 1 KiB fragments are too much for a new connection only.
+    let five_fragments = || {
+        let k = vec![b'y'; 1024];
+        (0..5u8)
+            .flat_map(|i| {
+                encode_frame(i == 4, 0, if i == 0 { 2 } else { 0 }, &k, Some(rand_mask()))
+            })
+            .collect::<Vec<u8>>()
+    };
+    // (The slot `new` held is back once its relay has ended.)
+    let mut fresh = loop {
+        let (head, ws) = raw_handshake(addr, "/echo", "").await;
+        if status_of(&head) == 101 {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    fresh.send_raw(&five_fragments()).await.unwrap();
+    assert_eq!(
+        fresh.read_until_close().await.unwrap().close_code(),
+        Some(1009)
+    );
+    old.send_raw(&five_fragments()).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(old.read_frame().await.unwrap().payload.len(), 1024);
+    }
+    // idle_timeout: a new connection left idle is closed; the old one, idle as long, is not.
+    let mut idle = loop {
+        let (head, ws) = raw_handshake(addr, "/echo", "").await;
+        if status_of(&head) == 101 {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let f = tokio::time::timeout(Duration::from_secs(15), idle.read_until_close())
+        .await
+        .expect("the new idle_timeout did not apply")
+        .unwrap();
+    assert_eq!(f.close_code(), Some(1001));
+    old.send(true, 1, b"still here").await.unwrap();
+    assert_eq!(old.read_frame().await.unwrap().payload, b"still here");
+    // backend_timeout: 1 s now, not 30 s.
+    wait_until("the idle connection's slot", || {
+        // The first connection, `new`, `fresh` and `idle` have ended; `old` is the only one.
+        gw.records("connection_closed").len() >= 4
+    })
+    .await;
+    let started = Instant::now();
+    let (head, _) =
+        tokio::time::timeout(Duration::from_secs(20), raw_handshake(addr, "/silent", ""))
+            .await
+            .expect("the new backend_timeout did not apply");
+    assert_eq!(status_of(&head), 504, "{head}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // max_pending_handshakes: one socket that sends nothing fills it; the next is closed at once.
+    let _pending = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            // Answered: the pending socket was not accepted yet; try again.
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "sockets over max_pending_handshakes are answered"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // drain_timeout: 1 s now; `old` never answers the shutdown's 1001.
+    gw.signal("TERM");
+    let d = gw.wait_record("draining", |_| true).await;
+    assert_eq!(d["drain_timeout_ms"], 1000, "{d}");
+    assert_eq!(
+        old.read_until_close().await.unwrap().close_code(),
+        Some(1001)
+    );
+    gw.wait_record("drain_timeout", |_| true).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

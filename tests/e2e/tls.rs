@@ -64,6 +64,50 @@ async fn wss_backend_needs_trusted_chain_and_matching_name() {
     );
 }
 
+/// `insecure_skip_verify = true` accepts a backend certificate nobody vouches for (and a name
+/// that does not match), and says so loudly: a WARN record at start naming the API, and a
+/// WARN line from `tollgate check`.
+#[tokio::test]
+async fn insecure_skip_verify_connects_to_an_untrusted_backend_and_warns() {
+    let ca = TestCa::new("Nobody's CA");
+    let backend = wss_echo_backend(&ca.leaf(&["other.example"])).await;
+    let dir = TempDir::new("tls-insecure");
+    let manifest = format!(
+        "{}{}",
+        gateway_section(""),
+        api_section(
+            "lab",
+            "lab",
+            &format!("wss://localhost:{}/", backend.port()),
+            "insecure_skip_verify = true"
+        ),
+    );
+    let (code, err, _) = tollgate_check(dir.path(), &manifest);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("insecure_skip_verify") && l.contains("lab")),
+        "{err}"
+    );
+    let gw = Gateway::start_in(dir, &manifest);
+    let warning = gw
+        .wait_record("insecure_skip_verify", |r| r["api"] == "lab")
+        .await;
+    assert_eq!(warning["level"], "WARN");
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("NOT verified"),
+        "{warning}"
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.ws_url("/lab"))
+        .await
+        .unwrap();
+    ws.send(Message::text("anyone")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("anyone"));
+}
+
 #[tokio::test]
 async fn wss_listener_serves_clients() {
     let ca = TestCa::new("Listener CA");
