@@ -4,7 +4,7 @@
 //! `handshake-policy` world in `wit/policy.wit`. This crate holds the generated bindings, so a
 //! policy crate only implements [`Policy`] and calls [`export_policy!`]:
 //!
-//! ```ignore
+//! ```
 //! use tollgate_sdk::{export_policy, Decision, Declaration, HandshakeRequest, Policy, Proceed};
 //!
 //! struct Hello;
@@ -24,6 +24,11 @@
 //!
 //! #[cfg(target_arch = "wasm32")]
 //! export_policy!(Hello with_types_in tollgate_sdk);
+//!
+//! // Natively, the same functions run as plain Rust (this is how a policy is unit-tested):
+//! let config = Hello::configure("{}".into()).unwrap();
+//! let decision = Hello::on_handshake(config, tollgate_sdk::testing::request().build());
+//! assert!(matches!(decision, Decision::Proceed(_)));
 //! ```
 //!
 //! (The `cfg` keeps native builds, which run the policy's unit tests, from trying to link the
@@ -74,8 +79,11 @@ impl Default for Proceed {
 impl HandshakeRequest {
     /// The first value of header `name` (case-insensitive).
     ///
-    /// ```ignore
+    /// ```
+    /// # let request = tollgate_sdk::testing::request().header("Authorization", "Bearer t0k").build();
     /// let token = request.header("authorization");
+    /// assert_eq!(token, Some("Bearer t0k"));
+    /// assert_eq!(request.header("AUTHORIZATION"), token);
     /// ```
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -86,8 +94,11 @@ impl HandshakeRequest {
 
     /// The first value of query parameter `name`.
     ///
-    /// ```ignore
+    /// ```
+    /// # let request = tollgate_sdk::testing::request().query("access_token", "t0k").build();
     /// let token = request.query_param("access_token");
+    /// assert_eq!(token, Some("t0k"));
+    /// assert_eq!(request.query_param("Access_Token"), None); // names are case-sensitive
     /// ```
     pub fn query_param(&self, name: &str) -> Option<&str> {
         self.query
@@ -98,8 +109,10 @@ impl HandshakeRequest {
 
     /// A context value set by an earlier policy, e.g. `jwt.sub`.
     ///
-    /// ```ignore
+    /// ```
+    /// # let request = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
     /// let user = request.context_value("jwt.sub");
+    /// assert_eq!(user, Some("ann"));
     /// ```
     pub fn context_value(&self, key: &str) -> Option<&str> {
         self.context
@@ -112,8 +125,9 @@ impl HandshakeRequest {
 impl Pair {
     /// A name/value pair.
     ///
-    /// ```ignore
+    /// ```
     /// let p = tollgate_sdk::Pair::new("x-user", "ann");
+    /// assert_eq!((p.name.as_str(), p.value.as_str()), ("x-user", "ann"));
     /// ```
     pub fn new(name: impl Into<String>, value: impl Into<String>) -> Pair {
         Pair {
@@ -210,8 +224,13 @@ pub mod host {
 
     /// Writes a line to the gateway's log, tagged with the plugin's name.
     ///
-    /// ```ignore
-    /// tollgate_sdk::host::log(tollgate_sdk::host::Level::Info, "token expired");
+    /// ```
+    /// use tollgate_sdk::host::{log, Level};
+    /// log(Level::Info, "token expired");
+    /// // In a native test the line is captured instead:
+    /// let logged = tollgate_sdk::testing::take_logs();
+    /// assert!(matches!(logged[0].0, Level::Info));
+    /// assert_eq!(logged[0].1, "token expired");
     /// ```
     pub fn log(level: Level, message: &str) {
         #[cfg(target_arch = "wasm32")]
@@ -223,9 +242,13 @@ pub mod host {
     /// Verifies a signature natively in the host. `Ok(false)`: it does not verify; `Err`: the
     /// key cannot be used with `alg` (a key is only used with its own family).
     ///
-    /// ```ignore
+    /// ```
     /// use tollgate_sdk::host::{verify, Algorithm, Key};
-    /// let ok = verify(Algorithm::Hs256, &Key::Secret(b"k".to_vec()), b"msg", &tag)?;
+    /// let secret = Key::Secret(b"k".to_vec());
+    /// // A tag that was not made with this secret does not verify...
+    /// assert_eq!(verify(Algorithm::Hs256, &secret, b"msg", &[0u8; 32]), Ok(false));
+    /// // ...and a secret is never used as an RSA key.
+    /// assert!(verify(Algorithm::Rs256, &secret, b"msg", &[0u8; 256]).is_err());
     /// ```
     pub fn verify(
         alg: Algorithm,
