@@ -107,7 +107,7 @@ struct RawListenerTls {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
-    max_connections: Option<usize>,
+    max_connections: Option<Spanned<usize>>,
     #[serde(default, with = "humantime_serde")]
     handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -125,7 +125,7 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawApiLimits {
-    max_connections: Option<usize>,
+    max_connections: Option<Spanned<usize>>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     /// Longest a connection may live, however busy (close 1001 to both sides); `0s` = off.
@@ -211,7 +211,7 @@ struct RawKeyPair {
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawAttachment {
-    plugin: String,
+    plugin: Spanned<String>,
     #[serde(default)]
     config: Option<toml::Table>,
     /// CPU budget per call, in wasmtime fuel units (roughly instructions).
@@ -221,13 +221,13 @@ struct RawAttachment {
     /// Wall-clock deadline per call, e.g. "500ms" (humantime).
     timeout: Option<Spanned<String>>,
     /// Status the client gets when the plugin fails (trap, budget, bad result).
-    failure_status: Option<u16>,
+    failure_status: Option<Spanned<u16>>,
     #[serde(default)]
     grants: RawGrants,
     /// `fresh` (default) or `pooled`: see [`Instances`].
-    instances: Option<String>,
+    instances: Option<Spanned<String>>,
     /// With `pooled`: handshakes one warm instance serves before it is discarded.
-    pool_max_uses: Option<u64>,
+    pool_max_uses: Option<Spanned<u64>>,
 }
 
 /// What an attachment opens up in the sandbox; everything is denied unless listed here.
@@ -236,7 +236,7 @@ struct RawAttachment {
 struct RawGrants {
     /// Directories (relative to the manifest) the plugin may read, under the same relative name.
     #[serde(default)]
-    read_dirs: Vec<String>,
+    read_dirs: Vec<Spanned<String>>,
     /// Environment variables of the gateway's process the plugin may read.
     #[serde(default)]
     env: Vec<String>,
@@ -769,6 +769,7 @@ impl<'a> Validator<'a> {
                 .and_then(|kf| kf.entries.get_key_value(name.as_str()))
                 .map(|(k, v)| (k.span(), v.primary.clone(), v.secondary.clone()));
             let mut keys = Vec::new();
+            let errors_before_keys = self.errors.len();
             for (slot, env, sha) in [
                 ("primary", &r.primary_key_env, &r.primary_key_sha256),
                 ("secondary", &r.secondary_key_env, &r.secondary_key_sha256),
@@ -782,9 +783,15 @@ impl<'a> Validator<'a> {
                 });
                 let sources = env.is_some() as u8 + sha.is_some() as u8 + file_key.is_some() as u8;
                 if sources > 1 {
+                    // At the manifest's own source of the key (the keys file is the other).
+                    let (span, field) = match (env, sha) {
+                        (Some(e), _) => (e.span(), "key_env"),
+                        (None, Some(h)) => (h.span(), "key_sha256"),
+                        (None, None) => (sub.span(), "key_env"),
+                    };
                     self.err(
-                        sub.span(),
-                        format!("{path}.{slot}_key_env"),
+                        span,
+                        format!("{path}.{slot}_{field}"),
                         format!("subscription `{name}` has its {slot} key in more than one place ({slot}_key_env, {slot}_key_sha256, subscription_keys_file): keep one"),
                     );
                     continue;
@@ -827,7 +834,8 @@ impl<'a> Validator<'a> {
                     }
                 }
             }
-            if keys.is_empty() && !self.errors.iter().any(|e| e.key.starts_with(&path)) {
+            // A subscription whose key was wrong has been told so already.
+            if keys.is_empty() && self.errors.len() == errors_before_keys {
                 self.err(
                     sub.span(),
                     path.clone(),
@@ -924,6 +932,15 @@ impl<'a> Validator<'a> {
             p.to_owned()
         } else {
             self.base.join(p)
+        }
+    }
+
+    /// Whether `dir` (an existing directory below the manifest's, by name) is still below it
+    /// once every symbolic link on the way is followed.
+    fn stays_below_manifest_dir(&self, dir: &Path) -> bool {
+        match (self.base.canonicalize(), dir.canonicalize()) {
+            (Ok(base), Ok(real)) => real.starts_with(base),
+            _ => false,
         }
     }
 
@@ -1151,6 +1168,13 @@ impl<'a> Validator<'a> {
             }
             let on_handshake =
                 self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
+            if let Some(m) = a.limits.max_connections.as_ref().filter(|m| *m.get_ref() == 0) {
+                self.err(
+                    m.span(),
+                    format!("apis[{i}].limits.max_connections"),
+                    "must be at least 1 (0 would refuse every handshake; remove the API to shut it)",
+                );
+            }
             let Some(backend) = backend else { continue };
             let served = a.gateways.is_empty() || a.gateways.contains(&name);
             if !served {
@@ -1165,7 +1189,7 @@ impl<'a> Validator<'a> {
                 schemes,
                 products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
                 subscription_key,
-                max_connections: a.limits.max_connections,
+                max_connections: a.limits.max_connections.as_ref().map(|m| *m.get_ref()),
                 limits: ConnLimits {
                     idle_timeout: match a.limits.idle_timeout {
                         Some(d) if d.is_zero() => None,
@@ -1243,16 +1267,16 @@ impl<'a> Validator<'a> {
         for (n, a) in list.iter().enumerate() {
             let r = a.get_ref();
             let (line, _) = line_col(self.text, a.span().start);
-            let failure_status = r.failure_status.unwrap_or(500);
-            if !(400..=599).contains(&failure_status) {
+            let failure_status = r.failure_status.as_ref().map_or(500, |f| *f.get_ref());
+            if let Some(f) = r.failure_status.as_ref().filter(|_| !(400..=599).contains(&failure_status)) {
                 self.err(
-                    a.span(),
+                    f.span(),
                     format!("{key}[{n}].failure_status"),
                     "must be between 400 and 599",
                 );
             }
-            if r.plugin.trim().is_empty() {
-                self.err(a.span(), format!("{key}[{n}].plugin"), "must name a plugin");
+            if r.plugin.get_ref().trim().is_empty() {
+                self.err(r.plugin.span(), format!("{key}[{n}].plugin"), "must name a plugin");
             }
             let timeout =
                 r.timeout.as_ref().and_then(
@@ -1284,36 +1308,49 @@ impl<'a> Validator<'a> {
                 env: r.grants.env.clone(),
                 clock: r.grants.clock,
             };
-            for d in &r.grants.read_dirs {
+            for (k, entry) in r.grants.read_dirs.iter().enumerate() {
+                let d = entry.get_ref();
                 let rel = d.trim_end_matches('/');
                 let host = self.resolve(rel);
+                let site = format!("{key}[{n}].grants.read_dirs[{k}]");
                 if rel.is_empty()
                     || Path::new(rel).is_absolute()
                     || rel.split('/').any(|c| c == "..")
                 {
                     self.err(
-                        a.span(),
-                        format!("{key}[{n}].grants.read_dirs"),
+                        entry.span(),
+                        site,
                         format!("`{d}` must be a relative path below the manifest's directory"),
                     );
                 } else if !host.is_dir() {
                     self.err(
-                        a.span(),
-                        format!("{key}[{n}].grants.read_dirs"),
+                        entry.span(),
+                        site,
                         format!("`{}` is not a directory", host.display()),
+                    );
+                } else if !self.stays_below_manifest_dir(&host) {
+                    // A symbolic link (the directory or one on its way) that leads out: the
+                    // sandbox would open whatever it points at.
+                    self.err(
+                        entry.span(),
+                        site,
+                        format!("`{d}` leads outside the manifest's directory (through a symbolic link); grant the real directory below it instead"),
                     );
                 } else {
                     grants.read_dirs.push((host, rel.to_owned()));
                 }
             }
-            let instances = match (r.instances.as_deref(), r.pool_max_uses) {
+            let instances = match (
+                r.instances.as_ref().map(|i| i.get_ref().as_str()),
+                r.pool_max_uses.as_ref().map(|u| *u.get_ref()),
+            ) {
                 (None | Some("fresh"), None) => Instances::Fresh,
                 (Some("pooled"), uses) if uses != Some(0) => Instances::Pooled {
                     max_uses: uses.unwrap_or(DEFAULT_POOL_MAX_USES),
                 },
                 (Some("pooled"), _) => {
                     self.err(
-                        a.span(),
+                        r.pool_max_uses.as_ref().map_or(a.span(), |u| u.span()),
                         format!("{key}[{n}].pool_max_uses"),
                         "must be at least 1",
                     );
@@ -1321,7 +1358,7 @@ impl<'a> Validator<'a> {
                 }
                 (None | Some("fresh"), Some(_)) => {
                     self.err(
-                        a.span(),
+                        r.pool_max_uses.as_ref().map_or(a.span(), |u| u.span()),
                         format!("{key}[{n}].pool_max_uses"),
                         "only applies with instances = \"pooled\"",
                     );
@@ -1329,7 +1366,7 @@ impl<'a> Validator<'a> {
                 }
                 (Some(other), _) => {
                     self.err(
-                        a.span(),
+                        r.instances.as_ref().map_or(a.span(), |i| i.span()),
                         format!("{key}[{n}].instances"),
                         format!("`{other}` is not an instance strategy; use \"fresh\" (a new instance per handshake, the default) or \"pooled\" (warm instances reused)"),
                     );
@@ -1337,7 +1374,7 @@ impl<'a> Validator<'a> {
                 }
             };
             out.push(Attachment {
-                plugin: r.plugin.clone(),
+                plugin: r.plugin.get_ref().clone(),
                 config: r.config.clone().unwrap_or_default(),
                 fuel: r.fuel,
                 memory_limit_bytes: r.memory_limit_bytes,
@@ -1458,8 +1495,20 @@ impl<'a> Validator<'a> {
             Some(v) => *v.get_ref(),
             None => d.max_pending_handshakes,
         };
+        let max_connections = match &l.max_connections {
+            Some(v) if *v.get_ref() == 0 => {
+                self.err(
+                    v.span(),
+                    "gateway.limits.max_connections",
+                    "must be at least 1 (0 would refuse every handshake)",
+                );
+                d.max_connections
+            }
+            Some(v) => *v.get_ref(),
+            None => d.max_connections,
+        };
         Limits {
-            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            max_connections,
             handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
             backend_timeout: l.backend_timeout.unwrap_or(d.backend_timeout),
             idle_timeout: match l.idle_timeout {
