@@ -237,7 +237,7 @@ pub fn build(
             match host.configure(plugin, &config_json, budget, &att.grants) {
                 Ok(p) => p,
                 Err(e) => {
-                    errors.push(format!("{}: {e}", att.location));
+                    errors.push(format!("{}: {e}", att.config_location));
                     continue;
                 }
             }

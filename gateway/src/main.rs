@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tollgate::{logging, manifest, server::Gateway};
+use tollgate::{logging, manifest, server::Gateway, server::StartError};
 
 #[derive(Parser)]
 #[command(
@@ -152,7 +152,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
         Err(errors) => {
             for e in &errors {
-                eprintln!("{}: {e}", path.display());
+                match e {
+                    StartError::Located(_) => eprintln!("{e}"),
+                    _ => eprintln!("{}: {e}", path.display()),
+                }
             }
             eprintln!("{} error(s) in {}", errors.len(), path.display());
             ExitCode::from(1)
@@ -186,16 +189,31 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(errors) => {
             for e in &errors {
                 tracing::error!(error = %e, "cannot start");
-                eprintln!("{}: {e}", path.display());
+                match e {
+                    StartError::Located(_) => eprintln!("{e}"),
+                    _ => eprintln!("{}: {e}", path.display()),
+                }
             }
             return ExitCode::from(1);
         }
     };
     runtime.block_on(async move {
-        tokio::spawn(tollgate::reload::watch(gw.clone(), path.to_owned()));
+        // Every signal handler is installed before `run` binds the listeners: a signal sent as
+        // soon as the gateway logs `listening` must not meet the default action (exit).
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = signal(SignalKind::hangup())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file changes only");
+            })
+            .ok();
+        let stop = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        tokio::spawn(tollgate::reload::watch(gw.clone(), path.to_owned(), hup));
         let shutdown = gw.shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(stop).await;
             shutdown.cancel();
         });
         match gw.run().await {
@@ -209,11 +227,11 @@ fn run(path: &std::path::Path) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
+type SignalStream = std::io::Result<tokio::signal::unix::Signal>;
+
+/// Returns at the first SIGTERM or SIGINT (or Ctrl-C, if the handlers could not be installed).
+async fn wait_for_signal(stop: (SignalStream, SignalStream)) {
+    match stop {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! {
                 _ = t.recv() => {}

@@ -213,7 +213,7 @@ struct RawKeyPair {
 struct RawAttachment {
     plugin: Spanned<String>,
     #[serde(default)]
-    config: Option<toml::Table>,
+    config: Option<Spanned<toml::Table>>,
     /// CPU budget per call, in wasmtime fuel units (roughly instructions).
     fuel: Option<u64>,
     /// Memory cap per call.
@@ -272,6 +272,9 @@ pub struct GatewayConfig {
     /// `wss` listener.
     pub tls: Option<ListenerTls>,
     pub plugin_dir: Option<PathBuf>,
+    /// Where `plugin_dir` is written, in the manifest's error form, for errors about the
+    /// directory's contents (two plugins declaring one name).
+    pub plugin_dir_location: Option<String>,
     /// Compiled-plugin cache; `None`: the user's cache directory (see `policy::default_cache_dir`).
     pub plugin_cache_dir: Option<PathBuf>,
     /// See `verify_cache`; default `verify_cache::DEFAULT_ENTRIES`, 0 disables it.
@@ -519,8 +522,12 @@ pub struct Attachment {
     pub failure_status: u16,
     pub grants: Grants,
     pub instances: Instances,
-    /// Where it is written, for error messages: `file:line`.
+    /// Where it is written, for error messages about the plugin it names, in the manifest's
+    /// own error form: ``file:line:column: key `apis[0].on_handshake[0].plugin` ``.
     pub location: String,
+    /// The same for its `config` (where a plugin's refusal of its config points), or the
+    /// plugin's location when there is no config table.
+    pub config_location: String,
 }
 
 /// How an attachment's plugin is instantiated for handshakes.
@@ -935,6 +942,13 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// `file:line:column: key `key`` for the byte offset `at` of the manifest, the prefix of
+    /// errors found after parsing (in the plugins an attachment names).
+    fn site(&self, at: usize, key: &str) -> String {
+        let (line, column) = line_col(self.text, at);
+        format!("{}:{line}:{column}: key `{key}`", self.file.display())
+    }
+
     /// Whether `dir` (an existing directory below the manifest's, by name) is still below it
     /// once every symbolic link on the way is followed.
     fn stays_below_manifest_dir(&self, dir: &Path) -> bool {
@@ -998,6 +1012,15 @@ impl<'a> Validator<'a> {
             );
         }
         let plugin_dir = g.plugin_dir.as_ref().map(|d| self.resolve(d.get_ref()));
+        if let (Some(d), Some(dir)) = (&g.plugin_dir, &plugin_dir) {
+            if let Err(e) = std::fs::read_dir(dir) {
+                self.err(
+                    d.span(),
+                    "gateway.plugin_dir",
+                    format!("cannot read directory `{}`: {e}", dir.display()),
+                );
+            }
+        }
         let plugin_cache_dir = g
             .plugin_cache_dir
             .as_ref()
@@ -1168,7 +1191,12 @@ impl<'a> Validator<'a> {
             }
             let on_handshake =
                 self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
-            if let Some(m) = a.limits.max_connections.as_ref().filter(|m| *m.get_ref() == 0) {
+            if let Some(m) = a
+                .limits
+                .max_connections
+                .as_ref()
+                .filter(|m| *m.get_ref() == 0)
+            {
                 self.err(
                     m.span(),
                     format!("apis[{i}].limits.max_connections"),
@@ -1242,6 +1270,10 @@ impl<'a> Validator<'a> {
                 listen,
                 tls,
                 plugin_dir,
+                plugin_dir_location: g
+                    .plugin_dir
+                    .as_ref()
+                    .map(|d| self.site(d.span().start, "gateway.plugin_dir")),
                 plugin_cache_dir,
                 signature_cache_entries: g
                     .signature_cache_entries
@@ -1266,9 +1298,12 @@ impl<'a> Validator<'a> {
         let mut out = Vec::new();
         for (n, a) in list.iter().enumerate() {
             let r = a.get_ref();
-            let (line, _) = line_col(self.text, a.span().start);
             let failure_status = r.failure_status.as_ref().map_or(500, |f| *f.get_ref());
-            if let Some(f) = r.failure_status.as_ref().filter(|_| !(400..=599).contains(&failure_status)) {
+            if let Some(f) = r
+                .failure_status
+                .as_ref()
+                .filter(|_| !(400..=599).contains(&failure_status))
+            {
                 self.err(
                     f.span(),
                     format!("{key}[{n}].failure_status"),
@@ -1276,7 +1311,11 @@ impl<'a> Validator<'a> {
                 );
             }
             if r.plugin.get_ref().trim().is_empty() {
-                self.err(r.plugin.span(), format!("{key}[{n}].plugin"), "must name a plugin");
+                self.err(
+                    r.plugin.span(),
+                    format!("{key}[{n}].plugin"),
+                    "must name a plugin",
+                );
             }
             let timeout =
                 r.timeout.as_ref().and_then(
@@ -1375,14 +1414,22 @@ impl<'a> Validator<'a> {
             };
             out.push(Attachment {
                 plugin: r.plugin.get_ref().clone(),
-                config: r.config.clone().unwrap_or_default(),
+                config: r
+                    .config
+                    .as_ref()
+                    .map(|c| c.get_ref().clone())
+                    .unwrap_or_default(),
                 fuel: r.fuel,
                 memory_limit_bytes: r.memory_limit_bytes,
                 timeout,
                 failure_status,
                 grants,
                 instances,
-                location: format!("{}:{line}", self.file.display()),
+                location: self.site(r.plugin.span().start, &format!("{key}[{n}].plugin")),
+                config_location: match &r.config {
+                    Some(c) => self.site(c.span().start, &format!("{key}[{n}].config")),
+                    None => self.site(r.plugin.span().start, &format!("{key}[{n}].plugin")),
+                },
             });
         }
         self.has_policies |= !out.is_empty();
@@ -1760,9 +1807,7 @@ mod tests {
     fn attachment_timeout_is_a_positive_duration_located_by_line_and_key() {
         let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\n";
         let att = |t: &str| {
-            format!(
-                "{BASE}plugin_dir = \"plugins\"\n{api}[[apis.on_handshake]]\nplugin = \"p\"\n{t}\n"
-            )
+            format!("{BASE}plugin_dir = \".\"\n{api}[[apis.on_handshake]]\nplugin = \"p\"\n{t}\n")
         };
         let c = p(&att("timeout = \"500ms\"")).unwrap();
         assert_eq!(

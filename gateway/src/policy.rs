@@ -121,6 +121,14 @@ pub enum PolicyError {
     ForbiddenImport { path: String, import: String },
     #[error("{path}: does not implement the tollgate:policy handshake-policy world: {message}")]
     WrongWorld { path: String, message: String },
+    #[error("{path}: declares the plugin name `{name}`, already declared by {other}; names in plugin_dir are unique (attachments refer to plugins by them)")]
+    DuplicateName {
+        path: String,
+        name: String,
+        other: String,
+    },
+    #[error("{path}: cannot read plugin_dir: {message}")]
+    UnreadableDir { path: String, message: String },
     #[error("plugin `{plugin}`: {message}")]
     Call { plugin: String, message: String },
     #[error("plugin `{plugin}` refused its config: {message}")]
@@ -808,9 +816,9 @@ impl PolicyHost {
                 .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
                 .collect(),
             Err(e) => {
-                errors.push(PolicyError::NotAComponent {
+                errors.push(PolicyError::UnreadableDir {
                     path: dir.display().to_string(),
-                    message: format!("cannot read plugin_dir: {e}"),
+                    message: e.to_string(),
                 });
                 return (plugins, errors);
             }
@@ -820,13 +828,10 @@ impl PolicyHost {
             match self.load(&f) {
                 Ok(p) => {
                     if let Some(other) = plugins.iter().find(|o: &&Plugin| o.name == p.name) {
-                        errors.push(PolicyError::WrongWorld {
+                        errors.push(PolicyError::DuplicateName {
                             path: f.display().to_string(),
-                            message: format!(
-                                "declares the name `{}`, already declared by {}",
-                                p.name,
-                                other.path.display()
-                            ),
+                            name: p.name.clone(),
+                            other: other.path.display().to_string(),
                         });
                     } else {
                         plugins.push(p);

@@ -137,15 +137,15 @@ fn fingerprint(
 }
 
 /// Reloads on SIGHUP and on settled changes of the manifest or `plugin_dir`, until shutdown.
-pub async fn watch(gw: Arc<Gateway>, manifest: PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file changes only");
-            None
-        }
-    };
+///
+/// `hup`: the SIGHUP stream, installed by the caller before the listeners are bound (a SIGHUP
+/// that arrived before any handler would end the process); `None` reloads on file changes
+/// only.
+pub async fn watch(
+    gw: Arc<Gateway>,
+    manifest: PathBuf,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
     // The plugin directory and keys file of the manifest as it is now (they may move with a
     // reload).
     let dir = |gw: &Gateway| {

@@ -38,6 +38,9 @@ pub enum StartError {
     Api { api: String, message: String },
     #[error("{0}")]
     Plugin(String),
+    /// Already in the manifest's `file:line:column: key` form (an attachment's plugin).
+    #[error("{0}")]
+    Located(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -125,7 +128,12 @@ impl Served {
             match made {
                 Ok(h) => {
                     let (loaded, errs) = h.load_dir(dir);
-                    errors.extend(errs.into_iter().map(|e| StartError::Plugin(e.to_string())));
+                    errors.extend(errs.into_iter().map(
+                        |e| match &config.gateway.plugin_dir_location {
+                            Some(at) => StartError::Located(format!("{at}: {e}")),
+                            None => StartError::Plugin(e.to_string()),
+                        },
+                    ));
                     for p in loaded {
                         tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
                             capabilities = ?p.capabilities, path = %p.path.display(),
@@ -144,7 +152,7 @@ impl Served {
                 Some(h) => match crate::chain::build(h, &plugins, &config, a, metrics) {
                     Ok(c) => c,
                     Err(errs) => {
-                        errors.extend(errs.into_iter().map(StartError::Plugin));
+                        errors.extend(errs.into_iter().map(StartError::Located));
                         continue;
                     }
                 },
