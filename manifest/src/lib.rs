@@ -5,6 +5,10 @@
 //! line and column, and the dotted key it is about, so an operator can jump straight to it.
 //! Validation collects *all* errors rather than stopping at the first, because `tollgate check`
 //! promises to report every problem in one run.
+//!
+//! A crate of its own, without the wasm engine or any I/O besides reading the manifest and
+//! keys file, so the parsers can be fuzzed (`fuzz/`) and the gateway re-exports it as
+//! `tollgate::manifest`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -16,6 +20,10 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::Deserialize;
 use toml::Spanned;
+
+/// Signatures the host's `signatures.verify` remembers as valid when the manifest does not say
+/// (`gateway.signature_cache_entries`).
+pub const DEFAULT_SIGNATURE_CACHE_ENTRIES: usize = 10_000;
 
 /// One problem in a manifest, located precisely.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,7 +308,7 @@ pub struct AdminConfig {
     /// Names (besides the loopback names and the listener's own addresses) a request's `Host`
     /// may carry: a page on another site that rebinds its DNS name to this address still sends
     /// its own name, and is refused.
-    pub allowed_hosts: Vec<crate::admin::HostName>,
+    pub allowed_hosts: Vec<tollgate_edge::host::HostName>,
     /// SHA-256 of the token every request but the health checks (and the console's static
     /// page) must carry as `Authorization: Bearer`; `None`: no token required. Only the digest
     /// is kept, as for subscription keys.
@@ -571,6 +579,25 @@ pub fn load(path: &Path) -> Result<Config, ManifestErrors> {
 /// Parses and validates manifest text; `path` is used for error messages and to resolve
 /// relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ManifestErrors> {
+    parse_inner(path, text, None)
+}
+
+/// As [`parse`], with the text of `gateway.subscription_keys_file` given instead of read from
+/// disk (the file's path is still resolved for error messages). Lets tests and the fuzz targets
+/// run the keys file through the same validation without touching the filesystem.
+pub fn parse_with_keys_file(
+    path: &Path,
+    text: &str,
+    keys_file_text: &str,
+) -> Result<Config, ManifestErrors> {
+    parse_inner(path, text, Some(keys_file_text))
+}
+
+fn parse_inner(
+    path: &Path,
+    text: &str,
+    keys_file_text: Option<&str>,
+) -> Result<Config, ManifestErrors> {
     let raw: RawManifest = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let (line, column) = line_col(text, span.start);
@@ -585,7 +612,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ManifestErrors> {
             message,
         }])
     })?;
-    Validator::new(path, text).validate(raw)
+    let mut v = Validator::new(path, text);
+    v.keys_file_text = keys_file_text.map(str::to_owned);
+    v.validate(raw)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -627,6 +656,8 @@ struct Validator<'a> {
     has_policies: bool,
     /// Where each subscription is written (key path, span), for errors found later.
     sub_sites: HashMap<String, (String, Range<usize>)>,
+    /// The keys file's text when the caller has it already ([`parse_with_keys_file`]).
+    keys_file_text: Option<String>,
 }
 
 /// The subscription keys file, parsed; `used` collects the subscriptions that took a key from it.
@@ -650,6 +681,7 @@ impl<'a> Validator<'a> {
             errors: Vec::new(),
             has_policies: false,
             sub_sites: HashMap::new(),
+            keys_file_text: None,
         }
     }
 
@@ -675,7 +707,11 @@ impl<'a> Validator<'a> {
     /// Reads and parses `gateway.subscription_keys_file`.
     fn keys_file(&mut self, f: &Spanned<String>) -> Option<KeysFile> {
         let path = self.resolve(f.get_ref());
-        let text = match std::fs::read_to_string(&path) {
+        let read = match self.keys_file_text.take() {
+            Some(t) => Ok(t),
+            None => std::fs::read_to_string(&path),
+        };
+        let text = match read {
             Ok(t) => t,
             Err(e) => {
                 self.err(
@@ -1221,7 +1257,7 @@ impl<'a> Validator<'a> {
                 plugin_cache_dir,
                 signature_cache_entries: g
                     .signature_cache_entries
-                    .unwrap_or(crate::verify_cache::DEFAULT_ENTRIES),
+                    .unwrap_or(DEFAULT_SIGNATURE_CACHE_ENTRIES),
                 subscription_keys_file: g
                     .subscription_keys_file
                     .as_ref()
@@ -1358,7 +1394,7 @@ impl<'a> Validator<'a> {
         let listen = self.addr(&a.listen, "admin.listen");
         let mut allowed_hosts = Vec::new();
         for (i, h) in a.allowed_hosts.iter().enumerate() {
-            match crate::admin::HostName::parse(h.get_ref()) {
+            match tollgate_edge::host::HostName::parse(h.get_ref()) {
                 Ok(name) => allowed_hosts.push(name),
                 Err(e) => self.err(
                     h.span(),
