@@ -602,8 +602,8 @@ fn parse_inner(
         let span = e.span().unwrap_or(0..0);
         let (line, column) = line_col(text, span.start);
         let key = key_at(text, &span);
-        // toml's message already names unknown fields and expected types; keep it one line.
-        let message = e.message().replace('\n', " ");
+        // toml's message already names unknown fields and expected types.
+        let message = toml_message(&e);
         ManifestErrors(vec![ManifestError {
             file: path.to_owned(),
             line,
@@ -615,6 +615,48 @@ fn parse_inner(
     let mut v = Validator::new(path, text);
     v.keys_file_text = keys_file_text.map(str::to_owned);
     v.validate(raw)
+}
+
+/// toml's message for a parse error, made fit for an operator's terminal: on one line, never
+/// empty (toml gives some syntax errors, such as a control character in a comment, no words of
+/// their own), and with every string value it quotes replaced (`invalid type: string "..."`
+/// would otherwise print a key written where a table was expected, from the keys file, into
+/// `tollgate check` output and logs).
+fn toml_message(e: &toml::de::Error) -> String {
+    let message = redact_strings(&e.message().replace('\n', " "));
+    if message.trim().is_empty() {
+        "invalid TOML here (e.g. a control character, or a character TOML does not allow at this place)".into()
+    } else {
+        message
+    }
+}
+
+/// Replaces each `string "..."` (serde's wording for an unexpected string value, Debug-escaped)
+/// with `a string`.
+fn redact_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let after = &rest[at + QUOTED.len()..];
+        // The value ends at the first quote not escaped with a backslash.
+        let mut escaped = false;
+        let end = after.char_indices().find_map(|(i, c)| {
+            let closes = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes.then_some(i + 1)
+        });
+        match end {
+            Some(end) => rest = &after[end..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -640,6 +682,10 @@ fn key_at(text: &str, span: &Range<usize>) -> String {
         .rfind('\n')
         .map_or(0, |i| i + 1);
     let line = text[start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('#') {
+        // A comment names no key (and may hold anything).
+        return String::new();
+    }
     if let Some((k, _)) = line.split_once('=') {
         return k.trim().to_owned();
     }
@@ -743,7 +789,7 @@ impl<'a> Validator<'a> {
                     key,
                     format!(
                         "{} (expected one table per subscription: [NAME] primary = \"...\" secondary = \"...\")",
-                        e.message().replace('\n', " ")
+                        toml_message(&e)
                     ),
                 );
                 None
@@ -1903,5 +1949,40 @@ mod tests {
         assert_eq!(b.request_target("/a", None), "/a");
         assert!(parse_backend("http://h/").is_err());
         assert!(parse_backend("ws:///x").is_err());
+    }
+
+    /// Found by the `keys_file` fuzz target: a key written as a plain value instead of a table
+    /// came back in toml's message (`invalid type: string "..."`).
+    #[test]
+    fn a_keys_file_value_is_never_echoed_even_in_the_wrong_place() {
+        let text = "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\nsubscription_keys_file = \"keys.toml\"\n";
+        let secret = "alice-key-0123456789\\\"x";
+        let keys = format!("alice = \"{secret}\"\n");
+        let e = parse_with_keys_file(Path::new("/tmp/m.toml"), text, &keys).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("alice-key"), "{shown}");
+        assert!(
+            shown.contains("keys.toml:1:") && shown.contains("invalid type: a string, expected"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_strings(r#"string "a\"b" and string "c""#),
+            "a string and a string"
+        );
+        assert_eq!(redact_strings(r#"cut string "abc"#), "cut a string");
+    }
+
+    /// Found by the `manifest` fuzz target: a control character in a comment gave an error with
+    /// an empty message and the comment's text as its key.
+    #[test]
+    fn every_parse_error_says_what_is_wrong() {
+        let e = p(&format!(
+            "{BASE}# a comment \u{1}\0 with control characters\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(!e.0[0].message.trim().is_empty(), "{e}");
+        assert_eq!(e.0[0].key, "", "{e}");
+        assert_eq!(e.0[0].line, 4, "{e}");
     }
 }
