@@ -29,7 +29,6 @@
 //! [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] in it (over it: 431).
 
 use std::convert::Infallible;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,6 +44,7 @@ use tokio::net::TcpListener;
 
 use crate::manifest::{AdminConfig, KeyDigest};
 use crate::server::Gateway;
+pub use tollgate_edge::host::{HostError, HostName};
 
 /// Admin connections served at once; one more is closed as soon as it is accepted. Scrapers,
 /// probes and a few console tabs need a handful; the cap keeps a flood from holding memory
@@ -57,101 +57,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most header fields in a request head; over it: 431.
 pub const MAX_HEADERS: usize = 64;
-
-/// A name a request may address the admin listener by, as written in a `Host` header:
-/// lower-case, an IPv6 address bracketed and in canonical form, a trailing dot dropped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostName {
-    name: String,
-    /// `None`: written without a port (in `allowed_hosts`: with or without the listener's port).
-    port: Option<u16>,
-}
-
-/// Why a string is not a [`HostName`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
-    #[error("empty host name")]
-    Empty,
-    #[error("not a host name: expected a DNS name, an IPv4 address or a bracketed IPv6 address, optionally followed by :PORT")]
-    Malformed,
-    #[error("the port must be a number from 1 to 65535")]
-    BadPort,
-}
-
-impl HostName {
-    /// Parses `name`, `name:port`, `[v6]` or `[v6]:port`.
-    pub fn parse(s: &str) -> Result<HostName, HostError> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(HostError::Empty);
-        }
-        if let Some(rest) = s.strip_prefix('[') {
-            let (inside, after) = rest.split_once(']').ok_or(HostError::Malformed)?;
-            let ip: Ipv6Addr = inside.parse().map_err(|_| HostError::Malformed)?;
-            let port = match after {
-                "" => None,
-                p => Some(parse_port(
-                    p.strip_prefix(':').ok_or(HostError::Malformed)?,
-                )?),
-            };
-            return Ok(HostName {
-                name: format!("[{ip}]"),
-                port,
-            });
-        }
-        let (name, port) = match s.split_once(':') {
-            Some((n, p)) => (n, Some(parse_port(p)?)),
-            None => (s, None),
-        };
-        let name = name.strip_suffix('.').unwrap_or(name);
-        if name.is_empty() {
-            return Err(HostError::Empty);
-        }
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
-        if name.len() > 253 || !name.split('.').all(label_ok) {
-            return Err(HostError::Malformed);
-        }
-        Ok(HostName {
-            name: name.to_ascii_lowercase(),
-            port,
-        })
-    }
-
-    /// An address as a Host names it, without a port.
-    fn ip(ip: IpAddr) -> HostName {
-        HostName {
-            name: match ip {
-                IpAddr::V4(v4) => v4.to_string(),
-                IpAddr::V6(v6) => format!("[{v6}]"),
-            },
-            port: None,
-        }
-    }
-}
-
-impl fmt::Display for HostName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(p) => write!(f, "{}:{p}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
-
-fn parse_port(p: &str) -> Result<u16, HostError> {
-    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(HostError::BadPort);
-    }
-    p.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(HostError::BadPort)
-}
 
 /// The token of an `Authorization: Bearer TOKEN` value (the scheme is case-insensitive).
 pub fn bearer_token(value: &[u8]) -> Option<&str> {
@@ -229,10 +134,7 @@ impl Guard {
         let mut names = vec![
             HostName::ip(Ipv4Addr::LOCALHOST.into()),
             HostName::ip(Ipv6Addr::LOCALHOST.into()),
-            HostName {
-                name: "localhost".into(),
-                port: None,
-            },
+            HostName::localhost(),
         ];
         if !bound.ip().is_unspecified() {
             names.push(HostName::ip(bound.ip()));
@@ -249,7 +151,7 @@ impl Guard {
     /// listener bound to 0.0.0.0 or [::] that is how a client on the network names it (an IP
     /// literal, which no other site's page can send as its own name).
     fn knows(&self, host: &HostName, local: IpAddr) -> bool {
-        let port_ok = |entry: Option<u16>| match (entry, host.port) {
+        let port_ok = |entry: Option<u16>| match (entry, host.port()) {
             (Some(e), Some(h)) => e == h,
             (Some(_), None) => false,
             (None, None) => true,
@@ -264,7 +166,7 @@ impl Guard {
         self.names
             .iter()
             .chain(&local_names)
-            .any(|n| n.name == host.name && port_ok(n.port))
+            .any(|n| n.name() == host.name() && port_ok(n.port()))
     }
 
     /// Admits `req` (which reached the listener at `local`) or says why not.
@@ -603,25 +505,6 @@ mod tests {
     }
 
     const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-    #[test]
-    fn host_names_parse_to_one_normal_form() {
-        let h = |s: &str| HostName::parse(s).map(|h| h.to_string());
-        assert_eq!(h("LocalHost").as_deref(), Ok("localhost"));
-        assert_eq!(h("localhost.:9090").as_deref(), Ok("localhost:9090"));
-        assert_eq!(h("[0:0::1]:80").as_deref(), Ok("[::1]:80"));
-        assert_eq!(h("admin.example").as_deref(), Ok("admin.example"));
-        assert_eq!(h(""), Err(HostError::Empty));
-        assert_eq!(h("a:b"), Err(HostError::BadPort));
-        assert_eq!(h("a:0"), Err(HostError::BadPort));
-        assert_eq!(h("a:70000"), Err(HostError::BadPort));
-        assert_eq!(h("::1"), Err(HostError::BadPort));
-        assert_eq!(h("[::1"), Err(HostError::Malformed));
-        assert_eq!(h("[::1]x"), Err(HostError::Malformed));
-        assert_eq!(h("user@host"), Err(HostError::Malformed));
-        assert_eq!(h("a..b"), Err(HostError::Malformed));
-        assert_eq!(h("*"), Err(HostError::Malformed));
-    }
 
     #[test]
     fn loopback_names_own_address_and_allowed_hosts_are_known_with_or_without_the_port() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
+use tollgate_edge::decision;
 
 use crate::capabilities::{self, Scope, Verdict};
 use crate::handshake::{BackendRequest, Reject};
@@ -14,111 +15,94 @@ use crate::manifest::{ApiConfig, Attachment, Config, Grants, Instances};
 use crate::metrics::{Metrics, PolicyMetrics};
 use crate::policy::{wit, Budget, InstancePool, Plugin, PolicyError, PolicyHost};
 
-/// Headers a policy may not touch: they belong to the WebSocket handshake itself.
-pub const PROTECTED: &[&str] = &[
-    "host",
-    "connection",
-    "upgrade",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-accept",
-    "content-length",
-    "transfer-encoding",
-];
+pub use tollgate_edge::decision::{
+    DECISION_ENTRY_BYTES, MAX_DECISION_BYTES, MAX_DECISION_ENTRIES, PROTECTED, PROTECTED_RESPONSE,
+};
 
-/// Headers a policy may not put on the client's 101 besides [`PROTECTED`]: the two the backend
-/// negotiates with the client (a second `Sec-WebSocket-Protocol` or `-Extensions` would
-/// contradict what the relay speaks); the hop-by-hop ones
-/// (`tollgate_edge::headers::HOP_BY_HOP`) describe a connection, not the response, and are
-/// refused too.
-pub const PROTECTED_RESPONSE: &[&str] = &["sec-websocket-protocol", "sec-websocket-extensions"];
-
-/// A backend request header a policy may not set, append or remove: [`PROTECTED`] and every
-/// `Sec-WebSocket-*` (the gateway negotiates subprotocols and extensions with the backend on
-/// the client's behalf and checks the answer against the client's offer).
-fn protected_request_header(lower: &str) -> bool {
-    PROTECTED.contains(&lower) || lower.starts_with("sec-websocket-")
-}
-
-fn protected_response_header(lower: &str) -> bool {
-    PROTECTED.contains(&lower)
-        || PROTECTED_RESPONSE.contains(&lower)
-        || tollgate_edge::headers::HOP_BY_HOP.contains(&lower)
-}
-
-/// Largest decision a policy may return (all header, query and context strings plus a
-/// rejection body, each entry counted with [`DECISION_ENTRY_BYTES`] on top). A bigger one is
-/// treated as a policy failure: it would otherwise end up in the backend request or the
-/// client's response.
-pub const MAX_DECISION_BYTES: usize = 256 * 1024;
-/// What each entry of a decision (header change, query change, response header, context value,
-/// rejection header) counts towards [`MAX_DECISION_BYTES`] besides its strings: an entry costs
-/// the gateway memory and work even when its strings are empty.
-pub const DECISION_ENTRY_BYTES: usize = 32;
-/// Most entries a decision may have, all lists together.
-pub const MAX_DECISION_ENTRIES: usize = 1024;
-
-/// (entries, bytes) of a decision, each entry's bytes including [`DECISION_ENTRY_BYTES`].
-fn decision_size(d: &wit::Decision) -> (usize, usize) {
-    let pair = |p: &wit::Pair| DECISION_ENTRY_BYTES + p.name.len() + p.value.len();
-    let name = |n: &String| DECISION_ENTRY_BYTES + n.len();
+/// The engine's decision as the plain one `tollgate_edge::decision` checks and applies (the
+/// strings move; nothing is copied).
+fn plain(d: wit::Decision) -> decision::Decision {
+    let pair = |p: wit::Pair| decision::Pair {
+        name: p.name,
+        value: p.value,
+    };
     match d {
-        wit::Decision::Reject(r) => (
-            r.headers.len(),
-            r.body.len() + r.headers.iter().map(pair).sum::<usize>(),
-        ),
-        wit::Decision::Proceed(p) => (
-            p.header_changes.len()
-                + p.query_changes.len()
-                + p.response_headers.len()
-                + p.context.len(),
-            p.header_changes
-                .iter()
+        wit::Decision::Reject(r) => decision::Decision::Reject(decision::Rejection {
+            status: r.status,
+            headers: r.headers.into_iter().map(pair).collect(),
+            body: r.body,
+        }),
+        wit::Decision::Proceed(p) => decision::Decision::Proceed(decision::Proceed {
+            header_changes: p
+                .header_changes
+                .into_iter()
                 .map(|c| match c {
-                    wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => pair(h),
-                    wit::HeaderChange::Remove(n) => name(n),
+                    wit::HeaderChange::Set(h) => decision::HeaderChange::Set(pair(h)),
+                    wit::HeaderChange::Append(h) => decision::HeaderChange::Append(pair(h)),
+                    wit::HeaderChange::Remove(n) => decision::HeaderChange::Remove(n),
                 })
-                .sum::<usize>()
-                + p.query_changes
-                    .iter()
-                    .map(|c| match c {
-                        wit::QueryChange::Set(q) => pair(q),
-                        wit::QueryChange::Remove(n) => name(n),
-                    })
-                    .sum::<usize>()
-                + p.response_headers.iter().map(pair).sum::<usize>()
-                + p.context.iter().map(pair).sum::<usize>(),
-        ),
+                .collect(),
+            query_changes: p
+                .query_changes
+                .into_iter()
+                .map(|c| match c {
+                    wit::QueryChange::Set(q) => decision::QueryChange::Set(pair(q)),
+                    wit::QueryChange::Remove(n) => decision::QueryChange::Remove(n),
+                })
+                .collect(),
+            response_headers: p.response_headers.into_iter().map(pair).collect(),
+            context: p.context.into_iter().map(pair).collect(),
+        }),
+    }
+}
+
+/// Later policies see the request as the earlier ones left it.
+impl decision::PolicyView for wit::HandshakeRequest {
+    fn header_changed(&mut self, lower: &str, value: Option<&str>, append: bool) {
+        self.headers
+            .retain(|h| append || !h.name.eq_ignore_ascii_case(lower));
+        if let Some(v) = value {
+            self.headers.push(wit::Pair {
+                name: lower.to_owned(),
+                value: v.to_owned(),
+            });
+        }
+    }
+
+    fn query_replaced(&mut self, pairs: &[(String, String)]) {
+        self.query = pairs
+            .iter()
+            .map(|(k, v)| wit::Pair {
+                name: k.clone(),
+                value: v.clone(),
+            })
+            .collect();
+    }
+
+    fn context_added(&mut self, context: Vec<decision::Pair>) {
+        self.context.extend(context.into_iter().map(|p| wit::Pair {
+            name: p.name,
+            value: p.value,
+        }));
     }
 }
 
 /// The first capability `d` uses that `plugin` did not declare, with what it did.
-fn undeclared(plugin: &Plugin, d: &wit::Decision) -> Option<(wit::Capability, &'static str)> {
+fn undeclared(plugin: &Plugin, d: &decision::Decision) -> Option<(wit::Capability, &'static str)> {
     use wit::Capability as C;
-    let used: &[(bool, C, &'static str)] = match d {
-        wit::Decision::Reject(_) => &[(true, C::Reject, "rejected the handshake")],
-        wit::Decision::Proceed(p) => &[
-            (
-                !p.header_changes.is_empty(),
-                C::ModifyHeaders,
-                "changed backend request headers",
-            ),
-            (
-                !p.query_changes.is_empty(),
-                C::ModifyQuery,
-                "changed the backend request's query",
-            ),
-            (
-                !p.response_headers.is_empty(),
-                C::ModifyResponseHeaders,
-                "added 101 response headers",
-            ),
-            (!p.context.is_empty(), C::UseContext, "set context values"),
-        ],
-    };
-    used.iter()
-        .find(|(uses, c, _)| *uses && !plugin.declares(*c))
-        .map(|(_, c, what)| (*c, *what))
+    d.uses()
+        .into_iter()
+        .map(|(u, what)| {
+            let c = match u {
+                decision::Use::Reject => C::Reject,
+                decision::Use::ModifyHeaders => C::ModifyHeaders,
+                decision::Use::ModifyQuery => C::ModifyQuery,
+                decision::Use::ModifyResponseHeaders => C::ModifyResponseHeaders,
+                decision::Use::UseContext => C::UseContext,
+            };
+            (c, what)
+        })
+        .find(|(c, _)| !plugin.declares(*c))
 }
 
 /// One attached policy.
@@ -274,10 +258,6 @@ pub fn build(
     }
 }
 
-fn value(v: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"))
-}
-
 /// Runs the chain. On success the backend request carries the policies' changes and the
 /// returned headers go on the client's 101.
 ///
@@ -328,18 +308,8 @@ pub async fn run(
             step.metrics.error.inc();
             fail(why)
         };
-        let decision = decided.map_err(|e| fail(e.to_string()))?;
-        let (entries, size) = decision_size(&decision);
-        if entries > MAX_DECISION_ENTRIES {
-            return Err(fail(format!(
-                "returned a decision of {entries} entries (limit {MAX_DECISION_ENTRIES})"
-            )));
-        }
-        if size > MAX_DECISION_BYTES {
-            return Err(fail(format!(
-                "returned a decision of {size} bytes (limit {MAX_DECISION_BYTES}, each entry counting {DECISION_ENTRY_BYTES})"
-            )));
-        }
+        let decision = plain(decided.map_err(|e| fail(e.to_string()))?);
+        decision.check_size().map_err(|e| fail(e.to_string()))?;
         if let Some((capability, what)) = undeclared(&step.plugin, &decision) {
             return Err(fail(
                 PolicyError::Undeclared {
@@ -351,120 +321,21 @@ pub async fn run(
             ));
         }
         match decision {
-            wit::Decision::Reject(r) => {
-                let status = StatusCode::from_u16(r.status)
-                    .ok()
-                    .filter(|s| s.is_client_error() || s.is_server_error())
-                    .ok_or_else(|| fail(format!("rejected with invalid status {}", r.status)))?;
-                let mut rej = Reject::new(status, format!("rejected by policy `{name}`"));
-                for h in r.headers {
-                    let n = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| fail(format!("invalid header name {:?}", h.name)))?;
-                    rej.headers.push((n, value(&h.value).map_err(fail)?));
-                }
+            decision::Decision::Reject(r) => {
+                let r = decision::rejection(r).map_err(|e| fail(e.to_string()))?;
+                let mut rej = Reject::new(r.status, format!("rejected by policy `{name}`"));
+                rej.headers = r.headers;
                 rej.body = Some(bytes::Bytes::from(r.body));
                 step.metrics.reject.inc();
                 return Err(rej);
             }
-            wit::Decision::Proceed(p) => {
-                for change in &p.header_changes {
-                    let target = match change {
-                        wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => h.name.as_str(),
-                        wit::HeaderChange::Remove(n) => n.as_str(),
-                    };
-                    let lower = target.to_ascii_lowercase();
-                    if protected_request_header(&lower) {
-                        return Err(fail(format!(
-                            "tried to change protected header `{target}` (Host, Connection, Upgrade, Sec-WebSocket-*, Content-Length and Transfer-Encoding cannot be changed on onHandshake)"
-                        )));
-                    }
-                    let hn = HeaderName::from_bytes(lower.as_bytes())
-                        .map_err(|_| fail(format!("invalid header name {target:?}")))?;
-                    match change {
-                        wit::HeaderChange::Set(h) => {
-                            breq.headers
-                                .insert(hn.clone(), value(&h.value).map_err(fail)?);
-                        }
-                        wit::HeaderChange::Append(h) => {
-                            breq.headers
-                                .append(hn.clone(), value(&h.value).map_err(fail)?);
-                        }
-                        wit::HeaderChange::Remove(_) => {
-                            breq.headers.remove(&hn);
-                        }
-                    }
-                    // Later policies see the request as it now is.
-                    request.headers.retain(|h| {
-                        !h.name.eq_ignore_ascii_case(&lower)
-                            || matches!(change, wit::HeaderChange::Append(_))
-                    });
-                    match change {
-                        wit::HeaderChange::Set(h) | wit::HeaderChange::Append(h) => {
-                            request.headers.push(wit::Pair {
-                                name: lower.clone(),
-                                value: h.value.clone(),
-                            })
-                        }
-                        wit::HeaderChange::Remove(_) => {}
-                    }
-                }
-                if !p.query_changes.is_empty() {
-                    apply_query(breq, &p.query_changes, &mut request);
-                }
-                for h in p.response_headers {
-                    let lower = h.name.to_ascii_lowercase();
-                    if protected_response_header(&lower) {
-                        return Err(fail(format!(
-                            "tried to add protected response header `{}` (the handshake's own headers, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions and hop-by-hop headers cannot be set on the 101)",
-                            h.name
-                        )));
-                    }
-                    let n = HeaderName::from_bytes(lower.as_bytes())
-                        .map_err(|_| fail(format!("invalid header name {:?}", h.name)))?;
-                    response_headers.push((n, value(&h.value).map_err(fail)?));
-                }
-                request.context.extend(p.context);
+            decision::Decision::Proceed(p) => {
+                let added = decision::apply(p, &mut breq.headers, &mut breq.target, &mut request)
+                    .map_err(|e| fail(e.to_string()))?;
+                response_headers.extend(added);
                 step.metrics.allow.inc();
             }
         }
     }
     Ok(response_headers)
-}
-
-fn apply_query(
-    breq: &mut BackendRequest,
-    changes: &[wit::QueryChange],
-    request: &mut wit::HandshakeRequest,
-) {
-    let (path, query) = match breq.target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), q.to_owned()),
-        None => (breq.target.clone(), String::new()),
-    };
-    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect();
-    for c in changes {
-        match c {
-            wit::QueryChange::Set(p) => {
-                pairs.retain(|(k, _)| k != &p.name);
-                pairs.push((p.name.clone(), p.value.clone()));
-            }
-            wit::QueryChange::Remove(n) => pairs.retain(|(k, _)| k != n),
-        }
-    }
-    request.query = pairs
-        .iter()
-        .map(|(k, v)| wit::Pair {
-            name: k.clone(),
-            value: v.clone(),
-        })
-        .collect();
-    breq.target = if pairs.is_empty() {
-        path
-    } else {
-        let q = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        format!("{path}?{q}")
-    };
 }

@@ -10,10 +10,8 @@ pub mod backend;
 pub mod capabilities;
 pub mod chain;
 pub mod console;
-pub mod frame;
 pub mod handshake;
 pub mod logging;
-pub mod manifest;
 pub mod metrics;
 pub mod plugin_cache;
 pub mod policy;
@@ -25,3 +23,10 @@ pub mod stream;
 pub mod subscriptions;
 pub mod verify_cache;
 pub mod wskey;
+
+/// The frame parser lives in `tollgate-edge` (no wasm engine, so it can be fuzzed); the relay
+/// and metrics keep using it as `crate::frame`.
+pub use tollgate_edge::frame;
+/// The manifest's parser and validated types live in `tollgate-manifest` (no wasm engine, so it
+/// can be fuzzed).
+pub use tollgate_manifest as manifest;

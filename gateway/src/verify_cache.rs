@@ -18,8 +18,9 @@ use std::sync::Mutex;
 
 use prometheus_client::metrics::counter::Counter;
 
-/// Default number of remembered signatures (about 100 bytes each).
-pub const DEFAULT_ENTRIES: usize = 10_000;
+/// Default number of remembered signatures (about 100 bytes each); defined with the manifest,
+/// which applies it when `gateway.signature_cache_entries` is not set.
+pub const DEFAULT_ENTRIES: usize = tollgate_manifest::DEFAULT_SIGNATURE_CACHE_ENTRIES;
 
 type Digest = [u8; 32];
 

@@ -420,7 +420,7 @@ fn rules() -> Vec<Rule> {
             .fix("/99", "/16"),
         // Parse errors name the bare key, not its dotted path (see `unknown_key`).
         rule("log_query_values is a boolean", &[GW, "log_query_values = \"yes\"\n", API],
-            "log_query_values = ^\"yes\"", "log_query_values", "invalid type: string \"yes\", expected a boolean")
+            "log_query_values = ^\"yes\"", "log_query_values", "invalid type: a string, expected a boolean")
             .fix("\"yes\"", "false"),
         // [gateway.limits]
         rule("max_header_bytes at least 8192", &[GW, "[gateway.limits]\nmax_header_bytes = 8191\n", API],
@@ -430,7 +430,7 @@ fn rules() -> Vec<Rule> {
             "max_pending_handshakes = ^0", "gateway.limits.max_pending_handshakes", "must be at least 1")
             .fix("= 0", "= 1"),
         rule("gateway limit durations", &[GW, "[gateway.limits]\nhandshake_timeout = \"soon\"\n", API],
-            "handshake_timeout = ^\"soon\"", "handshake_timeout", "invalid value: string \"soon\", expected a duration")
+            "handshake_timeout = ^\"soon\"", "handshake_timeout", "invalid value: a string, expected a duration")
             .fix("\"soon\"", "\"10s\""),
         rule("API limit durations", &[GW, API, "[apis.limits]\nmax_connection_lifetime = \"forever\"\n"],
             "max_connection_lifetime = ^\"forever\"", "max_connection_lifetime", "expected a duration")

@@ -47,8 +47,9 @@ pub mod close_code {
     pub const INTERNAL_ERROR: u16 = 1011;
 }
 
-/// Per-direction counters. Plain integers in the connection's own task; the relay publishes
-/// their growth to the shared metrics once per read (see [`crate::metrics::DirCounters::add`]).
+/// Per-direction counters. Plain integers in the connection's own task, so counting costs no
+/// atomic per frame; the gateway's relay publishes their growth to its shared metrics once per
+/// read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DirStats {
     /// Bytes on the wire (headers and payloads).

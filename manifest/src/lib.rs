@@ -5,6 +5,10 @@
 //! line and column, and the dotted key it is about, so an operator can jump straight to it.
 //! Validation collects *all* errors rather than stopping at the first, because `tollgate check`
 //! promises to report every problem in one run.
+//!
+//! A crate of its own, without the wasm engine or any I/O besides reading the manifest and
+//! keys file, so the parsers can be fuzzed (`fuzz/`) and the gateway re-exports it as
+//! `tollgate::manifest`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -16,6 +20,10 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::Deserialize;
 use toml::Spanned;
+
+/// Signatures the host's `signatures.verify` remembers as valid when the manifest does not say
+/// (`gateway.signature_cache_entries`).
+pub const DEFAULT_SIGNATURE_CACHE_ENTRIES: usize = 10_000;
 
 /// One problem in a manifest, located precisely.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +311,7 @@ pub struct AdminConfig {
     /// Names (besides the loopback names and the listener's own addresses) a request's `Host`
     /// may carry: a page on another site that rebinds its DNS name to this address still sends
     /// its own name, and is refused.
-    pub allowed_hosts: Vec<crate::admin::HostName>,
+    pub allowed_hosts: Vec<tollgate_edge::host::HostName>,
     /// SHA-256 of the token every request but the health checks (and the console's static
     /// page) must carry as `Authorization: Bearer`; `None`: no token required. Only the digest
     /// is kept, as for subscription keys.
@@ -578,12 +586,31 @@ pub fn load(path: &Path) -> Result<Config, ManifestErrors> {
 /// Parses and validates manifest text; `path` is used for error messages and to resolve
 /// relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ManifestErrors> {
+    parse_inner(path, text, None)
+}
+
+/// As [`parse`], with the text of `gateway.subscription_keys_file` given instead of read from
+/// disk (the file's path is still resolved for error messages). Lets tests and the fuzz targets
+/// run the keys file through the same validation without touching the filesystem.
+pub fn parse_with_keys_file(
+    path: &Path,
+    text: &str,
+    keys_file_text: &str,
+) -> Result<Config, ManifestErrors> {
+    parse_inner(path, text, Some(keys_file_text))
+}
+
+fn parse_inner(
+    path: &Path,
+    text: &str,
+    keys_file_text: Option<&str>,
+) -> Result<Config, ManifestErrors> {
     let raw: RawManifest = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         let (line, column) = line_col(text, span.start);
         let key = key_at(text, &span);
-        // toml's message already names unknown fields and expected types; keep it one line.
-        let message = e.message().replace('\n', " ");
+        // toml's message already names unknown fields and expected types.
+        let message = toml_message(&e);
         ManifestErrors(vec![ManifestError {
             file: path.to_owned(),
             line,
@@ -592,7 +619,51 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ManifestErrors> {
             message,
         }])
     })?;
-    Validator::new(path, text).validate(raw)
+    let mut v = Validator::new(path, text);
+    v.keys_file_text = keys_file_text.map(str::to_owned);
+    v.validate(raw)
+}
+
+/// toml's message for a parse error, made fit for an operator's terminal: on one line, never
+/// empty (toml gives some syntax errors, such as a control character in a comment, no words of
+/// their own), and with every string value it quotes replaced (`invalid type: string "..."`
+/// would otherwise print a key written where a table was expected, from the keys file, into
+/// `tollgate check` output and logs).
+fn toml_message(e: &toml::de::Error) -> String {
+    let message = redact_strings(&e.message().replace('\n', " "));
+    if message.trim().is_empty() {
+        "invalid TOML here (e.g. a control character, or a character TOML does not allow at this place)".into()
+    } else {
+        message
+    }
+}
+
+/// Replaces each `string "..."` (serde's wording for an unexpected string value, Debug-escaped)
+/// with `a string`.
+fn redact_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let after = &rest[at + QUOTED.len()..];
+        // The value ends at the first quote not escaped with a backslash.
+        let mut escaped = false;
+        let end = after.char_indices().find_map(|(i, c)| {
+            let closes = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes.then_some(i + 1)
+        });
+        match end {
+            Some(end) => rest = &after[end..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -618,6 +689,10 @@ fn key_at(text: &str, span: &Range<usize>) -> String {
         .rfind('\n')
         .map_or(0, |i| i + 1);
     let line = text[start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('#') {
+        // A comment names no key (and may hold anything).
+        return String::new();
+    }
     if let Some((k, _)) = line.split_once('=') {
         return k.trim().to_owned();
     }
@@ -634,6 +709,8 @@ struct Validator<'a> {
     has_policies: bool,
     /// Where each subscription is written (key path, span), for errors found later.
     sub_sites: HashMap<String, (String, Range<usize>)>,
+    /// The keys file's text when the caller has it already ([`parse_with_keys_file`]).
+    keys_file_text: Option<String>,
 }
 
 /// The subscription keys file, parsed; `used` collects the subscriptions that took a key from it.
@@ -657,6 +734,7 @@ impl<'a> Validator<'a> {
             errors: Vec::new(),
             has_policies: false,
             sub_sites: HashMap::new(),
+            keys_file_text: None,
         }
     }
 
@@ -682,7 +760,11 @@ impl<'a> Validator<'a> {
     /// Reads and parses `gateway.subscription_keys_file`.
     fn keys_file(&mut self, f: &Spanned<String>) -> Option<KeysFile> {
         let path = self.resolve(f.get_ref());
-        let text = match std::fs::read_to_string(&path) {
+        let read = match self.keys_file_text.take() {
+            Some(t) => Ok(t),
+            None => std::fs::read_to_string(&path),
+        };
+        let text = match read {
             Ok(t) => t,
             Err(e) => {
                 self.err(
@@ -714,7 +796,7 @@ impl<'a> Validator<'a> {
                     key,
                     format!(
                         "{} (expected one table per subscription: [NAME] primary = \"...\" secondary = \"...\")",
-                        e.message().replace('\n', " ")
+                        toml_message(&e)
                     ),
                 );
                 None
@@ -1277,7 +1359,7 @@ impl<'a> Validator<'a> {
                 plugin_cache_dir,
                 signature_cache_entries: g
                     .signature_cache_entries
-                    .unwrap_or(crate::verify_cache::DEFAULT_ENTRIES),
+                    .unwrap_or(DEFAULT_SIGNATURE_CACHE_ENTRIES),
                 subscription_keys_file: g
                     .subscription_keys_file
                     .as_ref()
@@ -1442,7 +1524,7 @@ impl<'a> Validator<'a> {
         let listen = self.addr(&a.listen, "admin.listen");
         let mut allowed_hosts = Vec::new();
         for (i, h) in a.allowed_hosts.iter().enumerate() {
-            match crate::admin::HostName::parse(h.get_ref()) {
+            match tollgate_edge::host::HostName::parse(h.get_ref()) {
                 Ok(name) => allowed_hosts.push(name),
                 Err(e) => self.err(
                     h.span(),
@@ -1961,5 +2043,40 @@ mod tests {
         assert_eq!(b.request_target("/a", None), "/a");
         assert!(parse_backend("http://h/").is_err());
         assert!(parse_backend("ws:///x").is_err());
+    }
+
+    /// Found by the `keys_file` fuzz target: a key written as a plain value instead of a table
+    /// came back in toml's message (`invalid type: string "..."`).
+    #[test]
+    fn a_keys_file_value_is_never_echoed_even_in_the_wrong_place() {
+        let text = "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\nsubscription_keys_file = \"keys.toml\"\n";
+        let secret = "alice-key-0123456789\\\"x";
+        let keys = format!("alice = \"{secret}\"\n");
+        let e = parse_with_keys_file(Path::new("/tmp/m.toml"), text, &keys).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("alice-key"), "{shown}");
+        assert!(
+            shown.contains("keys.toml:1:") && shown.contains("invalid type: a string, expected"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_strings(r#"string "a\"b" and string "c""#),
+            "a string and a string"
+        );
+        assert_eq!(redact_strings(r#"cut string "abc"#), "cut a string");
+    }
+
+    /// Found by the `manifest` fuzz target: a control character in a comment gave an error with
+    /// an empty message and the comment's text as its key.
+    #[test]
+    fn every_parse_error_says_what_is_wrong() {
+        let e = p(&format!(
+            "{BASE}# a comment \u{1}\0 with control characters\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(!e.0[0].message.trim().is_empty(), "{e}");
+        assert_eq!(e.0[0].key, "", "{e}");
+        assert_eq!(e.0[0].line, 4, "{e}");
     }
 }
