@@ -26,6 +26,13 @@ use toml::Spanned;
 pub const DEFAULT_SIGNATURE_CACHE_ENTRIES: usize = 10_000;
 
 /// One problem in a manifest, located precisely.
+/// What a PEM file named in the manifest must hold.
+#[derive(Debug, Clone, Copy)]
+enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
     pub file: PathBuf,
@@ -1069,6 +1076,38 @@ impl<'a> Validator<'a> {
         p
     }
 
+    /// Checks that `path` (an existing file named at `v`) holds what its key promises, so a
+    /// wrong file is reported at its key rather than when the listener or connector is built.
+    fn pem_content(&mut self, v: &Spanned<String>, key: &str, path: &Path, want: Pem) {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        if !path.is_file() {
+            return; // already reported
+        }
+        let problem = match want {
+            Pem::Certificates => match CertificateDer::pem_file_iter(path) {
+                Err(e) => Some(format!("cannot read `{}`: {e}", path.display())),
+                Ok(it) => match it.collect::<Result<Vec<_>, _>>() {
+                    Err(e) => Some(format!("`{}` is not valid PEM: {e}", path.display())),
+                    Ok(certs) if certs.is_empty() => Some(format!(
+                        "no certificate found in `{}` (expected PEM `-----BEGIN CERTIFICATE-----` blocks)",
+                        path.display()
+                    )),
+                    Ok(_) => None,
+                },
+            },
+            Pem::PrivateKey => PrivateKeyDer::from_pem_file(path).err().map(|e| {
+                format!(
+                    "no usable private key in `{}` ({e}; expected a PEM PKCS#8, PKCS#1 or SEC1 key)",
+                    path.display()
+                )
+            }),
+        };
+        if let Some(p) = problem {
+            self.err(v.span(), key, p);
+        }
+    }
+
     fn validate(mut self, raw: RawManifest) -> Result<Config, ManifestErrors> {
         let gw_span = raw.gateway.span();
         let g = raw.gateway.into_inner();
@@ -1084,6 +1123,8 @@ impl<'a> Validator<'a> {
             let listen = self.addr(&t.listen, "gateway.tls.listen");
             let cert = self.existing_file(&t.cert, "gateway.tls.cert");
             let key = self.existing_file(&t.key, "gateway.tls.key");
+            self.pem_content(&t.cert, "gateway.tls.cert", &cert, Pem::Certificates);
+            self.pem_content(&t.key, "gateway.tls.key", &key, Pem::PrivateKey);
             listen.map(|listen| ListenerTls { listen, cert, key })
         });
         if g.listen.is_none() && g.tls.is_none() {
@@ -1258,10 +1299,12 @@ impl<'a> Validator<'a> {
                 );
             }
             let subscription_key = self.key_location(i, a);
-            let ca_file = a
-                .ca_file
-                .as_ref()
-                .map(|c| self.existing_file(c, &format!("apis[{i}].ca_file")));
+            let ca_file = a.ca_file.as_ref().map(|c| {
+                let key = format!("apis[{i}].ca_file");
+                let path = self.existing_file(c, &key);
+                self.pem_content(c, &key, &path, Pem::Certificates);
+                path
+            });
             if a.ca_file.is_some() && backend.as_ref().is_some_and(|b| !b.tls) {
                 if let Some(c) = &a.ca_file {
                     self.err(

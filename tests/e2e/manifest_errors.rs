@@ -136,14 +136,6 @@ enum Extra {
     Symlink(&'static str, &'static str),
 }
 
-/// The gateway does not do what the README says for this row.
-#[derive(Clone, Copy)]
-enum Bug {
-    /// The rule is enforced, but the error is not `file:line:column: key `k`: message` at the
-    /// offending key (or comes with a spurious second error).
-    Misreported(&'static str),
-}
-
 #[derive(Clone)]
 struct Rule {
     name: &'static str,
@@ -155,7 +147,6 @@ struct Rule {
     says: &'static str,
     /// (file, from, to): edits that fix the rule.
     fix: Vec<(&'static str, &'static str, &'static str)>,
-    bug: Option<Bug>,
 }
 
 fn rule(
@@ -173,7 +164,6 @@ fn rule(
         key,
         says,
         fix: Vec::new(),
-        bug: None,
     }
 }
 
@@ -192,10 +182,6 @@ impl Rule {
     }
     fn error_in(mut self, file: &'static str) -> Self {
         self.at.0 = file;
-        self
-    }
-    fn bug(mut self, b: Bug) -> Self {
-        self.bug = Some(b);
         self
     }
 
@@ -391,7 +377,6 @@ fn set_body_plugin() -> Extra {
 }
 
 fn rules() -> Vec<Rule> {
-    use Bug::*;
     let pki = Pki::new();
     vec![
         // [gateway]
@@ -413,8 +398,7 @@ fn rules() -> Vec<Rule> {
         pki.gw_files(rule("tls cert is a PEM certificate", &[GW, "[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"junk.pem\"\nkey = \"gw.key\"\n", API],
             "cert = ^\"junk.pem\"", "gateway.tls.cert", "no certificate found"))
             .file(text("junk.pem", "not a certificate\n"))
-            .fix("junk.pem", "gw.pem")
-            .bug(Misreported("printed as `MANIFEST: CERTFILE: no certificate found`: no line, column or key")),
+            .fix("junk.pem", "gw.pem"),
         rule("trusted_proxies are CIDRs", &[GW, "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/99\"]\n", API],
             "trusted_proxies = ^[", "gateway.trusted_proxies", "`10.0.0.0/99` is neither an address nor a CIDR network")
             .fix("/99", "/16"),
@@ -515,11 +499,10 @@ fn rules() -> Vec<Rule> {
             .file(Extra::Text("ca.pem", pki.ca.clone(), 0o644))
             .fix("missing.pem", "ca.pem"),
         rule("ca_file holds a certificate", &[GW, WSS_API, "ca_file = \"junk.pem\"\n"],
-            "ca_file = ^\"junk.pem\"", "apis[0].ca_file", "contains no usable certificate")
+            "ca_file = ^\"junk.pem\"", "apis[0].ca_file", "no certificate found")
             .file(Extra::Text("ca.pem", pki.ca.clone(), 0o644))
             .file(text("junk.pem", "not a certificate\n"))
-            .fix("junk.pem", "ca.pem")
-            .bug(Misreported("printed as `MANIFEST: API `a`: CA file ... contains no usable certificate`: no line, column or key")),
+            .fix("junk.pem", "ca.pem"),
         // [[products]] and subscriptions
         rule("product names unique", &[GW, "[[products]]\nname = \"p\"\nsubscription_required = false\n[[products]]\nname = \"p\"\n", API, "products = [\"p\"]\n"],
             "name = ^\"p\"\n[[apis]]", "products[1].name", "duplicate product name `p`")
@@ -638,8 +621,7 @@ fn rules() -> Vec<Rule> {
         rule("attached plugin exists", &[GW_PLUGINS, API, "[[apis.on_handshake]]\nplugin = \"nope\"\n"],
             "plugin = ^\"nope\"", "apis[0].on_handshake[0].plugin", "plugin `nope` (attached at API `a` onHandshake) was not found in plugin_dir")
             .file(set_header_plugin())
-            .fix("plugin = \"nope\"\n", "plugin = \"set-header\"\nconfig = { name = \"X-A\", value = \"v\" }\n")
-            .bug(Misreported("printed as `MANIFEST: MANIFEST:LINE: ...`: the path twice, the line of the `[[apis.on_handshake]]` header, no column, no key")),
+            .fix("plugin = \"nope\"\n", "plugin = \"set-header\"\nconfig = { name = \"X-A\", value = \"v\" }\n"),
         rule("plugin names unique in plugin_dir", &[GW_PLUGINS, API, SET_HEADER],
             "plugin_dir = ^\"plugins\"", "gateway.plugin_dir", "already declared by")
             .file(Extra::Copy("plugins/one.wasm", plugins::built().join("set_header.wasm")))
@@ -654,8 +636,7 @@ fn rules() -> Vec<Rule> {
             "plugin = ^\"declares-set-body\"", "apis[0].on_handshake[0].plugin", "declares capability `set-body`")
             .file(set_body_plugin())
             // The same plugin inherited from the global scope loads (and is skipped).
-            .fix("[[apis.on_handshake]]\nplugin = \"declares-set-body\"", "[[policies]]\nplugin = \"declares-set-body\"")
-            .bug(Misreported("printed as `MANIFEST: MANIFEST:LINE: ...`: the path twice, the line of the `[[apis.on_handshake]]` header, no column, no key")),
+            .fix("[[apis.on_handshake]]\nplugin = \"declares-set-body\"", "[[policies]]\nplugin = \"declares-set-body\""),
         rule("plugin validates its config", &[GW_PLUGINS, API, "[[apis.on_handshake]]\nplugin = \"set-header\"\nconfig = { name = \"X-A\", value = \"v\", exists_action = \"sometimes\" }\n"],
             "config = ^{", "apis[0].on_handshake[0].config", "plugin `set-header` refused its config")
             .file(set_header_plugin())
@@ -664,46 +645,20 @@ fn rules() -> Vec<Rule> {
 }
 
 /// README ("Commands", "Products and subscriptions", the manifest reference): `tollgate check`
-/// exits 1 listing every error as `file:line:column: key `k`: message`. Rows whose output the
-/// gateway gets wrong (see [`Bug`]) are checked here only for the exit code and the message;
-/// `known_bugs_in_the_reported_location` holds them to the documented format.
+/// exits 1 listing every error as `file:line:column: key `k`: message`, each row at its exact
+/// position, and the fixed manifest passes.
 #[test]
 fn every_documented_rule_names_file_line_and_key() {
     let rows = rules();
     let mut failures = Vec::new();
     for r in &rows {
-        if let Err(e) = run_row(r, r.bug.is_none()) {
+        if let Err(e) = run_row(r, true) {
             failures.push(format!("[{}] {e}", r.name));
         }
     }
     assert!(
         failures.is_empty(),
         "{} of {} rules failed:\n\n{}",
-        failures.len(),
-        rows.len(),
-        failures.join("\n\n")
-    );
-}
-
-/// The rows the gateway does not report (or enforce) as documented, held to the documented
-/// format. Fails until the gateway is fixed; then drop the row's `bug` and this `ignore`.
-#[test]
-#[ignore = "known bugs: rules whose error is not `file:line:column: key` at the offending key, or that are not enforced"]
-fn known_bugs_in_the_reported_location() {
-    let rows: Vec<Rule> = rules().into_iter().filter(|r| r.bug.is_some()).collect();
-    let mut failures = Vec::new();
-    for r in &rows {
-        if let Err(e) = run_row(r, true) {
-            let why = match r.bug {
-                Some(Bug::Misreported(w)) => w,
-                None => "",
-            };
-            failures.push(format!("[{}] known: {why}\n{e}", r.name));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} known bugs still there:\n\n{}",
         failures.len(),
         rows.len(),
         failures.join("\n\n")
