@@ -1051,4 +1051,241 @@ mod tests {
         let a = p.advance(&frame(true, OP_CONTINUATION, &[b'a'; 600], None));
         assert!(matches!(a.event, Some(Event::Violation { code: 1009, .. })));
     }
+
+    // ---- Found by `cargo mutants` (tests/README.md): counters, boundaries, positions. ----
+
+    #[test]
+    fn every_counter_counts_what_it_names() {
+        let mut data = frame(false, OP_TEXT, b"ab", K); // 6 + 2
+        data.extend(frame(false, OP_CONTINUATION, b"cd", K)); // 6 + 2
+        data.extend(frame(true, OP_PING, b"", K)); // 6
+        data.extend(frame(true, OP_CONTINUATION, b"e", K)); // 6 + 1
+        data.extend(frame(true, OP_BINARY, &[1, 2, 3], K)); // 6 + 3
+        data.extend(frame(true, OP_BINARY, &[4], K)); // 6 + 1
+        data.extend(frame(true, OP_PONG, b"x", K)); // 6 + 1
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
+        let a = p.advance(&data);
+        assert_eq!((a.forward, a.event), (data.len(), None));
+        let mut close = frame(true, OP_CLOSE, &[0x03, 0xe8, b'o', b'k'], K); // 6 + 4
+        let a = p.advance(&close);
+        assert_eq!(a.forward, close.len());
+        close.clear();
+        assert_eq!(
+            p.stats,
+            DirStats {
+                bytes: data.len() as u64 + 10,
+                frames: 8,
+                messages: 3,
+                text_frames: 1,
+                binary_frames: 2,
+                continuation_frames: 2,
+                ping_frames: 1,
+                pong_frames: 1,
+                close_frames: 1,
+                text_messages: 1,
+                binary_messages: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn boundary_and_message_state_follow_the_bytes() {
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, None);
+        assert!(p.at_boundary() && !p.in_message());
+        let f = frame(false, OP_BINARY, b"abcd", None);
+        assert_eq!(p.advance(&f[..4]).forward, 4); // header and half the payload
+        assert!(!p.at_boundary() && p.in_message());
+        assert_eq!(p.advance(&f[4..]).forward, 2);
+        assert!(p.at_boundary() && p.in_message(), "between fragments");
+        let f = frame(true, OP_CONTINUATION, b"", None);
+        assert_eq!(p.advance(&f).forward, f.len());
+        assert!(p.at_boundary() && !p.in_message());
+    }
+
+    #[test]
+    fn limits_hold_exactly_at_their_value() {
+        // A frame of exactly max_frame_size passes; one byte more is a 1009.
+        let mut p = FrameParser::new(Direction::BackendToClient, 100, None);
+        let f = frame(true, OP_BINARY, &[0; 100], None);
+        assert_eq!(
+            p.advance(&f),
+            Advance {
+                forward: f.len(),
+                event: None
+            }
+        );
+        let f = frame(true, OP_BINARY, &[0; 101], None);
+        assert!(matches!(
+            p.advance(&f).event,
+            Some(Event::Violation { code: 1009, .. })
+        ));
+        // A message of exactly max_message_size passes, across fragments; one byte more fails.
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, Some(10));
+        let mut data = frame(false, OP_BINARY, &[0; 6], None);
+        data.extend(frame(true, OP_CONTINUATION, &[0; 4], None));
+        assert_eq!(
+            p.advance(&data),
+            Advance {
+                forward: data.len(),
+                event: None
+            }
+        );
+        let mut data = frame(false, OP_BINARY, &[0; 6], None);
+        data.extend(frame(true, OP_CONTINUATION, &[0; 5], None));
+        let a = p.advance(&data);
+        assert_eq!(
+            a.forward, 8,
+            "the first fragment goes, the one over the limit does not"
+        );
+        assert!(matches!(a.event, Some(Event::Violation { code: 1009, .. })));
+        // A control frame may carry 125 bytes, not 126.
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, None);
+        let f = frame(true, OP_PING, &[0; 125], None);
+        assert_eq!(
+            p.advance(&f),
+            Advance {
+                forward: f.len(),
+                event: None
+            }
+        );
+        let f = frame(true, OP_PING, &[0; 126], None);
+        assert!(matches!(
+            p.advance(&f).event,
+            Some(Event::Violation { code: 1002, .. })
+        ));
+    }
+
+    #[test]
+    fn a_64_bit_length_is_read_whole_and_its_top_bit_refused() {
+        let mut p = FrameParser::new(Direction::BackendToClient, u64::MAX, None);
+        let f = frame(true, OP_BINARY, &[9; 70_000], None);
+        assert_eq!(p.advance(&f[..10]).forward, 10);
+        assert!(!p.at_boundary());
+        assert_eq!(p.advance(&f[10..]).forward, 70_000);
+        assert!(p.at_boundary());
+        let mut top = vec![0x82, 127];
+        top.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        let mut p = FrameParser::new(Direction::BackendToClient, u64::MAX, None);
+        assert!(matches!(
+            p.advance(&top).event,
+            Some(Event::Violation { code: 1002, .. })
+        ));
+    }
+
+    #[test]
+    fn binary_is_never_checked_as_text() {
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
+        let f = frame(true, OP_BINARY, b"\xff\xfe", K);
+        assert_eq!(
+            p.advance(&f),
+            Advance {
+                forward: f.len(),
+                event: None
+            }
+        );
+        let mut data = frame(false, OP_BINARY, b"\xc3", K);
+        data.extend(frame(true, OP_CONTINUATION, b"(", K));
+        assert_eq!(
+            p.advance(&data),
+            Advance {
+                forward: data.len(),
+                event: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_byte_fails_at_once_even_at_the_end_of_a_piece() {
+        // 0xff can start nothing: the piece that ends with it fails, nothing is carried.
+        let mut u = Utf8Stream::default();
+        assert_eq!(u.feed(b"ok\xff"), Err(InvalidUtf8));
+        let mut u = Utf8Stream::default();
+        assert_eq!(u.feed(b"\xe2\x28"), Err(InvalidUtf8));
+    }
+
+    #[test]
+    fn masked_text_across_blocks_is_unmasked_at_its_offset() {
+        // A multi-byte text frame longer than a block, read in pieces whose starts are not
+        // multiples of 4 into the payload: every piece must be unmasked with the key rotated
+        // to its own offset, or valid text would fail (and the reverse).
+        let text: Vec<u8> = "κόσμε ".repeat(1200).into_bytes(); // > 2 blocks
+        let key = [0x11, 0x22, 0x33, 0x44];
+        let f = frame(true, OP_TEXT, &text, Some(key));
+        for first in [9usize, 10, 11, 4105] {
+            let mut p =
+                FrameParser::new(Direction::ClientToBackend, u64::MAX, None).with_extensions(false);
+            let a = p.advance(&f[..first]);
+            assert_eq!(
+                a,
+                Advance {
+                    forward: first,
+                    event: None
+                },
+                "first {first}"
+            );
+            let a = p.advance(&f[first..]);
+            assert_eq!(
+                a,
+                Advance {
+                    forward: f.len() - first,
+                    event: None
+                },
+                "first {first}"
+            );
+        }
+        // And a bad byte deep in the second block is still found.
+        let mut bad = text.clone();
+        bad[5000] = 0xff;
+        let f = frame(true, OP_TEXT, &bad, Some(key));
+        let mut p =
+            FrameParser::new(Direction::ClientToBackend, u64::MAX, None).with_extensions(false);
+        assert_eq!(p.advance(&f[..9]).forward, 9);
+        assert!(matches!(
+            p.advance(&f[9..]).event,
+            Some(Event::Violation { code: 1007, .. })
+        ));
+    }
+
+    #[test]
+    fn the_gateways_own_close_frames_are_well_formed() {
+        for dir in [Direction::BackendToClient, Direction::ClientToBackend] {
+            let long = "é".repeat(100); // 200 bytes: cut to 122 (a char boundary under 123)
+            for (code, reason, want) in [
+                (1001u16, "going away", "going away".to_owned()),
+                (1009, long.as_str(), "é".repeat(61)),
+                (1000, "", String::new()),
+            ] {
+                let f = close_frame(dir, code, reason);
+                assert_eq!(f[0], 0x88, "FIN and close opcode");
+                let masked = dir == Direction::ClientToBackend;
+                assert_eq!(f[1] & 0x80 != 0, masked);
+                let len = usize::from(f[1] & 0x7f);
+                assert_eq!(len, 2 + want.len());
+                let payload: Vec<u8> = if masked {
+                    let k = [f[2], f[3], f[4], f[5]];
+                    f[6..]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ k[i % 4])
+                        .collect()
+                } else {
+                    f[2..].to_vec()
+                };
+                assert_eq!(payload.len(), len);
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code);
+                assert_eq!(&payload[2..], want.as_bytes());
+                // And the gateway's own parser accepts it.
+                let mut p = FrameParser::new(dir, 1000, None).with_extensions(false);
+                let a = p.advance(&f);
+                assert_eq!(a.forward, f.len());
+                assert_eq!(
+                    a.event,
+                    Some(Event::Close {
+                        code: Some(code),
+                        reason: want.clone()
+                    })
+                );
+            }
+        }
+    }
 }
