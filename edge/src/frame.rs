@@ -1288,4 +1288,88 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn only_text_and_its_continuations_are_checked() {
+        // A binary message's continuation and a ping inside a text message are not text.
+        let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
+        let mut data = frame(false, OP_BINARY, b"\xc3", K);
+        data.extend(frame(true, OP_CONTINUATION, b"\xff", K));
+        data.extend(frame(false, OP_TEXT, b"ok", K));
+        data.extend(frame(true, OP_PING, b"\xff", K));
+        data.extend(frame(true, OP_CONTINUATION, b"!", K));
+        assert_eq!(
+            p.advance(&data),
+            Advance {
+                forward: data.len(),
+                event: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_message_ending_inside_a_code_point_holds_back_only_its_last_piece() {
+        // The final frame's header and first byte arrive in one read, the rest (ending inside
+        // a code point) in the next: that whole second piece is held back.
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, None).with_extensions(false);
+        let f = frame(true, OP_TEXT, b"abc\xe2\x82", None);
+        assert_eq!(
+            p.advance(&f[..3]),
+            Advance {
+                forward: 3,
+                event: None
+            }
+        );
+        let a = p.advance(&f[3..]);
+        assert_eq!(a.forward, 0);
+        assert!(matches!(a.event, Some(Event::Violation { code: 1007, .. })));
+    }
+
+    #[test]
+    fn message_size_adds_up_over_many_fragments() {
+        let mut p = FrameParser::new(Direction::BackendToClient, 1000, Some(12));
+        let mut data = frame(false, OP_BINARY, &[0; 4], None);
+        data.extend(frame(false, OP_CONTINUATION, &[0; 4], None));
+        data.extend(frame(false, OP_CONTINUATION, &[0; 4], None));
+        assert_eq!(
+            p.advance(&data),
+            Advance {
+                forward: data.len(),
+                event: None
+            }
+        );
+        let f = frame(true, OP_CONTINUATION, &[0; 1], None);
+        assert!(matches!(
+            p.advance(&f).event,
+            Some(Event::Violation { code: 1009, .. })
+        ));
+    }
+
+    #[test]
+    fn masked_ascii_then_text_keeps_the_key_in_step() {
+        // A whole ASCII block (skipped while masked), then multi-byte text, read from an
+        // offset that is not a multiple of 4.
+        let mut text = vec![b'a'; 5000];
+        text.extend("κόσμε".repeat(500).into_bytes());
+        // Key bytes that differ in their high bits: a key out of step breaks the UTF-8.
+        let f = frame(true, OP_TEXT, &text, Some([0x00, 0x80, 0x40, 0xc0]));
+        let mut p =
+            FrameParser::new(Direction::ClientToBackend, u64::MAX, None).with_extensions(false);
+        assert_eq!(p.advance(&f[..11]).forward, 11);
+        assert_eq!(
+            p.advance(&f[11..]),
+            Advance {
+                forward: f.len() - 11,
+                event: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_close_reason_of_exactly_123_bytes_is_kept_whole() {
+        let reason = "r".repeat(123);
+        let f = close_frame(Direction::BackendToClient, 1000, &reason);
+        assert_eq!(usize::from(f[1]), 125);
+        assert_eq!(&f[4..], reason.as_bytes());
+    }
 }
