@@ -495,4 +495,148 @@ mod tests {
             Err(DecisionError::TooManyEntries(MAX_DECISION_ENTRIES + 1))
         );
     }
+
+    // ---- Found by `cargo mutants` (tests/README.md). ----
+
+    #[test]
+    fn size_counts_every_string_and_every_entry() {
+        let e = DECISION_ENTRY_BYTES;
+        let d = Decision::Proceed(Proceed {
+            header_changes: vec![
+                HeaderChange::Set(pair("ab", "cde")), // e + 5
+                HeaderChange::Append(pair("f", "")),  // e + 1
+                HeaderChange::Remove("ghij".into()),  // e + 4
+            ],
+            query_changes: vec![
+                QueryChange::Set(pair("k", "lm")),   // e + 3
+                QueryChange::Remove("nopqr".into()), // e + 5
+            ],
+            response_headers: vec![pair("s", "tuvwxy")], // e + 7
+            context: vec![pair("", ""), pair("z", "1")], // e + 0, e + 2
+        });
+        assert_eq!(d.size(), (8, 8 * e + 5 + 1 + 4 + 3 + 5 + 7 + 2));
+        let r = Decision::Reject(Rejection {
+            status: 401,
+            headers: vec![pair("www-authenticate", "Bearer"), pair("x", "")],
+            body: b"nope".to_vec(),
+        });
+        assert_eq!(r.size(), (2, 2 * e + 16 + 6 + 1 + 4));
+    }
+
+    #[test]
+    fn the_size_limits_hold_exactly_at_their_value() {
+        let entries = |n: usize| {
+            Decision::Proceed(Proceed {
+                context: vec![pair("", ""); n],
+                ..Proceed::default()
+            })
+        };
+        assert_eq!(entries(MAX_DECISION_ENTRIES).check_size(), Ok(()));
+        assert_eq!(
+            entries(MAX_DECISION_ENTRIES + 1).check_size(),
+            Err(DecisionError::TooManyEntries(MAX_DECISION_ENTRIES + 1))
+        );
+        let body = |n: usize| {
+            Decision::Reject(Rejection {
+                status: 403,
+                headers: Vec::new(),
+                body: vec![b'x'; n],
+            })
+        };
+        assert_eq!(body(MAX_DECISION_BYTES).check_size(), Ok(()));
+        assert_eq!(
+            body(MAX_DECISION_BYTES + 1).check_size(),
+            Err(DecisionError::TooBig(MAX_DECISION_BYTES + 1))
+        );
+        assert_eq!(MAX_DECISION_BYTES, 262_144);
+    }
+
+    #[test]
+    fn uses_name_exactly_what_a_decision_does() {
+        assert_eq!(
+            Decision::Proceed(Proceed::default()).uses(),
+            Vec::<(Use, &str)>::new()
+        );
+        let all = Decision::Proceed(Proceed {
+            header_changes: vec![HeaderChange::Remove("x".into())],
+            query_changes: vec![QueryChange::Remove("q".into())],
+            response_headers: vec![pair("r", "1")],
+            context: vec![pair("c", "1")],
+        });
+        let uses: Vec<Use> = all.uses().into_iter().map(|(u, _)| u).collect();
+        assert_eq!(
+            uses,
+            vec![
+                Use::ModifyHeaders,
+                Use::ModifyQuery,
+                Use::ModifyResponseHeaders,
+                Use::UseContext
+            ]
+        );
+        let only_context = Decision::Proceed(Proceed {
+            context: vec![pair("c", "1")],
+            ..Proceed::default()
+        });
+        assert_eq!(
+            only_context.uses(),
+            vec![(Use::UseContext, "set context values")]
+        );
+        let reject = Decision::Reject(Rejection {
+            status: 401,
+            headers: Vec::new(),
+            body: Vec::new(),
+        });
+        assert_eq!(reject.uses(), vec![(Use::Reject, "rejected the handshake")]);
+    }
+
+    #[test]
+    fn a_rejection_is_a_4xx_or_5xx_with_valid_headers() {
+        let r = |status: u16, headers: Vec<Pair>| Rejection {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        for ok in [400u16, 401, 499, 500, 599] {
+            assert!(rejection(r(ok, Vec::new())).is_ok(), "{ok}");
+        }
+        for bad in [0u16, 101, 200, 302, 399, 600, 1000] {
+            assert_eq!(
+                rejection(r(bad, Vec::new())).err(),
+                Some(DecisionError::InvalidStatus(bad))
+            );
+        }
+        assert_eq!(
+            rejection(r(403, vec![pair("bad name", "v")])).err(),
+            Some(DecisionError::InvalidHeaderName("bad name".into()))
+        );
+        assert_eq!(
+            rejection(r(403, vec![pair("x", "a\r\nb")])).err(),
+            Some(DecisionError::InvalidHeaderValue("a\r\nb".into()))
+        );
+    }
+
+    #[test]
+    fn protected_headers_each_way() {
+        for h in [
+            "host",
+            "sec-websocket-key",
+            "sec-websocket-protocol",
+            "sec-websocket-anything",
+        ] {
+            assert!(protected_request_header(h), "{h}");
+        }
+        assert!(!protected_request_header("x-user"));
+        for h in [
+            "host",
+            "sec-websocket-accept",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+            "keep-alive",
+            "te",
+            "proxy-authenticate",
+        ] {
+            assert!(protected_response_header(h), "{h}");
+        }
+        assert!(!protected_response_header("x-served-by"));
+    }
 }

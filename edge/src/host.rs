@@ -141,4 +141,32 @@ mod tests {
         assert_eq!(h("a..b"), Err(HostError::Malformed));
         assert_eq!(h("*"), Err(HostError::Malformed));
     }
+
+    #[test]
+    fn name_and_port_are_kept_apart_and_lengths_are_bounded() {
+        let h = HostName::parse("Admin.Example:8443").unwrap();
+        assert_eq!((h.name(), h.port()), ("admin.example", Some(8443)));
+        let h = HostName::parse("admin.example").unwrap();
+        assert_eq!((h.name(), h.port()), ("admin.example", None));
+        assert_eq!(HostName::parse("a:").err(), Some(HostError::BadPort));
+        assert_eq!(HostName::parse("a:+1").err(), Some(HostError::BadPort));
+        // A label of 63 characters is fine, 64 is not; a name of 253 is fine, 254 is not.
+        let label = |n: usize| "a".repeat(n);
+        assert!(HostName::parse(&label(63)).is_ok());
+        assert_eq!(
+            HostName::parse(&label(64)).err(),
+            Some(HostError::Malformed)
+        );
+        let name = |n: usize| {
+            let mut v = vec![label(63); 3];
+            v.push(label(n - 3 * 64));
+            v.join(".")
+        };
+        assert_eq!(name(253).len(), 253);
+        assert!(HostName::parse(&name(253)).is_ok());
+        assert_eq!(
+            HostName::parse(&name(254)).err(),
+            Some(HostError::Malformed)
+        );
+    }
 }
