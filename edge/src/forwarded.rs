@@ -113,6 +113,9 @@ mod tests {
         assert!(t.trusts("::ffff:10.0.0.1".parse().unwrap()));
         assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
         assert!(TrustedProxies::parse(&["example.com"]).is_err());
+        // Empty only without networks (the gateway logs the list at start when there is one).
+        assert!(!t.is_empty());
+        assert!(TrustedProxies::parse::<&str>(&[]).unwrap().is_empty());
     }
 
     #[test]

@@ -148,6 +148,9 @@ mod tests {
         assert_eq!((h.name(), h.port()), ("admin.example", Some(8443)));
         let h = HostName::parse("admin.example").unwrap();
         assert_eq!((h.name(), h.port()), ("admin.example", None));
+        for ok in ["my-host", "my_host", "h-1_2"] {
+            assert!(HostName::parse(ok).is_ok(), "{ok}");
+        }
         assert_eq!(HostName::parse("a:").err(), Some(HostError::BadPort));
         assert_eq!(HostName::parse("a:+1").err(), Some(HostError::BadPort));
         // A label of 63 characters is fine, 64 is not; a name of 253 is fine, 254 is not.
