@@ -1054,6 +1054,25 @@ mod tests {
 
     // ---- Found by `cargo mutants` (tests/README.md): counters, boundaries, positions. ----
 
+    /// Feeds `data` whole and expects all of it forwarded, with no event.
+    fn forwards_all(p: &mut FrameParser, data: &[u8]) {
+        assert_eq!(
+            p.advance(data),
+            Advance {
+                forward: data.len(),
+                event: None
+            }
+        );
+    }
+
+    /// The close code of a violation, if `a` reports one.
+    fn violation(a: &Advance) -> Option<u16> {
+        match a.event {
+            Some(Event::Violation { code, .. }) => Some(code),
+            _ => None,
+        }
+    }
+
     #[test]
     fn every_counter_counts_what_it_names() {
         let mut data = frame(false, OP_TEXT, b"ab", K); // 6 + 2
@@ -1107,29 +1126,14 @@ mod tests {
         // A frame of exactly max_frame_size passes; one byte more is a 1009.
         let mut p = FrameParser::new(Direction::BackendToClient, 100, None);
         let f = frame(true, OP_BINARY, &[0; 100], None);
-        assert_eq!(
-            p.advance(&f),
-            Advance {
-                forward: f.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &f);
         let f = frame(true, OP_BINARY, &[0; 101], None);
-        assert!(matches!(
-            p.advance(&f).event,
-            Some(Event::Violation { code: 1009, .. })
-        ));
+        assert_eq!(violation(&p.advance(&f)), Some(1009));
         // A message of exactly max_message_size passes, across fragments; one byte more fails.
         let mut p = FrameParser::new(Direction::BackendToClient, 1000, Some(10));
         let mut data = frame(false, OP_BINARY, &[0; 6], None);
         data.extend(frame(true, OP_CONTINUATION, &[0; 4], None));
-        assert_eq!(
-            p.advance(&data),
-            Advance {
-                forward: data.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &data);
         let mut data = frame(false, OP_BINARY, &[0; 6], None);
         data.extend(frame(true, OP_CONTINUATION, &[0; 5], None));
         let a = p.advance(&data);
@@ -1141,18 +1145,9 @@ mod tests {
         // A control frame may carry 125 bytes, not 126.
         let mut p = FrameParser::new(Direction::BackendToClient, 1000, None);
         let f = frame(true, OP_PING, &[0; 125], None);
-        assert_eq!(
-            p.advance(&f),
-            Advance {
-                forward: f.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &f);
         let f = frame(true, OP_PING, &[0; 126], None);
-        assert!(matches!(
-            p.advance(&f).event,
-            Some(Event::Violation { code: 1002, .. })
-        ));
+        assert_eq!(violation(&p.advance(&f)), Some(1002));
     }
 
     #[test]
@@ -1166,32 +1161,17 @@ mod tests {
         let mut top = vec![0x82, 127];
         top.extend_from_slice(&(1u64 << 63).to_be_bytes());
         let mut p = FrameParser::new(Direction::BackendToClient, u64::MAX, None);
-        assert!(matches!(
-            p.advance(&top).event,
-            Some(Event::Violation { code: 1002, .. })
-        ));
+        assert_eq!(violation(&p.advance(&top)), Some(1002));
     }
 
     #[test]
     fn binary_is_never_checked_as_text() {
         let mut p = FrameParser::new(Direction::ClientToBackend, 1000, None).with_extensions(false);
         let f = frame(true, OP_BINARY, b"\xff\xfe", K);
-        assert_eq!(
-            p.advance(&f),
-            Advance {
-                forward: f.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &f);
         let mut data = frame(false, OP_BINARY, b"\xc3", K);
         data.extend(frame(true, OP_CONTINUATION, b"(", K));
-        assert_eq!(
-            p.advance(&data),
-            Advance {
-                forward: data.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &data);
     }
 
     #[test]
@@ -1240,10 +1220,7 @@ mod tests {
         let mut p =
             FrameParser::new(Direction::ClientToBackend, u64::MAX, None).with_extensions(false);
         assert_eq!(p.advance(&f[..9]).forward, 9);
-        assert!(matches!(
-            p.advance(&f[9..]).event,
-            Some(Event::Violation { code: 1007, .. })
-        ));
+        assert_eq!(violation(&p.advance(&f[9..])), Some(1007));
     }
 
     #[test]
@@ -1298,13 +1275,7 @@ mod tests {
         data.extend(frame(false, OP_TEXT, b"ok", K));
         data.extend(frame(true, OP_PING, b"\xff", K));
         data.extend(frame(true, OP_CONTINUATION, b"!", K));
-        assert_eq!(
-            p.advance(&data),
-            Advance {
-                forward: data.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &data);
     }
 
     #[test]
@@ -1331,18 +1302,9 @@ mod tests {
         let mut data = frame(false, OP_BINARY, &[0; 4], None);
         data.extend(frame(false, OP_CONTINUATION, &[0; 4], None));
         data.extend(frame(false, OP_CONTINUATION, &[0; 4], None));
-        assert_eq!(
-            p.advance(&data),
-            Advance {
-                forward: data.len(),
-                event: None
-            }
-        );
+        forwards_all(&mut p, &data);
         let f = frame(true, OP_CONTINUATION, &[0; 1], None);
-        assert!(matches!(
-            p.advance(&f).event,
-            Some(Event::Violation { code: 1009, .. })
-        ));
+        assert_eq!(violation(&p.advance(&f)), Some(1009));
     }
 
     #[test]
