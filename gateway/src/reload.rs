@@ -218,11 +218,18 @@ mod tests {
     /// is refused, one message per listener, and nothing else is.
     #[test]
     fn listeners_and_tls_need_a_restart() {
-        // The manifest checks that the certificate and key files exist.
+        // The manifest checks that the certificate and key files exist and hold PEM of the
+        // right kind (their DER is only parsed when a listener is built).
         let dir = std::env::temp_dir().join(format!("tollgate-reload-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["a.pem", "b.pem", "a.key", "b.key"] {
-            std::fs::write(dir.join(f), "").unwrap();
+        for (f, kind) in [
+            ("a.pem", "CERTIFICATE"),
+            ("b.pem", "CERTIFICATE"),
+            ("a.key", "PRIVATE KEY"),
+            ("b.key", "PRIVATE KEY"),
+        ] {
+            let pem = format!("-----BEGIN {kind}-----\nAAAA\n-----END {kind}-----\n");
+            std::fs::write(dir.join(f), pem).unwrap();
         }
         let manifest = dir.join("m.toml");
         let m = |listen: &str, tls: &str, admin: &str| {
