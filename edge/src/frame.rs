@@ -200,13 +200,22 @@ pub fn close_code_allowed(code: u16) -> bool {
 /// Bytes of client text unmasked at a time for the UTF-8 check.
 const UNMASK_BLOCK: usize = 4096;
 
+/// The masking key as it applies to bytes starting `offset` into the payload, and that key
+/// twice over as one 8-byte word (for the word-at-a-time loops).
+fn rotated_key(key: [u8; 4], offset: u64) -> ([u8; 4], u64) {
+    let r = (offset % 4) as usize;
+    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
+    (
+        k,
+        u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]),
+    )
+}
+
 /// Writes `data` unmasked with `key` into `out` (the same length), `data` starting `offset`
 /// bytes into its payload. Eight bytes at a time (the compiler vectorises the word loop): a
 /// byte-at-a-time loop with a modulo per byte cost more than the UTF-8 check itself.
 fn unmask_into(out: &mut [u8], data: &[u8], key: [u8; 4], offset: u64) {
-    let r = (offset % 4) as usize;
-    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
-    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let (k, word) = rotated_key(key, offset);
     out.copy_from_slice(data);
     let mut words = out.chunks_exact_mut(8);
     for w in &mut words {
@@ -224,9 +233,7 @@ fn unmask_into(out: &mut [u8], data: &[u8], key: [u8; 4], offset: u64) {
 /// once unmasked. Reads eight bytes at a time and only ORs them together (the compiler
 /// vectorises the loop): no copy is written.
 fn masked_ascii(data: &[u8], key: [u8; 4], offset: u64) -> bool {
-    let r = (offset % 4) as usize;
-    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
-    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let (k, word) = rotated_key(key, offset);
     let mut words = data.chunks_exact(8);
     let mut high = 0u64;
     for w in &mut words {

@@ -241,28 +241,10 @@ impl Rule {
                 Extra::Symlink(p, target) => std::os::unix::fs::symlink(target, at(p)).unwrap(),
             }
         }
-        let (code, err, path) = check_with_env(dir.path(), &self.manifest);
+        let (code, err, path) =
+            tollgate_check_env(dir.path(), &self.manifest, ROW_ENV, &["TOLLGATE_ROW_UNSET"]);
         (dir, code, err, path)
     }
-}
-
-/// [`tollgate_check`] with [`ROW_ENV`].
-fn check_with_env(dir: &Path, text: &str) -> (i32, String, String) {
-    let path = dir.join("m.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--manifest"])
-        .arg(&path)
-        .env("XDG_CACHE_HOME", test_cache())
-        .envs(ROW_ENV.iter().copied())
-        .env_remove("TOLLGATE_ROW_UNSET")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        path.display().to_string(),
-    )
 }
 
 /// Line and column (1-based, as `tollgate check` counts them) of the `^` in `snippet`, which
@@ -302,9 +284,9 @@ fn expect_error(
     }
 }
 
-/// Runs one row. `exact`: the error must be the only one and start with
-/// `file:line:column: key `k``; otherwise only the exit code and the message are checked.
-fn run_row(r: &Rule, exact: bool) -> Result<(), String> {
+/// Runs one row: exit 1, the error is the only one and starts with
+/// `file:line:column: key `k``, and the fixed manifest passes.
+fn run_row(r: &Rule) -> Result<(), String> {
     let (dir, code, err, path) = r.check();
     let shown = |e: String| format!("{e}\n--- stderr:\n{err}");
     if code != 1 {
@@ -313,15 +295,13 @@ fn run_row(r: &Rule, exact: bool) -> Result<(), String> {
     if !err.contains(r.says) {
         return Err(shown(format!("no error says `{}`", r.says)));
     }
-    if exact {
-        let text = r
-            .text_of(r.at.0)
-            .ok_or_else(|| format!("the row writes no {}", r.at.0))?;
-        expect_error(&err, dir.path(), r.at.0, text, r.at.1, r.key, r.says).map_err(shown)?;
-        let one = format!("1 error(s) in {path}");
-        if err.lines().last() != Some(one.as_str()) {
-            return Err(shown(format!("expected exactly one error (`{one}`)")));
-        }
+    let text = r
+        .text_of(r.at.0)
+        .ok_or_else(|| format!("the row writes no {}", r.at.0))?;
+    expect_error(&err, dir.path(), r.at.0, text, r.at.1, r.key, r.says).map_err(shown)?;
+    let one = format!("1 error(s) in {path}");
+    if err.lines().last() != Some(one.as_str()) {
+        return Err(shown(format!("expected exactly one error (`{one}`)")));
     }
     if !r.fix.is_empty() {
         let (_dir, code, err, _) = r.fixed()?.check();
@@ -652,7 +632,7 @@ fn every_documented_rule_names_file_line_and_key() {
     let rows = rules();
     let mut failures = Vec::new();
     for r in &rows {
-        if let Err(e) = run_row(r, true) {
+        if let Err(e) = run_row(r) {
             failures.push(format!("[{}] {e}", r.name));
         }
     }

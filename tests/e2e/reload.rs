@@ -380,13 +380,7 @@ async fn every_gateway_limit_follows_a_reload_and_established_connections_keep_t
             .collect::<Vec<u8>>()
     };
     // (The slot `new` held is back once its relay has ended.)
-    let mut fresh = loop {
-        let (head, ws) = raw_handshake(addr, "/echo", "").await;
-        if status_of(&head) == 101 {
-            break ws;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut fresh = upgraded_once_a_slot_is_free(addr).await;
     fresh.send_raw(&five_fragments()).await.unwrap();
     assert_eq!(
         fresh.read_until_close().await.unwrap().close_code(),
@@ -397,13 +391,7 @@ async fn every_gateway_limit_follows_a_reload_and_established_connections_keep_t
         assert_eq!(old.read_frame().await.unwrap().payload.len(), 1024);
     }
     // idle_timeout: a new connection left idle is closed; the old one, idle as long, is not.
-    let mut idle = loop {
-        let (head, ws) = raw_handshake(addr, "/echo", "").await;
-        if status_of(&head) == 101 {
-            break ws;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut idle = upgraded_once_a_slot_is_free(addr).await;
     let f = tokio::time::timeout(Duration::from_secs(15), idle.read_until_close())
         .await
         .expect("the new idle_timeout did not apply")
@@ -456,6 +444,20 @@ async fn every_gateway_limit_follows_a_reload_and_established_connections_keep_t
     let deadline = Instant::now() + Duration::from_secs(30);
     while gw.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `/echo` connection as soon as `max_connections` has a slot again (a relay that just ended
+/// gives its slot back when its task finishes).
+async fn upgraded_once_a_slot_is_free(addr: std::net::SocketAddr) -> RawWs<tokio::net::TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (head, ws) = raw_handshake(addr, "/echo", "").await;
+        if status_of(&head) == 101 {
+            return ws;
+        }
+        assert!(Instant::now() < deadline, "no slot came free: {head}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -248,14 +248,28 @@ pub fn test_cache() -> PathBuf {
 /// Writes `text` as `m.toml` in `dir` and runs `tollgate check` on it: (exit code, stderr,
 /// manifest path).
 pub fn tollgate_check(dir: &Path, text: &str) -> (i32, String, String) {
+    tollgate_check_env(dir, text, &[], &[])
+}
+
+/// [`tollgate_check`] with environment variables `set` and `unset` (the subscription keys a
+/// manifest reads from the environment).
+pub fn tollgate_check_env(
+    dir: &Path,
+    text: &str,
+    set: &[(&str, &str)],
+    unset: &[&str],
+) -> (i32, String, String) {
     let path = dir.join("m.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--manifest"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--manifest"])
         .arg(&path)
         .env("XDG_CACHE_HOME", test_cache())
-        .output()
-        .unwrap();
+        .envs(set.iter().copied());
+    for name in unset {
+        cmd.env_remove(name);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
