@@ -13,6 +13,7 @@ mod chain;
 mod load;
 mod orchestrate;
 mod proc;
+mod soak;
 mod wire;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,9 @@ enum Cmd {
     Load(load::LoadArgs),
     /// The policy chain's own time per handshake, in process: one JSON line per measurement.
     Chain(chain::ChainArgs),
+    /// Mixed traffic (handshakes with policies, relays, reloads) for a long time; reports the
+    /// gateway's memory, descriptors, threads and tasks every interval (BENCHMARKS.md, "Soak").
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             .block_on(wire::tcp_relay(listen, upstream)),
         Cmd::Load(args) => current_thread(load::run(args)),
         Cmd::Chain(args) => chain::run(args),
+        Cmd::Soak(args) => soak::run(args),
     }
 }
 

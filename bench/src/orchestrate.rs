@@ -80,7 +80,7 @@ impl Default for RunArgs {
 }
 
 /// A process we started; killed (by pid, only ours) on drop.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     _dir: Option<TempDir>,
 }
@@ -104,7 +104,25 @@ impl Drop for Proc {
     }
 }
 
-struct TempDir(PathBuf);
+impl Proc {
+    pub(crate) fn spawn(cmd: &mut Command) -> anyhow::Result<Proc> {
+        Ok(Proc {
+            child: cmd.spawn()?,
+            _dir: None,
+        })
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+pub(crate) struct TempDir(PathBuf);
+impl TempDir {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -129,7 +147,12 @@ pub struct Jwt {
 }
 
 impl Jwt {
-    fn new() -> anyhow::Result<Jwt> {
+    /// The token signed with this run's key (subject `bench-user`, valid for a day).
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub(crate) fn new() -> anyhow::Result<Jwt> {
         use base64::Engine;
         use rsa::signature::{SignatureEncoding, Signer};
         use rsa::traits::PublicKeyParts;
@@ -188,7 +211,7 @@ impl Jwt {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -200,7 +223,7 @@ fn pinned(cpu: u32, program: &Path) -> Command {
 
 /// Waits for a listener. A Tollgate target compiles its plugins on first start (an 18 MB
 /// Python component takes well over a minute on the one CPU it is pinned to), hence `secs`.
-fn wait_port(port: u16, secs: u64) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16, secs: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -425,7 +448,7 @@ fn lang_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
 /// the Python origin-check alone; `tollgate-js` has jwt-validate then the JavaScript
 /// tenant-route (tenant claim + default region); both pooled, the strategy their READMEs
 /// recommend for interpreter-based plugins.
-fn tollgate_dir(
+pub(crate) fn tollgate_dir(
     name: &str,
     port: u16,
     backend_port: u16,

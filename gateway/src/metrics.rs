@@ -138,6 +138,7 @@ pub struct Metrics {
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
+    runtime_tasks: Gauge,
     signatures: Family<SignatureLabels, Counter>,
     signature_cache: crate::verify_cache::CacheCounters,
 }
@@ -168,6 +169,7 @@ impl Metrics {
             limits: Family::default(),
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
+            runtime_tasks: Gauge::default(),
             signatures: Family::default(),
             signature_cache: Default::default(),
             registry: Registry::default(),
@@ -252,6 +254,11 @@ impl Metrics {
             m.accept_errors.clone(),
         );
         registry.register(
+            "runtime_tasks",
+            "Tasks alive in the gateway's async runtime at the time of the scrape (listeners, handshakes, relays, timers' owners): it follows the load and falls back with it; one that only grows is a leak",
+            m.runtime_tasks.clone(),
+        );
+        registry.register(
             "subscription_connections_active",
             "Connections held under each subscription now (counted against its max_connections)",
             m.subscriptions_active.clone(),
@@ -286,6 +293,11 @@ impl Metrics {
 
     /// The exposition, OpenMetrics text format.
     pub fn encode(&self) -> String {
+        // Read when scraped: the runtime keeps the count, so nothing is updated per task.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -604,6 +616,34 @@ impl PluginSignatureMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn runtime_tasks(text: &str) -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_runtime_tasks "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn runtime_tasks_follow_the_tasks_alive_at_scrape_time() {
+        let m = Metrics::new();
+        let idle = runtime_tasks(&m.encode());
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let _ = rx.changed().await;
+                })
+            })
+            .collect();
+        assert_eq!(runtime_tasks(&m.encode()), idle + 10);
+        let _ = tx.send(true);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(runtime_tasks(&m.encode()), idle);
+    }
 
     #[test]
     fn relay_counters_publish_deltas() {
