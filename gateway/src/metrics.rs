@@ -624,6 +624,76 @@ mod tests {
             .unwrap_or(-1)
     }
 
+    /// The README's metrics table is what operators build dashboards and alerts from: every
+    /// family the gateway exposes is in it with its type and label names, and it lists nothing
+    /// the gateway does not expose.
+    #[test]
+    fn the_readme_documents_every_metric_with_its_type_and_labels() {
+        type Family = (String, String, Vec<String>);
+        let readme = include_str!("../../README.md");
+        let mut documented: Vec<Family> = readme
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix("| `tollgate_")?.split('|');
+                let name = cells.next()?.trim().trim_end_matches('`');
+                let kind = cells.next()?.trim();
+                let mut labels: Vec<String> = cells
+                    .next()?
+                    .split(',')
+                    .map(|c| c.trim().trim_matches('`').to_owned())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                labels.sort();
+                // OpenMetrics names a counter family without its `_total` suffix.
+                let family = match kind {
+                    "counter" => name.strip_suffix("_total")?,
+                    _ => name,
+                };
+                Some((format!("tollgate_{family}"), kind.to_owned(), labels))
+            })
+            .collect();
+        // One series in every family, through the calls the gateway makes.
+        let m = Metrics::new();
+        let _api = m.api("a");
+        let _policy = m.policy("a", "p", "api");
+        m.handshake("a", "", "", 101);
+        let _sub = m.subscription_active("p", "s");
+        m.backend_error("a", "connect");
+        m.connection_closed("a", "client", Some(1000));
+        m.reload("sighup", "applied");
+        m.accept_error();
+        m.limit_hit("a", "idle_timeout");
+        m.signatures()
+            .plugin("p")
+            .record(tollgate_verify::Algorithm::Rs256, VerifyResult::Valid);
+        let text = m.encode();
+        let mut exposed: Vec<Family> = text
+            .lines()
+            .filter_map(|l| {
+                let (name, kind) = l.strip_prefix("# TYPE ")?.split_once(' ')?;
+                // The label names of the family's first sample (`le` is the histogram's own).
+                let sample = text.lines().find(|s| {
+                    s.strip_prefix(name)
+                        .is_some_and(|r| r.starts_with(['{', ' ', '_']))
+                })?;
+                let mut labels: Vec<String> = sample
+                    .split_once('{')
+                    .map(|(_, r)| r.split('}').next().unwrap_or(""))
+                    .unwrap_or("")
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_owned()))
+                    .filter(|k| k != "le")
+                    .collect();
+                labels.sort();
+                Some((name.to_owned(), kind.to_owned(), labels))
+            })
+            .collect();
+        documented.sort();
+        exposed.sort();
+        assert!(exposed.len() >= 20, "{exposed:?}");
+        assert_eq!(documented, exposed);
+    }
+
     #[tokio::test]
     async fn runtime_tasks_follow_the_tasks_alive_at_scrape_time() {
         let m = Metrics::new();
