@@ -12,6 +12,7 @@ pub mod chain;
 pub mod console;
 pub mod handshake;
 pub mod logging;
+mod memory;
 pub mod metrics;
 pub mod plugin_cache;
 pub mod policy;

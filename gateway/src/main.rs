@@ -211,10 +211,10 @@ fn run(path: &std::path::Path) -> ExitCode {
             signal(SignalKind::interrupt()),
         );
         tokio::spawn(tollgate::reload::watch(gw.clone(), path.to_owned(), hup));
-        let shutdown = gw.shutdown.clone();
+        let stop_gateway = gw.stop.clone();
         tokio::spawn(async move {
             wait_for_signal(stop).await;
-            shutdown.cancel();
+            stop_gateway.cancel();
         });
         match gw.run().await {
             Ok(()) => ExitCode::SUCCESS,

@@ -77,9 +77,18 @@ pub struct Gateway {
     /// `max_pending_handshakes`: a flood of sockets that never get to admission cannot take
     /// unbounded tasks and memory.
     pending: Arc<AtomicUsize>,
+    /// Cancelled to shut the gateway down (SIGTERM/SIGINT). [`Gateway::run`] then stops
+    /// accepting, logs `draining` with the connections live at that moment, and only then
+    /// cancels `shutdown`: a relay woken by `shutdown` may be gone a moment later, so the count
+    /// must be read before.
+    pub stop: CancellationToken,
+    /// Cancelled by [`Gateway::run`] once the drain starts: every relay sends its 1001s, the
+    /// accept loops and the reload watcher end.
     pub shutdown: CancellationToken,
     pub ready: AtomicBool,
     tracker: TaskTracker,
+    /// The peak of `tracker`'s connection tasks since memory was last given back.
+    bursts: Arc<crate::memory::Bursts>,
     /// Counters and histograms for `/metrics`; one set for the process's life.
     pub metrics: Arc<Metrics>,
     /// The client listeners' bound addresses (`ws`/`wss`), once bound (for `/apis`).
@@ -275,9 +284,11 @@ impl Gateway {
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
             shutdown,
             ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            bursts: Default::default(),
             metrics,
             bound: std::sync::OnceLock::new(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
@@ -301,14 +312,16 @@ impl Gateway {
     /// live connections get close 1001 on both sides and up to `drain_timeout` to finish.
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
         let mut listeners = Vec::new();
+        let backlog = client_backlog(self.config.gateway.limits.max_pending_handshakes);
         if let Some(addr) = self.config.gateway.listen {
-            listeners.push((bind(addr, "ws listener").await?, "ws"));
+            listeners.push((bind(addr, backlog, "ws listener")?, "ws"));
         }
         if let Some(t) = &self.config.gateway.tls {
-            listeners.push((bind(t.listen, "wss listener").await?, "wss"));
+            listeners.push((bind(t.listen, backlog, "wss listener")?, "wss"));
         }
         let admin = match &self.config.admin {
-            Some(a) => Some(bind(a.listen, "admin listener").await?),
+            // The admin listener serves at most 64 connections at once.
+            Some(a) => Some(bind(a.listen, 128, "admin listener")?),
             None => None,
         };
         let mut bound = Vec::new();
@@ -342,8 +355,16 @@ impl Gateway {
         for (l, scheme) in listeners {
             accepts.push(tokio::spawn(self.clone().accept_loop(l, scheme)));
         }
+        tokio::spawn(crate::memory::trim_after_bursts(
+            self.bursts.clone(),
+            self.tracker.clone(),
+            self.shutdown.clone(),
+        ));
         self.ready.store(true, Ordering::SeqCst);
-        self.shutdown.cancelled().await;
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.shutdown.cancelled() => {}
+        }
 
         self.ready.store(false, Ordering::SeqCst);
         // Limits follow reloads: the drain uses the current state's.
@@ -354,6 +375,7 @@ impl Gateway {
             drain_timeout_ms = drain.as_millis() as u64,
             "shutting down: no new connections; closing live ones with 1001"
         );
+        self.shutdown.cancel();
         for a in accepts {
             let _ = a.await;
         }
@@ -414,6 +436,7 @@ impl Gateway {
                     let gw = self.clone();
                     self.tracker
                         .spawn(async move { gw.connection(tcp, addr, scheme, pending).await });
+                    self.bursts.saw(self.tracker.len());
                 }
                 Err(e) => {
                     self.metrics.accept_error();
@@ -859,10 +882,29 @@ impl Drop for PendingSlot {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, what, source })
+/// The accept queue of a client listener: as deep as the handshakes the gateway is willing to
+/// have in progress (`max_pending_handshakes`, read at start), at least 128 and at most 65535.
+/// tokio's `TcpListener::bind` asks for 128, and in a reconnect storm (thousands of clients
+/// coming back after a restart) the kernel then drops most SYNs silently, with no counter on
+/// our side, and clients wait out a 1 s retransmission or more. The kernel still caps the
+/// queue at `net.core.somaxconn` (4096 by default since Linux 5.4).
+fn client_backlog(max_pending_handshakes: usize) -> u32 {
+    u32::try_from(max_pending_handshakes.clamp(128, 65535)).unwrap_or(65535)
+}
+
+fn bind(addr: SocketAddr, backlog: u32, what: &'static str) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, what, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // What `TcpListener::bind` does too: a restarted gateway can bind while connections of
+    // the previous process are still in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog).map_err(err)
 }
 
 fn server_tls(t: &ListenerTls) -> Result<TlsAcceptor, StartError> {
