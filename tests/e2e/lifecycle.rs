@@ -176,6 +176,50 @@ async fn a_client_that_never_answers_the_shutdown_close_is_dropped_after_5_s() {
     assert_eq!(r["closed_by"], "gateway_shutdown");
 }
 
+/// A shutdown that comes while a closing handshake is under way sends nothing after a close
+/// (RFC 6455 5.5.1): the backend, which already has the client's close and has not answered,
+/// sees that one close and then the end of the socket, never a second close; the client, still
+/// owed its reply, gets 1001.
+#[tokio::test]
+async fn a_shutdown_during_a_closing_handshake_sends_no_second_close() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Frame>>();
+    let handler: Handler = Arc::new(move |_h, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            // Reads everything and answers nothing; `None` marks the end of the socket.
+            while let Ok(f) = ws.read_frame().await {
+                let _ = tx.send(Some(f));
+            }
+            let _ = tx.send(None);
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let mut gw = Gateway::start(&manifest(&backend.url(), "drain_timeout = \"60s\""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.close(1000, "bye").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the client's close never reached the backend")
+        .unwrap()
+        .expect("backend socket closed before the client's close");
+    assert_eq!(first.close_code(), Some(1000));
+    gw.signal("TERM");
+    let f = tokio::time::timeout(Duration::from_secs(15), ws.read_until_close())
+        .await
+        .expect("no close for the client")
+        .unwrap();
+    assert_eq!(f.close_code(), Some(1001));
+    let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the backend socket was never closed");
+    assert!(
+        matches!(next, Some(None)),
+        "after the client's close the backend got {next:?}"
+    );
+    let status = exit_status(&mut gw, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+}
+
 /// With connections that will not answer, drain_timeout bounds the whole shutdown and says so.
 #[tokio::test]
 async fn drain_timeout_bounds_shutdown_and_is_logged() {
