@@ -73,8 +73,38 @@ pub enum Event {
     /// A complete close frame went by (it is included in the forwarded bytes).
     Close { code: Option<u16>, reason: String },
     /// The frame starting at the returned offset breaks the protocol or a limit; it must not be
-    /// forwarded. `code` is the close code for the offender.
-    Violation { code: u16, reason: &'static str },
+    /// forwarded. `code` is the close code for the offender; `limit` names the size limit when
+    /// one was exceeded (metrics count limits by it, never by the reason's wording).
+    Violation {
+        code: u16,
+        reason: &'static str,
+        limit: Option<SizeLimit>,
+    },
+}
+
+/// The parser's size limits, as a frame or message over one of them is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SizeLimit {
+    MaxFrameSize,
+    MaxMessageSize,
+}
+
+impl SizeLimit {
+    /// The manifest key, which is also the `limit` label of `tollgate_limits_hit_total`.
+    pub fn key(self) -> &'static str {
+        match self {
+            SizeLimit::MaxFrameSize => "max_frame_size",
+            SizeLimit::MaxMessageSize => "max_message_size",
+        }
+    }
+
+    /// The reason in the close frame (code 1009).
+    pub fn reason(self) -> &'static str {
+        match self {
+            SizeLimit::MaxFrameSize => "frame exceeds max_frame_size",
+            SizeLimit::MaxMessageSize => "message exceeds max_message_size",
+        }
+    }
 }
 
 /// Result of [`FrameParser::advance`].
@@ -412,7 +442,21 @@ impl FrameParser {
                         HeaderResult::Bad(code, reason) => {
                             return Advance {
                                 forward: pos,
-                                event: Some(Event::Violation { code, reason }),
+                                event: Some(Event::Violation {
+                                    code,
+                                    reason,
+                                    limit: None,
+                                }),
+                            }
+                        }
+                        HeaderResult::TooBig(limit) => {
+                            return Advance {
+                                forward: pos,
+                                event: Some(Event::Violation {
+                                    code: close_code::TOO_BIG,
+                                    reason: limit.reason(),
+                                    limit: Some(limit),
+                                }),
                             }
                         }
                         HeaderResult::Ok(hlen) => {
@@ -462,6 +506,7 @@ impl FrameParser {
             event: Some(Event::Violation {
                 code: close_code::INVALID_PAYLOAD,
                 reason: "invalid UTF-8 in a text message",
+                limit: None,
             }),
         }
     }
@@ -588,7 +633,7 @@ impl FrameParser {
                 );
             }
             if len > self.max_frame_size {
-                return HeaderResult::Bad(close_code::TOO_BIG, "frame exceeds max_frame_size");
+                return HeaderResult::TooBig(SizeLimit::MaxFrameSize);
             }
             let so_far = if opcode == OP_CONTINUATION {
                 self.message_len
@@ -597,10 +642,7 @@ impl FrameParser {
             };
             if let Some(max) = self.max_message_size {
                 if so_far.saturating_add(len) > max {
-                    return HeaderResult::Bad(
-                        close_code::TOO_BIG,
-                        "message exceeds max_message_size",
-                    );
+                    return HeaderResult::TooBig(SizeLimit::MaxMessageSize);
                 }
             }
         }
@@ -646,6 +688,7 @@ impl FrameParser {
                     return Some(Event::Violation {
                         code: close_code::INVALID_PAYLOAD,
                         reason: "invalid UTF-8 in a text message",
+                        limit: None,
                     });
                 }
                 self.stats.messages += 1;
@@ -676,6 +719,7 @@ enum HeaderResult {
     Incomplete,
     Ok(usize),
     Bad(u16, &'static str),
+    TooBig(SizeLimit),
 }
 
 /// Builds a close frame the gateway sends itself. Frames towards the backend are masked with a
@@ -1057,6 +1101,30 @@ mod tests {
         assert!(a.event.is_none());
         let a = p.advance(&frame(true, OP_CONTINUATION, &[b'a'; 600], None));
         assert!(matches!(a.event, Some(Event::Violation { code: 1009, .. })));
+    }
+
+    #[test]
+    fn size_violations_name_their_limit_and_others_none() {
+        let limit = |a: &Advance| match &a.event {
+            Some(Event::Violation { limit, .. }) => *limit,
+            other => panic!("no violation: {other:?}"),
+        };
+        let mut p = FrameParser::new(Direction::BackendToClient, 100, Some(150));
+        let a = p.advance(&frame(true, OP_BINARY, &[0; 101], None));
+        assert_eq!(limit(&a), Some(SizeLimit::MaxFrameSize));
+        let mut p = FrameParser::new(Direction::BackendToClient, 100, Some(150));
+        let mut data = frame(false, OP_BINARY, &[0; 100], None);
+        data.extend(frame(true, OP_CONTINUATION, &[0; 51], None));
+        let a = p.advance(&data);
+        assert_eq!(limit(&a), Some(SizeLimit::MaxMessageSize));
+        assert_eq!(SizeLimit::MaxMessageSize.key(), "max_message_size");
+        assert_eq!(SizeLimit::MaxFrameSize.key(), "max_frame_size");
+        let mut p = FrameParser::new(Direction::BackendToClient, 100, None);
+        let a = p.advance(&frame(true, OP_BINARY, b"x", Some([1, 2, 3, 4])));
+        assert_eq!(limit(&a), None, "a masked server frame is no size limit");
+        let mut p = FrameParser::new(Direction::BackendToClient, 100, None).with_extensions(false);
+        let a = p.advance(&frame(true, OP_TEXT, &[0xff], None));
+        assert_eq!(limit(&a), None, "invalid UTF-8 is no size limit");
     }
 
     // ---- Found by `cargo mutants` (tests/README.md): counters, boundaries, positions. ----

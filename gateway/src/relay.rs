@@ -20,7 +20,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser};
+use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser, SizeLimit};
 use crate::manifest::ConnLimits;
 use crate::metrics::{ApiMetrics, DirCounters};
 use crate::stream::Stream;
@@ -119,6 +119,8 @@ pub struct RelayOutcome {
     /// The first close code that was sent or forwarded, if any.
     pub close_code: Option<u16>,
     pub close_reason: String,
+    /// The size limit whose violation ended the connection (the first violation, as logged).
+    pub limit: Option<SizeLimit>,
     pub duration: Duration,
 }
 
@@ -131,6 +133,7 @@ enum PumpEvent {
     Violation {
         code: u16,
         reason: &'static str,
+        limit: Option<SizeLimit>,
     },
     SrcGone,
     DstGone,
@@ -232,10 +235,18 @@ impl Pump {
                 self.buf.truncate(new_fwd);
                 self.pending = Some(PumpEvent::Close { code, reason });
             }
-            Some(Event::Violation { code, reason }) => {
+            Some(Event::Violation {
+                code,
+                reason,
+                limit,
+            }) => {
                 self.stopped = true;
                 self.buf.truncate(new_fwd);
-                self.pending = Some(PumpEvent::Violation { code, reason });
+                self.pending = Some(PumpEvent::Violation {
+                    code,
+                    reason,
+                    limit,
+                });
             }
         }
     }
@@ -407,6 +418,7 @@ pub async fn relay(
     let mut closed_by: Option<ClosedBy> = None;
     let mut close_code: Option<u16> = None;
     let mut close_reason = String::new();
+    let mut limit_hit: Option<SizeLimit> = None;
     // After a client violation: the close the client is owed, sent once the backend has
     // answered ours (or gone, or taken CLIENT_VIOLATION_GRACE).
     let mut owed_to_client: Option<(u16, &'static str)> = None;
@@ -415,10 +427,14 @@ pub async fn relay(
     // The first reason the connection ends is the one logged; later ones do not overwrite it.
     macro_rules! record_end {
         ($by:expr, $code:expr, $reason:expr) => {{
+            record_end!($by, $code, $reason, None)
+        }};
+        ($by:expr, $code:expr, $reason:expr, $limit:expr) => {{
             if closed_by.is_none() {
                 closed_by = Some($by);
                 close_code = $code;
                 close_reason = String::from($reason);
+                limit_hit = $limit;
             }
         }};
     }
@@ -483,7 +499,11 @@ pub async fn relay(
                 owed_to_client = None;
                 on_close!(ClosedBy::Backend, code, reason);
             }
-            Wake::C2b(PumpEvent::Violation { code, reason }) => {
+            Wake::C2b(PumpEvent::Violation {
+                code,
+                reason,
+                limit,
+            }) => {
                 // Nothing more is read from the client, and the backend gets the same close
                 // code. The client's close waits until the backend has answered: whatever the
                 // backend sent in reply to the client's valid frames before the violation
@@ -493,8 +513,8 @@ pub async fn relay(
                 // invalid UTF-8 in a long text frame, leaves no frame boundary for a close: the
                 // backend is then simply disconnected once the client has its close.)
                 let mid_frame = !c2b.parser.at_boundary();
+                record_end!(ClosedBy::ClientViolation, Some(code), reason, limit);
                 if c2b.queue_close(Direction::ClientToBackend, code, reason) {
-                    record_end!(ClosedBy::ClientViolation, Some(code), reason);
                     owed_to_client = Some((code, reason));
                     start_closing!(CLIENT_VIOLATION_GRACE);
                 } else {
@@ -504,7 +524,11 @@ pub async fn relay(
                     }
                 }
             }
-            Wake::B2c(PumpEvent::Violation { code, reason }) => {
+            Wake::B2c(PumpEvent::Violation {
+                code,
+                reason,
+                limit,
+            }) => {
                 // The backend is the offender: it gets `code`. The client gets the same code
                 // when it describes what the client saw (an oversized or invalid message that
                 // will never be finished), else a server error.
@@ -513,6 +537,7 @@ pub async fn relay(
                 } else {
                     close_code::INTERNAL_ERROR
                 };
+                record_end!(ClosedBy::BackendViolation, Some(other), reason, limit);
                 terminate!(ClosedBy::BackendViolation, other, code, reason);
             }
             Wake::C2b(PumpEvent::SrcGone) | Wake::B2c(PumpEvent::DstGone) => {
@@ -649,6 +674,7 @@ pub async fn relay(
         closed_by: closed_by.unwrap_or(ClosedBy::Client),
         close_code,
         close_reason,
+        limit: limit_hit,
         duration,
     }
 }

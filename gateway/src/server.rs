@@ -810,14 +810,11 @@ impl Gateway {
         match outcome.closed_by {
             relay::ClosedBy::IdleTimeout => self.metrics.limit_hit(name, "idle_timeout"),
             relay::ClosedBy::Lifetime => self.metrics.limit_hit(name, "max_connection_lifetime"),
-            relay::ClosedBy::ClientViolation | relay::ClosedBy::BackendViolation => {
-                if outcome.close_reason.contains("max_message_size") {
-                    self.metrics.limit_hit(name, "max_message_size");
-                } else if outcome.close_reason.contains("max_frame_size") {
-                    self.metrics.limit_hit(name, "max_frame_size");
+            _ => {
+                if let Some(limit) = outcome.limit {
+                    self.metrics.limit_hit(name, limit.key());
                 }
             }
-            _ => {}
         }
         let c = &outcome.client_to_backend;
         let b = &outcome.backend_to_client;

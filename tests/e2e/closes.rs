@@ -81,7 +81,7 @@ async fn each_way_a_connection_ends_gets_its_close_codes_and_record() {
     let received: Received = Arc::default();
     let backend = scripted_backend(received.clone()).await;
     let gw = Gateway::start(&format!(
-        "{}{}[apis.limits]\nmax_frame_size = 1000\nmax_message_size = 1500\n",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{}[apis.limits]\nmax_frame_size = 1000\nmax_message_size = 1500\n",
         gateway_section(""),
         api_section("s", "s", &backend.url(), ""),
     ));
@@ -230,6 +230,30 @@ async fn each_way_a_connection_ends_gets_its_close_codes_and_record() {
             c.path, c.client
         );
     }
+    // The size limits are counted by the limit that was exceeded: the backend's oversized
+    // frame once, the client's oversized message once, nothing for the other violations.
+    let metrics = scrape(gw.admin.unwrap()).await;
+    let mut limits: Vec<(String, f64)> = metrics
+        .samples
+        .iter()
+        .filter(|m| m.metric == "tollgate_limits_hit_total")
+        .map(|m| {
+            let v = match m.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            };
+            (m.labels.get("limit").unwrap_or("").to_owned(), v)
+        })
+        .collect();
+    limits.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        limits,
+        vec![
+            ("max_frame_size".to_owned(), 1.0),
+            ("max_message_size".to_owned(), 1.0)
+        ],
+        "{limits:?}"
+    );
 }
 
 #[tokio::test]
