@@ -3,8 +3,6 @@
 //! connections and request heads, and `tollgate check` warns when it is exposed without a
 //! token.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::*;
+use crate::support::*;
 
 /// Sends `head` (a complete request head, blank line included) on a new connection and reads
 /// the answer until the gateway closes: (status, head, body). Status 0: closed without one.

@@ -3,12 +3,10 @@
 //! `connection_closed` record. One backend whose behaviour is chosen by the request path, so
 //! every cause runs through the same gateway.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// What the backend side of each connection received, by the path it was opened with.
 type Received = Arc<Mutex<Vec<(String, Frame)>>>;

@@ -17,14 +17,12 @@
 //! The per-case tables are written to `target/test-artifacts/conformance*.md`: ws and wss (TLS
 //! on both legs), for each backend flavour.
 
-mod support;
-
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::tls::*;
-use support::*;
+use crate::support::tls::*;
+use crate::support::*;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,11 +1,9 @@
 //! The test consoles: the web page at `/console` driven in headless Chromium.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 /// The admin listener here requires a token: the page asks for it and sends it on its own
 /// requests (`/apis`, `/console/probe`).

@@ -3,12 +3,10 @@
 //! forged forwarding headers, revoked keys, and sockets that never finish a handshake. Every
 //! refusal is checked to have left the backend untouched.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends `request` (a complete raw HTTP head) and reads the answer: a 101's head, or a
@@ -529,7 +527,7 @@ async fn sockets_that_never_finish_a_handshake_are_bounded() {
 
 #[tokio::test]
 async fn a_wss_client_gets_handshake_timeout_once_not_once_for_tls_and_again_for_http() {
-    use support::tls::*;
+    use crate::support::tls::*;
     let ca = TestCa::new("edge CA");
     let dir = TempDir::new("edge-wss");
     let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "gw");

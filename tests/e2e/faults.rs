@@ -3,13 +3,11 @@
 //! each handshake gets its error status within the CPU budget, while 100 other connections keep
 //! echoing without a single error.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const MODES: &[&str] = &["loop", "alloc", "trap", "recursion", "huge", "many"];
 

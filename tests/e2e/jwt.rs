@@ -2,11 +2,10 @@
 //! HS256 and EdDSA keys generated per run, published as an inline JWKS, a PEM block and a
 //! JWKS file.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SystemRandom;
@@ -14,7 +13,6 @@ use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_F
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::signature::{SignatureEncoding, Signer};
 use rsa::traits::PublicKeyParts;
-use support::*;
 
 fn b64(b: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(b)

@@ -3,11 +3,9 @@
 //! componentize-py) and the JavaScript one (`examples/tenant-route-js`, built with
 //! componentize-js) allow and refuse handshakes through the real gateway.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
-use support::*;
+use crate::support::*;
 
 fn origin_check(extra: &str) -> String {
     format!(

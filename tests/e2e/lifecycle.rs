@@ -1,12 +1,10 @@
 //! Connection lifecycle: one side vanishing, SIGTERM draining, no descriptor leaks under load,
 //! and bounded memory for a huge streamed message.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn manifest(backend: &str, gw_limits: &str) -> String {
@@ -245,6 +243,7 @@ async fn drain_timeout_bounds_shutdown_and_is_logged() {
 
 #[tokio::test]
 async fn no_descriptor_leak_after_2000_concurrent_echoing_connections() {
+    let _alone = descriptor_hungry().await;
     let backend = RawBackend::start(echo_frames()).await;
     let gw = Gateway::start(&manifest(&backend.url(), ""));
     let addr = gw.ws.unwrap();

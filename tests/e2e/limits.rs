@@ -1,12 +1,10 @@
 //! Limits: connection caps (503), slowloris (handshake_timeout), header size (431), idle
 //! timeout, frame size (1009), protocol violations (1002).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn manifest(backend: &str, gw_limits: &str, api_extra: &str) -> String {

@@ -2,13 +2,11 @@
 //! every documented rule has a row in [`rules`], every documented warning one in
 //! `documented_warnings_are_printed_and_do_not_fail`.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn check(text: &str) -> (i32, String, String) {
     let dir = TempDir::new("check");
@@ -323,7 +321,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        let ca = support::tls::TestCa::new("manifest-errors CA");
+        let ca = crate::support::tls::TestCa::new("manifest-errors CA");
         let leaf = ca.leaf(&["localhost"]);
         Pki {
             ca: ca.pem.clone(),

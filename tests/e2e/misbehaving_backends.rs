@@ -3,13 +3,11 @@
 //! affects only its own connection, which ends the documented way, while 20 other connections
 //! keep echoing without an error, and the gateway's memory comes back to where it was.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
 /// A backend that reads the handshake and resets the TCP connection (RST, not FIN).

@@ -8,14 +8,12 @@
 //! their level before the storm. And an established connection keeps relaying while accept(2)
 //! fails for want of descriptors.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -664,6 +662,7 @@ async fn exited(gw: &mut Gateway, within: Duration) -> std::process::ExitStatus 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_after_a_restart_is_served() {
+    let _alone = descriptor_hungry().await;
     // This process holds a client and a backend socket per connection, and so does the gateway
     // (it inherits the limit): N fits twice in the soft limit, with room for the other tests.
     let mut lim = libc::rlimit {

@@ -1,11 +1,9 @@
 //! What operators watch: `/metrics` (parsed as Prometheus text), the admin endpoints, and the
 //! documented fields of the handshake and connection log records.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// Two APIs with policies behind one global policy that is skipped on WebSocket APIs, plus an
 /// API whose backend is down.

@@ -1,13 +1,11 @@
 //! WebSocket passthrough through the real gateway binary: frames, fragments, close codes,
 //! header forwarding, and how backend failures reach the client.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 

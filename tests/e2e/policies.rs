@@ -1,9 +1,7 @@
 //! onHandshake policies through the real gateway: plugins built from source for
 //! wasm32-wasip2, loaded from plugin_dir, changing the backend request.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 fn manifest(backend: &str, attachments: &str) -> String {
     format!(

@@ -2,11 +2,9 @@
 //! swapped in for new handshakes; established connections are untouched; a reload that fails
 //! any check is refused, every error logged, and the previous configuration keeps serving.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 fn manifest(backend: &str, generation: u32, extra_api: bool, listen: &str) -> String {
     let mut m = format!(

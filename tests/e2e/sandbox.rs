@@ -3,13 +3,11 @@
 //! attachment grants it, and nothing on the host is touched. The probe plugin reports what it
 //! got in the 101 header `x-probe`.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use support::*;
+use crate::support::*;
 
 fn probe_api(name: &str, backend: &str, mode: &str, arg: &str, grants: &str) -> String {
     api_section(

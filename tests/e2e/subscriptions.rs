@@ -3,13 +3,11 @@
 //! before forwarding); 401s that never reach the backend; product policies between global and
 //! API ones; 429 at a subscription's max_connections, exact under a race; no key in any log.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use sha2::Digest;
-use support::*;
 
 const ALICE_PRIMARY: &str = "alice-primary-key-5d1f0c2e9b";
 const ALICE_SECONDARY: &str = "alice-secondary-key-77a3e41c";

@@ -1,11 +1,9 @@
 //! TLS on both sides: wss backends verified against a CA made in the test (chain and host
 //! name), and a wss listener.
 
-mod support;
-
+use crate::support::tls::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::tls::*;
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]

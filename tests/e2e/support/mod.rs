@@ -228,6 +228,14 @@ impl Drop for Gateway {
 
 /// One compiled-plugin cache for every gateway the tests start (inside the workspace's target
 /// directory, so nothing outside it is written), so each plugin is compiled once per run.
+/// Held by the tests that need thousands of descriptors in this process (the reconnect storm,
+/// the 2,000-connection leak check): every area shares one test binary, and two of them at
+/// once could run out under a low `nofile` limit.
+pub async fn descriptor_hungry() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// Polls `done` every 10 ms until it holds, failing after a generous 30 s: tests wait for the
 /// event they need (a count, a state), never for a fixed time that a loaded machine could miss.
 pub async fn wait_until(what: &str, done: impl Fn() -> bool) {

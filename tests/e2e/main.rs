@@ -1,0 +1,27 @@
+//! The end-to-end tests: the real `tollgate` binary, real backends and clients on loopback.
+//! One test binary, one module per area (tests/README.md maps the README's sections to them):
+//! the support code and the gateway library are compiled and linked once, not once per file.
+//! Run one area with e.g. `cargo test -p tollgate --test e2e closes::`.
+
+mod support;
+
+mod admin;
+mod closes;
+mod conformance;
+mod console;
+mod edge;
+mod faults;
+mod jwt;
+mod languages;
+mod lifecycle;
+mod limits;
+mod manifest_errors;
+mod misbehaving_backends;
+mod misbehaving_clients;
+mod observability;
+mod passthrough;
+mod policies;
+mod reload;
+mod sandbox;
+mod subscriptions;
+mod tls;
