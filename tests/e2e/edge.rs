@@ -585,6 +585,24 @@ async fn a_wss_client_gets_handshake_timeout_once_not_once_for_tls_and_again_for
     );
 }
 
+/// An absolute-form request target (RFC 9112 section 3.2.2) is served when its authority is
+/// the `Host` (any case, routed by its path), and refused when they disagree (the refusal
+/// table): routing and `X-Forwarded-Host` must not tell different stories.
+#[tokio::test]
+async fn an_absolute_form_target_that_names_the_host_is_served() {
+    let (gw, chat, _admin) = two_apis().await;
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+    let target = format!("http://{}/chat/room", host.to_uppercase());
+    let (status, resp) = exchange(addr, &request(&target, Some(&host), "")).await;
+    assert_eq!(status, 101, "{resp}");
+    assert!(
+        chat.last_head().starts_with("GET /ws/room HTTP/1.1"),
+        "{}",
+        chat.last_head()
+    );
+}
+
 #[tokio::test]
 async fn the_accept_loop_survives_running_out_of_descriptors() {
     let backend = RawBackend::start(echo_frames()).await;
@@ -698,6 +716,13 @@ async fn every_refusal_answers_with_its_status_closes_and_leaves_the_backend_alo
         (
             "not an upgrade",
             format!("GET /open HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            400,
+            None,
+            false,
+        ),
+        (
+            "absolute-form target naming another host",
+            request("http://elsewhere.example/open", Some(&host), ""),
             400,
             None,
             false,
