@@ -418,15 +418,79 @@ impl Metrics {
         self.accept_errors.inc();
     }
 
-    /// A limit stopped something: `limit` is the manifest key's name (e.g.
-    /// `max_connections`, `handshake_timeout`, `max_message_size`, `idle_timeout`).
-    pub fn limit_hit(&self, api: &str, limit: &'static str) {
+    /// A limit stopped something (`api` empty for the gateway-wide ones).
+    pub fn limit_hit(&self, api: &str, limit: Limit) {
         self.limits
             .get_or_create(&LimitLabels {
                 api: api.to_owned(),
-                limit,
+                limit: limit.label(),
             })
             .inc();
+    }
+}
+
+/// What `tollgate_limits_hit_total` counts: each limit that can stop a handshake or end a
+/// connection. Its label is the manifest key (qualified where one key has several scopes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// A subscription's `max_connections` (429).
+    SubscriptionMaxConnections,
+    /// `gateway.limits.max_connections` (503).
+    GatewayMaxConnections,
+    /// An API's `max_connections` (503).
+    ApiMaxConnections,
+    HandshakeTimeout,
+    MaxPendingHandshakes,
+    MaxFrameSize,
+    MaxMessageSize,
+    IdleTimeout,
+    MaxConnectionLifetime,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 9] = [
+        Limit::SubscriptionMaxConnections,
+        Limit::GatewayMaxConnections,
+        Limit::ApiMaxConnections,
+        Limit::HandshakeTimeout,
+        Limit::MaxPendingHandshakes,
+        Limit::MaxFrameSize,
+        Limit::MaxMessageSize,
+        Limit::IdleTimeout,
+        Limit::MaxConnectionLifetime,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::SubscriptionMaxConnections => "subscription_max_connections",
+            Limit::GatewayMaxConnections => "gateway_max_connections",
+            Limit::ApiMaxConnections => "api_max_connections",
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::MaxPendingHandshakes => "max_pending_handshakes",
+            Limit::MaxFrameSize => "max_frame_size",
+            Limit::MaxMessageSize => "max_message_size",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::MaxConnectionLifetime => "max_connection_lifetime",
+        }
+    }
+}
+
+impl From<tollgate_edge::frame::SizeLimit> for Limit {
+    fn from(l: tollgate_edge::frame::SizeLimit) -> Limit {
+        match l {
+            tollgate_edge::frame::SizeLimit::MaxFrameSize => Limit::MaxFrameSize,
+            tollgate_edge::frame::SizeLimit::MaxMessageSize => Limit::MaxMessageSize,
+        }
+    }
+}
+
+impl From<crate::routes::LimitReached> for Limit {
+    fn from(l: crate::routes::LimitReached) -> Limit {
+        match l {
+            crate::routes::LimitReached::Gateway => Limit::GatewayMaxConnections,
+            crate::routes::LimitReached::Api => Limit::ApiMaxConnections,
+            crate::routes::LimitReached::Subscription => Limit::SubscriptionMaxConnections,
+        }
     }
 }
 
@@ -662,7 +726,7 @@ mod tests {
         m.connection_closed("a", "client", Some(1000));
         m.reload("sighup", "applied");
         m.accept_error();
-        m.limit_hit("a", "idle_timeout");
+        m.limit_hit("a", Limit::IdleTimeout);
         m.signatures()
             .plugin("p")
             .record(tollgate_verify::Algorithm::Rs256, VerifyResult::Valid);
@@ -692,6 +756,27 @@ mod tests {
         exposed.sort();
         assert!(exposed.len() >= 20, "{exposed:?}");
         assert_eq!(documented, exposed);
+    }
+
+    /// The README lists the `limit` label's values in the `tollgate_limits_hit_total` row,
+    /// exactly those the gateway uses.
+    #[test]
+    fn the_readme_lists_every_limit_label() {
+        let row = include_str!("../../README.md")
+            .lines()
+            .find(|l| l.starts_with("| `tollgate_limits_hit_total`"))
+            .unwrap_or_default();
+        let description = row.rsplit('|').nth(1).unwrap_or_default();
+        let mut listed: Vec<&str> = description
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| *w != "api")
+            .collect();
+        let mut labels: Vec<&str> = Limit::ALL.iter().map(|l| l.label()).collect();
+        listed.sort();
+        labels.sort();
+        assert_eq!(listed, labels, "{row}");
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::{self, Connector};
 use crate::handshake::{self, HandshakeCtx, Reject};
 use crate::manifest::{Config, ListenerTls};
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::relay::{self, RelayParams};
 use crate::routes::{Api, Permit, Routes};
 use crate::stream::Stream;
@@ -427,7 +427,7 @@ impl Gateway {
                         .max_pending_handshakes;
                     if self.pending.fetch_add(1, Ordering::AcqRel) >= max {
                         self.pending.fetch_sub(1, Ordering::AcqRel);
-                        self.metrics.limit_hit("", "max_pending_handshakes");
+                        self.metrics.limit_hit("", Limit::MaxPendingHandshakes);
                         tracing::debug!(client = %addr, "max_pending_handshakes reached; connection closed");
                         drop(tcp);
                         continue;
@@ -512,7 +512,7 @@ impl Gateway {
                         return None;
                     }
                     Err(_) => {
-                        self.metrics.limit_hit("", "handshake_timeout");
+                        self.metrics.limit_hit("", Limit::HandshakeTimeout);
                         tracing::debug!(client = %client_addr, "client TLS handshake timed out");
                         return None;
                     }
@@ -555,14 +555,14 @@ impl Gateway {
             // that sent nothing): the same limit as the overall deadline, counted and logged
             // the same way.
             Ok(Err(e)) if e.is_timeout() => {
-                self.metrics.limit_hit("", "handshake_timeout");
+                self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "request head not received within handshake_timeout; connection closed");
             }
             Ok(Err(e)) => {
                 tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
             }
             Err(_) => {
-                self.metrics.limit_hit("", "handshake_timeout");
+                self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "handshake timed out; connection closed");
             }
         }
@@ -622,12 +622,7 @@ impl Gateway {
                 ctx.subscription.as_ref(),
             )
             .map_err(|(r, full)| {
-                let limit = match full {
-                    crate::routes::LimitReached::Gateway => "gateway_max_connections",
-                    crate::routes::LimitReached::Api => "api_max_connections",
-                    crate::routes::LimitReached::Subscription => "subscription_max_connections",
-                };
-                self.metrics.limit_hit(&api.config.name, limit);
+                self.metrics.limit_hit(&api.config.name, full.into());
                 r
             })?;
             let mut breq = handshake::backend_request(&ctx, &api, &req);
@@ -808,11 +803,11 @@ impl Gateway {
         self.metrics
             .connection_closed(name, outcome.closed_by.as_str(), outcome.close_code);
         match outcome.closed_by {
-            relay::ClosedBy::IdleTimeout => self.metrics.limit_hit(name, "idle_timeout"),
-            relay::ClosedBy::Lifetime => self.metrics.limit_hit(name, "max_connection_lifetime"),
+            relay::ClosedBy::IdleTimeout => self.metrics.limit_hit(name, Limit::IdleTimeout),
+            relay::ClosedBy::Lifetime => self.metrics.limit_hit(name, Limit::MaxConnectionLifetime),
             _ => {
                 if let Some(limit) = outcome.limit {
-                    self.metrics.limit_hit(name, limit.key());
+                    self.metrics.limit_hit(name, limit.into());
                 }
             }
         }
