@@ -537,10 +537,14 @@ pub fn switching_protocols(
 ) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    // Headers the backend's Connection nominates are hop-by-hop too (RFC 9110 section 7.6.1).
+    let named_hop: Vec<String> = header_tokens(&backend.headers, &header::CONNECTION)
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
     let h = resp.headers_mut();
     for (name, value) in &backend.headers {
         let n = name.as_str();
-        if not_forwarded(n) || n == "date" || n == "server" {
+        if not_forwarded(n) || n == "date" || n == "server" || named_hop.iter().any(|t| t == n) {
             continue;
         }
         h.append(name.clone(), value.clone());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn manifest(backend: &str, extra_api: &str) -> String {
@@ -492,6 +492,14 @@ async fn backend_answers_reach_the_client_as_documented() {
             body: "",
         },
         Case {
+            what: "200 with a page",
+            offer: "",
+            answer: "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-Internal: 1\r\nContent-Length: 25\r\n\r\n<h1>backend's page</h1>\r\n",
+            status: 502,
+            kept: &[],
+            body: "",
+        },
+        Case {
             what: "302 with Location",
             offer: "",
             answer: "HTTP/1.1 302 Found\r\nLocation: wss://other.example/ws\r\nSet-Cookie: s=1\r\nX-Internal: 1\r\nContent-Length: 0\r\n\r\n",
@@ -600,12 +608,23 @@ async fn backend_answers_reach_the_client_as_documented() {
                 "{what}: {dropped} passed on:\n{head}"
             );
         }
-        if !c.body.is_empty() {
-            let mut body = ws.buf.clone();
+        let mut body = ws.buf.clone();
+        {
             use tokio::io::AsyncReadExt;
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), ws.io.read_to_end(&mut body)).await;
-            assert_eq!(String::from_utf8_lossy(&body), c.body, "{what}");
+        }
+        let body = String::from_utf8_lossy(&body);
+        if c.body.is_empty() {
+            // The gateway's own answer: nothing of a 2xx backend's page or headers.
+            assert!(!body.contains("backend's page"), "{what}: {body}");
+            assert_ne!(
+                header(&head, "content-type").as_deref(),
+                Some("text/html"),
+                "{what}"
+            );
+        } else {
+            assert_eq!(body, c.body, "{what}");
         }
         assert!(
             ws.expect_eof(Duration::from_secs(10)).await,
@@ -621,4 +640,49 @@ async fn backend_answers_reach_the_client_as_documented() {
             .await;
         assert_eq!(r["api"], "echo", "{what}: {r}");
     }
+}
+
+/// The client's 101 carries the backend's end-to-end headers (cookies, its own `X-` headers)
+/// but none of its hop-by-hop ones, none of the forwarding headers the gateway sets itself, and
+/// not its `Date` or `Server`: the 101 is the gateway's answer (README, "Backend handshake").
+#[tokio::test]
+async fn the_backends_101_headers_reach_the_client_end_to_end_only() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (head, _) = read_head(&mut s).await.unwrap();
+        let key = header(&head, "sec-websocket-key").unwrap_or_default();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n\
+             Sec-WebSocket-Accept: {}\r\nSet-Cookie: s=1\r\nX-Backend: kept\r\nX-Hop: dropped\r\n\
+             Keep-Alive: timeout=5\r\nX-Forwarded-For: 10.1.2.3\r\nServer: backend/1.0\r\n\
+             Date: Mon, 01 Jan 2001 00:00:00 GMT\r\n\r\n",
+            accept_for(&key)
+        );
+        s.write_all(answer.as_bytes()).await.unwrap();
+        let mut sink = [0u8; 1024];
+        while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    });
+    let gw = Gateway::start(&manifest(&format!("ws://{addr}/"), ""));
+    let (head, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    assert_eq!(
+        header(&head, "set-cookie").as_deref(),
+        Some("s=1"),
+        "{head}"
+    );
+    assert_eq!(
+        header(&head, "x-backend").as_deref(),
+        Some("kept"),
+        "{head}"
+    );
+    for dropped in ["x-hop", "keep-alive", "x-forwarded-for", "server"] {
+        assert_eq!(header(&head, dropped), None, "{dropped} passed on:\n{head}");
+    }
+    let dates = headers_all(&head, "date");
+    assert!(
+        dates.len() <= 1 && !dates.iter().any(|d| d.contains("2001")),
+        "the backend's Date passed on:\n{head}"
+    );
+    assert_eq!(headers_all(&head, "connection"), vec!["Upgrade"], "{head}");
 }
