@@ -563,6 +563,13 @@ pub async fn relay(
                         close_code::GOING_AWAY,
                         "backend connection lost"
                     );
+                } else if closed_by == Some(ClosedBy::Client) {
+                    // The backend took the client's close and went without answering it: the
+                    // client gets the answer RFC 6455 asks for (section 5.5.1, its own code
+                    // echoed) instead of a bare end of the socket. Nothing is sent if the
+                    // client already has a close or the backend stopped mid-frame.
+                    let code = close_code.unwrap_or(close_code::NORMAL);
+                    b2c.queue_close(Direction::BackendToClient, code, "");
                 }
                 c2b.dst_gone = true;
                 b2c.src_gone = true;

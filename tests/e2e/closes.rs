@@ -12,7 +12,7 @@ use crate::support::*;
 type Received = Arc<Mutex<Vec<(String, Frame)>>>;
 
 /// A backend that misbehaves as its path says: `/echo` echoes, `/close` sends close 4001,
-/// `/drop` drops the TCP connection after the first frame, `/masked` sends a masked frame,
+/// `/drop` drops the TCP connection after the first frame (a close included, unanswered), `/masked` sends a masked frame,
 /// `/big` a frame over the limit, `/bad-text` invalid UTF-8. Everything it receives is recorded.
 async fn scripted_backend(received: Received) -> RawBackend {
     let handler: Handler = Arc::new(move |head: String, mut ws| {
@@ -101,6 +101,15 @@ async fn each_way_a_connection_ends_gets_its_close_codes_and_record() {
             to_backend: Some(1000),
             closed_by: "client",
         },
+        // The backend takes the client's close and goes without answering: the client still
+        // gets its close answered (its own code, as RFC 6455 asks of the backend).
+        Cause {
+            path: "/drop",
+            client: "close 4002",
+            to_client: Some(4002),
+            to_backend: Some(4002),
+            closed_by: "client",
+        },
         Cause {
             path: "/close",
             client: "wait",
@@ -172,6 +181,7 @@ async fn each_way_a_connection_ends_gets_its_close_codes_and_record() {
         assert_eq!(status_of(&head), 101);
         match c.client {
             "close 1000" => ws.close(1000, "done").await.unwrap(),
+            "close 4002" => ws.close(4002, "done").await.unwrap(),
             "drop" => {
                 ws.send(true, 1, b"hi").await.unwrap();
                 let _ = ws.read_frame().await;
