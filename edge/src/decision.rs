@@ -130,7 +130,7 @@ pub enum DecisionError {
     InvalidHeaderValue(String),
     #[error("tried to change protected header `{0}` (Host, Connection, Upgrade, Sec-WebSocket-*, Content-Length and Transfer-Encoding cannot be changed on onHandshake)")]
     ProtectedHeader(String),
-    #[error("tried to add protected response header `{0}` (the handshake's own headers, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions and hop-by-hop headers cannot be set on the 101)")]
+    #[error("tried to add protected response header `{0}` (the handshake's own headers, Content-Length, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions and hop-by-hop headers cannot be set on the 101 or on a rejection)")]
     ProtectedResponseHeader(String),
 }
 
@@ -235,6 +235,12 @@ pub fn rejection(r: Rejection) -> Result<Rejected, DecisionError> {
     for h in r.headers {
         let n = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| DecisionError::InvalidHeaderName(h.name.clone()))?;
+        // The rejection is the gateway's own answer: its framing (Content-Length,
+        // Transfer-Encoding), `Connection: close` and the handshake's headers are not a
+        // policy's to set.
+        if protected_response_header(n.as_str()) {
+            return Err(DecisionError::ProtectedResponseHeader(h.name));
+        }
         headers.push((n, value(&h.value)?));
     }
     Ok(Rejected {
@@ -613,6 +619,27 @@ mod tests {
             rejection(r(403, vec![pair("x", "a\r\nb")])).err(),
             Some(DecisionError::InvalidHeaderValue("a\r\nb".into()))
         );
+        // The response's framing and connection headers stay the gateway's.
+        for name in [
+            "Content-Length",
+            "transfer-encoding",
+            "Connection",
+            "keep-alive",
+            "upgrade",
+            "sec-websocket-accept",
+            "sec-websocket-protocol",
+        ] {
+            assert_eq!(
+                rejection(r(403, vec![pair(name, "1")])).err(),
+                Some(DecisionError::ProtectedResponseHeader(name.into())),
+                "{name}"
+            );
+        }
+        let ok = rejection(r(
+            401,
+            vec![pair("WWW-Authenticate", "Bearer"), pair("Retry-After", "5")],
+        ));
+        assert_eq!(ok.map(|r| r.headers.len()).ok(), Some(2));
     }
 
     #[test]

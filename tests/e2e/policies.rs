@@ -596,3 +596,77 @@ async fn protected_response_headers_cannot_be_added_to_the_101() {
     );
     assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
 }
+
+/// The same list holds for the headers of a policy's own rejection: it cannot unframe the
+/// gateway's error response (Content-Length, Transfer-Encoding) or keep the connection open
+/// (Connection); such a rejection fails the handshake with `failure_status`. Other headers
+/// reach the client with the policy's status and body.
+#[tokio::test]
+async fn a_rejection_cannot_carry_protected_headers() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let protected = [
+        "content-length",
+        "Transfer-Encoding",
+        "connection",
+        "upgrade",
+    ];
+    let mut text = gateway_section("plugin_dir = \"plugins\"");
+    for (i, name) in protected.iter().chain(&["x-fine"]).enumerate() {
+        text.push_str(&api_section(
+            &format!("r{i}"),
+            &format!("r{i}"),
+            &backend.url(),
+            &format!(
+                "[[apis.on_handshake]]\nplugin = \"faulty\"\nfailure_status = 503\nconfig = {{ mode = \"reject-header\", arg = \"{name}\" }}\n"
+            ),
+        ));
+    }
+    let dir = TempDir::new("reject-headers");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let gw = Gateway::start_in(dir, &text);
+    let addr = gw.ws.unwrap();
+    for (i, name) in protected.iter().enumerate() {
+        let (head, _) = raw_handshake(addr, &format!("/r{i}"), "").await;
+        assert_eq!(status_of(&head), 503, "{name}: {head}");
+        assert_eq!(
+            header(&head, "connection").as_deref(),
+            Some("close"),
+            "{head}"
+        );
+        let api = format!("r{i}");
+        let rec = gw
+            .wait_record("policy_error", |r| r["api"] == api.as_str())
+            .await;
+        assert!(
+            rec["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("protected response header `{name}`")),
+            "{rec}"
+        );
+    }
+    let (head, mut ws) = raw_handshake(addr, &format!("/r{}", protected.len()), "").await;
+    assert_eq!(status_of(&head), 403, "{head}");
+    assert_eq!(header(&head, "x-fine").as_deref(), Some("0"), "{head}");
+    assert_eq!(
+        header(&head, "connection").as_deref(),
+        Some("close"),
+        "{head}"
+    );
+    let mut body = ws.buf.clone();
+    {
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            ws.io.read_to_end(&mut body),
+        )
+        .await;
+    }
+    assert_eq!(String::from_utf8_lossy(&body), "refused by policy");
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}

@@ -13,14 +13,17 @@
 //! a UDP socket and a name lookup; `{"mode": "verify", "arg": "CALLS:BYTES"}` calls
 //! `signatures.verify` CALLS times on a BYTES-long message; `{"mode": "log", "arg": N}` logs N
 //! records of 4000 bytes; `"many"` returns 100,000 empty context values;
-//! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME; `{"mode": "fail-second",
+//! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME; `{"mode": "reject-header",
+//! "arg": NAME}` rejects (403) with header NAME; `{"mode": "fail-second",
 //! "arg": "trap" | "loop" | "alloc"}` fails that way in an instance's second call and reports
 //! the count otherwise (a pooled instance that failed must not be reused).
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use serde::Deserialize;
-use tollgate_sdk::{Capability, Decision, Declaration, HandshakeRequest, Pair, Policy, Proceed};
+use tollgate_sdk::{
+    Capability, Decision, Declaration, HandshakeRequest, Pair, Policy, Proceed, Rejection,
+};
 
 #[derive(Deserialize, Clone)]
 struct Config {
@@ -155,8 +158,9 @@ impl Policy for Faulty {
             name: "faulty".into(),
             version: "0.0.0".into(),
             // Everything it may do, so the probes are about the sandbox, not the declaration;
-            // it never rejects.
+            // it rejects only in `reject-header`.
             capabilities: vec![
+                Capability::Reject,
                 Capability::ReadRequest,
                 Capability::ModifyHeaders,
                 Capability::ModifyQuery,
@@ -216,6 +220,11 @@ impl Policy for Faulty {
             "many" => Decision::Proceed(Proceed {
                 context: vec![Pair::new("", ""); 100_000],
                 ..Proceed::default()
+            }),
+            "reject-header" => Decision::Reject(Rejection {
+                status: 403,
+                headers: vec![Pair::new(c.arg.clone(), "0")],
+                body: b"refused by policy".to_vec(),
             }),
             "respond-header" => Decision::Proceed(Proceed {
                 response_headers: vec![Pair::new(c.arg.clone(), "from-policy")],
