@@ -164,6 +164,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
+    // Before anything is read: a change made while the gateway starts is reloaded, not lost.
+    let baseline = tollgate::reload::Baseline::before_reading(path);
     let config = match manifest::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -182,6 +184,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let baseline = baseline.with_files_of(&config);
     // Built before the runtime starts: loading plugins runs guest code (declare, configure) to
     // completion on this thread, which an async worker must not do.
     let gw = match Gateway::build(config) {
@@ -210,7 +213,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         );
-        tokio::spawn(tollgate::reload::watch(gw.clone(), path.to_owned(), hup));
+        tokio::spawn(tollgate::reload::watch(gw.clone(), baseline, hup));
         let stop_gateway = gw.stop.clone();
         tokio::spawn(async move {
             wait_for_signal(stop).await;

@@ -107,12 +107,48 @@ pub async fn reload_and_log(gw: Arc<Gateway>, path: PathBuf, trigger: &'static s
     }
 }
 
+/// Name, size and modification time of each file a reload reads.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// What the files looked like before the gateway read them: the watcher compares with this,
+/// so a change made while they were being read (a start or a reload compiling plugins takes
+/// seconds) is seen as a change and reloaded, not taken for what was loaded.
+pub struct Baseline {
+    manifest: PathBuf,
+    files: Fingerprint,
+}
+
+impl Baseline {
+    /// Taken before the manifest is read at start.
+    pub fn before_reading(manifest: &Path) -> Baseline {
+        Baseline {
+            manifest: manifest.to_owned(),
+            files: fingerprint(manifest, (None, None)),
+        }
+    }
+
+    /// Adds the keys file and plugin directory the manifest named, before they are read.
+    pub fn with_files_of(mut self, config: &Config) -> Baseline {
+        let mut rest = fingerprint(
+            &self.manifest,
+            (
+                config.gateway.plugin_dir.clone(),
+                config.gateway.subscription_keys_file.clone(),
+            ),
+        );
+        // The manifest's own entry stays the one from before it was read.
+        rest.remove(0);
+        self.files.extend(rest);
+        self
+    }
+}
+
 /// Name, size and modification time of the manifest, the subscription keys file and every
 /// `*.wasm` in `plugin_dir`.
 fn fingerprint(
     manifest: &Path,
     (plugin_dir, keys_file): (Option<PathBuf>, Option<PathBuf>),
-) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+) -> Fingerprint {
     let entry = |p: &Path| {
         let m = std::fs::metadata(p).ok();
         (
@@ -143,9 +179,10 @@ fn fingerprint(
 /// only.
 pub async fn watch(
     gw: Arc<Gateway>,
-    manifest: PathBuf,
+    baseline: Baseline,
     mut hup: Option<tokio::signal::unix::Signal>,
 ) {
+    let manifest = baseline.manifest;
     // The plugin directory and keys file of the manifest as it is now (they may move with a
     // reload).
     let dir = |gw: &Gateway| {
@@ -155,8 +192,23 @@ pub async fn watch(
             s.config.gateway.subscription_keys_file.clone(),
         )
     };
-    let mut applied = fingerprint(&manifest, dir(&gw));
+    let mut applied = baseline.files;
     let mut last = applied.clone();
+    // Reloads, each compared afterwards with the files as they were before it read them.
+    let reload = |trigger: &'static str| {
+        let (gw, manifest) = (gw.clone(), manifest.clone());
+        async move {
+            let before_dirs = dir(&gw);
+            let before = fingerprint(&manifest, before_dirs.clone());
+            reload_and_log(gw.clone(), manifest.clone(), trigger).await;
+            // A reload that moved the plugin directory or keys file watches the new ones.
+            if dir(&gw) == before_dirs {
+                before
+            } else {
+                fingerprint(&manifest, dir(&gw))
+            }
+        }
+    };
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -169,16 +221,14 @@ pub async fn watch(
         tokio::select! {
             _ = gw.shutdown.cancelled() => return,
             _ = hup_recv => {
-                reload_and_log(gw.clone(), manifest.clone(), "sighup").await;
-                applied = fingerprint(&manifest, dir(&gw));
+                applied = reload("sighup").await;
                 last = applied.clone();
             }
             _ = tick.tick() => {
                 let now = fingerprint(&manifest, dir(&gw));
                 // Changed since the last reload, and the same as half a second ago: settled.
                 if now != applied && now == last {
-                    reload_and_log(gw.clone(), manifest.clone(), "file_change").await;
-                    applied = fingerprint(&manifest, dir(&gw));
+                    applied = reload("file_change").await;
                     last = applied.clone();
                 } else {
                     last = now;
@@ -197,6 +247,40 @@ mod tests {
             "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n{admin}"
         );
         crate::manifest::parse(Path::new("/tmp/m.toml"), &text).unwrap()
+    }
+
+    /// The baseline is what the files were before the gateway read them: unchanged files
+    /// compare equal (no reload); a manifest rewritten, or a plugin added, after that moment
+    /// compares different, so the watcher reloads it instead of taking it for what was loaded.
+    #[test]
+    fn a_change_made_while_starting_is_not_taken_for_what_was_loaded() {
+        let dir = std::env::temp_dir().join(format!("tollgate-baseline-{}", std::process::id()));
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::write(plugins.join("a.wasm"), b"a").unwrap();
+        let manifest = dir.join("m.toml");
+        let text = "[gateway]\nname = \"g\"\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"plugins\"\n";
+        std::fs::write(&manifest, text).unwrap();
+        let config = crate::manifest::load(&manifest).unwrap();
+        let dirs = || (config.gateway.plugin_dir.clone(), None);
+
+        let unchanged = Baseline::before_reading(&manifest).with_files_of(&config);
+        assert_eq!(unchanged.files, fingerprint(&manifest, dirs()));
+        assert_eq!(unchanged.files.len(), 2, "{:?}", unchanged.files);
+
+        let early = Baseline::before_reading(&manifest);
+        std::fs::write(
+            &manifest,
+            format!("{text}# edited while the gateway starts\n"),
+        )
+        .unwrap();
+        let early = early.with_files_of(&config);
+        assert_ne!(early.files, fingerprint(&manifest, dirs()));
+
+        let early = Baseline::before_reading(&manifest).with_files_of(&config);
+        std::fs::write(plugins.join("b.wasm"), b"b").unwrap();
+        assert_ne!(early.files, fingerprint(&manifest, dirs()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
