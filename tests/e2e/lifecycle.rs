@@ -174,6 +174,66 @@ async fn a_client_that_never_answers_the_shutdown_close_is_dropped_after_5_s() {
     assert_eq!(r["closed_by"], "gateway_shutdown");
 }
 
+/// Once the gateway has sent its own close to the backend (here: shutdown), nothing more from
+/// the client reaches the backend (RFC 6455 5.5.1: no data frame after a close): a message the
+/// client sends before it answers the 1001 is dropped, and the backend sees its close last.
+/// And a closing handshake that completes ends the connection at once, not after the grace.
+#[tokio::test]
+async fn after_the_gateways_close_nothing_more_reaches_the_backend() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Frame>>();
+    let handler: Handler = Arc::new(move |_h, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            while let Ok(f) = ws.read_frame().await {
+                let close = f.opcode == 8;
+                let _ = tx.send(Some(f.clone()));
+                if close {
+                    // Answer the gateway's close after a moment, as a backend finishing up.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = ws
+                        .send_raw(&encode_frame(true, 0, 8, &f.payload, None))
+                        .await;
+                }
+            }
+            let _ = tx.send(None);
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let mut gw = Gateway::start(&manifest(&backend.url(), "drain_timeout = \"60s\""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(true, 1, b"before").await.unwrap();
+    let first = rx.recv().await.unwrap().unwrap();
+    assert_eq!(first.payload, b"before");
+    gw.signal("TERM");
+    let f = tokio::time::timeout(Duration::from_secs(15), ws.read_until_close())
+        .await
+        .expect("no close for the client")
+        .unwrap();
+    assert_eq!(f.close_code(), Some(1001));
+    // Too late: the backend already has the gateway's close.
+    ws.send(true, 1, b"after the close").await.unwrap();
+    let t = Instant::now();
+    ws.close(1001, "").await.unwrap();
+    assert!(ws.expect_eof(Duration::from_secs(30)).await);
+    // The backend's reply came after 300 ms; the connection ended then, not at the 5 s grace.
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "ended after {:?}: waited out the grace",
+        t.elapsed()
+    );
+    let mut after = Vec::new();
+    while let Some(Some(f)) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("backend socket left open")
+    {
+        after.push(f);
+    }
+    assert_eq!(after.len(), 1, "the backend got {after:?}");
+    assert_eq!(after[0].close_code(), Some(1001));
+    let status = exit_status(&mut gw, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+}
+
 /// A shutdown that comes while a closing handshake is under way sends nothing after a close
 /// (RFC 6455 5.5.1): the backend, which already has the client's close and has not answered,
 /// sees that one close and then the end of the socket, never a second close; the client, still
