@@ -381,7 +381,7 @@ pub fn apis_json(gw: &Gateway) -> serde_json::Value {
         .get()
         .map(|b| {
             b.iter()
-                .map(|(scheme, addr)| json!({"scheme": scheme, "addr": addr.to_string()}))
+                .map(|(scheme, addr)| json!({"scheme": scheme.as_str(), "addr": addr.to_string()}))
                 .collect()
         })
         .unwrap_or_default();

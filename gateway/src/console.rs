@@ -42,11 +42,11 @@ pub async fn probe(gw: &Gateway, query: &str, origin: Option<&str>) -> serde_jso
     if !target.starts_with('/') {
         return json!({"error": "target must start with /"});
     }
-    let Some(addr) = gw
-        .bound
-        .get()
-        .and_then(|b| b.iter().find(|(s, _)| *s == scheme).map(|(_, a)| *a))
-    else {
+    let Some(addr) = gw.bound.get().and_then(|b| {
+        b.iter()
+            .find(|(s, _)| s.as_str() == scheme)
+            .map(|(_, a)| *a)
+    }) else {
         return json!({"error": format!("no {scheme} listener")});
     };
     let host = if addr.ip().is_unspecified() {

@@ -35,7 +35,7 @@ pub struct HandshakeCtx {
     pub started: Instant,
     pub client_addr: SocketAddr,
     /// `ws` or `wss`: the listener the client came in on.
-    pub scheme: &'static str,
+    pub scheme: crate::manifest::Scheme,
     /// TLS facts of a wss client connection, gathered only when some API has policies.
     pub tls: Option<Arc<crate::policy::wit::TlsInfo>>,
     pub api: Option<Arc<Api>>,
@@ -132,12 +132,7 @@ pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Re
             api.config.name
         )));
     }
-    let schemes = api.config.schemes;
-    let allowed = if ctx.scheme == "wss" {
-        schemes.wss
-    } else {
-        schemes.ws
-    };
+    let allowed = api.config.schemes.serves(ctx.scheme);
     if !allowed {
         return Err(Reject::new(
             StatusCode::NOT_FOUND,
@@ -394,7 +389,7 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
         joined("forwarded"),
         joined("x-real-ip"),
     );
-    let proto = if ctx.scheme == "wss" { "https" } else { "http" };
+    let proto = ctx.scheme.http();
     let f = tollgate_edge::forwarded::forwarding(
         ctx.client_addr.ip(),
         proto,

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::{self, Connector};
 use crate::handshake::{self, HandshakeCtx, Reject};
-use crate::manifest::{Config, ListenerTls};
+use crate::manifest::{Config, ListenerTls, Scheme};
 use crate::metrics::{Limit, Metrics};
 use crate::relay::{self, RelayParams};
 use crate::routes::{Api, Permit, Routes};
@@ -92,7 +92,7 @@ pub struct Gateway {
     /// Counters and histograms for `/metrics`; one set for the process's life.
     pub metrics: Arc<Metrics>,
     /// The client listeners' bound addresses (`ws`/`wss`), once bound (for `/apis`).
-    pub bound: std::sync::OnceLock<Vec<(&'static str, SocketAddr)>>,
+    pub bound: std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>,
     /// Numbers client connections, so a connection's handshake and close records can be
     /// joined (`conn` field).
     next_conn: std::sync::atomic::AtomicU64,
@@ -314,10 +314,10 @@ impl Gateway {
         let mut listeners = Vec::new();
         let backlog = client_backlog(self.config.gateway.limits.max_pending_handshakes);
         if let Some(addr) = self.config.gateway.listen {
-            listeners.push((bind(addr, backlog, "ws listener")?, "ws"));
+            listeners.push((bind(addr, backlog, "ws listener")?, Scheme::Ws));
         }
         if let Some(t) = &self.config.gateway.tls {
-            listeners.push((bind(t.listen, backlog, "wss listener")?, "wss"));
+            listeners.push((bind(t.listen, backlog, "wss listener")?, Scheme::Wss));
         }
         let admin = match &self.config.admin {
             // The admin listener serves at most 64 connections at once.
@@ -327,7 +327,7 @@ impl Gateway {
         let mut bound = Vec::new();
         for (l, scheme) in &listeners {
             if let Ok(addr) = l.local_addr() {
-                tracing::info!(event = "listening", scheme = *scheme, addr = %addr, "listening");
+                tracing::info!(event = "listening", scheme = scheme.as_str(), addr = %addr, "listening");
                 bound.push((*scheme, addr));
             }
         }
@@ -393,7 +393,7 @@ impl Gateway {
         Ok(())
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: &'static str) {
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: Scheme) {
         // accept(2) fails mostly for want of file descriptors (EMFILE/ENFILE) or memory. The
         // loop keeps serving: it backs off (doubling up to a second) instead of spinning,
         // logs once when the trouble starts and once when it is over, and counts each failure.
@@ -411,7 +411,7 @@ impl Gateway {
                     if let Some((since, failures)) = failing.take() {
                         tracing::info!(
                             event = "accept_recovered",
-                            scheme,
+                            scheme = scheme.as_str(),
                             failures,
                             after_ms = since.elapsed().as_millis() as u64,
                             "accepting connections again"
@@ -443,7 +443,7 @@ impl Gateway {
                     match &mut failing {
                         Some((_, n)) => *n += 1,
                         None => {
-                            tracing::warn!(event = "accept_error", scheme, error = %e,
+                            tracing::warn!(event = "accept_error", scheme = scheme.as_str(), error = %e,
                                 "accept failed (out of file descriptors?); backing off and retrying");
                             failing = Some((Instant::now(), 1));
                         }
@@ -464,7 +464,7 @@ impl Gateway {
         self: Arc<Self>,
         tcp: TcpStream,
         client_addr: SocketAddr,
-        scheme: &'static str,
+        scheme: Scheme,
         pending: PendingSlot,
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -484,7 +484,7 @@ impl Gateway {
         self: Arc<Self>,
         tcp: TcpStream,
         client_addr: SocketAddr,
-        scheme: &'static str,
+        scheme: Scheme,
         conn: u64,
     ) -> Option<Accepted> {
         let _ = tcp.set_nodelay(true);
@@ -499,7 +499,7 @@ impl Gateway {
         let overall_deadline = head_deadline + limits.backend_timeout;
         let mut tls_facts = None;
         let stream = match (&self.tls_acceptor, scheme) {
-            (Some(acceptor), "wss") => {
+            (Some(acceptor), Scheme::Wss) => {
                 match tokio::time::timeout_at(head_deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         if self.served.load().routes_have_policies {
@@ -575,7 +575,7 @@ impl Gateway {
         self: Arc<Self>,
         mut req: Request<Incoming>,
         client_addr: SocketAddr,
-        scheme: &'static str,
+        scheme: Scheme,
         conn: u64,
         tls: Option<Arc<crate::policy::wit::TlsInfo>>,
         slot: Arc<Mutex<Option<Accepted>>>,
@@ -705,7 +705,7 @@ impl Gateway {
                     operation = "onHandshake",
                     status = 101u16,
                     client = %client_addr,
-                    scheme,
+                    scheme = scheme.as_str(),
                     path,
                     backend = %backend,
                     duration_ms,
@@ -724,7 +724,7 @@ impl Gateway {
                     operation = "onHandshake",
                     status = r.status.as_u16(),
                     client = %client_addr,
-                    scheme,
+                    scheme = scheme.as_str(),
                     path,
                     backend = %backend,
                     duration_ms,

@@ -404,10 +404,52 @@ pub struct ApiConfig {
     pub on_handshake: Vec<Attachment>,
 }
 
+/// The schemes an API is served on (`ws` unless the manifest says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Schemes {
     pub ws: bool,
     pub wss: bool,
+}
+
+impl Schemes {
+    pub fn serves(&self, s: Scheme) -> bool {
+        match s {
+            Scheme::Ws => self.ws,
+            Scheme::Wss => self.wss,
+        }
+    }
+}
+
+/// What a client listener speaks: WebSocket, or WebSocket over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Ws,
+    Wss,
+}
+
+impl Scheme {
+    /// `ws` / `wss`, as in URLs, logs and `/apis`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        }
+    }
+
+    /// The HTTP scheme of the same transport, what `X-Forwarded-Proto` says (backends check
+    /// `http`/`https`, not `ws`/`wss`).
+    pub fn http(self) -> &'static str {
+        match self {
+            Scheme::Ws => "http",
+            Scheme::Wss => "https",
+        }
+    }
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A parsed `ws://` or `wss://` backend URL.
@@ -1797,6 +1839,23 @@ pub fn parse_backend(s: &str) -> Result<BackendUrl, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schemes_name_their_transport_and_what_forwarding_headers_say() {
+        assert_eq!((Scheme::Ws.as_str(), Scheme::Ws.http()), ("ws", "http"));
+        assert_eq!((Scheme::Wss.as_str(), Scheme::Wss.http()), ("wss", "https"));
+        assert_eq!(Scheme::Wss.to_string(), "wss");
+        let only_wss = Schemes {
+            ws: false,
+            wss: true,
+        };
+        assert!(only_wss.serves(Scheme::Wss) && !only_wss.serves(Scheme::Ws));
+        assert!(Schemes {
+            ws: true,
+            wss: false
+        }
+        .serves(Scheme::Ws));
+    }
 
     fn p(text: &str) -> Result<Config, ManifestErrors> {
         parse(Path::new("/tmp/m.toml"), text)
