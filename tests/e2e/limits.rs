@@ -250,3 +250,97 @@ async fn unmasked_client_frame_gets_1002() {
     let rec = gw.wait_record("connection_closed", |_| true).await;
     assert_eq!(rec["closed_by"], "client_violation");
 }
+
+/// With `idle_timeout` off, an idle connection costs nothing: the relay's timer sleeps until a
+/// deadline far away instead of firing again and again (a leak check with a wide margin: a
+/// timer that spins burns a whole core, an idle gateway a few milliseconds).
+#[tokio::test]
+async fn an_idle_connection_without_idle_timeout_costs_no_cpu() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "",
+        "[apis.limits]\nidle_timeout = \"0s\"",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(true, 1, b"hi").await.unwrap();
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"hi");
+    let before = gw.cpu_time();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = gw.cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(500),
+        "an idle connection cost {used:?} of CPU in 2 s"
+    );
+    // Still relaying after the idle time.
+    ws.send(true, 1, b"still there").await.unwrap();
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"still there");
+}
+
+/// A client violation found in the middle of a frame the backend has partly seen (invalid
+/// UTF-8 late in a long text frame) leaves no frame boundary for a close towards the backend:
+/// the client gets 1007 and the backend's socket is closed as soon as that is written, without
+/// a close frame and without waiting out the grace.
+#[tokio::test]
+async fn a_client_violation_mid_frame_disconnects_the_backend_at_once() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (head, carry) = read_head(&mut s).await.unwrap();
+        let key = header(&head, "sec-websocket-key").unwrap_or_default();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            accept_for(&key)
+        );
+        s.write_all(answer.as_bytes()).await.unwrap();
+        // Everything that arrives until the socket ends.
+        let mut got = carry;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(got);
+    });
+    let gw = Gateway::start(&manifest(&format!("ws://{addr}/"), "", ""));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    // A 100,000-byte text frame: valid ASCII first, which the backend receives...
+    let mask = rand_mask();
+    let mut payload = vec![b'a'; 100_000];
+    payload[99_000] = 0xff;
+    let frame = encode_frame(true, 0, 1, &payload, Some(mask));
+    ws.send_raw(&frame[..50_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...then the rest, with the invalid byte.
+    let t = Instant::now();
+    ws.send_raw(&frame[50_000..]).await.unwrap();
+    let f = tokio::time::timeout(Duration::from_secs(10), ws.read_until_close())
+        .await
+        .expect("no close for the client")
+        .unwrap();
+    assert_eq!(f.close_code(), Some(1007));
+    let received = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the backend socket was left open")
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the backend was disconnected after {:?}: the grace was waited out",
+        t.elapsed()
+    );
+    // A prefix of the client's frame, byte for byte (masking kept): part of the frame, none
+    // of the invalid byte, and nothing inserted (no close frame in the middle of a frame).
+    assert!(
+        received.len() >= 50_000 && received.len() < 14 + 99_000,
+        "{}",
+        received.len()
+    );
+    assert!(
+        received == frame[..received.len()],
+        "the backend got something else than a prefix of the client's frame"
+    );
+}

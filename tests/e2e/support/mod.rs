@@ -203,6 +203,19 @@ impl Gateway {
         assert!(st.success());
     }
 
+    /// CPU time the gateway process has used (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
+        let rest = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // Clock ticks are 100 per second on every Linux this runs on.
+        Duration::from_millis((f[11] + f[12]) * 10)
+    }
+
     pub fn rss_kb(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         s.lines()
