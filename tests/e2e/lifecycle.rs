@@ -70,21 +70,6 @@ async fn client_vanishing_closes_backend() {
     assert!(eof, "backend socket left half-open");
 }
 
-/// Waits for the gateway process to exit by itself, up to `within`.
-async fn exit_status(gw: &mut Gateway, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway still running after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn sigterm_sends_1001_to_both_sides_refuses_new_connections_and_exits_once_answered() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -3,7 +3,6 @@
 //! affects only its own connection, which ends the documented way, while 20 other connections
 //! keep echoing without an error, and the gateway's memory comes back to where it was.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,30 +102,7 @@ async fn each_misbehaving_backend_ends_only_its_own_connection() {
     let addr = gw.ws.unwrap();
 
     // 20 connections echo without pause through all of it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..20).map(|_| AtomicU64::new(0)).collect());
-    let mut echoers = Vec::new();
-    for i in 0..20 {
-        let (stop, echoed) = (stop.clone(), echoed.clone());
-        let (_, mut ws) = ws_connect(addr, "/echo", "").await;
-        echoers.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let msg = format!("{i}:{n}");
-                ws.send(true, 1, msg.as_bytes()).await.expect("echo send");
-                let f = ws.read_frame().await.expect("echo read");
-                assert_eq!(f.payload, msg.as_bytes());
-                n += 1;
-                echoed[i].fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ws.close(1000, "").await.unwrap();
-        }));
-    }
-    wait_until("every echo connection relaying", || {
-        echoed.iter().all(|n| n.load(Ordering::Relaxed) > 0)
-    })
-    .await;
+    let echoers = Echoers::start(addr, "/echo", 20).await;
     let rss_before = gw.rss_kb();
 
     // Reset mid-handshake: 502, the backend's failure named.
@@ -181,21 +157,7 @@ async fn each_misbehaving_backend_ends_only_its_own_connection() {
     ws.read_until_close().await.unwrap();
 
     // The echo connections kept relaying the whole time, and go on.
-    let after = echoed
-        .iter()
-        .map(|n| n.load(Ordering::Relaxed))
-        .collect::<Vec<_>>();
-    wait_until("every echo connection relaying after the faults", || {
-        echoed
-            .iter()
-            .zip(&after)
-            .all(|(n, then)| n.load(Ordering::Relaxed) > *then)
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for e in echoers {
-        e.await.expect("an echo connection failed");
-    }
+    echoers.still_relaying_then_stop().await;
     // Memory is back near where it was (a leak check with a wide margin, not a figure).
     wait_until("RSS back near its level before the faults", || {
         gw.rss_kb() < rss_before + 32 * 1024

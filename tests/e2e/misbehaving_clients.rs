@@ -9,7 +9,7 @@
 //! fails for want of descriptors.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,31 +199,7 @@ async fn each_misbehaving_client_ends_only_its_own_connection() {
     let addr = gw.ws.unwrap();
 
     // 20 connections echo without pause through all of it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..20).map(|_| AtomicU64::new(0)).collect());
-    let mut echoers = Vec::new();
-    for i in 0..20 {
-        let (stop, echoed) = (stop.clone(), echoed.clone());
-        let (_, mut ws) = ws_connect(addr, "/echo", "").await;
-        echoers.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let msg = format!("{i}:{n}");
-                ws.send(true, 1, msg.as_bytes()).await.expect("echo send");
-                let f = ws.read_frame().await.expect("echo read");
-                assert_eq!(f.payload, msg.as_bytes());
-                n += 1;
-                echoed[i].fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ws.close(1000, "").await.unwrap();
-            ws.read_until_close().await.unwrap();
-        }));
-    }
-    wait_until("every echo connection relaying", || {
-        echoed.iter().all(|n| n.load(Ordering::Relaxed) > 0)
-    })
-    .await;
+    let echoers = Echoers::start(addr, "/echo", 20).await;
     let rss_before = gw.rss_kb();
     // Each fault's sockets are gone once it is over: the gateway is back to this many.
     let fds = gw.open_fds();
@@ -443,21 +419,7 @@ async fn each_misbehaving_client_ends_only_its_own_connection() {
     wait_until("the trickle's sockets released", || gw.open_fds() == fds).await;
 
     // The echo connections kept relaying the whole time, and go on.
-    let after = echoed
-        .iter()
-        .map(|n| n.load(Ordering::Relaxed))
-        .collect::<Vec<_>>();
-    wait_until("every echo connection relaying after the faults", || {
-        echoed
-            .iter()
-            .zip(&after)
-            .all(|(n, then)| n.load(Ordering::Relaxed) > *then)
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for e in echoers {
-        e.await.expect("an echo connection failed");
-    }
+    echoers.still_relaying_then_stop().await;
     // The half head never reached a backend; the abandoned handshake was the slow backend's only
     // connection and never became one (no 101 logged).
     assert_eq!(halfhead.connections.load(Ordering::SeqCst), 0);
@@ -645,21 +607,6 @@ fn lean_echo() -> Handler {
     })
 }
 
-/// Waits for the gateway process to exit by itself.
-async fn exited(gw: &mut Gateway, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway still running after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_after_a_restart_is_served() {
     let _alone = descriptor_hungry().await;
@@ -760,7 +707,9 @@ async fn a_reconnect_storm_after_a_restart_is_served() {
         || drained.load(Ordering::SeqCst) == n,
     )
     .await;
-    assert!(exited(&mut gw, Duration::from_secs(60)).await.success());
+    assert!(exit_status(&mut gw, Duration::from_secs(60))
+        .await
+        .success());
     println!("drained and exited in {:?}", t.elapsed());
     // The count is read before any relay is told to close (it once said 4,999 of 5,000, read
     // after the quickest connections had already gone).

@@ -241,6 +241,92 @@ impl Drop for Gateway {
 
 /// One compiled-plugin cache for every gateway the tests start (inside the workspace's target
 /// directory, so nothing outside it is written), so each plugin is compiled once per run.
+/// Connections that echo through the gateway without pause while a test does something else
+/// to it (a fault, a reload): each sends a numbered message every 5 ms and checks the echo.
+pub struct Echoers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    echoed: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Echoers {
+    /// `n` connections to `path`, each already relaying when this returns.
+    pub async fn start(addr: SocketAddr, path: &str, n: usize) -> Echoers {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (stop, echoed) = (stop.clone(), echoed.clone());
+            let (_, mut ws) = ws_connect(addr, path, "").await;
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let msg = format!("{i}:{k}");
+                    ws.send(true, 1, msg.as_bytes()).await.expect("echo send");
+                    let f = ws.read_frame().await.expect("echo read");
+                    assert_eq!(f.payload, msg.as_bytes());
+                    k += 1;
+                    echoed[i].fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                ws.close(1000, "").await.unwrap();
+            }));
+        }
+        let e = Echoers {
+            stop,
+            echoed,
+            tasks,
+        };
+        e.wait_all_moved_since(&vec![0; n], "every echo connection relaying")
+            .await;
+        e
+    }
+
+    /// Messages echoed so far, per connection.
+    pub fn counts(&self) -> Vec<u64> {
+        self.echoed
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits until every connection has echoed more than at `then`.
+    pub async fn wait_all_moved_since(&self, then: &[u64], what: &str) {
+        wait_until(what, || {
+            self.counts().iter().zip(then).all(|(now, then)| now > then)
+        })
+        .await;
+    }
+
+    /// Checks that every connection still relays, then closes them all; any echo that failed
+    /// along the way fails the test here.
+    pub async fn still_relaying_then_stop(self) {
+        let then = self.counts();
+        self.wait_all_moved_since(&then, "every echo connection relaying after the faults")
+            .await;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("an echo connection failed");
+        }
+    }
+}
+
+/// Waits for the gateway process to exit by itself, up to `within`.
+pub async fn exit_status(gw: &mut Gateway, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway still running after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Held by the tests that need thousands of descriptors in this process (the reconnect storm,
 /// the 2,000-connection leak check): every area shares one test binary, and two of them at
 /// once could run out under a low `nofile` limit.
