@@ -159,3 +159,50 @@ async fn wss_listener_serves_clients() {
     assert_eq!(header(&seen, "x-forwarded-proto").as_deref(), Some("https"));
     ws.close(None).await.unwrap();
 }
+
+/// A wss client of a plain ws backend: at the end of the connection the gateway ends its TLS
+/// session properly (close_notify), so the client can tell a complete end from a truncation
+/// (rustls reports an end without close_notify as an unexpected EOF).
+#[tokio::test]
+async fn a_wss_client_of_a_ws_backend_gets_close_notify_at_the_end() {
+    let ca = TestCa::new("Close-notify CA");
+    let leaf = ca.leaf(&["localhost"]);
+    let dir = TempDir::new("wss-close");
+    let (cert, key) = leaf.write(dir.path(), "gw");
+    let backend = RawBackend::start(echo_frames()).await;
+    let manifest = format!(
+        "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        cert.display(),
+        key.display(),
+        api_section("echo", "echo", &backend.url(), "schemes = [\"wss\"]")
+    );
+    let gw = Gateway::start_in(dir, &manifest);
+    let addr = gw.wss.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&ca))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (head, mut ws) = handshake_on(tls, "localhost", "/echo", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    ws.close(1000, "done").await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1000));
+    let mut rest = Vec::new();
+    let end = {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            ws.io.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the gateway never ended the connection")
+    };
+    assert!(
+        end.is_ok(),
+        "the TLS session ended without close_notify: {end:?}"
+    );
+}
