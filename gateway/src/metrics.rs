@@ -138,6 +138,7 @@ pub struct Metrics {
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
+    handshakes_abandoned: Counter,
     runtime_tasks: Gauge,
     signatures: Family<SignatureLabels, Counter>,
     signature_cache: crate::verify_cache::CacheCounters,
@@ -169,6 +170,7 @@ impl Metrics {
             limits: Family::default(),
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
+            handshakes_abandoned: Counter::default(),
             runtime_tasks: Gauge::default(),
             signatures: Family::default(),
             signature_cache: Default::default(),
@@ -252,6 +254,11 @@ impl Metrics {
             "accept_errors",
             "Failed accept(2) calls on the client listeners (typically out of file descriptors); the listener backs off and keeps serving",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "handshakes_abandoned",
+            "Handshakes whose client went away before the gateway answered (during the policies or the backend handshake)",
+            m.handshakes_abandoned.clone(),
         );
         registry.register(
             "runtime_tasks",
@@ -416,6 +423,10 @@ impl Metrics {
 
     pub fn accept_error(&self) {
         self.accept_errors.inc();
+    }
+
+    pub fn handshake_abandoned(&self) {
+        self.handshakes_abandoned.inc();
     }
 
     /// A limit stopped something (`api` empty for the gateway-wide ones).

@@ -604,6 +604,17 @@ impl Gateway {
                 .trusts(client_addr.ip()),
             key_token: None,
         };
+        // If the client goes away before its answer, hyper drops this future mid-phase: the
+        // guard then logs `handshake_abandoned` and counts it, so the handshake leaves a trace.
+        let mut abandoned = AbandonGuard {
+            metrics: self.metrics.clone(),
+            conn,
+            client_addr,
+            scheme,
+            path: req.uri().path().to_owned(),
+            started: ctx.started,
+            answered: false,
+        };
         // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
         // operator can tell a slow policy from a slow backend.
         let mut policies_ms = 0.0f64;
@@ -664,6 +675,7 @@ impl Gateway {
             Ok(resp)
         }
         .await;
+        abandoned.answered = true;
 
         let api_name = ctx.api.as_ref().map_or("", |a| a.config.name.as_str());
         let backend = loggable(
@@ -871,6 +883,37 @@ struct PendingSlot(Arc<AtomicUsize>);
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Logs a handshake whose client went away before the gateway answered it (hyper then drops
+/// the handshake's future, wherever it was: policies, the backend handshake). The path is
+/// logged without its query, which may hold a key or token.
+struct AbandonGuard {
+    metrics: Arc<Metrics>,
+    conn: u64,
+    client_addr: SocketAddr,
+    scheme: Scheme,
+    path: String,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.metrics.handshake_abandoned();
+        tracing::info!(
+            event = "handshake_abandoned",
+            conn = self.conn,
+            client = %self.client_addr,
+            scheme = self.scheme.as_str(),
+            path = %self.path,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "the client went away before its handshake was answered"
+        );
     }
 }
 

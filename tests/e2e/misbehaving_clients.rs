@@ -237,6 +237,12 @@ async fn each_misbehaving_client_ends_only_its_own_connection() {
         gw.open_fds() == fds
     })
     .await;
+    // It leaves a trace: a `handshake_abandoned` record (its path without a query) and the
+    // counter; and it is the only one (the half head never became a handshake).
+    let rec = gw.wait_record("handshake_abandoned", |_| true).await;
+    assert_eq!(rec["path"], "/slow", "{rec}");
+    assert!(rec["duration_ms"].as_f64().is_some(), "{rec}");
+    assert_eq!(gw.records("handshake_abandoned").len(), 1);
 
     // 101, then gone without a close frame: the backend gets 1001, then the socket closes.
     let (_, ws) = ws_connect(addr, "/vanish", "").await;
