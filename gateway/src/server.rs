@@ -611,7 +611,7 @@ impl Gateway {
             conn,
             client_addr,
             scheme,
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             started: ctx.started,
             answered: false,
         };
@@ -894,7 +894,8 @@ struct AbandonGuard {
     conn: u64,
     client_addr: SocketAddr,
     scheme: Scheme,
-    path: String,
+    /// A clone shares the request's buffer: nothing is copied on a handshake that completes.
+    uri: http::Uri,
     started: Instant,
     answered: bool,
 }
@@ -910,7 +911,7 @@ impl Drop for AbandonGuard {
             conn = self.conn,
             client = %self.client_addr,
             scheme = self.scheme.as_str(),
-            path = %self.path,
+            path = %self.uri.path(),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "the client went away before its handshake was answered"
         );
