@@ -1,5 +1,5 @@
 //! The policy chain's own time per handshake, measured in process with the gateway's own code
-//! (`tollgate::chain::run` on the chain `tollgate::chain::build` makes from a manifest): no
+//! (`tollgate::policy::chain::run` on the chain `tollgate::policy::chain::build` makes from a manifest): no
 //! sockets, no HTTP, so the figure is what the plugin host adds to a handshake. Each step is
 //! also timed alone, and the host's native signature check once more without any wasm, so the
 //! report can say where the time goes.
@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use tollgate::policy::wit;
+use tollgate::policy::chain::{self, Outcome, Step};
+use tollgate::policy::Request;
 
 #[derive(clap::Args, Clone)]
 pub struct ChainArgs {
@@ -46,62 +47,60 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     (at(0.5).unwrap_or(0.0), at(0.99).unwrap_or(0.0))
 }
 
-fn request(api: &str, headers: &[String], context: &[String]) -> wit::HandshakeRequest {
-    let pair = |n: &str, v: &str| wit::Pair {
-        name: n.to_owned(),
-        value: v.to_owned(),
-    };
-    let mut h = vec![
-        pair("host", "127.0.0.1:8080"),
-        pair("upgrade", "websocket"),
-        pair("connection", "Upgrade"),
-        pair("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        pair("sec-websocket-version", "13"),
-    ];
+fn request(api: &str, headers: &[String], context: &[String]) -> anyhow::Result<Request> {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in [
+        ("host", "127.0.0.1:8080"),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "13"),
+    ] {
+        h.append(n, http::HeaderValue::from_static(v));
+    }
     for line in headers {
         if let Some((n, v)) = line.split_once(':') {
-            h.push(pair(&n.trim().to_ascii_lowercase(), v.trim()));
+            h.append(
+                http::HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes())?,
+                http::HeaderValue::from_str(v.trim())?,
+            );
         }
     }
-    wit::HandshakeRequest {
-        method: "GET".into(),
+    Ok(Request {
+        method: http::Method::GET,
         path: format!("/{api}"),
         query: Vec::new(),
         headers: h,
-        client_address: "127.0.0.1:40000".into(),
+        client: "127.0.0.1:40000".parse()?,
         tls: None,
-        api: api.to_owned(),
+        api: Arc::from(api),
         product: None,
         context: context
             .iter()
             .filter_map(|c| c.split_once('='))
-            .map(|(n, v)| pair(n, v))
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
             .collect(),
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-    }
+    })
 }
 
 /// Times `steps` over `n` handshakes; fails on the first rejection (the measurement would be
 /// of the wrong path).
-async fn time_steps(
-    steps: &[tollgate::chain::Step],
-    req: &wit::HandshakeRequest,
-    n: usize,
-) -> anyhow::Result<(f64, f64)> {
+async fn time_steps(steps: &[Step], req: &Request, n: usize) -> anyhow::Result<(f64, f64)> {
     let mut v = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
-        let mut breq = tollgate::handshake::BackendRequest {
-            target: "/".into(),
-            headers: http::HeaderMap::new(),
-        };
+        let mut target = String::from("/");
+        let mut headers = http::HeaderMap::new();
         let t = Instant::now();
-        let r = tollgate::chain::run(steps, req.clone(), &mut breq).await;
+        let r = chain::run(steps, req.clone(), &mut headers, &mut target).await;
         let el = t.elapsed();
-        if let Err(rej) = r {
-            anyhow::bail!("the chain rejected the request: {}", rej.status);
+        match r {
+            Outcome::Proceed(_) => {}
+            Outcome::Reject(r) => anyhow::bail!("the chain rejected the request: {}", r.status),
+            Outcome::Failed(f) => anyhow::bail!("policy `{}` failed: {}", f.plugin, f.error),
         }
         // The first tenth warms caches and the allocator; not counted.
         if i >= n / 10 {
@@ -137,7 +136,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         .into_iter()
         .map(|p| (p.name.clone(), Arc::new(p)))
         .collect();
-    let steps = tollgate::chain::build(
+    let steps = chain::build(
         &host,
         &plugins,
         &config,
@@ -145,7 +144,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         &tollgate::metrics::Metrics::new(),
     )
     .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
-    let req = request(&api.name, &args.header, &args.context);
+    let req = request(&api.name, &args.header, &args.context)?;
     // One worker, as a connection's task sees it: the guest runs on a fiber in this task.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -153,11 +152,7 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
     rt.block_on(timed(&steps, req, args.iterations))
 }
 
-async fn timed(
-    steps: &[tollgate::chain::Step],
-    req: wit::HandshakeRequest,
-    iterations: usize,
-) -> anyhow::Result<Vec<Timing>> {
+async fn timed(steps: &[Step], req: Request, iterations: usize) -> anyhow::Result<Vec<Timing>> {
     let mut out = Vec::new();
     let (p50, p99) = time_steps(steps, &req, iterations).await?;
     out.push(Timing {
@@ -176,12 +171,12 @@ async fn timed(
             p50_us: p50,
             p99_us: p99,
         });
-        let d = step
-            .decide(&ctx_req)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if let wit::Decision::Proceed(p) = d {
-            ctx_req.context.extend(p.context);
+        let mut target = String::from("/");
+        let mut headers = http::HeaderMap::new();
+        if let (_, Some(after)) =
+            chain::run_keeping_request(one, ctx_req.clone(), &mut headers, &mut target).await
+        {
+            ctx_req = after;
         }
     }
     Ok(out)

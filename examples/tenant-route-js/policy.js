@@ -12,9 +12,17 @@
 //   tenant_context = "jwt.tenant" # context value holding the tenant (default shown)
 //   header = "X-Tenant-Route"     # header set for the backend (default shown)
 
-import { log } from 'tollgate:policy/log@0.1.0';
+import { prepared } from 'tollgate:policy/config@0.2.0';
+import { log } from 'tollgate:policy/log@0.2.0';
 
 const KEYS = ['regions', 'default_region', 'tenant_context', 'header'];
+
+// The prepared config, parsed on the first handshake an instance serves: `config.prepared` is
+// the same string for the instance's whole life, and a pooled instance serves many handshakes.
+let cached;
+function config() {
+  return (cached ??= JSON.parse(prepared()));
+}
 
 function reject(status, message) {
   return {
@@ -27,7 +35,7 @@ function reject(status, message) {
   };
 }
 
-export const policy = {
+export const handshake = {
   declare() {
     return {
       name: 'tenant-route',
@@ -61,14 +69,14 @@ export const policy = {
     });
   },
 
-  onHandshake(config, request) {
-    const c = JSON.parse(config);
-    const tenant = request.context.find((p) => p.name === c.tenantContext)?.value;
+  onHandshake(request) {
+    const c = config();
+    const tenant = request.context(c.tenantContext);
     if (!tenant) {
       log('info', `no ${c.tenantContext} in the context (is jwt-validate attached before this policy?)`);
       return reject(403, 'no tenant');
     }
-    const asked = request.query.find((p) => p.name === 'region')?.value;
+    const asked = request.query('region');
     const region = asked ?? c.defaultRegion;
     if (!region || !c.regions.includes(region)) {
       log('info', `tenant ${tenant}: region ${JSON.stringify(asked ?? null)} refused`);
@@ -81,6 +89,7 @@ export const policy = {
         queryChanges: asked === undefined ? [] : [{ tag: 'remove', val: 'region' }],
         responseHeaders: [],
         context: [{ name: 'route.region', value: region }],
+        closeAt: undefined,
       },
     };
   },

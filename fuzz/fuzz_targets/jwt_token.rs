@@ -14,8 +14,6 @@
 //! nbf with the skew, required claims); a refusal carries the configured status and message.
 #![no_main]
 
-use std::sync::OnceLock;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_validate::config::{prepare, Prepared};
@@ -27,9 +25,17 @@ use tollgate_sdk::Decision;
 const NOW: u64 = 1_700_000_000;
 const SECRET: &[u8] = b"a shared secret of decent length!";
 
+/// The config, prepared once per fuzzing thread (a `Prepared` decodes its keys lazily into a
+/// `OnceCell`, so it is not `Sync`; one leaked copy per thread stands in for a static).
 fn prepared() -> &'static Prepared {
-    static P: OnceLock<Prepared> = OnceLock::new();
-    P.get_or_init(|| {
+    thread_local! {
+        static P: &'static Prepared = Box::leak(Box::new(make_prepared()));
+    }
+    P.with(|p| *p)
+}
+
+fn make_prepared() -> Prepared {
+    {
         let cfg = serde_json::json!({
             "algorithms": ["HS256", "HS384"],
             "issuers": ["https://issuer.test"],
@@ -45,7 +51,7 @@ fn prepared() -> &'static Prepared {
             Ok(p) => p,
             Err(e) => panic!("the fuzz target's own config is refused: {e}"),
         }
-    })
+    }
 }
 
 fn hs256(secret: &[u8], header: &str, claims: &str) -> String {

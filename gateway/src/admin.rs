@@ -406,9 +406,9 @@ pub fn apis_json(gw: &Gateway) -> serde_json::Value {
                         "plugin": s.plugin.name,
                         "version": s.plugin.version,
                         "scope": match &s.scope {
-                            crate::capabilities::Scope::Global => "global".to_owned(),
-                            crate::capabilities::Scope::Product(p) => format!("product:{p}"),
-                            crate::capabilities::Scope::Api(_) => "api".to_owned(),
+                            crate::policy::capabilities::Scope::Global => "global".to_owned(),
+                            crate::policy::capabilities::Scope::Product(p) => format!("product:{p}"),
+                            crate::policy::capabilities::Scope::Api(_) => "api".to_owned(),
                         },
                         "instances": if s.pool.is_some() { "pooled" } else { "fresh" },
                         "skipped": s.skip,

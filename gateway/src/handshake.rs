@@ -9,7 +9,7 @@
 //!    (503) connection limits.
 //! 5. [`backend_request`]: the request the backend will get (end-to-end headers forwarded,
 //!    hop-by-hop ones and the subscription key dropped, `X-Forwarded-*` added). The
-//!    onHandshake policy chain ([`crate::chain::run`]) then acts on this request.
+//!    onHandshake policy chain ([`crate::policy::chain::run`]) then acts on this request.
 //! 6. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
 //!    (502 / 504 / the backend's own status).
 //! 7. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
@@ -37,7 +37,7 @@ pub struct HandshakeCtx {
     /// `ws` or `wss`: the listener the client came in on.
     pub scheme: crate::manifest::Scheme,
     /// TLS facts of a wss client connection, gathered only when some API has policies.
-    pub tls: Option<Arc<crate::policy::wit::TlsInfo>>,
+    pub tls: Option<Arc<crate::policy::TlsInfo>>,
     pub api: Option<Arc<Api>>,
     /// The normalised request path (see [`route`]): what is routed, what policies see and what
     /// the backend path is built from.
@@ -419,55 +419,41 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
     }
 }
 
-/// The request as policies see it (`handshake-request` in `wit/policy.wit`).
+/// The request as policies see it (the `request` resource of `wit/policy.wit`).
 pub fn policy_request<B>(
     ctx: &HandshakeCtx,
     api: &Api,
     req: &Request<B>,
-) -> crate::policy::wit::HandshakeRequest {
-    use crate::policy::wit::Pair;
+) -> crate::policy::Request {
     // The query as forwarded (without the subscription key).
     let query = ctx
         .query
         .as_deref()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| Pair {
-                    name: k.into_owned(),
-                    value: v.into_owned(),
-                })
-                .collect()
-        })
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    crate::policy::wit::HandshakeRequest {
-        method: req.method().as_str().to_owned(),
+    let mut headers = req.headers().clone();
+    if let Some(k) = ctx.key_header.as_deref() {
+        headers.remove(k);
+    }
+    crate::policy::Request {
+        method: req.method().clone(),
         path: ctx.path.clone(),
         query,
-        headers: req
-            .headers()
-            .iter()
-            .filter(|(k, _)| ctx.key_header.as_deref() != Some(k.as_str()))
-            .map(|(k, v)| Pair {
-                name: k.as_str().to_owned(),
-                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            })
-            .collect(),
-        client_address: ctx.client_addr.to_string(),
-        tls: ctx.tls.as_deref().cloned(),
-        api: api.config.name.clone(),
+        headers,
+        client: ctx.client_addr,
+        tls: ctx.tls.clone(),
+        api: Arc::from(api.config.name.as_str()),
         product: ctx.product.clone(),
         // What the gateway knows before any policy runs.
         context: ctx
             .product
             .iter()
-            .map(|p| Pair {
-                name: "product.name".into(),
-                value: p.clone(),
-            })
-            .chain(ctx.subscription.iter().map(|s| Pair {
-                name: "subscription.name".into(),
-                value: s.name.clone(),
-            }))
+            .map(|p| ("product.name".to_owned(), p.clone()))
+            .chain(
+                ctx.subscription
+                    .iter()
+                    .map(|s| ("subscription.name".to_owned(), s.name.clone())),
+            )
             .collect(),
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -476,9 +462,31 @@ pub fn policy_request<B>(
     }
 }
 
+/// The policy chain's outcome as the client's answer: a policy's own refusal as it made it, a
+/// failed policy as its attachment's `failure_status` with a generic body (the error is in the
+/// `policy_error` record the chain logged).
+pub fn policy_outcome(
+    outcome: crate::policy::chain::Outcome,
+) -> Result<crate::policy::chain::Effects, Reject> {
+    use crate::policy::chain::Outcome;
+    match outcome {
+        Outcome::Proceed(effects) => Ok(effects),
+        Outcome::Reject(r) => {
+            let mut rej = Reject::new(r.status, format!("rejected by policy `{}`", r.plugin));
+            rej.headers = r.headers;
+            rej.body = Some(r.body);
+            Err(rej)
+        }
+        Outcome::Failed(f) => Err(Reject::new(
+            f.status,
+            format!("policy `{}` failed", f.plugin),
+        )),
+    }
+}
+
 /// What a policy learns about a wss client's TLS session.
-pub fn tls_facts(conn: &rustls::ServerConnection) -> crate::policy::wit::TlsInfo {
-    crate::policy::wit::TlsInfo {
+pub fn tls_facts(conn: &rustls::ServerConnection) -> crate::policy::TlsInfo {
+    crate::policy::TlsInfo {
         version: conn
             .protocol_version()
             .and_then(|v| v.as_str())

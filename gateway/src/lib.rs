@@ -7,14 +7,11 @@
 
 pub mod admin;
 pub mod backend;
-pub mod capabilities;
-pub mod chain;
 pub mod console;
 pub mod handshake;
 pub mod logging;
 mod memory;
 pub mod metrics;
-pub mod plugin_cache;
 pub mod policy;
 pub mod relay;
 pub mod reload;
@@ -22,7 +19,6 @@ pub mod routes;
 pub mod server;
 pub mod stream;
 pub mod subscriptions;
-pub mod verify_cache;
 pub mod wskey;
 
 /// The frame parser lives in `tollgate-edge` (no wasm engine, so it can be fuzzed); the relay

@@ -141,7 +141,7 @@ pub struct Metrics {
     handshakes_abandoned: Counter,
     runtime_tasks: Gauge,
     signatures: Family<SignatureLabels, Counter>,
-    signature_cache: crate::verify_cache::CacheCounters,
+    signature_cache: crate::policy::verify_cache::CacheCounters,
 }
 
 impl Default for Metrics {
@@ -289,7 +289,7 @@ impl Metrics {
     }
 
     /// The signature cache's hit and miss counters, for the policy host.
-    pub fn signature_cache(&self) -> crate::verify_cache::CacheCounters {
+    pub fn signature_cache(&self) -> crate::policy::verify_cache::CacheCounters {
         self.signature_cache.clone()
     }
 

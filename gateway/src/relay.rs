@@ -88,6 +88,8 @@ pub enum ClosedBy {
     IdleTimeout,
     /// The API's `max_connection_lifetime` was reached.
     Lifetime,
+    /// The deadline a policy set (`close-at`, e.g. the token's expiry) was reached.
+    PolicyDeadline,
     /// A reload removed the subscription key the connection was admitted with.
     Revoked,
     Shutdown,
@@ -104,6 +106,7 @@ impl ClosedBy {
             ClosedBy::BackendViolation => "backend_violation",
             ClosedBy::IdleTimeout => "idle_timeout",
             ClosedBy::Lifetime => "max_connection_lifetime",
+            ClosedBy::PolicyDeadline => "policy_deadline",
             ClosedBy::Revoked => "subscription_revoked",
             ClosedBy::Shutdown => "gateway_shutdown",
         }
@@ -362,6 +365,9 @@ pub struct RelayParams {
     pub metrics: Arc<ApiMetrics>,
     /// The 101 agreed an extension, so frames may carry RSV bits.
     pub extensions_agreed: bool,
+    /// When a policy asked for the connection to end (`close-at`): the client then gets close
+    /// 1008 (policy violation), the backend 1001.
+    pub policy_deadline: Option<Instant>,
 }
 
 enum Wake {
@@ -404,11 +410,17 @@ pub async fn relay(
     );
     let far = Duration::from_secs(86400 * 365);
     let idle = limits.idle_timeout;
-    // One timer serves the idle timeout and the lifetime: it is set to whichever comes first.
+    // One timer serves the idle timeout, the lifetime and a policy's deadline: it is set to
+    // whichever comes first.
     let lifetime_end = limits.max_connection_lifetime.map(|l| started + l);
+    let policy_end = params.policy_deadline;
+    let hard_end = match (lifetime_end, policy_end) {
+        (Some(l), Some(p)) => Some(l.min(p)),
+        (l, p) => l.or(p),
+    };
     let next_deadline = |last_read: Instant| {
         let idle_end = idle.map_or(Instant::now() + far, |i| last_read + i);
-        lifetime_end.map_or(idle_end, |l| l.min(idle_end))
+        hard_end.map_or(idle_end, |l| l.min(idle_end))
     };
     let mut sleep = pin!(tokio::time::sleep_until(next_deadline(started)));
     let end = params.end.clone();
@@ -591,6 +603,14 @@ pub async fn relay(
                 let last = c2b.last_read.max(b2c.last_read);
                 let now = Instant::now();
                 match idle {
+                    _ if policy_end.is_some_and(|p| p <= now) => {
+                        terminate!(
+                            ClosedBy::PolicyDeadline,
+                            close_code::POLICY_VIOLATION,
+                            close_code::GOING_AWAY,
+                            "policy deadline reached"
+                        );
+                    }
                     _ if lifetime_end.is_some_and(|l| l <= now) => {
                         terminate!(
                             ClosedBy::Lifetime,

@@ -16,7 +16,7 @@ pub struct Api {
     pub active: Arc<AtomicUsize>,
     /// onHandshake policies in the order they run: global, product, API. Product steps run
     /// only for handshakes that came in through their product.
-    pub chain: Vec<crate::chain::Step>,
+    pub chain: Vec<crate::policy::chain::Step>,
     /// The open product (`subscription_required = false`) among the API's products, if any: a
     /// handshake without a key comes in through it.
     pub open_product: Option<String>,

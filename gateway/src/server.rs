@@ -145,7 +145,7 @@ impl Served {
                     ));
                     for p in loaded {
                         tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
-                            capabilities = ?p.capabilities, path = %p.path.display(),
+                            capabilities = ?p.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(), path = %p.path.display(),
                             from_cache = p.from_cache, compile_ms = p.compile_time.as_millis() as u64,
                             "plugin loaded");
                         plugins.insert(p.name.clone(), Arc::new(p));
@@ -158,7 +158,7 @@ impl Served {
         let mut apis = Vec::new();
         for a in &config.apis {
             let chain = match &host {
-                Some(h) => match crate::chain::build(h, &plugins, &config, a, metrics) {
+                Some(h) => match crate::policy::chain::build(h, &plugins, &config, a, metrics) {
                     Ok(c) => c,
                     Err(errs) => {
                         errors.extend(errs.into_iter().map(StartError::Located));
@@ -577,7 +577,7 @@ impl Gateway {
         client_addr: SocketAddr,
         scheme: Scheme,
         conn: u64,
-        tls: Option<Arc<crate::policy::wit::TlsInfo>>,
+        tls: Option<Arc<crate::policy::TlsInfo>>,
         slot: Arc<Mutex<Option<Accepted>>>,
     ) -> http::Response<Full<Bytes>> {
         // This handshake is served from the state current now, whatever a reload does meanwhile.
@@ -637,15 +637,22 @@ impl Gateway {
                 r
             })?;
             let mut breq = handshake::backend_request(&ctx, &api, &req);
-            let extra = if api.chain.is_empty() {
-                Vec::new()
+            let mut effects = if api.chain.is_empty() {
+                crate::policy::chain::Effects::default()
             } else {
                 let view = handshake::policy_request(&ctx, &api, &req);
                 let t = Instant::now();
-                let r = crate::chain::run(&api.chain, view, &mut breq).await;
+                let outcome = crate::policy::chain::run(
+                    &api.chain,
+                    view,
+                    &mut breq.headers,
+                    &mut breq.target,
+                )
+                .await;
                 policies_ms = t.elapsed().as_secs_f64() * 1000.0;
-                r?
+                handshake::policy_outcome(outcome)?
             };
+            let extra = std::mem::take(&mut effects.response_headers);
             let upgraded = api
                 .connector
                 .handshake(&breq.target, breq.headers, &ctx.protocols, &ctx.extensions)
@@ -666,6 +673,7 @@ impl Gateway {
                     target: breq.target,
                     conn,
                     product: ctx.product.clone(),
+                    policy_deadline: effects.close_at.map(deadline),
                     end: ctx
                         .key_token
                         .clone()
@@ -760,6 +768,7 @@ impl Gateway {
             conn,
             product,
             end,
+            policy_deadline,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -804,6 +813,7 @@ impl Gateway {
                 end,
                 metrics: api.metrics.clone(),
                 extensions_agreed,
+                policy_deadline: policy_deadline.map(tokio::time::Instant::from_std),
             },
         )
         .await;
@@ -852,6 +862,18 @@ impl Gateway {
     }
 }
 
+/// `close-at` (seconds since the Unix epoch) as a point on the monotonic clock.
+fn deadline(unix_seconds: u64) -> Instant {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix_seconds);
+    let now = Instant::now();
+    match at.duration_since(std::time::SystemTime::now()) {
+        Ok(left) => now
+            .checked_add(left)
+            .unwrap_or(now + Duration::from_secs(86400 * 365)),
+        Err(_) => now,
+    }
+}
+
 /// A handshake that got its 101: what the connection task needs to start the relay.
 struct Accepted {
     on_upgrade: hyper::upgrade::OnUpgrade,
@@ -865,6 +887,8 @@ struct Accepted {
     product: Option<String>,
     /// Ends the relay (see [`RelayParams::end`]).
     end: CancellationToken,
+    /// A policy's `close-at`, on the monotonic clock.
+    policy_deadline: Option<Instant>,
 }
 
 /// A URL or request target as log records show it: browsers pass credentials in the query

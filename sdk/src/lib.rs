@@ -1,124 +1,471 @@
-//! The Rust SDK for Tollgate handshake policies.
+//! The Rust SDK for Tollgate handshake policies (`tollgate:policy@0.2.0`).
 //!
 //! A policy is a WebAssembly component built for `wasm32-wasip2` against the
-//! `handshake-policy` world in `wit/policy.wit`. This crate holds the generated bindings, so a
-//! policy crate only implements [`Policy`] and calls [`export_policy!`]:
+//! `handshake-policy` world in `wit/policy.wit`. With this crate the smallest useful policy is
+//! a config type, a [`Policy`] impl and one [`export!`]:
 //!
 //! ```
-//! use tollgate_sdk::{export_policy, Decision, Declaration, HandshakeRequest, Policy, Proceed};
+//! use tollgate_sdk::{Capability, Decision, Policy, Request};
 //!
-//! struct Hello;
+//! #[derive(serde::Deserialize)]
+//! struct Config { header: String }
 //!
-//! impl Policy for Hello {
-//!     fn declare() -> Declaration {
-//!         Declaration { name: "hello".into(), version: "0.1.0".into(), capabilities: vec![] }
-//!     }
-//!     // Validate once at load; what is returned comes back with every handshake.
-//!     fn configure(config_json: String) -> Result<String, String> {
-//!         Ok(config_json)
-//!     }
-//!     fn on_handshake(_config: String, _request: HandshakeRequest) -> Decision {
-//!         Decision::Proceed(Proceed::default())
+//! struct RequireHeader;
+//!
+//! impl Policy for RequireHeader {
+//!     type Config = Config;
+//!     const CAPABILITIES: &'static [Capability] = &[Capability::ReadRequest, Capability::Reject];
+//!     fn on_handshake(config: &Config, request: &Request) -> Result<Decision, String> {
+//!         Ok(match request.header(&config.header) {
+//!             Some(_) => Decision::proceed(),
+//!             None => Decision::reject(401, format!("{} is required", config.header)),
+//!         })
 //!     }
 //! }
 //!
-//! #[cfg(target_arch = "wasm32")]
-//! export_policy!(Hello with_types_in tollgate_sdk);
+//! tollgate_sdk::export!(RequireHeader);
 //!
-//! // Natively, the same functions run as plain Rust (this is how a policy is unit-tested):
-//! let config = Hello::configure("{}".into()).unwrap();
-//! let decision = Hello::on_handshake(config, tollgate_sdk::testing::request().build());
-//! assert!(matches!(decision, Decision::Proceed(_)));
+//! // Natively the same code runs as plain Rust: this is how a policy is unit-tested.
+//! let config = Config { header: "x-team".into() };
+//! let request = tollgate_sdk::testing::request().build();
+//! let decision = RequireHeader::on_handshake(&config, &request).unwrap();
+//! assert_eq!(decision.status(), Some(401));
 //! ```
 //!
-//! (The `cfg` keeps native builds, which run the policy's unit tests, from trying to link the
-//! component-model export names.)
+//! What the SDK does for it:
+//! - **Declaration**: name and version come from the crate's Cargo metadata
+//!   (`CARGO_PKG_NAME`, `CARGO_PKG_VERSION`); `export!(T, name = "...")` overrides the name.
+//! - **Config**: at load, [`Policy::configure`] checks the attachment's config by parsing it
+//!   into `Config` (and [`Policy::check`]); per instance, the prepared config is parsed once and
+//!   every handshake that instance serves gets `&Config`. Nothing is re-sent or re-parsed per
+//!   call, and pooled and fresh instances behave the same.
+//! - **Request**: [`Request`] reads the handshake on demand; each read is one host call, so a
+//!   policy pays only for what it reads.
+//! - **Errors**: `Err(message)` from `on_handshake` means "could not decide": the gateway
+//!   answers with the attachment's `failure_status` and logs the message; the client never
+//!   sees it. Refusing on purpose is [`Decision::reject`].
+//! - **Export**: [`export!`] emits the component exports only when building for wasm, so the
+//!   same crate builds natively for its unit tests.
 //!
-//! Build it with `cargo build --release --target wasm32-wasip2` and drop the `.wasm` file into
-//! the gateway's `plugin_dir`. On a native target the same crate compiles too, so a policy's
-//! logic can be unit-tested with plain `cargo test`: [`host`] answers natively there (signature
-//! checks by the gateway's own code, log lines captured), and [`testing`] builds requests.
-//!
-//! By default every handshake runs in a fresh instance; an attachment with
-//! `instances = "pooled"` lets one warm instance serve many handshakes in turn. Either way,
-//! keep nothing in statics between calls: put what `configure` worked out into the string it
-//! returns instead, and the policy is correct under both strategies. The one exception is
-//! [`Memo`], which remembers the parsed form of that string (a pure function of it).
+//! Build with `cargo build --release --target wasm32-wasip2` and drop the `.wasm` file into the
+//! gateway's `plugin_dir`. Natively, [`host`] answers host calls in-process (signature checks
+//! by the gateway's own code, log lines captured) and [`testing`] builds requests.
 
-wit_bindgen::generate!({
-    path: "../wit",
-    world: "handshake-policy",
-    pub_export_macro: true,
-    export_macro_name: "export_policy",
-    default_bindings_module: "tollgate_sdk",
-    generate_all,
-});
+use std::any::Any;
+use std::cell::RefCell;
 
-/// The trait a policy implements (the exported `policy` interface).
-pub use exports::tollgate::policy::policy::Guest as Policy;
-/// Everything host and policy exchange.
-pub use tollgate::policy::types::{
-    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Proceed, QueryChange,
-    Rejection, TlsInfo,
+/// The generated bindings of `wit/policy.wit`. Policies use the types re-exported at the crate
+/// root and [`host`]; these are public only for [`export!`]'s expansion.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "handshake-policy",
+        pub_export_macro: true,
+        export_macro_name: "__export_handshake_policy",
+        default_bindings_module: "tollgate_sdk::bindings",
+        generate_all,
+    });
+}
+
+pub use bindings::tollgate::policy::handshake_types::{
+    Capability, Decision, Declaration, HeaderChange, Proceed, QueryChange, Rejection,
 };
-/// Raw bindings of the host interfaces; prefer [`host`], which also works in native tests.
-pub use tollgate::policy::{log, signatures};
+pub use bindings::tollgate::policy::types::{Pair, TlsInfo};
 
-impl Default for Proceed {
-    /// Continue unchanged.
-    fn default() -> Self {
+#[doc(hidden)]
+pub use serde_json as __serde_json;
+
+/// A handshake policy. Implement it on a unit struct and pass that to [`export!`].
+///
+/// ```
+/// use tollgate_sdk::{Capability, Decision, Policy, Proceed, Request};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Config { value: String }
+///
+/// struct Tag;
+///
+/// impl Policy for Tag {
+///     type Config = Config;
+///     const CAPABILITIES: &'static [Capability] = &[Capability::ModifyHeaders];
+///     fn check(config: &Config) -> Result<(), String> {
+///         if config.value.contains('\n') { return Err("no line breaks".into()) }
+///         Ok(())
+///     }
+///     fn on_handshake(config: &Config, _request: &Request) -> Result<Decision, String> {
+///         Ok(Proceed::new().set_header("x-tag", &config.value).into())
+///     }
+/// }
+///
+/// assert!(Tag::configure(r#"{"value": "a\nb"}"#).is_err());
+/// assert!(Tag::configure(r#"{"colour": 1}"#).is_err());
+/// assert!(Tag::configure(r#"{"value": "blue"}"#).is_ok());
+/// ```
+pub trait Policy {
+    /// The attachment's config as the policy uses it: the manifest's `config` table (as JSON),
+    /// or whatever [`Policy::configure`] prepared from it.
+    type Config: serde::de::DeserializeOwned + 'static;
+
+    /// What the policy does. The gateway refuses any request read, host call or decision that
+    /// needs a capability not listed here.
+    const CAPABILITIES: &'static [Capability];
+
+    /// The declared capabilities; override only when they are computed.
+    ///
+    /// ```
+    /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+    /// # struct P;
+    /// # impl Policy for P {
+    /// #     type Config = ();
+    /// #     const CAPABILITIES: &'static [Capability] = &[Capability::ReadRequest];
+    /// #     fn on_handshake(_: &(), _: &Request) -> Result<Decision, String> { Ok(Decision::proceed()) }
+    /// # }
+    /// assert_eq!(P::capabilities(), vec![Capability::ReadRequest]);
+    /// ```
+    fn capabilities() -> Vec<Capability> {
+        Self::CAPABILITIES.to_vec()
+    }
+
+    /// Checks a parsed config beyond what its type says (called at load, by the default
+    /// [`Policy::configure`]); an error stops the gateway's start or reload.
+    ///
+    /// ```
+    /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+    /// # struct P;
+    /// # impl Policy for P {
+    /// #     type Config = u32;
+    /// #     const CAPABILITIES: &'static [Capability] = &[];
+    /// #     fn on_handshake(_: &u32, _: &Request) -> Result<Decision, String> { Ok(Decision::proceed()) }
+    /// # }
+    /// assert_eq!(P::check(&7), Ok(())); // the default accepts what parses
+    /// ```
+    fn check(_config: &Self::Config) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs once per attachment at load with the manifest's `config` table as JSON; returns
+    /// the prepared config every instance parses into [`Policy::Config`]. The default parses
+    /// and [`Policy::check`]s it, then passes the JSON on unchanged. Override it to do work
+    /// once instead of per handshake (read granted files, decode keys) and return the result
+    /// as JSON of `Config`.
+    ///
+    /// ```
+    /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+    /// # struct P;
+    /// # impl Policy for P {
+    /// #     type Config = Vec<String>;
+    /// #     const CAPABILITIES: &'static [Capability] = &[];
+    /// #     fn on_handshake(_: &Vec<String>, _: &Request) -> Result<Decision, String> { Ok(Decision::proceed()) }
+    /// # }
+    /// assert_eq!(P::configure(r#"["a"]"#).as_deref(), Ok(r#"["a"]"#));
+    /// assert!(P::configure(r#"{"a": 1}"#).unwrap_err().contains("config"));
+    /// ```
+    fn configure(config_json: &str) -> Result<String, String> {
+        let config: Self::Config =
+            serde_json::from_str(config_json).map_err(|e| format!("invalid config: {e}"))?;
+        Self::check(&config)?;
+        Ok(config_json.to_owned())
+    }
+
+    /// Decides one handshake. `Err`: the policy could not decide; the client gets the
+    /// attachment's `failure_status` and the message goes to the gateway's log only.
+    fn on_handshake(config: &Self::Config, request: &Request) -> Result<Decision, String>;
+}
+
+/// Exports a [`Policy`] as the component's `handshake` interface. Expands to nothing on
+/// non-wasm targets, so the crate still builds (and tests) natively.
+///
+/// ```
+/// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+/// struct Noop;
+/// impl Policy for Noop {
+///     type Config = serde_json::Value;
+///     const CAPABILITIES: &'static [Capability] = &[];
+///     fn on_handshake(_: &serde_json::Value, _: &Request) -> Result<Decision, String> {
+///         Ok(Decision::proceed())
+///     }
+/// }
+/// tollgate_sdk::export!(Noop);                       // name: the crate's package name
+/// // tollgate_sdk::export!(Noop, name = "noop-2");   // or an explicit one
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($policy:ty) => {
+        $crate::export!($policy, name = env!("CARGO_PKG_NAME"));
+    };
+    ($policy:ty, name = $name:expr) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct __TollgateExport;
+            impl $crate::bindings::exports::tollgate::policy::handshake::Guest for __TollgateExport {
+                fn declare() -> $crate::Declaration {
+                    $crate::Declaration {
+                        name: ::std::string::String::from($name),
+                        version: ::std::string::String::from(env!("CARGO_PKG_VERSION")),
+                        capabilities: <$policy as $crate::Policy>::capabilities(),
+                    }
+                }
+                fn configure(
+                    config_json: ::std::string::String,
+                ) -> ::std::result::Result<::std::string::String, ::std::string::String> {
+                    <$policy as $crate::Policy>::configure(&config_json)
+                }
+                fn on_handshake(
+                    request: &$crate::bindings::tollgate::policy::handshake_types::Request,
+                ) -> ::std::result::Result<$crate::Decision, ::std::string::String> {
+                    $crate::__on_handshake::<$policy>(request)
+                }
+            }
+            $crate::bindings::__export_handshake_policy!(__TollgateExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+thread_local! {
+    /// This instance's parsed config. An instance serves one attachment for its whole life
+    /// (the host guarantees it), so the first handshake parses and the rest reuse.
+    static CONFIG: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// The body of the exported `on-handshake`: the instance's config (parsed on first use), the
+/// request wrapped for on-demand reads, then the policy.
+#[doc(hidden)]
+#[cfg(target_arch = "wasm32")]
+pub fn __on_handshake<P: Policy>(
+    request: &bindings::tollgate::policy::handshake_types::Request,
+) -> Result<Decision, String> {
+    with_config::<P, _>(bindings::tollgate::policy::config::prepared, |config| {
+        P::on_handshake(config, &Request { host: request })
+    })
+}
+
+/// Runs `f` with the instance's config, parsing `prepared()` the first time.
+#[cfg_attr(not(any(test, target_arch = "wasm32")), allow(dead_code))]
+fn with_config<P: Policy, R>(
+    prepared: impl FnOnce() -> String,
+    f: impl FnOnce(&P::Config) -> Result<R, String>,
+) -> Result<R, String> {
+    CONFIG.with(|cell| {
+        if cell.borrow().is_none() {
+            let parsed: P::Config = serde_json::from_str(&prepared())
+                .map_err(|e| format!("prepared config does not parse: {e}"))?;
+            *cell.borrow_mut() = Some(Box::new(parsed));
+        }
+        let held = cell.borrow();
+        match held.as_ref().and_then(|c| c.downcast_ref::<P::Config>()) {
+            Some(config) => f(config),
+            None => Err("prepared config has another type than this policy's".into()),
+        }
+    })
+}
+
+impl Decision {
+    /// Let the handshake go on unchanged.
+    ///
+    /// ```
+    /// assert_eq!(tollgate_sdk::Decision::proceed().status(), None);
+    /// ```
+    pub fn proceed() -> Decision {
+        Decision::Proceed(Proceed::new())
+    }
+
+    /// Refuse the handshake with `status` (400..599) and `message` as a plain-text body.
+    ///
+    /// ```
+    /// let d = tollgate_sdk::Decision::reject(403, "not on the list");
+    /// assert_eq!(d.status(), Some(403));
+    /// ```
+    pub fn reject(status: u16, message: impl Into<String>) -> Decision {
+        Decision::Reject(Rejection::new(status, message))
+    }
+
+    /// The rejection's status; `None` when the handshake proceeds.
+    ///
+    /// ```
+    /// use tollgate_sdk::{Decision, Proceed};
+    /// assert_eq!(Decision::from(Proceed::new()).status(), None);
+    /// ```
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Decision::Reject(r) => Some(r.status),
+            Decision::Proceed(_) => None,
+        }
+    }
+
+    /// The proceed's changes; `None` when the handshake is rejected.
+    ///
+    /// ```
+    /// use tollgate_sdk::{Decision, Proceed};
+    /// let d: Decision = Proceed::new().context("tenant", "t1").into();
+    /// assert_eq!(d.proceeding().unwrap().context[0].value, "t1");
+    /// ```
+    pub fn proceeding(&self) -> Option<&Proceed> {
+        match self {
+            Decision::Proceed(p) => Some(p),
+            Decision::Reject(_) => None,
+        }
+    }
+}
+
+impl From<Proceed> for Decision {
+    fn from(p: Proceed) -> Decision {
+        Decision::Proceed(p)
+    }
+}
+
+impl From<Rejection> for Decision {
+    fn from(r: Rejection) -> Decision {
+        Decision::Reject(r)
+    }
+}
+
+impl Rejection {
+    /// A rejection with a plain-text body.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::Rejection::new(401, "token expired").header("www-authenticate", "Bearer");
+    /// assert_eq!(r.body, b"token expired");
+    /// assert_eq!(r.headers.len(), 2); // content-type and www-authenticate
+    /// ```
+    pub fn new(status: u16, message: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            headers: vec![Pair::new("content-type", "text/plain; charset=utf-8")],
+            body: message.into().into_bytes(),
+        }
+    }
+
+    /// Adds a response header (framing and handshake headers are refused by the gateway).
+    ///
+    /// ```
+    /// let r = tollgate_sdk::Rejection::new(429, "slow down").header("retry-after", "5");
+    /// assert_eq!(r.headers[1].value, "5");
+    /// ```
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Rejection {
+        self.headers.push(Pair::new(name, value));
+        self
+    }
+}
+
+impl Proceed {
+    /// Continue unchanged; add changes with the builder methods.
+    ///
+    /// ```
+    /// let p = tollgate_sdk::Proceed::new();
+    /// assert!(p.header_changes.is_empty() && p.close_at.is_none());
+    /// ```
+    pub fn new() -> Proceed {
         Proceed {
             header_changes: Vec::new(),
             query_changes: Vec::new(),
             response_headers: Vec::new(),
             context: Vec::new(),
+            close_at: None,
         }
+    }
+
+    /// Sets a backend request header, replacing any value (needs `modify-headers`).
+    ///
+    /// ```
+    /// use tollgate_sdk::{HeaderChange, Proceed};
+    /// let p = Proceed::new().set_header("x-user", "ann");
+    /// assert!(matches!(&p.header_changes[0], HeaderChange::Set(h) if h.value == "ann"));
+    /// ```
+    pub fn set_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Proceed {
+        self.header_changes
+            .push(HeaderChange::Set(Pair::new(name, value)));
+        self
+    }
+
+    /// Adds a value to a backend request header (needs `modify-headers`).
+    ///
+    /// ```
+    /// use tollgate_sdk::{HeaderChange, Proceed};
+    /// let p = Proceed::new().append_header("x-tag", "b");
+    /// assert!(matches!(&p.header_changes[0], HeaderChange::Append(_)));
+    /// ```
+    pub fn append_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Proceed {
+        self.header_changes
+            .push(HeaderChange::Append(Pair::new(name, value)));
+        self
+    }
+
+    /// Removes a backend request header (needs `modify-headers`).
+    ///
+    /// ```
+    /// use tollgate_sdk::{HeaderChange, Proceed};
+    /// let p = Proceed::new().remove_header("cookie");
+    /// assert!(matches!(&p.header_changes[0], HeaderChange::Remove(n) if n == "cookie"));
+    /// ```
+    pub fn remove_header(mut self, name: impl Into<String>) -> Proceed {
+        self.header_changes.push(HeaderChange::Remove(name.into()));
+        self
+    }
+
+    /// Sets a backend query parameter (needs `modify-query`).
+    ///
+    /// ```
+    /// use tollgate_sdk::{Proceed, QueryChange};
+    /// let p = Proceed::new().set_query("region", "eu");
+    /// assert!(matches!(&p.query_changes[0], QueryChange::Set(q) if q.value == "eu"));
+    /// ```
+    pub fn set_query(mut self, name: impl Into<String>, value: impl Into<String>) -> Proceed {
+        self.query_changes
+            .push(QueryChange::Set(Pair::new(name, value)));
+        self
+    }
+
+    /// Removes a backend query parameter (needs `modify-query`).
+    ///
+    /// ```
+    /// use tollgate_sdk::{Proceed, QueryChange};
+    /// let p = Proceed::new().remove_query("debug");
+    /// assert!(matches!(&p.query_changes[0], QueryChange::Remove(n) if n == "debug"));
+    /// ```
+    pub fn remove_query(mut self, name: impl Into<String>) -> Proceed {
+        self.query_changes.push(QueryChange::Remove(name.into()));
+        self
+    }
+
+    /// Adds a header to the client's 101 (needs `modify-response-headers`).
+    ///
+    /// ```
+    /// let p = tollgate_sdk::Proceed::new().response_header("x-region", "eu");
+    /// assert_eq!(p.response_headers[0].name, "x-region");
+    /// ```
+    pub fn response_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Proceed {
+        self.response_headers.push(Pair::new(name, value));
+        self
+    }
+
+    /// Sets a context value later policies can read (needs `use-context`).
+    ///
+    /// ```
+    /// let p = tollgate_sdk::Proceed::new().context("jwt.sub", "ann");
+    /// assert_eq!(p.context[0].name, "jwt.sub");
+    /// ```
+    pub fn context(mut self, name: impl Into<String>, value: impl Into<String>) -> Proceed {
+        self.context.push(Pair::new(name, value));
+        self
+    }
+
+    /// Closes the connection at `unix_seconds` (1008 to the client, 1001 to the backend), e.g.
+    /// when the token expires (needs `limit-lifetime`). The earliest deadline of a chain wins.
+    ///
+    /// ```
+    /// let p = tollgate_sdk::Proceed::new().close_at(1_700_000_000);
+    /// assert_eq!(p.close_at, Some(1_700_000_000));
+    /// ```
+    pub fn close_at(mut self, unix_seconds: u64) -> Proceed {
+        self.close_at = Some(unix_seconds);
+        self
     }
 }
 
-impl HandshakeRequest {
-    /// The first value of header `name` (case-insensitive).
-    ///
-    /// ```
-    /// # let request = tollgate_sdk::testing::request().header("Authorization", "Bearer t0k").build();
-    /// let token = request.header("authorization");
-    /// assert_eq!(token, Some("Bearer t0k"));
-    /// assert_eq!(request.header("AUTHORIZATION"), token);
-    /// ```
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|p| p.name.eq_ignore_ascii_case(name))
-            .map(|p| p.value.as_str())
-    }
-
-    /// The first value of query parameter `name`.
-    ///
-    /// ```
-    /// # let request = tollgate_sdk::testing::request().query("access_token", "t0k").build();
-    /// let token = request.query_param("access_token");
-    /// assert_eq!(token, Some("t0k"));
-    /// assert_eq!(request.query_param("Access_Token"), None); // names are case-sensitive
-    /// ```
-    pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.value.as_str())
-    }
-
-    /// A context value set by an earlier policy, e.g. `jwt.sub`.
-    ///
-    /// ```
-    /// # let request = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
-    /// let user = request.context_value("jwt.sub");
-    /// assert_eq!(user, Some("ann"));
-    /// ```
-    pub fn context_value(&self, key: &str) -> Option<&str> {
-        self.context
-            .iter()
-            .find(|p| p.name == key)
-            .map(|p| p.value.as_str())
+impl Default for Proceed {
+    fn default() -> Self {
+        Proceed::new()
     }
 }
 
@@ -137,90 +484,166 @@ impl Pair {
     }
 }
 
-/// Remembers the parsed form of the prepared config an instance was last called with, so a
-/// warm instance (`instances = "pooled"`) parses it once instead of on every handshake.
-///
-/// Parsing the config string is often the largest part of a small policy's call (measured:
-/// about a third of jwt-validate's own time). This is the one kind of state that may live in
-/// a static: it is a pure function of the `config` argument, which the gateway passes again
-/// with every call, so a fresh instance computes it once and a pooled one reuses it, and the
-/// decision is the same either way. Only successful parses are kept; a different config
-/// string (another attachment, after a reload) is parsed anew.
+/// The client's opening handshake, read on demand: in a component every method is one host
+/// call that copies only what it returns (natively, built with [`testing::request`]). Reads of
+/// the request need `read-request`, reads of the context `use-context`.
 ///
 /// ```
-/// use std::rc::Rc;
-/// use tollgate_sdk::Memo;
-///
-/// struct Settings { header: String }
-///
-/// fn parse(json: &str) -> Result<Settings, String> {
-///     Ok(Settings { header: json.trim_matches('"').to_owned() })
-/// }
-///
-/// thread_local! {
-///     static SETTINGS: Memo<Settings> = const { Memo::new() };
-/// }
-///
-/// let first: Rc<Settings> = SETTINGS.with(|m| m.get_or_parse("\"x-user\"", parse)).unwrap();
-/// let again = SETTINGS.with(|m| m.get_or_parse("\"x-user\"", parse)).unwrap();
-/// assert!(Rc::ptr_eq(&first, &again)); // parsed once
-/// assert_eq!(again.header, "x-user");
+/// let r = tollgate_sdk::testing::request()
+///     .header("Authorization", "Bearer t0k")
+///     .query("room", "7")
+///     .context("jwt.sub", "ann")
+///     .build();
+/// assert_eq!(r.header("authorization").as_deref(), Some("Bearer t0k"));
+/// assert_eq!(r.query("room").as_deref(), Some("7"));
+/// assert_eq!(r.context("jwt.sub").as_deref(), Some("ann"));
 /// ```
-pub struct Memo<T> {
-    last: std::cell::RefCell<Option<(String, std::rc::Rc<T>)>>,
+pub struct Request<'a> {
+    #[cfg(target_arch = "wasm32")]
+    host: &'a bindings::tollgate::policy::handshake_types::Request,
+    #[cfg(not(target_arch = "wasm32"))]
+    data: testing::RequestData,
+    #[cfg(not(target_arch = "wasm32"))]
+    _borrow: std::marker::PhantomData<&'a ()>,
 }
 
-impl<T> Memo<T> {
-    /// An empty memo; `const` so it can initialise a `thread_local!` without a lazy check.
-    ///
-    /// ```
-    /// thread_local! {
-    ///     static CONFIG: tollgate_sdk::Memo<u32> = const { tollgate_sdk::Memo::new() };
-    /// }
-    /// ```
-    pub const fn new() -> Memo<T> {
-        Memo {
-            last: std::cell::RefCell::new(None),
+/// One method per WIT read, forwarded to the host in a component and answered from the test
+/// data natively.
+macro_rules! reads {
+    ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => |$d:ident| $native:expr; )*) => {
+        impl Request<'_> {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    #[cfg(target_arch = "wasm32")]
+                    { self.host.$name($($arg),*) }
+                    #[cfg(not(target_arch = "wasm32"))]
+                    { let $d = &self.data; $native }
+                }
+            )*
         }
-    }
+    };
+}
 
-    /// The parsed form of `config`: the remembered one if `config` is the string it was
-    /// parsed from, else `parse(config)` (remembered when it succeeds).
-    ///
-    /// ```
-    /// let memo = tollgate_sdk::Memo::new();
-    /// let n = memo.get_or_parse("42", |s| s.parse::<u32>()).unwrap();
-    /// assert_eq!(*n, 42);
-    /// assert!(memo.get_or_parse("x", |s| s.parse::<u32>()).is_err());
-    /// ```
-    pub fn get_or_parse<E>(
-        &self,
-        config: &str,
-        parse: impl FnOnce(&str) -> Result<T, E>,
-    ) -> Result<std::rc::Rc<T>, E> {
-        if let Some((key, value)) = self.last.borrow().as_ref() {
-            if key == config {
-                return Ok(value.clone());
+#[cfg(not(target_arch = "wasm32"))]
+fn first(pairs: &[Pair], name: &str, fold_case: bool) -> Option<String> {
+    pairs
+        .iter()
+        .find(|p| {
+            if fold_case {
+                p.name.eq_ignore_ascii_case(name)
+            } else {
+                p.name == name
             }
-        }
-        let value = std::rc::Rc::new(parse(config)?);
-        *self.last.borrow_mut() = Some((config.to_owned(), value.clone()));
-        Ok(value)
-    }
+        })
+        .map(|p| p.value.clone())
 }
 
-impl<T> Default for Memo<T> {
-    fn default() -> Memo<T> {
-        Memo::new()
-    }
+reads! {
+    /// The method ("GET").
+    ///
+    /// ```
+    /// assert_eq!(tollgate_sdk::testing::request().build().method(), "GET");
+    /// ```
+    fn method() -> String => |d| d.method.clone();
+    /// The normalised path, without the query.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().path("/chat/7").build();
+    /// assert_eq!(r.path(), "/chat/7");
+    /// ```
+    fn path() -> String => |d| d.path.clone();
+    /// The first value of header `name` (case-insensitive).
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().header("X-A", "1").build();
+    /// assert_eq!(r.header("x-a").as_deref(), Some("1"));
+    /// assert_eq!(r.header("X-A").as_deref(), Some("1"));
+    /// ```
+    fn header(name: &str) -> Option<String> => |d| first(&d.headers, name, true);
+    /// Every value of header `name`, in order.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().header("x-a", "1").header("x-a", "2").build();
+    /// assert_eq!(r.header_values("x-a"), ["1", "2"]);
+    /// ```
+    fn header_values(name: &str) -> Vec<String> => |d| d.headers.iter()
+        .filter(|p| p.name.eq_ignore_ascii_case(name)).map(|p| p.value.clone()).collect();
+    /// Every header, names lower-case.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().header("X-A", "1").build();
+    /// assert_eq!(r.headers()[0].name, "x-a");
+    /// ```
+    fn headers() -> Vec<Pair> => |d| d.headers.clone();
+    /// The first value of query parameter `name` (case-sensitive), percent-decoded.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().query("a", "1").build();
+    /// assert_eq!(r.query("a").as_deref(), Some("1"));
+    /// assert_eq!(r.query("A"), None);
+    /// ```
+    fn query(name: &str) -> Option<String> => |d| first(&d.query, name, false);
+    /// Every query parameter, in order.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().query("a", "1").build();
+    /// assert_eq!(r.query_pairs().len(), 1);
+    /// ```
+    fn query_pairs() -> Vec<Pair> => |d| d.query.clone();
+    /// "ip:port" of the client.
+    ///
+    /// ```
+    /// assert!(tollgate_sdk::testing::request().build().client_address().starts_with("127.0.0.1:"));
+    /// ```
+    fn client_address() -> String => |d| d.client_address.clone();
+    /// TLS facts of a wss client connection.
+    ///
+    /// ```
+    /// assert!(tollgate_sdk::testing::request().build().tls().is_none());
+    /// ```
+    fn tls() -> Option<TlsInfo> => |d| d.tls.clone();
+    /// The API's name.
+    ///
+    /// ```
+    /// assert_eq!(tollgate_sdk::testing::request().api("chat").build().api(), "chat");
+    /// ```
+    fn api() -> String => |d| d.api.clone();
+    /// The product the handshake came in through.
+    ///
+    /// ```
+    /// assert_eq!(tollgate_sdk::testing::request().product("gold").build().product().as_deref(), Some("gold"));
+    /// ```
+    fn product() -> Option<String> => |d| d.product.clone();
+    /// A context value set by the gateway or an earlier policy.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
+    /// assert_eq!(r.context("jwt.sub").as_deref(), Some("ann"));
+    /// ```
+    fn context(name: &str) -> Option<String> => |d| first(&d.context, name, false);
+    /// Every context value, in the order they were set.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().context("a", "1").build();
+    /// assert_eq!(r.context_values()[0].value, "1");
+    /// ```
+    fn context_values() -> Vec<Pair> => |d| d.context.clone();
+    /// When the handshake arrived, in seconds since the Unix epoch.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().received_at(1_700_000_000).build();
+    /// assert_eq!(r.received_at(), 1_700_000_000);
+    /// ```
+    fn received_at() -> u64 => |d| d.received_at;
 }
 
 /// Calls into the gateway. In a component these are the WIT imports; natively (unit tests)
 /// they are served in-process: [`host::verify`] by the gateway's own verification code and
 /// [`host::log`] into a buffer [`testing::take_logs`] returns.
 pub mod host {
-    pub use crate::log::Level;
-    pub use crate::signatures::{Algorithm, Key, RsaPublicKey};
+    pub use crate::bindings::tollgate::policy::log::Level;
+    pub use crate::bindings::tollgate::policy::signatures::{Algorithm, Key, RsaPublicKey};
 
     /// Writes a line to the gateway's log, tagged with the plugin's name.
     ///
@@ -234,13 +657,14 @@ pub mod host {
     /// ```
     pub fn log(level: Level, message: &str) {
         #[cfg(target_arch = "wasm32")]
-        crate::log::log(level, message);
+        crate::bindings::tollgate::policy::log::log(level, message);
         #[cfg(not(target_arch = "wasm32"))]
         crate::testing::LOGS.with(|l| l.borrow_mut().push((level, message.to_owned())));
     }
 
-    /// Verifies a signature natively in the host. `Ok(false)`: it does not verify; `Err`: the
-    /// key cannot be used with `alg` (a key is only used with its own family).
+    /// Verifies a signature natively in the host (needs `verify-signatures`). `Ok(false)`: it
+    /// does not verify; `Err`: the key cannot be used with `alg` (a key is only used with its
+    /// own family).
     ///
     /// ```
     /// use tollgate_sdk::host::{verify, Algorithm, Key};
@@ -258,7 +682,7 @@ pub mod host {
     ) -> Result<bool, String> {
         #[cfg(target_arch = "wasm32")]
         {
-            crate::signatures::verify(alg, key, message, signature)
+            crate::bindings::tollgate::policy::signatures::verify(alg, key, message, signature)
         }
         #[cfg(not(target_arch = "wasm32"))]
         {
@@ -302,16 +726,16 @@ pub mod host {
 }
 
 /// Unit-testing a policy with plain `cargo test`, no gateway: build requests, read what the
-/// policy logged.
+/// policy logged, run a policy's config through load and a handshake.
 ///
 /// ```
 /// use tollgate_sdk::testing::request;
 /// let r = request().header("authorization", "Bearer x").query("room", "1").build();
-/// assert_eq!(r.header("Authorization"), Some("Bearer x"));
-/// assert_eq!(r.query_param("room"), Some("1"));
+/// assert_eq!(r.header("Authorization").as_deref(), Some("Bearer x"));
+/// assert_eq!(r.query("room").as_deref(), Some("1"));
 /// ```
 pub mod testing {
-    use crate::{HandshakeRequest, Pair};
+    use crate::{Pair, TlsInfo};
 
     #[cfg(not(target_arch = "wasm32"))]
     thread_local! {
@@ -330,14 +754,54 @@ pub mod testing {
         LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
     }
 
+    /// Runs `config_json` through the policy's load-time [`crate::Policy::configure`], then one
+    /// handshake as an instance would (the prepared config parsed into `Config`).
+    ///
+    /// ```
+    /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+    /// # struct P;
+    /// # impl Policy for P {
+    /// #     type Config = String;
+    /// #     const CAPABILITIES: &'static [Capability] = &[Capability::Reject];
+    /// #     fn on_handshake(c: &String, _: &Request) -> Result<Decision, String> { Ok(Decision::reject(403, c.clone())) }
+    /// # }
+    /// let d = tollgate_sdk::testing::handshake::<P>(r#""go away""#, &tollgate_sdk::testing::request().build());
+    /// assert_eq!(d.unwrap().status(), Some(403));
+    /// ```
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn handshake<P: crate::Policy>(
+        config_json: &str,
+        request: &crate::Request,
+    ) -> Result<crate::Decision, String> {
+        let prepared = P::configure(config_json)?;
+        let config: P::Config = serde_json::from_str(&prepared)
+            .map_err(|e| format!("prepared config does not parse: {e}"))?;
+        P::on_handshake(&config, request)
+    }
+
+    /// The test request's data.
+    #[derive(Clone)]
+    pub struct RequestData {
+        pub method: String,
+        pub path: String,
+        pub query: Vec<Pair>,
+        pub headers: Vec<Pair>,
+        pub client_address: String,
+        pub tls: Option<TlsInfo>,
+        pub api: String,
+        pub product: Option<String>,
+        pub context: Vec<Pair>,
+        pub received_at: u64,
+    }
+
     /// A `GET /` handshake of API `test`, received now, with no headers.
     ///
     /// ```
     /// let r = tollgate_sdk::testing::request().path("/chat/7").build();
-    /// assert_eq!(r.path, "/chat/7");
+    /// assert_eq!(r.path(), "/chat/7");
     /// ```
     pub fn request() -> RequestBuilder {
-        RequestBuilder(HandshakeRequest {
+        RequestBuilder(RequestData {
             method: "GET".into(),
             path: "/".into(),
             query: Vec::new(),
@@ -354,15 +818,15 @@ pub mod testing {
         })
     }
 
-    /// Builds a [`HandshakeRequest`] step by step; see [`request`].
-    pub struct RequestBuilder(HandshakeRequest);
+    /// Builds a test [`crate::Request`] step by step; see [`request`].
+    pub struct RequestBuilder(RequestData);
 
     impl RequestBuilder {
         /// Adds a header (the name is lower-cased, as the gateway does).
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().header("X-A", "1").build();
-        /// assert_eq!(r.headers[0].name, "x-a");
+        /// assert_eq!(r.headers()[0].name, "x-a");
         /// ```
         pub fn header(mut self, name: &str, value: &str) -> Self {
             self.0
@@ -374,7 +838,7 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().query("a", "1").build();
-        /// assert_eq!(r.query_param("a"), Some("1"));
+        /// assert_eq!(r.query("a").as_deref(), Some("1"));
         /// ```
         pub fn query(mut self, name: &str, value: &str) -> Self {
             self.0.query.push(Pair::new(name, value));
@@ -384,7 +848,7 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
-        /// assert_eq!(r.context_value("jwt.sub"), Some("ann"));
+        /// assert_eq!(r.context("jwt.sub").as_deref(), Some("ann"));
         /// ```
         pub fn context(mut self, key: &str, value: &str) -> Self {
             self.0.context.push(Pair::new(key, value));
@@ -394,7 +858,7 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().path("/a").build();
-        /// assert_eq!(r.path, "/a");
+        /// assert_eq!(r.path(), "/a");
         /// ```
         pub fn path(mut self, path: &str) -> Self {
             self.0.path = path.into();
@@ -404,17 +868,48 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().api("chat").build();
-        /// assert_eq!(r.api, "chat");
+        /// assert_eq!(r.api(), "chat");
         /// ```
         pub fn api(mut self, api: &str) -> Self {
             self.0.api = api.into();
+            self
+        }
+        /// Sets the product.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().product("gold").build();
+        /// assert_eq!(r.product().as_deref(), Some("gold"));
+        /// ```
+        pub fn product(mut self, product: &str) -> Self {
+            self.0.product = Some(product.into());
+            self
+        }
+        /// Sets the client's address ("ip:port").
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().client_address("[::1]:4000").build();
+        /// assert_eq!(r.client_address(), "[::1]:4000");
+        /// ```
+        pub fn client_address(mut self, address: &str) -> Self {
+            self.0.client_address = address.into();
+            self
+        }
+        /// Sets the TLS facts (a wss client).
+        ///
+        /// ```
+        /// let tls = tollgate_sdk::TlsInfo { version: "TLSv1.3".into(), cipher_suite: "X".into(), server_name: None };
+        /// let r = tollgate_sdk::testing::request().tls(tls).build();
+        /// assert_eq!(r.tls().unwrap().version, "TLSv1.3");
+        /// ```
+        pub fn tls(mut self, tls: TlsInfo) -> Self {
+            self.0.tls = Some(tls);
             self
         }
         /// Sets when the handshake arrived (seconds since the Unix epoch).
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().received_at(1_700_000_000).build();
-        /// assert_eq!(r.received_at, 1_700_000_000);
+        /// assert_eq!(r.received_at(), 1_700_000_000);
         /// ```
         pub fn received_at(mut self, unix_seconds: u64) -> Self {
             self.0.received_at = unix_seconds;
@@ -424,38 +919,63 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().build();
-        /// assert_eq!(r.method, "GET");
+        /// assert_eq!(r.method(), "GET");
         /// ```
-        pub fn build(self) -> HandshakeRequest {
-            self.0
+        #[cfg(not(target_arch = "wasm32"))]
+        pub fn build(self) -> crate::Request<'static> {
+            crate::Request {
+                data: self.0,
+                _borrow: std::marker::PhantomData,
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Memo;
-    use std::cell::Cell;
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        n: u32,
+    }
+
+    struct Counting;
+
+    impl Policy for Counting {
+        type Config = Cfg;
+        const CAPABILITIES: &'static [Capability] = &[Capability::UseContext];
+        fn on_handshake(config: &Cfg, _: &Request) -> Result<Decision, String> {
+            Ok(Proceed::new().context("n", config.n.to_string()).into())
+        }
+    }
 
     #[test]
-    fn memo_parses_each_config_once_and_never_keeps_a_failure() {
-        let parses = Cell::new(0);
-        let parse = |s: &str| {
+    fn an_instance_parses_its_config_once() {
+        CONFIG.with(|c| *c.borrow_mut() = None);
+        let parses = std::cell::Cell::new(0);
+        let prepared = || {
             parses.set(parses.get() + 1);
-            s.parse::<u32>()
+            r#"{"n": 7}"#.to_owned()
         };
-        let memo = Memo::new();
-        assert_eq!(*memo.get_or_parse("1", parse).unwrap(), 1);
-        assert_eq!(*memo.get_or_parse("1", parse).unwrap(), 1);
-        assert_eq!(parses.get(), 1, "same config: parsed once");
-        // Another attachment's (or a reloaded) config is parsed anew, not mistaken for the old.
-        assert_eq!(*memo.get_or_parse("2", parse).unwrap(), 2);
-        assert_eq!(parses.get(), 2);
-        assert!(memo.get_or_parse("bad", parse).is_err());
-        assert!(memo.get_or_parse("bad", parse).is_err());
-        assert_eq!(parses.get(), 4, "a failed parse is not remembered");
-        // A failure does not evict what was good.
-        assert_eq!(*memo.get_or_parse("2", parse).unwrap(), 2);
-        assert_eq!(parses.get(), 4);
+        let request = testing::request().build();
+        for _ in 0..3 {
+            let d = with_config::<Counting, _>(prepared, |c| Counting::on_handshake(c, &request))
+                .unwrap();
+            assert_eq!(d.proceeding().unwrap().context[0].value, "7");
+        }
+        assert_eq!(parses.get(), 1, "parsed on the first handshake only");
+        CONFIG.with(|c| *c.borrow_mut() = None);
+    }
+
+    #[test]
+    fn an_unparsable_prepared_config_is_an_error_not_a_panic() {
+        CONFIG.with(|c| *c.borrow_mut() = None);
+        let r = with_config::<Counting, _>(|| "{".to_owned(), |_| Ok(()));
+        assert!(r.unwrap_err().contains("does not parse"));
+        // Not remembered: a later call tries again.
+        let r = with_config::<Counting, _>(|| r#"{"n": 1}"#.to_owned(), |c| Ok(c.n));
+        assert_eq!(r, Ok(1));
+        CONFIG.with(|c| *c.borrow_mut() = None);
     }
 }

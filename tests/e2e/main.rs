@@ -25,3 +25,4 @@ mod reload;
 mod sandbox;
 mod subscriptions;
 mod tls;
+mod wit_v2;

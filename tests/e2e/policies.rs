@@ -259,7 +259,9 @@ fn plugin_inspect_prints_the_declaration_and_the_imports() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("plugin:       jwt-validate 0.1.0"), "{out}");
     assert!(out.contains("verify-signatures"), "{out}");
-    assert!(out.contains("tollgate:policy/signatures@0.1.0"), "{out}");
+    assert!(out.contains("tollgate:policy/signatures@0.2.0"), "{out}");
+    assert!(out.contains("tollgate:policy/config@0.2.0"), "{out}");
+    assert!(out.contains("limit-lifetime"), "{out}");
     assert!(out.contains("wasi:cli/environment"), "{out}");
     assert!(out.contains("fresh per handshake"), "{out}");
     assert!(out.contains("instances = \"pooled\""), "{out}");
@@ -487,8 +489,8 @@ async fn without_a_home_there_is_no_compiled_plugin_cache_in_the_temp_dir() {
 /// What a plugin did not declare it may not do: `overreach` declares only `read-request`, and
 /// each thing it then does anyway fails the handshake with `failure_status` and a
 /// `policy_error` record naming the plugin and the missing capability (a `signatures.verify`
-/// call is refused by the host); the backend is never contacted. Doing nothing passes, and
-/// such a plugin is shown no context values (here the open product's `product.name`).
+/// call, a `close-at` and a read of the context are refused by the host); the backend is never
+/// contacted. Reading the request, which it declared, works.
 #[tokio::test]
 async fn capabilities_a_plugin_did_not_declare_are_refused() {
     use std::sync::atomic::Ordering;
@@ -500,6 +502,8 @@ async fn capabilities_a_plugin_did_not_declare_are_refused() {
         ("response-header", "modify-response-headers"),
         ("context", "use-context"),
         ("verify", "verify-signatures"),
+        ("close-at", "limit-lifetime"),
+        ("read-context", "use-context"),
     ];
     let mut text = gateway_section("plugin_dir = \"plugins\"");
     for (action, _) in cases.iter().chain(&[("nothing", "")]) {
@@ -538,7 +542,7 @@ async fn capabilities_a_plugin_did_not_declare_are_refused() {
     let shown = gw
         .wait_record("policy_log", |r| r["plugin"] == "overreach")
         .await;
-    assert_eq!(shown["message"], "context values shown: 0", "{shown}");
+    assert_eq!(shown["message"], "read path /nothing", "{shown}");
 }
 
 /// A policy's 101 headers go through a protected list too: the handshake's own headers,

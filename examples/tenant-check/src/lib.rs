@@ -15,10 +15,7 @@
 
 use serde::Deserialize;
 use tollgate_sdk::host::{self, Level};
-use tollgate_sdk::{
-    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Pair, Policy, Proceed,
-    Rejection,
-};
+use tollgate_sdk::{Capability, Decision, Policy, Proceed, Rejection, Request};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,38 +29,18 @@ pub struct Config {
     pub header: Option<String>,
 }
 
-impl Config {
-    pub fn parse(json: &str) -> Result<Config, String> {
-        let c: Config = serde_json::from_str(json).map_err(|e| format!("tenant-check: {e}"))?;
-        if c.claim.is_empty() {
-            return Err(
-                "tenant-check: `claim` must name a context value, e.g. \"jwt.tenant\"".into(),
-            );
-        }
-        Ok(c)
-    }
-}
-
 fn forbidden(why: &str) -> Decision {
     host::log(Level::Info, why);
-    Decision::Reject(Rejection {
-        status: 403,
-        headers: Vec::new(),
-        body: b"Forbidden: not your tenant".to_vec(),
-    })
+    Rejection::new(403, "Forbidden: not your tenant").into()
 }
 
 /// The decision for one handshake.
-pub fn decide(c: &Config, request: &HandshakeRequest) -> Decision {
-    let Some(wanted) = request
-        .path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .nth(c.segment)
-    else {
+pub fn decide(c: &Config, request: &Request) -> Decision {
+    let path = request.path();
+    let Some(wanted) = path.split('/').filter(|s| !s.is_empty()).nth(c.segment) else {
         return forbidden("no tenant segment in the path");
     };
-    let Some(own) = request.context_value(&c.claim) else {
+    let Some(own) = request.context(&c.claim) else {
         return forbidden(&format!(
             "no `{}` in the context (is jwt-validate attached first?)",
             c.claim
@@ -72,59 +49,49 @@ pub fn decide(c: &Config, request: &HandshakeRequest) -> Decision {
     if own != wanted {
         return forbidden(&format!("tenant `{own}` asked for tenant `{wanted}`"));
     }
-    Decision::Proceed(Proceed {
-        header_changes: c
-            .header
-            .iter()
-            .map(|h| HeaderChange::Set(Pair::new(h.to_ascii_lowercase(), own)))
-            .collect(),
-        ..Proceed::default()
-    })
+    match &c.header {
+        Some(h) => Proceed::new()
+            .set_header(h.to_ascii_lowercase(), own)
+            .into(),
+        None => Decision::proceed(),
+    }
 }
 
 struct TenantCheck;
 
 impl Policy for TenantCheck {
-    fn declare() -> Declaration {
-        Declaration {
-            name: "tenant-check".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec![
-                Capability::ReadRequest,
-                Capability::UseContext,
-                Capability::ModifyHeaders,
-                Capability::Reject,
-            ],
+    type Config = Config;
+    const CAPABILITIES: &'static [Capability] = &[
+        Capability::ReadRequest,
+        Capability::UseContext,
+        Capability::ModifyHeaders,
+        Capability::Reject,
+    ];
+
+    fn check(c: &Config) -> Result<(), String> {
+        if c.claim.is_empty() {
+            return Err(
+                "tenant-check: `claim` must name a context value, e.g. \"jwt.tenant\"".into(),
+            );
         }
+        Ok(())
     }
 
-    fn configure(config_json: String) -> Result<String, String> {
-        Config::parse(&config_json)?;
-        Ok(config_json)
-    }
-
-    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
-        // Parsed once per warm instance (`instances = "pooled"`), not once per handshake.
-        thread_local! {
-            static CONFIG: tollgate_sdk::Memo<Config> = const { tollgate_sdk::Memo::new() };
-        }
-        match CONFIG.with(|m| m.get_or_parse(&config, Config::parse)) {
-            Ok(c) => decide(&c, &request),
-            Err(e) => forbidden(&e),
-        }
+    fn on_handshake(config: &Config, request: &Request) -> Result<Decision, String> {
+        Ok(decide(config, request))
     }
 }
 
-#[cfg(target_arch = "wasm32")]
-tollgate_sdk::export_policy!(TenantCheck with_types_in tollgate_sdk);
+tollgate_sdk::export!(TenantCheck);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tollgate_sdk::testing::{request, take_logs};
+    use tollgate_sdk::HeaderChange;
 
     fn cfg() -> Config {
-        Config::parse(r#"{"claim":"jwt.tenant","segment":1,"header":"X-Tenant"}"#).unwrap()
+        serde_json::from_str(r#"{"claim":"jwt.tenant","segment":1,"header":"X-Tenant"}"#).unwrap()
     }
 
     #[test]
@@ -167,10 +134,10 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused_with_a_message() {
-        assert!(Config::parse(r#"{"claim":"","segment":1}"#)
+        assert!(TenantCheck::configure(r#"{"claim":"","segment":1}"#)
             .unwrap_err()
             .contains("claim"));
-        assert!(Config::parse(r#"{"claim":"x"}"#)
+        assert!(TenantCheck::configure(r#"{"claim":"x"}"#)
             .unwrap_err()
             .contains("segment"));
     }

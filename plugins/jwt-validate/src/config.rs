@@ -37,6 +37,10 @@ struct Raw {
     jwks_file: Option<String>,
     #[serde(default = "default_prefix")]
     context_prefix: String,
+    /// Close the WebSocket (1008) when the token it was opened with expires (its `exp` plus
+    /// the clock skew), instead of letting it outlive the token.
+    #[serde(default)]
+    close_at_expiry: bool,
 }
 
 fn default_header() -> String {
@@ -105,12 +109,19 @@ pub struct PreparedKey {
     /// RSA exponent for form "rsa".
     #[serde(default)]
     pub b: String,
+    /// The key decoded, on first use: an instance parses its config once, so a warm instance
+    /// decodes each key once instead of once per handshake.
+    #[serde(skip)]
+    pub decoded: std::cell::OnceCell<Key>,
 }
 
 impl PreparedKey {
-    pub fn key(&self) -> Result<Key, String> {
+    pub fn key(&self) -> Result<&Key, String> {
+        if let Some(k) = self.decoded.get() {
+            return Ok(k);
+        }
         let d = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|e| e.to_string());
-        Ok(match self.form.as_str() {
+        let key = match self.form.as_str() {
             "spki" => Key::Spki(d(&self.a)?),
             "rsa" => Key::Rsa(RsaPublicKey {
                 n: d(&self.a)?,
@@ -118,7 +129,8 @@ impl PreparedKey {
             }),
             "raw" => Key::Raw(d(&self.a)?),
             _ => Key::Secret(d(&self.a)?),
-        })
+        };
+        Ok(self.decoded.get_or_init(|| key))
     }
 }
 
@@ -137,6 +149,8 @@ pub struct Prepared {
     pub required_claims: Vec<RequiredClaim>,
     pub prefix: String,
     pub keys: Vec<PreparedKey>,
+    #[serde(default)]
+    pub close_at_expiry: bool,
 }
 
 /// The JWS algorithms this policy accepts in `algorithms`. `none` is never one of them.
@@ -253,6 +267,7 @@ pub fn prepare(config_json: &str) -> Result<Prepared, String> {
         required_claims: raw.required_claims,
         prefix: raw.context_prefix,
         keys,
+        close_at_expiry: raw.close_at_expiry,
     })
 }
 
@@ -358,6 +373,7 @@ pub fn jwks_keys(v: &serde_json::Value) -> Result<Vec<PreparedKey>, String> {
             form: form.into(),
             a,
             b,
+            decoded: Default::default(),
         };
         check_usable(&key).map_err(at)?;
         out.push(key);
@@ -379,7 +395,7 @@ fn probe_alg(family: Family) -> Algorithm {
 /// Asks the host whether it can use the key at all (an error means malformed), so a broken
 /// key fails the load instead of every handshake.
 fn check_usable(key: &PreparedKey) -> Result<(), String> {
-    host::verify(probe_alg(key.family), &key.key()?, b"", b"").map(|_| ())
+    host::verify(probe_alg(key.family), key.key()?, b"", b"").map(|_| ())
 }
 
 /// Keys of one or more PEM "PUBLIC KEY" blocks. The family is learnt from the host, which
@@ -418,6 +434,7 @@ pub fn pem_keys(pem: &str) -> Result<Vec<PreparedKey>, String> {
             form: "spki".into(),
             a: b64(&der),
             b: String::new(),
+            decoded: Default::default(),
         });
         rest = &body_start[end + 24..];
     }

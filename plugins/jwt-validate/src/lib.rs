@@ -23,10 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 use tollgate_sdk::host::{self, Level};
-use tollgate_sdk::{
-    Capability, Decision, Declaration, HandshakeRequest, Memo, Pair, Policy, Proceed, QueryChange,
-    Rejection,
-};
+use tollgate_sdk::{Capability, Decision, Pair, Policy, Proceed, Rejection, Request};
 
 use config::{algorithm, Match, Prepared};
 
@@ -44,7 +41,7 @@ pub const MAX_KEYS_PER_TOKEN: usize = 4;
 pub type Why = String;
 
 /// The token this request carries, if any: header first, then the query parameter.
-pub fn token<'a>(p: &Prepared, request: &'a HandshakeRequest) -> Option<&'a str> {
+pub fn token(p: &Prepared, request: &Request) -> Option<String> {
     if let Some(v) = request.header(&p.header_name) {
         let v = v.trim();
         let t = match v.get(..7) {
@@ -52,12 +49,12 @@ pub fn token<'a>(p: &Prepared, request: &'a HandshakeRequest) -> Option<&'a str>
             _ => v,
         };
         if !t.is_empty() {
-            return Some(t);
+            return Some(t.to_owned());
         }
     }
     p.query_parameter_name
         .as_deref()
-        .and_then(|q| request.query_param(q))
+        .and_then(|q| request.query(q))
         .filter(|t| !t.is_empty())
 }
 
@@ -69,6 +66,26 @@ fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, Why> {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(format!("{what} is not a JSON object")),
     }
+}
+
+/// The JOSE header fields this policy reads; the rest is skipped unparsed (a `Map` of every
+/// field cost a tree of allocations per handshake).
+#[derive(serde::Deserialize)]
+struct Header {
+    alg: Option<String>,
+    kid: Option<String>,
+    crit: Option<serde::de::IgnoredAny>,
+}
+
+fn decode_header(part: &str) -> Result<Header, Why> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| "header is not base64url".to_owned())?;
+    // Only a JSON object is a header (serde would also take an array for a struct).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("header is not a JSON object".into());
+    }
+    serde_json::from_slice(&bytes).map_err(|_| "header is not a JSON object".to_owned())
 }
 
 /// A claim as a set of strings (arrays element-wise, strings split by `separator`).
@@ -99,25 +116,22 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
     else {
         return Err("not a compact JWS (three dot-separated parts)".into());
     };
-    let header = decode_json(h, "header")?;
-    let alg = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .ok_or("header has no alg")?;
+    let header = decode_header(h)?;
+    let alg = header.alg.as_deref().ok_or("header has no alg")?;
     if alg.eq_ignore_ascii_case("none") {
         return Err("unsigned token (alg none)".into());
     }
     if !p.algorithms.iter().any(|a| a == alg) {
         return Err(format!("algorithm {alg} is not allowed"));
     }
-    if header.contains_key("crit") {
+    if header.crit.is_some() {
         return Err("token has critical header parameters this policy does not understand".into());
     }
     let (walg, family) = algorithm(alg).ok_or_else(|| format!("unknown algorithm {alg}"))?;
     let signature = URL_SAFE_NO_PAD
         .decode(s)
         .map_err(|_| "signature is not base64url".to_owned())?;
-    let kid = header.get("kid").and_then(Value::as_str);
+    let kid = header.kid.as_deref();
     let mut candidates: Vec<_> = p
         .keys
         .iter()
@@ -140,7 +154,7 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
     let mut verified = false;
     for k in candidates.into_iter().take(MAX_KEYS_PER_TOKEN) {
         let key = k.key()?;
-        if host::verify(walg, &key, signing_input, &signature)? {
+        if host::verify(walg, key, signing_input, &signature)? {
             verified = true;
             break;
         }
@@ -225,7 +239,7 @@ pub fn context(prefix: &str, claims: &Map<String, Value>) -> Vec<Pair> {
 }
 
 /// The whole decision for one handshake.
-pub fn decide(p: &Prepared, request: &HandshakeRequest) -> Decision {
+pub fn decide(p: &Prepared, request: &Request) -> Decision {
     let reject = |why: &str| {
         host::log(Level::Info, &format!("token refused: {why}"));
         Decision::Reject(Rejection {
@@ -240,17 +254,23 @@ pub fn decide(p: &Prepared, request: &HandshakeRequest) -> Decision {
     let Some(token) = token(p, request) else {
         return reject("no token in the request");
     };
-    match validate(p, token, request.received_at) {
+    match validate(p, &token, request.received_at()) {
         Err(why) => reject(&why),
         Ok(claims) => {
             let mut proceed = Proceed {
                 context: context(&p.prefix, &claims),
-                ..Proceed::default()
+                ..Proceed::new()
             };
             // The token in the URL is for the gateway only.
             if let Some(q) = &p.query_parameter_name {
-                if request.query_param(q).is_some() {
-                    proceed.query_changes.push(QueryChange::Remove(q.clone()));
+                if request.query(q).is_some() {
+                    proceed = proceed.remove_query(q.clone());
+                }
+            }
+            if p.close_at_expiry {
+                // The token is valid up to `exp` plus the skew `validate` allowed.
+                if let Some(exp) = claims.get("exp").and_then(Value::as_f64) {
+                    proceed = proceed.close_at((exp.max(0.0) as u64).saturating_add(p.skew));
                 }
             }
             Decision::Proceed(proceed)
@@ -258,33 +278,24 @@ pub fn decide(p: &Prepared, request: &HandshakeRequest) -> Decision {
     }
 }
 
-thread_local! {
-    /// The prepared config, parsed once per warm instance instead of once per handshake
-    /// (it was about a third of this policy's own time).
-    static PREPARED: Memo<Prepared> = const { Memo::new() };
-}
-
 /// The exported policy.
-#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-struct JwtValidate;
+pub struct JwtValidate;
 
 impl Policy for JwtValidate {
-    fn declare() -> Declaration {
-        Declaration {
-            name: "jwt-validate".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec![
-                Capability::ReadRequest,
-                Capability::ModifyQuery,
-                Capability::UseContext,
-                Capability::Reject,
-                Capability::VerifySignatures,
-            ],
-        }
-    }
+    type Config = Prepared;
+    const CAPABILITIES: &'static [Capability] = &[
+        Capability::ReadRequest,
+        Capability::ModifyQuery,
+        Capability::UseContext,
+        Capability::Reject,
+        Capability::VerifySignatures,
+        Capability::LimitLifetime,
+    ];
 
-    fn configure(config_json: String) -> Result<String, String> {
-        let p = config::prepare(&config_json)?;
+    /// Decodes the keys and reads any JWKS file once, at load: every instance gets the
+    /// prepared form.
+    fn configure(config_json: &str) -> Result<String, String> {
+        let p = config::prepare(config_json)?;
         // Accepted, but worth an operator's look: the host logs these at load (and `tollgate
         // check` prints them).
         for w in config::warnings(&p) {
@@ -293,21 +304,12 @@ impl Policy for JwtValidate {
         serde_json::to_string(&p).map_err(|e| format!("jwt-validate: {e}"))
     }
 
-    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
-        match PREPARED.with(|m| m.get_or_parse(&config, |c| serde_json::from_str::<Prepared>(c))) {
-            Ok(p) => decide(&p, &request),
-            // Only reachable if the host passed another attachment's config: fail closed.
-            Err(e) => Decision::Reject(Rejection {
-                status: 500,
-                headers: Vec::new(),
-                body: format!("jwt-validate: bad prepared config: {e}").into_bytes(),
-            }),
-        }
+    fn on_handshake(config: &Prepared, request: &Request) -> Result<Decision, String> {
+        Ok(decide(config, request))
     }
 }
 
-#[cfg(target_arch = "wasm32")]
-tollgate_sdk::export_policy!(JwtValidate with_types_in tollgate_sdk);
+tollgate_sdk::export!(JwtValidate);
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@ use super::*;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use tollgate_sdk::testing::{request, take_logs};
+use tollgate_sdk::QueryChange;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -79,7 +80,7 @@ fn prepared(keys: &Keys, extra: serde_json::Value) -> Prepared {
     if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());
     }
-    let json = <JwtValidate as Policy>::configure(cfg.to_string()).unwrap();
+    let json = <JwtValidate as Policy>::configure(&cfg.to_string()).unwrap();
     serde_json::from_str(&json).unwrap()
 }
 
@@ -91,7 +92,7 @@ fn good_claims() -> String {
     )
 }
 
-fn bearer(token: &str) -> HandshakeRequest {
+fn bearer(token: &str) -> tollgate_sdk::Request<'static> {
     request()
         .header("Authorization", &format!("Bearer {token}"))
         .received_at(NOW)
@@ -263,7 +264,7 @@ fn algorithm_confusion_and_bad_config_are_refused() {
     assert_eq!(status(&decide(&p, &bearer(&forged))), 401);
 
     let bad =
-        |cfg: serde_json::Value| <JwtValidate as Policy>::configure(cfg.to_string()).unwrap_err();
+        |cfg: serde_json::Value| <JwtValidate as Policy>::configure(&cfg.to_string()).unwrap_err();
     assert!(
         bad(serde_json::json!({"algorithms": ["none"], "jwks": k.jwks()}))
             .contains("\"none\" can never be allowed")
@@ -322,7 +323,7 @@ fn a_token_is_tried_against_at_most_four_keys_kid_matches_first() {
     };
     let cfg = |with_kids: bool| {
         let json = <JwtValidate as Policy>::configure(
-            serde_json::json!({
+            &serde_json::json!({
                 "algorithms": ["HS256"],
                 "issuers": ["https://issuer.test"],
                 "jwks": jwks(with_kids),
@@ -369,7 +370,7 @@ fn no_issuers_and_no_audiences_is_accepted_with_a_warning() {
     let k = keys();
     take_logs();
     let ok = <JwtValidate as Policy>::configure(
-        serde_json::json!({"algorithms": ["ES256"], "jwks": k.jwks()}).to_string(),
+        &serde_json::json!({"algorithms": ["ES256"], "jwks": k.jwks()}).to_string(),
     );
     assert!(ok.is_ok(), "{ok:?}");
     let logs = take_logs();
@@ -386,7 +387,39 @@ fn no_issuers_and_no_audiences_is_accepted_with_a_warning() {
         cfg.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        <JwtValidate as Policy>::configure(cfg.to_string()).unwrap();
+        <JwtValidate as Policy>::configure(&cfg.to_string()).unwrap();
         assert!(take_logs().is_empty(), "{extra}");
     }
+}
+
+#[test]
+fn close_at_expiry_sets_the_connection_deadline_to_exp_plus_skew() {
+    let k = keys();
+    let token = k.sign("ES256", "ec1", &good_claims());
+    let d = decide(&prepared(&k, serde_json::json!({})), &bearer(&token));
+    assert_eq!(
+        d.proceeding().expect("proceeds").close_at,
+        None,
+        "off by default"
+    );
+    let p = prepared(
+        &k,
+        serde_json::json!({"close_at_expiry": true, "clock_skew_seconds": 5}),
+    );
+    let d = decide(&p, &bearer(&token));
+    assert_eq!(
+        d.proceeding().expect("proceeds").close_at,
+        Some(NOW + 600 + 5)
+    );
+    // A token without exp (allowed by require_expiration_time = false) sets no deadline.
+    let p = prepared(
+        &k,
+        serde_json::json!({"close_at_expiry": true, "require_expiration_time": false}),
+    );
+    let claims = format!(
+        r#"{{"sub":"ann","iss":"https://issuer.test","aud":"chat","nbf":{}}}"#,
+        NOW - 10
+    );
+    let d = decide(&p, &bearer(&k.sign("ES256", "ec1", &claims)));
+    assert_eq!(d.proceeding().expect("proceeds").close_at, None);
 }

@@ -9,14 +9,7 @@
 //! ```
 
 use serde::Deserialize;
-use tollgate_sdk::{
-    Capability, Decision, Declaration, HandshakeRequest, HeaderChange, Memo, Pair, Policy, Proceed,
-};
-
-thread_local! {
-    /// The config, parsed once per warm instance instead of once per handshake.
-    static CONFIG: Memo<Config> = const { Memo::new() };
-}
+use tollgate_sdk::{Capability, Decision, HeaderChange, Pair, Policy, Proceed, Request};
 
 /// APIM's `exists-action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -60,7 +53,7 @@ impl Config {
 }
 
 /// Replaces `{key}` with the context value `key` (empty when absent).
-pub fn expand(template: &str, request: &HandshakeRequest) -> String {
+pub fn expand(template: &str, request: &Request) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
@@ -68,7 +61,7 @@ pub fn expand(template: &str, request: &HandshakeRequest) -> String {
         match rest[open..].find('}') {
             Some(close) => {
                 let key = &rest[open + 1..open + close];
-                out.push_str(request.context_value(key).unwrap_or(""));
+                out.push_str(request.context(key).as_deref().unwrap_or(""));
                 rest = &rest[open + close + 1..];
             }
             None => {
@@ -82,8 +75,7 @@ pub fn expand(template: &str, request: &HandshakeRequest) -> String {
 }
 
 /// The header change this config makes for this request, if any.
-pub fn decide(config: &Config, request: &HandshakeRequest) -> Option<HeaderChange> {
-    let exists = request.header(&config.name).is_some();
+pub fn decide(config: &Config, request: &Request) -> Option<HeaderChange> {
     let pair = || {
         Pair::new(
             config.name.to_ascii_lowercase(),
@@ -92,7 +84,8 @@ pub fn decide(config: &Config, request: &HandshakeRequest) -> Option<HeaderChang
     };
     match config.exists_action {
         ExistsAction::Override => Some(HeaderChange::Set(pair())),
-        ExistsAction::Skip if exists => None,
+        // Only `skip` needs to know whether the header is there: the others never read it.
+        ExistsAction::Skip if request.header(&config.name).is_some() => None,
         ExistsAction::Skip => Some(HeaderChange::Set(pair())),
         ExistsAction::Append => Some(HeaderChange::Append(pair())),
         ExistsAction::Delete => Some(HeaderChange::Remove(config.name.to_ascii_lowercase())),
@@ -100,59 +93,36 @@ pub fn decide(config: &Config, request: &HandshakeRequest) -> Option<HeaderChang
 }
 
 /// The exported policy. Natively it is only reached from the unit tests.
-#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-struct SetHeader;
+pub struct SetHeader;
 
 impl Policy for SetHeader {
-    fn declare() -> Declaration {
-        Declaration {
-            name: "set-header".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            // `reject`: only when its prepared config does not parse (the host mixed up
-            // configs), it fails closed with a 500 rather than forwarding unchanged.
-            capabilities: vec![
-                Capability::ReadRequest,
-                Capability::ModifyHeaders,
-                Capability::UseContext,
-                Capability::Reject,
-            ],
-        }
+    type Config = Config;
+    // `read-request` for `exists_action = "skip"`, `use-context` for templates.
+    const CAPABILITIES: &'static [Capability] = &[
+        Capability::ReadRequest,
+        Capability::ModifyHeaders,
+        Capability::UseContext,
+    ];
+
+    fn configure(config_json: &str) -> Result<String, String> {
+        Config::parse(config_json)?;
+        Ok(config_json.to_owned())
     }
 
-    fn configure(config_json: String) -> Result<String, String> {
-        Config::parse(&config_json)?;
-        Ok(config_json)
-    }
-
-    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
-        // Validated at load, so this only fails if the host mixed up configs: fail closed.
-        let change = match CONFIG.with(|m| m.get_or_parse(&config, Config::parse)) {
-            Ok(c) => decide(&c, &request),
-            Err(e) => {
-                return Decision::Reject(tollgate_sdk::Rejection {
-                    status: 500,
-                    headers: Vec::new(),
-                    body: e.into_bytes(),
-                })
-            }
-        };
-        Decision::Proceed(Proceed {
-            header_changes: change.into_iter().collect(),
-            ..Proceed::default()
-        })
+    fn on_handshake(config: &Config, request: &Request) -> Result<Decision, String> {
+        let mut proceed = Proceed::new();
+        proceed.header_changes.extend(decide(config, request));
+        Ok(proceed.into())
     }
 }
 
-// Exported only when building the component: native builds (unit tests) cannot link the
-// component-model export names.
-#[cfg(target_arch = "wasm32")]
-tollgate_sdk::export_policy!(SetHeader with_types_in tollgate_sdk);
+tollgate_sdk::export!(SetHeader);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request(headers: &[(&str, &str)], context: &[(&str, &str)]) -> HandshakeRequest {
+    fn request(headers: &[(&str, &str)], context: &[(&str, &str)]) -> Request<'static> {
         let mut r = tollgate_sdk::testing::request().path("/chat").api("chat");
         for (k, v) in headers {
             r = r.header(k, v);
@@ -184,19 +154,16 @@ mod tests {
 
     #[test]
     fn policy_trait_round_trip() {
-        let d = <SetHeader as Policy>::declare();
-        assert_eq!(d.name, "set-header");
-        let prepared =
-            <SetHeader as Policy>::configure(r#"{"name":"X-A","value":"{jwt.sub}"}"#.into())
-                .unwrap();
-        let Decision::Proceed(p) =
-            <SetHeader as Policy>::on_handshake(prepared, request(&[], &[("jwt.sub", "bob")]))
-        else {
-            panic!("rejected")
-        };
+        let d = tollgate_sdk::testing::handshake::<SetHeader>(
+            r#"{"name":"X-A","value":"{jwt.sub}"}"#,
+            &request(&[], &[("jwt.sub", "bob")]),
+        )
+        .unwrap();
+        let p = d.proceeding().expect("proceeds");
         assert!(
             matches!(&p.header_changes[..], [HeaderChange::Set(h)] if h.name == "x-a" && h.value == "bob")
         );
+        assert!(SetHeader::configure(r#"{"name":"","value":"v"}"#).is_err());
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("faulty-policy", "faulty_policy.wasm"),
     ("foreign-import", "foreign_import.wasm"),
     ("overreach", "overreach.wasm"),
+    ("wit-0-1-policy", "wit_0_1_policy.wasm"),
+    ("require-param", "require_param.wasm"),
 ];
 
 fn workspace() -> PathBuf {

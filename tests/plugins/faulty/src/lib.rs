@@ -16,14 +16,14 @@
 //! `{"mode": "respond-header", "arg": NAME}` adds 101 header NAME; `{"mode": "reject-header",
 //! "arg": NAME}` rejects (403) with header NAME; `{"mode": "fail-second",
 //! "arg": "trap" | "loop" | "alloc"}` fails that way in an instance's second call and reports
-//! the count otherwise (a pooled instance that failed must not be reused).
+//! the count otherwise (a pooled instance that failed must not be reused); `{"mode": "error",
+//! "arg": TEXT}` returns the error TEXT (cannot decide); `{"mode": "close-in", "arg": SECONDS}`
+//! proceeds with `close-at` SECONDS after `received-at` (0 or less: a time not in the future).
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use serde::Deserialize;
-use tollgate_sdk::{
-    Capability, Decision, Declaration, HandshakeRequest, Pair, Policy, Proceed, Rejection,
-};
+use tollgate_sdk::{Capability, Decision, Pair, Policy, Proceed, Rejection, Request};
 
 #[derive(Deserialize, Clone)]
 struct Config {
@@ -32,11 +32,10 @@ struct Config {
     arg: String,
 }
 
-fn probe(c: &Config, request: &HandshakeRequest) -> String {
+fn probe(c: &Config, request: &Request) -> String {
     let r: Result<String, String> = match c.mode.as_str() {
         "tls" => request
-            .tls
-            .as_ref()
+            .tls()
             .map(|t| {
                 format!(
                     "{} {} {}",
@@ -153,34 +152,22 @@ fn recurse(n: u64) -> u64 {
 }
 
 impl Policy for Faulty {
-    fn declare() -> Declaration {
-        Declaration {
-            name: "faulty".into(),
-            version: "0.0.0".into(),
-            // Everything it may do, so the probes are about the sandbox, not the declaration;
-            // it rejects only in `reject-header`.
-            capabilities: vec![
-                Capability::Reject,
-                Capability::ReadRequest,
-                Capability::ModifyHeaders,
-                Capability::ModifyQuery,
-                Capability::ModifyResponseHeaders,
-                Capability::UseContext,
-                Capability::VerifySignatures,
-            ],
-        }
-    }
+    type Config = Config;
+    // Everything it may do, so the probes are about the sandbox, not the declaration; it
+    // rejects only in `reject-header`.
+    const CAPABILITIES: &'static [Capability] = &[
+        Capability::Reject,
+        Capability::ReadRequest,
+        Capability::ModifyHeaders,
+        Capability::ModifyQuery,
+        Capability::ModifyResponseHeaders,
+        Capability::UseContext,
+        Capability::VerifySignatures,
+        Capability::LimitLifetime,
+    ];
 
-    fn configure(config_json: String) -> Result<String, String> {
-        let _: Config = serde_json::from_str(&config_json).map_err(|e| e.to_string())?;
-        Ok(config_json)
-    }
-
-    fn on_handshake(config: String, request: HandshakeRequest) -> Decision {
-        let Ok(c) = serde_json::from_str::<Config>(&config) else {
-            panic!("config changed between configure and on-handshake")
-        };
-        match c.mode.as_str() {
+    fn on_handshake(c: &Config, request: &Request) -> Result<Decision, String> {
+        Ok(match c.mode.as_str() {
             "loop" => {
                 let mut i: u64 = 0;
                 loop {
@@ -208,8 +195,11 @@ impl Policy for Faulty {
                 static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 if n == 2 {
-                    let fail = serde_json::json!({ "mode": c.arg }).to_string();
-                    return Faulty::on_handshake(fail, request);
+                    let fail = Config {
+                        mode: c.arg.clone(),
+                        arg: String::new(),
+                    };
+                    return Faulty::on_handshake(&fail, request);
                 }
                 Decision::Proceed(Proceed {
                     response_headers: vec![Pair::new("x-probe", format!("ok: {n}"))],
@@ -217,6 +207,12 @@ impl Policy for Faulty {
                 })
             }
             "ok" => Decision::Proceed(Proceed::default()),
+            "error" => return Err(c.arg.clone()),
+            "close-in" => {
+                let secs: i64 = c.arg.parse().unwrap_or(0);
+                let at = i64::try_from(request.received_at()).unwrap_or(i64::MAX) + secs;
+                Decision::Proceed(Proceed::new().close_at(u64::try_from(at).unwrap_or(0)))
+            }
             "many" => Decision::Proceed(Proceed {
                 context: vec![Pair::new("", ""); 100_000],
                 ..Proceed::default()
@@ -231,12 +227,11 @@ impl Policy for Faulty {
                 ..Proceed::default()
             }),
             _ => Decision::Proceed(Proceed {
-                response_headers: vec![Pair::new("x-probe", probe(&c, &request))],
+                response_headers: vec![Pair::new("x-probe", probe(c, request))],
                 ..Proceed::default()
             }),
-        }
+        })
     }
 }
 
-#[cfg(target_arch = "wasm32")]
-tollgate_sdk::export_policy!(Faulty with_types_in tollgate_sdk);
+tollgate_sdk::export!(Faulty, name = "faulty");

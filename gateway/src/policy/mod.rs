@@ -25,7 +25,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+pub mod capabilities;
+pub mod chain;
+pub mod plugin_cache;
+mod request;
+pub mod verify_cache;
+
+pub use capabilities::{Capability, Scope};
+pub use request::{Request, TlsInfo};
+
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::StoreContextMut;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
@@ -35,18 +44,34 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::manifest::Grants;
 use crate::metrics::{PluginSignatureMetrics, SignatureMetrics, VerifyResult};
-use crate::verify_cache::{CacheCounters, VerifyCache};
+use verify_cache::{CacheCounters, VerifyCache};
 
-// Exports are called asynchronously: a guest runs on a fiber inside the connection's task, so
-// no worker thread is handed off per handshake, and WASI's own async implementations (streams,
-// files) never block a worker. Our imports (log, signatures) are quick and stay synchronous.
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "handshake-policy",
-    exports: { default: async },
-});
+/// The generated bindings of `wit/policy.wit`. Private: the rest of the gateway sees the
+/// host's own types ([`Request`], [`Capability`], [`chain::Outcome`]), so a WIT change stops
+/// here.
+mod bindings {
+    // Exports are called asynchronously: a guest runs on a fiber inside the connection's task,
+    // so no worker thread is handed off per handshake, and WASI's own async implementations
+    // (streams, files) never block a worker. Our imports are quick and stay synchronous; they
+    // may trap (a read the plugin did not declare).
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handshake-policy",
+        exports: { default: async },
+        imports: { default: trappable },
+        with: {
+            "tollgate:policy/handshake-types.request": super::request::RequestHandle,
+        },
+    });
+}
 
-pub use self::tollgate::policy::types as wit;
+use bindings::tollgate::policy::handshake_types as wit;
+use bindings::tollgate::policy::types as wit_types;
+use bindings::{HandshakePolicy, HandshakePolicyPre};
+
+/// The WIT package version this host implements; components built against another are
+/// refused at load with that version named.
+pub const WIT_VERSION: &str = "0.2.0";
 
 /// Defaults for one policy call. Generous for a header check or a JWT verification, small
 /// enough that a runaway plugin costs milliseconds, not the gateway.
@@ -97,12 +122,18 @@ fn block_on_within_load_timeout<F: std::future::Future>(
     block_on(async { tokio::time::timeout(LOAD_TIMEOUT, f).await })
 }
 
-/// Interfaces of ours a handshake policy may import.
+/// Interfaces of ours a handshake policy may import (at [`WIT_VERSION`]).
 const OUR_IMPORTS: &[&str] = &[
-    "tollgate:policy/types",
-    "tollgate:policy/log",
-    "tollgate:policy/signatures",
+    "tollgate:policy/types@0.2.0",
+    "tollgate:policy/handshake-types@0.2.0",
+    "tollgate:policy/config@0.2.0",
+    "tollgate:policy/log@0.2.0",
+    "tollgate:policy/signatures@0.2.0",
 ];
+/// Most bytes one `on-handshake` call may read from the request (all its reads together):
+/// far above any real policy (a request head is at most `max_header_bytes`), low enough that
+/// a guest looping over `headers()` is stopped long before it costs the gateway real time.
+pub const MAX_READ_BYTES_PER_CALL: usize = 4 * 1024 * 1024;
 /// WASI packages linked deny-by-default.
 const WASI_IMPORTS: &[&str] = &[
     "wasi:cli/",
@@ -121,6 +152,8 @@ pub enum PolicyError {
     ForbiddenImport { path: String, import: String },
     #[error("{path}: does not implement the tollgate:policy handshake-policy world: {message}")]
     WrongWorld { path: String, message: String },
+    #[error("{path}: built against tollgate:policy@{version}; this gateway runs policies built against tollgate:policy@{WIT_VERSION} (rebuild it with tollgate-sdk 0.2, or against wit/policy.wit of this release)")]
+    OtherWitVersion { path: String, version: String },
     #[error("{path}: declares the plugin name `{name}`, already declared by {other}; names in plugin_dir are unique (attachments refer to plugins by them)")]
     DuplicateName {
         path: String,
@@ -138,7 +171,7 @@ pub enum PolicyError {
     #[error("plugin `{plugin}` {action} without declaring the capability `{capability}`")]
     Undeclared {
         plugin: String,
-        capability: &'static str,
+        capability: Capability,
         action: &'static str,
     },
 }
@@ -146,7 +179,7 @@ pub enum PolicyError {
 /// A host call refused because the plugin did not declare what it needs.
 #[derive(Debug, Clone, Copy)]
 struct Refused {
-    capability: &'static str,
+    capability: Capability,
     action: &'static str,
 }
 
@@ -161,8 +194,14 @@ pub struct HostState {
     /// This plugin's `tollgate_signature_verifications_total`; set for handshake calls only,
     /// so the key probes a plugin makes in `configure` are not counted.
     signature_metrics: Option<Arc<PluginSignatureMetrics>>,
-    /// The plugin declared `verify-signatures` (false while it is being asked to `declare`).
-    may_verify: bool,
+    /// What the plugin declared (nothing while it is being asked to `declare`).
+    declared: Arc<[Capability]>,
+    /// The attachment's prepared config (`config.prepared`); none in load-time calls.
+    prepared: Option<Arc<str>>,
+    /// The request of the `on-handshake` call in progress.
+    request: Option<Request>,
+    /// Bytes the current call has read from the request.
+    read_bytes: usize,
     /// `log` calls in the current call (reset by each call).
     logs: u32,
     /// Set when a host call was refused for a capability the plugin did not declare; the call
@@ -174,7 +213,38 @@ impl HostState {
     /// Readies a (possibly warm) store for the next call.
     fn start_call(&mut self) {
         self.logs = 0;
+        self.read_bytes = 0;
         self.refused = None;
+    }
+
+    /// Refuses (the call traps) what needs a capability the plugin did not declare.
+    fn need(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<()> {
+        if self.declared.contains(&capability) {
+            return Ok(());
+        }
+        self.refused = Some(Refused { capability, action });
+        Err(wasmtime::Error::msg(format!(
+            "{action} refused: the plugin does not declare `{capability}`"
+        )))
+    }
+
+    /// The request of the call in progress, for a read that needs `capability`.
+    fn read(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<&Request> {
+        self.need(capability, action)?;
+        self.request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))
+    }
+
+    /// Counts `bytes` read against [`MAX_READ_BYTES_PER_CALL`]; beyond it the call traps.
+    fn charge_read(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.read_bytes = self.read_bytes.saturating_add(bytes);
+        if self.read_bytes > MAX_READ_BYTES_PER_CALL {
+            return Err(wasmtime::Error::msg(format!(
+                "read more than {MAX_READ_BYTES_PER_CALL} bytes of the request in one call"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -187,11 +257,200 @@ impl WasiView for HostState {
     }
 }
 
-impl self::tollgate::policy::types::Host for HostState {}
+impl wit_types::Host for HostState {}
+impl wit::Host for HostState {}
 
-type LogLevel = self::tollgate::policy::log::Level;
-type SigAlgorithm = self::tollgate::policy::signatures::Algorithm;
-type SigKey = self::tollgate::policy::signatures::Key;
+impl bindings::tollgate::policy::config::Host for HostState {
+    fn prepared(&mut self) -> wasmtime::Result<String> {
+        let p = self.prepared.clone().ok_or_else(|| {
+            wasmtime::Error::msg("config.prepared is only available in on-handshake")
+        })?;
+        self.charge_read(p.len())?;
+        Ok(p.to_string())
+    }
+}
+
+fn pairs(v: &[(String, String)]) -> Vec<wit_types::Pair> {
+    v.iter()
+        .map(|(name, value)| wit_types::Pair {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn pairs_len(v: &[wit_types::Pair]) -> usize {
+    v.iter().map(|p| p.name.len() + p.value.len()).sum()
+}
+
+/// The request resource: every read checks the capability it needs and counts its bytes.
+impl wit::HostRequest for HostState {
+    fn method(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let m = self
+            .read(Capability::ReadRequest, "read the request's method")?
+            .method
+            .to_string();
+        Ok(m)
+    }
+
+    fn path(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let p = self
+            .read(Capability::ReadRequest, "read the request's path")?
+            .path
+            .clone();
+        self.charge_read(p.len())?;
+        Ok(p)
+    }
+
+    fn header(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read a request header")?
+            .header(&name);
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn header_values(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Vec<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read a request header")?
+            .header_values(&name);
+        self.charge_read(name.len() + v.iter().map(String::len).sum::<usize>())?;
+        Ok(v)
+    }
+
+    fn headers(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v: Vec<wit_types::Pair> = self
+            .read(Capability::ReadRequest, "read the request headers")?
+            .header_pairs()
+            .map(|(name, value)| wit_types::Pair { name, value })
+            .collect();
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn query(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read the request's query")?
+            .query
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone());
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn query_pairs(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v = pairs(
+            &self
+                .read(Capability::ReadRequest, "read the request's query")?
+                .query,
+        );
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn client_address(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self
+            .read(Capability::ReadRequest, "read the client's address")?
+            .client
+            .to_string())
+    }
+
+    fn tls(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Option<wit_types::TlsInfo>> {
+        let t = self
+            .read(Capability::ReadRequest, "read the client's TLS facts")?
+            .tls
+            .as_deref()
+            .map(|t| wit_types::TlsInfo {
+                version: t.version.clone(),
+                cipher_suite: t.cipher_suite.clone(),
+                server_name: t.server_name.clone(),
+            });
+        Ok(t)
+    }
+
+    fn api(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.api.to_string())
+    }
+
+    fn product(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<Option<String>> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.product.clone())
+    }
+
+    fn context(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::UseContext, "read a context value")?
+            .context
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone());
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn context_values(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v = pairs(
+            &self
+                .read(Capability::UseContext, "read the context values")?
+                .context,
+        );
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn received_at(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<u64> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.received_at)
+    }
+
+    /// The guest only ever borrows the request; nothing to free.
+    fn drop(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+type LogLevel = bindings::tollgate::policy::log::Level;
+type SigAlgorithm = bindings::tollgate::policy::signatures::Algorithm;
+type SigKey = bindings::tollgate::policy::signatures::Key;
 
 /// Takes `units` of fuel from the running call, as if the guest had executed that much; with
 /// too little left the call ends as if it had run out (a trap).
@@ -255,15 +514,9 @@ fn host_verify(
     mut store: StoreContextMut<'_, HostState>,
     (alg, key, message, signature): (SigAlgorithm, SigKey, Vec<u8>, Vec<u8>),
 ) -> wasmtime::Result<(Result<bool, String>,)> {
-    if !store.data().may_verify {
-        store.data_mut().refused = Some(Refused {
-            capability: "verify-signatures",
-            action: "called signatures.verify",
-        });
-        return Err(wasmtime::Error::msg(
-            "signatures.verify refused: the plugin does not declare `verify-signatures`",
-        ));
-    }
+    store
+        .data_mut()
+        .need(Capability::VerifySignatures, "called signatures.verify")?;
     let counted = message.len().min(MAX_VERIFY_MESSAGE_BYTES);
     charge(
         &mut store,
@@ -341,12 +594,14 @@ fn verify(
 /// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
 /// host traits see only the state: charging fuel needs the store.
 fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    self::tollgate::policy::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    wit_types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    wit::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    bindings::tollgate::policy::config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     linker
-        .instance("tollgate:policy/log@0.1.0")?
+        .instance(&format!("tollgate:policy/log@{WIT_VERSION}"))?
         .func_wrap("log", host_log)?;
     linker
-        .instance("tollgate:policy/signatures@0.1.0")?
+        .instance(&format!("tollgate:policy/signatures@{WIT_VERSION}"))?
         .func_wrap("verify", host_verify)?;
     Ok(())
 }
@@ -377,9 +632,8 @@ impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
 pub struct Plugin {
     pub name: String,
     pub version: String,
-    pub capabilities: Vec<String>,
-    /// The same, as declared: what the host lets the plugin do (see [`Plugin::declares`]).
-    declared: Vec<wit::Capability>,
+    /// What it declared: what the host lets it do (see [`Plugin::declares`]).
+    pub capabilities: Arc<[Capability]>,
     pub path: PathBuf,
     pub imports: Vec<String>,
     /// Loaded from the compiled-plugin cache rather than compiled.
@@ -411,6 +665,37 @@ struct Warm {
     store: Store<HostState>,
     instance: HandshakePolicy,
     uses: u64,
+}
+
+/// The host's own capability for the generated one.
+fn capability(c: wit::Capability) -> Capability {
+    use wit::Capability as W;
+    use Capability as C;
+    match c {
+        W::ReadRequest => C::ReadRequest,
+        W::ModifyHeaders => C::ModifyHeaders,
+        W::ModifyQuery => C::ModifyQuery,
+        W::ModifyResponseHeaders => C::ModifyResponseHeaders,
+        W::UseContext => C::UseContext,
+        W::Reject => C::Reject,
+        W::VerifySignatures => C::VerifySignatures,
+        W::LimitLifetime => C::LimitLifetime,
+        W::MockResponse => C::MockResponse,
+        W::CacheLookup => C::CacheLookup,
+        W::CacheStore => C::CacheStore,
+        W::CrossDomain => C::CrossDomain,
+        W::Cors => C::Cors,
+        W::Jsonp => C::Jsonp,
+        W::SetMethod => C::SetMethod,
+        W::SetBody => C::SetBody,
+        W::XmlToJson => C::XmlToJson,
+        W::JsonToXml => C::JsonToXml,
+        W::Xslt => C::Xslt,
+        W::ValidateContent => C::ValidateContent,
+        W::ValidateParameters => C::ValidateParameters,
+        W::ValidateHeaders => C::ValidateHeaders,
+        W::ValidateStatusCode => C::ValidateStatusCode,
+    }
 }
 
 impl InstancePool {
@@ -478,13 +763,13 @@ pub struct PolicyHost {
 /// else `$HOME/.cache/tollgate/compiled`, else none (never the temporary directory: see
 /// [`crate::plugin_cache`]).
 pub fn default_cache_dir() -> Option<PathBuf> {
-    crate::plugin_cache::default_dir()
+    plugin_cache::default_dir()
 }
 
 /// The cache directory to use, if any: `dir` (or the default), created 0700 when missing and
 /// used only if nobody but the gateway's user can write to it. Every refusal is logged.
 fn trusted_cache_dir(dir: Option<PathBuf>) -> Option<PathBuf> {
-    use crate::plugin_cache::{prepare_dir, Untrusted};
+    use plugin_cache::{prepare_dir, Untrusted};
     use std::os::unix::fs::PermissionsExt;
     let Some(dir) = dir.or_else(default_cache_dir) else {
         tracing::info!(
@@ -508,35 +793,6 @@ fn trusted_cache_dir(dir: Option<PathBuf>) -> Option<PathBuf> {
                 "compiled-plugin cache not used: its directory must belong to the gateway's user and not be writable by group or others (cached plugins are native code); plugins are compiled in memory");
             None
         }
-    }
-}
-
-/// A capability's name as the WIT spells it (`modify-headers`).
-pub fn capability_name(c: wit::Capability) -> &'static str {
-    use wit::Capability as C;
-    match c {
-        C::ReadRequest => "read-request",
-        C::ModifyHeaders => "modify-headers",
-        C::ModifyQuery => "modify-query",
-        C::ModifyResponseHeaders => "modify-response-headers",
-        C::UseContext => "use-context",
-        C::Reject => "reject",
-        C::VerifySignatures => "verify-signatures",
-        C::MockResponse => "mock-response",
-        C::CacheLookup => "cache-lookup",
-        C::CacheStore => "cache-store",
-        C::CrossDomain => "cross-domain",
-        C::Cors => "cors",
-        C::Jsonp => "jsonp",
-        C::SetMethod => "set-method",
-        C::SetBody => "set-body",
-        C::XmlToJson => "xml-to-json",
-        C::JsonToXml => "json-to-xml",
-        C::Xslt => "xslt",
-        C::ValidateContent => "validate-content",
-        C::ValidateParameters => "validate-parameters",
-        C::ValidateHeaders => "validate-headers",
-        C::ValidateStatusCode => "validate-status-code",
     }
 }
 
@@ -579,7 +835,7 @@ impl PolicyHost {
             linker,
             cache_dir,
             verified: Arc::new(VerifyCache::new(
-                crate::verify_cache::DEFAULT_ENTRIES,
+                verify_cache::DEFAULT_ENTRIES,
                 CacheCounters::default(),
             )),
             cache_counters: CacheCounters::default(),
@@ -614,7 +870,7 @@ impl PolicyHost {
             .collect();
         let name = format!("{key}.cwasm");
         let file = dir.join(&name);
-        match crate::plugin_cache::read_trusted(&file) {
+        match plugin_cache::read_trusted(&file) {
             Ok(None) => {}
             Ok(Some(art)) => {
                 // SAFETY: deserialising runs no checks on the machine code inside, so the bytes
@@ -639,7 +895,7 @@ impl PolicyHost {
         let component = Component::new(&self.engine, bytes).map_err(not_component)?;
         match component.serialize() {
             Ok(art) => {
-                if let Err(e) = crate::plugin_cache::write(dir, &name, &art) {
+                if let Err(e) = plugin_cache::write(dir, &name, &art) {
                     tracing::warn!(event = "plugin_cache_write_failed", file = %file.display(), error = %e,
                         "could not store compiled plugin");
                 }
@@ -658,7 +914,8 @@ impl PolicyHost {
         plugin: &str,
         budget: Budget,
         grants: &Grants,
-        may_verify: bool,
+        declared: Arc<[Capability]>,
+        prepared: Option<Arc<str>>,
     ) -> Result<Store<HostState>, String> {
         let mut wasi = WasiCtx::builder();
         // No network, and no socket at all: with TCP/UDP merely "allowed but every address
@@ -691,7 +948,10 @@ impl PolicyHost {
             plugin: Arc::from(plugin),
             verified: self.verified.clone(),
             signature_metrics: None,
-            may_verify,
+            declared,
+            prepared,
+            request: None,
+            read_bytes: 0,
             logs: 0,
             refused: None,
         };
@@ -717,12 +977,22 @@ impl PolicyHost {
         let started = std::time::Instant::now();
         let (component, cached) = self.compile(path, &bytes)?;
         let compile_time = started.elapsed();
+        let ty = component.component_type();
+        // A component of another tollgate:policy version would fail the import check below
+        // with a confusing message; name the version instead.
+        let ours = ty
+            .imports(&self.engine)
+            .chain(ty.exports(&self.engine))
+            .filter_map(|(name, _)| name.strip_prefix("tollgate:policy/"))
+            .filter_map(|rest| rest.split_once('@').map(|(_, v)| v.to_owned()))
+            .find(|v| v != WIT_VERSION);
+        if let Some(version) = ours {
+            return Err(PolicyError::OtherWitVersion { path: p, version });
+        }
         let mut imports = Vec::new();
-        for (name, _) in component.component_type().imports(&self.engine) {
-            let ok = OUR_IMPORTS
-                .iter()
-                .any(|o| name == *o || name.starts_with(&format!("{o}@")))
-                || WASI_IMPORTS.iter().any(|w| name.starts_with(w));
+        for (name, _) in ty.imports(&self.engine) {
+            let ok =
+                OUR_IMPORTS.contains(&name) || WASI_IMPORTS.iter().any(|w| name.starts_with(w));
             if !ok {
                 return Err(PolicyError::ForbiddenImport {
                     path: p,
@@ -740,14 +1010,20 @@ impl PolicyHost {
                 message: format!("{e:#}"),
             })?;
         let mut store = self
-            .store("(loading)", Budget::default(), &Grants::default(), false)
+            .store(
+                "(loading)",
+                Budget::default(),
+                &Grants::default(),
+                Arc::from([]),
+                None,
+            )
             .map_err(|message| PolicyError::Call {
                 plugin: p.clone(),
                 message,
             })?;
         let decl = block_on_within_load_timeout(async {
             let i = pre.instantiate_async(&mut store).await?;
-            i.tollgate_policy_policy().call_declare(&mut store).await
+            i.tollgate_policy_handshake().call_declare(&mut store).await
         })
         .map_err(|_| PolicyError::Timeout {
             plugin: p.clone(),
@@ -764,12 +1040,7 @@ impl PolicyHost {
         Ok(Plugin {
             name: decl.name,
             version: decl.version,
-            capabilities: decl
-                .capabilities
-                .iter()
-                .map(|c| capability_name(*c).to_owned())
-                .collect(),
-            declared: decl.capabilities,
+            capabilities: decl.capabilities.into_iter().map(capability).collect(),
             path: path.to_owned(),
             imports,
             from_cache: cached,
@@ -790,10 +1061,10 @@ impl PolicyHost {
             let t = std::time::Instant::now();
             block_on_within_load_timeout(async {
                 let (mut store, instance) = self
-                    .fresh(plugin, Budget::default(), &Grants::default())
+                    .fresh(plugin, Budget::default(), &Grants::default(), None)
                     .await?;
                 instance
-                    .tollgate_policy_policy()
+                    .tollgate_policy_handshake()
                     .call_declare(&mut store)
                     .await
                     .map_err(|e| plugin.call_error(format!("declare failed: {e:#}")))
@@ -849,10 +1120,16 @@ impl PolicyHost {
         plugin: &Plugin,
         budget: Budget,
         grants: &Grants,
+        prepared: Option<Arc<str>>,
     ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
-        let may_verify = plugin.declares(wit::Capability::VerifySignatures);
         let mut store = self
-            .store(&plugin.name, budget, grants, may_verify)
+            .store(
+                &plugin.name,
+                budget,
+                grants,
+                plugin.capabilities.clone(),
+                prepared,
+            )
             .map_err(|m| plugin.call_error(m))?;
         let instance = plugin
             .pre
@@ -872,9 +1149,9 @@ impl PolicyHost {
         grants: &Grants,
     ) -> Result<String, PolicyError> {
         block_on_within_load_timeout(async {
-            let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
+            let (mut store, instance) = self.fresh(plugin, budget, grants, None).await?;
             let r = instance
-                .tollgate_policy_policy()
+                .tollgate_policy_handshake()
                 .call_configure(&mut store, config_json)
                 .await;
             r.map_err(|e| plugin.call_failed(&store, "configure", e))
@@ -889,45 +1166,43 @@ impl PolicyHost {
     /// Runs `on-handshake` in a fresh instance, or, given a pool, in a warm one (a new one
     /// when none is idle). The CPU budget and the wall-clock deadline are per call either way
     /// (the deadline covers a fresh instance's instantiation too); the memory cap is per
-    /// instance, so a pooled plugin that leaks hits it and is replaced.
-    pub async fn handshake(
+    /// instance, so a pooled plugin that leaks hits it and is replaced. The request goes into
+    /// the call's store and comes back with the decision, as the plugin left it unread.
+    pub(crate) async fn handshake(
         &self,
-        plugin: &Plugin,
-        prepared: &str,
-        request: &wit::HandshakeRequest,
-        budget: Budget,
-        grants: &Grants,
-        pool: Option<&InstancePool>,
-    ) -> Result<wit::Decision, PolicyError> {
+        call: Call<'_>,
+        request: Request,
+    ) -> Result<(Decided, Request), PolicyError> {
         // On a timeout the call's future is dropped mid-call, and with it the instance: a
         // stopped instance is never returned to the pool.
-        tokio::time::timeout(
-            budget.timeout,
-            self.handshake_call(plugin, prepared, request, budget, grants, pool),
-        )
-        .await
-        .map_err(|_| plugin.timeout(budget.timeout))?
+        tokio::time::timeout(call.budget.timeout, self.handshake_call(call, request))
+            .await
+            .map_err(|_| call.plugin.timeout(call.budget.timeout))?
     }
 
     async fn handshake_call(
         &self,
-        plugin: &Plugin,
-        prepared: &str,
-        request: &wit::HandshakeRequest,
-        budget: Budget,
-        grants: &Grants,
-        pool: Option<&InstancePool>,
-    ) -> Result<wit::Decision, PolicyError> {
-        let mut w = match pool.and_then(InstancePool::take) {
+        call: Call<'_>,
+        request: Request,
+    ) -> Result<(Decided, Request), PolicyError> {
+        let plugin = call.plugin;
+        let mut w = match call.pool.and_then(InstancePool::take) {
             Some(mut w) => {
                 // The budget is per call: a warm instance starts each one with all of it.
                 w.store
-                    .set_fuel(budget.fuel)
+                    .set_fuel(call.budget.fuel)
                     .map_err(|e| plugin.call_error(e.to_string()))?;
                 w
             }
             None => {
-                let (mut store, instance) = self.fresh(plugin, budget, grants).await?;
+                let (mut store, instance) = self
+                    .fresh(
+                        plugin,
+                        call.budget,
+                        call.grants,
+                        Some(call.prepared.clone()),
+                    )
+                    .await?;
                 store.data_mut().signature_metrics = plugin.signature_metrics.clone();
                 Warm {
                     store,
@@ -937,26 +1212,94 @@ impl PolicyHost {
             }
         };
         w.uses += 1;
-        w.store.data_mut().start_call();
+        let state = w.store.data_mut();
+        state.start_call();
+        state.request = Some(request);
+        // The guest gets a borrow of the one request its store holds; the handle's number is
+        // never looked at (the store has exactly one request at a time).
+        let handle = Resource::new_borrow(0);
         // On a trap `w` is dropped here, never returned to the pool.
-        let decision = w
+        let decided = w
             .instance
-            .tollgate_policy_policy()
-            .call_on_handshake(&mut w.store, prepared, request)
+            .tollgate_policy_handshake()
+            .call_on_handshake(&mut w.store, handle)
             .await
             .map_err(|e| plugin.call_failed(&w.store, "on-handshake", e))?;
-        if let Some(pool) = pool {
+        let request = w
+            .store
+            .data_mut()
+            .request
+            .take()
+            .ok_or_else(|| plugin.call_error("the request left the store".into()))?;
+        if let Some(pool) = call.pool {
             pool.give_back(w);
         }
-        Ok(decision)
+        Ok((decided.map(from_wit), request))
+    }
+}
+
+/// One `on-handshake` call: which plugin, with what, how bounded.
+#[derive(Clone, Copy)]
+pub(crate) struct Call<'a> {
+    pub plugin: &'a Plugin,
+    pub prepared: &'a Arc<str>,
+    pub budget: Budget,
+    pub grants: &'a Grants,
+    pub pool: Option<&'a InstancePool>,
+}
+
+/// A policy's answer, in the host's own terms: a decision the edge code checks and applies,
+/// plus the deadline it asks for; `Err` is the policy's own "could not decide".
+pub(crate) type Decided = Result<(tollgate_edge::decision::Decision, Option<u64>), String>;
+
+/// The generated decision as the host's own: the strings move; nothing is copied.
+fn from_wit(d: wit::Decision) -> (tollgate_edge::decision::Decision, Option<u64>) {
+    use tollgate_edge::decision as plain;
+    let pair = |p: wit_types::Pair| plain::Pair {
+        name: p.name,
+        value: p.value,
+    };
+    match d {
+        wit::Decision::Reject(r) => (
+            plain::Decision::Reject(plain::Rejection {
+                status: r.status,
+                headers: r.headers.into_iter().map(pair).collect(),
+                body: r.body,
+            }),
+            None,
+        ),
+        wit::Decision::Proceed(p) => (
+            plain::Decision::Proceed(plain::Proceed {
+                header_changes: p
+                    .header_changes
+                    .into_iter()
+                    .map(|c| match c {
+                        wit::HeaderChange::Set(h) => plain::HeaderChange::Set(pair(h)),
+                        wit::HeaderChange::Append(h) => plain::HeaderChange::Append(pair(h)),
+                        wit::HeaderChange::Remove(n) => plain::HeaderChange::Remove(n),
+                    })
+                    .collect(),
+                query_changes: p
+                    .query_changes
+                    .into_iter()
+                    .map(|c| match c {
+                        wit::QueryChange::Set(q) => plain::QueryChange::Set(pair(q)),
+                        wit::QueryChange::Remove(n) => plain::QueryChange::Remove(n),
+                    })
+                    .collect(),
+                response_headers: p.response_headers.into_iter().map(pair).collect(),
+                context: p.context.into_iter().map(pair).collect(),
+            }),
+            p.close_at,
+        ),
     }
 }
 
 impl Plugin {
     /// Whether the plugin declared capability `c`: what it did not declare, the host does not
     /// let it do.
-    pub fn declares(&self, c: wit::Capability) -> bool {
-        self.declared.contains(&c)
+    pub fn declares(&self, c: Capability) -> bool {
+        self.capabilities.contains(&c)
     }
 
     fn call_error(&self, message: String) -> PolicyError {
@@ -999,18 +1342,15 @@ impl Plugin {
         let _ = writeln!(out, "plugin:       {} {}", self.name, self.version);
         let _ = writeln!(out, "file:         {}", self.path.display());
         let _ = writeln!(out, "capabilities:");
-        for c in &self.capabilities {
-            let note = match crate::capabilities::NOT_ON_HANDSHAKE
-                .iter()
-                .find(|(n, _, _)| n == c)
-            {
-                Some((_, family, apim)) => format!(
+        for c in self.capabilities.iter() {
+            let note = match c.not_on_handshake() {
+                Some((family, apim)) => format!(
                     "not supported on onHandshake ({} family, APIM \"{apim}\"): refused on an API, skipped when inherited",
                     family.as_str()
                 ),
                 None => "allowed on onHandshake".into(),
             };
-            let _ = writeln!(out, "  {c:<24} {note}");
+            let _ = writeln!(out, "  {:<24} {note}", c.name());
         }
         let _ = writeln!(out, "imports:");
         for i in &self.imports {

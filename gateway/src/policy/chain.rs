@@ -1,0 +1,345 @@
+//! An API's onHandshake policy chain: built at load from the manifest's attachments (global,
+//! then the API's products, then the API's own onHandshake), applied per handshake to the
+//! backend request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use tollgate_edge::decision;
+
+use super::capabilities::{self, Capability, Scope, Verdict};
+use super::{Budget, Call, InstancePool, Plugin, PolicyError, PolicyHost, Request};
+use crate::manifest::{ApiConfig, Attachment, Config, Grants, Instances};
+use crate::metrics::{Metrics, PolicyMetrics};
+
+pub use tollgate_edge::decision::{
+    DECISION_ENTRY_BYTES, MAX_DECISION_BYTES, MAX_DECISION_ENTRIES, PROTECTED, PROTECTED_RESPONSE,
+};
+
+/// What the chain decided for one handshake.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every policy let it go on: the backend request carries their changes, and these go on
+    /// the client's 101 and the connection.
+    Proceed(Effects),
+    /// A policy refused it on purpose: the client gets this answer.
+    Reject(Rejection),
+    /// A policy could not decide (its error, a trap, a timeout, a decision it was not allowed
+    /// to make): the client gets the attachment's `failure_status`; `error` is for the log.
+    Failed(Failure),
+}
+
+/// What the policies asked for beyond the backend request.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Extra headers for the client's 101.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The earliest `close-at` any policy set (seconds since the Unix epoch).
+    pub close_at: Option<u64>,
+}
+
+/// A policy's own refusal, checked.
+#[derive(Debug)]
+pub struct Rejection {
+    pub plugin: String,
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// Why a policy failed the handshake.
+#[derive(Debug)]
+pub struct Failure {
+    pub plugin: String,
+    pub status: StatusCode,
+    pub error: String,
+}
+
+/// The first capability `d` (with deadline `close_at`) uses that `plugin` did not declare,
+/// with what it did.
+fn undeclared(
+    plugin: &Plugin,
+    d: &decision::Decision,
+    close_at: Option<u64>,
+) -> Option<(Capability, &'static str)> {
+    d.uses()
+        .into_iter()
+        .map(|(u, what)| {
+            let c = match u {
+                decision::Use::Reject => Capability::Reject,
+                decision::Use::ModifyHeaders => Capability::ModifyHeaders,
+                decision::Use::ModifyQuery => Capability::ModifyQuery,
+                decision::Use::ModifyResponseHeaders => Capability::ModifyResponseHeaders,
+                decision::Use::UseContext => Capability::UseContext,
+            };
+            (c, what)
+        })
+        .chain(
+            close_at
+                .is_some()
+                .then_some((Capability::LimitLifetime, "set a close-at deadline")),
+        )
+        .find(|(c, _)| !plugin.declares(*c))
+}
+
+/// One attached policy.
+pub struct Step {
+    pub host: Arc<PolicyHost>,
+    pub plugin: Arc<Plugin>,
+    /// What the plugin's `configure` returned for this attachment.
+    pub prepared: Arc<str>,
+    pub budget: Budget,
+    pub grants: Grants,
+    /// Warm instances, when the attachment asks for `instances = "pooled"`.
+    pub pool: Option<InstancePool>,
+    pub failure_status: StatusCode,
+    pub scope: Scope,
+    /// Inherited plugin with a capability onHandshake does not support: loaded, never run.
+    pub skip: bool,
+    /// Calls by outcome, skips and call durations (`tollgate_policy_*`).
+    pub metrics: PolicyMetrics,
+}
+
+impl Step {
+    /// This attachment's call: its prepared config, budget, grants and instance strategy.
+    fn call(&self) -> Call<'_> {
+        Call {
+            plugin: &self.plugin,
+            prepared: &self.prepared,
+            budget: self.budget,
+            grants: &self.grants,
+            pool: self.pool.as_ref(),
+        }
+    }
+}
+
+/// Builds the chain for `api`; every problem is returned, worded for the operator.
+pub fn build(
+    host: &Arc<PolicyHost>,
+    plugins: &HashMap<String, Arc<Plugin>>,
+    config: &Config,
+    api: &ApiConfig,
+    metrics: &Metrics,
+) -> Result<Vec<Step>, Vec<String>> {
+    let mut scoped: Vec<(Scope, &Attachment)> = Vec::new();
+    scoped.extend(config.policies.iter().map(|a| (Scope::Global, a)));
+    for pname in &api.products {
+        if let Some(p) = config.products.iter().find(|p| &p.name == pname) {
+            scoped.extend(
+                p.policies
+                    .iter()
+                    .map(|a| (Scope::Product(p.name.clone()), a)),
+            );
+        }
+    }
+    scoped.extend(
+        api.on_handshake
+            .iter()
+            .map(|a| (Scope::Api(api.name.clone()), a)),
+    );
+
+    let mut steps = Vec::new();
+    let mut errors = Vec::new();
+    for (scope, att) in scoped {
+        let Some(plugin) = plugins.get(&att.plugin) else {
+            errors.push(format!(
+                "{}: plugin `{}` (attached at {scope}) was not found in plugin_dir",
+                att.location, att.plugin
+            ));
+            continue;
+        };
+        let skip = match capabilities::check(&plugin.name, &plugin.capabilities, &scope) {
+            Verdict::Refuse(refusals) => {
+                errors.extend(refusals.iter().map(|r| format!("{}: {r}", att.location)));
+                continue;
+            }
+            Verdict::SkipAtRuntime(refusals) => {
+                for r in &refusals {
+                    tracing::warn!(event = "policy_skipped_at_load", api = %api.name, plugin = %plugin.name,
+                        capability = %r.capability, scope = %scope,
+                        "inherited policy declares a capability onHandshake does not support; it will be skipped for this WebSocket API");
+                }
+                true
+            }
+            Verdict::Run => false,
+        };
+        let config_json = match serde_json::to_string(&att.config) {
+            Ok(j) => j,
+            Err(e) => {
+                errors.push(format!(
+                    "{}: config of `{}` cannot be passed on: {e}",
+                    att.location, att.plugin
+                ));
+                continue;
+            }
+        };
+        let budget = Budget {
+            fuel: att.fuel.unwrap_or(super::DEFAULT_FUEL),
+            memory_bytes: att
+                .memory_limit_bytes
+                .unwrap_or(super::DEFAULT_MEMORY_BYTES),
+            timeout: att.timeout.unwrap_or(super::DEFAULT_TIMEOUT),
+        };
+        let prepared: Arc<str> = if skip {
+            Arc::from("")
+        } else {
+            // The plugin validates its config now, so bad config stops the start.
+            match host.configure(plugin, &config_json, budget, &att.grants) {
+                Ok(p) => Arc::from(p),
+                Err(e) => {
+                    errors.push(format!("{}: {e}", att.config_location));
+                    continue;
+                }
+            }
+        };
+        steps.push(Step {
+            host: host.clone(),
+            plugin: plugin.clone(),
+            prepared,
+            budget,
+            grants: att.grants.clone(),
+            pool: match att.instances {
+                Instances::Fresh => None,
+                Instances::Pooled { max_uses } => Some(InstancePool::new(max_uses)),
+            },
+            failure_status: StatusCode::from_u16(att.failure_status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            metrics: metrics.policy(
+                &api.name,
+                &plugin.name,
+                match scope {
+                    Scope::Global => "global",
+                    Scope::Product(_) => "product",
+                    Scope::Api(_) => "api",
+                },
+            ),
+            scope,
+            skip,
+        });
+    }
+    if errors.is_empty() {
+        Ok(steps)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Runs the chain on `request`. Each proceeding policy's changes are applied to the backend
+/// request's `headers` and `target` (path and query) as it decides, and to `request`, so the
+/// next policy sees them.
+///
+/// Each guest runs on a fiber inside the caller's task and yields to the runtime every ten
+/// million units of fuel, so a slow policy delays its own handshake, not the worker.
+pub async fn run(
+    steps: &[Step],
+    request: Request,
+    headers: &mut HeaderMap,
+    target: &mut String,
+) -> Outcome {
+    run_keeping_request(steps, request, headers, target).await.0
+}
+
+/// [`run`], also returning the request as the last policy left it when the chain proceeded
+/// (the bench feeds it to a step timed alone).
+pub async fn run_keeping_request(
+    steps: &[Step],
+    mut request: Request,
+    headers: &mut HeaderMap,
+    target: &mut String,
+) -> (Outcome, Option<Request>) {
+    let mut effects = Effects::default();
+    let api = request.api.clone();
+    let received_at = request.received_at;
+    for step in steps {
+        // A product's policies apply to the handshakes that came in through that product.
+        if let Scope::Product(p) = &step.scope {
+            if request.product.as_deref() != Some(p.as_str()) {
+                continue;
+            }
+        }
+        let name = &step.plugin.name;
+        if step.skip {
+            let skips_total = step.metrics.skips.inc() + 1;
+            tracing::info!(event = "policy_skipped", plugin = %name, scope = %step.scope, api = %api,
+                skips_total, "inherited policy skipped for a WebSocket API");
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let called = step.host.handshake(step.call(), request).await;
+        step.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        // Counted and logged as an error unless the decision turns out to be usable.
+        let fail = |why: String| {
+            step.metrics.error.inc();
+            tracing::warn!(event = "policy_error", plugin = %name, api = %api, error = %why, "policy failed; handshake rejected");
+            Outcome::Failed(Failure {
+                plugin: name.clone(),
+                status: step.failure_status,
+                error: why,
+            })
+        };
+        let (decided, back) = match called {
+            Ok(r) => r,
+            Err(e) => return (fail(e.to_string()), None),
+        };
+        request = back;
+        let (decision, close_at) = match decided {
+            Ok(d) => d,
+            Err(own) => {
+                let why = format!(
+                    "could not decide: {}",
+                    super::truncated(own, super::MAX_LOG_MESSAGE_BYTES)
+                );
+                return (fail(why), None);
+            }
+        };
+        if let Err(e) = decision.check_size() {
+            return (fail(e.to_string()), None);
+        }
+        if let Some((capability, action)) = undeclared(&step.plugin, &decision, close_at) {
+            let why = PolicyError::Undeclared {
+                plugin: name.clone(),
+                capability,
+                action,
+            };
+            return (fail(why.to_string()), None);
+        }
+        match decision {
+            decision::Decision::Reject(r) => {
+                let r = match decision::rejection(r) {
+                    Ok(r) => r,
+                    Err(e) => return (fail(e.to_string()), None),
+                };
+                step.metrics.reject.inc();
+                let rejection = Rejection {
+                    plugin: name.clone(),
+                    status: r.status,
+                    headers: r.headers,
+                    body: Bytes::from(r.body),
+                };
+                return (Outcome::Reject(rejection), None);
+            }
+            decision::Decision::Proceed(p) => {
+                if let Some(at) = close_at {
+                    if at <= received_at {
+                        let why = format!(
+                            "close-at {at} is not after the handshake's received-at {received_at}"
+                        );
+                        return (fail(why), None);
+                    }
+                    effects.close_at = Some(effects.close_at.map_or(at, |e| e.min(at)));
+                }
+                match decision::apply(p, headers, target, &mut request) {
+                    Ok(added) => effects.response_headers.extend(added),
+                    Err(e) => return (fail(e.to_string()), None),
+                }
+                step.metrics.allow.inc();
+            }
+        }
+    }
+    (Outcome::Proceed(effects), Some(request))
+}
