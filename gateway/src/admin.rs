@@ -42,9 +42,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::manifest::{AdminConfig, KeyDigest};
-use crate::server::Gateway;
-pub use tollgate_edge::host::{HostError, HostName};
+use crate::manifest::{AdminConfig, KeyDigest, Scheme};
+use crate::metrics::Metrics;
+use crate::served::Current;
+pub use tollgate_edge::host::HostName;
 
 /// Admin connections served at once; one more is closed as soon as it is accepted. Scrapers,
 /// probes and a few console tabs need a handful; the cap keeps a flood from holding memory
@@ -251,12 +252,22 @@ pub fn warn_if_exposed(config: &crate::manifest::Config) {
     }
 }
 
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
-    let Some(config) = &gw.config.admin else {
-        return;
-    };
+/// What the admin listener reads of the running gateway: a narrow view, never the gateway
+/// itself, so nothing here can start, stop or reconfigure it.
+#[derive(Clone)]
+pub struct View {
+    /// The served state (`/apis` follows reloads).
+    pub current: Arc<Current>,
+    pub metrics: Arc<Metrics>,
+    /// Serving: `/readyz` answers 200.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The client listeners' addresses, once bound (`/apis`, the console's probe).
+    pub listeners: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
+}
+
+pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
     let bound = listener.local_addr().unwrap_or(config.listen);
-    let guard = Arc::new(Guard::new(config, bound));
+    let guard = Arc::new(Guard::new(&config, bound));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -304,7 +315,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-async fn route<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn route<B>(gw: &View, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let known = matches!(
         path,
@@ -336,7 +347,9 @@ async fn route<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
             .headers()
             .get(http::header::ORIGIN)
             .and_then(|v| v.to_str().ok());
-        let answer = crate::console::probe(gw, req.uri().query().unwrap_or(""), origin).await;
+        let listeners = gw.listeners.get().map(Vec::as_slice).unwrap_or_default();
+        let answer =
+            crate::console::probe(listeners, req.uri().query().unwrap_or(""), origin).await;
         let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -373,11 +386,11 @@ async fn route<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
 /// paths, schemes, backend, products, limits, live connection counts and the policy chain
 /// (plugin, version, scope, instance strategy), and the products with their subscriptions'
 /// names, limits and live counts. Policy *configs* and subscription keys are left out.
-pub fn apis_json(gw: &Gateway) -> serde_json::Value {
+pub fn apis_json(gw: &View) -> serde_json::Value {
     use serde_json::json;
-    let served = gw.served();
+    let served = gw.current.get();
     let listeners: Vec<_> = gw
-        .bound
+        .listeners
         .get()
         .map(|b| {
             b.iter()
@@ -593,7 +606,20 @@ mod tests {
     async fn readyz_is_503_until_the_gateway_serves_and_healthz_is_200_throughout() {
         let text = "[gateway]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://127.0.0.1:9/\"\n";
         let config = crate::manifest::parse(std::path::Path::new("t.toml"), text).unwrap();
-        let gw = Gateway::build(config).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let served = crate::served::Served::build(
+            config,
+            None,
+            &metrics,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap_or_else(|_| panic!("the test manifest builds"));
+        let gw = View {
+            current: Arc::new(Current::new(served)),
+            metrics,
+            ready: Default::default(),
+            listeners: Default::default(),
+        };
         let get = |path: &str| req(path, &[("host", "localhost")]);
         assert_eq!(route(&gw, &get("/readyz")).await.status(), 503);
         assert_eq!(route(&gw, &get("/healthz")).await.status(), 200);

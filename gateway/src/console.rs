@@ -13,14 +13,17 @@ use http::{HeaderMap, HeaderValue};
 use serde_json::json;
 
 use crate::backend::{BackendError, Connector};
-use crate::server::Gateway;
 
 /// Repeats a handshake against the gateway's own client listener. `query` holds `target`
 /// (path and query), `scheme` (`ws` or `wss`) and `protocols` (comma-separated). The browser's
 /// `origin` is sent along, so origin-checking policies decide as they did for the browser.
 /// Answers `{"status": N, "body": "..."}` or `{"error": "..."}`. An accepted probe is closed at
 /// once (it shows in the logs and metrics as a short connection).
-pub async fn probe(gw: &Gateway, query: &str, origin: Option<&str>) -> serde_json::Value {
+pub async fn probe(
+    listeners: &[(crate::manifest::Scheme, std::net::SocketAddr)],
+    query: &str,
+    origin: Option<&str>,
+) -> serde_json::Value {
     let mut target = String::from("/");
     let mut scheme = String::from("ws");
     let mut protocols = Vec::new();
@@ -42,11 +45,11 @@ pub async fn probe(gw: &Gateway, query: &str, origin: Option<&str>) -> serde_jso
     if !target.starts_with('/') {
         return json!({"error": "target must start with /"});
     }
-    let Some(addr) = gw.bound.get().and_then(|b| {
-        b.iter()
-            .find(|(s, _)| s.as_str() == scheme)
-            .map(|(_, a)| *a)
-    }) else {
+    let Some(addr) = listeners
+        .iter()
+        .find(|(s, _)| s.as_str() == scheme)
+        .map(|(_, a)| *a)
+    else {
         return json!({"error": format!("no {scheme} listener")});
     };
     let host = if addr.ip().is_unspecified() {

@@ -1,63 +1,358 @@
-//! The handshake pipeline. Each phase of a client's opening handshake is one function, and one
-//! [`HandshakeCtx`] carries what the phases learn from one to the next:
+//! The handshake pipeline: [`handshake`] runs one client's opening handshake top to bottom,
+//! one phase per step, and records it:
 //!
-//! 1. [`route`]: which API serves this path (404 if none).
+//! 1. [`route`]: which API serves this path (404 if none; 400 for a path unsafe to normalise).
 //! 2. [`validate_upgrade`]: is this a well-formed RFC 6455 opening handshake (400 / 426).
 //! 3. [`subscribe`]: for an API published through products, the subscription key: which
 //!    subscription and product the handshake comes in through (401 if none may).
 //! 4. [`admit`]: is there room under the subscription's (429), the global and the per-API
 //!    (503) connection limits.
 //! 5. [`backend_request`]: the request the backend will get (end-to-end headers forwarded,
-//!    hop-by-hop ones and the subscription key dropped, `X-Forwarded-*` added). The
-//!    onHandshake policy chain ([`crate::policy::chain::run`]) then acts on this request.
-//! 6. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
+//!    hop-by-hop ones and the subscription key dropped, `X-Forwarded-*` added).
+//! 6. The onHandshake policy chain ([`crate::policy::chain::run`]) acts on that request; its
+//!    outcome becomes the client's answer through [`policy_outcome`].
+//! 7. [`Connector::handshake`](crate::backend::Connector::handshake): the backend handshake
 //!    (502 / 504 / the backend's own status).
-//! 7. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
+//! 8. [`switching_protocols`]: the 101 to the client, only after the backend's 101.
+//! 9. The `handshake` record and metrics, whatever the outcome.
 //!
-//! Then the connection task hands both sockets to the [`relay`](crate::relay).
+//! Each phase returns what it learnt as its own type ([`Routed`], [`Upgrade`], [`Subscribed`]),
+//! so a later phase cannot run on something an earlier one did not establish. The accepted
+//! connection comes back to the caller ([`Accepted`]), which hands both sockets to the
+//! [`relay`](crate::relay).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, Upgraded};
+use crate::logging::loggable;
+use crate::manifest::Scheme;
+use crate::metrics::Metrics;
+use crate::policy::TlsInfo;
 use crate::routes::{Api, LimitReached, Permit, Routes};
+use crate::served::Served;
 use crate::subscriptions::{Keys, Subscription};
 use crate::wskey;
 
-/// What the phases learn about one handshake; also the source of its log record.
-pub struct HandshakeCtx {
-    pub started: Instant,
+/// What the connection knew before its request arrived.
+pub struct Conn {
+    /// Numbers the connection's records (`conn`), so handshake and close can be joined.
+    pub id: u64,
     pub client_addr: SocketAddr,
-    /// `ws` or `wss`: the listener the client came in on.
-    pub scheme: crate::manifest::Scheme,
+    /// The listener the client came in on.
+    pub scheme: Scheme,
     /// TLS facts of a wss client connection, gathered only when some API has policies.
-    pub tls: Option<Arc<crate::policy::TlsInfo>>,
-    pub api: Option<Arc<Api>>,
-    /// The normalised request path (see [`route`]): what is routed, what policies see and what
-    /// the backend path is built from.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// The gateway's shared pieces one handshake uses; nothing else of the gateway is reachable.
+pub struct Env {
+    /// The state this handshake is served from, whatever a reload does meanwhile.
+    pub served: Arc<Served>,
+    /// Connections holding a slot, gateway-wide.
+    pub active: Arc<AtomicUsize>,
+    pub metrics: Arc<Metrics>,
+    /// The gateway's shutdown token: ends the relay of a connection admitted without a key.
+    pub shutdown: CancellationToken,
+}
+
+/// A handshake that got its 101: what the connection task needs to start the relay.
+pub struct Accepted {
+    pub on_upgrade: hyper::upgrade::OnUpgrade,
+    pub backend: Upgraded,
+    pub permit: Permit,
+    pub api: Arc<Api>,
+    /// The backend request's path and query, for the close record.
+    pub target: String,
+    /// The product the handshake came in through (for the close record).
+    pub product: Option<String>,
+    /// Ends the relay: the shutdown token, or the subscription key's (revoked by a reload).
+    pub end: CancellationToken,
+    /// A policy's `close-at`, on the monotonic clock.
+    pub policy_deadline: Option<Instant>,
+}
+
+/// What the `handshake` record says about a handshake, filled in as the phases learn it.
+#[derive(Default)]
+struct Record {
+    api: Option<Arc<Api>>,
+    /// The normalised path, once routing got that far.
+    path: Option<String>,
+    product: Option<String>,
+    subscription: Option<String>,
+    /// Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
+    /// operator can tell a slow policy from a slow backend.
+    policies_ms: f64,
+}
+
+/// Runs one client's opening handshake and records it: the response for the client, and the
+/// accepted connection when that response is the 101.
+pub async fn handshake(
+    env: Env,
+    conn: &Conn,
+    mut req: Request<hyper::body::Incoming>,
+) -> (Response<Full<Bytes>>, Option<Accepted>) {
+    let started = Instant::now();
+    // If the client goes away before its answer, hyper drops this future mid-phase: the guard
+    // then logs `handshake_abandoned` and counts it, so the handshake leaves a trace.
+    let mut abandoned = AbandonGuard {
+        metrics: env.metrics.clone(),
+        conn: conn.id,
+        client_addr: conn.client_addr,
+        scheme: conn.scheme,
+        uri: req.uri().clone(),
+        started,
+        answered: false,
+    };
+    let mut rec = Record::default();
+    let result: Result<_, Reject> = async {
+        let served = &env.served;
+        let routed = route(&served.routes, conn.scheme, &req)?;
+        rec.api = Some(routed.api.clone());
+        rec.path = Some(routed.path.clone());
+        let api = routed.api.clone();
+        let upgrade = validate_upgrade(&req)?;
+        let subscribed = subscribe(&served.keys, &api, &req, routed.query.as_deref())?;
+        rec.product = subscribed.product.clone();
+        rec.subscription = subscribed.subscription.as_ref().map(|s| s.name.clone());
+        let permit = admit(
+            &env.active,
+            served.config.gateway.limits.max_connections,
+            &api,
+            subscribed.subscription.as_ref(),
+        )
+        .map_err(|(r, full)| {
+            env.metrics.limit_hit(&api.config.name, full.into());
+            r
+        })?;
+        let trusted_proxy = served
+            .config
+            .gateway
+            .trusted_proxies
+            .trusts(conn.client_addr.ip());
+        let mut breq = backend_request(conn, trusted_proxy, &routed, &subscribed, &req);
+        let effects = if api.chain.is_empty() {
+            crate::policy::chain::Effects::default()
+        } else {
+            let view = policy_request(conn, &routed, &subscribed, &req);
+            let t = Instant::now();
+            let outcome =
+                crate::policy::chain::run(&api.chain, view, &mut breq.headers, &mut breq.target)
+                    .await;
+            rec.policies_ms = t.elapsed().as_secs_f64() * 1000.0;
+            policy_outcome(outcome)?
+        };
+        let upgraded = api
+            .connector
+            .handshake(
+                &breq.target,
+                breq.headers,
+                &upgrade.protocols,
+                &upgrade.extensions,
+            )
+            .await
+            .map_err(|e| {
+                env.metrics.backend_error(&api.config.name, e.kind());
+                backend_reject(e)
+            })?;
+        let resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
+        let accepted = Accepted {
+            on_upgrade: hyper::upgrade::on(&mut req),
+            backend: upgraded,
+            permit,
+            api,
+            target: breq.target,
+            product: subscribed.product,
+            end: subscribed.key_token.unwrap_or_else(|| env.shutdown.clone()),
+            policy_deadline: effects.close_at.map(deadline),
+        };
+        Ok((resp, accepted))
+    }
+    .await;
+    abandoned.answered = true;
+    let status = match &result {
+        Ok(_) => StatusCode::SWITCHING_PROTOCOLS,
+        Err(r) => r.status,
+    };
+    record(
+        &env,
+        conn,
+        &req,
+        &rec,
+        started,
+        status,
+        result.as_ref().err(),
+    );
+    match result {
+        Ok((resp, accepted)) => (resp, Some(accepted)),
+        Err(r) => (r.into_response(), None),
+    }
+}
+
+/// The handshake's metrics and its `handshake` log record.
+fn record<B>(
+    env: &Env,
+    conn: &Conn,
+    req: &Request<B>,
+    rec: &Record,
+    started: Instant,
+    status: StatusCode,
+    rejected: Option<&Reject>,
+) {
+    let api_name = rec.api.as_ref().map_or("", |a| a.config.name.as_str());
+    let log_values = env.served.config.gateway.log_query_values;
+    let backend = loggable(
+        rec.api
+            .as_ref()
+            .map_or("", |a| a.config.backend.original.as_str()),
+        log_values,
+    );
+    let elapsed = started.elapsed();
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let product = rec.product.as_deref().unwrap_or("");
+    let subscription = rec.subscription.as_deref().unwrap_or("");
+    // The normalised path once routing got that far, else the path as the client wrote it (a
+    // refused path is worth seeing as it was sent).
+    let path = rec.path.as_deref().unwrap_or(req.uri().path());
+    env.metrics
+        .handshake(api_name, product, subscription, status.as_u16());
+    if let Some(api) = &rec.api {
+        api.metrics
+            .handshake_duration
+            .observe(elapsed.as_secs_f64());
+    }
+    let (conn_id, client, scheme, policies_ms) = (
+        conn.id,
+        &conn.client_addr,
+        conn.scheme.as_str(),
+        rec.policies_ms,
+    );
+    // The record's `target` is documented as `tollgate::server` (README, "Logs"), where it was
+    // written before the pipeline got its own module: kept, so log queries keep working.
+    match rejected {
+        None => tracing::info!(
+            target: "tollgate::server",
+            event = "handshake",
+            conn = conn_id,
+            api = api_name,
+            product,
+            subscription,
+            operation = "onHandshake",
+            status = 101u16,
+            client = %client,
+            scheme,
+            path,
+            backend = %backend,
+            duration_ms,
+            policies_ms,
+            "handshake accepted"
+        ),
+        Some(r) => tracing::info!(
+            target: "tollgate::server",
+            event = "handshake",
+            conn = conn_id,
+            api = api_name,
+            product,
+            subscription,
+            operation = "onHandshake",
+            status = r.status.as_u16(),
+            client = %client,
+            scheme,
+            path,
+            backend = %backend,
+            duration_ms,
+            policies_ms,
+            reason = %r.reason,
+            "handshake rejected"
+        ),
+    }
+}
+
+/// Logs a handshake whose client went away before the gateway answered it (hyper then drops
+/// the handshake's future, wherever it was: policies, the backend handshake). The path is
+/// logged without its query, which may hold a key or token.
+struct AbandonGuard {
+    metrics: Arc<Metrics>,
+    conn: u64,
+    client_addr: SocketAddr,
+    scheme: Scheme,
+    /// A clone shares the request's buffer: nothing is copied on a handshake that completes.
+    uri: http::Uri,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.metrics.handshake_abandoned();
+        tracing::info!(
+            target: "tollgate::server",
+            event = "handshake_abandoned",
+            conn = self.conn,
+            client = %self.client_addr,
+            scheme = self.scheme.as_str(),
+            path = %self.uri.path(),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "the client went away before its handshake was answered"
+        );
+    }
+}
+
+/// `close-at` (seconds since the Unix epoch) as a point on the monotonic clock.
+fn deadline(unix_seconds: u64) -> Instant {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix_seconds);
+    let now = Instant::now();
+    match at.duration_since(std::time::SystemTime::now()) {
+        Ok(left) => now
+            .checked_add(left)
+            .unwrap_or(now + Duration::from_secs(86400 * 365)),
+        Err(_) => now,
+    }
+}
+
+/// Phase 1's findings.
+pub struct Routed {
+    pub api: Arc<Api>,
+    /// The normalised request path: what is routed, what policies see and what the backend
+    /// path is built from.
     pub path: String,
     /// Path after the API's url_suffix.
     pub remainder: String,
+    /// The query as the client sent it.
     pub query: Option<String>,
+}
+
+/// Phase 2's findings.
+pub struct Upgrade {
     pub client_key: String,
     pub protocols: Vec<String>,
     pub extensions: Vec<String>,
-    /// The product the handshake comes in through (see [`subscribe`]).
+}
+
+/// Phase 3's findings.
+#[derive(Default)]
+pub struct Subscribed {
+    /// The product the handshake comes in through.
     pub product: Option<String>,
     pub subscription: Option<Arc<Subscription>>,
     /// Lower-case name of the subscription-key header, not forwarded anywhere, when the API is
     /// published through products.
     pub key_header: Option<String>,
-    /// The peer is one of `[gateway] trusted_proxies`: its forwarding headers are extended.
-    pub trusted_proxy: bool,
     /// The key the subscription was found by, ended when a reload revokes it.
-    pub key_token: Option<tokio_util::sync::CancellationToken>,
+    pub key_token: Option<CancellationToken>,
+    /// The query without the subscription key parameter: what the backend and policies see.
+    pub query: Option<String>,
 }
 
 /// A refused handshake: the status the client gets and the reason that is logged.
@@ -115,7 +410,7 @@ impl Reject {
 /// policies and the backend see only the normalised path, and a path that is unsafe to
 /// normalise, or whose `..` segments climb out of the API it ends up in, is refused (400). The
 /// listener's scheme must be one the API is served on.
-pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(), Reject> {
+pub fn route<B>(routes: &Routes, scheme: Scheme, req: &Request<B>) -> Result<Routed, Reject> {
     let bad = |why: String| Reject::new(StatusCode::BAD_REQUEST, why);
     let norm = tollgate_edge::path::normalise(req.uri().path())
         .map_err(|e| bad(format!("refused path: {e}")))?;
@@ -132,18 +427,18 @@ pub fn route<B>(routes: &Routes, ctx: &mut HandshakeCtx, req: &Request<B>) -> Re
             api.config.name
         )));
     }
-    let allowed = api.config.schemes.serves(ctx.scheme);
-    if !allowed {
+    if !api.config.schemes.serves(scheme) {
         return Err(Reject::new(
             StatusCode::NOT_FOUND,
-            format!("API {} is not served over {}", api.config.name, ctx.scheme),
+            format!("API {} is not served over {scheme}", api.config.name),
         ));
     }
-    ctx.remainder = rest.to_owned();
-    ctx.query = req.uri().query().map(str::to_owned);
-    ctx.api = Some(api.clone());
-    ctx.path = norm.path;
-    Ok(())
+    Ok(Routed {
+        api: api.clone(),
+        remainder: rest.to_owned(),
+        query: req.uri().query().map(str::to_owned),
+        path: norm.path,
+    })
 }
 
 fn header_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
@@ -156,7 +451,7 @@ fn header_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item 
 }
 
 /// Phase 2: RFC 6455 section 4.2.1. A wrong version gets 426 with the version we speak.
-pub fn validate_upgrade<B>(ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(), Reject> {
+pub fn validate_upgrade<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
     let bad = |why: &str| Err(Reject::new(StatusCode::BAD_REQUEST, why.to_owned()));
     if req.method() != Method::GET {
         return bad("a WebSocket handshake must be a GET request");
@@ -204,15 +499,16 @@ pub fn validate_upgrade<B>(ctx: &mut HandshakeCtx, req: &Request<B>) -> Result<(
     if !wskey::is_valid_key(key) {
         return bad("Sec-WebSocket-Key must be base64 of 16 bytes");
     }
-    ctx.client_key = key.to_owned();
-    ctx.protocols = header_tokens(h, &header::SEC_WEBSOCKET_PROTOCOL)
-        .map(str::to_owned)
-        .collect();
-    ctx.extensions = header_tokens(h, &header::SEC_WEBSOCKET_EXTENSIONS)
-        .filter_map(|e| e.split(';').next())
-        .map(|e| e.trim().to_owned())
-        .collect();
-    Ok(())
+    Ok(Upgrade {
+        client_key: key.to_owned(),
+        protocols: header_tokens(h, &header::SEC_WEBSOCKET_PROTOCOL)
+            .map(str::to_owned)
+            .collect(),
+        extensions: header_tokens(h, &header::SEC_WEBSOCKET_EXTENSIONS)
+            .filter_map(|e| e.split(';').next())
+            .map(|e| e.trim().to_owned())
+            .collect(),
+    })
 }
 
 /// What a client without a key is told (APIM's wording).
@@ -232,25 +528,31 @@ pub const SUBSCRIPTION_RETRY_AFTER: &str = "5";
 /// otherwise.
 pub fn subscribe<B>(
     keys: &Keys,
-    ctx: &mut HandshakeCtx,
     api: &Api,
     req: &Request<B>,
-) -> Result<(), Reject> {
+    query: Option<&str>,
+) -> Result<Subscribed, Reject> {
     if api.config.products.is_empty() {
-        return Ok(());
+        return Ok(Subscribed {
+            query: query.map(str::to_owned),
+            ..Subscribed::default()
+        });
     }
     let loc = &api.config.subscription_key;
-    ctx.key_header = Some(loc.header.clone());
+    let mut found = Subscribed {
+        key_header: Some(loc.header.clone()),
+        ..Subscribed::default()
+    };
     let bad = |why: String| Reject::new(StatusCode::BAD_REQUEST, why);
     // Two keys could each be read by someone different (the gateway, a policy, the backend).
     if let Ok(name) = HeaderName::from_bytes(loc.header.as_bytes()) {
         tollgate_edge::headers::at_most_once(req.headers(), &name)
             .map_err(|e| bad(e.to_string()))?;
     }
-    let taken = tollgate_edge::query::take_param(ctx.query.as_deref(), &loc.query)
-        .map_err(|e| bad(e.to_string()))?;
+    let taken =
+        tollgate_edge::query::take_param(query, &loc.query).map_err(|e| bad(e.to_string()))?;
     let from_query = taken.value;
-    ctx.query = taken.rest;
+    found.query = taken.rest;
     // An empty header or parameter counts as no key. A header that is not text cannot hold a
     // key we issued; it is kept as an (invalid) key rather than ignored.
     let from_header = req
@@ -268,8 +570,8 @@ pub fn subscribe<B>(
     let Some(key) = presented else {
         return match &api.open_product {
             Some(p) => {
-                ctx.product = Some(p.clone());
-                Ok(())
+                found.product = Some(p.clone());
+                Ok(found)
             }
             None => Err(deny(
                 format!(
@@ -282,10 +584,10 @@ pub fn subscribe<B>(
     };
     match keys.find(&key) {
         Some((sub, token)) if api.config.products.contains(&sub.product) => {
-            ctx.product = Some(sub.product.clone());
-            ctx.subscription = Some(sub.clone());
-            ctx.key_token = Some(token.clone());
-            Ok(())
+            found.product = Some(sub.product.clone());
+            found.subscription = Some(sub.clone());
+            found.key_token = Some(token.clone());
+            Ok(found)
         }
         // Logged by subscription name, never by key.
         Some((sub, _)) => Err(deny(
@@ -345,10 +647,17 @@ pub struct BackendRequest {
     pub headers: HeaderMap,
 }
 
-/// Phase 4: builds the backend request. End-to-end headers (Origin, Cookie, Authorization,
+/// Phase 5: builds the backend request. End-to-end headers (Origin, Cookie, Authorization,
 /// Sec-WebSocket-Protocol/-Extensions, custom ones) are forwarded; hop-by-hop ones, including
 /// any the client named in `Connection`, are not.
-pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> BackendRequest {
+pub fn backend_request<B>(
+    conn: &Conn,
+    trusted_proxy: bool,
+    routed: &Routed,
+    subscribed: &Subscribed,
+    req: &Request<B>,
+) -> BackendRequest {
+    let api = &routed.api;
     let src = req.headers();
     let named_hop: Vec<String> = header_tokens(src, &header::CONNECTION)
         .map(|t| t.to_ascii_lowercase())
@@ -358,7 +667,7 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
         let n = name.as_str();
         if not_forwarded(n)
             || named_hop.iter().any(|h| h == n)
-            || ctx.key_header.as_deref() == Some(n)
+            || subscribed.key_header.as_deref() == Some(n)
         {
             continue;
         }
@@ -389,11 +698,11 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
         joined("forwarded"),
         joined("x-real-ip"),
     );
-    let proto = ctx.scheme.http();
+    let proto = conn.scheme.http();
     let f = tollgate_edge::forwarded::forwarding(
-        ctx.client_addr.ip(),
+        conn.client_addr.ip(),
         proto,
-        ctx.trusted_proxy,
+        trusted_proxy,
         &tollgate_edge::forwarded::Sent {
             x_forwarded_for: xff.as_deref(),
             forwarded: fwd.as_deref(),
@@ -414,43 +723,45 @@ pub fn backend_request<B>(ctx: &HandshakeCtx, api: &Api, req: &Request<B>) -> Ba
         headers.insert("x-forwarded-host", host.clone());
     }
     BackendRequest {
-        target: url.request_target(&ctx.remainder, ctx.query.as_deref()),
+        target: url.request_target(&routed.remainder, subscribed.query.as_deref()),
         headers,
     }
 }
 
 /// The request as policies see it (the `request` resource of `wit/policy.wit`).
 pub fn policy_request<B>(
-    ctx: &HandshakeCtx,
-    api: &Api,
+    conn: &Conn,
+    routed: &Routed,
+    subscribed: &Subscribed,
     req: &Request<B>,
 ) -> crate::policy::Request {
     // The query as forwarded (without the subscription key).
-    let query = ctx
+    let query = subscribed
         .query
         .as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     let mut headers = req.headers().clone();
-    if let Some(k) = ctx.key_header.as_deref() {
+    if let Some(k) = subscribed.key_header.as_deref() {
         headers.remove(k);
     }
     crate::policy::Request {
         method: req.method().clone(),
-        path: ctx.path.clone(),
+        path: routed.path.clone(),
         query,
         headers,
-        client: ctx.client_addr,
-        tls: ctx.tls.clone(),
-        api: Arc::from(api.config.name.as_str()),
-        product: ctx.product.clone(),
+        client: conn.client_addr,
+        tls: conn.tls.clone(),
+        api: Arc::from(routed.api.config.name.as_str()),
+        product: subscribed.product.clone(),
         // What the gateway knows before any policy runs.
-        context: ctx
+        context: subscribed
             .product
             .iter()
             .map(|p| ("product.name".to_owned(), p.clone()))
             .chain(
-                ctx.subscription
+                subscribed
+                    .subscription
                     .iter()
                     .map(|s| ("subscription.name".to_owned(), s.name.clone())),
             )
@@ -485,8 +796,8 @@ pub fn policy_outcome(
 }
 
 /// What a policy learns about a wss client's TLS session.
-pub fn tls_facts(conn: &rustls::ServerConnection) -> crate::policy::TlsInfo {
-    crate::policy::TlsInfo {
+pub fn tls_facts(conn: &rustls::ServerConnection) -> TlsInfo {
+    TlsInfo {
         version: conn
             .protocol_version()
             .and_then(|v| v.as_str())
@@ -531,10 +842,10 @@ pub fn backend_reject(e: BackendError) -> Reject {
     }
 }
 
-/// Phase 6: the client's 101, carrying the backend's chosen subprotocol and extensions and its
+/// Phase 8: the client's 101, carrying the backend's chosen subprotocol and extensions and its
 /// other end-to-end headers (e.g. Set-Cookie).
 pub fn switching_protocols(
-    ctx: &HandshakeCtx,
+    upgrade: &Upgrade,
     backend: &Upgraded,
     extra: Vec<(HeaderName, HeaderValue)>,
 ) -> Response<Full<Bytes>> {
@@ -557,7 +868,7 @@ pub fn switching_protocols(
     }
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&wskey::accept_for(&ctx.client_key)) {
+    if let Ok(v) = HeaderValue::from_str(&wskey::accept_for(&upgrade.client_key)) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp

@@ -33,3 +33,13 @@ pub fn init_check() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
+
+/// A URL or request target as log records show it: browsers pass credentials in the query
+/// (`?access_token=`), so values are redacted unless the manifest says `log_query_values = true`.
+pub fn loggable(target: &str, log_values: bool) -> std::borrow::Cow<'_, str> {
+    if log_values {
+        target.into()
+    } else {
+        tollgate_edge::query::redact_target(target)
+    }
+}

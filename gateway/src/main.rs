@@ -213,7 +213,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         );
-        tokio::spawn(tollgate::reload::watch(gw.clone(), baseline, hup));
+        tokio::spawn(tollgate::reload::watch(gw.reloader(), baseline, hup));
         let stop_gateway = gw.stop.clone();
         tokio::spawn(async move {
             wait_for_signal(stop).await;

@@ -20,6 +20,16 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::frame::{DirStats, Direction};
 
+/// Lookups of the signature cache that found a remembered signature and lookups that did not,
+/// exported as `tollgate_signature_cache_hits_total` / `_misses_total` (an operator sizing
+/// `signature_cache_entries` needs the hit ratio). Handed to the policy host's cache, which
+/// counts; defined here so the metrics depend on nothing of the policy host.
+#[derive(Clone, Default)]
+pub struct SignatureCacheCounters {
+    pub hits: Counter,
+    pub misses: Counter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabel {
     api: String,
@@ -141,7 +151,7 @@ pub struct Metrics {
     handshakes_abandoned: Counter,
     runtime_tasks: Gauge,
     signatures: Family<SignatureLabels, Counter>,
-    signature_cache: crate::policy::verify_cache::CacheCounters,
+    signature_cache: SignatureCacheCounters,
 }
 
 impl Default for Metrics {
@@ -289,7 +299,7 @@ impl Metrics {
     }
 
     /// The signature cache's hit and miss counters, for the policy host.
-    pub fn signature_cache(&self) -> crate::policy::verify_cache::CacheCounters {
+    pub fn signature_cache(&self) -> SignatureCacheCounters {
         self.signature_cache.clone()
     }
 
@@ -491,16 +501,6 @@ impl From<tollgate_edge::frame::SizeLimit> for Limit {
         match l {
             tollgate_edge::frame::SizeLimit::MaxFrameSize => Limit::MaxFrameSize,
             tollgate_edge::frame::SizeLimit::MaxMessageSize => Limit::MaxMessageSize,
-        }
-    }
-}
-
-impl From<crate::routes::LimitReached> for Limit {
-    fn from(l: crate::routes::LimitReached) -> Limit {
-        match l {
-            crate::routes::LimitReached::Gateway => Limit::GatewayMaxConnections,
-            crate::routes::LimitReached::Api => Limit::ApiMaxConnections,
-            crate::routes::LimitReached::Subscription => Limit::SubscriptionMaxConnections,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Live reload: on SIGHUP, or when the manifest, the subscription keys file or a file in
 //! `plugin_dir` changes, the gateway re-reads the manifest, loads every plugin, runs every
-//! load-time check and swaps the new served state in as a whole ([`Gateway::swap_in`]). New handshakes use it; established
+//! load-time check and swaps the new served state in as a whole ([`Current::swap_in`]). New handshakes use it; established
 //! connections keep what they started with. A reload that fails any check is refused as a
 //! whole, every error is logged, and the previous state keeps serving. Changes that cannot be
 //! applied to running listeners (addresses, certificates, the admin listener) refuse the
@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::manifest::{self, Config};
-use crate::server::{Gateway, Served};
+use crate::metrics::Metrics;
+use crate::served::{Current, Served};
 
 /// How often the manifest and `plugin_dir` are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -54,31 +57,44 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     v
 }
 
-impl Gateway {
+/// What a reload needs of the running gateway, and nothing more.
+#[derive(Clone)]
+pub struct Reloader {
+    /// The served state a reload replaces.
+    pub current: Arc<Current>,
+    /// The manifest the process started with: listener settings cannot change without a
+    /// restart.
+    pub started_with: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// Ends the watcher; also handed to the subscriptions of a new state.
+    pub shutdown: CancellationToken,
+}
+
+impl Reloader {
     /// Reads the manifest at `path` and, if every check passes, makes it the served state.
     /// Blocking: plugins are compiled and their `configure` runs; call it off the async
     /// workers (`spawn_blocking`).
     pub fn reload(&self, path: &Path) -> Result<usize, Refused> {
         let config = manifest::load(path)
             .map_err(|e| Refused(e.0.iter().map(|m| m.to_string()).collect()))?;
-        let restart = restart_needed(&self.config, &config);
+        let restart = restart_needed(&self.started_with, &config);
         if !restart.is_empty() {
             return Err(Refused(restart));
         }
-        let current = self.served();
+        let current = self.current.get();
         let served = Served::build(config, Some(&current), &self.metrics, &self.shutdown)
             .map_err(|e| Refused(e.iter().map(|m| m.to_string()).collect()))?;
         let apis = served.routes.apis().len();
-        self.swap_in(served);
+        self.current.swap_in(served);
         Ok(apis)
     }
 }
 
-/// Runs [`Gateway::reload`] off the async workers and logs the outcome.
-pub async fn reload_and_log(gw: Arc<Gateway>, path: PathBuf, trigger: &'static str) {
+/// Runs [`Reloader::reload`] off the async workers and logs the outcome.
+pub async fn reload_and_log(r: Reloader, path: PathBuf, trigger: &'static str) {
     let started = std::time::Instant::now();
-    let metrics = gw.metrics.clone();
-    let outcome = tokio::task::spawn_blocking(move || gw.reload(&path)).await;
+    let metrics = r.metrics.clone();
+    let outcome = tokio::task::spawn_blocking(move || r.reload(&path)).await;
     let applied = matches!(outcome, Ok(Ok(_)));
     metrics.reload(trigger, if applied { "applied" } else { "rejected" });
     let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -177,16 +193,12 @@ fn fingerprint(
 /// `hup`: the SIGHUP stream, installed by the caller before the listeners are bound (a SIGHUP
 /// that arrived before any handler would end the process); `None` reloads on file changes
 /// only.
-pub async fn watch(
-    gw: Arc<Gateway>,
-    baseline: Baseline,
-    mut hup: Option<tokio::signal::unix::Signal>,
-) {
+pub async fn watch(gw: Reloader, baseline: Baseline, mut hup: Option<tokio::signal::unix::Signal>) {
     let manifest = baseline.manifest;
     // The plugin directory and keys file of the manifest as it is now (they may move with a
     // reload).
-    let dir = |gw: &Gateway| {
-        let s = gw.served();
+    let dir = |gw: &Reloader| {
+        let s = gw.current.get();
         (
             s.config.gateway.plugin_dir.clone(),
             s.config.gateway.subscription_keys_file.clone(),

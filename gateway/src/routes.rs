@@ -74,6 +74,17 @@ pub enum LimitReached {
     Gateway,
 }
 
+impl From<LimitReached> for crate::metrics::Limit {
+    fn from(l: LimitReached) -> Self {
+        use crate::metrics::Limit;
+        match l {
+            LimitReached::Gateway => Limit::GatewayMaxConnections,
+            LimitReached::Api => Limit::ApiMaxConnections,
+            LimitReached::Subscription => Limit::SubscriptionMaxConnections,
+        }
+    }
+}
+
 impl LimitReached {
     pub fn reason(self) -> &'static str {
         match self {

@@ -8,10 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -20,56 +16,23 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{self, Connector};
-use crate::handshake::{self, HandshakeCtx, Reject};
+use crate::backend;
+use crate::handshake::{self, Accepted};
+use crate::logging::loggable;
 use crate::manifest::{Config, ListenerTls, Scheme};
 use crate::metrics::{Limit, Metrics};
 use crate::relay::{self, RelayParams};
-use crate::routes::{Api, Permit, Routes};
+
+pub use crate::served::StartError;
+use crate::served::{Current, Served};
 use crate::stream::Stream;
-
-/// Everything that stops a validated manifest from becoming a running gateway (certificate
-/// files that do not parse, listeners that cannot bind...).
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("{file}: {message}")]
-    Tls { file: String, message: String },
-    #[error("API `{api}`: {message}")]
-    Api { api: String, message: String },
-    #[error("{0}")]
-    Plugin(String),
-    /// Already in the manifest's `file:line:column: key` form (an attachment's plugin).
-    #[error("{0}")]
-    Located(String),
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        addr: SocketAddr,
-        what: &'static str,
-        source: std::io::Error,
-    },
-}
-
-/// What handshakes are served from: the manifest, its APIs and their policy chains (with the
-/// plugins they hold). A reload builds a new one completely, checks and all, and swaps it in
-/// at once; a handshake takes the current one when it starts, and an established connection
-/// keeps the `Api` (and so the plugins) it was admitted with.
-pub struct Served {
-    pub config: Config,
-    pub routes: Routes,
-    /// Some API runs policies (so TLS facts are worth gathering).
-    routes_have_policies: bool,
-    /// The policy host the chains run in, when any policy is attached.
-    host: Option<Arc<crate::policy::PolicyHost>>,
-    /// Products' subscriptions, by key digest.
-    pub keys: crate::subscriptions::Keys,
-}
 
 /// The running gateway's shared state.
 pub struct Gateway {
     /// The manifest the process started with: listeners and admin (changing those needs a
     /// restart). Everything else, limits included, is read from [`Gateway::served`].
     pub config: Config,
-    served: arc_swap::ArcSwap<Served>,
+    served: Arc<Current>,
     tls_acceptor: Option<TlsAcceptor>,
     /// Connections holding a slot (handshakes past admission, and relays).
     pub active: Arc<AtomicUsize>,
@@ -85,163 +48,18 @@ pub struct Gateway {
     /// Cancelled by [`Gateway::run`] once the drain starts: every relay sends its 1001s, the
     /// accept loops and the reload watcher end.
     pub shutdown: CancellationToken,
-    pub ready: AtomicBool,
+    /// Serving (`/readyz`); false again once the drain starts.
+    pub ready: Arc<AtomicBool>,
     tracker: TaskTracker,
     /// The peak of `tracker`'s connection tasks since memory was last given back.
     bursts: Arc<crate::memory::Bursts>,
     /// Counters and histograms for `/metrics`; one set for the process's life.
     pub metrics: Arc<Metrics>,
     /// The client listeners' bound addresses (`ws`/`wss`), once bound (for `/apis`).
-    pub bound: std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>,
+    pub bound: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
     /// Numbers client connections, so a connection's handshake and close records can be
     /// joined (`conn` field).
     next_conn: std::sync::atomic::AtomicU64,
-}
-
-impl Served {
-    /// Loads the plugins and builds every API (backend connector, policy chain). Collects
-    /// every error. `previous`: the state being replaced by a reload, whose per-API connection
-    /// counts carry over.
-    pub fn build(
-        config: Config,
-        previous: Option<&Served>,
-        metrics: &Metrics,
-        shutdown: &CancellationToken,
-    ) -> Result<Served, Vec<StartError>> {
-        let mut errors = Vec::new();
-        let has_policies = !config.policies.is_empty()
-            || config.products.iter().any(|p| !p.policies.is_empty())
-            || config.apis.iter().any(|a| !a.on_handshake.is_empty());
-        let mut plugins = std::collections::HashMap::new();
-        let mut host = None;
-        // One wasm engine for the process's life: a reload with the same host settings reuses
-        // it (each engine reserves its own pooling-allocator address space, and engines of
-        // older states live as long as connections admitted under them).
-        let reuse = previous
-            .filter(|p| {
-                p.config.gateway.plugin_cache_dir == config.gateway.plugin_cache_dir
-                    && p.config.gateway.signature_cache_entries
-                        == config.gateway.signature_cache_entries
-            })
-            .and_then(|p| p.host.clone());
-        if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
-            let made = match reuse {
-                Some(h) => Ok(h),
-                None => crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
-                    .map(|mut h| {
-                        h.set_signature_cache(config.gateway.signature_cache_entries);
-                        h.set_metrics(metrics);
-                        Arc::new(h)
-                    }),
-            };
-            match made {
-                Ok(h) => {
-                    let (loaded, errs) = h.load_dir(dir);
-                    errors.extend(errs.into_iter().map(
-                        |e| match &config.gateway.plugin_dir_location {
-                            Some(at) => StartError::Located(format!("{at}: {e}")),
-                            None => StartError::Plugin(e.to_string()),
-                        },
-                    ));
-                    for p in loaded {
-                        tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
-                            capabilities = ?p.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(), path = %p.path.display(),
-                            from_cache = p.from_cache, compile_ms = p.compile_time.as_millis() as u64,
-                            "plugin loaded");
-                        plugins.insert(p.name.clone(), Arc::new(p));
-                    }
-                    host = Some(h);
-                }
-                Err(e) => errors.push(StartError::Plugin(e)),
-            }
-        }
-        let mut apis = Vec::new();
-        for a in &config.apis {
-            let chain = match &host {
-                Some(h) => match crate::policy::chain::build(h, &plugins, &config, a, metrics) {
-                    Ok(c) => c,
-                    Err(errs) => {
-                        errors.extend(errs.into_iter().map(StartError::Located));
-                        continue;
-                    }
-                },
-                None => Vec::new(),
-            };
-            let tls = if a.backend.tls {
-                if a.insecure_skip_verify {
-                    tracing::warn!(
-                        event = "insecure_skip_verify",
-                        api = %a.name,
-                        backend = %loggable(&a.backend.original, config.gateway.log_query_values),
-                        "insecure_skip_verify is set: the backend's certificate is NOT verified; anyone on the path can impersonate it"
-                    );
-                }
-                match backend::client_tls_config(a.ca_file.as_deref(), a.insecure_skip_verify) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        errors.push(StartError::Api {
-                            api: a.name.clone(),
-                            message: e.to_string(),
-                        });
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            match Connector::new(
-                a.backend.clone(),
-                tls,
-                config.gateway.limits.backend_timeout,
-            ) {
-                Ok(connector) => apis.push(Arc::new(Api {
-                    config: a.clone(),
-                    connector,
-                    // Same API as before a reload: keep counting its connections.
-                    active: previous
-                        .and_then(|p| p.routes.apis().iter().find(|o| o.config.name == a.name))
-                        .map(|o| o.active.clone())
-                        .unwrap_or_default(),
-                    chain,
-                    open_product: a
-                        .products
-                        .iter()
-                        .find(|p| {
-                            config
-                                .products
-                                .iter()
-                                .any(|c| &c.name == *p && !c.subscription_required)
-                        })
-                        .cloned(),
-                    metrics: metrics.api(&a.name),
-                })),
-                Err(message) => errors.push(StartError::Api {
-                    api: a.name.clone(),
-                    message,
-                }),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
-        let keys = crate::subscriptions::Keys::build(
-            &config,
-            previous.map(|p| &p.keys),
-            metrics,
-            shutdown,
-        );
-        if let Some(path) = &config.gateway.subscription_keys_file {
-            crate::subscriptions::warn_if_readable_by_others(path);
-        }
-        Ok(Served {
-            config,
-            routes_have_policies,
-            routes: Routes::new(apis),
-            host,
-            keys,
-        })
-    }
 }
 
 impl Gateway {
@@ -280,32 +98,45 @@ impl Gateway {
         };
         Ok(Arc::new(Gateway {
             config,
-            served: arc_swap::ArcSwap::from_pointee(served),
+            served: Arc::new(Current::new(served)),
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(AtomicUsize::new(0)),
             stop: CancellationToken::new(),
             shutdown,
-            ready: AtomicBool::new(false),
+            ready: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
             bursts: Default::default(),
             metrics,
-            bound: std::sync::OnceLock::new(),
+            bound: Default::default(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
         }))
     }
 
     /// The state new handshakes are served from.
     pub fn served(&self) -> Arc<Served> {
-        self.served.load_full()
+        self.served.get()
     }
 
-    /// Makes `s` the state new handshakes are served from (see [`crate::reload`]), then ends the
-    /// connections of subscription keys it no longer has.
-    pub(crate) fn swap_in(&self, s: Served) {
-        let new = Arc::new(s);
-        let old = self.served.swap(new.clone());
-        new.keys.revoke_missing(&old.keys);
+    /// What the admin listener may read: served state, metrics, readiness, listener addresses.
+    fn admin_view(&self) -> crate::admin::View {
+        crate::admin::View {
+            current: self.served.clone(),
+            metrics: self.metrics.clone(),
+            ready: self.ready.clone(),
+            listeners: self.bound.clone(),
+        }
+    }
+
+    /// What a reload needs: the served state to swap, the manifest the process started with
+    /// (to refuse changes that need a restart), the metrics and the shutdown token.
+    pub fn reloader(&self) -> crate::reload::Reloader {
+        crate::reload::Reloader {
+            current: self.served.clone(),
+            started_with: Arc::new(self.config.clone()),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
 
     /// Binds every listener, then serves until [`Gateway::shutdown`] is cancelled, then drains:
@@ -336,7 +167,9 @@ impl Gateway {
             if let Ok(addr) = a.local_addr() {
                 tracing::info!(event = "listening", scheme = "admin", addr = %addr, "admin listening");
             }
-            tokio::spawn(crate::admin::serve(a, self.clone()));
+            if let Some(config) = self.config.admin.clone() {
+                tokio::spawn(crate::admin::serve(a, config, self.admin_view()));
+            }
         }
         for api in self.served().routes.apis() {
             tracing::info!(
@@ -475,7 +308,7 @@ impl Gateway {
         .await;
         drop(pending);
         if let Some(a) = accepted {
-            self.relay(a).await;
+            self.relay(a, conn, client_addr).await;
         }
     }
 
@@ -521,19 +354,28 @@ impl Gateway {
             _ => Stream::Tcp(tcp),
         };
 
-        let slot: Arc<Mutex<Option<Accepted>>> = Arc::new(Mutex::new(None));
+        // hyper's service returns only the response; the accepted connection the pipeline
+        // returns with it waits here for this task, which relays it once hyper is done.
+        let handoff: Arc<Mutex<Option<Accepted>>> = Arc::new(Mutex::new(None));
+        let facts = Arc::new(handshake::Conn {
+            id: conn,
+            client_addr,
+            scheme,
+            tls: tls_facts,
+        });
         let svc = {
             let gw = self.clone();
-            let slot = slot.clone();
+            let handoff = handoff.clone();
             service_fn(move |req| {
-                let gw = gw.clone();
-                let slot = slot.clone();
-                let tls = tls_facts.clone();
+                let env = gw.env();
+                let handoff = handoff.clone();
+                let facts = facts.clone();
                 async move {
-                    Ok::<_, Infallible>(
-                        gw.handshake(req, client_addr, scheme, conn, tls, slot)
-                            .await,
-                    )
+                    let (resp, accepted) = handshake::handshake(env, &facts, req).await;
+                    if let (Some(a), Ok(mut slot)) = (accepted, handoff.lock()) {
+                        *slot = Some(a);
+                    }
+                    Ok::<_, Infallible>(resp)
                 }
             })
         };
@@ -566,206 +408,28 @@ impl Gateway {
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "handshake timed out; connection closed");
             }
         }
-        let accepted = slot.lock().ok().and_then(|mut s| s.take());
+        let accepted = handoff.lock().ok().and_then(|mut s| s.take());
         accepted
     }
 
-    /// Runs the handshake pipeline for one request and logs its record.
-    async fn handshake(
-        self: Arc<Self>,
-        mut req: Request<Incoming>,
-        client_addr: SocketAddr,
-        scheme: Scheme,
-        conn: u64,
-        tls: Option<Arc<crate::policy::TlsInfo>>,
-        slot: Arc<Mutex<Option<Accepted>>>,
-    ) -> http::Response<Full<Bytes>> {
-        // This handshake is served from the state current now, whatever a reload does meanwhile.
-        let served = self.served();
-        let mut ctx = HandshakeCtx {
-            started: Instant::now(),
-            client_addr,
-            scheme,
-            tls,
-            api: None,
-            path: String::new(),
-            remainder: String::new(),
-            query: None,
-            client_key: String::new(),
-            protocols: Vec::new(),
-            extensions: Vec::new(),
-            product: None,
-            subscription: None,
-            key_header: None,
-            trusted_proxy: served
-                .config
-                .gateway
-                .trusted_proxies
-                .trusts(client_addr.ip()),
-            key_token: None,
-        };
-        // If the client goes away before its answer, hyper drops this future mid-phase: the
-        // guard then logs `handshake_abandoned` and counts it, so the handshake leaves a trace.
-        let mut abandoned = AbandonGuard {
+    /// What one handshake may use of the gateway.
+    fn env(&self) -> handshake::Env {
+        handshake::Env {
+            served: self.served(),
+            active: self.active.clone(),
             metrics: self.metrics.clone(),
-            conn,
-            client_addr,
-            scheme,
-            uri: req.uri().clone(),
-            started: ctx.started,
-            answered: false,
-        };
-        // Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
-        // operator can tell a slow policy from a slow backend.
-        let mut policies_ms = 0.0f64;
-        let result: Result<_, Reject> = async {
-            handshake::route(&served.routes, &mut ctx, &req)?;
-            handshake::validate_upgrade(&mut ctx, &req)?;
-            let api = ctx
-                .api
-                .clone()
-                .ok_or_else(|| Reject::new(http::StatusCode::INTERNAL_SERVER_ERROR, "no route"))?;
-            handshake::subscribe(&served.keys, &mut ctx, &api, &req)?;
-            let permit = handshake::admit(
-                &self.active,
-                served.config.gateway.limits.max_connections,
-                &api,
-                ctx.subscription.as_ref(),
-            )
-            .map_err(|(r, full)| {
-                self.metrics.limit_hit(&api.config.name, full.into());
-                r
-            })?;
-            let mut breq = handshake::backend_request(&ctx, &api, &req);
-            let mut effects = if api.chain.is_empty() {
-                crate::policy::chain::Effects::default()
-            } else {
-                let view = handshake::policy_request(&ctx, &api, &req);
-                let t = Instant::now();
-                let outcome = crate::policy::chain::run(
-                    &api.chain,
-                    view,
-                    &mut breq.headers,
-                    &mut breq.target,
-                )
-                .await;
-                policies_ms = t.elapsed().as_secs_f64() * 1000.0;
-                handshake::policy_outcome(outcome)?
-            };
-            let extra = std::mem::take(&mut effects.response_headers);
-            let upgraded = api
-                .connector
-                .handshake(&breq.target, breq.headers, &ctx.protocols, &ctx.extensions)
-                .await
-                .map_err(|e| {
-                    self.metrics.backend_error(&api.config.name, e.kind());
-                    handshake::backend_reject(e)
-                })?;
-            let resp = handshake::switching_protocols(&ctx, &upgraded, extra);
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(Accepted {
-                    on_upgrade,
-                    backend: upgraded,
-                    permit,
-                    api,
-                    client_addr,
-                    target: breq.target,
-                    conn,
-                    product: ctx.product.clone(),
-                    policy_deadline: effects.close_at.map(deadline),
-                    end: ctx
-                        .key_token
-                        .clone()
-                        .unwrap_or_else(|| self.shutdown.clone()),
-                });
-            }
-            Ok(resp)
-        }
-        .await;
-        abandoned.answered = true;
-
-        let api_name = ctx.api.as_ref().map_or("", |a| a.config.name.as_str());
-        let backend = loggable(
-            ctx.api
-                .as_ref()
-                .map_or("", |a| a.config.backend.original.as_str()),
-            served.config.gateway.log_query_values,
-        );
-        let elapsed = ctx.started.elapsed();
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        let status = match &result {
-            Ok(_) => 101,
-            Err(r) => r.status.as_u16(),
-        };
-        let product = ctx.product.as_deref().unwrap_or("");
-        let subscription = ctx.subscription.as_ref().map_or("", |s| s.name.as_str());
-        // The normalised path once routing got that far, else the path as the client wrote it
-        // (a refused path is worth seeing as it was sent).
-        let path = if ctx.path.is_empty() {
-            req.uri().path()
-        } else {
-            ctx.path.as_str()
-        };
-        self.metrics
-            .handshake(api_name, product, subscription, status);
-        if let Some(api) = &ctx.api {
-            api.metrics
-                .handshake_duration
-                .observe(elapsed.as_secs_f64());
-        }
-        match result {
-            Ok(resp) => {
-                tracing::info!(
-                    event = "handshake",
-                    conn,
-                    api = api_name,
-                    product,
-                    subscription,
-                    operation = "onHandshake",
-                    status = 101u16,
-                    client = %client_addr,
-                    scheme = scheme.as_str(),
-                    path,
-                    backend = %backend,
-                    duration_ms,
-                    policies_ms,
-                    "handshake accepted"
-                );
-                resp
-            }
-            Err(r) => {
-                tracing::info!(
-                    event = "handshake",
-                    conn,
-                    api = api_name,
-                    product,
-                    subscription,
-                    operation = "onHandshake",
-                    status = r.status.as_u16(),
-                    client = %client_addr,
-                    scheme = scheme.as_str(),
-                    path,
-                    backend = %backend,
-                    duration_ms,
-                    policies_ms,
-                    reason = %r.reason,
-                    "handshake rejected"
-                );
-                r.into_response()
-            }
+            shutdown: self.shutdown.clone(),
         }
     }
 
-    async fn relay(&self, a: Accepted) {
+    /// Relays an accepted connection until either side closes, then logs its close record.
+    async fn relay(&self, a: Accepted, conn: u64, client_addr: SocketAddr) {
         let Accepted {
             on_upgrade,
             backend,
             permit,
             api,
-            client_addr,
             target,
-            conn,
             product,
             end,
             policy_deadline,
@@ -862,83 +526,12 @@ impl Gateway {
     }
 }
 
-/// `close-at` (seconds since the Unix epoch) as a point on the monotonic clock.
-fn deadline(unix_seconds: u64) -> Instant {
-    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix_seconds);
-    let now = Instant::now();
-    match at.duration_since(std::time::SystemTime::now()) {
-        Ok(left) => now
-            .checked_add(left)
-            .unwrap_or(now + Duration::from_secs(86400 * 365)),
-        Err(_) => now,
-    }
-}
-
-/// A handshake that got its 101: what the connection task needs to start the relay.
-struct Accepted {
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    backend: backend::Upgraded,
-    permit: Permit,
-    api: Arc<Api>,
-    client_addr: SocketAddr,
-    target: String,
-    conn: u64,
-    /// The product the handshake came in through (for the close record).
-    product: Option<String>,
-    /// Ends the relay (see [`RelayParams::end`]).
-    end: CancellationToken,
-    /// A policy's `close-at`, on the monotonic clock.
-    policy_deadline: Option<Instant>,
-}
-
-/// A URL or request target as log records show it: browsers pass credentials in the query
-/// (`?access_token=`), so values are redacted unless the manifest says `log_query_values = true`.
-fn loggable(target: &str, log_values: bool) -> std::borrow::Cow<'_, str> {
-    if log_values {
-        target.into()
-    } else {
-        tollgate_edge::query::redact_target(target)
-    }
-}
-
 /// One of `max_pending_handshakes`, held from accept until the handshake is over.
 struct PendingSlot(Arc<AtomicUsize>);
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Logs a handshake whose client went away before the gateway answered it (hyper then drops
-/// the handshake's future, wherever it was: policies, the backend handshake). The path is
-/// logged without its query, which may hold a key or token.
-struct AbandonGuard {
-    metrics: Arc<Metrics>,
-    conn: u64,
-    client_addr: SocketAddr,
-    scheme: Scheme,
-    /// A clone shares the request's buffer: nothing is copied on a handshake that completes.
-    uri: http::Uri,
-    started: Instant,
-    answered: bool,
-}
-
-impl Drop for AbandonGuard {
-    fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        self.metrics.handshake_abandoned();
-        tracing::info!(
-            event = "handshake_abandoned",
-            conn = self.conn,
-            client = %self.client_addr,
-            scheme = self.scheme.as_str(),
-            path = %self.uri.path(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            "the client went away before its handshake was answered"
-        );
     }
 }
 

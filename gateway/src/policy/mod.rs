@@ -761,7 +761,7 @@ pub struct PolicyHost {
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
 /// else `$HOME/.cache/tollgate/compiled`, else none (never the temporary directory: see
-/// [`crate::plugin_cache`]).
+/// [`plugin_cache`]).
 pub fn default_cache_dir() -> Option<PathBuf> {
     plugin_cache::default_dir()
 }

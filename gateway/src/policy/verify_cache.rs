@@ -16,22 +16,13 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use prometheus_client::metrics::counter::Counter;
+pub use crate::metrics::SignatureCacheCounters as CacheCounters;
 
 /// Default number of remembered signatures (about 100 bytes each); defined with the manifest,
 /// which applies it when `gateway.signature_cache_entries` is not set.
 pub const DEFAULT_ENTRIES: usize = tollgate_manifest::DEFAULT_SIGNATURE_CACHE_ENTRIES;
 
 type Digest = [u8; 32];
-
-/// Lookups that found a remembered signature and lookups that did not, exported as
-/// `tollgate_signature_cache_hits_total` / `_misses_total` (an operator sizing
-/// `signature_cache_entries` needs the hit ratio).
-#[derive(Clone, Default)]
-pub struct CacheCounters {
-    pub hits: Counter,
-    pub misses: Counter,
-}
 
 pub struct VerifyCache {
     generations: Mutex<(HashSet<Digest>, HashSet<Digest>)>,

@@ -1,0 +1,226 @@
+//! The served state: what handshakes are served from (the manifest's APIs with their backend
+//! connectors and policy chains, the products' subscriptions), built as a whole from a
+//! validated [`Config`] at start and by every reload, and swapped in as a whole
+//! ([`Current::swap_in`]). The listener, the admin listener and the reload watcher all read it
+//! through [`Current`]; none of them needs the rest of the gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, Connector};
+use crate::manifest::Config;
+use crate::metrics::Metrics;
+use crate::routes::{Api, Routes};
+
+/// Everything that stops a validated manifest from becoming a running gateway (certificate
+/// files that do not parse, listeners that cannot bind...).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{file}: {message}")]
+    Tls { file: String, message: String },
+    #[error("API `{api}`: {message}")]
+    Api { api: String, message: String },
+    #[error("{0}")]
+    Plugin(String),
+    /// Already in the manifest's `file:line:column: key` form (an attachment's plugin).
+    #[error("{0}")]
+    Located(String),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What handshakes are served from: the manifest, its APIs and their policy chains (with the
+/// plugins they hold). A reload builds a new one completely, checks and all, and swaps it in
+/// at once; a handshake takes the current one when it starts, and an established connection
+/// keeps the `Api` (and so the plugins) it was admitted with.
+pub struct Served {
+    pub config: Config,
+    pub routes: Routes,
+    /// Some API runs policies (so TLS facts are worth gathering).
+    pub routes_have_policies: bool,
+    /// The policy host the chains run in, when any policy is attached.
+    host: Option<Arc<crate::policy::PolicyHost>>,
+    /// Products' subscriptions, by key digest.
+    pub keys: crate::subscriptions::Keys,
+}
+
+impl Served {
+    /// Loads the plugins and builds every API (backend connector, policy chain). Collects
+    /// every error. `previous`: the state being replaced by a reload, whose per-API connection
+    /// counts carry over.
+    pub fn build(
+        config: Config,
+        previous: Option<&Served>,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Served, Vec<StartError>> {
+        let mut errors = Vec::new();
+        let has_policies = !config.policies.is_empty()
+            || config.products.iter().any(|p| !p.policies.is_empty())
+            || config.apis.iter().any(|a| !a.on_handshake.is_empty());
+        let mut plugins = std::collections::HashMap::new();
+        let mut host = None;
+        // One wasm engine for the process's life: a reload with the same host settings reuses
+        // it (each engine reserves its own pooling-allocator address space, and engines of
+        // older states live as long as connections admitted under them).
+        let reuse = previous
+            .filter(|p| {
+                p.config.gateway.plugin_cache_dir == config.gateway.plugin_cache_dir
+                    && p.config.gateway.signature_cache_entries
+                        == config.gateway.signature_cache_entries
+            })
+            .and_then(|p| p.host.clone());
+        if let (true, Some(dir)) = (has_policies, &config.gateway.plugin_dir) {
+            let made = match reuse {
+                Some(h) => Ok(h),
+                None => crate::policy::PolicyHost::new(config.gateway.plugin_cache_dir.clone())
+                    .map(|mut h| {
+                        h.set_signature_cache(config.gateway.signature_cache_entries);
+                        h.set_metrics(metrics);
+                        Arc::new(h)
+                    }),
+            };
+            match made {
+                Ok(h) => {
+                    let (loaded, errs) = h.load_dir(dir);
+                    errors.extend(errs.into_iter().map(
+                        |e| match &config.gateway.plugin_dir_location {
+                            Some(at) => StartError::Located(format!("{at}: {e}")),
+                            None => StartError::Plugin(e.to_string()),
+                        },
+                    ));
+                    for p in loaded {
+                        tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
+                            capabilities = ?p.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(), path = %p.path.display(),
+                            from_cache = p.from_cache, compile_ms = p.compile_time.as_millis() as u64,
+                            "plugin loaded");
+                        plugins.insert(p.name.clone(), Arc::new(p));
+                    }
+                    host = Some(h);
+                }
+                Err(e) => errors.push(StartError::Plugin(e)),
+            }
+        }
+        let mut apis = Vec::new();
+        for a in &config.apis {
+            let chain = match &host {
+                Some(h) => match crate::policy::chain::build(h, &plugins, &config, a, metrics) {
+                    Ok(c) => c,
+                    Err(errs) => {
+                        errors.extend(errs.into_iter().map(StartError::Located));
+                        continue;
+                    }
+                },
+                None => Vec::new(),
+            };
+            let tls = if a.backend.tls {
+                if a.insecure_skip_verify {
+                    tracing::warn!(
+                        event = "insecure_skip_verify",
+                        api = %a.name,
+                        backend = %crate::logging::loggable(&a.backend.original, config.gateway.log_query_values),
+                        "insecure_skip_verify is set: the backend's certificate is NOT verified; anyone on the path can impersonate it"
+                    );
+                }
+                match backend::client_tls_config(a.ca_file.as_deref(), a.insecure_skip_verify) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        errors.push(StartError::Api {
+                            api: a.name.clone(),
+                            message: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            match Connector::new(
+                a.backend.clone(),
+                tls,
+                config.gateway.limits.backend_timeout,
+            ) {
+                Ok(connector) => apis.push(Arc::new(Api {
+                    config: a.clone(),
+                    connector,
+                    // Same API as before a reload: keep counting its connections.
+                    active: previous
+                        .and_then(|p| p.routes.apis().iter().find(|o| o.config.name == a.name))
+                        .map(|o| o.active.clone())
+                        .unwrap_or_default(),
+                    chain,
+                    open_product: a
+                        .products
+                        .iter()
+                        .find(|p| {
+                            config
+                                .products
+                                .iter()
+                                .any(|c| &c.name == *p && !c.subscription_required)
+                        })
+                        .cloned(),
+                    metrics: metrics.api(&a.name),
+                })),
+                Err(message) => errors.push(StartError::Api {
+                    api: a.name.clone(),
+                    message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let routes_have_policies = apis.iter().any(|a| !a.chain.is_empty());
+        let keys = crate::subscriptions::Keys::build(
+            &config,
+            previous.map(|p| &p.keys),
+            metrics,
+            shutdown,
+        );
+        if let Some(path) = &config.gateway.subscription_keys_file {
+            crate::subscriptions::warn_if_readable_by_others(path);
+        }
+        Ok(Served {
+            config,
+            routes_have_policies,
+            routes: Routes::new(apis),
+            host,
+            keys,
+        })
+    }
+}
+
+/// The state new handshakes are served from, replaced as a whole by a reload. A handshake
+/// takes the current one when it starts ([`Current::get`]) and keeps it to the end.
+pub struct Current(arc_swap::ArcSwap<Served>);
+
+impl Current {
+    pub fn new(s: Served) -> Current {
+        Current(arc_swap::ArcSwap::from_pointee(s))
+    }
+
+    /// The state new handshakes are served from now.
+    pub fn get(&self) -> Arc<Served> {
+        self.0.load_full()
+    }
+
+    /// The current state for a quick look (no reference count taken): what the accept loop
+    /// and a closing connection read.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Served>> {
+        self.0.load()
+    }
+
+    /// Makes `s` the state new handshakes are served from, then ends the connections of
+    /// subscription keys it no longer has.
+    pub fn swap_in(&self, s: Served) {
+        let new = Arc::new(s);
+        let old = self.0.swap(new.clone());
+        new.keys.revoke_missing(&old.keys);
+    }
+}
