@@ -21,56 +21,22 @@ use http::HeaderName;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod error;
+#[cfg(test)]
+mod test_util;
+
+use error::{key_at, line_col, toml_message};
+pub use error::{ManifestError, ManifestErrors};
+
 /// Signatures the host's `signatures.verify` remembers as valid when the manifest does not say
 /// (`gateway.signature_cache_entries`).
 pub const DEFAULT_SIGNATURE_CACHE_ENTRIES: usize = 10_000;
 
-/// One problem in a manifest, located precisely.
 /// What a PEM file named in the manifest must hold.
 #[derive(Debug, Clone, Copy)]
 enum Pem {
     Certificates,
     PrivateKey,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ManifestError {
-    pub file: PathBuf,
-    /// 1-based; 0 when the problem is about the file as a whole (e.g. it cannot be read).
-    pub line: usize,
-    pub column: usize,
-    /// Dotted key path such as `apis[1].url_suffix`; empty when no key applies.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if self.line > 0 {
-            write!(f, ":{}:{}", self.line, self.column)?;
-        }
-        if !self.key.is_empty() {
-            write!(f, ": key `{}`", self.key)?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-/// Every problem found in a manifest.
-#[derive(Debug, thiserror::Error)]
-pub struct ManifestErrors(pub Vec<ManifestError>);
-
-impl fmt::Display for ManifestErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,83 +637,6 @@ fn parse_inner(
     let mut v = Validator::new(path, text);
     v.keys_file_text = keys_file_text.map(str::to_owned);
     v.validate(raw)
-}
-
-/// toml's message for a parse error, made fit for an operator's terminal: on one line, never
-/// empty (toml gives some syntax errors, such as a control character in a comment, no words of
-/// their own), and with every string value it quotes replaced (`invalid type: string "..."`
-/// would otherwise print a key written where a table was expected, from the keys file, into
-/// `tollgate check` output and logs).
-fn toml_message(e: &toml::de::Error) -> String {
-    let message = redact_strings(&e.message().replace('\n', " "));
-    if message.trim().is_empty() {
-        "invalid TOML here (e.g. a control character, or a character TOML does not allow at this place)".into()
-    } else {
-        message
-    }
-}
-
-/// Replaces each `string "..."` (serde's wording for an unexpected string value, Debug-escaped)
-/// with `a string`.
-fn redact_strings(message: &str) -> String {
-    const QUOTED: &str = "string \"";
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(at) = rest.find(QUOTED) {
-        out.push_str(&rest[..at]);
-        out.push_str("a string");
-        let after = &rest[at + QUOTED.len()..];
-        // The value ends at the first quote not escaped with a backslash.
-        let mut escaped = false;
-        let end = after.char_indices().find_map(|(i, c)| {
-            let closes = c == '"' && !escaped;
-            escaped = c == '\\' && !escaped;
-            closes.then_some(i + 1)
-        });
-        match end {
-            Some(end) => rest = &after[end..],
-            None => {
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-    (line, column)
-}
-
-/// Best-effort name of the key a parse error points at: the spanned text when it is a bare key,
-/// otherwise the key on the left of `=` on that line, otherwise a `[table]` header.
-fn key_at(text: &str, span: &Range<usize>) -> String {
-    let spanned = text.get(span.clone()).unwrap_or("").trim();
-    let is_key = !spanned.is_empty()
-        && spanned
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-    if is_key && !spanned.chars().all(|c| c.is_ascii_digit()) {
-        return spanned.to_owned();
-    }
-    let start = text[..span.start.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1);
-    let line = text[start..].lines().next().unwrap_or("").trim();
-    if line.starts_with('#') {
-        // A comment names no key (and may hold anything).
-        return String::new();
-    }
-    if let Some((k, _)) = line.split_once('=') {
-        return k.trim().to_owned();
-    }
-    line.trim_matches(|c| c == '[' || c == ']')
-        .trim()
-        .to_owned()
 }
 
 struct Validator<'a> {
@@ -1839,6 +1728,8 @@ pub fn parse_backend(s: &str) -> Result<BackendUrl, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::redact_strings;
+    use crate::test_util::{hex, p, BASE};
 
     #[test]
     fn schemes_name_their_transport_and_what_forwarding_headers_say() {
@@ -1856,12 +1747,6 @@ mod tests {
         }
         .serves(Scheme::Ws));
     }
-
-    fn p(text: &str) -> Result<Config, ManifestErrors> {
-        parse(Path::new("/tmp/m.toml"), text)
-    }
-
-    const BASE: &str = "[gateway]\nname = \"edge-1\"\nlisten = \"127.0.0.1:0\"\n";
 
     #[test]
     fn minimal_manifest_with_defaults() {
@@ -1967,14 +1852,6 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_names_line_and_key() {
-        let e = p(&format!("{BASE}colour = \"blue\"\n")).unwrap_err();
-        assert_eq!(e.0[0].line, 4, "{e}");
-        assert_eq!(e.0[0].key, "colour", "{e}");
-        assert!(e.0[0].message.contains("unknown field"), "{e}");
-    }
-
-    #[test]
     fn all_semantic_errors_reported() {
         let text = format!(
             "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"chat\"\nbackend = \"http://x/\"\n\
@@ -2011,10 +1888,6 @@ mod tests {
         }
         let e = p(&att("timeout = 5")).unwrap_err();
         assert!(e.to_string().contains("timeout"), "{e}");
-    }
-
-    fn hex(d: &KeyDigest) -> String {
-        d.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -2166,19 +2039,5 @@ mod tests {
             "a string and a string"
         );
         assert_eq!(redact_strings(r#"cut string "abc"#), "cut a string");
-    }
-
-    /// Found by the `manifest` fuzz target: a control character in a comment gave an error with
-    /// an empty message and the comment's text as its key.
-    #[test]
-    fn every_parse_error_says_what_is_wrong() {
-        let e = p(&format!(
-            "{BASE}# a comment \u{1}\0 with control characters\n"
-        ))
-        .unwrap_err();
-        assert_eq!(e.0.len(), 1);
-        assert!(!e.0[0].message.trim().is_empty(), "{e}");
-        assert_eq!(e.0[0].key, "", "{e}");
-        assert_eq!(e.0[0].line, 4, "{e}");
     }
 }
