@@ -14,15 +14,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use http::HeaderName;
-use serde::Deserialize;
 use toml::Spanned;
 
 mod backend_url;
 mod error;
 mod model;
+mod raw;
 #[cfg(test)]
 mod test_util;
 
@@ -34,199 +33,13 @@ pub use model::{
     KeyLocation, Limits, ListenerTls, ProductConfig, Scheme, Schemes, SubscriptionConfig,
     DEFAULT_POOL_MAX_USES, DEFAULT_SIGNATURE_CACHE_ENTRIES, MIN_HEADER_BYTES,
 };
+use raw::{RawAdmin, RawApi, RawAttachment, RawKeyPair, RawLimits, RawManifest, RawSubscription};
 
 /// What a PEM file named in the manifest must hold.
 #[derive(Debug, Clone, Copy)]
 enum Pem {
     Certificates,
     PrivateKey,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Raw, as written.
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawManifest {
-    gateway: Spanned<RawGateway>,
-    admin: Option<RawAdmin>,
-    #[serde(default)]
-    apis: Vec<RawApi>,
-    #[serde(default)]
-    products: Vec<RawProduct>,
-    #[serde(default)]
-    policies: Vec<Spanned<RawAttachment>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGateway {
-    name: Spanned<String>,
-    listen: Option<Spanned<String>>,
-    plugin_dir: Option<Spanned<String>>,
-    /// Where compiled plugins are kept between runs.
-    plugin_cache_dir: Option<Spanned<String>>,
-    /// Signatures remembered as valid by the host's `signatures.verify` (0: none).
-    signature_cache_entries: Option<usize>,
-    /// TOML file with subscriptions' plain-text keys, by subscription name.
-    subscription_keys_file: Option<Spanned<String>>,
-    /// Write query values into log records (default: redacted).
-    log_query_values: Option<bool>,
-    /// Peers (CIDRs or addresses) whose X-Forwarded-For / Forwarded / X-Real-IP are extended
-    /// rather than replaced.
-    trusted_proxies: Option<Spanned<Vec<String>>>,
-    tls: Option<RawListenerTls>,
-    #[serde(default)]
-    limits: RawLimits,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListenerTls {
-    listen: Spanned<String>,
-    cert: Spanned<String>,
-    key: Spanned<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_connections: Option<Spanned<usize>>,
-    #[serde(default, with = "humantime_serde")]
-    handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    backend_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    drain_timeout: Option<Duration>,
-    max_frame_size: Option<u64>,
-    max_message_size: Option<u64>,
-    max_header_bytes: Option<Spanned<usize>>,
-    max_pending_handshakes: Option<Spanned<usize>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawApiLimits {
-    max_connections: Option<Spanned<usize>>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    /// Longest a connection may live, however busy (close 1001 to both sides); `0s` = off.
-    #[serde(default, with = "humantime_serde")]
-    max_connection_lifetime: Option<Duration>,
-    max_frame_size: Option<u64>,
-    max_message_size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: Spanned<String>,
-    /// Host names the admin listener answers besides its loopback names and own addresses.
-    #[serde(default)]
-    allowed_hosts: Vec<Spanned<String>>,
-    /// Environment variable holding the admin token.
-    token_env: Option<Spanned<String>>,
-    /// The admin token's SHA-256, hex.
-    token_sha256: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawApi {
-    name: Spanned<String>,
-    display_name: Option<String>,
-    url_suffix: Spanned<String>,
-    backend: Spanned<String>,
-    schemes: Option<Spanned<Vec<String>>>,
-    #[serde(default)]
-    products: Vec<Spanned<String>>,
-    #[serde(default)]
-    gateways: Vec<String>,
-    ca_file: Option<Spanned<String>>,
-    #[serde(default)]
-    insecure_skip_verify: bool,
-    #[serde(default)]
-    limits: RawApiLimits,
-    /// Header carrying the subscription key (default `Ocp-Apim-Subscription-Key`).
-    subscription_key_header: Option<Spanned<String>>,
-    /// Query parameter carrying the subscription key (default `subscription-key`).
-    subscription_key_query: Option<Spanned<String>>,
-    #[serde(default)]
-    on_handshake: Vec<Spanned<RawAttachment>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProduct {
-    name: Spanned<String>,
-    display_name: Option<String>,
-    subscription_required: Option<Spanned<bool>>,
-    /// Not accepted: APIs list their products (one source of truth). Parsed only to say so.
-    apis: Option<Spanned<toml::Value>>,
-    #[serde(default)]
-    policies: Vec<Spanned<RawAttachment>>,
-    #[serde(default)]
-    subscriptions: Vec<Spanned<RawSubscription>>,
-}
-
-/// A subscription as written. Each key comes from exactly one place: an environment variable
-/// (`*_key_env`), its SHA-256 (`*_key_sha256`, hex), or the gateway's `subscription_keys_file`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSubscription {
-    name: Spanned<String>,
-    max_connections: Option<Spanned<usize>>,
-    primary_key_env: Option<Spanned<String>>,
-    secondary_key_env: Option<Spanned<String>>,
-    primary_key_sha256: Option<Spanned<String>>,
-    secondary_key_sha256: Option<Spanned<String>>,
-}
-
-/// One subscription's entry in the keys file.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKeyPair {
-    primary: Option<Spanned<String>>,
-    secondary: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct RawAttachment {
-    plugin: Spanned<String>,
-    #[serde(default)]
-    config: Option<Spanned<toml::Table>>,
-    /// CPU budget per call, in wasmtime fuel units (roughly instructions).
-    fuel: Option<u64>,
-    /// Memory cap per call.
-    memory_limit_bytes: Option<usize>,
-    /// Wall-clock deadline per call, e.g. "500ms" (humantime).
-    timeout: Option<Spanned<String>>,
-    /// Status the client gets when the plugin fails (trap, budget, bad result).
-    failure_status: Option<Spanned<u16>>,
-    #[serde(default)]
-    grants: RawGrants,
-    /// `fresh` (default) or `pooled`: see [`Instances`].
-    instances: Option<Spanned<String>>,
-    /// With `pooled`: handshakes one warm instance serves before it is discarded.
-    pool_max_uses: Option<Spanned<u64>>,
-}
-
-/// What an attachment opens up in the sandbox; everything is denied unless listed here.
-#[derive(Deserialize, Clone, Default)]
-#[serde(deny_unknown_fields)]
-struct RawGrants {
-    /// Directories (relative to the manifest) the plugin may read, under the same relative name.
-    #[serde(default)]
-    read_dirs: Vec<Spanned<String>>,
-    /// Environment variables of the gateway's process the plugin may read.
-    #[serde(default)]
-    env: Vec<String>,
-    /// The real wall and monotonic clocks (otherwise both read as zero).
-    #[serde(default)]
-    clock: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1349,6 +1162,8 @@ fn parse_sha256(hex: &str) -> Option<KeyDigest> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::error::redact_strings;
     use crate::test_util::{hex, p, BASE};

@@ -1,0 +1,195 @@
+//! The manifest as written: serde structs that mirror the TOML one to one, each value that an
+//! error may point at kept with its span.
+//!
+//! Its own module so that the file format is visible in one place, apart from the rules that check
+//! it (`validate`) and the types the gateway runs on (`model`). Unknown keys are refused here
+//! (`deny_unknown_fields`): a misspelt key must not be silently ignored.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawManifest {
+    pub(crate) gateway: Spanned<RawGateway>,
+    pub(crate) admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub(crate) apis: Vec<RawApi>,
+    #[serde(default)]
+    pub(crate) products: Vec<RawProduct>,
+    #[serde(default)]
+    pub(crate) policies: Vec<Spanned<RawAttachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGateway {
+    pub(crate) name: Spanned<String>,
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) plugin_dir: Option<Spanned<String>>,
+    /// Where compiled plugins are kept between runs.
+    pub(crate) plugin_cache_dir: Option<Spanned<String>>,
+    /// Signatures remembered as valid by the host's `signatures.verify` (0: none).
+    pub(crate) signature_cache_entries: Option<usize>,
+    /// TOML file with subscriptions' plain-text keys, by subscription name.
+    pub(crate) subscription_keys_file: Option<Spanned<String>>,
+    /// Write query values into log records (default: redacted).
+    pub(crate) log_query_values: Option<bool>,
+    /// Peers (CIDRs or addresses) whose X-Forwarded-For / Forwarded / X-Real-IP are extended
+    /// rather than replaced.
+    pub(crate) trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub(crate) tls: Option<RawListenerTls>,
+    #[serde(default)]
+    pub(crate) limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub(crate) listen: Spanned<String>,
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub(crate) max_connections: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) backend_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) drain_timeout: Option<Duration>,
+    pub(crate) max_frame_size: Option<u64>,
+    pub(crate) max_message_size: Option<u64>,
+    pub(crate) max_header_bytes: Option<Spanned<usize>>,
+    pub(crate) max_pending_handshakes: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApiLimits {
+    pub(crate) max_connections: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Longest a connection may live, however busy (close 1001 to both sides); `0s` = off.
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) max_connection_lifetime: Option<Duration>,
+    pub(crate) max_frame_size: Option<u64>,
+    pub(crate) max_message_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Spanned<String>,
+    /// Host names the admin listener answers besides its loopback names and own addresses.
+    #[serde(default)]
+    pub(crate) allowed_hosts: Vec<Spanned<String>>,
+    /// Environment variable holding the admin token.
+    pub(crate) token_env: Option<Spanned<String>>,
+    /// The admin token's SHA-256, hex.
+    pub(crate) token_sha256: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApi {
+    pub(crate) name: Spanned<String>,
+    pub(crate) display_name: Option<String>,
+    pub(crate) url_suffix: Spanned<String>,
+    pub(crate) backend: Spanned<String>,
+    pub(crate) schemes: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(crate) products: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) gateways: Vec<String>,
+    pub(crate) ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) insecure_skip_verify: bool,
+    #[serde(default)]
+    pub(crate) limits: RawApiLimits,
+    /// Header carrying the subscription key (default `Ocp-Apim-Subscription-Key`).
+    pub(crate) subscription_key_header: Option<Spanned<String>>,
+    /// Query parameter carrying the subscription key (default `subscription-key`).
+    pub(crate) subscription_key_query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) on_handshake: Vec<Spanned<RawAttachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProduct {
+    pub(crate) name: Spanned<String>,
+    pub(crate) display_name: Option<String>,
+    pub(crate) subscription_required: Option<Spanned<bool>>,
+    /// Not accepted: APIs list their products (one source of truth). Parsed only to say so.
+    pub(crate) apis: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub(crate) policies: Vec<Spanned<RawAttachment>>,
+    #[serde(default)]
+    pub(crate) subscriptions: Vec<Spanned<RawSubscription>>,
+}
+
+/// A subscription as written. Each key comes from exactly one place: an environment variable
+/// (`*_key_env`), its SHA-256 (`*_key_sha256`, hex), or the gateway's `subscription_keys_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSubscription {
+    pub(crate) name: Spanned<String>,
+    pub(crate) max_connections: Option<Spanned<usize>>,
+    pub(crate) primary_key_env: Option<Spanned<String>>,
+    pub(crate) secondary_key_env: Option<Spanned<String>>,
+    pub(crate) primary_key_sha256: Option<Spanned<String>>,
+    pub(crate) secondary_key_sha256: Option<Spanned<String>>,
+}
+
+/// One subscription's entry in the keys file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKeyPair {
+    pub(crate) primary: Option<Spanned<String>>,
+    pub(crate) secondary: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAttachment {
+    pub(crate) plugin: Spanned<String>,
+    #[serde(default)]
+    pub(crate) config: Option<Spanned<toml::Table>>,
+    /// CPU budget per call, in wasmtime fuel units (roughly instructions).
+    pub(crate) fuel: Option<u64>,
+    /// Memory cap per call.
+    pub(crate) memory_limit_bytes: Option<usize>,
+    /// Wall-clock deadline per call, e.g. "500ms" (humantime).
+    pub(crate) timeout: Option<Spanned<String>>,
+    /// Status the client gets when the plugin fails (trap, budget, bad result).
+    pub(crate) failure_status: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub(crate) grants: RawGrants,
+    /// `fresh` (default) or `pooled`: see [`crate::Instances`].
+    pub(crate) instances: Option<Spanned<String>>,
+    /// With `pooled`: handshakes one warm instance serves before it is discarded.
+    pub(crate) pool_max_uses: Option<Spanned<u64>>,
+}
+
+/// What an attachment opens up in the sandbox; everything is denied unless listed here.
+#[derive(Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGrants {
+    /// Directories (relative to the manifest) the plugin may read, under the same relative name.
+    #[serde(default)]
+    pub(crate) read_dirs: Vec<Spanned<String>>,
+    /// Environment variables of the gateway's process the plugin may read.
+    #[serde(default)]
+    pub(crate) env: Vec<String>,
+    /// The real wall and monotonic clocks (otherwise both read as zero).
+    #[serde(default)]
+    pub(crate) clock: bool,
+}
