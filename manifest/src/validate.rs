@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use http::HeaderName;
 use toml::Spanned;
 
-use crate::backend_url::parse_backend;
+use crate::backend_url::{parse_backend, BackendUrl};
 use crate::error::{key_at, line_col, toml_message};
 use crate::model::{
     AdminConfig, ApiConfig, Attachment, Config, ConnLimits, GatewayConfig, Grants, Instances,
@@ -21,7 +21,8 @@ use crate::model::{
     DEFAULT_POOL_MAX_USES, DEFAULT_SIGNATURE_CACHE_ENTRIES, MIN_HEADER_BYTES,
 };
 use crate::raw::{
-    RawAdmin, RawApi, RawAttachment, RawKeyPair, RawLimits, RawManifest, RawSubscription,
+    RawAdmin, RawApi, RawApiLimits, RawAttachment, RawGateway, RawKeyPair, RawLimits, RawManifest,
+    RawProduct, RawSubscription,
 };
 use crate::{
     key_digest, KeyDigest, ManifestError, ManifestErrors, MIN_ADMIN_TOKEN_CHARS, MIN_KEY_CHARS,
@@ -434,9 +435,51 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// The whole manifest, section by section. The order of the calls is the order errors are
+    /// reported in: gateway, admin, products (with their subscriptions and the keys file), global
+    /// policies, APIs, then the checks that need every section.
     fn validate(mut self, raw: RawManifest) -> Result<Config, ManifestErrors> {
         let gw_span = raw.gateway.span();
         let g = raw.gateway.into_inner();
+        let gateway = self.gateway(&g, gw_span.clone());
+        let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
+        let (products, product_names) =
+            self.products(&raw.products, g.subscription_keys_file.as_ref());
+        let policies = self.attachments(&raw.policies, "policies");
+        // Whether `[gateway.tls]` is written, not whether it is valid: an API's `wss` is not
+        // refused again for a TLS listener whose own errors are reported already.
+        let (apis, unserved_apis) = self.apis(
+            &raw.apis,
+            &products,
+            &product_names,
+            &gateway,
+            g.tls.is_some(),
+        );
+        self.unpublished_products(&raw.products, &raw.apis);
+        if self.has_policies && gateway.plugin_dir.is_none() {
+            self.err(
+                gw_span,
+                "gateway.plugin_dir",
+                "policies are attached but no plugin_dir is set to load them from",
+            );
+        }
+        if !self.errors.is_empty() {
+            return Err(ManifestErrors(self.errors));
+        }
+        Ok(Config {
+            source: self.file.to_owned(),
+            gateway,
+            admin,
+            apis,
+            unserved_apis,
+            products,
+            policies,
+        })
+    }
+
+    /// `[gateway]`: its name, listeners, plugin directories, limits and trusted proxies. `span`
+    /// is the whole table's, for what is missing from it.
+    fn gateway(&mut self, g: &RawGateway, span: Range<usize>) -> GatewayConfig {
         let name = g.name.get_ref().trim().to_owned();
         if name.is_empty() {
             self.err(g.name.span(), "gateway.name", "must not be empty");
@@ -455,7 +498,7 @@ impl<'a> Validator<'a> {
         });
         if g.listen.is_none() && g.tls.is_none() {
             self.err(
-                gw_span.clone(),
+                span,
                 "gateway.listen",
                 "no listener: set `listen` (ws) and/or `[gateway.tls]` (wss)",
             );
@@ -485,18 +528,42 @@ impl<'a> Validator<'a> {
             },
             None => Default::default(),
         };
+        GatewayConfig {
+            name,
+            listen,
+            tls,
+            plugin_dir,
+            plugin_dir_location: g
+                .plugin_dir
+                .as_ref()
+                .map(|d| self.site(d.span().start, "gateway.plugin_dir")),
+            plugin_cache_dir,
+            signature_cache_entries: g
+                .signature_cache_entries
+                .unwrap_or(DEFAULT_SIGNATURE_CACHE_ENTRIES),
+            subscription_keys_file: g
+                .subscription_keys_file
+                .as_ref()
+                .map(|f| self.resolve(f.get_ref())),
+            log_query_values: g.log_query_values.unwrap_or(false),
+            trusted_proxies,
+            limits,
+        }
+    }
 
-        let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
-
-        // Products.
-        let mut keys_file = g
-            .subscription_keys_file
-            .as_ref()
-            .and_then(|f| self.keys_file(f));
+    /// `[[products]]`, with their policies and subscriptions, each subscription's keys resolved
+    /// (from the environment, a digest, or `keys_file`, read here). Also returns each product's
+    /// index by name, for the APIs that list them.
+    fn products(
+        &mut self,
+        list: &[RawProduct],
+        keys_file: Option<&Spanned<String>>,
+    ) -> (Vec<ProductConfig>, HashMap<String, usize>) {
+        let mut keys_file = keys_file.and_then(|f| self.keys_file(f));
         let mut sub_names: HashMap<String, String> = HashMap::new();
         let mut products = Vec::new();
         let mut product_names = HashMap::new();
-        for (i, p) in raw.products.iter().enumerate() {
+        for (i, p) in list.iter().enumerate() {
             let pname = p.name.get_ref().trim().to_owned();
             if pname.is_empty() {
                 self.err(
@@ -537,14 +604,44 @@ impl<'a> Validator<'a> {
             self.unused_keys(kf);
         }
         self.duplicate_keys(&products);
-        let global_policies = self.attachments(&raw.policies, "policies");
+        (products, product_names)
+    }
 
-        // APIs.
+    /// A product no API lists is most likely a typo in an API's `products`; its subscribers
+    /// would reach nothing.
+    fn unpublished_products(&mut self, products: &[RawProduct], apis: &[RawApi]) {
+        for (i, p) in products.iter().enumerate() {
+            let pname = p.name.get_ref().trim();
+            if !pname.is_empty()
+                && !apis
+                    .iter()
+                    .any(|a| a.products.iter().any(|ap| ap.get_ref() == pname))
+            {
+                self.err(
+                    p.name.span(),
+                    format!("products[{i}].name"),
+                    format!("product `{pname}` publishes no API: add `products = [\"{pname}\"]` to the [[apis]] entries it publishes"),
+                );
+            }
+        }
+    }
+
+    /// `[[apis]]`: the APIs this gateway serves, and the names of those it does not (their
+    /// `gateways` name others). An API with errors is checked to the end, so that all of its
+    /// errors are reported, and then left out.
+    fn apis(
+        &mut self,
+        list: &[RawApi],
+        products: &[ProductConfig],
+        product_names: &HashMap<String, usize>,
+        gateway: &GatewayConfig,
+        has_tls_listener: bool,
+    ) -> (Vec<ApiConfig>, Vec<String>) {
         let mut apis = Vec::new();
         let mut unserved = Vec::new();
         let mut api_names: HashMap<String, usize> = HashMap::new();
         let mut suffixes: BTreeMap<String, usize> = BTreeMap::new();
-        for (i, a) in raw.apis.iter().enumerate() {
+        for (i, a) in list.iter().enumerate() {
             let aname = a.name.get_ref().trim().to_owned();
             if aname.is_empty() {
                 self.err(
@@ -559,37 +656,7 @@ impl<'a> Validator<'a> {
                     format!("duplicate API name `{aname}` (first used by apis[{first}])"),
                 );
             }
-            let suffix = a.url_suffix.get_ref().trim().trim_matches('/').to_owned();
-            if let Some(bad) = suffix
-                .chars()
-                .find(|c| c.is_whitespace() || matches!(c, '?' | '#' | '%') || c.is_control())
-            {
-                self.err(
-                    a.url_suffix.span(),
-                    format!("apis[{i}].url_suffix"),
-                    format!("character {bad:?} is not allowed in a url_suffix"),
-                );
-            } else if suffix
-                .split('/')
-                .any(|s| s.is_empty() || s == "." || s == "..")
-                && !suffix.is_empty()
-            {
-                self.err(
-                    a.url_suffix.span(),
-                    format!("apis[{i}].url_suffix"),
-                    "empty, `.` or `..` path segments are not allowed",
-                );
-            }
-            if let Some(first) = suffixes.insert(suffix.clone(), i) {
-                self.err(
-                    a.url_suffix.span(),
-                    format!("apis[{i}].url_suffix"),
-                    format!(
-                        "duplicate url_suffix `{suffix}`: already used by API `{}` (apis[{first}]); a suffix must be unique across the gateway",
-                        raw.apis[first].name.get_ref()
-                    ),
-                );
-            }
+            let suffix = self.url_suffix(i, list, &mut suffixes);
             let backend = match parse_backend(a.backend.get_ref()) {
                 Ok(b) => Some(b),
                 Err(m) => {
@@ -597,49 +664,10 @@ impl<'a> Validator<'a> {
                     None
                 }
             };
-            let schemes = self.schemes(i, a, listen.is_some(), g.tls.is_some());
-            let mut open = Vec::new();
-            for p in &a.products {
-                match product_names.get(p.get_ref().as_str()) {
-                    None => self.err(
-                        p.span(),
-                        format!("apis[{i}].products"),
-                        format!("product `{}` is not defined in [[products]]", p.get_ref()),
-                    ),
-                    Some(&n) if !products[n].subscription_required => {
-                        open.push(p.get_ref().as_str())
-                    }
-                    Some(_) => {}
-                }
-            }
-            if open.len() > 1 {
-                // A handshake without a key comes in through the API's open product; with two
-                // there would be no telling which product's policies apply.
-                self.err(
-                    a.products[0].span(),
-                    format!("apis[{i}].products"),
-                    format!(
-                        "an API can be in at most one open product (subscription_required = false); `{aname}` is in {}",
-                        open.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
+            let schemes = self.schemes(i, a, gateway.listen.is_some(), has_tls_listener);
+            self.api_products(i, a, &aname, products, product_names);
             let subscription_key = self.key_location(i, a);
-            let ca_file = a.ca_file.as_ref().map(|c| {
-                let key = format!("apis[{i}].ca_file");
-                let path = self.existing_file(c, &key);
-                self.pem_content(c, &key, &path, Pem::Certificates);
-                path
-            });
-            if a.ca_file.is_some() && backend.as_ref().is_some_and(|b| !b.tls) {
-                if let Some(c) = &a.ca_file {
-                    self.err(
-                        c.span(),
-                        format!("apis[{i}].ca_file"),
-                        "ca_file is only used with a wss:// backend",
-                    );
-                }
-            }
+            let ca_file = self.ca_file(i, a, backend.as_ref());
             let on_handshake =
                 self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
             if let Some(m) = a
@@ -655,7 +683,7 @@ impl<'a> Validator<'a> {
                 );
             }
             let Some(backend) = backend else { continue };
-            let served = a.gateways.is_empty() || a.gateways.contains(&name);
+            let served = a.gateways.is_empty() || a.gateways.contains(&gateway.name);
             if !served {
                 unserved.push(aname);
                 continue;
@@ -669,80 +697,104 @@ impl<'a> Validator<'a> {
                 products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
                 subscription_key,
                 max_connections: a.limits.max_connections.as_ref().map(|m| *m.get_ref()),
-                limits: ConnLimits {
-                    idle_timeout: match a.limits.idle_timeout {
-                        Some(d) if d.is_zero() => None,
-                        Some(d) => Some(d),
-                        None => limits.idle_timeout,
-                    },
-                    max_connection_lifetime: a
-                        .limits
-                        .max_connection_lifetime
-                        .filter(|d| !d.is_zero()),
-                    max_frame_size: a.limits.max_frame_size.unwrap_or(limits.max_frame_size),
-                    max_message_size: a.limits.max_message_size.or(limits.max_message_size),
-                },
+                limits: conn_limits(&a.limits, &gateway.limits),
                 ca_file,
                 insecure_skip_verify: a.insecure_skip_verify,
                 on_handshake,
             });
         }
+        (apis, unserved)
+    }
 
-        for (i, p) in raw.products.iter().enumerate() {
-            let pname = p.name.get_ref().trim();
-            if !pname.is_empty()
-                && !raw
-                    .apis
-                    .iter()
-                    .any(|a| a.products.iter().any(|ap| ap.get_ref() == pname))
-            {
-                self.err(
-                    p.name.span(),
-                    format!("products[{i}].name"),
-                    format!("product `{pname}` publishes no API: add `products = [\"{pname}\"]` to the [[apis]] entries it publishes"),
-                );
-            }
-        }
-
-        if self.has_policies && plugin_dir.is_none() {
+    /// API `i`'s url_suffix without its surrounding `/`: a plain path (no query, fragment,
+    /// escapes or dot segments, which would make routing ambiguous) and unique across the
+    /// gateway. `suffixes` holds the suffixes of the APIs before it, by index into `list`.
+    fn url_suffix(
+        &mut self,
+        i: usize,
+        list: &[RawApi],
+        suffixes: &mut BTreeMap<String, usize>,
+    ) -> String {
+        let a = &list[i];
+        let suffix = a.url_suffix.get_ref().trim().trim_matches('/').to_owned();
+        if let Some(bad) = suffix
+            .chars()
+            .find(|c| c.is_whitespace() || matches!(c, '?' | '#' | '%') || c.is_control())
+        {
             self.err(
-                gw_span,
-                "gateway.plugin_dir",
-                "policies are attached but no plugin_dir is set to load them from",
+                a.url_suffix.span(),
+                format!("apis[{i}].url_suffix"),
+                format!("character {bad:?} is not allowed in a url_suffix"),
+            );
+        } else if suffix
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+            && !suffix.is_empty()
+        {
+            self.err(
+                a.url_suffix.span(),
+                format!("apis[{i}].url_suffix"),
+                "empty, `.` or `..` path segments are not allowed",
             );
         }
-        if !self.errors.is_empty() {
-            return Err(ManifestErrors(self.errors));
+        if let Some(first) = suffixes.insert(suffix.clone(), i) {
+            self.err(
+                a.url_suffix.span(),
+                format!("apis[{i}].url_suffix"),
+                format!(
+                    "duplicate url_suffix `{suffix}`: already used by API `{}` (apis[{first}]); a suffix must be unique across the gateway",
+                    list[first].name.get_ref()
+                ),
+            );
         }
-        Ok(Config {
-            source: self.file.to_owned(),
-            gateway: GatewayConfig {
-                name,
-                listen,
-                tls,
-                plugin_dir,
-                plugin_dir_location: g
-                    .plugin_dir
-                    .as_ref()
-                    .map(|d| self.site(d.span().start, "gateway.plugin_dir")),
-                plugin_cache_dir,
-                signature_cache_entries: g
-                    .signature_cache_entries
-                    .unwrap_or(DEFAULT_SIGNATURE_CACHE_ENTRIES),
-                subscription_keys_file: g
-                    .subscription_keys_file
-                    .as_ref()
-                    .map(|f| self.resolve(f.get_ref())),
-                log_query_values: g.log_query_values.unwrap_or(false),
-                trusted_proxies,
-                limits,
-            },
-            admin,
-            apis,
-            unserved_apis: unserved,
-            products,
-            policies: global_policies,
-        })
+        suffix
+    }
+
+    /// The products API `i` (named `aname`) lists: each defined, and at most one of them open.
+    fn api_products(
+        &mut self,
+        i: usize,
+        a: &RawApi,
+        aname: &str,
+        products: &[ProductConfig],
+        product_names: &HashMap<String, usize>,
+    ) {
+        let mut open = Vec::new();
+        for p in &a.products {
+            match product_names.get(p.get_ref().as_str()) {
+                None => self.err(
+                    p.span(),
+                    format!("apis[{i}].products"),
+                    format!("product `{}` is not defined in [[products]]", p.get_ref()),
+                ),
+                Some(&n) if !products[n].subscription_required => open.push(p.get_ref().as_str()),
+                Some(_) => {}
+            }
+        }
+        if open.len() > 1 {
+            // A handshake without a key comes in through the API's open product; with two
+            // there would be no telling which product's policies apply.
+            self.err(
+                a.products[0].span(),
+                format!("apis[{i}].products"),
+                format!(
+                    "an API can be in at most one open product (subscription_required = false); `{aname}` is in {}",
+                    open.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+
+    /// API `i`'s `ca_file`: an existing PEM file of certificates, for a `wss://` backend only.
+    fn ca_file(&mut self, i: usize, a: &RawApi, backend: Option<&BackendUrl>) -> Option<PathBuf> {
+        let c = a.ca_file.as_ref()?;
+        let key = format!("apis[{i}].ca_file");
+        let path = self.existing_file(c, &key);
+        self.pem_content(c, &key, &path, Pem::Certificates);
+        if backend.is_some_and(|b| !b.tls) {
+            self.err(c.span(), key, "ca_file is only used with a wss:// backend");
+        }
+        Some(path)
     }
 
     fn attachments(&mut self, list: &[Spanned<RawAttachment>], key: &str) -> Vec<Attachment> {
@@ -1061,6 +1113,21 @@ impl<'a> Validator<'a> {
             }
         }
         s
+    }
+}
+
+/// The limits in force on an API's connections: the API's own where it sets them, the gateway's
+/// otherwise; a timeout of `0s` turns it off.
+fn conn_limits(l: &RawApiLimits, global: &Limits) -> ConnLimits {
+    ConnLimits {
+        idle_timeout: match l.idle_timeout {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => global.idle_timeout,
+        },
+        max_connection_lifetime: l.max_connection_lifetime.filter(|d| !d.is_zero()),
+        max_frame_size: l.max_frame_size.unwrap_or(global.max_frame_size),
+        max_message_size: l.max_message_size.or(global.max_message_size),
     }
 }
 
