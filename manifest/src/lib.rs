@@ -15,6 +15,7 @@ mod error;
 mod load;
 mod model;
 mod raw;
+mod secrets;
 #[cfg(test)]
 mod test_util;
 mod validate;
@@ -27,18 +28,4 @@ pub use model::{
     KeyLocation, Limits, ListenerTls, ProductConfig, Scheme, Schemes, SubscriptionConfig,
     DEFAULT_POOL_MAX_USES, DEFAULT_SIGNATURE_CACHE_ENTRIES, MIN_HEADER_BYTES,
 };
-
-/// Shortest admin token accepted.
-pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
-
-/// SHA-256 of a subscription key.
-pub type KeyDigest = [u8; 32];
-
-/// The digest a key is stored and looked up by.
-pub fn key_digest(key: &str) -> KeyDigest {
-    use sha2::Digest;
-    sha2::Sha256::digest(key.as_bytes()).into()
-}
-
-/// Shortest plain-text subscription key accepted (APIM's generated keys have 32 characters).
-pub const MIN_KEY_CHARS: usize = 16;
+pub use secrets::{key_digest, KeyDigest, MIN_ADMIN_TOKEN_CHARS, MIN_KEY_CHARS};
