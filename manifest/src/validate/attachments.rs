@@ -1,0 +1,207 @@
+//! Policy attachments (`[[policies]]`, `[[products.policies]]`, `[[apis.on_handshake]]`): the
+//! plugin they name, its budgets, failure status, instance strategy and sandbox grants.
+//!
+//! Its own file because the three scopes share these rules, and because the grants are where the
+//! sandbox's boundary is decided: a `read_dirs` entry must stay below the manifest's directory,
+//! symbolic links included.
+
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::Validator;
+use crate::model::{Attachment, Grants, Instances, DEFAULT_POOL_MAX_USES};
+use crate::raw::RawAttachment;
+
+impl Validator<'_> {
+    /// The attachments `list` at `key` (`policies`, `products[i].policies` or
+    /// `apis[i].on_handshake`). The plugins they name are only looked up when the gateway loads
+    /// them; here each gets its location, for the errors found then.
+    pub(super) fn attachments(
+        &mut self,
+        list: &[Spanned<RawAttachment>],
+        key: &str,
+    ) -> Vec<Attachment> {
+        let mut out = Vec::new();
+        for (n, a) in list.iter().enumerate() {
+            let r = a.get_ref();
+            let failure_status = r.failure_status.as_ref().map_or(500, |f| *f.get_ref());
+            if let Some(f) = r
+                .failure_status
+                .as_ref()
+                .filter(|_| !(400..=599).contains(&failure_status))
+            {
+                self.err(
+                    f.span(),
+                    format!("{key}[{n}].failure_status"),
+                    "must be between 400 and 599",
+                );
+            }
+            if r.plugin.get_ref().trim().is_empty() {
+                self.err(
+                    r.plugin.span(),
+                    format!("{key}[{n}].plugin"),
+                    "must name a plugin",
+                );
+            }
+            let timeout =
+                r.timeout.as_ref().and_then(
+                    |t| match humantime_serde::re::humantime::parse_duration(t.get_ref().trim()) {
+                        Ok(d) if d.is_zero() => {
+                            self.err(
+                                t.span(),
+                                format!("{key}[{n}].timeout"),
+                                "must be more than 0",
+                            );
+                            None
+                        }
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            self.err(
+                                t.span(),
+                                format!("{key}[{n}].timeout"),
+                                format!(
+                                    "`{}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\"",
+                                    t.get_ref()
+                                ),
+                            );
+                            None
+                        }
+                    },
+                );
+            let mut grants = Grants {
+                read_dirs: Vec::new(),
+                env: r.grants.env.clone(),
+                clock: r.grants.clock,
+            };
+            for (k, entry) in r.grants.read_dirs.iter().enumerate() {
+                let d = entry.get_ref();
+                let rel = d.trim_end_matches('/');
+                let host = self.resolve(rel);
+                let site = format!("{key}[{n}].grants.read_dirs[{k}]");
+                if rel.is_empty()
+                    || Path::new(rel).is_absolute()
+                    || rel.split('/').any(|c| c == "..")
+                {
+                    self.err(
+                        entry.span(),
+                        site,
+                        format!("`{d}` must be a relative path below the manifest's directory"),
+                    );
+                } else if !host.is_dir() {
+                    self.err(
+                        entry.span(),
+                        site,
+                        format!("`{}` is not a directory", host.display()),
+                    );
+                } else if !self.stays_below_manifest_dir(&host) {
+                    // A symbolic link (the directory or one on its way) that leads out: the
+                    // sandbox would open whatever it points at.
+                    self.err(
+                        entry.span(),
+                        site,
+                        format!("`{d}` leads outside the manifest's directory (through a symbolic link); grant the real directory below it instead"),
+                    );
+                } else {
+                    grants.read_dirs.push((host, rel.to_owned()));
+                }
+            }
+            let instances = match (
+                r.instances.as_ref().map(|i| i.get_ref().as_str()),
+                r.pool_max_uses.as_ref().map(|u| *u.get_ref()),
+            ) {
+                (None | Some("fresh"), None) => Instances::Fresh,
+                (Some("pooled"), uses) if uses != Some(0) => Instances::Pooled {
+                    max_uses: uses.unwrap_or(DEFAULT_POOL_MAX_USES),
+                },
+                (Some("pooled"), _) => {
+                    self.err(
+                        r.pool_max_uses.as_ref().map_or(a.span(), |u| u.span()),
+                        format!("{key}[{n}].pool_max_uses"),
+                        "must be at least 1",
+                    );
+                    Instances::Fresh
+                }
+                (None | Some("fresh"), Some(_)) => {
+                    self.err(
+                        r.pool_max_uses.as_ref().map_or(a.span(), |u| u.span()),
+                        format!("{key}[{n}].pool_max_uses"),
+                        "only applies with instances = \"pooled\"",
+                    );
+                    Instances::Fresh
+                }
+                (Some(other), _) => {
+                    self.err(
+                        r.instances.as_ref().map_or(a.span(), |i| i.span()),
+                        format!("{key}[{n}].instances"),
+                        format!("`{other}` is not an instance strategy; use \"fresh\" (a new instance per handshake, the default) or \"pooled\" (warm instances reused)"),
+                    );
+                    Instances::Fresh
+                }
+            };
+            out.push(Attachment {
+                plugin: r.plugin.get_ref().clone(),
+                config: r
+                    .config
+                    .as_ref()
+                    .map(|c| c.get_ref().clone())
+                    .unwrap_or_default(),
+                fuel: r.fuel,
+                memory_limit_bytes: r.memory_limit_bytes,
+                timeout,
+                failure_status,
+                grants,
+                instances,
+                location: self.site(r.plugin.span().start, &format!("{key}[{n}].plugin")),
+                config_location: match &r.config {
+                    Some(c) => self.site(c.span().start, &format!("{key}[{n}].config")),
+                    None => self.site(r.plugin.span().start, &format!("{key}[{n}].plugin")),
+                },
+            });
+        }
+        self.has_policies |= !out.is_empty();
+        out
+    }
+
+    /// Whether `dir` (an existing directory below the manifest's, by name) is still below it
+    /// once every symbolic link on the way is followed.
+    fn stays_below_manifest_dir(&self, dir: &Path) -> bool {
+        match (self.base.canonicalize(), dir.canonicalize()) {
+            (Ok(base), Ok(real)) => real.starts_with(base),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::test_util::{p, BASE};
+
+    #[test]
+    fn attachment_timeout_is_a_positive_duration_located_by_line_and_key() {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\n";
+        let att = |t: &str| {
+            format!("{BASE}plugin_dir = \".\"\n{api}[[apis.on_handshake]]\nplugin = \"p\"\n{t}\n")
+        };
+        let c = p(&att("timeout = \"500ms\"")).unwrap();
+        assert_eq!(
+            c.apis[0].on_handshake[0].timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(p(&att("")).unwrap().apis[0].on_handshake[0].timeout, None);
+        for (bad, words) in [
+            ("timeout = \"soon\"", "is not a duration"),
+            ("timeout = \"0s\"", "must be more than 0"),
+        ] {
+            let e = p(&att(bad)).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].key, "apis[0].on_handshake[0].timeout", "{e}");
+            assert_eq!(e.0[0].line, 11, "{e}");
+            assert!(e.0[0].message.contains(words), "{e}");
+        }
+        let e = p(&att("timeout = 5")).unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
+    }
+}
