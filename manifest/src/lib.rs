@@ -9,6 +9,13 @@
 //! A crate of its own, without the wasm engine or any I/O besides reading the manifest and
 //! keys file, so the parsers can be fuzzed (`fuzz/`) and the gateway re-exports it as
 //! `tollgate::manifest`.
+//!
+//! The modules follow a manifest's way through the crate: `load` reads it, `raw` mirrors its
+//! TOML, `validate` checks it section by section (with `secrets` for subscription keys and the
+//! admin token, and `backend_url` for backend URLs) and builds the `model` types; every problem
+//! found on the way is a [`ManifestError`] (`error`). The modules are private and what is public
+//! is re-exported here, so that each item has one path (`tollgate_manifest::Config`) however
+//! the files are cut.
 
 mod backend_url;
 mod error;

@@ -3,8 +3,7 @@
 //!
 //! Its own module because these types are the crate's contract with the gateway (routing, the
 //! handshake, the relay, the admin API and reloads read them), while the TOML they come from and
-//! the rules that check it stay private and free to change. A value of these types has passed
-//! validation: nothing downstream re-checks it.
+//! the rules that check it stay private and free to change.
 
 use std::fmt;
 use std::net::SocketAddr;
