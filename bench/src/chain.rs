@@ -136,11 +136,13 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         .into_iter()
         .map(|p| (p.name.clone(), Arc::new(p)))
         .collect();
+    let specs =
+        tollgate::attachments(&config, api).map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
     let steps = chain::build(
         &host,
         &plugins,
-        &config,
-        api,
+        &api.name,
+        specs,
         &tollgate::metrics::Metrics::new(),
     )
     .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;

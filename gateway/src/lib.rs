@@ -25,6 +25,10 @@ mod stream;
 mod subscriptions;
 mod wskey;
 
+/// How the gateway turns an API's manifest attachments into the policy host's specs (the bench
+/// builds its chains the same way).
+pub use served::attachments;
+
 /// The frame parser lives in `tollgate-edge` (no wasm engine, so it can be fuzzed); the relay
 /// and metrics keep using it as `crate::frame`.
 pub use tollgate_edge::frame;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, Connector};
 use crate::manifest::Config;
 use crate::metrics::Metrics;
+use crate::policy::{AttachmentSpec, Budget, Grants, Instances, Scope};
 use crate::routes::{Api, Routes};
 
 /// Everything that stops a validated manifest from becoming a running gateway (certificate
@@ -110,7 +111,9 @@ impl Served {
         let mut apis = Vec::new();
         for a in &config.apis {
             let chain = match &host {
-                Some(h) => match crate::policy::chain::build(h, &plugins, &config, a, metrics) {
+                Some(h) => match attachments(&config, a).and_then(|specs| {
+                    crate::policy::chain::build(h, &plugins, &a.name, specs, metrics)
+                }) {
                     Ok(c) => c,
                     Err(errs) => {
                         errors.extend(errs.into_iter().map(StartError::Located));
@@ -193,6 +196,75 @@ impl Served {
             host,
             keys,
         })
+    }
+}
+
+/// API `api`'s attachments as the policy host takes them, in the order they run: global, then
+/// its products', then its own onHandshake.
+pub fn attachments(
+    config: &Config,
+    api: &crate::manifest::ApiConfig,
+) -> Result<Vec<AttachmentSpec>, Vec<String>> {
+    let mut scoped: Vec<(Scope, &crate::manifest::Attachment)> = Vec::new();
+    scoped.extend(config.policies.iter().map(|a| (Scope::Global, a)));
+    for pname in &api.products {
+        if let Some(p) = config.products.iter().find(|p| &p.name == pname) {
+            scoped.extend(
+                p.policies
+                    .iter()
+                    .map(|a| (Scope::Product(p.name.clone()), a)),
+            );
+        }
+    }
+    scoped.extend(
+        api.on_handshake
+            .iter()
+            .map(|a| (Scope::Api(api.name.clone()), a)),
+    );
+    let mut specs = Vec::new();
+    let mut errors = Vec::new();
+    for (scope, att) in scoped {
+        let config_json = match serde_json::to_string(&att.config) {
+            Ok(j) => j,
+            Err(e) => {
+                errors.push(format!(
+                    "{}: config of `{}` cannot be passed on: {e}",
+                    att.location, att.plugin
+                ));
+                continue;
+            }
+        };
+        let g = &att.grants;
+        specs.push(AttachmentSpec {
+            scope,
+            plugin: att.plugin.clone(),
+            config_json,
+            budget: Budget {
+                fuel: att.fuel.unwrap_or(crate::policy::DEFAULT_FUEL),
+                memory_bytes: att
+                    .memory_limit_bytes
+                    .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
+                timeout: att.timeout.unwrap_or(crate::policy::DEFAULT_TIMEOUT),
+            },
+            grants: Grants {
+                read_dirs: g.read_dirs.clone(),
+                env: g.env.clone(),
+                clock: g.clock,
+            },
+            instances: match att.instances {
+                crate::manifest::Instances::Fresh => Instances::Fresh,
+                crate::manifest::Instances::Pooled { max_uses } => Instances::Pooled { max_uses },
+            },
+            failure_status: http::StatusCode::from_u16(att.failure_status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+            location: att.location.clone(),
+            config_location: att.config_location.clone(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(errors)
     }
 }
 

@@ -11,8 +11,8 @@ use http::StatusCode;
 use tollgate_edge::decision;
 
 use super::capabilities::{self, Capability, Scope, Verdict};
+use super::Grants;
 use super::{Budget, Call, InstancePool, Plugin, PolicyError, PolicyHost, Request};
-use crate::manifest::{ApiConfig, Attachment, Config, Grants, Instances};
 use crate::metrics::{Metrics, PolicyMetrics};
 
 pub use tollgate_edge::decision::{
@@ -116,34 +116,48 @@ impl Step {
     }
 }
 
-/// Builds the chain for `api`; every problem is returned, worded for the operator.
+/// How an attachment's plugin is instantiated for handshakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// A new instance per handshake.
+    Fresh,
+    /// Warm instances, each dropped after `max_uses` handshakes or a failed call.
+    Pooled { max_uses: u64 },
+}
+
+/// One attachment as the policy host takes it: which plugin, with what config, budgets and
+/// grants, where. The gateway makes these from its manifest; the host never sees the manifest.
+#[derive(Debug, Clone)]
+pub struct AttachmentSpec {
+    pub scope: Scope,
+    /// The plugin's declared name.
+    pub plugin: String,
+    /// The attachment's config, as JSON (what `configure` gets).
+    pub config_json: String,
+    pub budget: Budget,
+    pub grants: Grants,
+    pub instances: Instances,
+    pub failure_status: StatusCode,
+    /// Where the attachment is written, prefixed to errors about its plugin
+    /// (``file:line:column: key `...` ``).
+    pub location: String,
+    /// The same for its config, prefixed to the plugin's refusal of it.
+    pub config_location: String,
+}
+
+/// Builds the chain of API `api` from its attachments in the order they run (global, then its
+/// products', then its own); every problem is returned, worded for the operator.
 pub fn build(
     host: &Arc<PolicyHost>,
     plugins: &HashMap<String, Arc<Plugin>>,
-    config: &Config,
-    api: &ApiConfig,
+    api: &str,
+    attachments: Vec<AttachmentSpec>,
     metrics: &Metrics,
 ) -> Result<Vec<Step>, Vec<String>> {
-    let mut scoped: Vec<(Scope, &Attachment)> = Vec::new();
-    scoped.extend(config.policies.iter().map(|a| (Scope::Global, a)));
-    for pname in &api.products {
-        if let Some(p) = config.products.iter().find(|p| &p.name == pname) {
-            scoped.extend(
-                p.policies
-                    .iter()
-                    .map(|a| (Scope::Product(p.name.clone()), a)),
-            );
-        }
-    }
-    scoped.extend(
-        api.on_handshake
-            .iter()
-            .map(|a| (Scope::Api(api.name.clone()), a)),
-    );
-
     let mut steps = Vec::new();
     let mut errors = Vec::new();
-    for (scope, att) in scoped {
+    for att in attachments {
+        let scope = att.scope.clone();
         let Some(plugin) = plugins.get(&att.plugin) else {
             errors.push(format!(
                 "{}: plugin `{}` (attached at {scope}) was not found in plugin_dir",
@@ -158,7 +172,7 @@ pub fn build(
             }
             Verdict::SkipAtRuntime(refusals) => {
                 for r in &refusals {
-                    tracing::warn!(event = "policy_skipped_at_load", api = %api.name, plugin = %plugin.name,
+                    tracing::warn!(event = "policy_skipped_at_load", api = %api, plugin = %plugin.name,
                         capability = %r.capability, scope = %scope,
                         "inherited policy declares a capability onHandshake does not support; it will be skipped for this WebSocket API");
                 }
@@ -166,28 +180,12 @@ pub fn build(
             }
             Verdict::Run => false,
         };
-        let config_json = match serde_json::to_string(&att.config) {
-            Ok(j) => j,
-            Err(e) => {
-                errors.push(format!(
-                    "{}: config of `{}` cannot be passed on: {e}",
-                    att.location, att.plugin
-                ));
-                continue;
-            }
-        };
-        let budget = Budget {
-            fuel: att.fuel.unwrap_or(super::DEFAULT_FUEL),
-            memory_bytes: att
-                .memory_limit_bytes
-                .unwrap_or(super::DEFAULT_MEMORY_BYTES),
-            timeout: att.timeout.unwrap_or(super::DEFAULT_TIMEOUT),
-        };
+        let budget = att.budget;
         let prepared: Arc<str> = if skip {
             Arc::from("")
         } else {
             // The plugin validates its config now, so bad config stops the start.
-            match host.configure(plugin, &config_json, budget, &att.grants) {
+            match host.configure(plugin, &att.config_json, budget, &att.grants) {
                 Ok(p) => Arc::from(p),
                 Err(e) => {
                     errors.push(format!("{}: {e}", att.config_location));
@@ -200,15 +198,14 @@ pub fn build(
             plugin: plugin.clone(),
             prepared,
             budget,
-            grants: att.grants.clone(),
+            grants: att.grants,
             pool: match att.instances {
                 Instances::Fresh => None,
                 Instances::Pooled { max_uses } => Some(InstancePool::new(max_uses)),
             },
-            failure_status: StatusCode::from_u16(att.failure_status)
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            failure_status: att.failure_status,
             metrics: metrics.policy(
-                &api.name,
+                api,
                 &plugin.name,
                 match scope {
                     Scope::Global => "global",

@@ -42,8 +42,8 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::manifest::Grants;
 use crate::metrics::{PluginSignatureMetrics, SignatureMetrics, VerifyResult};
+pub use chain::{AttachmentSpec, Instances};
 use verify_cache::{CacheCounters, VerifyCache};
 
 /// The generated bindings of `wit/policy.wit`. Private: the rest of the gateway sees the
@@ -725,6 +725,18 @@ impl InstancePool {
             }
         }
     }
+}
+
+/// What an attachment opens of the sandbox. The default grants nothing: no files, no
+/// environment, clocks that read zero; there is no network grant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// (directory on the host, name the plugin opens it by), read-only.
+    pub read_dirs: Vec<(PathBuf, String)>,
+    /// Environment variables passed through by name.
+    pub env: Vec<String>,
+    /// The real wall and monotonic clocks.
+    pub clock: bool,
 }
 
 /// Limits for one call.
