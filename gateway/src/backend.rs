@@ -418,3 +418,21 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The opening handshake's own headers towards `url` (Host, Upgrade, Connection,
+/// Sec-WebSocket-Version), set on `headers` whatever they held: the backend request and the
+/// console's client both start from these. The key is added per attempt by [`Connector`].
+pub fn opening_headers(url: &BackendUrl, headers: &mut HeaderMap) {
+    if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
+        headers.insert(http::header::HOST, v);
+    }
+    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    headers.insert(
+        http::header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+}

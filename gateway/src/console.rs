@@ -99,18 +99,7 @@ pub async fn probe(
 /// The opening handshake's own headers towards `url`, offering `protocols`.
 fn opening_headers(url: &crate::manifest::BackendUrl, protocols: &[String]) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
-        headers.insert(http::header::HOST, v);
-    }
-    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("Upgrade"),
-    );
-    headers.insert(
-        http::header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
+    crate::backend::opening_headers(url, &mut headers);
     if !protocols.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&protocols.join(", ")) {
             headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, v);

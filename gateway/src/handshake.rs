@@ -674,15 +674,7 @@ pub fn backend_request<B>(
         headers.append(name.clone(), value.clone());
     }
     let url = api.connector.url();
-    if let Ok(v) = HeaderValue::from_str(&url.host_header()) {
-        headers.insert(header::HOST, v);
-    }
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
+    crate::backend::opening_headers(url, &mut headers);
     // A client's own forwarding headers are passed on only from a trusted proxy, extended;
     // from anyone else they are replaced by the address the gateway saw.
     let joined = |name: &str| {

@@ -628,24 +628,11 @@ impl VerifyResult {
     }
 }
 
-const ALGORITHMS: usize = 12;
+const ALGORITHMS: usize = tollgate_verify::Algorithm::WIT_ORDER.len();
 
+/// An algorithm's cell index and label: its position in the WIT's enum and its JWS name.
 fn algorithm_label(a: tollgate_verify::Algorithm) -> (usize, &'static str) {
-    use tollgate_verify::Algorithm as A;
-    match a {
-        A::Rs256 => (0, "RS256"),
-        A::Rs384 => (1, "RS384"),
-        A::Rs512 => (2, "RS512"),
-        A::Ps256 => (3, "PS256"),
-        A::Ps384 => (4, "PS384"),
-        A::Ps512 => (5, "PS512"),
-        A::Es256 => (6, "ES256"),
-        A::Es384 => (7, "ES384"),
-        A::EdDsa => (8, "EdDSA"),
-        A::Hs256 => (9, "HS256"),
-        A::Hs384 => (10, "HS384"),
-        A::Hs512 => (11, "HS512"),
-    }
+    (a as usize, a.jws_name())
 }
 
 impl SignatureMetrics {

@@ -176,12 +176,7 @@ fn fingerprint(
     let mut v = vec![entry(manifest)];
     v.extend(keys_file.as_deref().map(entry));
     if let Some(dir) = plugin_dir {
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            let mut files: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-                .collect();
-            files.sort();
+        if let Ok(files) = crate::policy::plugin_files(&dir) {
             v.extend(files.iter().map(|p| entry(p)));
         }
     }

@@ -698,19 +698,9 @@ pub mod host {
         signature: &[u8],
     ) -> Result<bool, String> {
         use tollgate_verify::{Algorithm as A, Key as K};
-        let alg = match alg {
-            Algorithm::Rs256 => A::Rs256,
-            Algorithm::Rs384 => A::Rs384,
-            Algorithm::Rs512 => A::Rs512,
-            Algorithm::Ps256 => A::Ps256,
-            Algorithm::Ps384 => A::Ps384,
-            Algorithm::Ps512 => A::Ps512,
-            Algorithm::Es256 => A::Es256,
-            Algorithm::Es384 => A::Es384,
-            Algorithm::EdDsa => A::EdDsa,
-            Algorithm::Hs256 => A::Hs256,
-            Algorithm::Hs384 => A::Hs384,
-            Algorithm::Hs512 => A::Hs512,
+        // The generated enum follows the WIT's order, as `WIT_ORDER` does.
+        let Some(alg) = A::from_wit_position(alg as usize) else {
+            return Err("unknown algorithm".into());
         };
         let key = match key {
             Key::Spki(d) => K::Spki(d.clone()),

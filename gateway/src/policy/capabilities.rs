@@ -300,4 +300,24 @@ mod tests {
             .iter()
             .any(|(_, w)| w.name == "handshake-policy"));
     }
+
+    /// Signature algorithms map by position (`Algorithm::WIT_ORDER`): the WIT's enum must list
+    /// them in that order, under the JWS names.
+    #[test]
+    fn wit_algorithm_enum_is_in_wit_order() {
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit/policy.wit");
+        let mut resolve = wit_parser::Resolve::default();
+        let pkg = resolve.push_file(&wit).expect("wit/policy.wit parses");
+        let iface = resolve.packages[pkg].interfaces["signatures"];
+        let ty = resolve.interfaces[iface].types["algorithm"];
+        let wit_parser::TypeDefKind::Enum(e) = &resolve.types[ty].kind else {
+            panic!("algorithm is not an enum")
+        };
+        let in_wit: Vec<String> = e.cases.iter().map(|c| c.name.replace('-', "")).collect();
+        let ours: Vec<String> = tollgate_verify::Algorithm::WIT_ORDER
+            .iter()
+            .map(|a| a.jws_name().to_ascii_lowercase())
+            .collect();
+        assert_eq!(in_wit, ours);
+    }
 }

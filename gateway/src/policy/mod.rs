@@ -560,21 +560,10 @@ fn verify(
     signature: &[u8],
 ) -> Result<bool, String> {
     use tollgate_verify::{Algorithm as A, Key};
-    use SigAlgorithm as W;
     use SigKey as K;
-    let alg = match alg {
-        W::Rs256 => A::Rs256,
-        W::Rs384 => A::Rs384,
-        W::Rs512 => A::Rs512,
-        W::Ps256 => A::Ps256,
-        W::Ps384 => A::Ps384,
-        W::Ps512 => A::Ps512,
-        W::Es256 => A::Es256,
-        W::Es384 => A::Es384,
-        W::EdDsa => A::EdDsa,
-        W::Hs256 => A::Hs256,
-        W::Hs384 => A::Hs384,
-        W::Hs512 => A::Hs512,
+    // The generated enum follows the WIT's order, as `WIT_ORDER` does.
+    let Some(alg) = A::from_wit_position(alg as usize) else {
+        return Err("unknown algorithm".into());
     };
     let key = match key {
         K::Spki(d) => Key::Spki(d),
@@ -645,6 +634,17 @@ pub struct Plugin {
     pre: HandshakePolicyPre<HostState>,
     /// Its signature-check counters, when the host has metrics.
     signature_metrics: Option<Arc<PluginSignatureMetrics>>,
+}
+
+/// The plugins in `dir`: its `*.wasm` files, sorted by name. What the host loads and what the
+/// reload watcher watches, so the two never disagree about which files count.
+pub fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// Instantiations `PolicyHost::measure_instantiation` times.
@@ -1093,11 +1093,8 @@ impl PolicyHost {
     pub fn load_dir(&self, dir: &Path) -> (Vec<Plugin>, Vec<PolicyError>) {
         let mut plugins = Vec::new();
         let mut errors = Vec::new();
-        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-                .collect(),
+        let files = match plugin_files(dir) {
+            Ok(f) => f,
             Err(e) => {
                 errors.push(PolicyError::UnreadableDir {
                     path: dir.display().to_string(),
@@ -1106,7 +1103,6 @@ impl PolicyHost {
                 return (plugins, errors);
             }
         };
-        files.sort();
         for f in files {
             match self.load(&f) {
                 Ok(p) => {

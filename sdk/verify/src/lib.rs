@@ -31,6 +31,61 @@ pub enum Algorithm {
     Hs512,
 }
 
+impl Algorithm {
+    /// Every algorithm in the order of the WIT's `signatures.algorithm` enum, so a binding's
+    /// generated enum maps by position (`Algorithm::WIT_ORDER[generated as usize]`) in one
+    /// place instead of a twelve-arm match per binding; the gateway's tests check the order
+    /// against `wit/policy.wit`.
+    pub const WIT_ORDER: [Algorithm; 12] = [
+        Algorithm::Rs256,
+        Algorithm::Rs384,
+        Algorithm::Rs512,
+        Algorithm::Ps256,
+        Algorithm::Ps384,
+        Algorithm::Ps512,
+        Algorithm::Es256,
+        Algorithm::Es384,
+        Algorithm::EdDsa,
+        Algorithm::Hs256,
+        Algorithm::Hs384,
+        Algorithm::Hs512,
+    ];
+
+    /// The algorithm at `position` in the WIT's enum.
+    ///
+    /// ```
+    /// use tollgate_verify::Algorithm;
+    /// assert_eq!(Algorithm::from_wit_position(0), Some(Algorithm::Rs256));
+    /// assert_eq!(Algorithm::from_wit_position(12), None);
+    /// ```
+    pub fn from_wit_position(position: usize) -> Option<Algorithm> {
+        Self::WIT_ORDER.get(position).copied()
+    }
+
+    /// The JWS name (`RS256`), which is also the WIT case name, lower-cased and with `EdDSA`
+    /// as `ed-dsa`.
+    ///
+    /// ```
+    /// assert_eq!(tollgate_verify::Algorithm::EdDsa.jws_name(), "EdDSA");
+    /// ```
+    pub fn jws_name(self) -> &'static str {
+        match self {
+            Algorithm::Rs256 => "RS256",
+            Algorithm::Rs384 => "RS384",
+            Algorithm::Rs512 => "RS512",
+            Algorithm::Ps256 => "PS256",
+            Algorithm::Ps384 => "PS384",
+            Algorithm::Ps512 => "PS512",
+            Algorithm::Es256 => "ES256",
+            Algorithm::Es384 => "ES384",
+            Algorithm::EdDsa => "EdDSA",
+            Algorithm::Hs256 => "HS256",
+            Algorithm::Hs384 => "HS384",
+            Algorithm::Hs512 => "HS512",
+        }
+    }
+}
+
 /// A verification key, in the forms JWKS and PEM give them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
@@ -174,6 +229,13 @@ fn hmac(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wit_order_is_the_declaration_order() {
+        for (i, a) in Algorithm::WIT_ORDER.iter().enumerate() {
+            assert_eq!(*a as usize, i, "{a:?}");
+        }
+    }
     use ring::rand::SystemRandom;
     use ring::signature::{Ed25519KeyPair, KeyPair};
 
