@@ -1,0 +1,447 @@
+//! The host side of the policy world's imports: the per-call [`HostState`] (WASI context,
+//! resource table, limits, the call's request and prepared config) and the functions behind
+//! `log`, `signatures`, `config` and the `request` resource. Every one of them is bounded
+//! (fuel, byte budgets, rate limits) and checks the capability it needs.
+
+use super::*;
+
+/// A host call refused because the plugin did not declare what it needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Refused {
+    pub(super) capability: Capability,
+    pub(super) action: &'static str,
+}
+
+/// Per-call host state: the WASI context (empty), the resource table and the limits.
+pub struct HostState {
+    pub(super) wasi: WasiCtx,
+    pub(super) table: ResourceTable,
+    pub(super) limits: StoreLimits,
+    pub(super) plugin: Arc<str>,
+    /// Shared by every plugin of this host: signatures already found valid.
+    pub(super) verified: Arc<VerifyCache>,
+    /// This plugin's `tollgate_signature_verifications_total`; set for handshake calls only,
+    /// so the key probes a plugin makes in `configure` are not counted.
+    pub(super) signature_metrics: Option<Arc<PluginSignatureMetrics>>,
+    /// What the plugin declared (nothing while it is being asked to `declare`).
+    pub(super) declared: Arc<[Capability]>,
+    /// The attachment's prepared config (`config.prepared`); none in load-time calls.
+    pub(super) prepared: Option<Arc<str>>,
+    /// The request of the `on-handshake` call in progress.
+    pub(super) request: Option<Request>,
+    /// Bytes the current call has read from the request.
+    pub(super) read_bytes: usize,
+    /// `log` calls in the current call (reset by each call).
+    pub(super) logs: u32,
+    /// Set when a host call was refused for a capability the plugin did not declare; the call
+    /// then traps, and this names why.
+    pub(super) refused: Option<Refused>,
+}
+
+impl HostState {
+    /// Readies a (possibly warm) store for the next call.
+    pub(super) fn start_call(&mut self) {
+        self.logs = 0;
+        self.read_bytes = 0;
+        self.refused = None;
+    }
+
+    /// Refuses (the call traps) what needs a capability the plugin did not declare.
+    fn need(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<()> {
+        if self.declared.contains(&capability) {
+            return Ok(());
+        }
+        self.refused = Some(Refused { capability, action });
+        Err(wasmtime::Error::msg(format!(
+            "{action} refused: the plugin does not declare `{capability}`"
+        )))
+    }
+
+    /// The request of the call in progress, for a read that needs `capability`.
+    fn read(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<&Request> {
+        self.need(capability, action)?;
+        self.request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))
+    }
+
+    /// Counts `bytes` read against [`MAX_READ_BYTES_PER_CALL`]; beyond it the call traps.
+    fn charge_read(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.read_bytes = self.read_bytes.saturating_add(bytes);
+        if self.read_bytes > MAX_READ_BYTES_PER_CALL {
+            return Err(wasmtime::Error::msg(format!(
+                "read more than {MAX_READ_BYTES_PER_CALL} bytes of the request in one call"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit_types::Host for HostState {}
+impl wit::Host for HostState {}
+
+impl bindings::tollgate::policy::config::Host for HostState {
+    fn prepared(&mut self) -> wasmtime::Result<String> {
+        let p = self.prepared.clone().ok_or_else(|| {
+            wasmtime::Error::msg("config.prepared is only available in on-handshake")
+        })?;
+        self.charge_read(p.len())?;
+        Ok(p.to_string())
+    }
+}
+
+fn pairs(v: &[(String, String)]) -> Vec<wit_types::Pair> {
+    v.iter()
+        .map(|(name, value)| wit_types::Pair {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn pairs_len(v: &[wit_types::Pair]) -> usize {
+    v.iter().map(|p| p.name.len() + p.value.len()).sum()
+}
+
+/// The request resource: every read checks the capability it needs and counts its bytes.
+impl wit::HostRequest for HostState {
+    fn method(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let m = self
+            .read(Capability::ReadRequest, "read the request's method")?
+            .method
+            .to_string();
+        Ok(m)
+    }
+
+    fn path(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let p = self
+            .read(Capability::ReadRequest, "read the request's path")?
+            .path
+            .clone();
+        self.charge_read(p.len())?;
+        Ok(p)
+    }
+
+    fn header(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read a request header")?
+            .header(&name);
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn header_values(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Vec<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read a request header")?
+            .header_values(&name);
+        self.charge_read(name.len() + v.iter().map(String::len).sum::<usize>())?;
+        Ok(v)
+    }
+
+    fn headers(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v: Vec<wit_types::Pair> = self
+            .read(Capability::ReadRequest, "read the request headers")?
+            .header_pairs()
+            .map(|(name, value)| wit_types::Pair { name, value })
+            .collect();
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn query(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::ReadRequest, "read the request's query")?
+            .query
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone());
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn query_pairs(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v = pairs(
+            &self
+                .read(Capability::ReadRequest, "read the request's query")?
+                .query,
+        );
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn client_address(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self
+            .read(Capability::ReadRequest, "read the client's address")?
+            .client
+            .to_string())
+    }
+
+    fn tls(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Option<wit_types::TlsInfo>> {
+        let t = self
+            .read(Capability::ReadRequest, "read the client's TLS facts")?
+            .tls
+            .as_deref()
+            .map(|t| wit_types::TlsInfo {
+                version: t.version.clone(),
+                cipher_suite: t.cipher_suite.clone(),
+                server_name: t.server_name.clone(),
+            });
+        Ok(t)
+    }
+
+    fn api(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.api.to_string())
+    }
+
+    fn product(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<Option<String>> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.product.clone())
+    }
+
+    fn context(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let v = self
+            .read(Capability::UseContext, "read a context value")?
+            .context
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone());
+        self.charge_read(name.len() + v.as_ref().map_or(0, String::len))?;
+        Ok(v)
+    }
+
+    fn context_values(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Vec<wit_types::Pair>> {
+        let v = pairs(
+            &self
+                .read(Capability::UseContext, "read the context values")?
+                .context,
+        );
+        self.charge_read(pairs_len(&v))?;
+        Ok(v)
+    }
+
+    fn received_at(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<u64> {
+        let r = self
+            .request
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
+        Ok(r.received_at)
+    }
+
+    /// The guest only ever borrows the request; nothing to free.
+    fn drop(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+type LogLevel = bindings::tollgate::policy::log::Level;
+type SigAlgorithm = bindings::tollgate::policy::signatures::Algorithm;
+type SigKey = bindings::tollgate::policy::signatures::Key;
+
+/// Takes `units` of fuel from the running call, as if the guest had executed that much; with
+/// too little left the call ends as if it had run out (a trap).
+fn charge(store: &mut StoreContextMut<'_, HostState>, units: u64) -> wasmtime::Result<()> {
+    let left = store.get_fuel()?;
+    match left.checked_sub(units) {
+        Some(rest) => store.set_fuel(rest),
+        None => {
+            store.set_fuel(0)?;
+            Err(wasmtime::Trap::OutOfFuel.into())
+        }
+    }
+}
+
+/// `message` cut to at most `max` bytes on a character boundary, saying how much was cut.
+pub(super) fn truncated(message: String, max: usize) -> String {
+    if message.len() <= max {
+        return message;
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes cut]", &message[..end], message.len() - end)
+}
+
+/// `tollgate:policy/log.log`: charged, truncated, and at most [`MAX_LOGS_PER_CALL`] records per
+/// call (then one note, then nothing), so a plugin cannot flood the gateway's log.
+fn host_log(
+    mut store: StoreContextMut<'_, HostState>,
+    (level, message): (LogLevel, String),
+) -> wasmtime::Result<()> {
+    charge(
+        &mut store,
+        LOG_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX)),
+    )?;
+    let state = store.data_mut();
+    state.logs = state.logs.saturating_add(1);
+    let plugin = &*state.plugin;
+    if state.logs > MAX_LOGS_PER_CALL {
+        if state.logs == MAX_LOGS_PER_CALL + 1 {
+            tracing::warn!(event = "policy_log", plugin, suppressed = true,
+                "further log records of this call suppressed (at most {MAX_LOGS_PER_CALL} per call)");
+        }
+        return Ok(());
+    }
+    let message = truncated(message, MAX_LOG_MESSAGE_BYTES);
+    match level {
+        LogLevel::Debug => tracing::debug!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Info => tracing::info!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(event = "policy_log", plugin, "{message}"),
+        LogLevel::Error => tracing::error!(event = "policy_log", plugin, "{message}"),
+    }
+    Ok(())
+}
+
+/// `tollgate:policy/signatures.verify`: refused (the call traps) unless the plugin declared
+/// `verify-signatures`; charged [`VERIFY_FUEL`] plus the message's length; inputs beyond the
+/// caps get an error back instead of being processed.
+fn host_verify(
+    mut store: StoreContextMut<'_, HostState>,
+    (alg, key, message, signature): (SigAlgorithm, SigKey, Vec<u8>, Vec<u8>),
+) -> wasmtime::Result<(Result<bool, String>,)> {
+    store
+        .data_mut()
+        .need(Capability::VerifySignatures, "called signatures.verify")?;
+    let counted = message.len().min(MAX_VERIFY_MESSAGE_BYTES);
+    charge(
+        &mut store,
+        VERIFY_FUEL.saturating_add(u64::try_from(counted).unwrap_or(u64::MAX)),
+    )?;
+    let key_bytes = match &key {
+        SigKey::Spki(d) | SigKey::Raw(d) | SigKey::Secret(d) => d.len(),
+        SigKey::Rsa(r) => r.n.len().saturating_add(r.e.len()),
+    };
+    for (what, got, max) in [
+        ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
+        ("key", key_bytes, MAX_VERIFY_KEY_BYTES),
+        ("signature", signature.len(), MAX_VERIFY_SIGNATURE_BYTES),
+    ] {
+        if got > max {
+            return Ok((Err(format!(
+                "{what} of {got} bytes is larger than signatures.verify accepts ({max} bytes)"
+            )),));
+        }
+    }
+    let state = store.data();
+    let verified = verify(
+        &state.verified,
+        state.signature_metrics.as_deref(),
+        alg,
+        key,
+        &message,
+        &signature,
+    );
+    Ok((verified,))
+}
+
+/// Verifies through the cache of valid signatures, and counts the outcome in the plugin's
+/// `tollgate_signature_verifications_total` when it has one (handshake calls only).
+fn verify(
+    cache: &VerifyCache,
+    metrics: Option<&PluginSignatureMetrics>,
+    alg: SigAlgorithm,
+    key: SigKey,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<bool, String> {
+    use tollgate_verify::{Algorithm as A, Key};
+    use SigKey as K;
+    // The generated enum follows the WIT's order, as `WIT_ORDER` does.
+    let Some(alg) = A::from_wit_position(alg as usize) else {
+        return Err("unknown algorithm".into());
+    };
+    let key = match key {
+        K::Spki(d) => Key::Spki(d),
+        K::Rsa(r) => Key::Rsa { n: r.n, e: r.e },
+        K::Raw(r) => Key::Raw(r),
+        K::Secret(s) => Key::Secret(s),
+    };
+    let result = cache.verify(alg, &key, message, signature, || {
+        tollgate_verify::verify(alg, &key, message, signature)
+    });
+    if let Some(m) = metrics {
+        m.record(alg, VerifyResult::of(&result));
+    }
+    result
+}
+
+/// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
+/// host traits see only the state: charging fuel needs the store.
+pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    wit_types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    wit::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    bindings::tollgate::policy::config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    linker
+        .instance(&format!("tollgate:policy/log@{WIT_VERSION}"))?
+        .func_wrap("log", host_log)?;
+    linker
+        .instance(&format!("tollgate:policy/signatures@{WIT_VERSION}"))?
+        .func_wrap("verify", host_verify)?;
+    Ok(())
+}
+
+/// Clocks for a plugin without the clock grant: both read zero, so a policy cannot tell time
+/// (or time anything) except through the request's `received-at`.
+pub(super) struct StoppedClock;
+
+impl wasmtime_wasi::HostWallClock for StoppedClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
