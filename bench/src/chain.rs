@@ -145,7 +145,10 @@ pub fn measure(args: &ChainArgs) -> anyhow::Result<Vec<Timing>> {
         specs,
         &tollgate::metrics::Metrics::new(),
     )
-    .map_err(|e| anyhow::anyhow!("{}", e.join("; ")))?;
+    .map_err(|e| {
+        let all: Vec<String> = e.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}", all.join("; "))
+    })?;
     let req = request(&api.name, &args.header, &args.context)?;
     // One worker, as a connection's task sees it: the guest runs on a fiber in this task.
     let rt = tokio::runtime::Builder::new_current_thread()

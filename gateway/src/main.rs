@@ -153,7 +153,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(errors) => {
             for e in &errors {
                 match e {
-                    StartError::Located(_) => eprintln!("{e}"),
+                    StartError::Located(_) | StartError::Chain(_) => eprintln!("{e}"),
                     _ => eprintln!("{}: {e}", path.display()),
                 }
             }
@@ -193,7 +193,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             for e in &errors {
                 tracing::error!(error = %e, "cannot start");
                 match e {
-                    StartError::Located(_) => eprintln!("{e}"),
+                    StartError::Located(_) | StartError::Chain(_) => eprintln!("{e}"),
                     _ => eprintln!("{}: {e}", path.display()),
                 }
             }

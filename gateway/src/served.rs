@@ -28,6 +28,9 @@ pub enum StartError {
     /// Already in the manifest's `file:line:column: key` form (an attachment's plugin).
     #[error("{0}")]
     Located(String),
+    /// An attachment that cannot join its API's chain (names its manifest location).
+    #[error(transparent)]
+    Chain(#[from] crate::policy::chain::ChainError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -105,21 +108,28 @@ impl Served {
                     }
                     host = Some(h);
                 }
-                Err(e) => errors.push(StartError::Plugin(e)),
+                Err(e) => errors.push(StartError::Plugin(e.to_string())),
             }
         }
         let mut apis = Vec::new();
         for a in &config.apis {
             let chain = match &host {
-                Some(h) => match attachments(&config, a).and_then(|specs| {
-                    crate::policy::chain::build(h, &plugins, &a.name, specs, metrics)
-                }) {
-                    Ok(c) => c,
-                    Err(errs) => {
-                        errors.extend(errs.into_iter().map(StartError::Located));
-                        continue;
+                Some(h) => {
+                    let specs = match attachments(&config, a) {
+                        Ok(s) => s,
+                        Err(errs) => {
+                            errors.extend(errs.into_iter().map(StartError::Located));
+                            continue;
+                        }
+                    };
+                    match crate::policy::chain::build(h, &plugins, &a.name, specs, metrics) {
+                        Ok(c) => c,
+                        Err(errs) => {
+                            errors.extend(errs.into_iter().map(StartError::Chain));
+                            continue;
+                        }
                     }
-                },
+                }
                 None => Vec::new(),
             };
             let tls = if a.backend.tls {

@@ -145,6 +145,28 @@ pub struct AttachmentSpec {
     pub config_location: String,
 }
 
+/// Why an attachment cannot be part of a chain; each names where it is written.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("{location}: plugin `{plugin}` (attached at {scope}) was not found in plugin_dir")]
+    NotFound {
+        location: String,
+        plugin: String,
+        scope: Scope,
+    },
+    #[error("{location}: {refusal}")]
+    Refused {
+        location: String,
+        refusal: capabilities::Refusal,
+    },
+    /// The plugin refused its config, or its `configure` failed.
+    #[error("{location}: {error}")]
+    Config {
+        location: String,
+        error: PolicyError,
+    },
+}
+
 /// Builds the chain of API `api` from its attachments in the order they run (global, then its
 /// products', then its own); every problem is returned, worded for the operator.
 pub fn build(
@@ -153,21 +175,25 @@ pub fn build(
     api: &str,
     attachments: Vec<AttachmentSpec>,
     metrics: &Metrics,
-) -> Result<Vec<Step>, Vec<String>> {
+) -> Result<Vec<Step>, Vec<ChainError>> {
     let mut steps = Vec::new();
     let mut errors = Vec::new();
     for att in attachments {
         let scope = att.scope.clone();
         let Some(plugin) = plugins.get(&att.plugin) else {
-            errors.push(format!(
-                "{}: plugin `{}` (attached at {scope}) was not found in plugin_dir",
-                att.location, att.plugin
-            ));
+            errors.push(ChainError::NotFound {
+                location: att.location,
+                plugin: att.plugin,
+                scope,
+            });
             continue;
         };
         let skip = match capabilities::check(&plugin.name, &plugin.capabilities, &scope) {
             Verdict::Refuse(refusals) => {
-                errors.extend(refusals.iter().map(|r| format!("{}: {r}", att.location)));
+                errors.extend(refusals.into_iter().map(|refusal| ChainError::Refused {
+                    location: att.location.clone(),
+                    refusal,
+                }));
                 continue;
             }
             Verdict::SkipAtRuntime(refusals) => {
@@ -188,7 +214,10 @@ pub fn build(
             match host.configure(plugin, &att.config_json, budget, &att.grants) {
                 Ok(p) => Arc::from(p),
                 Err(e) => {
-                    errors.push(format!("{}: {e}", att.config_location));
+                    errors.push(ChainError::Config {
+                        location: att.config_location,
+                        error: e,
+                    });
                     continue;
                 }
             }

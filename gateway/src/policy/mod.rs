@@ -149,6 +149,9 @@ const WASI_IMPORTS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
+    /// The policy host itself could not be set up (no plugin involved).
+    #[error("policy host: {what}: {message}")]
+    Engine { what: &'static str, message: String },
     #[error("{path}: not a loadable WebAssembly component: {message}")]
     NotAComponent { path: String, message: String },
     #[error("{path}: imports `{import}`, which the handshake scope does not offer")]
@@ -387,7 +390,13 @@ impl PolicyHost {
     /// `cache_dir`: where compiled plugins are kept between runs (`None`: the default, see
     /// [`default_cache_dir`]); created 0700 if missing. If it cannot be used or others could
     /// write to it, plugins are compiled in memory at every start and a log record says why.
-    pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, String> {
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<PolicyHost, PolicyError> {
+        let engine_error = |what: &'static str| {
+            move |e: wasmtime::Error| PolicyError::Engine {
+                what,
+                message: format!("{e:#}"),
+            }
+        };
         let mut config = Config::new();
         config.consume_fuel(true);
         // A fresh instance per handshake is only affordable with pre-reserved instance slots:
@@ -397,12 +406,11 @@ impl PolicyHost {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(
             PoolingAllocationConfig::default(),
         ));
-        let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e}"))?;
+        let engine = Engine::new(&config).map_err(engine_error("creating the wasm engine"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| format!("linking WASI: {e}"))?;
-        add_host_interfaces(&mut linker)
-            .map_err(|e| format!("linking the policy interfaces: {e}"))?;
+            .map_err(engine_error("linking WASI"))?;
+        add_host_interfaces(&mut linker).map_err(engine_error("linking the policy interfaces"))?;
         let cache_dir = trusted_cache_dir(cache_dir);
         Ok(PolicyHost {
             engine,
