@@ -214,7 +214,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             signal(SignalKind::interrupt()),
         );
         tokio::spawn(tollgate::reload::watch(gw.reloader(), baseline, hup));
-        let stop_gateway = gw.stop.clone();
+        let stop_gateway = gw.stop_token();
         tokio::spawn(async move {
             wait_for_signal(stop).await;
             stop_gateway.cancel();

@@ -31,11 +31,11 @@ use crate::stream::Stream;
 pub struct Gateway {
     /// The manifest the process started with: listeners and admin (changing those needs a
     /// restart). Everything else, limits included, is read from [`Gateway::served`].
-    pub config: Config,
+    config: Config,
     served: Arc<Current>,
     tls_acceptor: Option<TlsAcceptor>,
     /// Connections holding a slot (handshakes past admission, and relays).
-    pub active: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
     /// Accepted sockets whose handshake has not finished (TLS and HTTP), bounded by
     /// `max_pending_handshakes`: a flood of sockets that never get to admission cannot take
     /// unbounded tasks and memory.
@@ -44,19 +44,19 @@ pub struct Gateway {
     /// accepting, logs `draining` with the connections live at that moment, and only then
     /// cancels `shutdown`: a relay woken by `shutdown` may be gone a moment later, so the count
     /// must be read before.
-    pub stop: CancellationToken,
+    stop: CancellationToken,
     /// Cancelled by [`Gateway::run`] once the drain starts: every relay sends its 1001s, the
     /// accept loops and the reload watcher end.
-    pub shutdown: CancellationToken,
+    shutdown: CancellationToken,
     /// Serving (`/readyz`); false again once the drain starts.
-    pub ready: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
     tracker: TaskTracker,
     /// The peak of `tracker`'s connection tasks since memory was last given back.
     bursts: Arc<crate::memory::Bursts>,
     /// Counters and histograms for `/metrics`; one set for the process's life.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// The client listeners' bound addresses (`ws`/`wss`), once bound (for `/apis`).
-    pub bound: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
+    bound: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
     /// Numbers client connections, so a connection's handshake and close records can be
     /// joined (`conn` field).
     next_conn: std::sync::atomic::AtomicU64,
@@ -116,6 +116,12 @@ impl Gateway {
     /// The state new handshakes are served from.
     pub fn served(&self) -> Arc<Served> {
         self.served.get()
+    }
+
+    /// Cancel it to stop the gateway (SIGTERM/SIGINT): [`Gateway::run`] then drains and
+    /// returns.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// What the admin listener may read: served state, metrics, readiness, listener addresses.
