@@ -122,6 +122,41 @@ async fn close_at_ends_the_connection_with_1008_when_it_comes() {
     );
 }
 
+/// Reads of the request are bounded per call: a policy reading its headers a million times is
+/// stopped by the 4 MiB read budget (the call fails, the handshake gets `failure_status`), while
+/// ten reads pass.
+#[tokio::test]
+async fn a_call_that_reads_the_request_without_end_is_stopped() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = faulty_gateway(
+        &backend,
+        &[
+            ("greedy", "{ mode = \"read-loop\", arg = \"1000000\" }"),
+            ("modest", "{ mode = \"read-loop\", arg = \"10\" }"),
+        ],
+    );
+    let addr = gw.ws.unwrap();
+    let big = format!("X-Big: {}\r\n", "b".repeat(4000));
+    let (head, _) = raw_handshake(addr, "/greedy", &big).await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    let rec = gw
+        .wait_record("policy_error", |r| r["api"] == "greedy")
+        .await;
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("read more than 4194304 bytes"),
+        "{rec}"
+    );
+    let (head, _ws) = ws_connect(addr, "/modest", &big).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert!(
+        headers_all(&head, "x-probe")[0].starts_with("read "),
+        "{head}"
+    );
+}
+
 /// Reading the request needs `read-request`: a plugin that declared only
 /// `modify-response-headers` and `use-context` is refused when it reads the path, with the
 /// capability named, while the same plugin that declared `read-request` reads it.

@@ -18,7 +18,8 @@
 //! "arg": "trap" | "loop" | "alloc"}` fails that way in an instance's second call and reports
 //! the count otherwise (a pooled instance that failed must not be reused); `{"mode": "error",
 //! "arg": TEXT}` returns the error TEXT (cannot decide); `{"mode": "close-in", "arg": SECONDS}`
-//! proceeds with `close-at` SECONDS after `received-at` (0 or less: a time not in the future).
+//! proceeds with `close-at` SECONDS after `received-at` (0 or less: a time not in the future);
+//! `{"mode": "read-loop", "arg": N}` reads all headers N times and reports the bytes read.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -208,6 +209,20 @@ impl Policy for Faulty {
             }
             "ok" => Decision::Proceed(Proceed::default()),
             "error" => return Err(c.arg.clone()),
+            "read-loop" => {
+                // Reads the headers over and over: the host's per-call read budget must stop it.
+                let mut bytes = 0usize;
+                for _ in 0..c.arg.parse::<u32>().unwrap_or(1_000_000) {
+                    bytes += request
+                        .headers()
+                        .iter()
+                        .map(|p| p.value.len())
+                        .sum::<usize>();
+                }
+                Decision::Proceed(
+                    Proceed::new().response_header("x-probe", format!("read {bytes} bytes")),
+                )
+            }
             "close-in" => {
                 let secs: i64 = c.arg.parse().unwrap_or(0);
                 let at = i64::try_from(request.received_at()).unwrap_or(i64::MAX) + secs;
