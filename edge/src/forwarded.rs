@@ -99,9 +99,75 @@ pub fn forwarding(peer: IpAddr, proto: &str, trusted: bool, sent: &Sent<'_>) -> 
     }
 }
 
+/// The client's address as policies judge it (ip-filter): the peer's, unless the peer is a
+/// trusted proxy; then the `X-Forwarded-For` chain is walked from the right, past every
+/// trusted proxy, and the first address that is not one is the client. A chain of trusted
+/// proxies only gives its leftmost entry; an entry that is not an address (a client's own
+/// garbage, `unknown`) ends the walk at the last good one, never at something the client made
+/// up further left. The same rule as nginx's `real_ip_recursive` and Envoy's
+/// `xff_num_trusted_hops` by address.
+pub fn client_ip(peer: IpAddr, trusted: &TrustedProxies, x_forwarded_for: &[&str]) -> IpAddr {
+    let mut client = peer.to_canonical();
+    if !trusted.trusts(client) {
+        return client;
+    }
+    let entries = x_forwarded_for
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    for entry in entries.rev() {
+        let Ok(ip) = entry.parse::<IpAddr>() else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !trusted.trusts(client) {
+            break;
+        }
+    }
+    client
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_address_is_the_first_untrusted_one_from_the_right() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8", "::1"]).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            client_ip(ip("203.0.113.5"), &t, &["198.51.100.1"]),
+            ip("203.0.113.5")
+        );
+        // A trusted peer: the chain's last untrusted entry.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &t, &["6.6.6.6, 198.51.100.1, 10.0.0.2"]),
+            ip("198.51.100.1")
+        );
+        // Several header lines are one chain; IPv6 entries count.
+        assert_eq!(
+            client_ip(ip("::1"), &t, &["6.6.6.6", "2001:db8::5"]),
+            ip("2001:db8::5")
+        );
+        // All trusted: the leftmost; none sent: the peer.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &t, &["10.0.0.3, 10.0.0.2"]),
+            ip("10.0.0.3")
+        );
+        assert_eq!(client_ip(ip("10.0.0.1"), &t, &[]), ip("10.0.0.1"));
+        // Garbage ends the walk at the last good address, not at what lies left of it.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &t, &["6.6.6.6, unknown, 10.0.0.2"]),
+            ip("10.0.0.2")
+        );
+        // A mapped IPv4 peer is IPv4.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.1"), &t, &["198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+    }
 
     #[test]
     fn parses_networks_and_addresses() {

@@ -142,7 +142,13 @@ pub async fn handshake(
         let effects = if api.chain.is_empty() {
             crate::policy::chain::Effects::default()
         } else {
-            let view = policy_request(conn, &routed, &subscribed, &req);
+            let view = policy_request(
+                conn,
+                &served.config.gateway.trusted_proxies,
+                &routed,
+                &subscribed,
+                &req,
+            );
             let t = Instant::now();
             let outcome =
                 crate::policy::chain::run(&api.chain, view, &mut breq.headers, &mut breq.target)
@@ -723,6 +729,7 @@ pub fn backend_request<B>(
 /// The request as policies see it (the `request` resource of `wit/policy.wit`).
 pub fn policy_request<B>(
     conn: &Conn,
+    trusted_proxies: &tollgate_edge::forwarded::TrustedProxies,
     routed: &Routed,
     subscribed: &Subscribed,
     req: &Request<B>,
@@ -743,6 +750,15 @@ pub fn policy_request<B>(
         query,
         headers,
         client: conn.client_addr,
+        client_ip: {
+            let xff: Vec<&str> = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            tollgate_edge::forwarded::client_ip(conn.client_addr.ip(), trusted_proxies, &xff)
+        },
         tls: conn.tls.clone(),
         api: Arc::from(routed.api.config.name.as_str()),
         product: subscribed.product.clone(),

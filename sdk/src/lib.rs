@@ -597,6 +597,14 @@ reads! {
     /// assert!(tollgate_sdk::testing::request().build().client_address().starts_with("127.0.0.1:"));
     /// ```
     fn client_address() -> String => |d| d.client_address.clone();
+    /// The client's IP as a filter should judge it (the peer's, or past the gateway's trusted
+    /// proxies in `X-Forwarded-For`).
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().client_ip("2001:db8::5").build();
+    /// assert_eq!(r.client_ip(), "2001:db8::5");
+    /// ```
+    fn client_ip() -> String => |d| d.client_ip.clone();
     /// TLS facts of a wss client connection.
     ///
     /// ```
@@ -777,6 +785,7 @@ pub mod testing {
         pub query: Vec<Pair>,
         pub headers: Vec<Pair>,
         pub client_address: String,
+        pub client_ip: String,
         pub tls: Option<TlsInfo>,
         pub api: String,
         pub product: Option<String>,
@@ -797,6 +806,7 @@ pub mod testing {
             query: Vec::new(),
             headers: Vec::new(),
             client_address: "127.0.0.1:50000".into(),
+            client_ip: "127.0.0.1".into(),
             tls: None,
             api: "test".into(),
             product: None,
@@ -882,6 +892,16 @@ pub mod testing {
         /// ```
         pub fn client_address(mut self, address: &str) -> Self {
             self.0.client_address = address.into();
+            self
+        }
+        /// Sets the client's IP as filters judge it.
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().client_ip("203.0.113.5").build();
+        /// assert_eq!(r.client_ip(), "203.0.113.5");
+        /// ```
+        pub fn client_ip(mut self, ip: &str) -> Self {
+            self.0.client_ip = ip.into();
             self
         }
         /// Sets the TLS facts (a wss client).

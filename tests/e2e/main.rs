@@ -6,11 +6,13 @@
 mod support;
 
 mod admin;
+mod check_header;
 mod closes;
 mod conformance;
 mod console;
 mod edge;
 mod faults;
+mod ip_filter;
 mod jwt;
 mod languages;
 mod lifecycle;

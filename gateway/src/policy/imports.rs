@@ -203,6 +203,13 @@ impl wit::HostRequest for HostState {
             .to_string())
     }
 
+    fn client_ip(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self
+            .read(Capability::ReadRequest, "read the client's IP")?
+            .client_ip
+            .to_string())
+    }
+
     fn tls(
         &mut self,
         _: Resource<request::RequestHandle>,

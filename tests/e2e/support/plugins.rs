@@ -16,6 +16,8 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("overreach", "overreach.wasm"),
     ("wit-0-1-policy", "wit_0_1_policy.wasm"),
     ("require-param", "require_param.wasm"),
+    ("check-header", "check_header.wasm"),
+    ("ip-filter", "ip_filter.wasm"),
 ];
 
 fn workspace() -> PathBuf {
