@@ -96,7 +96,7 @@ async fn time_steps(steps: &[Step], req: &Request, n: usize) -> anyhow::Result<(
         let mut target = String::from("/");
         let mut headers = http::HeaderMap::new();
         let t = Instant::now();
-        let r = chain::run(steps, req.clone(), &mut headers, &mut target).await;
+        let r = chain::run(steps, req.clone(), &mut headers, &mut target, &|_| false).await;
         let el = t.elapsed();
         match r {
             Outcome::Proceed(_) => {}
@@ -180,7 +180,8 @@ async fn timed(steps: &[Step], req: Request, iterations: usize) -> anyhow::Resul
         let mut target = String::from("/");
         let mut headers = http::HeaderMap::new();
         if let (_, Some(after)) =
-            chain::run_keeping_request(one, ctx_req.clone(), &mut headers, &mut target).await
+            chain::run_keeping_request(one, ctx_req.clone(), &mut headers, &mut target, &|_| false)
+                .await
         {
             ctx_req = after;
         }

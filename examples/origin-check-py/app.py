@@ -30,7 +30,7 @@ def _config() -> dict:
 
 
 def _proceed(context: list[Pair]) -> ht.Decision:
-    return ht.Decision_Proceed(ht.Proceed([], [], [], context, None))
+    return ht.Decision_Proceed(ht.Proceed([], [], [], context, None, None))
 
 
 class Handshake(exports.Handshake):

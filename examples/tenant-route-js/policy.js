@@ -90,6 +90,7 @@ export const handshake = {
         responseHeaders: [],
         context: [{ name: 'route.region', value: region }],
         closeAt: undefined,
+        backend: undefined,
       },
     };
   },

@@ -435,6 +435,8 @@ pub fn apis_json(gw: &View) -> serde_json::Value {
                 "path": format!("/{}", c.url_suffix),
                 "schemes": schemes,
                 "backend": c.backend.original,
+                // The named backends a policy may pick (set-backend-service), by name.
+                "backends": c.backends.iter().map(|(n, b)| (n.clone(), json!(b.original))).collect::<serde_json::Map<_, _>>(),
                 "products": c.products,
                 // Where a subscription key goes, for APIs in products (the console shows it).
                 "subscription_key": (!c.products.is_empty()).then(|| json!({

@@ -68,6 +68,8 @@ pub struct Env {
 pub struct Accepted {
     pub on_upgrade: hyper::upgrade::OnUpgrade,
     pub backend: Upgraded,
+    /// The backend URL it went to, for the close record.
+    pub backend_url: String,
     pub permit: Permit,
     pub api: Arc<Api>,
     /// The backend request's path and query, for the close record.
@@ -88,6 +90,8 @@ struct Record {
     path: Option<String>,
     product: Option<String>,
     subscription: Option<String>,
+    /// The backend URL the handshake went to (the API's, or the named one a policy picked).
+    backend: Option<String>,
     /// Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
     /// operator can tell a slow policy from a slow backend.
     policies_ms: f64,
@@ -150,14 +154,34 @@ pub async fn handshake(
                 &req,
             );
             let t = Instant::now();
-            let outcome =
-                crate::policy::chain::run(&api.chain, view, &mut breq.headers, &mut breq.target)
-                    .await;
+            let has_backend = |name: &str| api.backends.contains_key(name);
+            let outcome = crate::policy::chain::run(
+                &api.chain,
+                view,
+                &mut breq.headers,
+                &mut breq.target,
+                &has_backend,
+            )
+            .await;
             rec.policies_ms = t.elapsed().as_secs_f64() * 1000.0;
             policy_outcome(outcome)?
         };
-        let upgraded = api
-            .connector
+        // A policy may have picked one of the API's named backends (the chain checked the name).
+        let connector = match effects.backend.as_deref().map(|n| api.backends.get(n)) {
+            None => &api.connector,
+            Some(Some(named)) => {
+                retarget(&mut breq, &routed, named.url());
+                named
+            }
+            Some(None) => {
+                return Err(Reject::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "a policy picked a backend the API does not have",
+                ))
+            }
+        };
+        rec.backend = Some(connector.url().original.clone());
+        let upgraded = connector
             .handshake(
                 &breq.target,
                 breq.headers,
@@ -172,6 +196,7 @@ pub async fn handshake(
         let resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
         let accepted = Accepted {
             on_upgrade: hyper::upgrade::on(&mut req),
+            backend_url: connector.url().original.clone(),
             backend: upgraded,
             permit,
             api,
@@ -216,9 +241,11 @@ fn record<B>(
     let api_name = rec.api.as_ref().map_or("", |a| a.config.name.as_str());
     let log_values = env.served.config.gateway.log_query_values;
     let backend = loggable(
-        rec.api
-            .as_ref()
-            .map_or("", |a| a.config.backend.original.as_str()),
+        rec.backend.as_deref().unwrap_or_else(|| {
+            rec.api
+                .as_ref()
+                .map_or("", |a| a.config.backend.original.as_str())
+        }),
         log_values,
     );
     let elapsed = started.elapsed();
@@ -724,6 +751,16 @@ pub fn backend_request<B>(
         target: url.request_target(&routed.remainder, subscribed.query.as_deref()),
         headers,
     }
+}
+
+/// Points the backend request at a named backend a policy picked: its Host and its path (the
+/// API's `remainder` under the named backend's path), keeping the query as the policies left
+/// it. Backends of an API with named backends carry no query of their own (the manifest
+/// refuses it), so the query part is the client's alone.
+fn retarget(breq: &mut BackendRequest, routed: &Routed, url: &crate::manifest::BackendUrl) {
+    let query = breq.target.split_once('?').map(|(_, q)| q.to_owned());
+    breq.target = url.request_target(&routed.remainder, query.as_deref());
+    crate::backend::opening_headers(url, &mut breq.headers);
 }
 
 /// The request as policies see it (the `request` resource of `wit/policy.wit`).

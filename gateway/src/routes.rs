@@ -11,6 +11,8 @@ use crate::subscriptions::Subscription;
 pub struct Api {
     pub config: ApiConfig,
     pub connector: Connector,
+    /// The named backends a policy may pick (`proceed.backend`), by name.
+    pub backends: std::collections::BTreeMap<String, Connector>,
     /// Connections admitted to this API; shared with the `Api` of the same name that a reload
     /// puts in its place, so the per-API limit counts connections admitted before it too.
     pub active: Arc<AtomicUsize>,
@@ -160,11 +162,13 @@ mod tests {
         Arc::new(Api {
             metrics: crate::metrics::Metrics::new().api(suffix),
             connector: Connector::new(backend.clone(), None, Duration::from_secs(1)).unwrap(),
+            backends: Default::default(),
             config: ApiConfig {
                 name: suffix.into(),
                 display_name: suffix.into(),
                 url_suffix: suffix.into(),
                 backend,
+                backends: Default::default(),
                 schemes: Schemes {
                     ws: true,
                     wss: false,

@@ -132,7 +132,8 @@ impl Served {
                 }
                 None => Vec::new(),
             };
-            let tls = if a.backend.tls {
+            let any_tls = a.backend.tls || a.backends.values().any(|b| b.tls);
+            let tls = if any_tls {
                 if a.insecure_skip_verify {
                     tracing::warn!(
                         event = "insecure_skip_verify",
@@ -154,14 +155,21 @@ impl Served {
             } else {
                 None
             };
-            match Connector::new(
-                a.backend.clone(),
-                tls,
-                config.gateway.limits.backend_timeout,
-            ) {
-                Ok(connector) => apis.push(Arc::new(Api {
+            let timeout = config.gateway.limits.backend_timeout;
+            let named: Result<std::collections::BTreeMap<String, Connector>, String> = a
+                .backends
+                .iter()
+                .map(|(name, url)| {
+                    Connector::new(url.clone(), tls.clone(), timeout)
+                        .map(|c| (name.clone(), c))
+                        .map_err(|e| format!("backends.{name}: {e}"))
+                })
+                .collect();
+            match Connector::new(a.backend.clone(), tls, timeout).and_then(|c| Ok((c, named?))) {
+                Ok((connector, backends)) => apis.push(Arc::new(Api {
                     config: a.clone(),
                     connector,
+                    backends,
                     // Same API as before a reload: keep counting its connections.
                     active: previous
                         .and_then(|p| p.routes.apis().iter().find(|o| o.config.name == a.name))

@@ -433,6 +433,7 @@ impl Gateway {
         let Accepted {
             on_upgrade,
             backend,
+            backend_url,
             permit,
             api,
             target,
@@ -507,7 +508,7 @@ impl Gateway {
         let b = &outcome.backend_to_client;
         let log_values = self.served.load().config.gateway.log_query_values;
         let target = loggable(&target, log_values);
-        let backend_url = loggable(&api.config.backend.original, log_values);
+        let backend_url = loggable(&backend_url, log_values);
         tracing::info!(
             event = "connection_closed",
             conn,

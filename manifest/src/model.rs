@@ -143,6 +143,9 @@ pub struct ApiConfig {
     /// Without leading or trailing `/`; empty means the API is served at the root.
     pub url_suffix: String,
     pub backend: BackendUrl,
+    /// Other backends of this API, by name: a policy may send a handshake to one of them
+    /// (`proceed.backend`), never to a URL of its own. Ordered by name.
+    pub backends: std::collections::BTreeMap<String, BackendUrl>,
     pub schemes: Schemes,
     pub products: Vec<String>,
     /// Where handshakes carry a subscription key; used only when `products` is not empty.

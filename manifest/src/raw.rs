@@ -104,6 +104,9 @@ pub(crate) struct RawApi {
     pub(crate) display_name: Option<String>,
     pub(crate) url_suffix: Spanned<String>,
     pub(crate) backend: Spanned<String>,
+    /// Other backends a policy may pick by name (`backends = { eu = "wss://..." }`).
+    #[serde(default)]
+    pub(crate) backends: std::collections::BTreeMap<String, Spanned<String>>,
     pub(crate) schemes: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub(crate) products: Vec<Spanned<String>>,

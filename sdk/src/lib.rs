@@ -362,6 +362,7 @@ impl Proceed {
             response_headers: Vec::new(),
             context: Vec::new(),
             close_at: None,
+            backend: None,
         }
     }
 
@@ -459,6 +460,21 @@ impl Proceed {
     /// ```
     pub fn close_at(mut self, unix_seconds: u64) -> Proceed {
         self.close_at = Some(unix_seconds);
+        self
+    }
+}
+
+impl Proceed {
+    /// Sends the handshake to the API's named backend `name` (the manifest's `backends`) instead
+    /// of its `backend` (needs `select-backend`). A name the API does not list fails the
+    /// handshake; the last policy that picks one wins.
+    ///
+    /// ```
+    /// let p = tollgate_sdk::Proceed::new().backend("eu");
+    /// assert_eq!(p.backend.as_deref(), Some("eu"));
+    /// ```
+    pub fn backend(mut self, name: impl Into<String>) -> Proceed {
+        self.backend = Some(name.into());
         self
     }
 }
@@ -644,6 +660,37 @@ reads! {
     /// assert_eq!(r.received_at(), 1_700_000_000);
     /// ```
     fn received_at() -> u64 => |d| d.received_at;
+}
+
+impl Request<'_> {
+    /// `template` with each `{key}` replaced by the context value `key` (empty when absent), as
+    /// set-header's `"{jwt.sub}"` and set-backend-service's `"{jwt.region}"` use it (needs
+    /// `use-context`). An unclosed `{` is kept as written.
+    ///
+    /// ```
+    /// let r = tollgate_sdk::testing::request().context("jwt.sub", "ann").build();
+    /// assert_eq!(r.expand("user-{jwt.sub}/{missing}{"), "user-ann/{");
+    /// ```
+    pub fn expand(&self, template: &str) -> String {
+        let mut out = String::with_capacity(template.len());
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            match rest[open..].find('}') {
+                Some(close) => {
+                    let key = &rest[open + 1..open + close];
+                    out.push_str(self.context(key).as_deref().unwrap_or(""));
+                    rest = &rest[open + close + 1..];
+                }
+                None => {
+                    out.push_str(&rest[open..]);
+                    rest = "";
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// Calls into the gateway. In a component these are the WIT imports; natively (unit tests)

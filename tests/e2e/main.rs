@@ -6,6 +6,7 @@
 mod support;
 
 mod admin;
+mod backends;
 mod check_header;
 mod closes;
 mod conformance;

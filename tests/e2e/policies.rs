@@ -503,6 +503,7 @@ async fn capabilities_a_plugin_did_not_declare_are_refused() {
         ("context", "use-context"),
         ("verify", "verify-signatures"),
         ("close-at", "limit-lifetime"),
+        ("backend", "select-backend"),
         ("read-context", "use-context"),
     ];
     let mut text = gateway_section("plugin_dir = \"plugins\"");

@@ -41,6 +41,7 @@ pub enum Capability {
     Reject,
     VerifySignatures,
     LimitLifetime,
+    SelectBackend,
     MockResponse,
     CacheLookup,
     CacheStore,
@@ -60,7 +61,7 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in the WIT's order.
-    pub const ALL: [Capability; 23] = {
+    pub const ALL: [Capability; 24] = {
         use Capability as C;
         [
             C::ReadRequest,
@@ -71,6 +72,7 @@ impl Capability {
             C::Reject,
             C::VerifySignatures,
             C::LimitLifetime,
+            C::SelectBackend,
             C::MockResponse,
             C::CacheLookup,
             C::CacheStore,
@@ -101,6 +103,7 @@ impl Capability {
             C::Reject => "reject",
             C::VerifySignatures => "verify-signatures",
             C::LimitLifetime => "limit-lifetime",
+            C::SelectBackend => "select-backend",
             C::MockResponse => "mock-response",
             C::CacheLookup => "cache-lookup",
             C::CacheStore => "cache-store",
@@ -131,7 +134,8 @@ impl Capability {
             | C::UseContext
             | C::Reject
             | C::VerifySignatures
-            | C::LimitLifetime => return None,
+            | C::LimitLifetime
+            | C::SelectBackend => return None,
             C::MockResponse => (Family::Body, "Mock response"),
             C::CacheLookup => (Family::Cache, "Get from cache"),
             C::CacheStore => (Family::Cache, "Store to cache"),
@@ -276,7 +280,7 @@ mod tests {
             .into_iter()
             .filter(|c| c.not_on_handshake().is_none())
             .collect();
-        assert_eq!(allowed.len(), 8);
+        assert_eq!(allowed.len(), 9);
         assert_eq!(check("p", &allowed, &Scope::Api("a".into())), Verdict::Run);
     }
 

@@ -39,6 +39,8 @@ pub struct Effects {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// The earliest `close-at` any policy set (seconds since the Unix epoch).
     pub close_at: Option<u64>,
+    /// The named backend the last policy that picked one picked (checked against the API's).
+    pub backend: Option<String>,
 }
 
 /// A policy's own refusal, checked.
@@ -58,12 +60,12 @@ pub struct Failure {
     pub error: String,
 }
 
-/// The first capability `d` (with deadline `close_at`) uses that `plugin` did not declare,
-/// with what it did.
+/// The first capability `d` (with its `extras`) uses that `plugin` did not declare, with what
+/// it did.
 fn undeclared(
     plugin: &Plugin,
     d: &decision::Decision,
-    close_at: Option<u64>,
+    extras: &super::Extras,
 ) -> Option<(Capability, &'static str)> {
     d.uses()
         .into_iter()
@@ -78,9 +80,16 @@ fn undeclared(
             (c, what)
         })
         .chain(
-            close_at
+            extras
+                .close_at
                 .is_some()
                 .then_some((Capability::LimitLifetime, "set a close-at deadline")),
+        )
+        .chain(
+            extras
+                .backend
+                .is_some()
+                .then_some((Capability::SelectBackend, "picked a backend")),
         )
         .find(|(c, _)| !plugin.declares(*c))
 }
@@ -255,7 +264,8 @@ pub fn build(
 
 /// Runs the chain on `request`. Each proceeding policy's changes are applied to the backend
 /// request's `headers` and `target` (path and query) as it decides, and to `request`, so the
-/// next policy sees them.
+/// next policy sees them. `has_backend` says whether the API has a named backend of that name
+/// (a policy may pick only those).
 ///
 /// Each guest runs on a fiber inside the caller's task and yields to the runtime every ten
 /// million units of fuel, so a slow policy delays its own handshake, not the worker.
@@ -264,8 +274,11 @@ pub async fn run(
     request: Request,
     headers: &mut HeaderMap,
     target: &mut String,
+    has_backend: &(dyn Fn(&str) -> bool + Sync),
 ) -> Outcome {
-    run_keeping_request(steps, request, headers, target).await.0
+    run_keeping_request(steps, request, headers, target, has_backend)
+        .await
+        .0
 }
 
 /// [`run`], also returning the request as the last policy left it when the chain proceeded
@@ -275,6 +288,7 @@ pub async fn run_keeping_request(
     mut request: Request,
     headers: &mut HeaderMap,
     target: &mut String,
+    has_backend: &(dyn Fn(&str) -> bool + Sync),
 ) -> (Outcome, Option<Request>) {
     let mut effects = Effects::default();
     let api = request.api.clone();
@@ -313,7 +327,7 @@ pub async fn run_keeping_request(
             Err(e) => return (fail(e.to_string()), None),
         };
         request = back;
-        let (decision, close_at) = match decided {
+        let (decision, extras) = match decided {
             Ok(d) => d,
             Err(own) => {
                 let why = format!(
@@ -326,7 +340,7 @@ pub async fn run_keeping_request(
         if let Err(e) = decision.check_size() {
             return (fail(e.to_string()), None);
         }
-        if let Some((capability, action)) = undeclared(&step.plugin, &decision, close_at) {
+        if let Some((capability, action)) = undeclared(&step.plugin, &decision, &extras) {
             let why = PolicyError::Undeclared {
                 plugin: name.clone(),
                 capability,
@@ -350,7 +364,17 @@ pub async fn run_keeping_request(
                 return (Outcome::Reject(rejection), None);
             }
             decision::Decision::Proceed(p) => {
-                if let Some(at) = close_at {
+                if let Some(name) = extras.backend {
+                    if !has_backend(&name) {
+                        let why = format!(
+                            "picked backend `{}`, which this API does not have (its manifest `backends` lists the names a policy may pick)",
+                            name.escape_debug()
+                        );
+                        return (fail(why), None);
+                    }
+                    effects.backend = Some(name);
+                }
+                if let Some(at) = extras.close_at {
                     if at <= received_at {
                         let why = format!(
                             "close-at {at} is not after the handshake's received-at {received_at}"

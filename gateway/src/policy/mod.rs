@@ -245,6 +245,7 @@ fn capability(c: wit::Capability) -> Capability {
         W::Reject => C::Reject,
         W::VerifySignatures => C::VerifySignatures,
         W::LimitLifetime => C::LimitLifetime,
+        W::SelectBackend => C::SelectBackend,
         W::MockResponse => C::MockResponse,
         W::CacheLookup => C::CacheLookup,
         W::CacheStore => C::CacheStore,
@@ -828,10 +829,19 @@ pub(crate) struct Call<'a> {
 
 /// A policy's answer, in the host's own terms: a decision the edge code checks and applies,
 /// plus the deadline it asks for; `Err` is the policy's own "could not decide".
-pub(crate) type Decided = Result<(tollgate_edge::decision::Decision, Option<u64>), String>;
+pub(crate) type Decided = Result<(tollgate_edge::decision::Decision, Extras), String>;
+
+/// What a `proceed` asks for beyond what `tollgate_edge::decision` checks and applies.
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    /// `close-at`, seconds since the Unix epoch.
+    pub close_at: Option<u64>,
+    /// The named backend it picks.
+    pub backend: Option<String>,
+}
 
 /// The generated decision as the host's own: the strings move; nothing is copied.
-fn from_wit(d: wit::Decision) -> (tollgate_edge::decision::Decision, Option<u64>) {
+fn from_wit(d: wit::Decision) -> (tollgate_edge::decision::Decision, Extras) {
     use tollgate_edge::decision as plain;
     let pair = |p: wit_types::Pair| plain::Pair {
         name: p.name,
@@ -844,7 +854,7 @@ fn from_wit(d: wit::Decision) -> (tollgate_edge::decision::Decision, Option<u64>
                 headers: r.headers.into_iter().map(pair).collect(),
                 body: r.body,
             }),
-            None,
+            Extras::default(),
         ),
         wit::Decision::Proceed(p) => (
             plain::Decision::Proceed(plain::Proceed {
@@ -868,7 +878,10 @@ fn from_wit(d: wit::Decision) -> (tollgate_edge::decision::Decision, Option<u64>
                 response_headers: p.response_headers.into_iter().map(pair).collect(),
                 context: p.context.into_iter().map(pair).collect(),
             }),
-            p.close_at,
+            Extras {
+                close_at: p.close_at,
+                backend: p.backend,
+            },
         ),
     }
 }

@@ -56,10 +56,13 @@ impl Validator<'_> {
                     None
                 }
             };
+            let backends = self.named_backends(i, a, backend.as_ref());
             let schemes = self.schemes(i, a, gateway.listen.is_some(), has_tls_listener);
             self.api_products(i, a, &aname, products, product_names);
             let subscription_key = self.key_location(i, a);
-            let ca_file = self.ca_file(i, a, backend.as_ref());
+            let any_tls =
+                backend.as_ref().is_some_and(|b| b.tls) || backends.values().any(|b| b.tls);
+            let ca_file = self.ca_file(i, a, backend.is_some() && !any_tls);
             let on_handshake =
                 self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
             if let Some(m) = a
@@ -85,6 +88,7 @@ impl Validator<'_> {
                 name: aname,
                 url_suffix: suffix,
                 backend,
+                backends,
                 schemes,
                 products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
                 subscription_key,
@@ -177,16 +181,68 @@ impl Validator<'_> {
         }
     }
 
-    /// API `i`'s `ca_file`: an existing PEM file of certificates, for a `wss://` backend only.
-    fn ca_file(&mut self, i: usize, a: &RawApi, backend: Option<&BackendUrl>) -> Option<PathBuf> {
+    /// API `i`'s `ca_file`: an existing PEM file of certificates, for `wss://` backends only
+    /// (`no_tls_backend`: the API has backends, none of them `wss://`).
+    fn ca_file(&mut self, i: usize, a: &RawApi, no_tls_backend: bool) -> Option<PathBuf> {
         let c = a.ca_file.as_ref()?;
         let key = format!("apis[{i}].ca_file");
         let path = self.existing_file(c, &key);
         self.pem_content(c, &key, &path, Pem::Certificates);
-        if backend.is_some_and(|b| !b.tls) {
+        if no_tls_backend {
             self.err(c.span(), key, "ca_file is only used with a wss:// backend");
         }
         Some(path)
+    }
+
+    /// API `i`'s named `backends`: names of letters, digits, `-` and `_`, URLs as for
+    /// `backend`. Neither these nor `backend` may carry a query then: the client's query, as
+    /// policies left it, goes to whichever backend is picked, and a query of one backend's URL
+    /// would otherwise follow the handshake to another.
+    fn named_backends(
+        &mut self,
+        i: usize,
+        a: &RawApi,
+        default: Option<&BackendUrl>,
+    ) -> std::collections::BTreeMap<String, BackendUrl> {
+        let mut out = std::collections::BTreeMap::new();
+        if a.backends.is_empty() {
+            return out;
+        }
+        if default.is_some_and(|b| b.query.is_some()) {
+            self.err(
+                a.backend.span(),
+                format!("apis[{i}].backend"),
+                "a backend URL with a query cannot be combined with `backends` (the query would follow a handshake sent to another backend); drop the query",
+            );
+        }
+        for (name, url) in &a.backends {
+            let key = format!("apis[{i}].backends.{name}");
+            let ok_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok_name {
+                self.err(
+                    url.span(),
+                    key,
+                    "a backend name is 1 to 64 letters, digits, `-` or `_`",
+                );
+                continue;
+            }
+            match parse_backend(url.get_ref()) {
+                Ok(b) if b.query.is_some() => self.err(
+                    url.span(),
+                    key,
+                    "a named backend's URL has no query (the client's query, as policies left it, is forwarded)",
+                ),
+                Ok(b) => {
+                    out.insert(name.clone(), b);
+                }
+                Err(m) => self.err(url.span(), key, m),
+            }
+        }
+        out
     }
 
     /// The API's subscription key header and query parameter names.
@@ -295,5 +351,33 @@ mod tests {
         .unwrap();
         assert!(c.apis.is_empty());
         assert_eq!(c.unserved_apis, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn named_backends_are_parsed_and_checked() {
+        let api = |extra: &str| {
+            p(&format!(
+                "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://main/\"\n{extra}\n"
+            ))
+        };
+        let c =
+            api("backends = { eu = \"wss://eu.example/chat\", us-1 = \"ws://us:9000/\" }").unwrap();
+        let b = &c.apis[0].backends;
+        assert_eq!(b.keys().collect::<Vec<_>>(), ["eu", "us-1"]);
+        assert!(b["eu"].tls && b["eu"].path == "/chat");
+        for (extra, says) in [
+            ("backends = { eu = \"http://x/\" }", "apis[0].backends.eu"),
+            ("backends = { \"e u\" = \"ws://x/\" }", "a backend name is"),
+            ("backends = { eu = \"ws://x/?a=1\" }", "has no query"),
+        ] {
+            let e = api(extra).unwrap_err().to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        let e = p(&format!(
+            "{BASE}[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://main/?k=v\"\nbackends = {{ eu = \"ws://x/\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be combined with `backends`"), "{e}");
     }
 }

@@ -52,34 +52,12 @@ impl Config {
     }
 }
 
-/// Replaces `{key}` with the context value `key` (empty when absent).
-pub fn expand(template: &str, request: &Request) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        match rest[open..].find('}') {
-            Some(close) => {
-                let key = &rest[open + 1..open + close];
-                out.push_str(request.context(key).as_deref().unwrap_or(""));
-                rest = &rest[open + close + 1..];
-            }
-            None => {
-                out.push_str(&rest[open..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The header change this config makes for this request, if any.
 pub fn decide(config: &Config, request: &Request) -> Option<HeaderChange> {
     let pair = || {
         Pair::new(
             config.name.to_ascii_lowercase(),
-            expand(&config.value, request),
+            request.expand(&config.value),
         )
     };
     match config.exists_action {
@@ -169,7 +147,7 @@ mod tests {
     #[test]
     fn templates_and_bad_config() {
         let r = request(&[], &[("jwt.sub", "ann"), ("tenant", "t1")]);
-        assert_eq!(expand("{tenant}/{jwt.sub}/{missing}!", &r), "t1/ann/!");
+        assert_eq!(r.expand("{tenant}/{jwt.sub}/{missing}!"), "t1/ann/!");
         assert!(Config::parse(r#"{"name":"","value":"v"}"#).is_err());
         assert!(Config::parse(r#"{"name":"X","value":"v","exists_action":"sometimes"}"#).is_err());
         assert!(Config::parse(r#"{"name":"X","colour":"v"}"#).is_err());

@@ -18,6 +18,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("require-param", "require_param.wasm"),
     ("check-header", "check_header.wasm"),
     ("ip-filter", "ip_filter.wasm"),
+    ("set-backend-service", "set_backend_service.wasm"),
 ];
 
 fn workspace() -> PathBuf {

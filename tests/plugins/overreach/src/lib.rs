@@ -1,6 +1,6 @@
 //! A policy that declares only `read-request` and then does what its config's `do` says
 //! regardless: `"reject"`, `"header"` (sets a backend request header), `"query"`,
-//! `"response-header"`, `"context"`, `"close-at"`, `"read-context"` (reads the context values),
+//! `"response-header"`, `"context"`, `"close-at"`, `"backend"`, `"read-context"` (reads the context values),
 //! `"verify"` (calls `signatures.verify`) or `"nothing"` (which reads the request's path, as it
 //! declared it would, and logs it). The gateway must refuse each of those it did not declare.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
@@ -35,6 +35,7 @@ impl Policy for Overreach {
             "response-header" => p.response_headers.push(Pair::new("x-overreach", "1")),
             "context" => p.context.push(Pair::new("overreach", "1")),
             "close-at" => p.close_at = Some(request.received_at() + 60),
+            "backend" => p.backend = Some("eu".into()),
             "read-context" => {
                 let _ = request.context_values();
             }
