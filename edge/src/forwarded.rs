@@ -102,30 +102,55 @@ pub fn forwarding(peer: IpAddr, proto: &str, trusted: bool, sent: &Sent<'_>) -> 
 /// The client's address as policies judge it (ip-filter): the peer's, unless the peer is a
 /// trusted proxy; then the `X-Forwarded-For` chain is walked from the right, past every
 /// trusted proxy, and the first address that is not one is the client. A chain of trusted
-/// proxies only gives its leftmost entry; an entry that is not an address (a client's own
-/// garbage, `unknown`) ends the walk at the last good one, never at something the client made
-/// up further left. The same rule as nginx's `real_ip_recursive` and Envoy's
-/// `xff_num_trusted_hops` by address.
-pub fn client_ip(peer: IpAddr, trusted: &TrustedProxies, x_forwarded_for: &[&str]) -> IpAddr {
+/// proxies only gives its leftmost entry, no chain at all the proxy itself. The same rule as
+/// nginx's `real_ip_recursive` and Envoy's `xff_num_trusted_hops` by address.
+///
+/// Entries may carry a port or brackets (`192.0.2.1:5678`, `[2001:db8::1]:443`, as Azure
+/// Application Gateway writes them). An entry the walk reaches that is not an address (a
+/// client's own garbage appended to by the proxy, `unknown`, bytes that are not ASCII) makes
+/// the client **unknown** (`None`): never the trusted proxy's own address, which an allow-list
+/// covering the proxies' network would admit. `lines` are the header's raw values.
+pub fn client_ip(peer: IpAddr, trusted: &TrustedProxies, lines: &[&[u8]]) -> Option<IpAddr> {
     let mut client = peer.to_canonical();
     if !trusted.trusts(client) {
-        return client;
+        return Some(client);
     }
-    let entries = x_forwarded_for
+    let entries = lines
         .iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(|e| e.trim_ascii())
         .filter(|e| !e.is_empty());
     for entry in entries.rev() {
-        let Ok(ip) = entry.parse::<IpAddr>() else {
-            break;
-        };
-        client = ip.to_canonical();
+        client = entry_address(entry)?.to_canonical();
         if !trusted.trusts(client) {
             break;
         }
     }
-    client
+    Some(client)
+}
+
+/// One `X-Forwarded-For` entry as an address: `a.b.c.d`, `a.b.c.d:port`, `v6`, `[v6]`,
+/// `[v6]:port`.
+fn entry_address(entry: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(entry).ok()?;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok());
+        return inside
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .filter(|_| port_ok)
+            .map(IpAddr::V6);
+    }
+    s.parse::<std::net::SocketAddrV4>()
+        .ok()
+        .map(|a| IpAddr::V4(*a.ip()))
 }
 
 #[cfg(test)]
@@ -135,37 +160,71 @@ mod tests {
     #[test]
     fn the_client_address_is_the_first_untrusted_one_from_the_right() {
         let t = TrustedProxies::parse(&["10.0.0.0/8", "::1"]).unwrap();
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let peer = |s: &str| s.parse::<IpAddr>().unwrap();
         // An untrusted peer is the client, whatever it claims.
         assert_eq!(
-            client_ip(ip("203.0.113.5"), &t, &["198.51.100.1"]),
+            client_ip(peer("203.0.113.5"), &t, &[b"198.51.100.1"]),
             ip("203.0.113.5")
         );
         // A trusted peer: the chain's last untrusted entry.
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &t, &["6.6.6.6, 198.51.100.1, 10.0.0.2"]),
+            client_ip(peer("10.0.0.1"), &t, &[b"6.6.6.6, 198.51.100.1, 10.0.0.2"]),
             ip("198.51.100.1")
         );
         // Several header lines are one chain; IPv6 entries count.
         assert_eq!(
-            client_ip(ip("::1"), &t, &["6.6.6.6", "2001:db8::5"]),
+            client_ip(peer("::1"), &t, &[b"6.6.6.6", b"2001:db8::5"]),
             ip("2001:db8::5")
         );
         // All trusted: the leftmost; none sent: the peer.
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &t, &["10.0.0.3, 10.0.0.2"]),
+            client_ip(peer("10.0.0.1"), &t, &[b"10.0.0.3, 10.0.0.2"]),
             ip("10.0.0.3")
         );
-        assert_eq!(client_ip(ip("10.0.0.1"), &t, &[]), ip("10.0.0.1"));
-        // Garbage ends the walk at the last good address, not at what lies left of it.
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &t, &["6.6.6.6, unknown, 10.0.0.2"]),
-            ip("10.0.0.2")
-        );
+        assert_eq!(client_ip(peer("10.0.0.1"), &t, &[]), ip("10.0.0.1"));
         // A mapped IPv4 peer is IPv4.
         assert_eq!(
-            client_ip(ip("::ffff:10.0.0.1"), &t, &["198.51.100.7"]),
+            client_ip(peer("::ffff:10.0.0.1"), &t, &[b"198.51.100.7"]),
             ip("198.51.100.7")
+        );
+        // Ports and brackets, as proxies write them.
+        assert_eq!(
+            client_ip(peer("10.0.0.1"), &t, &[b"198.51.100.7:5678"]),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(peer("10.0.0.1"), &t, &[b"[2001:db8::9]:443, [10.0.0.2]"]),
+            None,
+            "[v4] is not a form proxies write"
+        );
+        assert_eq!(
+            client_ip(peer("10.0.0.1"), &t, &[b"[2001:db8::9]:443"]),
+            ip("2001:db8::9")
+        );
+        assert_eq!(
+            client_ip(peer("10.0.0.1"), &t, &[b"[2001:db8::9]"]),
+            ip("2001:db8::9")
+        );
+    }
+
+    #[test]
+    fn an_unreadable_entry_makes_the_client_unknown_never_the_proxy() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8"]).unwrap();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        for chain in [
+            &b"unknown"[..],
+            b"6.6.6.6, unknown",
+            b"\xff, 6.6.6.6, garbage",
+            b"1.2.3.4:99999",
+            b"[2001:db8::1",
+        ] {
+            assert_eq!(client_ip(peer, &t, &[chain]), None, "{chain:?}");
+        }
+        // Garbage left of the first untrusted entry is never reached.
+        assert_eq!(
+            client_ip(peer, &t, &[b"\xff garbage", b"6.6.6.6"]),
+            Some("6.6.6.6".parse().unwrap())
         );
     }
 

@@ -344,12 +344,15 @@ impl Drop for AbandonGuard {
 
 /// `close-at` (seconds since the Unix epoch) as a point on the monotonic clock.
 fn deadline(unix_seconds: u64) -> Instant {
-    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix_seconds);
     let now = Instant::now();
+    let far = now + Duration::from_secs(86400 * 365);
+    // The chain caps close-at at ten years ahead; checked anyway, as `UNIX_EPOCH + d` panics
+    // on overflow.
+    let Some(at) = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(unix_seconds)) else {
+        return far;
+    };
     match at.duration_since(std::time::SystemTime::now()) {
-        Ok(left) => now
-            .checked_add(left)
-            .unwrap_or(now + Duration::from_secs(86400 * 365)),
+        Ok(left) => now.checked_add(left).unwrap_or(far),
         Err(_) => now,
     }
 }
@@ -788,11 +791,13 @@ pub fn policy_request<B>(
         headers,
         client: conn.client_addr,
         client_ip: {
-            let xff: Vec<&str> = req
+            // Raw bytes: a line with a byte that is not visible ASCII must not vanish (the walk
+            // would then stop at the trusted proxy itself).
+            let xff: Vec<&[u8]> = req
                 .headers()
                 .get_all("x-forwarded-for")
                 .iter()
-                .filter_map(|v| v.to_str().ok())
+                .map(HeaderValue::as_bytes)
                 .collect();
             tollgate_edge::forwarded::client_ip(conn.client_addr.ip(), trusted_proxies, &xff)
         },

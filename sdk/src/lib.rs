@@ -614,13 +614,13 @@ reads! {
     /// ```
     fn client_address() -> String => |d| d.client_address.clone();
     /// The client's IP as a filter should judge it (the peer's, or past the gateway's trusted
-    /// proxies in `X-Forwarded-For`).
+    /// proxies in `X-Forwarded-For`); `None` when the gateway could not tell (refuse then).
     ///
     /// ```
     /// let r = tollgate_sdk::testing::request().client_ip("2001:db8::5").build();
-    /// assert_eq!(r.client_ip(), "2001:db8::5");
+    /// assert_eq!(r.client_ip().as_deref(), Some("2001:db8::5"));
     /// ```
-    fn client_ip() -> String => |d| d.client_ip.clone();
+    fn client_ip() -> Option<String> => |d| d.client_ip.clone();
     /// TLS facts of a wss client connection.
     ///
     /// ```
@@ -832,7 +832,7 @@ pub mod testing {
         pub query: Vec<Pair>,
         pub headers: Vec<Pair>,
         pub client_address: String,
-        pub client_ip: String,
+        pub client_ip: Option<String>,
         pub tls: Option<TlsInfo>,
         pub api: String,
         pub product: Option<String>,
@@ -853,7 +853,7 @@ pub mod testing {
             query: Vec::new(),
             headers: Vec::new(),
             client_address: "127.0.0.1:50000".into(),
-            client_ip: "127.0.0.1".into(),
+            client_ip: Some("127.0.0.1".into()),
             tls: None,
             api: "test".into(),
             product: None,
@@ -945,10 +945,20 @@ pub mod testing {
         ///
         /// ```
         /// let r = tollgate_sdk::testing::request().client_ip("203.0.113.5").build();
-        /// assert_eq!(r.client_ip(), "203.0.113.5");
+        /// assert_eq!(r.client_ip().as_deref(), Some("203.0.113.5"));
         /// ```
         pub fn client_ip(mut self, ip: &str) -> Self {
-            self.0.client_ip = ip.into();
+            self.0.client_ip = Some(ip.into());
+            self
+        }
+        /// Makes the client's IP unknown (a trusted proxy's `X-Forwarded-For` unreadable).
+        ///
+        /// ```
+        /// let r = tollgate_sdk::testing::request().unknown_client_ip().build();
+        /// assert_eq!(r.client_ip(), None);
+        /// ```
+        pub fn unknown_client_ip(mut self) -> Self {
+            self.0.client_ip = None;
             self
         }
         /// Sets the TLS facts (a wss client).

@@ -30,6 +30,26 @@ async fn status(gw: &Gateway, path: &str, xff: Option<&str>) -> u16 {
     status_of(&head)
 }
 
+/// A handshake whose `X-Forwarded-For` line carries a byte that is not ASCII (as a proxy
+/// appending to a client's own line sends it).
+async fn status_raw_xff(gw: &Gateway, path: &str, line: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.ws.unwrap())
+        .await
+        .unwrap();
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: "
+    )
+    .into_bytes();
+    req.extend_from_slice(line);
+    req.extend_from_slice(b"\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = s.read(&mut head).await.unwrap();
+    status_of(&String::from_utf8_lossy(&head[..n]))
+}
+
 #[tokio::test]
 async fn without_a_trusted_proxy_the_socket_peer_is_judged() {
     let backend = RawBackend::start(echo_frames()).await;
@@ -102,10 +122,28 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_judged_ipv4_and_ipv6() {
     );
     // Without a forwarded address, the trusted proxy itself is the client.
     assert_eq!(status(&gw, "/office", None).await, 403);
+    // Ports and brackets, as some proxies write entries.
+    assert_eq!(status(&gw, "/office", Some("192.0.2.10:5678")).await, 101);
+    assert_eq!(status(&gw, "/office", Some("[2001:db8::5]:443")).await, 101);
+    // An entry that is not an address where the walk reads it: unknown, refused by either
+    // list, never taken for the trusted proxy (which the blocked API would let through).
+    assert_eq!(status(&gw, "/blocked", Some("unknown")).await, 403);
+    assert_eq!(status(&gw, "/office", Some("unknown")).await, 403);
     assert_eq!(status(&gw, "/blocked", Some("198.51.100.7")).await, 403);
     assert_eq!(status(&gw, "/blocked", Some("2001:db8:bad::1")).await, 403);
     assert_eq!(status(&gw, "/blocked", Some("203.0.113.1")).await, 101);
     assert_eq!(status(&gw, "/blocked", Some("2001:db8:900d::1")).await, 101);
+    // The blocked client hides behind a byte that is not ASCII: still not let through.
+    assert_eq!(
+        status_raw_xff(&gw, "/blocked", b"\xff, 198.51.100.7").await,
+        403,
+        "a forbidden client got through behind a non-ASCII entry"
+    );
+    assert_eq!(
+        status_raw_xff(&gw, "/blocked", b"\xff").await,
+        403,
+        "an unreadable chain was taken for the trusted proxy"
+    );
 }
 
 #[test]

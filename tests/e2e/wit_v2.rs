@@ -86,6 +86,10 @@ async fn close_at_ends_the_connection_with_1008_when_it_comes() {
         &[
             ("soon", "{ mode = \"close-in\", arg = \"2\" }"),
             ("past", "{ mode = \"close-in\", arg = \"0\" }"),
+            (
+                "never",
+                "{ mode = \"close-at\", arg = \"18446744073709551615\" }",
+            ),
         ],
     );
     let addr = gw.ws.unwrap();
@@ -110,6 +114,14 @@ async fn close_at_ends_the_connection_with_1008_when_it_comes() {
     assert_eq!(rec["closed_by"], "policy_deadline", "{rec}");
     assert_eq!(rec["close_code"], 1008, "{rec}");
 
+    // A deadline at the end of time (a token that "never expires") is no deadline: the
+    // connection opens and relays (it once overflowed the clock arithmetic after the backend's
+    // 101).
+    let (head, mut forever) = ws_connect(addr, "/never", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    forever.send(true, 1, b"still here").await.unwrap();
+    assert_eq!(forever.read_frame().await.unwrap().payload, b"still here");
+
     let (head, _) = raw_handshake(addr, "/past", "").await;
     assert_eq!(status_of(&head), 503, "{head}");
     let rec = gw.wait_record("policy_error", |r| r["api"] == "past").await;
@@ -133,6 +145,8 @@ async fn a_call_that_reads_the_request_without_end_is_stopped() {
         &[
             ("greedy", "{ mode = \"read-loop\", arg = \"1000000\" }"),
             ("modest", "{ mode = \"read-loop\", arg = \"10\" }"),
+            ("tiny", "{ mode = \"tiny-loop\", arg = \"1000000\" }"),
+            ("few", "{ mode = \"tiny-loop\", arg = \"1000\" }"),
         ],
     );
     let addr = gw.ws.unwrap();
@@ -155,6 +169,19 @@ async fn a_call_that_reads_the_request_without_end_is_stopped() {
         headers_all(&head, "x-probe")[0].starts_with("read "),
         "{head}"
     );
+    // Reads that return nothing cost a flat fee each: a million of them are stopped too.
+    let (head, _) = raw_handshake(addr, "/tiny", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    let rec = gw.wait_record("policy_error", |r| r["api"] == "tiny").await;
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("read more than 4194304 bytes"),
+        "{rec}"
+    );
+    let (head, _ws2) = ws_connect(addr, "/few", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
 }
 
 /// Reading the request needs `read-request`: a plugin that declared only

@@ -19,6 +19,10 @@ pub use tollgate_edge::decision::{
     DECISION_ENTRY_BYTES, MAX_DECISION_BYTES, MAX_DECISION_ENTRIES, PROTECTED, PROTECTED_RESPONSE,
 };
 
+/// The furthest a `close-at` may lie after the handshake's `received-at` (ten years); a later
+/// one is taken as this.
+pub const MAX_CLOSE_AT_AHEAD_SECS: u64 = 10 * 366 * 24 * 3600;
+
 /// What the chain decided for one handshake.
 #[derive(Debug)]
 pub enum Outcome {
@@ -58,6 +62,30 @@ pub struct Failure {
     pub plugin: String,
     pub status: StatusCode,
     pub error: String,
+}
+
+/// Context names the gateway sets itself: no policy may set them, so `subscription.name`
+/// always means a key the gateway checked.
+const GATEWAY_CONTEXT: &[&str] = &["product.", "subscription."];
+
+/// Why a decision may not set these context values, if it may not: a name of the gateway's,
+/// or one already set (context values are write-once, so a policy that runs earlier cannot
+/// pre-empt `jwt.sub` for the set-header that reads it later, nor a later one overwrite it).
+fn context_clash(new: &[decision::Pair], have: &[(String, String)]) -> Option<String> {
+    for (i, p) in new.iter().enumerate() {
+        let name = p.name.escape_debug();
+        if GATEWAY_CONTEXT.iter().any(|g| p.name.starts_with(g)) {
+            return Some(format!(
+                "set context value `{name}`: names under `product.` and `subscription.` are the gateway's"
+            ));
+        }
+        if have.iter().any(|(k, _)| *k == p.name) || new[..i].iter().any(|o| o.name == p.name) {
+            return Some(format!(
+                "set context value `{name}`, which is already set (context values are write-once)"
+            ));
+        }
+    }
+    None
 }
 
 /// The first capability `d` (with its `extras`) uses that `plugin` did not declare, with what
@@ -381,7 +409,13 @@ pub async fn run_keeping_request(
                         );
                         return (fail(why), None);
                     }
+                    // Further than that is no deadline at all (a token that "never expires"):
+                    // capped, so no clock arithmetic downstream can overflow.
+                    let at = at.min(received_at.saturating_add(MAX_CLOSE_AT_AHEAD_SECS));
                     effects.close_at = Some(effects.close_at.map_or(at, |e| e.min(at)));
+                }
+                if let Some(why) = context_clash(&p.context, &request.context) {
+                    return (fail(why), None);
                 }
                 match decision::apply(p, headers, target, &mut request) {
                     Ok(added) => effects.response_headers.extend(added),
@@ -392,4 +426,34 @@ pub async fn run_keeping_request(
         }
     }
     (Outcome::Proceed(effects), Some(request))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(n: &str) -> decision::Pair {
+        decision::Pair {
+            name: n.into(),
+            value: "v".into(),
+        }
+    }
+
+    #[test]
+    fn context_values_are_write_once_and_the_gateways_names_are_its_own() {
+        let have = vec![
+            ("product.name".to_owned(), "gold".to_owned()),
+            ("jwt.sub".to_owned(), "ann".to_owned()),
+        ];
+        assert_eq!(context_clash(&[pair("tenant")], &have), None);
+        for (new, says) in [
+            (vec![pair("jwt.sub")], "already set"),
+            (vec![pair("subscription.name")], "are the gateway's"),
+            (vec![pair("product.tier")], "are the gateway's"),
+            (vec![pair("a"), pair("a")], "already set"),
+        ] {
+            let why = context_clash(&new, &have).expect("refused");
+            assert!(why.contains(says), "{why}");
+        }
+    }
 }

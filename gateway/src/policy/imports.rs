@@ -57,12 +57,25 @@ impl HostState {
         )))
     }
 
-    /// The request of the call in progress, for a read that needs `capability`.
-    fn read(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<&Request> {
-        self.need(capability, action)?;
+    /// The request of the call in progress, for a read that needs `capability` (`None`: one
+    /// that needs none). Every read costs [`READ_FLAT_BYTES`] of the call's read budget besides
+    /// what it returns, so a loop of tiny reads is bounded too.
+    fn read_as(
+        &mut self,
+        capability: Option<Capability>,
+        action: &'static str,
+    ) -> wasmtime::Result<&Request> {
+        if let Some(c) = capability {
+            self.need(c, action)?;
+        }
+        self.charge_read(READ_FLAT_BYTES)?;
         self.request
             .as_ref()
             .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))
+    }
+
+    fn read(&mut self, capability: Capability, action: &'static str) -> wasmtime::Result<&Request> {
+        self.read_as(Some(capability), action)
     }
 
     /// Counts `bytes` read against [`MAX_READ_BYTES_PER_CALL`]; beyond it the call traps.
@@ -94,7 +107,10 @@ impl bindings::tollgate::policy::config::Host for HostState {
         let p = self.prepared.clone().ok_or_else(|| {
             wasmtime::Error::msg("config.prepared is only available in on-handshake")
         })?;
-        self.charge_read(p.len())?;
+        // A flat cost only: its size was bounded at load (`MAX_PREPARED_BYTES`), and an
+        // instance reads it once; counting its bytes would let a large but valid config eat
+        // the request's budget.
+        self.charge_read(READ_FLAT_BYTES)?;
         Ok(p.to_string())
     }
 }
@@ -203,11 +219,14 @@ impl wit::HostRequest for HostState {
             .to_string())
     }
 
-    fn client_ip(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
+    fn client_ip(
+        &mut self,
+        _: Resource<request::RequestHandle>,
+    ) -> wasmtime::Result<Option<String>> {
         Ok(self
             .read(Capability::ReadRequest, "read the client's IP")?
             .client_ip
-            .to_string())
+            .map(|ip| ip.to_string()))
     }
 
     fn tls(
@@ -227,19 +246,11 @@ impl wit::HostRequest for HostState {
     }
 
     fn api(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<String> {
-        let r = self
-            .request
-            .as_ref()
-            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
-        Ok(r.api.to_string())
+        Ok(self.read_as(None, "read the API's name")?.api.to_string())
     }
 
     fn product(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<Option<String>> {
-        let r = self
-            .request
-            .as_ref()
-            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
-        Ok(r.product.clone())
+        Ok(self.read_as(None, "read the product")?.product.clone())
     }
 
     fn context(
@@ -271,11 +282,7 @@ impl wit::HostRequest for HostState {
     }
 
     fn received_at(&mut self, _: Resource<request::RequestHandle>) -> wasmtime::Result<u64> {
-        let r = self
-            .request
-            .as_ref()
-            .ok_or_else(|| wasmtime::Error::msg("the request is only readable in on-handshake"))?;
-        Ok(r.received_at)
+        Ok(self.read_as(None, "read received-at")?.received_at)
     }
 
     /// The guest only ever borrows the request; nothing to free.
@@ -353,15 +360,20 @@ fn host_verify(
     store
         .data_mut()
         .need(Capability::VerifySignatures, "called signatures.verify")?;
-    let counted = message.len().min(MAX_VERIFY_MESSAGE_BYTES);
-    charge(
-        &mut store,
-        VERIFY_FUEL.saturating_add(u64::try_from(counted).unwrap_or(u64::MAX)),
-    )?;
     let key_bytes = match &key {
         SigKey::Spki(d) | SigKey::Raw(d) | SigKey::Secret(d) => d.len(),
         SigKey::Rsa(r) => r.n.len().saturating_add(r.e.len()),
     };
+    // Charged for everything the host copied in, before the size checks refuse oversized
+    // inputs: an oversized call costs what its copy cost.
+    let copied = message
+        .len()
+        .saturating_add(key_bytes)
+        .saturating_add(signature.len());
+    charge(
+        &mut store,
+        VERIFY_FUEL.saturating_add(u64::try_from(copied).unwrap_or(u64::MAX)),
+    )?;
     for (what, got, max) in [
         ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
         ("key", key_bytes, MAX_VERIFY_KEY_BYTES),

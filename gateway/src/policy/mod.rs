@@ -17,8 +17,9 @@
 //! Beyond fuel and memory, a call is bounded in three more ways: sockets and name lookups are
 //! refused outright (a refused socket never opens a descriptor on the host, so a pooled plugin
 //! cannot hoard the gateway's descriptors); every call has a wall-clock deadline (waiting on a
-//! host pollable, e.g. a sleep, burns no fuel); and the host calls are metered (each charges
-//! fuel, `signatures.verify` takes bounded inputs, `log` truncates and rate-limits). A host
+//! host pollable, e.g. a sleep, burns no fuel); and the host calls are metered (`log` and
+//! `signatures.verify` charge fuel for what they copy and take bounded inputs, `log` truncates
+//! and rate-limits, reads of the request share a per-call byte budget with a flat fee per read). A host
 //! call that needs a capability the plugin did not declare is refused.
 
 use std::path::{Path, PathBuf};
@@ -137,6 +138,13 @@ const OUR_IMPORTS: &[&str] = &[
 /// far above any real policy (a request head is at most `max_header_bytes`), low enough that
 /// a guest looping over `headers()` is stopped long before it costs the gateway real time.
 pub const MAX_READ_BYTES_PER_CALL: usize = 4 * 1024 * 1024;
+/// What each request read (and `config.prepared`) costs of that budget besides the bytes it
+/// returns: at most 16,384 reads per call, so a loop of tiny reads (an absent header, `api()`)
+/// is bounded too.
+pub const READ_FLAT_BYTES: usize = 256;
+/// Largest prepared config (`configure`'s result) an attachment may have: refused at load, so
+/// a config that passes `tollgate check` never fails handshakes for its size.
+pub const MAX_PREPARED_BYTES: usize = 16 * 1024 * 1024;
 /// WASI packages linked deny-by-default.
 const WASI_IMPORTS: &[&str] = &[
     "wasi:cli/",
@@ -739,6 +747,18 @@ impl PolicyHost {
         .map_err(|message| PolicyError::Config {
             plugin: plugin.name.clone(),
             message,
+        })
+        .and_then(|prepared| {
+            if prepared.len() > MAX_PREPARED_BYTES {
+                return Err(PolicyError::Config {
+                    plugin: plugin.name.clone(),
+                    message: format!(
+                        "its prepared config is {} bytes, more than the {MAX_PREPARED_BYTES} an instance may read",
+                        prepared.len()
+                    ),
+                });
+            }
+            Ok(prepared)
         })
     }
 

@@ -34,8 +34,9 @@ pub struct Request {
     /// Query parameters, percent-decoded, without the subscription key parameter.
     pub query: Vec<(String, String)>,
     pub client: SocketAddr,
-    /// The client's IP by the trusted-proxies rule (`tollgate_edge::forwarded::client_ip`).
-    pub client_ip: std::net::IpAddr,
+    /// The client's IP by the trusted-proxies rule (`tollgate_edge::forwarded::client_ip`);
+    /// `None`: unknown (a trusted proxy's `X-Forwarded-For` could not be read).
+    pub client_ip: Option<std::net::IpAddr>,
     pub tls: Option<Arc<TlsInfo>>,
     pub api: Arc<str>,
     pub product: Option<String>,
@@ -126,7 +127,7 @@ mod tests {
             headers,
             query: vec![("a".into(), "1".into())],
             client: "127.0.0.1:1".parse().unwrap(),
-            client_ip: "127.0.0.1".parse().unwrap(),
+            client_ip: "127.0.0.1".parse().ok(),
             tls: None,
             api: Arc::from("api"),
             product: None,

@@ -63,10 +63,20 @@ impl TryFrom<String> for Network {
     type Error = String;
     fn try_from(s: String) -> Result<Network, String> {
         let t = s.trim();
-        t.parse::<IpNet>()
+        let net = t
+            .parse::<IpNet>()
             .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
-            .map(Network)
-            .map_err(|_| format!("`{t}` is neither an address nor a CIDR network"))
+            .map_err(|_| format!("`{t}` is neither an address nor a CIDR network"))?;
+        // Client addresses are judged as IPv4 when they are IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+        // so an entry written that way could never match: refused rather than silently dead.
+        if let IpNet::V6(v6) = net {
+            if v6.network().to_ipv4_mapped().is_some() {
+                return Err(format!(
+                    "`{t}` is an IPv4-mapped IPv6 network: write it as IPv4 (clients are judged by their IPv4 address)"
+                ));
+            }
+        }
+        Ok(Network(net))
     }
 }
 
@@ -113,8 +123,15 @@ impl Policy for IpFilter {
     }
 
     fn on_handshake(config: &Config, request: &Request) -> Result<Decision, String> {
-        let seen = request.client_ip();
-        // The host always gives an address; anything else is a host bug: fail closed.
+        // Unknown (a trusted proxy's X-Forwarded-For held something that is not an address):
+        // refused whatever the action, so neither list can be got round that way.
+        let Some(seen) = request.client_ip() else {
+            host::log(
+                Level::Info,
+                "client refused: its address is unknown (X-Forwarded-For from a trusted proxy holds an entry that is not an address)",
+            );
+            return Ok(Decision::reject(403, "Forbidden"));
+        };
         let ip: IpAddr = seen
             .parse()
             .map_err(|_| format!("client-ip `{seen}` is not an address"))?;
@@ -180,6 +197,17 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_client_is_refused_by_either_action() {
+        for c in [
+            r#"{"action": "forbid", "addresses": ["203.0.113.0/24"]}"#,
+            r#"{"action": "allow", "addresses": ["0.0.0.0/0", "::/0"]}"#,
+        ] {
+            let d = handshake::<IpFilter>(c, &request().unknown_client_ip().build()).unwrap();
+            assert_eq!(d.status(), Some(403), "{c}");
+        }
+    }
+
+    #[test]
     fn forbid_refuses_only_listed_addresses() {
         let c = r#"{"action": "forbid", "addresses": ["203.0.113.0/24", "::1"]}"#;
         assert_eq!(status(c, "203.0.113.9"), Some(403));
@@ -205,6 +233,10 @@ mod tests {
         );
         assert!(
             err(r#"{"action": "allow", "addresses": ["::1"], "colour": 1}"#).contains("colour")
+        );
+        assert!(
+            err(r#"{"action": "forbid", "addresses": ["::ffff:203.0.113.0/120"]}"#)
+                .contains("write it as IPv4")
         );
     }
 }

@@ -268,9 +268,15 @@ pub fn decide(p: &Prepared, request: &Request) -> Decision {
                 }
             }
             if p.close_at_expiry {
-                // The token is valid up to `exp` plus the skew `validate` allowed.
+                // The token is valid up to `exp` plus the skew `validate` allowed (a float cast
+                // to u64 saturates; the gateway caps a far deadline at ten years).
                 if let Some(exp) = claims.get("exp").and_then(Value::as_f64) {
-                    proceed = proceed.close_at((exp.max(0.0) as u64).saturating_add(p.skew));
+                    let at = (exp.max(0.0) as u64).saturating_add(p.skew);
+                    // Valid for less than the second it arrived in: nothing to hold open.
+                    if at <= request.received_at() {
+                        return reject("token expired");
+                    }
+                    proceed = proceed.close_at(at);
                 }
             }
             Decision::Proceed(proceed)

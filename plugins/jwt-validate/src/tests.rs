@@ -423,3 +423,31 @@ fn close_at_expiry_sets_the_connection_deadline_to_exp_plus_skew() {
     let d = decide(&p, &bearer(&k.sign("ES256", "ec1", &claims)));
     assert_eq!(d.proceeding().expect("proceeds").close_at, None);
 }
+
+#[test]
+fn close_at_expiry_refuses_a_token_in_its_last_second_and_survives_huge_exp() {
+    let k = keys();
+    let p = prepared(
+        &k,
+        serde_json::json!({"close_at_expiry": true, "clock_skew_seconds": 0}),
+    );
+    let at_now = format!(
+        r#"{{"sub":"ann","iss":"https://issuer.test","aud":"chat","exp":{NOW},"nbf":{}}}"#,
+        NOW - 10
+    );
+    let d = decide(&p, &bearer(&k.sign("ES256", "ec1", &at_now)));
+    assert_eq!(
+        status(&d),
+        401,
+        "valid for no time left: refused as expired, not a 500"
+    );
+    // Java's Long.MAX_VALUE "never expires": a deadline far out, no overflow.
+    let forever =
+        r#"{"sub":"ann","iss":"https://issuer.test","aud":"chat","exp":9223372036854775807}"#;
+    let d = decide(&p, &bearer(&k.sign("ES256", "ec1", forever)));
+    assert!(d
+        .proceeding()
+        .expect("proceeds")
+        .close_at
+        .is_some_and(|at| at > NOW));
+}

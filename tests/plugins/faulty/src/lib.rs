@@ -19,7 +19,9 @@
 //! the count otherwise (a pooled instance that failed must not be reused); `{"mode": "error",
 //! "arg": TEXT}` returns the error TEXT (cannot decide); `{"mode": "close-in", "arg": SECONDS}`
 //! proceeds with `close-at` SECONDS after `received-at` (0 or less: a time not in the future);
-//! `{"mode": "read-loop", "arg": N}` reads all headers N times and reports the bytes read.
+//! `{"mode": "read-loop", "arg": N}` reads all headers N times and reports the bytes read;
+//! `{"mode": "tiny-loop", "arg": N}` reads `received-at` N times;
+//! `{"mode": "close-at", "arg": UNIX_SECONDS}` proceeds with that `close-at` (default u64::MAX).
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -222,6 +224,18 @@ impl Policy for Faulty {
                 Decision::Proceed(
                     Proceed::new().response_header("x-probe", format!("read {bytes} bytes")),
                 )
+            }
+            "tiny-loop" => {
+                // Reads that return no bytes (received-at) over and over: only the flat fee of
+                // each read bounds them.
+                let mut sum = 0u64;
+                for _ in 0..c.arg.parse::<u32>().unwrap_or(1_000_000) {
+                    sum = sum.wrapping_add(request.received_at());
+                }
+                Decision::Proceed(Proceed::new().response_header("x-probe", sum.to_string()))
+            }
+            "close-at" => {
+                Decision::Proceed(Proceed::new().close_at(c.arg.parse().unwrap_or(u64::MAX)))
             }
             "close-in" => {
                 let secs: i64 = c.arg.parse().unwrap_or(0);
