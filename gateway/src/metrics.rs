@@ -143,6 +143,7 @@ pub struct Metrics {
     backend_errors: Family<KindLabels, Counter>,
     policy_calls: Family<PolicyOutcomeLabels, Counter>,
     policy_skips: Family<PolicyLabels, Counter>,
+    policy_instances_idle: Family<PolicyLabels, Gauge>,
     policy_duration: HistogramFamily<PolicyLabels>,
     reloads: Family<ReloadLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
@@ -175,6 +176,7 @@ impl Metrics {
             backend_errors: Family::default(),
             policy_calls: Family::default(),
             policy_skips: Family::default(),
+            policy_instances_idle: Family::default(),
             policy_duration: Family::new_with_constructor(policy_buckets),
             reloads: Family::default(),
             limits: Family::default(),
@@ -243,6 +245,11 @@ impl Metrics {
             "policy_skips",
             "Inherited policies skipped on a WebSocket API because they declare a capability onHandshake does not support",
             m.policy_skips.clone(),
+        );
+        registry.register(
+            "policy_instances_idle",
+            "Warm instances kept for pooled attachments (instances = \"pooled\"), waiting for a handshake",
+            m.policy_instances_idle.clone(),
         );
         registry.register_with_unit(
             "policy_duration",
@@ -380,6 +387,7 @@ impl Metrics {
             reject: outcome("reject"),
             error: outcome("error"),
             skips: self.policy_skips.get_or_create_owned(&l),
+            idle: self.policy_instances_idle.get_or_create_owned(&l),
             duration: self.policy_duration.get_or_create_owned(&l),
         }
     }
@@ -602,6 +610,8 @@ pub struct PolicyMetrics {
     pub error: Counter,
     pub skips: Counter,
     pub duration: Histogram,
+    /// Idle warm instances of a pooled attachment (summed over the pools of reloads).
+    pub idle: Gauge,
 }
 
 /// `tollgate_signature_verifications_total`, for the policy host: a plugin's counters come

@@ -312,5 +312,12 @@ impl Current {
         let new = Arc::new(s);
         let old = self.0.swap(new.clone());
         new.keys.revoke_missing(&old.keys);
+        // The old chains serve no new handshake: their warm instances go now, not when the
+        // last connection admitted under them closes.
+        for api in old.routes.apis() {
+            for pool in api.chain.iter().filter_map(|s| s.pool.as_ref()) {
+                pool.retire();
+            }
+        }
     }
 }

@@ -459,3 +459,62 @@ async fn upgraded_once_a_slot_is_free(addr: std::net::SocketAddr) -> RawWs<tokio
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A reload drops the warm instances of the pools it replaces at once: a connection admitted
+/// before it keeps the old API (and its chain) alive, and used to keep that chain's idle
+/// instances in the engine's slots until it closed, reload after reload.
+#[tokio::test]
+async fn a_reload_drops_the_warm_instances_of_the_state_it_replaces() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let text = |generation: u32| {
+        format!(
+            "[gateway]\nname = \"test\"\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"plugins\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            api_section(
+                "a",
+                "a",
+                &backend.url(),
+                &format!(
+                    "[[apis.on_handshake]]\nplugin = \"set-header\"\ninstances = \"pooled\"\n\
+                     config = {{ name = \"X-Gen\", value = \"{generation}\" }}\n"
+                )
+            )
+        )
+    };
+    let dir = TempDir::new("reload-pools");
+    plugins::install(&dir.path().join("plugins"), &["set_header.wasm"]);
+    let gw = Gateway::start_in(dir, &text(1));
+    let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+    let idle = || async move {
+        let s = scrape(admin).await;
+        sample(
+            &s,
+            "tollgate_policy_instances_idle",
+            &[("api", "a"), ("plugin", "set-header"), ("scope", "api")],
+        )
+    };
+    // One connection held open across the reload pins the old state.
+    let (head, mut held) = ws_connect(addr, "/a", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(
+        idle().await,
+        Some(1.0),
+        "one warm instance after a handshake"
+    );
+
+    std::fs::write(gw.dir.path().join("tollgate.toml"), text(2)).unwrap();
+    let r = next_reload(&gw, 0).await;
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(
+        idle().await,
+        Some(0.0),
+        "the replaced pool kept its instance"
+    );
+    let (head, _ws) = ws_connect(addr, "/a", "").await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(header(&backend.last_head(), "x-gen").as_deref(), Some("2"));
+    assert_eq!(idle().await, Some(1.0), "only the new pool's instance");
+    // The connection from before the reload is untouched.
+    held.send(true, 1, b"still here").await.unwrap();
+    assert_eq!(held.read_frame().await.unwrap().payload, b"still here");
+}

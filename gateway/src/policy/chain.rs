@@ -259,6 +259,15 @@ pub fn build(
                 }
             }
         };
+        let step_metrics = metrics.policy(
+            api,
+            &plugin.name,
+            match scope {
+                Scope::Global => "global",
+                Scope::Product(_) => "product",
+                Scope::Api(_) => "api",
+            },
+        );
         steps.push(Step {
             host: host.clone(),
             plugin: plugin.clone(),
@@ -267,18 +276,12 @@ pub fn build(
             grants: att.grants,
             pool: match att.instances {
                 Instances::Fresh => None,
-                Instances::Pooled { max_uses } => Some(InstancePool::new(max_uses)),
+                Instances::Pooled { max_uses } => {
+                    Some(InstancePool::new(max_uses, step_metrics.idle.clone()))
+                }
             },
             failure_status: att.failure_status,
-            metrics: metrics.policy(
-                api,
-                &plugin.name,
-                match scope {
-                    Scope::Global => "global",
-                    Scope::Product(_) => "product",
-                    Scope::Api(_) => "api",
-                },
-            ),
+            metrics: step_metrics,
             scope,
             skip,
         });

@@ -232,6 +232,14 @@ pub struct InstancePool {
     idle: std::sync::Mutex<Vec<Warm>>,
     max_uses: u64,
     max_idle: usize,
+    /// `tollgate_policy_instances_idle` of this attachment.
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Set when the state this pool belongs to was replaced by a reload: its idle instances
+    /// are dropped and returned ones are not kept. Connections admitted under the old state
+    /// keep it (and so this pool) alive for as long as they last; without this, every reload
+    /// left up to `max_idle` warm instances per pooled attachment pinned in the engine's
+    /// instance slots until those connections closed.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 struct Warm {
@@ -274,7 +282,7 @@ fn capability(c: wit::Capability) -> Capability {
 
 impl InstancePool {
     /// `max_idle`: one per thread that may call at once is enough; more only holds memory.
-    pub fn new(max_uses: u64) -> InstancePool {
+    pub fn new(max_uses: u64, gauge: prometheus_client::metrics::gauge::Gauge) -> InstancePool {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -282,21 +290,39 @@ impl InstancePool {
             idle: std::sync::Mutex::new(Vec::new()),
             max_uses,
             max_idle: threads * 2,
+            gauge,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn take(&self) -> Option<Warm> {
-        self.idle.lock().ok()?.pop()
+        let w = self.idle.lock().ok()?.pop();
+        if w.is_some() {
+            self.gauge.dec();
+        }
+        w
     }
 
     fn give_back(&self, w: Warm) {
-        if w.uses >= self.max_uses {
+        if w.uses >= self.max_uses || self.retired.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < self.max_idle {
                 idle.push(w);
+                self.gauge.inc();
             }
+        }
+    }
+
+    /// Drops the idle instances and keeps no more: the state this pool served was replaced.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut idle) = self.idle.lock() {
+            let n = i64::try_from(idle.len()).unwrap_or(i64::MAX);
+            idle.clear();
+            self.gauge.dec_by(n);
         }
     }
 }
