@@ -79,6 +79,13 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    api: String,
+    /// A named backend (`backends`), or `default` for the API's `backend`.
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     api: String,
     plugin: String,
@@ -141,6 +148,7 @@ pub struct Metrics {
     bytes: Family<DirLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
     backend_errors: Family<KindLabels, Counter>,
+    backend_upgrades: Family<BackendLabels, Counter>,
     policy_calls: Family<PolicyOutcomeLabels, Counter>,
     policy_skips: Family<PolicyLabels, Counter>,
     policy_instances_idle: Family<PolicyLabels, Gauge>,
@@ -174,6 +182,7 @@ impl Metrics {
             bytes: Family::default(),
             closes: Family::default(),
             backend_errors: Family::default(),
+            backend_upgrades: Family::default(),
             policy_calls: Family::default(),
             policy_skips: Family::default(),
             policy_instances_idle: Family::default(),
@@ -235,6 +244,11 @@ impl Metrics {
             "backend_handshake_errors",
             "Backend handshakes that failed, by kind (connect, tls, timeout, http, bad_upgrade, rejected)",
             m.backend_errors.clone(),
+        );
+        registry.register(
+            "backend_upgrades",
+            "Backend handshakes answered 101, by backend (a named one a policy picked, or default)",
+            m.backend_upgrades.clone(),
         );
         registry.register(
             "policy_calls",
@@ -441,6 +455,16 @@ impl Metrics {
 
     pub fn accept_error(&self) {
         self.accept_errors.inc();
+    }
+
+    /// A backend answered 101: `backend` is the named one a policy picked, or `default`.
+    pub fn backend_upgraded(&self, api: &str, backend: &str) {
+        self.backend_upgrades
+            .get_or_create(&BackendLabels {
+                api: api.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .inc();
     }
 
     pub fn handshake_abandoned(&self) {
@@ -731,6 +755,7 @@ mod tests {
         m.handshake("a", "", "", 101);
         let _sub = m.subscription_active("p", "s");
         m.backend_error("a", "connect");
+        m.backend_upgraded("a", "default");
         m.connection_closed("a", "client", Some(1000));
         m.reload("sighup", "applied");
         m.accept_error();

@@ -45,7 +45,7 @@ async fn a_policy_picks_a_named_backend_from_a_claim_and_only_those_the_manifest
     let jwks = serde_json::json!({"keys": [{"kty": "oct", "kid": "k", "k": URL_SAFE_NO_PAD.encode(SECRET)}]});
     let text = format!(
         "{}{}",
-        gateway_section("plugin_dir = \"plugins\""),
+        gateway_section("plugin_dir = \"plugins\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
         api_section(
             "chat",
             "chat",
@@ -117,6 +117,20 @@ async fn a_policy_picks_a_named_backend_from_a_claim_and_only_those_the_manifest
         + eu.connections.load(Ordering::SeqCst)
         + us.connections.load(Ordering::SeqCst);
     assert_eq!(total, 3, "the refused handshake reached a backend");
+
+    // Metrics count the upgrades by backend.
+    let s = scrape(gw.admin.unwrap()).await;
+    for (backend, n) in [("eu", 1.0), ("us", 1.0), ("default", 1.0)] {
+        assert_eq!(
+            sample(
+                &s,
+                "tollgate_backend_upgrades_total",
+                &[("api", "chat"), ("backend", backend)]
+            ),
+            Some(n),
+            "{backend}"
+        );
+    }
 
     // The close record names the backend the connection went to.
     ws.close(1000, "").await.unwrap();

@@ -217,6 +217,14 @@ impl Validator<'_> {
         }
         for (name, url) in &a.backends {
             let key = format!("apis[{i}].backends.{name}");
+            if name == "default" {
+                self.err(
+                    url.span(),
+                    key,
+                    "`default` names the API's own `backend` (in logs and metrics); pick another name",
+                );
+                continue;
+            }
             let ok_name = !name.is_empty()
                 && name.len() <= 64
                 && name
@@ -369,6 +377,10 @@ mod tests {
             ("backends = { eu = \"http://x/\" }", "apis[0].backends.eu"),
             ("backends = { \"e u\" = \"ws://x/\" }", "a backend name is"),
             ("backends = { eu = \"ws://x/?a=1\" }", "has no query"),
+            (
+                "backends = { default = \"ws://x/\" }",
+                "names the API's own",
+            ),
         ] {
             let e = api(extra).unwrap_err().to_string();
             assert!(e.contains(says), "{extra}: {e}");
