@@ -51,6 +51,9 @@ pub struct Conn {
     pub scheme: Scheme,
     /// TLS facts of a wss client connection, gathered only when some API has policies.
     pub tls: Option<Arc<TlsInfo>>,
+    /// When the whole handshake must be over (`handshake_timeout + backend_timeout` after
+    /// accept): a handshake dropped at or after it timed out, it was not abandoned.
+    pub deadline: tokio::time::Instant,
 }
 
 /// The gateway's shared pieces one handshake uses; nothing else of the gateway is reachable.
@@ -108,6 +111,7 @@ pub async fn handshake(
     // If the client goes away before its answer, hyper drops this future mid-phase: the guard
     // then logs `handshake_abandoned` and counts it, so the handshake leaves a trace.
     let mut abandoned = AbandonGuard {
+        deadline: conn.deadline,
         metrics: env.metrics.clone(),
         conn: conn.id,
         client_addr: conn.client_addr,
@@ -317,6 +321,9 @@ fn record<B>(
 /// the handshake's future, wherever it was: policies, the backend handshake). The path is
 /// logged without its query, which may hold a key or token.
 struct AbandonGuard {
+    /// The handshake's overall deadline: dropped at or after it, the handshake timed out (the
+    /// connection task logs `handshake_timeout`); the client did not go away.
+    deadline: tokio::time::Instant,
     metrics: Arc<Metrics>,
     conn: u64,
     client_addr: SocketAddr,
@@ -329,7 +336,7 @@ struct AbandonGuard {
 
 impl Drop for AbandonGuard {
     fn drop(&mut self) {
-        if self.answered {
+        if self.answered || tokio::time::Instant::now() >= self.deadline {
             return;
         }
         self.metrics.handshake_abandoned();

@@ -368,6 +368,7 @@ impl Gateway {
             client_addr,
             scheme,
             tls: tls_facts,
+            deadline: overall_deadline,
         });
         let svc = {
             let gw = self.clone();

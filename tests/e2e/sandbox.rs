@@ -422,3 +422,49 @@ async fn host_calls_are_charged_and_bounded() {
     }
     assert_eq!(gw.records("policy_log").len(), 17);
 }
+
+/// A handshake cut off by the gateway's overall deadline (`handshake_timeout +
+/// backend_timeout`), here by a policy allowed to run longer than that, is logged and counted
+/// as a `handshake_timeout`, not as a client that went away (`handshake_abandoned`).
+#[tokio::test]
+async fn a_handshake_cut_off_by_the_overall_deadline_is_a_timeout_not_an_abandon() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("overall-deadline");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let text = format!(
+        "{}{}",
+        gateway_section(
+            "plugin_dir = \"plugins\"\n[gateway.limits]\nhandshake_timeout = \"1s\"\nbackend_timeout = \"1s\""
+        ),
+        probe_api("slow", &backend.url(), "sleep", "8000", "timeout = \"20s\"")
+    );
+    let gw = Gateway::start_in(dir, &text);
+    {
+        // The gateway closes the connection without an answer: read until it does.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.ws.unwrap())
+            .await
+            .unwrap();
+        s.write_all(
+            format!(
+                "GET /slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: {TEST_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got)).await;
+        assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    }
+    gw.wait_record("handshake_timeout", |_| true).await;
+    // Give a wrong `handshake_abandoned` the time to show up.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        gw.records("handshake_abandoned").is_empty(),
+        "a timeout was logged as the client going away: {:?}",
+        gw.records("handshake_abandoned")
+    );
+}
