@@ -124,13 +124,10 @@ async fn close_at_ends_the_connection_with_1008_when_it_comes() {
 
     let (head, _) = raw_handshake(addr, "/past", "").await;
     assert_eq!(status_of(&head), 503, "{head}");
-    let rec = gw.wait_record("policy_error", |r| r["api"] == "past").await;
+    let err = gw.policy_error("past").await;
     assert!(
-        rec["error"]
-            .as_str()
-            .unwrap()
-            .contains("is not after the handshake's received-at"),
-        "{rec}"
+        err.contains("is not after the handshake's received-at"),
+        "{err}"
     );
 }
 
@@ -153,16 +150,8 @@ async fn a_call_that_reads_the_request_without_end_is_stopped() {
     let big = format!("X-Big: {}\r\n", "b".repeat(4000));
     let (head, _) = raw_handshake(addr, "/greedy", &big).await;
     assert_eq!(status_of(&head), 503, "{head}");
-    let rec = gw
-        .wait_record("policy_error", |r| r["api"] == "greedy")
-        .await;
-    assert!(
-        rec["error"]
-            .as_str()
-            .unwrap()
-            .contains("read more than 4194304 bytes"),
-        "{rec}"
-    );
+    let err = gw.policy_error("greedy").await;
+    assert!(err.contains("read more than 4194304 bytes"), "{err}");
     let (head, _ws) = ws_connect(addr, "/modest", &big).await;
     assert_eq!(status_of(&head), 101, "{head}");
     assert!(
@@ -172,14 +161,8 @@ async fn a_call_that_reads_the_request_without_end_is_stopped() {
     // Reads that return nothing cost a flat fee each: a million of them are stopped too.
     let (head, _) = raw_handshake(addr, "/tiny", "").await;
     assert_eq!(status_of(&head), 503, "{head}");
-    let rec = gw.wait_record("policy_error", |r| r["api"] == "tiny").await;
-    assert!(
-        rec["error"]
-            .as_str()
-            .unwrap()
-            .contains("read more than 4194304 bytes"),
-        "{rec}"
-    );
+    let err = gw.policy_error("tiny").await;
+    assert!(err.contains("read more than 4194304 bytes"), "{err}");
     let (head, _ws2) = ws_connect(addr, "/few", "").await;
     assert_eq!(status_of(&head), 101, "{head}");
 }
@@ -212,15 +195,10 @@ async fn reading_the_request_needs_read_request() {
     let addr = gw.ws.unwrap();
     let (head, _) = raw_handshake(addr, "/use-context", "").await;
     assert_eq!(status_of(&head), 503, "{head}");
-    let rec = gw
-        .wait_record("policy_error", |r| r["api"] == "use-context")
-        .await;
+    let err = gw.policy_error("use-context").await;
     assert!(
-        rec["error"]
-            .as_str()
-            .unwrap()
-            .contains("read the request's path without declaring the capability `read-request`"),
-        "{rec}"
+        err.contains("read the request's path without declaring the capability `read-request`"),
+        "{err}"
     );
     let (head, _ws) = ws_connect(addr, "/read-request/x", "").await;
     assert_eq!(status_of(&head), 101, "{head}");

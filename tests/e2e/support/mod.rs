@@ -170,6 +170,12 @@ impl Gateway {
             .collect()
     }
 
+    /// The error text of the first `policy_error` record of API `api` (waits for it).
+    pub async fn policy_error(&self, api: &str) -> String {
+        let rec = self.wait_record("policy_error", |r| r["api"] == api).await;
+        rec["error"].as_str().unwrap_or_default().to_owned()
+    }
+
     /// Waits until a record matching `pred` appears.
     pub async fn wait_record(
         &self,
