@@ -105,10 +105,25 @@ pub use serde_json as __serde_json;
 pub trait Policy {
     /// The attachment's config as the policy uses it: the manifest's `config` table (as JSON),
     /// or whatever [`Policy::configure`] prepared from it.
+    ///
+    /// ```
+    /// // `config = { header = "x-team" }` in the manifest arrives as:
+    /// #[derive(serde::Deserialize)]
+    /// struct Config { header: String }
+    /// let c: Config = serde_json::from_str(r#"{"header": "x-team"}"#).unwrap();
+    /// assert_eq!(c.header, "x-team");
+    /// ```
     type Config: serde::de::DeserializeOwned + 'static;
 
     /// What the policy does. The gateway refuses any request read, host call or decision that
     /// needs a capability not listed here.
+    ///
+    /// ```
+    /// use tollgate_sdk::Capability;
+    /// // Reads headers and may refuse: nothing else.
+    /// const CAPABILITIES: &[Capability] = &[Capability::ReadRequest, Capability::Reject];
+    /// assert!(!CAPABILITIES.contains(&Capability::ModifyHeaders));
+    /// ```
     const CAPABILITIES: &'static [Capability];
 
     /// The declared capabilities; override only when they are computed.
@@ -170,6 +185,23 @@ pub trait Policy {
 
     /// Decides one handshake. `Err`: the policy could not decide; the client gets the
     /// attachment's `failure_status` and the message goes to the gateway's log only.
+    ///
+    /// ```
+    /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
+    /// struct Tenant;
+    /// impl Policy for Tenant {
+    ///     type Config = ();
+    ///     const CAPABILITIES: &'static [Capability] = &[Capability::UseContext, Capability::Reject];
+    ///     fn on_handshake(_: &(), request: &Request) -> Result<Decision, String> {
+    ///         Ok(match request.context("jwt.tenant") {
+    ///             Some(_) => Decision::proceed(),
+    ///             None => Decision::reject(403, "no tenant"),
+    ///         })
+    ///     }
+    /// }
+    /// let r = tollgate_sdk::testing::request().build();
+    /// assert_eq!(Tenant::on_handshake(&(), &r).unwrap().status(), Some(403));
+    /// ```
     fn on_handshake(config: &Self::Config, request: &Request) -> Result<Decision, String>;
 }
 
@@ -824,7 +856,16 @@ pub mod testing {
         P::on_handshake(&config, request)
     }
 
-    /// The test request's data.
+    /// The test request's data, what [`RequestBuilder`] fills.
+    ///
+    /// ```
+    /// let data = tollgate_sdk::testing::RequestData {
+    ///     method: "GET".into(), path: "/".into(), query: vec![], headers: vec![],
+    ///     client_address: "127.0.0.1:1".into(), client_ip: None, tls: None, api: "a".into(),
+    ///     product: None, context: vec![], received_at: 0,
+    /// };
+    /// assert_eq!(data.api, "a");
+    /// ```
     #[derive(Clone)]
     pub struct RequestData {
         pub method: String,
