@@ -197,10 +197,12 @@ pub async fn handshake(
                 env.metrics.backend_error(&api.config.name, e.kind());
                 backend_reject(e)
             })?;
-        env.metrics.backend_upgraded(
-            &api.config.name,
-            effects.backend.as_deref().unwrap_or("default"),
-        );
+        match effects.backend.as_deref() {
+            None => {
+                api.metrics.upgrades_default.inc();
+            }
+            Some(name) => env.metrics.backend_upgraded(&api.config.name, name),
+        }
         let resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
         let accepted = Accepted {
             on_upgrade: hyper::upgrade::on(&mut req),

@@ -372,6 +372,10 @@ impl Metrics {
             }
         };
         Arc::new(ApiMetrics {
+            upgrades_default: self.backend_upgrades.get_or_create_owned(&BackendLabels {
+                api: api.to_owned(),
+                backend: "default".to_owned(),
+            }),
             name: api.to_owned(),
             active: self.connections_active.get_or_create_owned(&a()),
             connection_duration: self.connection_duration.get_or_create_owned(&a()),
@@ -564,6 +568,9 @@ fn close_code_label(code: Option<u16>) -> &'static str {
 /// One API's connection metrics.
 pub struct ApiMetrics {
     pub name: String,
+    /// `tollgate_backend_upgrades_total{backend="default"}`: held, as nearly every handshake
+    /// counts here (a named backend is looked up when a policy picks one).
+    pub upgrades_default: Counter,
     pub active: Gauge,
     pub connection_duration: Histogram,
     pub handshake_duration: Histogram,
