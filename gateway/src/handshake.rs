@@ -71,8 +71,8 @@ pub struct Env {
 pub struct Accepted {
     pub on_upgrade: hyper::upgrade::OnUpgrade,
     pub backend: Upgraded,
-    /// The backend URL it went to, for the close record.
-    pub backend_url: String,
+    /// The named backend a policy picked, if any (for the close record).
+    pub picked_backend: Option<String>,
     pub permit: Permit,
     pub api: Arc<Api>,
     /// The backend request's path and query, for the close record.
@@ -93,8 +93,8 @@ struct Record {
     path: Option<String>,
     product: Option<String>,
     subscription: Option<String>,
-    /// The backend URL the handshake went to (the API's, or the named one a policy picked).
-    backend: Option<String>,
+    /// The named backend a policy picked, if any.
+    picked_backend: Option<String>,
     /// Time spent in the policy chain (fresh instances, guest code, host calls): logged so an
     /// operator can tell a slow policy from a slow backend.
     policies_ms: f64,
@@ -184,7 +184,8 @@ pub async fn handshake(
                 ))
             }
         };
-        rec.backend = Some(connector.url().original.clone());
+        // Cloned only when a policy picked one (the record names it on any outcome).
+        rec.picked_backend.clone_from(&effects.backend);
         let upgraded = connector
             .handshake(
                 &breq.target,
@@ -206,7 +207,7 @@ pub async fn handshake(
         let resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
         let accepted = Accepted {
             on_upgrade: hyper::upgrade::on(&mut req),
-            backend_url: connector.url().original.clone(),
+            picked_backend: effects.backend,
             backend: upgraded,
             permit,
             api,
@@ -251,11 +252,9 @@ fn record<B>(
     let api_name = rec.api.as_ref().map_or("", |a| a.config.name.as_str());
     let log_values = env.served.config.gateway.log_query_values;
     let backend = loggable(
-        rec.backend.as_deref().unwrap_or_else(|| {
-            rec.api
-                .as_ref()
-                .map_or("", |a| a.config.backend.original.as_str())
-        }),
+        rec.api
+            .as_ref()
+            .map_or("", |a| a.backend_url(rec.picked_backend.as_deref())),
         log_values,
     );
     let elapsed = started.elapsed();

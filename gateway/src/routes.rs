@@ -76,6 +76,20 @@ pub enum LimitReached {
     Gateway,
 }
 
+impl Api {
+    /// The URL (as written in the manifest) of the backend a handshake went to: the named one a
+    /// policy picked, else the API's own. Derived when a record is written, so the handshake
+    /// path carries a name only when a policy picked one.
+    pub fn backend_url(&self, picked: Option<&str>) -> &str {
+        picked
+            .and_then(|n| self.backends.get(n))
+            .unwrap_or(&self.connector)
+            .url()
+            .original
+            .as_str()
+    }
+}
+
 impl From<LimitReached> for crate::metrics::Limit {
     fn from(l: LimitReached) -> Self {
         use crate::metrics::Limit;

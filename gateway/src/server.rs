@@ -434,7 +434,7 @@ impl Gateway {
         let Accepted {
             on_upgrade,
             backend,
-            backend_url,
+            picked_backend,
             permit,
             api,
             target,
@@ -509,7 +509,7 @@ impl Gateway {
         let b = &outcome.backend_to_client;
         let log_values = self.served.load().config.gateway.log_query_values;
         let target = loggable(&target, log_values);
-        let backend_url = loggable(&backend_url, log_values);
+        let backend_url = loggable(api.backend_url(picked_backend.as_deref()), log_values);
         tracing::info!(
             event = "connection_closed",
             conn,
