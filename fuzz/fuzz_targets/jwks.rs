@@ -1,5 +1,7 @@
 //! jwt-validate's key parsing, natively: a JWKS (JSON) or PEM text of arbitrary content
-//! through `jwks_keys`, `pem_keys` and the whole `prepare` of a config holding it.
+//! through `jwks_keys`, `pem_keys` and the whole `prepare` of a config holding it; and the
+//! host's own reading of a fetched JWKS (`tollgate_verify::jwks::parse`, what the gateway does
+//! with a document an identity provider sent).
 //!
 //! Input: byte 0 picks the mode (even: JWKS, odd: PEM), the rest is UTF-8 text.
 //!
@@ -30,10 +32,32 @@ fn check_keys(keys: &[PreparedKey]) {
     }
 }
 
+/// A fetched JWKS: never a panic; what is kept is usable, bounded, and never a shared secret.
+fn check_fetched(doc: &[u8]) {
+    use tollgate_verify::jwks::{parse, Family, MAX_KEYS};
+    let Ok(set) = parse(doc) else {
+        return;
+    };
+    assert!(!set.keys.is_empty() && set.keys.len() <= MAX_KEYS);
+    for k in &set.keys {
+        assert_ne!(k.family, Family::Hmac, "a shared secret taken from a fetched JWKS");
+        let probe = match k.family {
+            Family::Rsa => tollgate_verify::Algorithm::Rs256,
+            Family::P256 => tollgate_verify::Algorithm::Es256,
+            Family::P384 => tollgate_verify::Algorithm::Es384,
+            _ => tollgate_verify::Algorithm::EdDsa,
+        };
+        assert!(tollgate_verify::verify(probe, &k.key, b"", b"").is_ok(), "{k:?}");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode % 2 == 0 {
+        check_fetched(rest);
+    }
     let Ok(text) = std::str::from_utf8(rest) else {
         return;
     };

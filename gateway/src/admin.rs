@@ -425,6 +425,8 @@ pub fn apis_json(gw: &View) -> serde_json::Value {
                         },
                         "instances": if s.pool.is_some() { "pooled" } else { "fresh" },
                         "skipped": s.skip,
+                        // Keys fetched for it (key-sets): source, key ids, age, last error.
+                        "key_sets": s.key_sets.iter().map(|k| k.status()).collect::<Vec<_>>(),
                     })
                 })
                 .collect();

@@ -108,7 +108,7 @@ pub struct Connector {
     timeout: Duration,
 }
 
-fn native_roots() -> &'static [CertificateDer<'static>] {
+pub(crate) fn native_roots() -> &'static [CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
     ROOTS.get_or_init(|| {
         let r = rustls_native_certs::load_native_certs();

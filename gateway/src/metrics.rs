@@ -119,6 +119,18 @@ struct SignatureLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeySetLabel {
+    key_set: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeySetFetchLabels {
+    key_set: String,
+    trigger: &'static str,
+    outcome: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn handshake_buckets() -> Histogram {
@@ -161,6 +173,7 @@ pub struct Metrics {
     runtime_tasks: Gauge,
     signatures: Family<SignatureLabels, Counter>,
     signature_cache: SignatureCacheCounters,
+    key_sets: KeySetMetrics,
 }
 
 impl Default for Metrics {
@@ -195,6 +208,7 @@ impl Metrics {
             runtime_tasks: Gauge::default(),
             signatures: Family::default(),
             signature_cache: Default::default(),
+            key_sets: KeySetMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -316,7 +330,27 @@ impl Metrics {
             "Signature checks policies asked the host for during handshakes (signatures.verify), by plugin, algorithm and result (valid, invalid, error: the key cannot be used with the algorithm)",
             m.signatures.clone(),
         );
+        registry.register(
+            "key_set_fetches",
+            "Fetches of key sets policies registered (key-sets: JWKS, OpenID Connect discovery), by source URL (without query), trigger (load, refresh, unknown_kid) and outcome (ok, error)",
+            m.key_sets.fetches.clone(),
+        );
+        registry.register(
+            "key_set_last_success_timestamp_seconds",
+            "When each key set was last fetched successfully (Unix seconds); its age is time() minus this, and it keeps growing while the provider is down and the last good keys stay in use",
+            m.key_sets.last_success.clone(),
+        );
+        registry.register(
+            "key_set_keys",
+            "Usable keys in each key set as last fetched",
+            m.key_sets.keys.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The key-set counters, for the policy host.
+    pub fn key_sets(&self) -> KeySetMetrics {
+        self.key_sets.clone()
     }
 
     /// The signature cache's hit and miss counters, for the policy host.
@@ -643,6 +677,44 @@ pub struct PolicyMetrics {
     pub duration: Histogram,
     /// Idle warm instances of a pooled attachment (summed over the pools of reloads).
     pub idle: Gauge,
+}
+
+/// The key-set series (`tollgate_key_set_*`), for the policy host's fetched key sets.
+#[derive(Clone, Default)]
+pub struct KeySetMetrics {
+    fetches: Family<KeySetFetchLabels, Counter>,
+    last_success: Family<KeySetLabel, Gauge>,
+    keys: Family<KeySetLabel, Gauge>,
+}
+
+impl KeySetMetrics {
+    /// A fetch of `key_set`; `trigger`: what started it (`load`, `refresh`, `unknown_kid`).
+    pub fn fetched(&self, key_set: &str, trigger: &'static str, ok: bool) {
+        self.fetches
+            .get_or_create(&KeySetFetchLabels {
+                key_set: key_set.to_owned(),
+                trigger,
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// A successful fetch of `keys` keys, now.
+    pub fn succeeded(&self, key_set: &str, keys: usize) {
+        let label = KeySetLabel {
+            key_set: key_set.to_owned(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_success
+            .get_or_create(&label)
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.keys
+            .get_or_create(&label)
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
 }
 
 /// `tollgate_signature_verifications_total`, for the policy host: a plugin's counters come

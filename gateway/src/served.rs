@@ -55,6 +55,11 @@ pub struct Served {
 }
 
 impl Served {
+    /// The key sets policies registered (`key-sets`), when any policy runs.
+    pub fn key_sets(&self) -> Option<Arc<crate::policy::key_sets::KeySets>> {
+        self.host.as_ref().map(|h| h.key_sets())
+    }
+
     /// Loads the plugins and builds every API (backend connector, policy chain). Collects
     /// every error. `previous`: the state being replaced by a reload, whose per-API connection
     /// counts carry over.
@@ -87,6 +92,10 @@ impl Served {
                     .map(|mut h| {
                         h.set_signature_cache(config.gateway.signature_cache_entries);
                         h.set_metrics(metrics);
+                        // Keys fetched under the state being replaced stay held.
+                        if let Some(sets) = previous.and_then(Served::key_sets) {
+                            h.adopt_key_sets(sets);
+                        }
                         Arc::new(h)
                     }),
             };

@@ -147,6 +147,23 @@ impl Gateway {
 
     /// Binds every listener, then serves until [`Gateway::shutdown`] is cancelled, then drains:
     /// live connections get close 1001 on both sides and up to `drain_timeout` to finish.
+    /// Keeps the key sets policies registered fresh (`policy::key_sets`): once a second, starts
+    /// a refresh of each one that is due, in the state served now (so it follows reloads).
+    async fn refresh_key_sets(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
+            }
+            if let Some(sets) = self.served().key_sets() {
+                sets.refresh_due();
+            }
+        }
+    }
+
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
         let mut listeners = Vec::new();
         let backlog = client_backlog(self.config.gateway.limits.max_pending_handshakes);
@@ -199,6 +216,7 @@ impl Gateway {
             self.tracker.clone(),
             self.shutdown.clone(),
         ));
+        tokio::spawn(self.clone().refresh_key_sets());
         self.ready.store(true, Ordering::SeqCst);
         tokio::select! {
             _ = self.stop.cancelled() => {}

@@ -800,6 +800,74 @@ pub mod host {
         };
         tollgate_verify::verify(alg, &key, message, signature)
     }
+
+    pub use crate::bindings::tollgate::policy::key_sets::{
+        KeySet, Options as KeySetOptions, Source as KeySetSource, Verification,
+    };
+
+    /// Registers a key set the gateway fetches over HTTPS and keeps fresh (a JWKS, or an OpenID
+    /// Connect discovery document that names one), for [`verify_with_key_set`]. Call it from
+    /// [`crate::Policy::configure`] (needs `fetch-keys`) and keep the handle in the prepared
+    /// config: the gateway has fetched the keys by the time it returns, or says why not.
+    /// Natively, the documents are the ones [`crate::testing::serve_key_set`] registered.
+    ///
+    /// ```
+    /// use tollgate_sdk::host::{register_key_set, KeySetOptions, KeySetSource};
+    /// let url = "https://idp.example/jwks";
+    /// tollgate_sdk::testing::serve_key_set(url, r#"{"keys": [{"kty": "OKP", "crv": "Ed25519",
+    ///     "kid": "k1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#);
+    /// let options = KeySetOptions { refresh_seconds: 0, min_refresh_seconds: 0, ca_pem: None };
+    /// assert!(register_key_set(&KeySetSource::Jwks(url.into()), &options).is_ok());
+    /// let unknown = KeySetSource::Jwks("https://elsewhere.example/jwks".into());
+    /// assert!(register_key_set(&unknown, &options).is_err());
+    /// ```
+    pub fn register_key_set(
+        source: &KeySetSource,
+        options: &KeySetOptions,
+    ) -> Result<KeySet, String> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            crate::bindings::tollgate::policy::key_sets::register(source, options)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = options;
+            crate::testing::register_key_set(source)
+        }
+    }
+
+    /// Verifies `signature` over `message` with the keys of `set` that fit `alg` and `kid`
+    /// (needs `verify-signatures`): `Valid`, `Invalid` (keys fit, none verifies) or `NoKey`
+    /// (no key fits, even after the refetch an unknown `kid` triggers in the gateway).
+    ///
+    /// ```
+    /// use tollgate_sdk::host::*;
+    /// let url = "https://idp.example/keys";
+    /// tollgate_sdk::testing::serve_key_set(url, r#"{"keys": [{"kty": "OKP", "crv": "Ed25519",
+    ///     "kid": "k1", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#);
+    /// let options = KeySetOptions { refresh_seconds: 0, min_refresh_seconds: 0, ca_pem: None };
+    /// let set = register_key_set(&KeySetSource::Jwks(url.into()), &options).unwrap();
+    /// let v = verify_with_key_set(set, Algorithm::EdDsa, Some("k1"), b"m", &[0; 64]);
+    /// assert_eq!(v, Ok(Verification::Invalid));
+    /// let v = verify_with_key_set(set, Algorithm::EdDsa, Some("k2"), b"m", &[0; 64]);
+    /// assert_eq!(v, Ok(Verification::NoKey));
+    /// ```
+    pub fn verify_with_key_set(
+        set: KeySet,
+        alg: Algorithm,
+        kid: Option<&str>,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<Verification, String> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            crate::bindings::tollgate::policy::key_sets::verify(set, alg, kid, message, signature)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            crate::testing::verify_with_key_set(set, alg, kid, message, signature)
+        }
+    }
 }
 
 /// Unit-testing a policy with plain `cargo test`, no gateway: build requests, read what the
@@ -818,6 +886,87 @@ pub mod testing {
     thread_local! {
         pub(crate) static LOGS: std::cell::RefCell<Vec<(crate::host::Level, String)>> =
             const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    thread_local! {
+        /// Documents `serve_key_set` registered, by URL, and the URLs registered as key sets
+        /// (a handle is an index).
+        static KEY_SET_DOCS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+        static KEY_SETS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    use std::cell::RefCell;
+
+    /// Natively, what [`crate::host::register_key_set`] finds at `url` (a JWKS document, for
+    /// either kind of source): serving it again with other keys is a key rotation, seen by the
+    /// next verification. For this thread only.
+    ///
+    /// ```
+    /// tollgate_sdk::testing::serve_key_set("https://idp.example/jwks", r#"{"keys": []}"#);
+    /// ```
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn serve_key_set(url: &str, jwks: &str) {
+        KEY_SET_DOCS.with(|d| {
+            let mut d = d.borrow_mut();
+            d.retain(|(u, _)| u != url);
+            d.push((url.to_owned(), jwks.to_owned()));
+        });
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn key_set_doc(url: &str) -> Option<String> {
+        KEY_SET_DOCS.with(|d| {
+            d.borrow()
+                .iter()
+                .find(|(u, _)| u == url)
+                .map(|(_, j)| j.clone())
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn register_key_set(
+        source: &crate::host::KeySetSource,
+    ) -> Result<crate::host::KeySet, String> {
+        use crate::host::KeySetSource as S;
+        let (S::Jwks(url) | S::OpenidConfiguration(url)) = source;
+        let doc = key_set_doc(url).ok_or_else(|| {
+            format!("fetching key set {url}: nothing served there (testing::serve_key_set)")
+        })?;
+        tollgate_verify::jwks::parse(doc.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        KEY_SETS.with(|s| {
+            let mut s = s.borrow_mut();
+            s.push(url.clone());
+            Ok((s.len() - 1) as crate::host::KeySet)
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn verify_with_key_set(
+        set: crate::host::KeySet,
+        alg: crate::host::Algorithm,
+        kid: Option<&str>,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<crate::host::Verification, String> {
+        use crate::host::Verification as V;
+        let url = KEY_SETS
+            .with(|s| s.borrow().get(set as usize).cloned())
+            .ok_or_else(|| format!("no key set {set}"))?;
+        let doc = key_set_doc(&url).ok_or_else(|| format!("no key set at {url}"))?;
+        let keys =
+            tollgate_verify::jwks::parse(doc.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        let alg = tollgate_verify::Algorithm::from_wit_position(alg as usize)
+            .ok_or("unknown algorithm")?;
+        let mut any = false;
+        for k in keys.keys.iter().filter(|k| k.fits(alg, kid)).take(4) {
+            any = true;
+            if tollgate_verify::verify(alg, &k.key, message, signature)? {
+                return Ok(V::Valid);
+            }
+        }
+        Ok(if any { V::Invalid } else { V::NoKey })
     }
 
     /// Lines logged through [`crate::host::log`] on this thread since the last call.

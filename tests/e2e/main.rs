@@ -14,6 +14,7 @@ mod console;
 mod edge;
 mod faults;
 mod ip_filter;
+mod jwks;
 mod jwt;
 mod languages;
 mod lifecycle;

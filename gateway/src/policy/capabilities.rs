@@ -42,6 +42,7 @@ pub enum Capability {
     VerifySignatures,
     LimitLifetime,
     SelectBackend,
+    FetchKeys,
     MockResponse,
     CacheLookup,
     CacheStore,
@@ -61,7 +62,7 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in the WIT's order.
-    pub const ALL: [Capability; 24] = {
+    pub const ALL: [Capability; 25] = {
         use Capability as C;
         [
             C::ReadRequest,
@@ -73,6 +74,7 @@ impl Capability {
             C::VerifySignatures,
             C::LimitLifetime,
             C::SelectBackend,
+            C::FetchKeys,
             C::MockResponse,
             C::CacheLookup,
             C::CacheStore,
@@ -104,6 +106,7 @@ impl Capability {
             C::VerifySignatures => "verify-signatures",
             C::LimitLifetime => "limit-lifetime",
             C::SelectBackend => "select-backend",
+            C::FetchKeys => "fetch-keys",
             C::MockResponse => "mock-response",
             C::CacheLookup => "cache-lookup",
             C::CacheStore => "cache-store",
@@ -135,7 +138,8 @@ impl Capability {
             | C::Reject
             | C::VerifySignatures
             | C::LimitLifetime
-            | C::SelectBackend => return None,
+            | C::SelectBackend
+            | C::FetchKeys => return None,
             C::MockResponse => (Family::Body, "Mock response"),
             C::CacheLookup => (Family::Cache, "Get from cache"),
             C::CacheStore => (Family::Cache, "Store to cache"),
@@ -280,7 +284,7 @@ mod tests {
             .into_iter()
             .filter(|c| c.not_on_handshake().is_none())
             .collect();
-        assert_eq!(allowed.len(), 9);
+        assert_eq!(allowed.len(), 10);
         assert_eq!(check("p", &allowed, &Scope::Api("a".into())), Verdict::Run);
     }
 

@@ -128,6 +128,8 @@ pub struct Step {
     pub plugin: Arc<Plugin>,
     /// What the plugin's `configure` returned for this attachment.
     pub prepared: Arc<str>,
+    /// The key sets its `configure` registered.
+    pub key_sets: Arc<[Arc<super::key_sets::KeySet>]>,
     pub budget: Budget,
     pub grants: Grants,
     /// Warm instances, when the attachment asks for `instances = "pooled"`.
@@ -149,6 +151,7 @@ impl Step {
             budget: self.budget,
             grants: &self.grants,
             pool: self.pool.as_ref(),
+            key_sets: &self.key_sets,
         }
     }
 }
@@ -244,12 +247,12 @@ pub fn build(
             Verdict::Run => false,
         };
         let budget = att.budget;
-        let prepared: Arc<str> = if skip {
-            Arc::from("")
+        let (prepared, key_sets): (Arc<str>, _) = if skip {
+            (Arc::from(""), Arc::from([]))
         } else {
             // The plugin validates its config now, so bad config stops the start.
             match host.configure(plugin, &att.config_json, budget, &att.grants) {
-                Ok(p) => Arc::from(p),
+                Ok(c) => (Arc::from(c.prepared), c.key_sets),
                 Err(e) => {
                     errors.push(ChainError::Config {
                         location: att.config_location,
@@ -272,6 +275,7 @@ pub fn build(
             host: host.clone(),
             plugin: plugin.clone(),
             prepared,
+            key_sets,
             budget,
             grants: att.grants,
             pool: match att.instances {

@@ -36,6 +36,12 @@ pub struct HostState {
     /// Set when a host call was refused for a capability the plugin did not declare; the call
     /// then traps, and this names why.
     pub(super) refused: Option<Refused>,
+    /// The process's key sets, for `key-sets.register`.
+    pub(super) key_set_registry: Arc<KeySets>,
+    /// During `configure`: the sets the attachment registered so far (a handle is an index).
+    pub(super) registering: Option<Vec<Arc<KeySet>>>,
+    /// The key sets of the attachment this instance serves (handshake calls).
+    pub(super) key_sets: Arc<[Arc<KeySet>]>,
 }
 
 impl HostState {
@@ -407,10 +413,9 @@ fn verify(
     message: &[u8],
     signature: &[u8],
 ) -> Result<bool, String> {
-    use tollgate_verify::{Algorithm as A, Key};
+    use tollgate_verify::Key;
     use SigKey as K;
-    // The generated enum follows the WIT's order, as `WIT_ORDER` does.
-    let Some(alg) = A::from_wit_position(alg as usize) else {
+    let Some(alg) = algorithm(alg) else {
         return Err("unknown algorithm".into());
     };
     let key = match key {
@@ -419,13 +424,207 @@ fn verify(
         K::Raw(r) => Key::Raw(r),
         K::Secret(s) => Key::Secret(s),
     };
-    let result = cache.verify(alg, &key, message, signature, || {
-        tollgate_verify::verify(alg, &key, message, signature)
+    verify_key(cache, metrics, alg, &key, message, signature)
+}
+
+/// The host's algorithm for the generated one (which follows the WIT's order, as
+/// `WIT_ORDER` does).
+fn algorithm(alg: SigAlgorithm) -> Option<tollgate_verify::Algorithm> {
+    tollgate_verify::Algorithm::from_wit_position(alg as usize)
+}
+
+fn verify_key(
+    cache: &VerifyCache,
+    metrics: Option<&PluginSignatureMetrics>,
+    alg: tollgate_verify::Algorithm,
+    key: &tollgate_verify::Key,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<bool, String> {
+    let result = cache.verify(alg, key, message, signature, || {
+        tollgate_verify::verify(alg, key, message, signature)
     });
     if let Some(m) = metrics {
         m.record(alg, VerifyResult::of(&result));
     }
     result
+}
+
+type KsSource = bindings::tollgate::policy::key_sets::Source;
+type KsOptions = bindings::tollgate::policy::key_sets::Options;
+type KsVerification = bindings::tollgate::policy::key_sets::Verification;
+
+/// Largest `ca-pem` `key-sets.register` accepts.
+const MAX_CA_PEM_BYTES: usize = 256 * 1024;
+
+/// `tollgate:policy/key-sets.register`: `configure` only, needs `fetch-keys`; fetches the set
+/// (or finds it already held) before answering, within the load call's deadline.
+fn host_key_set_register(
+    mut store: StoreContextMut<'_, HostState>,
+    (source, options): (KsSource, KsOptions),
+) -> Box<dyn std::future::Future<Output = wasmtime::Result<(Result<u32, String>,)>> + Send + '_> {
+    Box::new(async move {
+        let state = store.data_mut();
+        state.need(Capability::FetchKeys, "called key-sets.register")?;
+        let Some(registered) = state.registering.as_ref().map(Vec::len) else {
+            return Err(wasmtime::Error::msg(
+                "key-sets.register is only available in configure",
+            ));
+        };
+        if registered >= key_sets::MAX_SETS_PER_ATTACHMENT {
+            return Ok((Err(format!(
+                "at most {} key sets per attachment",
+                key_sets::MAX_SETS_PER_ATTACHMENT
+            )),));
+        }
+        let source = match &source {
+            KsSource::OpenidConfiguration(u) => {
+                key_sets::parse_url(u).map(key_sets::Source::OpenidConfiguration)
+            }
+            KsSource::Jwks(u) => key_sets::parse_url(u).map(key_sets::Source::Jwks),
+        };
+        let source = match source {
+            Ok(s) => s,
+            Err(e) => return Ok((Err(e),)),
+        };
+        if options
+            .ca_pem
+            .as_ref()
+            .is_some_and(|p| p.len() > MAX_CA_PEM_BYTES)
+        {
+            return Ok((Err(format!(
+                "CA certificates: more than {MAX_CA_PEM_BYTES} bytes"
+            )),));
+        }
+        let options = match key_sets::Options::new(
+            options.refresh_seconds,
+            options.min_refresh_seconds,
+            options.ca_pem.as_deref(),
+        ) {
+            Ok(o) => o,
+            Err(e) => return Ok((Err(e),)),
+        };
+        let registry = state.key_set_registry.clone();
+        let set = match registry.register(source, options).await {
+            Ok(set) => set,
+            Err(e) => return Ok((Err(e),)),
+        };
+        let state = store.data_mut();
+        let Some(registering) = state.registering.as_mut() else {
+            return Err(wasmtime::Error::msg(
+                "key-sets.register is only available in configure",
+            ));
+        };
+        // Registering the same set twice gives the same handle.
+        let handle = match registering.iter().position(|s| Arc::ptr_eq(s, &set)) {
+            Some(i) => i,
+            None => {
+                registering.push(set);
+                registering.len() - 1
+            }
+        };
+        Ok((Ok(u32::try_from(handle).unwrap_or(u32::MAX)),))
+    })
+}
+
+/// `tollgate:policy/key-sets.verify`: needs `verify-signatures`; each key tried is charged and
+/// counted as a `signatures.verify` call (and goes through the same cache). A kid the set does
+/// not hold makes it wait for a (shared, rate-limited) refetch.
+fn host_key_set_verify(
+    mut store: StoreContextMut<'_, HostState>,
+    (handle, alg, kid, message, signature): (u32, SigAlgorithm, Option<String>, Vec<u8>, Vec<u8>),
+) -> Box<
+    dyn std::future::Future<Output = wasmtime::Result<(Result<KsVerification, String>,)>>
+        + Send
+        + '_,
+> {
+    Box::new(async move {
+        store
+            .data_mut()
+            .need(Capability::VerifySignatures, "called key-sets.verify")?;
+        let copied = message
+            .len()
+            .saturating_add(signature.len())
+            .saturating_add(kid.as_ref().map_or(0, String::len));
+        charge(&mut store, u64::try_from(copied).unwrap_or(u64::MAX))?;
+        for (what, got, max) in [
+            ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
+            ("signature", signature.len(), MAX_VERIFY_SIGNATURE_BYTES),
+            (
+                "kid",
+                kid.as_ref().map_or(0, String::len),
+                MAX_VERIFY_SIGNATURE_BYTES,
+            ),
+        ] {
+            if got > max {
+                return Ok((Err(format!(
+                    "{what} of {got} bytes is larger than key-sets.verify accepts ({max} bytes)"
+                )),));
+            }
+        }
+        let Some(alg) = algorithm(alg) else {
+            return Ok((Err("unknown algorithm".into()),));
+        };
+        let Some(set) = store
+            .data()
+            .key_sets
+            .get(usize::try_from(handle).unwrap_or(usize::MAX))
+            .cloned()
+        else {
+            return Ok((Err(format!(
+                "no key set {handle}: handles are what key-sets.register returned in this attachment's configure"
+            )),));
+        };
+        let mut outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+        if outcome == Ok(key_sets::Checked::NoKey)
+            && kid.is_some()
+            && set.refetch_for_unknown_kid().await
+        {
+            outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+        }
+        Ok((outcome.map(|c| match c {
+            key_sets::Checked::Valid => KsVerification::Valid,
+            key_sets::Checked::Invalid => KsVerification::Invalid,
+            key_sets::Checked::NoKey => KsVerification::NoKey,
+        }),))
+    })
+}
+
+/// Keys tried by one `key-sets.verify` call, at most: the same bound jwt-validate applies to
+/// its own keys.
+pub const MAX_KEYS_PER_VERIFY: usize = 4;
+
+/// The set's keys checked (charged per key; a trap when the fuel runs out), the outcome or
+/// the error of a key that cannot be used.
+fn check_with(
+    store: &mut StoreContextMut<'_, HostState>,
+    set: &KeySet,
+    alg: tollgate_verify::Algorithm,
+    kid: Option<&str>,
+    message: &[u8],
+    signature: &[u8],
+) -> wasmtime::Result<Result<key_sets::Checked, String>> {
+    let mut trap = None;
+    let per_key = VERIFY_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX));
+    let outcome = set.check(alg, kid, MAX_KEYS_PER_VERIFY, |key| {
+        if let Err(e) = charge(store, per_key) {
+            trap = Some(e);
+            return Err("out of fuel".into());
+        }
+        let state = store.data();
+        verify_key(
+            &state.verified,
+            state.signature_metrics.as_deref(),
+            alg,
+            key,
+            message,
+            signature,
+        )
+    });
+    match trap {
+        Some(e) => Err(e),
+        None => Ok(outcome),
+    }
 }
 
 /// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
@@ -440,6 +639,9 @@ pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::R
     linker
         .instance(&format!("tollgate:policy/signatures@{WIT_VERSION}"))?
         .func_wrap("verify", host_verify)?;
+    let mut key_sets = linker.instance(&format!("tollgate:policy/key-sets@{WIT_VERSION}"))?;
+    key_sets.func_wrap_async("register", host_key_set_register)?;
+    key_sets.func_wrap_async("verify", host_key_set_verify)?;
     Ok(())
 }
 

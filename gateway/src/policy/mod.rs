@@ -29,6 +29,7 @@ use std::time::Duration;
 pub mod capabilities;
 pub mod chain;
 mod imports;
+pub mod key_sets;
 pub mod plugin_cache;
 mod request;
 pub mod verify_cache;
@@ -48,6 +49,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::metrics::{PluginSignatureMetrics, SignatureMetrics, VerifyResult};
 pub use chain::{AttachmentSpec, Instances};
+use key_sets::{KeySet, KeySets};
 use verify_cache::{CacheCounters, VerifyCache};
 
 /// The generated bindings of `wit/policy.wit`. Private: the rest of the gateway sees the
@@ -133,6 +135,7 @@ const OUR_IMPORTS: &[&str] = &[
     "tollgate:policy/config@0.2.0",
     "tollgate:policy/log@0.2.0",
     "tollgate:policy/signatures@0.2.0",
+    "tollgate:policy/key-sets@0.2.0",
 ];
 /// Most bytes one `on-handshake` call may read from the request (all its reads together):
 /// far above any real policy (a request head is at most `max_header_bytes`), low enough that
@@ -262,6 +265,7 @@ fn capability(c: wit::Capability) -> Capability {
         W::VerifySignatures => C::VerifySignatures,
         W::LimitLifetime => C::LimitLifetime,
         W::SelectBackend => C::SelectBackend,
+        W::FetchKeys => C::FetchKeys,
         W::MockResponse => C::MockResponse,
         W::CacheLookup => C::CacheLookup,
         W::CacheStore => C::CacheStore,
@@ -369,6 +373,9 @@ pub struct PolicyHost {
     /// The metrics the signature cache counts its hits and misses in.
     cache_counters: CacheCounters,
     signature_metrics: Option<SignatureMetrics>,
+    /// Key sets policies registered (`key-sets`); handed on to a host that replaces this one,
+    /// so a reload keeps the keys it holds.
+    key_sets: Arc<KeySets>,
 }
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
@@ -420,6 +427,17 @@ impl PolicyHost {
         self.signature_metrics = Some(metrics.signatures());
         self.cache_counters = metrics.signature_cache();
         self.set_signature_cache(self.verified.capacity());
+        self.key_sets = Arc::new(KeySets::new(Some(metrics.key_sets())));
+    }
+
+    /// The key sets policies registered with this host.
+    pub fn key_sets(&self) -> Arc<KeySets> {
+        self.key_sets.clone()
+    }
+
+    /// Takes over the key sets of the host this one replaces.
+    pub fn adopt_key_sets(&mut self, key_sets: Arc<KeySets>) {
+        self.key_sets = key_sets;
     }
 
     /// `cache_dir`: where compiled plugins are kept between runs (`None`: the default, see
@@ -457,6 +475,7 @@ impl PolicyHost {
             )),
             cache_counters: CacheCounters::default(),
             signature_metrics: None,
+            key_sets: Arc::new(KeySets::new(None)),
         })
     }
 
@@ -533,6 +552,7 @@ impl PolicyHost {
         grants: &Grants,
         declared: Arc<[Capability]>,
         prepared: Option<Arc<str>>,
+        key_sets: Arc<[Arc<KeySet>]>,
     ) -> Result<Store<HostState>, String> {
         let mut wasi = WasiCtx::builder();
         // No network, and no socket at all: with TCP/UDP merely "allowed but every address
@@ -571,6 +591,9 @@ impl PolicyHost {
             read_bytes: 0,
             logs: 0,
             refused: None,
+            key_set_registry: self.key_sets.clone(),
+            registering: None,
+            key_sets,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -633,6 +656,7 @@ impl PolicyHost {
                 &Grants::default(),
                 Arc::from([]),
                 None,
+                Arc::from([]),
             )
             .map_err(|message| PolicyError::Call {
                 plugin: p.clone(),
@@ -678,7 +702,13 @@ impl PolicyHost {
             let t = std::time::Instant::now();
             block_on_within_load_timeout(async {
                 let (mut store, instance) = self
-                    .fresh(plugin, Budget::default(), &Grants::default(), None)
+                    .fresh(
+                        plugin,
+                        Budget::default(),
+                        &Grants::default(),
+                        None,
+                        Arc::from([]),
+                    )
                     .await?;
                 instance
                     .tollgate_policy_handshake()
@@ -734,6 +764,7 @@ impl PolicyHost {
         budget: Budget,
         grants: &Grants,
         prepared: Option<Arc<str>>,
+        key_sets: Arc<[Arc<KeySet>]>,
     ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
         let mut store = self
             .store(
@@ -742,6 +773,7 @@ impl PolicyHost {
                 grants,
                 plugin.capabilities.clone(),
                 prepared,
+                key_sets,
             )
             .map_err(|m| plugin.call_error(m))?;
         let instance = plugin
@@ -753,23 +785,29 @@ impl PolicyHost {
     }
 
     /// Runs `configure` for one attachment (at load, blocking, within [`LOAD_TIMEOUT`]) and
-    /// returns the prepared config.
+    /// returns the prepared config and the key sets it registered (fetched by now).
     pub fn configure(
         &self,
         plugin: &Plugin,
         config_json: &str,
         budget: Budget,
         grants: &Grants,
-    ) -> Result<String, PolicyError> {
-        block_on_within_load_timeout(async {
-            let (mut store, instance) = self.fresh(plugin, budget, grants, None).await?;
+    ) -> Result<Configured, PolicyError> {
+        let (prepared, key_sets) = block_on_within_load_timeout(async {
+            let (mut store, instance) = self
+                .fresh(plugin, budget, grants, None, Arc::from([]))
+                .await?;
+            store.data_mut().registering = Some(Vec::new());
             let r = instance
                 .tollgate_policy_handshake()
                 .call_configure(&mut store, config_json)
                 .await;
-            r.map_err(|e| plugin.call_failed(&store, "configure", e))
+            let key_sets = store.data_mut().registering.take().unwrap_or_default();
+            r.map(|r| (r, key_sets))
+                .map_err(|e| plugin.call_failed(&store, "configure", e))
         })
-        .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??
+        .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??;
+        prepared
         .map_err(|message| PolicyError::Config {
             plugin: plugin.name.clone(),
             message,
@@ -784,7 +822,10 @@ impl PolicyHost {
                     ),
                 });
             }
-            Ok(prepared)
+            Ok(Configured {
+                prepared,
+                key_sets: key_sets.into(),
+            })
         })
     }
 
@@ -826,6 +867,7 @@ impl PolicyHost {
                         call.budget,
                         call.grants,
                         Some(call.prepared.clone()),
+                        call.key_sets.clone(),
                     )
                     .await?;
                 store.data_mut().signature_metrics = plugin.signature_metrics.clone();
@@ -871,6 +913,16 @@ pub(crate) struct Call<'a> {
     pub budget: Budget,
     pub grants: &'a Grants,
     pub pool: Option<&'a InstancePool>,
+    /// The attachment's key sets (`key-sets` handles index it).
+    pub key_sets: &'a Arc<[Arc<KeySet>]>,
+}
+
+/// What `configure` made of an attachment's config.
+pub struct Configured {
+    /// What every instance reads with `config.prepared`.
+    pub prepared: String,
+    /// The key sets it registered, by handle.
+    pub key_sets: Arc<[Arc<KeySet>]>,
 }
 
 /// A policy's answer, in the host's own terms: a decision the edge code checks and applies,

@@ -4,7 +4,7 @@
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use tollgate_sdk::host::{self, Algorithm, Key, RsaPublicKey};
+use tollgate_sdk::host::{self, Algorithm, Key, KeySet, KeySetOptions, KeySetSource, RsaPublicKey};
 
 /// What the manifest may say (names follow API Management's validate-jwt).
 #[derive(Debug, Deserialize)]
@@ -35,12 +35,49 @@ struct Raw {
     pem: Option<String>,
     /// A JWKS file, read at load (needs a `grants.read_dirs` entry for its directory).
     jwks_file: Option<String>,
+    /// An OpenID Connect discovery document; the gateway fetches the JWKS its `jwks_uri`
+    /// names, and keeps it fresh.
+    openid_config_url: Option<String>,
+    /// A JWKS URL the gateway fetches and keeps fresh.
+    jwks_url: Option<String>,
+    /// How often the fetched keys are refreshed ("1h", "15m"; or seconds).
+    jwks_refresh: Option<Duration>,
+    /// Least time between two fetches: an unknown `kid` refetches at most this often.
+    jwks_min_refresh: Option<Duration>,
+    /// PEM file of CA certificates trusted for the fetch besides the system's (needs a
+    /// `grants.read_dirs` entry for its directory).
+    ca_file: Option<String>,
     #[serde(default = "default_prefix")]
     context_prefix: String,
     /// Close the WebSocket (1008) when the token it was opened with expires (its `exp` plus
     /// the clock skew), instead of letting it outlive the token.
     #[serde(default)]
     close_at_expiry: bool,
+}
+
+/// A duration as `"90s"`, `"1h 30m"` (humantime) or a number of seconds.
+#[derive(Debug, Clone, Copy)]
+struct Duration(u64);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Duration(s)),
+            Raw::Text(t) => humantime::parse_duration(&t)
+                .map(|d| Duration(d.as_secs()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`{t}` is not a duration ({e}); write e.g. \"1h\", \"15m\" or \"90s\""
+                    ))
+                }),
+        }
+    }
 }
 
 fn default_header() -> String {
@@ -151,6 +188,9 @@ pub struct Prepared {
     pub keys: Vec<PreparedKey>,
     #[serde(default)]
     pub close_at_expiry: bool,
+    /// Handles of the key sets the gateway fetches (`openid_config_url`, `jwks_url`).
+    #[serde(default)]
+    pub key_sets: Vec<KeySet>,
 }
 
 /// The JWS algorithms this policy accepts in `algorithms`. `none` is never one of them.
@@ -215,10 +255,15 @@ pub fn prepare(config_json: &str) -> Result<Prepared, String> {
         raw.jwks.is_some(),
         raw.pem.is_some(),
         raw.jwks_file.is_some(),
+        raw.openid_config_url.is_some(),
+        raw.jwks_url.is_some(),
     ];
     if !sources.contains(&true) {
-        return Err("jwt-validate: no keys: set jwks, pem or jwks_file".into());
+        return Err(
+            "jwt-validate: no keys: set openid_config_url, jwks_url, jwks, pem or jwks_file".into(),
+        );
     }
+    let key_sets = fetched_key_sets(&raw)?;
     if let Some(v) = &raw.jwks {
         let v = match v {
             serde_json::Value::String(s) => serde_json::from_str(s)
@@ -245,8 +290,9 @@ pub fn prepare(config_json: &str) -> Result<Prepared, String> {
         keys.extend(pem_keys(pem).map_err(|e| format!("jwt-validate: pem: {e}"))?);
     }
     // Every allowed algorithm should have a key it can use; a typo here would otherwise show
-    // up as "invalid token" for every client.
-    for a in &raw.algorithms {
+    // up as "invalid token" for every client. (Fetched keys change with the provider's
+    // rotation, so they are not held to this.)
+    for a in raw.algorithms.iter().filter(|_| key_sets.is_empty()) {
         let fam = algorithm(a).map(|(_, f)| f);
         if !keys.iter().any(|k| Some(k.family) == fam) {
             return Err(format!(
@@ -268,7 +314,71 @@ pub fn prepare(config_json: &str) -> Result<Prepared, String> {
         prefix: raw.context_prefix,
         keys,
         close_at_expiry: raw.close_at_expiry,
+        key_sets,
     })
+}
+
+/// Registers the key set `openid_config_url` or `jwks_url` names with the gateway, which
+/// fetches it now (and fails the load, with its reason, when it cannot).
+fn fetched_key_sets(raw: &Raw) -> Result<Vec<KeySet>, String> {
+    let source = match (&raw.openid_config_url, &raw.jwks_url) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "jwt-validate: set openid_config_url or jwks_url, not both (the discovery document names the JWKS)"
+                    .into(),
+            )
+        }
+        (Some(u), None) => ("openid_config_url", KeySetSource::OpenidConfiguration(u.clone())),
+        (None, Some(u)) => ("jwks_url", KeySetSource::Jwks(u.clone())),
+        (None, None) => {
+            for (set, key) in [
+                (raw.jwks_refresh.is_some(), "jwks_refresh"),
+                (raw.jwks_min_refresh.is_some(), "jwks_min_refresh"),
+                (raw.ca_file.is_some(), "ca_file"),
+            ] {
+                if set {
+                    return Err(format!(
+                        "jwt-validate: {key} applies to fetched keys only: set openid_config_url or jwks_url"
+                    ));
+                }
+            }
+            return Ok(Vec::new());
+        }
+    };
+    let ca_pem = match &raw.ca_file {
+        None => None,
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!(
+                "jwt-validate: cannot read ca_file `{path}`: {e} (the attachment needs `grants = {{ read_dirs = [\"{dir}\"] }}`)"
+            )
+        })?),
+    };
+    let refresh = raw.jwks_refresh.map_or(0, |d| d.0);
+    let min_refresh = raw.jwks_min_refresh.map_or(0, |d| d.0);
+    if raw.jwks_refresh.is_some() && refresh == 0
+        || raw.jwks_min_refresh.is_some() && min_refresh == 0
+    {
+        return Err(
+            "jwt-validate: jwks_refresh and jwks_min_refresh must be at least one second".into(),
+        );
+    }
+    // 0 is the gateway's default: an hour.
+    let effective_refresh = if refresh == 0 { 3600 } else { refresh };
+    if min_refresh > effective_refresh {
+        return Err("jwt-validate: jwks_min_refresh must not be longer than jwks_refresh".into());
+    }
+    let options = KeySetOptions {
+        refresh_seconds: refresh,
+        min_refresh_seconds: min_refresh,
+        ca_pem,
+    };
+    let set = host::register_key_set(&source.1, &options)
+        .map_err(|e| format!("jwt-validate: {}: {e}", source.0))?;
+    Ok(vec![set])
 }
 
 /// What a valid config may still get wrong, worded for the operator: each is logged at warn

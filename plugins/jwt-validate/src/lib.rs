@@ -22,7 +22,7 @@ pub mod config;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
-use tollgate_sdk::host::{self, Level};
+use tollgate_sdk::host::{self, Level, Verification};
 use tollgate_sdk::{Capability, Decision, Pair, Policy, Proceed, Rejection, Request};
 
 use config::{algorithm, Match, Prepared};
@@ -88,6 +88,13 @@ fn decode_header(part: &str) -> Result<Header, Why> {
     serde_json::from_slice(&bytes).map_err(|_| "header is not a JSON object".to_owned())
 }
 
+fn no_key(alg: &str, kid: Option<&str>) -> Why {
+    match kid {
+        Some(kid) => format!("no {alg} key with kid {kid:?}"),
+        None => format!("no key for {alg}"),
+    }
+}
+
 /// A claim as a set of strings (arrays element-wise, strings split by `separator`).
 fn claim_values(v: &Value, separator: Option<&str>) -> Vec<String> {
     match v {
@@ -139,11 +146,8 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
         .filter(|k| k.alg.as_deref().is_none_or(|a| a == alg))
         .filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
         .collect();
-    if candidates.is_empty() {
-        return Err(match kid {
-            Some(kid) => format!("no {alg} key with kid {kid:?}"),
-            None => format!("no key for {alg}"),
-        });
+    if candidates.is_empty() && p.key_sets.is_empty() {
+        return Err(no_key(alg, kid));
     }
     // Exact kid matches first (a stable sort keeps the JWKS order otherwise).
     if kid.is_some() {
@@ -159,8 +163,23 @@ pub fn validate(p: &Prepared, token: &str, now: u64) -> Result<Map<String, Value
             break;
         }
     }
+    // Then the keys the gateway fetched: it picks those that fit, and refetches once (rate
+    // limited) when the kid is one it does not hold.
+    let mut fetched_fit = false;
+    for set in &p.key_sets {
+        if verified {
+            break;
+        }
+        match host::verify_with_key_set(*set, walg, kid, signing_input, &signature)? {
+            Verification::Valid => verified = true,
+            Verification::Invalid => fetched_fit = true,
+            Verification::NoKey => {}
+        }
+    }
     if !verified {
-        return Err(if eligible > MAX_KEYS_PER_TOKEN {
+        return Err(if eligible == 0 && !fetched_fit {
+            no_key(alg, kid)
+        } else if eligible > MAX_KEYS_PER_TOKEN {
             format!("signature does not verify with the first {MAX_KEYS_PER_TOKEN} of {eligible} {alg} keys (a token is tried against at most {MAX_KEYS_PER_TOKEN}; give tokens and keys a kid)")
         } else {
             "signature does not verify".into()
@@ -296,6 +315,7 @@ impl Policy for JwtValidate {
         Capability::Reject,
         Capability::VerifySignatures,
         Capability::LimitLifetime,
+        Capability::FetchKeys,
     ];
 
     /// Decodes the keys and reads any JWKS file once, at load: every instance gets the

@@ -451,3 +451,71 @@ fn close_at_expiry_refuses_a_token_in_its_last_second_and_survives_huge_exp() {
         .close_at
         .is_some_and(|at| at > NOW));
 }
+
+/// Keys fetched by the gateway (`jwks_url`): natively, the SDK serves the documents
+/// `serve_key_set` registered, and serving another one is the provider's rotation.
+#[test]
+fn fetched_keys_verify_tokens_and_follow_the_providers_rotation() {
+    let k = keys();
+    let url = "https://idp.test/jwks";
+    let ed = |kid: &str| {
+        serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(k.ed.public_key().as_ref())},
+        ]})
+        .to_string()
+    };
+    tollgate_sdk::testing::serve_key_set(url, &ed("ed1"));
+    let cfg = serde_json::json!({
+        "algorithms": ["EdDSA"],
+        "audiences": ["chat"],
+        "jwks_url": url,
+        "jwks_refresh": "15m",
+        "jwks_min_refresh": 30,
+    });
+    let json = <JwtValidate as Policy>::configure(&cfg.to_string()).unwrap();
+    let p: Prepared = serde_json::from_str(&json).unwrap();
+    assert_eq!(p.keys.len(), 0, "no static keys");
+    assert_eq!(p.key_sets.len(), 1);
+    let token = k.sign("EdDSA", "ed1", &good_claims());
+    assert_eq!(
+        status(&decide(&p, &bearer(&token))),
+        101,
+        "{:?}",
+        take_logs()
+    );
+    // Another kid: no key.
+    let other = k.sign("EdDSA", "ed2", &good_claims());
+    assert_eq!(status(&decide(&p, &bearer(&other))), 401);
+    assert!(take_logs()
+        .iter()
+        .any(|(_, l)| l.contains("no EdDSA key with kid \"ed2\"")));
+    // The provider rotates to the same key under kid ed2.
+    tollgate_sdk::testing::serve_key_set(url, &ed("ed2"));
+    assert_eq!(status(&decide(&p, &bearer(&other))), 101);
+    assert_eq!(status(&decide(&p, &bearer(&token))), 401);
+}
+
+#[test]
+fn fetched_key_config_errors_name_the_key() {
+    let refuse =
+        |cfg: serde_json::Value| <JwtValidate as Policy>::configure(&cfg.to_string()).unwrap_err();
+    let e =
+        refuse(serde_json::json!({"jwks_url": "https://a/j", "openid_config_url": "https://a/o"}));
+    assert!(e.contains("not both"), "{e}");
+    let e = refuse(serde_json::json!({"jwks": {"keys": []}, "jwks_refresh": "1h"}));
+    assert!(
+        e.contains("jwks_refresh applies to fetched keys only"),
+        "{e}"
+    );
+    let e = refuse(serde_json::json!({"jwks_url": "https://a/j", "jwks_refresh": "soon"}));
+    assert!(e.contains("`soon` is not a duration"), "{e}");
+    let e = refuse(
+        serde_json::json!({"jwks_url": "https://a/j", "jwks_refresh": "1m", "jwks_min_refresh": "5m"}),
+    );
+    assert!(e.contains("jwks_min_refresh must not be longer"), "{e}");
+    let e = refuse(serde_json::json!({"jwks_url": "https://nothing.test/jwks"}));
+    assert!(
+        e.starts_with("jwt-validate: jwks_url: fetching key set"),
+        "{e}"
+    );
+}

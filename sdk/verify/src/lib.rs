@@ -11,6 +11,8 @@
 //! assert_eq!(verify(Algorithm::Hs256, &key, b"msg", b"not a tag"), Ok(false));
 //! ```
 
+pub mod jwks;
+
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm};
 use spki::der::Decode;
 

@@ -15,6 +15,7 @@ use sha1::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod oidc;
 pub mod plugins;
 pub mod tls;
 

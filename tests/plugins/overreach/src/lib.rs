@@ -1,8 +1,8 @@
 //! A policy that declares only `read-request` and then does what its config's `do` says
 //! regardless: `"reject"`, `"header"` (sets a backend request header), `"query"`,
 //! `"response-header"`, `"context"`, `"close-at"`, `"backend"`, `"read-context"` (reads the context values),
-//! `"verify"` (calls `signatures.verify`) or `"nothing"` (which reads the request's path, as it
-//! declared it would, and logs it). The gateway must refuse each of those it did not declare.
+//! `"verify"` (calls `signatures.verify`), `"fetch-keys"` (registers a key set in `configure`)
+//! or `"nothing"` (which reads the request's path, as it declared it would, and logs it). The gateway must refuse each of those it did not declare.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -21,6 +21,22 @@ struct Config {
 impl Policy for Overreach {
     type Config = Config;
     const CAPABILITIES: &'static [Capability] = &[Capability::ReadRequest];
+
+    fn check(config: &Config) -> Result<(), String> {
+        if config.action == "fetch-keys" {
+            use tollgate_sdk::host::{register_key_set, KeySetOptions, KeySetSource};
+            let options = KeySetOptions {
+                refresh_seconds: 0,
+                min_refresh_seconds: 0,
+                ca_pem: None,
+            };
+            register_key_set(
+                &KeySetSource::Jwks("https://127.0.0.1:9/jwks".into()),
+                &options,
+            )?;
+        }
+        Ok(())
+    }
 
     fn on_handshake(config: &Config, request: &Request) -> Result<Decision, String> {
         let mut p = Proceed::default();
