@@ -699,6 +699,24 @@ impl KeySetMetrics {
             .inc();
     }
 
+    /// Drops the series of a key set no state holds any more.
+    pub fn forget(&self, key_set: &str) {
+        let label = KeySetLabel {
+            key_set: key_set.to_owned(),
+        };
+        self.last_success.remove(&label);
+        self.keys.remove(&label);
+        for trigger in ["load", "refresh", "unknown_kid"] {
+            for outcome in ["ok", "error"] {
+                self.fetches.remove(&KeySetFetchLabels {
+                    key_set: key_set.to_owned(),
+                    trigger,
+                    outcome,
+                });
+            }
+        }
+    }
+
     /// A successful fetch of `keys` keys, now.
     pub fn succeeded(&self, key_set: &str, keys: usize) {
         let label = KeySetLabel {

@@ -55,6 +55,21 @@ pub struct Served {
 }
 
 impl Served {
+    /// The key sets this state's policy chains use (each once).
+    pub fn key_sets_in_use(&self) -> Vec<Arc<crate::policy::key_sets::KeySet>> {
+        let mut sets: Vec<Arc<crate::policy::key_sets::KeySet>> = Vec::new();
+        for api in self.routes.apis() {
+            for step in &api.chain {
+                for k in step.key_sets.iter() {
+                    if !sets.iter().any(|s| Arc::ptr_eq(s, k)) {
+                        sets.push(k.clone());
+                    }
+                }
+            }
+        }
+        sets
+    }
+
     /// The key sets policies registered (`key-sets`), when any policy runs.
     pub fn key_sets(&self) -> Option<Arc<crate::policy::key_sets::KeySets>> {
         self.host.as_ref().map(|h| h.key_sets())

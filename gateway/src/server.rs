@@ -158,8 +158,8 @@ impl Gateway {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.stop.cancelled() => return,
             }
-            if let Some(sets) = self.served().key_sets() {
-                sets.refresh_due();
+            for set in self.served().key_sets_in_use() {
+                set.refresh_if_due();
             }
         }
     }

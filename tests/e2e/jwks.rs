@@ -296,3 +296,33 @@ fn registering_a_key_set_without_fetch_keys_fails_the_load() {
         "{err}"
     );
 }
+
+/// A plugin has the gateway fetch only URLs the operator wrote in its attachment's config, and
+/// at most 8 times per attachment, failed attempts included: `faulty` (which declares
+/// `fetch-keys`) asks for another URL, then for a refused one twenty times.
+#[test]
+fn a_plugin_fetches_only_urls_of_its_config_and_only_a_few_times() {
+    let dir = TempDir::new("jwks-faulty");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let check = |config: &str| {
+        let text = format!(
+            "{}{}[[apis.on_handshake]]\nplugin = \"faulty\"\nconfig = {config}\n",
+            gateway_section("plugin_dir = \"plugins\""),
+            api_section("chat", "chat", "ws://127.0.0.1:9", ""),
+        );
+        let (code, err, _) = tollgate_check(dir.path(), &text);
+        assert_ne!(code, 0, "{err}");
+        err
+    };
+    let err = check(r#"{ mode = "register-elsewhere" }"#);
+    assert!(
+        err.contains("the URL is not a value of this attachment's config"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("elsewhere"),
+        "the refused URL is not echoed: {err}"
+    );
+    let err = check(r#"{ mode = "register-many", arg = "https://127.0.0.1:9/jwks" }"#);
+    assert!(err.contains("at most 8 key-sets.register calls"), "{err}");
+}

@@ -38,10 +38,48 @@ pub struct HostState {
     pub(super) refused: Option<Refused>,
     /// The process's key sets, for `key-sets.register`.
     pub(super) key_set_registry: Arc<KeySets>,
-    /// During `configure`: the sets the attachment registered so far (a handle is an index).
-    pub(super) registering: Option<Vec<Arc<KeySet>>>,
+    /// During `configure`: what `key-sets.register` may fetch, and what it registered.
+    pub(super) registering: Option<Registering>,
+    /// When the `on-handshake` call in progress must be done (its `timeout`): a wait for a
+    /// key-set refetch ends before it, so the token is judged rather than the call timed out.
+    pub(super) deadline: Option<std::time::Instant>,
     /// The key sets of the attachment this instance serves (handshake calls).
     pub(super) key_sets: Arc<[Arc<KeySet>]>,
+}
+
+/// A `configure` call's registrations.
+#[derive(Default)]
+pub(super) struct Registering {
+    /// Every string value of the attachment's config: a plugin may only have the gateway fetch
+    /// a URL the operator wrote there (no network of its own choosing).
+    config_strings: std::collections::HashSet<String>,
+    /// The sets registered, by handle.
+    pub(super) sets: Vec<Arc<KeySet>>,
+    /// Calls so far, failed ones included.
+    attempts: usize,
+}
+
+impl Registering {
+    pub(super) fn new(config_json: &str) -> Registering {
+        fn strings(v: &serde_json::Value, out: &mut std::collections::HashSet<String>) {
+            match v {
+                serde_json::Value::String(s) => {
+                    out.insert(s.clone());
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        let mut config_strings = std::collections::HashSet::new();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(config_json) {
+            strings(&v, &mut config_strings);
+        }
+        Registering {
+            config_strings,
+            ..Registering::default()
+        }
+    }
 }
 
 impl HostState {
@@ -457,25 +495,42 @@ type KsVerification = bindings::tollgate::policy::key_sets::Verification;
 /// Largest `ca-pem` `key-sets.register` accepts.
 const MAX_CA_PEM_BYTES: usize = 256 * 1024;
 
-/// `tollgate:policy/key-sets.register`: `configure` only, needs `fetch-keys`; fetches the set
-/// (or finds it already held) before answering, within the load call's deadline.
+/// Fuel one `key-sets.register` call costs (it may start a fetch).
+pub const REGISTER_FUEL: u64 = 1_000_000;
+/// Longest `kid` `key-sets.verify` accepts (longer ones are kept out of fetched sets too).
+pub const MAX_KID_BYTES: usize = tollgate_verify::jwks::MAX_KID_BYTES;
+
+/// `tollgate:policy/key-sets.register`: `configure` only, needs `fetch-keys`, at most
+/// [`key_sets::MAX_SETS_PER_ATTACHMENT`] calls (failed ones count), and only for a URL that is
+/// a value of the attachment's config; fetches the set (or finds it already held) before
+/// answering, within the load call's deadline.
 fn host_key_set_register(
     mut store: StoreContextMut<'_, HostState>,
     (source, options): (KsSource, KsOptions),
 ) -> Box<dyn std::future::Future<Output = wasmtime::Result<(Result<u32, String>,)>> + Send + '_> {
     Box::new(async move {
+        store
+            .data_mut()
+            .need(Capability::FetchKeys, "called key-sets.register")?;
+        charge(&mut store, REGISTER_FUEL)?;
         let state = store.data_mut();
-        state.need(Capability::FetchKeys, "called key-sets.register")?;
-        let Some(registered) = state.registering.as_ref().map(Vec::len) else {
+        let Some(registering) = state.registering.as_mut() else {
             return Err(wasmtime::Error::msg(
                 "key-sets.register is only available in configure",
             ));
         };
-        if registered >= key_sets::MAX_SETS_PER_ATTACHMENT {
+        registering.attempts += 1;
+        if registering.attempts > key_sets::MAX_SETS_PER_ATTACHMENT {
             return Ok((Err(format!(
-                "at most {} key sets per attachment",
+                "at most {} key-sets.register calls per attachment",
                 key_sets::MAX_SETS_PER_ATTACHMENT
             )),));
+        }
+        let (KsSource::OpenidConfiguration(url) | KsSource::Jwks(url)) = &source;
+        if !registering.config_strings.contains(url) {
+            return Ok((Err(
+                "key-sets.register: the URL is not a value of this attachment's config (the gateway fetches only URLs the operator wrote there)".into(),
+            ),));
         }
         let source = match &source {
             KsSource::OpenidConfiguration(u) => {
@@ -510,7 +565,7 @@ fn host_key_set_register(
             Err(e) => return Ok((Err(e),)),
         };
         let state = store.data_mut();
-        let Some(registering) = state.registering.as_mut() else {
+        let Some(registering) = state.registering.as_mut().map(|r| &mut r.sets) else {
             return Err(wasmtime::Error::msg(
                 "key-sets.register is only available in configure",
             ));
@@ -550,11 +605,7 @@ fn host_key_set_verify(
         for (what, got, max) in [
             ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
             ("signature", signature.len(), MAX_VERIFY_SIGNATURE_BYTES),
-            (
-                "kid",
-                kid.as_ref().map_or(0, String::len),
-                MAX_VERIFY_SIGNATURE_BYTES,
-            ),
+            ("kid", kid.as_ref().map_or(0, String::len), MAX_KID_BYTES),
         ] {
             if got > max {
                 return Ok((Err(format!(
@@ -575,20 +626,37 @@ fn host_key_set_verify(
                 "no key set {handle}: handles are what key-sets.register returned in this attachment's configure"
             )),));
         };
+        let before = set.keys();
         let mut outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
-        if outcome == Ok(key_sets::Checked::NoKey)
-            && kid.is_some()
-            && set.refetch_for_unknown_kid().await
-        {
-            outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+        // A kid the set does not hold: a refetch may bring it (the provider rotated). The wait
+        // ends before the call's own deadline, so a slow provider gets the token refused, not
+        // the call timed out.
+        if matches!(outcome, Ok((c, false)) if c != key_sets::Checked::Valid) {
+            let refetch = set.refetch_for_unknown_kid();
+            match store.data().deadline {
+                Some(d) => {
+                    let until = d.checked_sub(REFETCH_MARGIN).unwrap_or(d);
+                    let _ = tokio::time::timeout_at(until.into(), refetch).await;
+                }
+                None => {
+                    refetch.await;
+                }
+            }
+            // Checked again only when the keys changed (a refetch of ours or of another call).
+            if !Arc::ptr_eq(&before, &set.keys()) {
+                outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+            }
         }
-        Ok((outcome.map(|c| match c {
+        Ok((outcome.map(|(c, _)| match c {
             key_sets::Checked::Valid => KsVerification::Valid,
             key_sets::Checked::Invalid => KsVerification::Invalid,
             key_sets::Checked::NoKey => KsVerification::NoKey,
         }),))
     })
 }
+
+/// How long before the call's deadline a wait for a refetch gives up.
+const REFETCH_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Keys tried by one `key-sets.verify` call, at most: the same bound jwt-validate applies to
 /// its own keys.
@@ -603,7 +671,7 @@ fn check_with(
     kid: Option<&str>,
     message: &[u8],
     signature: &[u8],
-) -> wasmtime::Result<Result<key_sets::Checked, String>> {
+) -> wasmtime::Result<Result<(key_sets::Checked, bool), String>> {
     let mut trap = None;
     let per_key = VERIFY_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX));
     let outcome = set.check(alg, kid, MAX_KEYS_PER_VERIFY, |key| {

@@ -70,17 +70,26 @@ impl Source {
 /// Parses a source URL: `https` only, with a host, no credentials (they would end up in logs
 /// and `/apis`).
 pub fn parse_url(url: &str) -> Result<Uri, String> {
+    // What a message may show of a URL that does not parse: up to its query, cut short.
+    let shown = || {
+        let head = url.split(['?', '#']).next().unwrap_or("");
+        head.chars()
+            .take(200)
+            .collect::<String>()
+            .escape_debug()
+            .to_string()
+    };
     let uri: Uri = url
         .parse()
-        .map_err(|_| format!("`{}` is not a URL", url.escape_debug()))?;
+        .map_err(|_| format!("`{}` is not a URL", shown()))?;
     if uri.scheme_str() != Some("https") {
         return Err(format!(
             "`{}`: only https URLs are fetched (keys over plain http could be swapped in transit)",
-            url.escape_debug()
+            shown()
         ));
     }
     let Some(authority) = uri.authority() else {
-        return Err(format!("`{}` has no host", url.escape_debug()));
+        return Err(format!("`{}` has no host", shown()));
     };
     if authority.as_str().contains('@') {
         return Err(format!(
@@ -89,7 +98,7 @@ pub fn parse_url(url: &str) -> Result<Uri, String> {
         ));
     }
     if authority.host().is_empty() {
-        return Err(format!("`{}` has no host", url.escape_debug()));
+        return Err(format!("`{}` has no host", shown()));
     }
     Ok(uri)
 }
@@ -190,7 +199,15 @@ impl KeySets {
             .into_iter()
             .find(|s| s.source == source && s.options == options);
         let set = match existing {
-            Some(s) if s.has_keys() => return Ok(s),
+            Some(s) if s.has_keys() => {
+                // A reload is how an operator reacts to a key the provider withdrew: the held
+                // copy serves the load (which never waits on the provider), and a refresh starts
+                // now unless the keys are fresh.
+                if s.older_than(s.options.min_refresh) {
+                    s.start_fetch(Trigger::Refresh);
+                }
+                return Ok(s);
+            }
             Some(s) => s,
             None => {
                 let set = Arc::new(KeySet::new(source, options, self.metrics.as_ref())?);
@@ -222,16 +239,6 @@ impl KeySets {
         };
         sets.retain(|w| w.strong_count() > 0);
         sets.iter().filter_map(Weak::upgrade).collect()
-    }
-
-    /// Starts a refresh of every set that is due (without waiting for it).
-    pub fn refresh_due(&self) {
-        let now = Instant::now();
-        for set in self.live() {
-            if set.due(now) {
-                set.start_fetch(Trigger::Refresh);
-            }
-        }
     }
 }
 
@@ -335,34 +342,51 @@ impl KeySet {
             .is_ok_and(|s| s.in_flight.is_none() && s.next_refresh.is_none_or(|at| now >= at))
     }
 
+    /// Starts a refresh (without waiting for it) when one is due. The gateway's refresher calls
+    /// this for the sets the served state uses, so a set only old connections still hold is
+    /// not polled.
+    pub fn refresh_if_due(self: &Arc<Self>) {
+        if self.due(Instant::now()) {
+            self.start_fetch(Trigger::Refresh);
+        }
+    }
+
+    fn older_than(&self, age: Duration) -> bool {
+        self.state.lock().is_ok_and(|s| {
+            s.fetched_at
+                .is_none_or(|t| t.elapsed().map_or(true, |e| e >= age))
+        })
+    }
+
     /// Refetches because a token named a kid the set does not hold: at once, unless the last
     /// refetch for an unknown kid started less than `min_refresh` ago (then `false`, nothing
     /// fetched); joins a fetch already in flight. Returns once the fetch is done.
     pub async fn refetch_for_unknown_kid(self: &Arc<Self>) -> bool {
-        let allowed = self.state.lock().is_ok_and(|mut s| {
-            if s.in_flight.is_some() {
-                return true;
-            }
-            if s.last_kid_refetch
+        // Deciding and starting happen under one lock, so two handshakes cannot both pass the
+        // rate limit.
+        let done = {
+            let Ok(mut st) = self.state.lock() else {
+                return false;
+            };
+            if let Some(rx) = &st.in_flight {
+                rx.clone()
+            } else if st
+                .last_kid_refetch
                 .is_some_and(|t| t.elapsed() < self.options.min_refresh)
             {
                 return false;
+            } else {
+                st.last_kid_refetch = Some(Instant::now());
+                self.spawn_fetch(&mut st, Trigger::UnknownKid)
             }
-            s.last_kid_refetch = Some(Instant::now());
-            true
-        });
-        if !allowed {
-            return false;
-        }
-        self.fetch_shared(Trigger::UnknownKid).await;
+        };
+        wait(done).await;
         true
     }
 
     /// Starts a fetch, or joins the one in flight, and waits for it.
     async fn fetch_shared(self: &Arc<Self>, trigger: Trigger) {
-        let mut done = self.start_fetch(trigger);
-        // An error means the fetching task is gone (the runtime is shutting down): done too.
-        let _ = done.wait_for(|d| *d).await;
+        wait(self.start_fetch(trigger)).await;
     }
 
     /// Starts a fetch in its own task (so a handshake that stops waiting does not cancel it),
@@ -371,20 +395,27 @@ impl KeySet {
         let Ok(mut st) = self.state.lock() else {
             return watch::channel(true).1;
         };
-        if let Some(rx) = &st.in_flight {
-            return rx.clone();
+        match &st.in_flight {
+            Some(rx) => rx.clone(),
+            None => self.spawn_fetch(&mut st, trigger),
         }
+    }
+
+    /// The fetch task, marked in flight in `st` (whose lock the caller holds).
+    fn spawn_fetch(self: &Arc<Self>, st: &mut State, trigger: Trigger) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         st.in_flight = Some(rx.clone());
-        drop(st);
         let me = self.clone();
         tokio::spawn(async move {
+            // Whatever ends the task (a panic, the runtime shutting down), the set is not left
+            // marked in flight for ever.
+            let guard = InFlight(&me, tx);
             let result = match tokio::time::timeout(FETCH_TIMEOUT, me.fetch()).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
             };
             me.finish(trigger, result);
-            let _ = tx.send(true);
+            drop(guard);
         });
         rx
     }
@@ -489,7 +520,7 @@ impl KeySet {
                 let jwks = v.get("jwks_uri").and_then(|j| j.as_str()).ok_or_else(|| {
                     format!("{}: the discovery document has no `jwks_uri`", label_of(u))
                 })?;
-                parse_url(jwks).map_err(|e| format!("{}: jwks_uri {e}", label_of(u)))?
+                parse_url(jwks).map_err(|e| format!("{}: its jwks_uri {e}", label_of(u)))?
             }
         };
         let (doc, max_age) = get(&jwks_uri, &self.tls).await?;
@@ -501,28 +532,61 @@ impl KeySet {
         })
     }
 
-    /// Checks `signature` against the keys that fit `alg` and `kid`, at most `max` of them,
-    /// each through `check` (which counts, charges and caches).
+    /// Checks `signature` against the keys that fit `alg` and `kid` (keys with that very kid
+    /// first), at most `max` of them, each through `check` (which counts, charges and caches).
+    /// Also says whether the set holds a key with that very kid (a token without one: yes),
+    /// which is what decides whether a refetch could help.
     pub fn check(
         &self,
         alg: tollgate_verify::Algorithm,
         kid: Option<&str>,
         max: usize,
         mut check: impl FnMut(&tollgate_verify::Key) -> Result<bool, String>,
-    ) -> Result<Checked, String> {
+    ) -> Result<(Checked, bool), String> {
         let keys = self.keys();
+        let exact = |k: &jwks::Jwk| kid.is_some() && k.kid.as_deref() == kid;
+        let holds_kid = kid.is_none() || keys.keys.iter().any(exact);
+        let mut fitting: Vec<&jwks::Jwk> = keys.keys.iter().filter(|k| k.fits(alg, kid)).collect();
+        fitting.sort_by_key(|k| !exact(k));
         let mut any = false;
-        for k in keys.keys.iter().filter(|k| k.fits(alg, kid)).take(max) {
+        for k in fitting.into_iter().take(max) {
             any = true;
             if check(&k.key)? {
-                return Ok(Checked::Valid);
+                return Ok((Checked::Valid, holds_kid));
             }
         }
-        Ok(if any {
+        let outcome = if any {
             Checked::Invalid
         } else {
             Checked::NoKey
-        })
+        };
+        Ok((outcome, holds_kid))
+    }
+}
+
+/// Waits until a fetch is done (an error means its task is gone: done too).
+async fn wait(mut done: watch::Receiver<bool>) {
+    let _ = done.wait_for(|d| *d).await;
+}
+
+/// Clears a set's in-flight mark and wakes its waiters when the fetch task ends, however.
+struct InFlight<'a>(&'a KeySet, watch::Sender<bool>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.in_flight = None;
+        }
+        let _ = self.1.send(true);
+    }
+}
+
+impl Drop for KeySet {
+    /// A set no state holds any more leaves the metrics, so a stale age never alerts.
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.forget(&self.label);
+        }
     }
 }
 
@@ -627,9 +691,11 @@ async fn get(uri: &Uri, tls: &Arc<ClientConfig>) -> Result<(Bytes, Option<Durati
                 .get(http::header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .map(|l| {
+                    let head = l.split(['?', '#']).next().unwrap_or("");
+                    let head: String = head.chars().take(200).collect();
                     format!(
                         " (redirects are not followed; it points to {})",
-                        l.escape_debug()
+                        head.escape_debug()
                     )
                 })
                 .unwrap_or_default();

@@ -593,6 +593,7 @@ impl PolicyHost {
             refused: None,
             key_set_registry: self.key_sets.clone(),
             registering: None,
+            deadline: None,
             key_sets,
         };
         let mut store = Store::new(&self.engine, state);
@@ -797,12 +798,17 @@ impl PolicyHost {
             let (mut store, instance) = self
                 .fresh(plugin, budget, grants, None, Arc::from([]))
                 .await?;
-            store.data_mut().registering = Some(Vec::new());
+            store.data_mut().registering = Some(imports::Registering::new(config_json));
             let r = instance
                 .tollgate_policy_handshake()
                 .call_configure(&mut store, config_json)
                 .await;
-            let key_sets = store.data_mut().registering.take().unwrap_or_default();
+            let key_sets = store
+                .data_mut()
+                .registering
+                .take()
+                .map(|r| r.sets)
+                .unwrap_or_default();
             r.map(|r| (r, key_sets))
                 .map_err(|e| plugin.call_failed(&store, "configure", e))
         })
@@ -881,6 +887,7 @@ impl PolicyHost {
         w.uses += 1;
         let state = w.store.data_mut();
         state.start_call();
+        state.deadline = Some(std::time::Instant::now() + call.budget.timeout);
         state.request = Some(request);
         // The guest gets a borrow of the one request its store holds; the handle's number is
         // never looked at (the store has exactly one request at a time).

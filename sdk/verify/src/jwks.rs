@@ -22,6 +22,10 @@ use crate::{Algorithm, Key};
 
 /// Most keys kept from one document; providers publish a handful (current, next, previous).
 pub const MAX_KEYS: usize = 64;
+/// Longest `kid` kept; a key with a longer one is left out (a cut kid would never match).
+pub const MAX_KID_BYTES: usize = 256;
+/// Notes about keys left out that [`KeySet::skipped`] keeps (then one that says how many more).
+pub const MAX_SKIPPED_NOTES: usize = 8;
 
 /// Which algorithms a key can serve: a key is only ever tried with its own family's, which is
 /// what keeps an HS256 token from being checked against an RSA public key.
@@ -66,11 +70,11 @@ pub struct Jwk {
 impl Jwk {
     /// Whether a token signed with `alg` (naming `kid`, if it names one) may be checked with
     /// this key: same family, not pinned to another algorithm, and the same kid when both
-    /// have one.
+    /// have one (a key without a kid fits any token of its family, as in a one-key JWKS).
     pub fn fits(&self, alg: Algorithm, kid: Option<&str>) -> bool {
         self.family == alg.family()
             && self.alg.as_deref().is_none_or(|a| a == alg.jws_name())
-            && (kid.is_none() || self.kid.as_deref() == kid)
+            && (kid.is_none() || self.kid.is_none() || self.kid.as_deref() == kid)
     }
 }
 
@@ -78,7 +82,7 @@ impl Jwk {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeySet {
     pub keys: Vec<Jwk>,
-    /// `keys[i]: why`, for the log.
+    /// `keys[i]: why`, for the log: at most [`MAX_SKIPPED_NOTES`], then a count of the rest.
     pub skipped: Vec<String>,
 }
 
@@ -92,6 +96,7 @@ pub fn parse(doc: &[u8]) -> Result<KeySet, String> {
         .and_then(|k| k.as_array())
         .ok_or("not a JWKS: expected an object with a `keys` array")?;
     let mut set = KeySet::default();
+    let mut left_out = 0usize;
     for (i, jwk) in list.iter().enumerate() {
         if set.keys.len() == MAX_KEYS {
             set.skipped.push(format!(
@@ -101,8 +106,12 @@ pub fn parse(doc: &[u8]) -> Result<KeySet, String> {
         }
         match key(jwk) {
             Ok(k) => set.keys.push(k),
+            Err(_) if set.skipped.len() >= MAX_SKIPPED_NOTES => left_out += 1,
             Err(why) => set.skipped.push(format!("keys[{i}]: {why}")),
         }
+    }
+    if left_out > 0 {
+        set.skipped.push(format!("{left_out} more keys left out"));
     }
     if set.keys.is_empty() {
         return Err(match set.skipped.first() {
@@ -125,6 +134,24 @@ fn b64url(jwk: &serde_json::Value, name: &str) -> Result<Vec<u8>, String> {
         .map_err(|_| format!("`{name}` is not base64url"))
 }
 
+/// A big-endian integer (RSA `n`, `e`) without leading zero bytes, which some providers send
+/// and ring refuses (as "does not verify", not as an unusable key).
+fn unsigned(jwk: &serde_json::Value, name: &str) -> Result<Vec<u8>, String> {
+    let mut v = b64url(jwk, name)?;
+    let zeros = v.iter().take_while(|b| **b == 0).count();
+    v.drain(..zeros);
+    Ok(v)
+}
+
+/// A string from the document for a message: at most 32 characters, escaped.
+fn shown(s: &str) -> String {
+    s.chars()
+        .take(32)
+        .collect::<String>()
+        .escape_debug()
+        .to_string()
+}
+
 /// An algorithm of `family`, to probe a key with.
 fn probe(family: Family) -> Algorithm {
     match family {
@@ -140,24 +167,26 @@ fn key(jwk: &serde_json::Value) -> Result<Jwk, String> {
     if jwk.get("use").and_then(|u| u.as_str()) == Some("enc") {
         return Err("an encryption key (`use` = `enc`)".into());
     }
-    let text = |name: &str| {
-        jwk.get(name)
-            .and_then(|v| v.as_str())
-            .map(|s| s.chars().take(256).collect::<String>())
-    };
+    let text = |name: &str| jwk.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    if text("kid").is_some_and(|k| k.len() > MAX_KID_BYTES) {
+        return Err(format!("a kid longer than {MAX_KID_BYTES} bytes"));
+    }
+    if text("alg").is_some_and(|a| a.len() > 16) {
+        return Err("an `alg` that is no JWS algorithm".into());
+    }
     let (family, key) = match field(jwk, "kty")? {
         "RSA" => (
             Family::Rsa,
             Key::Rsa {
-                n: b64url(jwk, "n")?,
-                e: b64url(jwk, "e")?,
+                n: unsigned(jwk, "n")?,
+                e: unsigned(jwk, "e")?,
             },
         ),
         "EC" => {
             let (family, len) = match field(jwk, "crv")? {
                 "P-256" => (Family::P256, 32),
                 "P-384" => (Family::P384, 48),
-                other => return Err(format!("unsupported curve `{}`", other.escape_debug())),
+                other => return Err(format!("unsupported curve `{}`", shown(other))),
             };
             let x = b64url(jwk, "x")?;
             let y = b64url(jwk, "y")?;
@@ -177,7 +206,7 @@ fn key(jwk: &serde_json::Value) -> Result<Jwk, String> {
             (Family::Ed25519, Key::Raw(b64url(jwk, "x")?))
         }
         "oct" => return Err("a shared secret (`oct`), never taken from a fetched JWKS".into()),
-        other => return Err(format!("unsupported kty `{}`", other.escape_debug())),
+        other => return Err(format!("unsupported kty `{}`", shown(other))),
     };
     // An error from the probe means the key cannot be used at all (a short RSA modulus, a
     // point of the wrong size); "does not verify" is the expected answer for an empty input.
@@ -230,6 +259,43 @@ mod tests {
             !k.fits(Algorithm::Hs256, None),
             "never HMAC with a public key"
         );
+        let no_kid = Jwk { kid: None, ..k };
+        assert!(
+            no_kid.fits(Algorithm::Rs256, Some("any")),
+            "a key without kid fits any"
+        );
+    }
+
+    #[test]
+    fn leading_zeros_are_stripped_long_kids_skipped_and_notes_bounded() {
+        let n = [vec![0u8, 0], vec![0xc5; 256]].concat();
+        let doc = format!(
+            r#"{{"keys": [{{"kty": "RSA", "n": "{}", "e": "AAEAAQ"}}]}}"#,
+            URL_SAFE_NO_PAD.encode(&n)
+        );
+        let set = parse(doc.as_bytes()).unwrap();
+        assert_eq!(
+            set.keys[0].key,
+            Key::Rsa {
+                n: vec![0xc5; 256],
+                e: vec![1, 0, 1]
+            }
+        );
+        let long = format!(
+            r#"{{"keys": [{{"kty": "OKP", "crv": "Ed25519", "kid": "{}", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}}]}}"#,
+            "k".repeat(MAX_KID_BYTES + 1)
+        );
+        assert!(parse(long.as_bytes()).unwrap_err().contains("kid longer"));
+        let junk = format!(r#"{{"keys": [{}]}}"#, vec!["0"; 1000].join(","));
+        let err = parse(junk.as_bytes()).unwrap_err();
+        assert!(err.len() < 200, "{err}");
+        let mixed = format!(
+            r#"{{"keys": [{}, {{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}}]}}"#,
+            vec!["0"; 1000].join(",")
+        );
+        let set = parse(mixed.as_bytes()).unwrap();
+        assert_eq!(set.skipped.len(), MAX_SKIPPED_NOTES + 1);
+        assert_eq!(set.skipped[MAX_SKIPPED_NOTES], "992 more keys left out");
     }
 
     #[test]

@@ -167,7 +167,40 @@ impl Policy for Faulty {
         Capability::UseContext,
         Capability::VerifySignatures,
         Capability::LimitLifetime,
+        Capability::FetchKeys,
     ];
+
+    /// `register-elsewhere`: asks the gateway to fetch a URL the config does not hold;
+    /// `register-many`: asks for `arg` (a URL of the config) over and over; both in
+    /// `configure`, where `key-sets.register` is allowed. The error ends the load.
+    fn check(c: &Config) -> Result<(), String> {
+        use tollgate_sdk::host::{register_key_set, KeySetOptions, KeySetSource};
+        let options = KeySetOptions {
+            refresh_seconds: 0,
+            min_refresh_seconds: 0,
+            ca_pem: None,
+        };
+        match c.mode.as_str() {
+            "register-elsewhere" => {
+                register_key_set(
+                    &KeySetSource::Jwks("https://127.0.0.1:9/elsewhere".into()),
+                    &options,
+                )?;
+            }
+            "register-many" => {
+                let mut last = String::new();
+                for _ in 0..20 {
+                    match register_key_set(&KeySetSource::Jwks(c.arg.clone()), &options) {
+                        Ok(_) => return Err("a register succeeded".into()),
+                        Err(e) => last = e,
+                    }
+                }
+                return Err(last);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 
     fn on_handshake(c: &Config, request: &Request) -> Result<Decision, String> {
         Ok(match c.mode.as_str() {
