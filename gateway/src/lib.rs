@@ -10,6 +10,7 @@
 
 mod admin;
 mod backend;
+pub mod cluster;
 pub mod console;
 mod handshake;
 pub mod logging;

@@ -9,6 +9,7 @@ mod admin;
 mod backends;
 mod check_header;
 mod closes;
+mod cluster;
 mod conformance;
 mod console;
 mod edge;

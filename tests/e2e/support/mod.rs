@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub mod oidc;
 pub mod plugins;
+pub mod redis;
 pub mod tls;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");

@@ -1,0 +1,163 @@
+//! The fleet's store (`tollgate::cluster`) against a real `redis-server`: a limit held exactly
+//! across three gateways' stores under racing acquires, the slots of a gateway that stopped
+//! renewing its lease freed after `lease_ttl`, counts restored by the heartbeat after Redis
+//! restarts empty, and every call bounded by `store_timeout` when Redis hangs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::cluster::{Acquired, Store, StoreConfig, StoreError};
+
+use crate::support::redis::RedisServer;
+
+async fn store(redis: &RedisServer, id: &str, lease_ttl: Duration) -> Arc<Store> {
+    Arc::new(
+        Store::connect(StoreConfig {
+            url: redis.url(),
+            gateway_id: id.into(),
+            namespace: "test".into(),
+            lease_ttl,
+            timeout: Duration::from_secs(1),
+        })
+        .await
+        .unwrap(),
+    )
+}
+
+/// How many of `n` acquires of `thing` (limit `limit`), racing, spread over `stores`, were
+/// admitted.
+async fn race(stores: &[Arc<Store>], thing: &str, limit: u64, n: usize) -> usize {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let s = stores[i % stores.len()].clone();
+        let thing = thing.to_owned();
+        tasks.push(tokio::spawn(async move { s.acquire(&thing, limit).await }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Acquired::Admitted { held } => {
+                assert!(held <= limit, "{held}");
+                admitted += 1;
+            }
+            Acquired::Full { held } => assert_eq!(held, limit),
+        }
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_hold_a_limit_exactly_under_racing_acquires() {
+    let redis = RedisServer::start();
+    let ttl = Duration::from_secs(30);
+    let stores = [
+        store(&redis, "a", ttl).await,
+        store(&redis, "b", ttl).await,
+        store(&redis, "c", ttl).await,
+    ];
+    assert_eq!(race(&stores, "sub:gold/acme", 10, 60).await, 10);
+    let here: u64 = stores.iter().map(|s| s.held_here("sub:gold/acme")).sum();
+    assert_eq!(
+        here, 10,
+        "every gateway's local count adds up to the fleet's"
+    );
+    // Another thing has its own limit.
+    assert_eq!(race(&stores, "api:chat", 3, 9).await, 3);
+    // One closes anywhere: exactly one more gets in.
+    let holder = stores
+        .iter()
+        .find(|s| s.held_here("sub:gold/acme") > 0)
+        .unwrap();
+    holder.release("sub:gold/acme").await.unwrap();
+    assert_eq!(race(&stores, "sub:gold/acme", 10, 15).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_renewing_its_lease_loses_its_slots_after_lease_ttl() {
+    let redis = RedisServer::start();
+    let ttl = Duration::from_secs(1);
+    let dead = store(&redis, "dead", ttl).await;
+    let alive = store(&redis, "alive", ttl).await;
+    assert_eq!(race(std::slice::from_ref(&dead), "sub:p/s", 4, 4).await, 4);
+    assert_eq!(race(std::slice::from_ref(&alive), "sub:p/s", 4, 1).await, 0);
+    // `dead` stops heartbeating (as a killed process would); `alive` keeps renewing.
+    let died = Instant::now();
+    drop(dead);
+    let mut freed = 0;
+    while freed < 4 {
+        assert!(
+            died.elapsed() < ttl + Duration::from_secs(1),
+            "slots of a dead gateway still held after {:?}",
+            died.elapsed()
+        );
+        alive.heartbeat().await.unwrap();
+        freed += race(std::slice::from_ref(&alive), "sub:p/s", 4, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(alive.held_here("sub:p/s"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_the_heartbeat_restores_the_live_counts() {
+    let mut redis = RedisServer::start();
+    let ttl = Duration::from_secs(30);
+    let a = store(&redis, "a", ttl).await;
+    let b = store(&redis, "b", ttl).await;
+    let c = store(&redis, "c", ttl).await;
+    assert_eq!(race(std::slice::from_ref(&a), "api:chat", 6, 3).await, 3);
+    assert_eq!(race(std::slice::from_ref(&b), "api:chat", 6, 2).await, 2);
+    redis.restart();
+    // The next interval: each gateway renews its lease, finds it gone, and writes its counts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = a.heartbeat().await.is_ok() & b.heartbeat().await.is_ok();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // `c` registers again on its own (its acquire finds its lease missing), once its
+    // connection is back (the first call after the restart may fail: the caller's
+    // on_store_failure decides then).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.acquire("api:chat", 6).await {
+            Ok(a) => {
+                assert_eq!(a, Acquired::Admitted { held: 6 });
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(race(std::slice::from_ref(&c), "api:chat", 6, 2).await, 0);
+    a.release("api:chat").await.unwrap();
+    assert_eq!(race(&[b.clone(), c.clone()], "api:chat", 6, 3).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_hangs_every_call_ends_within_store_timeout() {
+    let redis = RedisServer::start();
+    let s = store(&redis, "a", Duration::from_secs(30)).await;
+    assert_eq!(race(std::slice::from_ref(&s), "api:x", 5, 1).await, 1);
+    redis.freeze(true);
+    let started = Instant::now();
+    let r = s.acquire("api:x", 5).await;
+    let took = started.elapsed();
+    assert!(matches!(r, Err(StoreError::Timeout(_))), "{r:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert_eq!(s.held_here("api:x"), 1, "a failed acquire holds nothing");
+    redis.freeze(false);
+    // The acquire that timed out may have been applied once Redis woke up; the next heartbeat
+    // writes the gateway's own count (1) over it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.heartbeat().await.is_err() {
+        assert!(Instant::now() < deadline, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.acquire("api:x", 5).await.unwrap(),
+        Acquired::Admitted { held: 2 }
+    );
+}
