@@ -31,8 +31,11 @@
 //! written it, so a slot the store holds too many is given back too.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+pub use tollgate_manifest::OnStoreFailure;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
@@ -53,51 +56,68 @@ pub enum StoreError {
 /// What an acquire found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquired {
-    /// A slot is this gateway's; `held` is the fleet's count with it.
-    Admitted { held: u64 },
-    /// The limit is reached across the fleet.
-    Full { held: u64 },
+    /// A slot of each thing is this gateway's; `held` is the fleet's count of the first with it.
+    Admitted {
+        held: u64,
+    },
+    /// The limit of one thing (`index` in the list asked for) is reached across the fleet;
+    /// nothing was taken.
+    Full {
+        held: u64,
+    },
+    FullAt {
+        index: usize,
+        held: u64,
+    },
 }
 
-/// KEYS[1] slots, KEYS[2] leases; ARGV[1] gateway, ARGV[2] limit.
+/// KEYS[1] leases, KEYS[2..] the slot hashes of the things to take a slot of; ARGV[1] gateway,
+/// ARGV[2..] their limits. All or none: {1, 0, held of the first} or {0, the full thing's
+/// 1-based index, its held}; {-1, 0, 0} when this gateway's lease is missing.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local mine = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if mine < now then return {-1, 0} end
-local total = 0
-local f = redis.call('HGETALL', KEYS[1])
-for i = 1, #f, 2 do
-  local exp = tonumber(redis.call('HGET', KEYS[2], f[i]) or '0')
-  if exp < now then
-    redis.call('HDEL', KEYS[1], f[i])
-  else
-    total = total + tonumber(f[i + 1])
+local mine = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if mine < now then return {-1, 0, 0} end
+local first = 0
+for k = 2, #KEYS do
+  local total = 0
+  local f = redis.call('HGETALL', KEYS[k])
+  for i = 1, #f, 2 do
+    local exp = tonumber(redis.call('HGET', KEYS[1], f[i]) or '0')
+    if exp < now then
+      redis.call('HDEL', KEYS[k], f[i])
+    else
+      total = total + tonumber(f[i + 1])
+    end
   end
+  if total >= tonumber(ARGV[k]) then return {0, k - 1, total} end
+  if k == 2 then first = total end
 end
-if total >= tonumber(ARGV[2]) then return {0, total} end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-return {1, total + 1}
+for k = 2, #KEYS do redis.call('HINCRBY', KEYS[k], ARGV[1], 1) end
+return {1, 0, first + 1}
 ",
     )
 });
 
-/// KEYS[1] slots; ARGV[1] gateway.
+/// KEYS: the slot hashes to give a slot back to; ARGV[1] gateway.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return n
+for k = 1, #KEYS do
+  local n = redis.call('HINCRBY', KEYS[k], ARGV[1], -1)
+  if n <= 0 then redis.call('HDEL', KEYS[k], ARGV[1]) end
+end
+return #KEYS
 ",
     )
 });
 
 /// KEYS[1] leases, KEYS[2..] slot hashes this gateway holds or held; ARGV[1] gateway, ARGV[2]
 /// lease ttl (ms), ARGV[3..] this gateway's count in each, which replaces the store's. Returns
-/// 1 when the lease was missing (the counts were registered again).
+/// {1 when the lease was missing (the counts were registered again), the live gateways}.
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -113,8 +133,9 @@ for i = 2, #KEYS do
   local c = tonumber(ARGV[i + 1])
   if c > 0 then redis.call('HSET', KEYS[i], ARGV[1], c) else redis.call('HDEL', KEYS[i], ARGV[1]) end
 end
-if mine >= now then return 0 end
-return 1
+local live = redis.call('HLEN', KEYS[1])
+if mine >= now then return {0, live} end
+return {1, live}
 ",
     )
 });
@@ -146,6 +167,13 @@ pub struct Store {
 impl Store {
     /// Connects and registers this gateway (its first heartbeat).
     pub async fn connect(config: StoreConfig) -> Result<Store, StoreError> {
+        let store = Store::new(config)?;
+        store.heartbeat().await?;
+        Ok(store)
+    }
+
+    /// A store that connects on first use (and reconnects after); inside a tokio runtime.
+    pub fn new(config: StoreConfig) -> Result<Store, StoreError> {
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| StoreError::Redis(format!("{e}")))?;
         // Reconnects back off quickly and give up soon: every call is bounded by `timeout`
@@ -156,19 +184,18 @@ impl Store {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let conn = bounded(
-            config.timeout,
-            ConnectionManager::new_with_config(client, manager),
-        )
-        .await?;
-        let store = Store {
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok(Store {
             conn,
             leases: format!("tollgate:{{{}}}:leases", config.namespace),
             config,
             held: Mutex::new(HashMap::new()),
-        };
-        store.heartbeat().await?;
-        Ok(store)
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
     }
 
     fn slots(&self, thing: &str) -> String {
@@ -198,69 +225,96 @@ impl Store {
     /// Takes a slot of `thing` if the fleet holds fewer than `limit`. One round trip (two when
     /// this gateway must register again first).
     pub async fn acquire(&self, thing: &str, limit: u64) -> Result<Acquired, StoreError> {
-        let key = self.slots(thing);
-        self.adjust(&key, true);
-        let result = match self.acquire_once(&key, limit).await {
+        self.acquire_all(&[(thing, limit)]).await.map(|a| match a {
+            Acquired::FullAt { held, .. } => Acquired::Full { held },
+            other => other,
+        })
+    }
+
+    /// Takes a slot of every thing, each under its limit, or of none (one round trip).
+    pub async fn acquire_all(&self, things: &[(&str, u64)]) -> Result<Acquired, StoreError> {
+        let keys: Vec<String> = things.iter().map(|(t, _)| self.slots(t)).collect();
+        let limits: Vec<u64> = things.iter().map(|(_, l)| *l).collect();
+        for k in &keys {
+            self.adjust(k, true);
+        }
+        let result = match self.acquire_once(&keys, &limits).await {
             // Registering again writes this gateway's counts, which hold this acquire's own
-            // pending slot: left out, or the acquire would count itself.
-            Err(StoreError::NotRegistered) => match self.heartbeat_without(Some(&key)).await {
-                Ok(()) => self.acquire_once(&key, limit).await,
+            // pending slots: left out, or the acquire would count itself.
+            Err(StoreError::NotRegistered) => match self.heartbeat_without(&keys).await {
+                Ok(_) => self.acquire_once(&keys, &limits).await,
                 Err(e) => Err(e),
             },
             other => other,
         };
         if !matches!(result, Ok(Acquired::Admitted { .. })) {
-            self.adjust(&key, false);
+            for k in &keys {
+                self.adjust(k, false);
+            }
         }
         result
     }
 
-    async fn acquire_once(&self, key: &str, limit: u64) -> Result<Acquired, StoreError> {
+    async fn acquire_once(&self, keys: &[String], limits: &[u64]) -> Result<Acquired, StoreError> {
         let mut conn = self.conn.clone();
-        let mut call = ACQUIRE.key(key);
-        call.key(&self.leases)
-            .arg(&self.config.gateway_id)
-            .arg(limit);
-        let (code, held): (i64, i64) =
+        let mut call = ACQUIRE.key(&self.leases);
+        call.arg(&self.config.gateway_id);
+        for (k, l) in keys.iter().zip(limits) {
+            call.key(k).arg(*l);
+        }
+        let (code, index, held): (i64, i64, i64) =
             bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
         let held = u64::try_from(held).unwrap_or(0);
         match code {
             1 => Ok(Acquired::Admitted { held }),
-            0 => Ok(Acquired::Full { held }),
+            0 => Ok(Acquired::FullAt {
+                index: usize::try_from(index - 1).unwrap_or(0),
+                held,
+            }),
             _ => Err(StoreError::NotRegistered),
         }
     }
 
     /// Gives back a slot of `thing`.
     pub async fn release(&self, thing: &str) -> Result<(), StoreError> {
-        let key = self.slots(thing);
+        self.release_all(&[thing]).await
+    }
+
+    /// Gives back a slot of each thing (one round trip).
+    pub async fn release_all(&self, things: &[&str]) -> Result<(), StoreError> {
+        let keys: Vec<String> = things.iter().map(|t| self.slots(t)).collect();
         let mut conn = self.conn.clone();
-        let mut call = RELEASE.key(&key);
+        let mut call = RELEASE.prepare_invoke();
+        for k in &keys {
+            call.key(k);
+        }
         call.arg(&self.config.gateway_id);
         let result: Result<i64, _> =
             bounded(self.config.timeout, call.invoke_async(&mut conn)).await;
         // Lowered after the store's count, never before (see the module docs); lowered even
         // when the call failed, since the connection is gone either way: the next heartbeat
-        // after a restart writes the right count.
-        self.adjust(&key, false);
+        // writes the right count.
+        for k in &keys {
+            self.adjust(k, false);
+        }
         result.map(|_| ())
     }
 
-    /// Renews this gateway's lease; when it was missing, writes this gateway's counts back.
-    /// One call, whatever the number of connections.
-    pub async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.heartbeat_without(None).await
+    /// Renews this gateway's lease and writes its counts (one call, whatever the number of
+    /// connections); returns how many gateways hold a live lease.
+    pub async fn heartbeat(&self) -> Result<u64, StoreError> {
+        self.heartbeat_without(&[]).await
     }
 
-    /// [`Store::heartbeat`], counting one slot less of `pending` (a slot key).
-    async fn heartbeat_without(&self, pending: Option<&str>) -> Result<(), StoreError> {
+    /// [`Store::heartbeat`], counting one slot less of each of `pending` (slot keys).
+    async fn heartbeat_without(&self, pending: &[String]) -> Result<u64, StoreError> {
         let held: Vec<(String, u64)> = self
             .held
             .lock()
             .map(|h| {
                 h.iter()
                     .map(|(k, v)| {
-                        let mine = if Some(k.as_str()) == pending { 1 } else { 0 };
+                        let mine = u64::from(pending.contains(k));
                         (k.clone(), v.saturating_sub(mine))
                     })
                     .collect()
@@ -273,16 +327,17 @@ impl Store {
         for (k, n) in &held {
             call.key(k).arg(*n);
         }
-        let rewritten: i64 = bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
+        let (rewritten, live): (i64, i64) =
+            bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
         // Zeros written: forgotten, unless an acquire raised them meanwhile.
         if let Ok(mut h) = self.held.lock() {
             h.retain(|_, n| *n > 0);
         }
-        if rewritten == 1 && !held.is_empty() {
+        if rewritten == 1 && held.iter().any(|(_, n)| *n > 0) {
             tracing::info!(event = "store_registered", gateway = %self.config.gateway_id,
                 keys = held.len(), "registered again in the store (its lease was missing) with its live counts");
         }
-        Ok(())
+        Ok(u64::try_from(live).unwrap_or(0))
     }
 }
 
@@ -296,5 +351,150 @@ async fn bounded<T>(
         Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
         Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
         Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+/// The gateway's side of the fleet: its store, what a store failure means, and how many
+/// gateways were alive at the last heartbeat (for `on_store_failure = "local"`).
+pub struct Fleet {
+    store: Store,
+    on_failure: OnStoreFailure,
+    live: AtomicU64,
+    /// The store did not answer the last call: logged once per episode.
+    failing: AtomicBool,
+}
+
+/// One connection's slots in the fleet's store; given back (in a task of its own) when dropped,
+/// so every way a connection ends frees them.
+pub struct FleetSlot {
+    fleet: Arc<Fleet>,
+    things: Vec<String>,
+}
+
+impl Drop for FleetSlot {
+    fn drop(&mut self) {
+        let fleet = self.fleet.clone();
+        let things = std::mem::take(&mut self.things);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let refs: Vec<&str> = things.iter().map(String::as_str).collect();
+                if let Err(e) = fleet.store.release_all(&refs).await {
+                    // The heartbeat writes this gateway's count again.
+                    fleet.note_failure(&e);
+                }
+            });
+        }
+    }
+}
+
+/// A limited thing a handshake needs a slot of.
+pub struct Want<'a> {
+    /// `sub:<product>/<name>` or `api:<name>`.
+    pub thing: String,
+    pub limit: u64,
+    /// This gateway's own count of it, this handshake included (for the local fallback).
+    pub here: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// Why the fleet refused a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The limit of `wants[index]` is reached across the fleet (or, in the local fallback,
+    /// this gateway's share of it).
+    Full { index: usize },
+    /// The store did not answer and `on_store_failure = "closed"`.
+    StoreUnavailable,
+}
+
+impl Fleet {
+    /// Inside a tokio runtime.
+    pub fn new(config: StoreConfig, on_failure: OnStoreFailure) -> Result<Arc<Fleet>, StoreError> {
+        Ok(Arc::new(Fleet {
+            store: Store::new(config)?,
+            on_failure,
+            live: AtomicU64::new(1),
+            failing: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn note_failure(&self, e: &StoreError) {
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(event = "store_unavailable", error = %e, on_store_failure = self.on_failure.as_str(),
+                "the fleet's store does not answer; limits follow on_store_failure until it does");
+        }
+    }
+
+    fn note_success(&self) {
+        if self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(event = "store_available", "the fleet's store answers again");
+        }
+    }
+
+    /// A slot of every wanted thing across the fleet (one round trip, bounded by
+    /// `store_timeout`), or why not. No wants: nothing to ask.
+    pub async fn admit(self: &Arc<Self>, wants: &[Want<'_>]) -> Result<Option<FleetSlot>, Refusal> {
+        if wants.is_empty() {
+            return Ok(None);
+        }
+        let things: Vec<(&str, u64)> = wants.iter().map(|w| (w.thing.as_str(), w.limit)).collect();
+        match self.store.acquire_all(&things).await {
+            Ok(Acquired::Admitted { .. }) => {
+                self.note_success();
+                Ok(Some(FleetSlot {
+                    fleet: self.clone(),
+                    things: wants.iter().map(|w| w.thing.clone()).collect(),
+                }))
+            }
+            Ok(Acquired::FullAt { index, .. }) => {
+                self.note_success();
+                Err(Refusal::Full { index })
+            }
+            Ok(Acquired::Full { .. }) => {
+                self.note_success();
+                Err(Refusal::Full { index: 0 })
+            }
+            Err(e) => {
+                self.note_failure(&e);
+                match self.on_failure {
+                    OnStoreFailure::Open => Ok(None),
+                    OnStoreFailure::Closed => Err(Refusal::StoreUnavailable),
+                    OnStoreFailure::Local => {
+                        // This gateway's share: the limit over the gateways alive at the last
+                        // heartbeat, rounded up.
+                        let live = self.live.load(Ordering::Acquire).max(1);
+                        match wants.iter().position(|w| {
+                            let share = w.limit.div_ceil(live);
+                            u64::try_from(w.here.load(Ordering::Acquire)).unwrap_or(u64::MAX)
+                                > share
+                        }) {
+                            Some(index) => Err(Refusal::Full { index }),
+                            None => Ok(None),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews this gateway's lease every third of `lease_ttl` until `stop`.
+    pub async fn heartbeats(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let every = self.store.config.lease_ttl / 3;
+        loop {
+            match self.store.heartbeat().await {
+                Ok(live) => {
+                    self.live.store(live.max(1), Ordering::Release);
+                    self.note_success();
+                }
+                Err(e) => self.note_failure(&e),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
     }
 }

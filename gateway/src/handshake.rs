@@ -65,6 +65,8 @@ pub struct Env {
     pub metrics: Arc<Metrics>,
     /// The gateway's shutdown token: ends the relay of a connection admitted without a key.
     pub shutdown: CancellationToken,
+    /// The fleet's shared limits (`[cluster]`), when clustered.
+    pub fleet: Option<Arc<crate::cluster::Fleet>>,
 }
 
 /// A handshake that got its 101: what the connection task needs to start the relay.
@@ -131,7 +133,7 @@ pub async fn handshake(
         let subscribed = subscribe(&served.keys, &api, &req, routed.query.as_deref())?;
         rec.product = subscribed.product.clone();
         rec.subscription = subscribed.subscription.as_ref().map(|s| s.name.clone());
-        let permit = admit(
+        let mut permit = admit(
             &env.active,
             served.config.gateway.limits.max_connections,
             &api,
@@ -141,6 +143,19 @@ pub async fn handshake(
             env.metrics.limit_hit(&api.config.name, full.into());
             r
         })?;
+        if let Some(fleet) = &env.fleet {
+            if let Some(slot) = admit_in_fleet(fleet, &api, subscribed.subscription.as_ref())
+                .await
+                .map_err(|(r, full)| {
+                    if let Some(full) = full {
+                        env.metrics.limit_hit(&api.config.name, full.into());
+                    }
+                    r
+                })?
+            {
+                permit.hold(slot);
+            }
+        }
         let trusted_proxy = served
             .config
             .gateway
@@ -656,16 +671,68 @@ pub fn admit(
     api: &Arc<Api>,
     subscription: Option<&Arc<Subscription>>,
 ) -> Result<Permit, (Reject, LimitReached)> {
-    Permit::acquire(global, global_max, api, subscription).map_err(|full| {
-        let (status, retry) = match full {
-            LimitReached::Subscription => (StatusCode::TOO_MANY_REQUESTS, SUBSCRIPTION_RETRY_AFTER),
-            LimitReached::Api | LimitReached::Gateway => (StatusCode::SERVICE_UNAVAILABLE, "1"),
-        };
-        let mut r = Reject::new(status, full.reason());
-        r.headers
-            .push((header::RETRY_AFTER, HeaderValue::from_static(retry)));
-        (r, full)
-    })
+    Permit::acquire(global, global_max, api, subscription)
+        .map_err(|full| (limit_reject(full), full))
+}
+
+/// The answer to a handshake a limit refused.
+fn limit_reject(full: LimitReached) -> Reject {
+    let (status, retry) = match full {
+        LimitReached::Subscription => (StatusCode::TOO_MANY_REQUESTS, SUBSCRIPTION_RETRY_AFTER),
+        LimitReached::Api | LimitReached::Gateway => (StatusCode::SERVICE_UNAVAILABLE, "1"),
+    };
+    let mut r = Reject::new(status, full.reason());
+    r.headers
+        .push((header::RETRY_AFTER, HeaderValue::from_static(retry)));
+    r
+}
+
+/// Phase 4, clustered: the subscription's and the API's `max_connections` counted across every
+/// gateway sharing the store, in one round trip bounded by `store_timeout` (after the local
+/// slot, so a gateway never asks the store for what it would refuse anyway). Nothing to ask
+/// when neither has a limit.
+async fn admit_in_fleet(
+    fleet: &Arc<crate::cluster::Fleet>,
+    api: &Arc<Api>,
+    subscription: Option<&Arc<Subscription>>,
+) -> Result<Option<crate::cluster::FleetSlot>, (Reject, Option<LimitReached>)> {
+    use crate::cluster::{Refusal, Want};
+    let mut wants = Vec::with_capacity(2);
+    let mut limits = Vec::with_capacity(2);
+    if let Some(s) = subscription {
+        if let Some(max) = s.max_connections {
+            wants.push(Want {
+                thing: format!("sub:{}/{}", s.product, s.name),
+                limit: u64::try_from(max).unwrap_or(u64::MAX),
+                here: &s.active,
+            });
+            limits.push(LimitReached::Subscription);
+        }
+    }
+    if let Some(max) = api.config.max_connections {
+        wants.push(Want {
+            thing: format!("api:{}", api.config.name),
+            limit: u64::try_from(max).unwrap_or(u64::MAX),
+            here: &api.active,
+        });
+        limits.push(LimitReached::Api);
+    }
+    match fleet.admit(&wants).await {
+        Ok(slot) => Ok(slot),
+        Err(Refusal::Full { index }) => {
+            let full = limits.get(index).copied().unwrap_or(LimitReached::Api);
+            Err((limit_reject(full), Some(full)))
+        }
+        Err(Refusal::StoreUnavailable) => {
+            let mut r = Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the fleet's store is unavailable (on_store_failure = \"closed\")",
+            );
+            r.headers
+                .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+            Err((r, None))
+        }
+    }
 }
 
 /// The handshake's own headers and the forwarding ones, which the gateway sets itself on the

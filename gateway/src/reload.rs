@@ -48,6 +48,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if tls(old) != tls(new) {
         v.push("gateway.tls changed (listener, certificate or key): needs a restart".into());
     }
+    if old.cluster != new.cluster {
+        v.push("cluster changed: needs a restart".into());
+    }
     // The admin listener's Host names and token are read when it starts, like its address.
     if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
         v.push("admin.listen changed: needs a restart".into());

@@ -66,6 +66,8 @@ pub struct Permit {
     global: Arc<AtomicUsize>,
     api: Arc<Api>,
     subscription: Option<Arc<Subscription>>,
+    /// The connection's slots in the fleet's store (`[cluster]`), given back with the rest.
+    fleet: Option<crate::cluster::FleetSlot>,
 }
 
 /// Which limit refused a slot.
@@ -147,11 +149,19 @@ impl Permit {
             global: global.clone(),
             api: api.clone(),
             subscription: subscription.cloned(),
+            fleet: None,
         })
     }
 
     pub fn subscription(&self) -> Option<&Arc<Subscription>> {
         self.subscription.as_ref()
+    }
+}
+
+impl Permit {
+    /// Holds the connection's fleet-wide slots for as long as the permit lives.
+    pub fn hold(&mut self, slot: crate::cluster::FleetSlot) {
+        self.fleet = Some(slot);
     }
 }
 

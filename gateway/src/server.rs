@@ -60,6 +60,8 @@ pub struct Gateway {
     /// Numbers client connections, so a connection's handshake and close records can be
     /// joined (`conn` field).
     next_conn: std::sync::atomic::AtomicU64,
+    /// The fleet's shared limits (`[cluster]`), set when [`Gateway::run`] starts.
+    fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
 }
 
 impl Gateway {
@@ -110,6 +112,7 @@ impl Gateway {
             metrics,
             bound: Default::default(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
+            fleet: std::sync::OnceLock::new(),
         }))
     }
 
@@ -165,6 +168,26 @@ impl Gateway {
     }
 
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
+        if let Some(c) = &self.config.cluster {
+            let gateway_id = c.gateway_id.clone().unwrap_or_else(default_gateway_id);
+            let fleet = crate::cluster::Fleet::new(
+                crate::cluster::StoreConfig {
+                    url: c.store.clone(),
+                    gateway_id: gateway_id.clone(),
+                    namespace: c.namespace.clone(),
+                    lease_ttl: c.lease_ttl,
+                    timeout: c.store_timeout,
+                },
+                c.on_store_failure,
+            )
+            .map_err(|e| StartError::Plugin(format!("cluster.store: {e}")))?;
+            tracing::info!(event = "cluster", gateway_id = %gateway_id, namespace = %c.namespace,
+                lease_ttl_ms = c.lease_ttl.as_millis() as u64, store_timeout_ms = c.store_timeout.as_millis() as u64,
+                on_store_failure = c.on_store_failure.as_str(),
+                "connection limits are counted across the fleet sharing this store");
+            tokio::spawn(fleet.clone().heartbeats(self.shutdown.clone()));
+            let _ = self.fleet.set(fleet);
+        }
         let mut listeners = Vec::new();
         let backlog = client_backlog(self.config.gateway.limits.max_pending_handshakes);
         if let Some(addr) = self.config.gateway.listen {
@@ -444,6 +467,7 @@ impl Gateway {
             active: self.active.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            fleet: self.fleet.get().cloned(),
         }
     }
 
@@ -613,4 +637,21 @@ fn server_tls(t: &ListenerTls) -> Result<TlsAcceptor, StartError> {
         })?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A gateway's id in the fleet when `cluster.gateway_id` is not set: the host name and the
+/// process id (unique among live processes of one host).
+fn default_gateway_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are ours; gethostname writes at most that much.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end])
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .collect()
+    } else {
+        String::from("host")
+    };
+    format!("{host}:{}", std::process::id())
 }

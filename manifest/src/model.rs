@@ -23,6 +23,8 @@ pub struct Config {
     pub source: PathBuf,
     pub gateway: GatewayConfig,
     pub admin: Option<AdminConfig>,
+    /// `[cluster]`: connection limits counted across every gateway sharing the store.
+    pub cluster: Option<ClusterConfig>,
     /// APIs served by this gateway (those whose `gateways` list is empty or names it).
     pub apis: Vec<ApiConfig>,
     /// Names of APIs in the manifest that this gateway does not serve, for the startup log.
@@ -31,6 +33,61 @@ pub struct Config {
     /// Global-scope policies (run first, for every API).
     pub policies: Vec<Attachment>,
 }
+
+/// `[cluster]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The store's URL (`redis://`); may hold a password, so never printed.
+    pub store: String,
+    /// This gateway's id in the fleet; `None`: host name and process id, chosen at start.
+    pub gateway_id: Option<String>,
+    /// Gateways with the same namespace share limits.
+    pub namespace: String,
+    /// A gateway that stops renewing its lease loses its slots after this.
+    pub lease_ttl: std::time::Duration,
+    /// Longest a handshake waits on the store.
+    pub store_timeout: std::time::Duration,
+    pub on_store_failure: OnStoreFailure,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("store", &"(redacted)")
+            .field("gateway_id", &self.gateway_id)
+            .field("namespace", &self.namespace)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("store_timeout", &self.store_timeout)
+            .field("on_store_failure", &self.on_store_failure)
+            .finish()
+    }
+}
+
+/// What a handshake gets when the store does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreFailure {
+    /// Each gateway enforces its share of the limit: the limit divided by the gateways alive at
+    /// the last heartbeat, rounded up.
+    Local,
+    /// Admit (the limit is not enforced while the store is away).
+    Open,
+    /// Refuse (503).
+    Closed,
+}
+
+impl OnStoreFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreFailure::Local => "local",
+            OnStoreFailure::Open => "open",
+            OnStoreFailure::Closed => "closed",
+        }
+    }
+}
+
+/// `[cluster]` defaults.
+pub const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {

@@ -15,6 +15,7 @@ use toml::Spanned;
 pub(crate) struct RawManifest {
     pub(crate) gateway: Spanned<RawGateway>,
     pub(crate) admin: Option<RawAdmin>,
+    pub(crate) cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     pub(crate) apis: Vec<RawApi>,
     #[serde(default)]
@@ -82,6 +83,23 @@ pub(crate) struct RawApiLimits {
     pub(crate) max_connection_lifetime: Option<Duration>,
     pub(crate) max_frame_size: Option<u64>,
     pub(crate) max_message_size: Option<u64>,
+}
+
+/// `[cluster]`: limits shared by every gateway on one store.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    /// `redis://host:port[/db]`.
+    pub(crate) store: Option<Spanned<String>>,
+    /// Environment variable holding the store URL (when it carries a password).
+    pub(crate) store_env: Option<Spanned<String>>,
+    pub(crate) gateway_id: Option<Spanned<String>>,
+    pub(crate) namespace: Option<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) lease_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) store_timeout: Option<Duration>,
+    pub(crate) on_store_failure: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

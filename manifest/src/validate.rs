@@ -19,6 +19,7 @@ use crate::{ManifestError, ManifestErrors};
 
 mod apis;
 mod attachments;
+mod cluster;
 mod gateway;
 mod products;
 
@@ -75,6 +76,7 @@ impl<'a> Validator<'a> {
         let g = raw.gateway.into_inner();
         let gateway = self.gateway(&g, gw_span.clone());
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
+        let cluster = raw.cluster.as_ref().and_then(|c| self.cluster(c));
         let (products, product_names) =
             self.products(&raw.products, g.subscription_keys_file.as_ref());
         let policies = self.attachments(&raw.policies, "policies");
@@ -102,6 +104,7 @@ impl<'a> Validator<'a> {
             source: self.file.to_owned(),
             gateway,
             admin,
+            cluster,
             apis,
             unserved_apis,
             products,

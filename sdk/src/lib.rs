@@ -807,8 +807,10 @@ pub mod host {
 
     /// Registers a key set the gateway fetches over HTTPS and keeps fresh (a JWKS, or an OpenID
     /// Connect discovery document that names one), for [`verify_with_key_set`]. Call it from
-    /// [`crate::Policy::configure`] (needs `fetch-keys`) and keep the handle in the prepared
-    /// config: the gateway has fetched the keys by the time it returns, or says why not.
+    /// [`crate::Policy::configure`] (needs `fetch-keys`) with a URL taken from the attachment's
+    /// config (the gateway fetches nothing else; at most 8 calls per attachment), and keep the
+    /// handle in the prepared config: the gateway has fetched the keys by the time it returns,
+    /// or says why not.
     /// Natively, the documents are the ones [`crate::testing::serve_key_set`] registered.
     ///
     /// ```

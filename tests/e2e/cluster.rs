@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tollgate::cluster::{Acquired, Store, StoreConfig, StoreError};
 
 use crate::support::redis::RedisServer;
+use crate::support::*;
 
 async fn store(redis: &RedisServer, id: &str, lease_ttl: Duration) -> Arc<Store> {
     Arc::new(
@@ -40,7 +41,7 @@ async fn race(stores: &[Arc<Store>], thing: &str, limit: u64, n: usize) -> usize
                 assert!(held <= limit, "{held}");
                 admitted += 1;
             }
-            Acquired::Full { held } => assert_eq!(held, limit),
+            Acquired::Full { held } | Acquired::FullAt { held, .. } => assert_eq!(held, limit),
         }
     }
     admitted
@@ -160,4 +161,164 @@ async fn when_redis_hangs_every_call_ends_within_store_timeout() {
         s.acquire("api:x", 5).await.unwrap(),
         Acquired::Admitted { held: 2 }
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Whole gateways sharing one Redis (`[cluster]`).
+
+const KEY: &str = "fleet-test-subscription-key-0123456789";
+
+/// A gateway of the fleet: subscription `acme` of product `gold` may hold 10 connections,
+/// counted across every gateway on `redis`.
+fn fleet_gateway(redis: &RedisServer, backend: &str, cluster_extra: &str) -> Gateway {
+    let text = format!(
+        "{}[cluster]\nstore = \"{}\"\nlease_ttl = \"2s\"\nstore_timeout = \"500ms\"\n{cluster_extra}\n\
+         [[products]]\nname = \"gold\"\n\
+         [[products.subscriptions]]\nname = \"acme\"\nmax_connections = 10\nprimary_key_env = \"TG_FLEET_KEY\"\n\
+         {}",
+        gateway_section(""),
+        redis.url(),
+        api_section("chat", "chat", backend, "products = [\"gold\"]"),
+    );
+    Gateway::start_with_env(TempDir::new("fleet"), &text, &[("TG_FLEET_KEY", KEY)])
+}
+
+async fn open(gw: &Gateway) -> (u16, RawWs<tokio::net::TcpStream>) {
+    let (head, ws) = raw_handshake(
+        gw.ws.unwrap(),
+        "/chat",
+        &format!("Ocp-Apim-Subscription-Key: {KEY}\r\n"),
+    )
+    .await;
+    (status_of(&head), ws)
+}
+
+/// Three gateway processes, one Redis: 60 handshakes racing over the three get exactly the
+/// subscription's 10 slots (the rest 429); a close on any gateway lets exactly one more in;
+/// `kill -9` of a gateway frees the slots it held within `lease_ttl` (2 s) plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateway_processes_share_a_subscription_limit_and_survive_a_kill_9() {
+    let redis = RedisServer::start();
+    let backend = RawBackend::start(echo_frames()).await;
+    let gws = [
+        fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\""),
+        fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\""),
+        fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\""),
+    ];
+    let ids: std::collections::HashSet<String> = gws
+        .iter()
+        .map(|g| {
+            let rec = &g.records("cluster")[0];
+            rec["gateway_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3, "each process has its own id: {ids:?}");
+    let addrs: Vec<_> = gws.iter().map(|g| g.ws.unwrap()).collect();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let addr = addrs[i % 3];
+        tasks.push(tokio::spawn(async move {
+            let (head, ws) = raw_handshake(
+                addr,
+                "/chat",
+                &format!("Ocp-Apim-Subscription-Key: {KEY}\r\n"),
+            )
+            .await;
+            (i % 3, status_of(&head), ws)
+        }));
+    }
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (gw, status, ws) = t.await.unwrap();
+        match status {
+            101 => held.push((gw, ws)),
+            429 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        (held.len(), refused),
+        (10, 50),
+        "exactly the limit, across three gateways"
+    );
+
+    // A close on any gateway: exactly one more gets in.
+    let (_, mut ws) = held.pop().unwrap();
+    ws.close(1000, "bye").await.unwrap();
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, ws) = open(&gws[held.len() % 3]).await;
+        if status == 101 {
+            held.push((held.len() % 3, ws));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for g in &gws {
+        assert_eq!(open(g).await.0, 429, "the fleet is at its limit again");
+    }
+
+    // kill -9 the gateway holding the most; its slots come back within lease_ttl + 1 s.
+    let victim = (0..3)
+        .max_by_key(|g| held.iter().filter(|(h, _)| h == g).count())
+        .unwrap();
+    let lost = held.iter().filter(|(h, _)| *h == victim).count();
+    assert!(lost > 0);
+    let gws = Vec::from(gws);
+    let killed = Instant::now();
+    gws[victim].signal("KILL");
+    let survivors: Vec<&Gateway> = gws
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, g)| g)
+        .collect();
+    let mut regained = 0;
+    let mut keep = Vec::new();
+    while regained < lost {
+        assert!(
+            killed.elapsed()
+                < Duration::from_secs(2) + Duration::from_secs(1) + Duration::from_millis(500),
+            "{regained} of {lost} slots back after {:?}",
+            killed.elapsed()
+        );
+        let (status, ws) = open(survivors[regained % 2]).await;
+        if status == 101 {
+            regained += 1;
+            keep.push(ws);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(open(survivors[0]).await.0, 429, "and not one more");
+}
+
+/// Redis stopped: a gateway with `on_store_failure = "closed"` answers 503 and one with
+/// `"open"` admits, each within `store_timeout` (500 ms) plus scheduling; both log
+/// `store_unavailable` once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_each_failure_mode_does_what_it_says_within_store_timeout() {
+    let mut redis = RedisServer::start();
+    let backend = RawBackend::start(echo_frames()).await;
+    let closed = fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\"");
+    let opened = fleet_gateway(&redis, &backend.url(), "on_store_failure = \"open\"");
+    assert_eq!(open(&closed).await.0, 101);
+    redis.stop();
+    for (gw, want) in [(&closed, 503), (&opened, 101)] {
+        let started = Instant::now();
+        let (status, _ws) = open(gw).await;
+        assert_eq!(status, want);
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        gw.wait_record("store_unavailable", |_| true).await;
+    }
 }
