@@ -141,7 +141,7 @@ return {1, live}
 });
 
 /// Where and how a gateway keeps its fleet-wide counts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// `redis://host:port[/db]`.
     pub url: String,
@@ -156,12 +156,48 @@ pub struct StoreConfig {
 }
 
 /// A gateway's connection to the fleet's store.
+impl std::fmt::Debug for StoreConfig {
+    /// The URL may hold a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &"(redacted)")
+            .field("gateway_id", &self.gateway_id)
+            .field("namespace", &self.namespace)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 pub struct Store {
     conn: ConnectionManager,
     config: StoreConfig,
     leases: String,
     /// This gateway's count per slot key, on the safe side (see the module docs).
     held: Mutex<HashMap<String, u64>>,
+    /// Acquires hold it shared from raising their local count to their script's answer; a
+    /// heartbeat holds it alone from reading the counts to writing them. Otherwise an acquire
+    /// could raise its count after the heartbeat read it and reach Redis before the heartbeat,
+    /// which would then write one slot too few (the unsafe side).
+    counting: tokio::sync::RwLock<()>,
+}
+
+/// Lowers the local counts an acquire raised unless it was admitted, however it ends (a
+/// refusal, an error, or its future dropped: the client went away mid-handshake).
+struct Pending<'a> {
+    store: &'a Store,
+    keys: &'a [String],
+    admitted: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.admitted {
+            for k in self.keys {
+                self.store.adjust(k, false);
+            }
+        }
+    }
 }
 
 impl Store {
@@ -173,7 +209,11 @@ impl Store {
     }
 
     /// A store that connects on first use (and reconnects after); inside a tokio runtime.
-    pub fn new(config: StoreConfig) -> Result<Store, StoreError> {
+    /// The gateway id gets a random suffix for this process: a restarted gateway with the
+    /// same id (a pod name, or `host:1` in a container) must not count the slots its previous
+    /// life left behind as its own; those stop counting when the old lease runs out.
+    pub fn new(mut config: StoreConfig) -> Result<Store, StoreError> {
+        config.gateway_id = format!("{}~{:08x}", config.gateway_id, rand::random::<u32>());
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| StoreError::Redis(format!("{e}")))?;
         // Reconnects back off quickly and give up soon: every call is bounded by `timeout`
@@ -191,6 +231,7 @@ impl Store {
             leases: format!("tollgate:{{{}}}:leases", config.namespace),
             config,
             held: Mutex::new(HashMap::new()),
+            counting: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -235,9 +276,15 @@ impl Store {
     pub async fn acquire_all(&self, things: &[(&str, u64)]) -> Result<Acquired, StoreError> {
         let keys: Vec<String> = things.iter().map(|(t, _)| self.slots(t)).collect();
         let limits: Vec<u64> = things.iter().map(|(_, l)| *l).collect();
+        let _counting = self.counting.read().await;
         for k in &keys {
             self.adjust(k, true);
         }
+        let mut pending = Pending {
+            store: self,
+            keys: &keys,
+            admitted: false,
+        };
         let result = match self.acquire_once(&keys, &limits).await {
             // Registering again writes this gateway's counts, which hold this acquire's own
             // pending slots: left out, or the acquire would count itself.
@@ -247,11 +294,7 @@ impl Store {
             },
             other => other,
         };
-        if !matches!(result, Ok(Acquired::Admitted { .. })) {
-            for k in &keys {
-                self.adjust(k, false);
-            }
-        }
+        pending.admitted = matches!(result, Ok(Acquired::Admitted { .. }));
         result
     }
 
@@ -303,6 +346,7 @@ impl Store {
     /// Renews this gateway's lease and writes its counts (one call, whatever the number of
     /// connections); returns how many gateways hold a live lease.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
+        let _alone = self.counting.write().await;
         self.heartbeat_without(&[]).await
     }
 
@@ -329,9 +373,11 @@ impl Store {
         }
         let (rewritten, live): (i64, i64) =
             bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
-        // Zeros written: forgotten, unless an acquire raised them meanwhile.
+        // A count is forgotten only once a heartbeat has written it as zero and it is still
+        // zero: a key whose release raced this heartbeat (which then wrote the old count) is
+        // kept until a heartbeat writes its zero.
         if let Ok(mut h) = self.held.lock() {
-            h.retain(|_, n| *n > 0);
+            h.retain(|k, n| *n > 0 || !held.iter().any(|(w, c)| w == k && *c == 0));
         }
         if rewritten == 1 && held.iter().any(|(_, n)| *n > 0) {
             tracing::info!(event = "store_registered", gateway = %self.config.gateway_id,
@@ -441,7 +487,14 @@ impl Fleet {
             return Ok(None);
         }
         let things: Vec<(&str, u64)> = wants.iter().map(|w| (w.thing.as_str(), w.limit)).collect();
-        match self.store.acquire_all(&things).await {
+        // One bound for the whole admission: registering again first (after a Redis restart)
+        // takes two round trips, each bounded by itself.
+        let timeout = self.store.config.timeout;
+        let acquired = match tokio::time::timeout(timeout, self.store.acquire_all(&things)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        match acquired {
             Ok(Acquired::Admitted { .. }) => {
                 self.note_success();
                 Ok(Some(FleetSlot {

@@ -702,7 +702,9 @@ async fn admit_in_fleet(
     if let Some(s) = subscription {
         if let Some(max) = s.max_connections {
             wants.push(Want {
-                thing: format!("sub:{}/{}", s.product, s.name),
+                // The product's length first: names may hold `/`, and `a/b` + `c` must not be
+                // the same thing as `a` + `b/c`.
+                thing: format!("sub:{}:{}/{}", s.product.len(), s.product, s.name),
                 limit: u64::try_from(max).unwrap_or(u64::MAX),
                 here: &s.active,
             });

@@ -181,7 +181,7 @@ impl Gateway {
                 c.on_store_failure,
             )
             .map_err(|e| StartError::Plugin(format!("cluster.store: {e}")))?;
-            tracing::info!(event = "cluster", gateway_id = %gateway_id, namespace = %c.namespace,
+            tracing::info!(event = "cluster", gateway_id = %fleet.store().config().gateway_id, namespace = %c.namespace,
                 lease_ttl_ms = c.lease_ttl.as_millis() as u64, store_timeout_ms = c.store_timeout.as_millis() as u64,
                 on_store_failure = c.on_store_failure.as_str(),
                 "connection limits are counted across the fleet sharing this store");

@@ -149,6 +149,11 @@ async fn when_redis_hangs_every_call_ends_within_store_timeout() {
     assert!(matches!(r, Err(StoreError::Timeout(_))), "{r:?}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
     assert_eq!(s.held_here("api:x"), 1, "a failed acquire holds nothing");
+    // An acquire whose caller stops waiting (the client went away mid-handshake) holds nothing
+    // either, or every heartbeat would write the phantom slot back.
+    let dropped = tokio::time::timeout(Duration::from_millis(50), s.acquire("api:x", 5)).await;
+    assert!(dropped.is_err());
+    assert_eq!(s.held_here("api:x"), 1, "a cancelled acquire holds nothing");
     redis.freeze(false);
     // The acquire that timed out may have been applied once Redis woke up; the next heartbeat
     // writes the gateway's own count (1) over it.

@@ -77,7 +77,7 @@ impl Validator<'_> {
             );
         }
         let store_timeout = c.store_timeout.unwrap_or(DEFAULT_STORE_TIMEOUT);
-        if store_timeout.is_zero() || store_timeout * 3 > lease_ttl {
+        if store_timeout.is_zero() || store_timeout.checked_mul(3).is_none_or(|t| t > lease_ttl) {
             self.err(
                 span.clone(),
                 "cluster.store_timeout",
@@ -123,10 +123,15 @@ impl Validator<'_> {
         key: &str,
         secret: bool,
     ) -> Option<String> {
+        // Never a password: whatever sits between `://` and `@` is left out.
         let shown = if secret {
             String::new()
         } else {
-            format!("`{}`: ", url.escape_debug())
+            let safe = match (url.find("://"), url.rfind('@')) {
+                (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+                _ => url.to_owned(),
+            };
+            format!("`{}`: ", safe.escape_debug())
         };
         if url.starts_with("rediss://") {
             self.err(span, key, format!("{shown}TLS to the store (rediss://) is not supported yet; use redis:// on a private network"));
