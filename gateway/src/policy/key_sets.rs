@@ -317,10 +317,6 @@ impl KeySet {
         })
     }
 
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     fn has_keys(&self) -> bool {
         self.state
             .lock()
