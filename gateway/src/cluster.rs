@@ -140,6 +140,58 @@ return {1, live}
     )
 });
 
+/// KEYS[1] a counter's hash (field = bucket index, value = units); ARGV limit, window (ms),
+/// bucket (ms), amount. The same steps as [`crate::counters::Window::apply`], on Redis's clock:
+/// returns {1 allowed / 0 refused, count, reset after (ms), retry after (ms)}.
+static INCREMENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local res = tonumber(ARGV[3])
+local amount = tonumber(ARGV[4])
+local f = redis.call('HGETALL', KEYS[1])
+local live = {}
+local total = 0
+local newest = now
+for i = 1, #f, 2 do
+  local exp = (tonumber(f[i]) + 1) * res + window
+  if exp > now then
+    local n = tonumber(f[i + 1])
+    total = total + n
+    live[#live + 1] = {exp, n}
+    if exp > newest then newest = exp end
+  else
+    redis.call('HDEL', KEYS[1], f[i])
+  end
+end
+if total + amount <= limit then
+  if amount > 0 then
+    local b = math.floor(now / res)
+    redis.call('HINCRBY', KEYS[1], string.format('%d', b), amount)
+    local exp = (b + 1) * res + window
+    if exp > newest then newest = exp end
+    redis.call('PEXPIRE', KEYS[1], newest - now)
+  end
+  return {1, total + amount, newest - now, 0}
+end
+table.sort(live, function(a, b) return a[1] < b[1] end)
+local need = total + amount - limit
+local wait = 0
+for _, e in ipairs(live) do
+  need = need - e[2]
+  if need <= 0 then
+    wait = e[1] - now
+    break
+  end
+end
+return {0, total, newest - now, wait}
+",
+    )
+});
+
 /// Where and how a gateway keeps its fleet-wide counts.
 #[derive(Clone)]
 pub struct StoreConfig {
@@ -343,6 +395,33 @@ impl Store {
         result.map(|_| ())
     }
 
+    /// Counts `amount` under the counter `key` if it fits under `rate`, across the fleet (one
+    /// round trip; see [`crate::counters`] for the algorithm). The key gets a hash tag of its
+    /// own, so on Redis Cluster counters spread over the nodes.
+    pub async fn increment(
+        &self,
+        key: &str,
+        rate: &crate::counters::Rate,
+        amount: u64,
+    ) -> Result<crate::counters::Counted, StoreError> {
+        let key = format!("tollgate:{}:rate:{{{key}}}", self.config.namespace);
+        let mut conn = self.conn.clone();
+        let mut call = INCREMENT.key(key);
+        call.arg(rate.limit())
+            .arg(rate.window_ms())
+            .arg(rate.bucket_ms())
+            .arg(amount);
+        let (allowed, count, reset, retry): (i64, i64, i64, i64) =
+            bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
+        let ms = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(crate::counters::Counted {
+            allowed: allowed == 1,
+            count: ms(count),
+            retry_after_ms: ms(retry),
+            reset_after_ms: ms(reset),
+        })
+    }
+
     /// Renews this gateway's lease and writes its counts (one call, whatever the number of
     /// connections); returns how many gateways hold a live lease.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
@@ -452,6 +531,18 @@ pub enum Refusal {
     StoreUnavailable,
 }
 
+/// What an operation the store could not answer falls back to (`on_store_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No limit applies.
+    Open,
+    /// Refuse.
+    Closed,
+    /// This gateway's share of the limit: the limit over the `live` gateways of the last
+    /// heartbeat, rounded up.
+    Local { live: u64 },
+}
+
 impl Fleet {
     /// Inside a tokio runtime.
     pub fn new(config: StoreConfig, on_failure: OnStoreFailure) -> Result<Arc<Fleet>, StoreError> {
@@ -510,26 +601,48 @@ impl Fleet {
                 self.note_success();
                 Err(Refusal::Full { index: 0 })
             }
-            Err(e) => {
-                self.note_failure(&e);
-                match self.on_failure {
-                    OnStoreFailure::Open => Ok(None),
-                    OnStoreFailure::Closed => Err(Refusal::StoreUnavailable),
-                    OnStoreFailure::Local => {
-                        // This gateway's share: the limit over the gateways alive at the last
-                        // heartbeat, rounded up.
-                        let live = self.live.load(Ordering::Acquire).max(1);
-                        match wants.iter().position(|w| {
-                            let share = w.limit.div_ceil(live);
-                            u64::try_from(w.here.load(Ordering::Acquire)).unwrap_or(u64::MAX)
-                                > share
-                        }) {
-                            Some(index) => Err(Refusal::Full { index }),
-                            None => Ok(None),
-                        }
-                    }
-                }
+            Err(e) => match self.fallback(&e) {
+                Fallback::Open => Ok(None),
+                Fallback::Closed => Err(Refusal::StoreUnavailable),
+                // This gateway's share: the limit over the gateways alive at the last
+                // heartbeat, rounded up.
+                Fallback::Local { live } => match wants.iter().position(|w| {
+                    let share = w.limit.div_ceil(live);
+                    u64::try_from(w.here.load(Ordering::Acquire)).unwrap_or(u64::MAX) > share
+                }) {
+                    Some(index) => Err(Refusal::Full { index }),
+                    None => Ok(None),
+                },
+            },
+        }
+    }
+
+    /// What a failed store call falls back to, logged once per episode.
+    fn fallback(&self, e: &StoreError) -> Fallback {
+        self.note_failure(e);
+        match self.on_failure {
+            OnStoreFailure::Open => Fallback::Open,
+            OnStoreFailure::Closed => Fallback::Closed,
+            OnStoreFailure::Local => Fallback::Local {
+                live: self.live.load(Ordering::Acquire).max(1),
+            },
+        }
+    }
+
+    /// A counter's increment across the fleet (bounded by `store_timeout`), or what to do
+    /// instead when the store does not answer.
+    pub async fn increment(
+        &self,
+        key: &str,
+        rate: &crate::counters::Rate,
+        amount: u64,
+    ) -> Result<crate::counters::Counted, Fallback> {
+        match self.store.increment(key, rate, amount).await {
+            Ok(c) => {
+                self.note_success();
+                Ok(c)
             }
+            Err(e) => Err(self.fallback(&e)),
         }
     }
 

@@ -12,6 +12,7 @@ mod admin;
 mod backend;
 pub mod cluster;
 pub mod console;
+pub mod counters;
 mod handshake;
 pub mod logging;
 mod memory;

@@ -52,6 +52,9 @@ pub struct Served {
     host: Option<Arc<crate::policy::PolicyHost>>,
     /// Products' subscriptions, by key digest.
     pub keys: crate::subscriptions::Keys,
+    /// The process's counters (`counters`): one set for the process's life, handed from state
+    /// to state, so a reload keeps the counts.
+    counters: Arc<crate::counters::Counters>,
 }
 
 impl Served {
@@ -68,6 +71,11 @@ impl Served {
             }
         }
         sets
+    }
+
+    /// The process's counters.
+    pub fn counters(&self) -> &Arc<crate::counters::Counters> {
+        &self.counters
     }
 
     /// The key sets policies registered (`key-sets`), when any policy runs.
@@ -90,6 +98,7 @@ impl Served {
             || config.apis.iter().any(|a| !a.on_handshake.is_empty());
         let mut plugins = std::collections::HashMap::new();
         let mut host = None;
+        let counters = previous.map_or_else(Default::default, |p| p.counters.clone());
         // One wasm engine for the process's life: a reload with the same host settings reuses
         // it (each engine reserves its own pooling-allocator address space, and engines of
         // older states live as long as connections admitted under them).
@@ -107,6 +116,7 @@ impl Served {
                     .map(|mut h| {
                         h.set_signature_cache(config.gateway.signature_cache_entries);
                         h.set_metrics(metrics);
+                        h.set_counters(counters.clone());
                         // Keys fetched under the state being replaced stay held.
                         if let Some(sets) = previous.and_then(Served::key_sets) {
                             h.adopt_key_sets(sets);
@@ -237,6 +247,7 @@ impl Served {
             routes: Routes::new(apis),
             host,
             keys,
+            counters,
         })
     }
 }

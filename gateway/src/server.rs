@@ -186,6 +186,8 @@ impl Gateway {
                 on_store_failure = c.on_store_failure.as_str(),
                 "connection limits are counted across the fleet sharing this store");
             tokio::spawn(fleet.clone().heartbeats(self.shutdown.clone()));
+            // Every state shares the process's counters, so this holds across reloads.
+            self.served().counters().use_fleet(fleet.clone());
             let _ = self.fleet.set(fleet);
         }
         let mut listeners = Vec::new();

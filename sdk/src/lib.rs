@@ -872,6 +872,43 @@ pub mod host {
     }
 }
 
+/// Rate counters kept by the gateway (the `counters` interface): "at most `limit` in any
+/// window", in the gateway or across the fleet (`[cluster]`).
+pub mod counters {
+    pub use crate::bindings::tollgate::policy::counters::{Counted, Rate};
+
+    /// Counts `amount` under `key` if it fits under `rate` (needs `use-counters`; only in
+    /// `on_handshake`, at most 8 calls per handshake). A refused increment counts nothing and
+    /// says when the amount fits (`retry_after_ms`). Keys are the plugin's own; `Err` is worded
+    /// for the operator (a bad rate, or the fleet's store unavailable with
+    /// `on_store_failure = "closed"`): refuse the handshake then.
+    /// Natively, counts on this thread, on a clock [`crate::testing::advance_counters`] moves.
+    ///
+    /// ```
+    /// use tollgate_sdk::counters::{increment, Rate};
+    /// let rate = Rate { limit: 2, window_seconds: 10 };
+    /// assert!(increment("ann", rate, 1).unwrap().allowed);
+    /// assert!(increment("ann", rate, 1).unwrap().allowed);
+    /// let refused = increment("ann", rate, 1).unwrap();
+    /// assert!(!refused.allowed);
+    /// assert_eq!(refused.retry_after_ms, 10_000);
+    /// // Another key counts apart.
+    /// assert!(increment("bob", rate, 1).unwrap().allowed);
+    /// tollgate_sdk::testing::advance_counters(10_000);
+    /// assert!(increment("ann", rate, 1).unwrap().allowed);
+    /// ```
+    pub fn increment(key: &str, rate: Rate, amount: u64) -> Result<Counted, String> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            crate::bindings::tollgate::policy::counters::increment(key, rate, amount)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            crate::testing::increment_counter(key, rate, amount)
+        }
+    }
+}
+
 /// Unit-testing a policy with plain `cargo test`, no gateway: build requests, read what the
 /// policy logged, run a policy's config through load and a handshake.
 ///
@@ -969,6 +1006,80 @@ pub mod testing {
             }
         }
         Ok(if any { V::Invalid } else { V::NoKey })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    thread_local! {
+        /// Native counters: units counted per key and window, as (time, amount), on a clock of
+        /// this thread's own (milliseconds).
+        #[allow(clippy::type_complexity)]
+        static COUNTERS: RefCell<std::collections::HashMap<(String, u32), Vec<(u64, u64)>>> =
+            RefCell::new(std::collections::HashMap::new());
+        static COUNTER_CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Moves the clock native counters ([`crate::counters::increment`]) judge by, on this
+    /// thread. Natively a unit counts for exactly its window (the gateway keeps it up to a
+    /// 60th of the window longer).
+    ///
+    /// ```
+    /// tollgate_sdk::testing::advance_counters(1_000);
+    /// ```
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn advance_counters(ms: u64) {
+        COUNTER_CLOCK.with(|c| c.set(c.get().saturating_add(ms)));
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn increment_counter(
+        key: &str,
+        rate: crate::counters::Rate,
+        amount: u64,
+    ) -> Result<crate::counters::Counted, String> {
+        if rate.limit == 0 || rate.window_seconds == 0 {
+            return Err("a rate needs a limit and a window of at least 1".into());
+        }
+        if amount > rate.limit {
+            return Err(format!(
+                "an amount of {amount} can never fit under a limit of {}",
+                rate.limit
+            ));
+        }
+        let now = COUNTER_CLOCK.with(|c| c.get());
+        let window = u64::from(rate.window_seconds) * 1000;
+        COUNTERS.with(|c| {
+            let mut c = c.borrow_mut();
+            let units = c.entry((key.to_owned(), rate.window_seconds)).or_default();
+            units.retain(|(t, _)| t + window > now);
+            let total: u64 = units.iter().map(|(_, n)| n).sum();
+            let reset = |u: &Vec<(u64, u64)>| u.last().map_or(0, |(t, _)| t + window - now);
+            if total + amount <= rate.limit {
+                if amount > 0 {
+                    units.push((now, amount));
+                }
+                return Ok(crate::counters::Counted {
+                    allowed: true,
+                    count: total + amount,
+                    retry_after_ms: 0,
+                    reset_after_ms: reset(units),
+                });
+            }
+            let mut need = total + amount - rate.limit;
+            let mut retry = 0;
+            for (t, n) in units.iter() {
+                need = need.saturating_sub(*n);
+                if need == 0 {
+                    retry = t + window - now;
+                    break;
+                }
+            }
+            Ok(crate::counters::Counted {
+                allowed: false,
+                count: total,
+                retry_after_ms: retry,
+                reset_after_ms: reset(units),
+            })
+        })
     }
 
     /// Lines logged through [`crate::host::log`] on this thread since the last call.

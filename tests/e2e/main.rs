@@ -26,6 +26,7 @@ mod misbehaving_clients;
 mod observability;
 mod passthrough;
 mod policies;
+mod rate_limit;
 mod reload;
 mod sandbox;
 mod subscriptions;

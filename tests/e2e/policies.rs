@@ -505,6 +505,7 @@ async fn capabilities_a_plugin_did_not_declare_are_refused() {
         ("close-at", "limit-lifetime"),
         ("backend", "select-backend"),
         ("read-context", "use-context"),
+        ("count", "use-counters"),
     ];
     let mut text = gateway_section("plugin_dir = \"plugins\"");
     for (action, _) in cases.iter().chain(&[("nothing", "")]) {

@@ -43,6 +43,7 @@ pub enum Capability {
     LimitLifetime,
     SelectBackend,
     FetchKeys,
+    UseCounters,
     MockResponse,
     CacheLookup,
     CacheStore,
@@ -62,7 +63,7 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in the WIT's order.
-    pub const ALL: [Capability; 25] = {
+    pub const ALL: [Capability; 26] = {
         use Capability as C;
         [
             C::ReadRequest,
@@ -75,6 +76,7 @@ impl Capability {
             C::LimitLifetime,
             C::SelectBackend,
             C::FetchKeys,
+            C::UseCounters,
             C::MockResponse,
             C::CacheLookup,
             C::CacheStore,
@@ -107,6 +109,7 @@ impl Capability {
             C::LimitLifetime => "limit-lifetime",
             C::SelectBackend => "select-backend",
             C::FetchKeys => "fetch-keys",
+            C::UseCounters => "use-counters",
             C::MockResponse => "mock-response",
             C::CacheLookup => "cache-lookup",
             C::CacheStore => "cache-store",
@@ -139,7 +142,8 @@ impl Capability {
             | C::VerifySignatures
             | C::LimitLifetime
             | C::SelectBackend
-            | C::FetchKeys => return None,
+            | C::FetchKeys
+            | C::UseCounters => return None,
             C::MockResponse => (Family::Body, "Mock response"),
             C::CacheLookup => (Family::Cache, "Get from cache"),
             C::CacheStore => (Family::Cache, "Store to cache"),

@@ -45,6 +45,10 @@ pub struct HostState {
     pub(super) deadline: Option<std::time::Instant>,
     /// The key sets of the attachment this instance serves (handshake calls).
     pub(super) key_sets: Arc<[Arc<KeySet>]>,
+    /// The process's counters, for `counters.increment`.
+    pub(super) counters: Arc<crate::counters::Counters>,
+    /// `counters.increment` calls in the current call.
+    pub(super) counter_calls: u32,
 }
 
 /// A `configure` call's registrations.
@@ -87,6 +91,7 @@ impl HostState {
     pub(super) fn start_call(&mut self) {
         self.logs = 0;
         self.read_bytes = 0;
+        self.counter_calls = 0;
         self.refused = None;
     }
 
@@ -695,6 +700,62 @@ fn check_with(
     }
 }
 
+type CtRate = bindings::tollgate::policy::counters::Rate;
+type CtCounted = bindings::tollgate::policy::counters::Counted;
+
+/// Fuel one `counters.increment` call costs besides its key's length (it may be a round trip
+/// to the fleet's store).
+pub const COUNTER_FUEL: u64 = 100_000;
+/// `counters.increment` calls one `on-handshake` call may make: a policy counts a handshake
+/// under a key or two, and each call may cost a round trip to the fleet's store.
+pub const MAX_COUNTER_CALLS_PER_CALL: u32 = 8;
+
+/// `tollgate:policy/counters.increment`: `on-handshake` only, needs `use-counters`, charged,
+/// at most [`MAX_COUNTER_CALLS_PER_CALL`] per call; a store round trip is bounded by
+/// `store_timeout` (`[cluster]`).
+fn host_counter_increment(
+    mut store: StoreContextMut<'_, HostState>,
+    (key, rate, amount): (String, CtRate, u64),
+) -> Box<dyn std::future::Future<Output = wasmtime::Result<(Result<CtCounted, String>,)>> + Send + '_>
+{
+    Box::new(async move {
+        store
+            .data_mut()
+            .need(Capability::UseCounters, "called counters.increment")?;
+        charge(
+            &mut store,
+            COUNTER_FUEL.saturating_add(u64::try_from(key.len()).unwrap_or(u64::MAX)),
+        )?;
+        let state = store.data_mut();
+        if state.request.is_none() {
+            return Err(wasmtime::Error::msg(
+                "counters.increment is only available in on-handshake",
+            ));
+        }
+        state.counter_calls = state.counter_calls.saturating_add(1);
+        if state.counter_calls > MAX_COUNTER_CALLS_PER_CALL {
+            return Ok((Err(format!(
+                "at most {MAX_COUNTER_CALLS_PER_CALL} counters.increment calls per call"
+            )),));
+        }
+        let rate = match crate::counters::Rate::new(rate.limit, rate.window_seconds) {
+            Ok(r) => r,
+            Err(e) => return Ok((Err(e.to_string()),)),
+        };
+        let counters = state.counters.clone();
+        let plugin = state.plugin.clone();
+        let counted = counters.increment(&plugin, &key, rate, amount).await;
+        Ok((counted
+            .map(|(c, _)| CtCounted {
+                allowed: c.allowed,
+                count: c.count,
+                retry_after_ms: c.retry_after_ms,
+                reset_after_ms: c.reset_after_ms,
+            })
+            .map_err(|e| e.to_string()),))
+    })
+}
+
 /// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
 /// host traits see only the state: charging fuel needs the store.
 pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -710,6 +771,9 @@ pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::R
     let mut key_sets = linker.instance(&format!("tollgate:policy/key-sets@{WIT_VERSION}"))?;
     key_sets.func_wrap_async("register", host_key_set_register)?;
     key_sets.func_wrap_async("verify", host_key_set_verify)?;
+    linker
+        .instance(&format!("tollgate:policy/counters@{WIT_VERSION}"))?
+        .func_wrap_async("increment", host_counter_increment)?;
     Ok(())
 }
 

@@ -136,6 +136,7 @@ const OUR_IMPORTS: &[&str] = &[
     "tollgate:policy/log@0.2.0",
     "tollgate:policy/signatures@0.2.0",
     "tollgate:policy/key-sets@0.2.0",
+    "tollgate:policy/counters@0.2.0",
 ];
 /// Most bytes one `on-handshake` call may read from the request (all its reads together):
 /// far above any real policy (a request head is at most `max_header_bytes`), low enough that
@@ -266,6 +267,7 @@ fn capability(c: wit::Capability) -> Capability {
         W::LimitLifetime => C::LimitLifetime,
         W::SelectBackend => C::SelectBackend,
         W::FetchKeys => C::FetchKeys,
+        W::UseCounters => C::UseCounters,
         W::MockResponse => C::MockResponse,
         W::CacheLookup => C::CacheLookup,
         W::CacheStore => C::CacheStore,
@@ -376,6 +378,8 @@ pub struct PolicyHost {
     /// Key sets policies registered (`key-sets`); handed on to a host that replaces this one,
     /// so a reload keeps the keys it holds.
     key_sets: Arc<KeySets>,
+    /// The process's counters (`counters`).
+    counters: Arc<crate::counters::Counters>,
 }
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
@@ -435,6 +439,11 @@ impl PolicyHost {
         self.key_sets.clone()
     }
 
+    /// Counts `counters.increment` calls in `counters` (the process's, shared by every state).
+    pub fn set_counters(&mut self, counters: Arc<crate::counters::Counters>) {
+        self.counters = counters;
+    }
+
     /// Takes over the key sets of the host this one replaces.
     pub fn adopt_key_sets(&mut self, key_sets: Arc<KeySets>) {
         self.key_sets = key_sets;
@@ -476,6 +485,7 @@ impl PolicyHost {
             cache_counters: CacheCounters::default(),
             signature_metrics: None,
             key_sets: Arc::new(KeySets::new(None)),
+            counters: Default::default(),
         })
     }
 
@@ -595,6 +605,8 @@ impl PolicyHost {
             registering: None,
             deadline: None,
             key_sets,
+            counters: self.counters.clone(),
+            counter_calls: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);

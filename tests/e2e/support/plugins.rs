@@ -19,6 +19,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("check-header", "check_header.wasm"),
     ("ip-filter", "ip_filter.wasm"),
     ("set-backend-service", "set_backend_service.wasm"),
+    ("rate-limit-by-key", "rate_limit_by_key.wasm"),
 ];
 
 fn workspace() -> PathBuf {

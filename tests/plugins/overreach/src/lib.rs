@@ -1,7 +1,7 @@
 //! A policy that declares only `read-request` and then does what its config's `do` says
 //! regardless: `"reject"`, `"header"` (sets a backend request header), `"query"`,
 //! `"response-header"`, `"context"`, `"close-at"`, `"backend"`, `"read-context"` (reads the context values),
-//! `"verify"` (calls `signatures.verify`), `"fetch-keys"` (registers a key set in `configure`)
+//! `"verify"` (calls `signatures.verify`), `"count"` (calls `counters.increment`), `"fetch-keys"` (registers a key set in `configure`)
 //! or `"nothing"` (which reads the request's path, as it declared it would, and logs it). The gateway must refuse each of those it did not declare.
 // Natively (workspace builds) nothing is exported, so the policy is unused there.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -54,6 +54,13 @@ impl Policy for Overreach {
             "backend" => p.backend = Some("eu".into()),
             "read-context" => {
                 let _ = request.context_values();
+            }
+            "count" => {
+                let rate = tollgate_sdk::counters::Rate {
+                    limit: 10,
+                    window_seconds: 1,
+                };
+                let _ = tollgate_sdk::counters::increment("k", rate, 1);
             }
             "verify" => {
                 let _ = tollgate_sdk::host::verify(

@@ -1,0 +1,445 @@
+//! Rate counters by key, behind `tollgate:policy/counters` (issue 19): "at most `limit` units
+//! in any `window`", kept in this process, or across the fleet in Redis when the manifest has
+//! `[cluster]` (the same algorithm in a Lua script, [`crate::cluster::Store::increment`]).
+//!
+//! The algorithm is a sliding window over [`BUCKETS`] buckets per window, as API Management's
+//! `rate-limit-by-key` promises a sliding window (`renewal-period`): a unit counted at time `t`
+//! goes into the bucket holding `t` and counts until that bucket's end plus the window, so it
+//! counts for at least the window and at most one bucket (a 60th of the window) longer. Hence:
+//! - never more than `limit` units in any window (no burst of twice the limit at a boundary,
+//!   as a fixed window allows), and a burst of `limit` at once is allowed, as users expect;
+//! - memory is bounded per key (at most `BUCKETS + 1` buckets), unlike a log of every call;
+//! - a refusal knows exactly when `amount` fits again (`retry_after_ms`), so `Retry-After` is
+//!   right to the second;
+//! - a refused call counts nothing: a client that keeps retrying is not locked out for longer.
+//!
+//! (A GCRA would need one number per key, but it spreads the limit evenly over the window: 30 per
+//! 10 s would admit one handshake every 333 ms after a burst, which is not what an operator who
+//! wrote "30 calls per 10 s" reads.)
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::cluster::{Fallback, Fleet};
+
+/// Buckets per window: the window's resolution (a unit counts up to a 60th of the window
+/// longer than the window).
+pub const BUCKETS: u64 = 60;
+/// Longest key a plugin may count under.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Longest window: a week.
+pub const MAX_WINDOW_SECONDS: u32 = 7 * 24 * 3600;
+/// Largest limit (counts stay exact in Redis's Lua, whose numbers are doubles).
+pub const MAX_LIMIT: u64 = 1_000_000_000_000;
+/// Keys this process keeps at most (local counting, and the fallback when the store is away):
+/// keys come from what clients send (an address, a token's subject), so they must be bounded.
+/// At most ~1.3 KiB each (61 buckets and the key), ~85 MiB in all at worst.
+pub const MAX_LOCAL_KEYS: usize = 65_536;
+
+/// "At most `limit` units in any `window`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    limit: u64,
+    window_ms: u64,
+}
+
+impl Rate {
+    /// `limit` 1..=[`MAX_LIMIT`], `window_seconds` 1..=[`MAX_WINDOW_SECONDS`].
+    pub fn new(limit: u64, window_seconds: u32) -> Result<Rate, CounterError> {
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(CounterError::Invalid(format!(
+                "limit {limit} is not within 1..={MAX_LIMIT}"
+            )));
+        }
+        if window_seconds == 0 || window_seconds > MAX_WINDOW_SECONDS {
+            return Err(CounterError::Invalid(format!(
+                "window of {window_seconds} s is not within 1..={MAX_WINDOW_SECONDS} s"
+            )));
+        }
+        Ok(Rate {
+            limit,
+            window_ms: u64::from(window_seconds) * 1000,
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// One bucket's length: a 60th of the window (a window of 1 s: 16 ms buckets).
+    pub fn bucket_ms(&self) -> u64 {
+        (self.window_ms / BUCKETS).max(1)
+    }
+
+    /// This rate with the limit shared among `gateways` (rounded up): a gateway's part while
+    /// the fleet's store is away.
+    pub fn share(&self, gateways: u64) -> Rate {
+        Rate {
+            limit: self.limit.div_ceil(gateways.max(1)),
+            window_ms: self.window_ms,
+        }
+    }
+}
+
+/// What one increment found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// The amount fitted under the limit and was counted; when false nothing was counted.
+    pub allowed: bool,
+    /// Units the window holds now (this call's included when it was allowed).
+    pub count: u64,
+    /// When refused: milliseconds until the amount fits. 0 when allowed.
+    pub retry_after_ms: u64,
+    /// Milliseconds until the window holds nothing.
+    pub reset_after_ms: u64,
+}
+
+impl Counted {
+    /// What "no limit applied" answers (`on_store_failure = "open"`).
+    fn unlimited() -> Counted {
+        Counted {
+            allowed: true,
+            count: 0,
+            retry_after_ms: 0,
+            reset_after_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CounterError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the fleet's store is unavailable (on_store_failure = \"closed\")")]
+    StoreUnavailable,
+    #[error("this gateway holds {MAX_LOCAL_KEYS} counters already; a new key is refused until some expire")]
+    Full,
+}
+
+/// One key's window: (bucket index, units) oldest first; a bucket is `now_ms / bucket_ms`.
+#[derive(Debug, Default, Clone)]
+pub struct Window {
+    buckets: VecDeque<(u64, u64)>,
+}
+
+impl Window {
+    /// The bucket's last moment of counting: its end plus the window.
+    fn expiry(rate: &Rate, bucket: u64) -> u64 {
+        bucket
+            .saturating_add(1)
+            .saturating_mul(rate.bucket_ms())
+            .saturating_add(rate.window_ms)
+    }
+
+    /// Counts `amount` at `now_ms` if it fits under the rate's limit (the same steps as the
+    /// Redis script in `cluster.rs`). `amount` 0 only reads. `now_ms` must not go backwards.
+    pub fn apply(&mut self, rate: &Rate, now_ms: u64, amount: u64) -> Counted {
+        while let Some(&(b, _)) = self.buckets.front() {
+            if Self::expiry(rate, b) <= now_ms {
+                self.buckets.pop_front();
+            } else {
+                break;
+            }
+        }
+        let total: u64 = self.buckets.iter().map(|(_, n)| *n).sum();
+        let newest = |w: &Window| {
+            w.buckets
+                .back()
+                .map_or(0, |(b, _)| Self::expiry(rate, *b).saturating_sub(now_ms))
+        };
+        if total.saturating_add(amount) <= rate.limit {
+            if amount > 0 {
+                let current = now_ms / rate.bucket_ms();
+                match self.buckets.back_mut() {
+                    Some((b, n)) if *b >= current => *n = n.saturating_add(amount),
+                    _ => self.buckets.push_back((current, amount)),
+                }
+            }
+            return Counted {
+                allowed: true,
+                count: total.saturating_add(amount),
+                retry_after_ms: 0,
+                reset_after_ms: newest(self),
+            };
+        }
+        // Refused: the amount fits once enough of the oldest buckets have expired.
+        let mut need = total.saturating_add(amount).saturating_sub(rate.limit);
+        let mut retry = 0;
+        for (b, n) in &self.buckets {
+            need = need.saturating_sub(*n);
+            if need == 0 {
+                retry = Self::expiry(rate, *b).saturating_sub(now_ms);
+                break;
+            }
+        }
+        Counted {
+            allowed: false,
+            count: total,
+            retry_after_ms: retry,
+            reset_after_ms: newest(self),
+        }
+    }
+
+    /// Nothing counts any more at `now_ms`.
+    fn is_spent(&self, rate: &Rate, now_ms: u64) -> bool {
+        self.buckets
+            .back()
+            .is_none_or(|(b, _)| Self::expiry(rate, *b) <= now_ms)
+    }
+}
+
+/// The counters of this process.
+#[derive(Default)]
+struct Local {
+    windows: HashMap<String, (Rate, Window)>,
+    /// When spent windows were last swept out (at most once a second when full).
+    swept_at: Option<Instant>,
+}
+
+/// Who counted: the fleet's store, this process, or nobody (the store is away and
+/// `on_store_failure = "open"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountedBy {
+    Fleet,
+    Local,
+    /// The store is away: this gateway's share of the limit, counted here.
+    LocalShare,
+    Unlimited,
+}
+
+/// The process's counters: one for its whole life (reloads keep the counts), shared by every
+/// plugin; a plugin's keys are its own (the plugin's name is part of every key).
+pub struct Counters {
+    local: Mutex<Local>,
+    fleet: OnceLock<Arc<Fleet>>,
+    /// Local windows measure time from here (monotonic).
+    epoch: Instant,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            local: Mutex::default(),
+            fleet: OnceLock::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Counters {
+    /// Counts across the fleet from now on (`[cluster]`); set once, at start.
+    pub fn use_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The key a plugin's counter is kept under: the plugin's name (length-prefixed, so no two
+    /// plugins' keys can meet) and the window (one key counted with two windows is two
+    /// counters: their buckets differ).
+    fn full_key(plugin: &str, rate: &Rate, key: &str) -> String {
+        format!("{}:{plugin}:{}:{key}", plugin.len(), rate.window_ms / 1000)
+    }
+
+    /// Counts `amount` under `plugin`'s `key` if it fits under `rate`.
+    pub async fn increment(
+        &self,
+        plugin: &str,
+        key: &str,
+        rate: Rate,
+        amount: u64,
+    ) -> Result<(Counted, CountedBy), CounterError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(CounterError::Invalid(format!(
+                "a key of {} bytes is longer than {MAX_KEY_BYTES}",
+                key.len()
+            )));
+        }
+        if amount > rate.limit {
+            return Err(CounterError::Invalid(format!(
+                "an amount of {amount} can never fit under a limit of {}",
+                rate.limit
+            )));
+        }
+        let full = Self::full_key(plugin, &rate, key);
+        let Some(fleet) = self.fleet.get() else {
+            return self
+                .local(full, rate, amount)
+                .map(|c| (c, CountedBy::Local));
+        };
+        match fleet.increment(&full, &rate, amount).await {
+            Ok(c) => Ok((c, CountedBy::Fleet)),
+            Err(Fallback::Open) => Ok((Counted::unlimited(), CountedBy::Unlimited)),
+            Err(Fallback::Closed) => Err(CounterError::StoreUnavailable),
+            Err(Fallback::Local { live }) => self
+                .local(full, rate.share(live), amount)
+                .map(|c| (c, CountedBy::LocalShare)),
+        }
+    }
+
+    fn local(&self, key: String, rate: Rate, amount: u64) -> Result<Counted, CounterError> {
+        let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut local = self
+            .local
+            .lock()
+            .map_err(|_| CounterError::Invalid("counters unavailable".into()))?;
+        let local = &mut *local;
+        if !local.windows.contains_key(&key) && local.windows.len() >= MAX_LOCAL_KEYS {
+            let due = local
+                .swept_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due {
+                local.swept_at = Some(Instant::now());
+                local.windows.retain(|_, (r, w)| !w.is_spent(r, now_ms));
+            }
+            if local.windows.len() >= MAX_LOCAL_KEYS {
+                return Err(CounterError::Full);
+            }
+        }
+        let (kept, window) = local
+            .windows
+            .entry(key)
+            .or_insert_with(|| (rate, Window::default()));
+        // The share of a limit changes with the live gateways: the latest applies.
+        *kept = rate;
+        Ok(window.apply(&rate, now_ms, amount))
+    }
+
+    /// Keys held in this process (for tests and `/metrics`).
+    pub fn local_keys(&self) -> usize {
+        self.local.lock().map(|l| l.windows.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(limit: u64, secs: u32) -> Rate {
+        Rate::new(limit, secs).unwrap()
+    }
+
+    #[test]
+    fn a_burst_of_the_limit_passes_and_no_more() {
+        let r = rate(30, 10);
+        let mut w = Window::default();
+        let t0 = 1_000_000;
+        let allowed = (0..100).filter(|i| w.apply(&r, t0 + i, 1).allowed).count();
+        assert_eq!(allowed, 30);
+        let refused = w.apply(&r, t0 + 100, 1);
+        assert!(!refused.allowed);
+        assert_eq!(refused.count, 30);
+        // Everything sits in the bucket [t0 / 166 * 166, +166): it counts until its end + 10 s.
+        let end = (t0 / 166 + 1) * 166 + 10_000;
+        assert_eq!(refused.retry_after_ms, end - (t0 + 100));
+        assert_eq!(refused.reset_after_ms, end - (t0 + 100));
+        // One millisecond before, still refused; at the moment, all 30 fit again.
+        assert!(!w.apply(&r, end - 1, 1).allowed);
+        assert!(w.apply(&r, end, 30).allowed);
+    }
+
+    #[test]
+    fn never_more_than_the_limit_in_any_window() {
+        // 10 per 1 s, a call every 7 ms for 5 s: any 1 s span holds at most 10 admitted.
+        let r = rate(10, 1);
+        let mut w = Window::default();
+        let admitted: Vec<u64> = (0..700u64)
+            .map(|i| i * 7)
+            .filter(|t| w.apply(&r, *t, 1).allowed)
+            .collect();
+        for (i, t) in admitted.iter().enumerate() {
+            let within = admitted[i..].iter().take_while(|u| **u < t + 1000).count();
+            assert!(within <= 10, "{within} admitted within 1 s of {t}");
+        }
+        // And the limit is used: about 10 per second (each unit counts up to one bucket
+        // longer than the window).
+        assert!(admitted.len() >= 45, "{}", admitted.len());
+    }
+
+    #[test]
+    fn retry_after_is_when_the_oldest_needed_units_expire() {
+        let r = rate(3, 60); // buckets of 1 s
+        let mut w = Window::default();
+        assert!(w.apply(&r, 0, 1).allowed);
+        assert!(w.apply(&r, 5_000, 1).allowed);
+        assert!(w.apply(&r, 9_000, 1).allowed);
+        let c = w.apply(&r, 10_000, 2);
+        assert!(!c.allowed);
+        // Two units must go: the ones of 0 s (counts until 61 s) and of 5 s (until 66 s).
+        assert_eq!(c.retry_after_ms, 66_000 - 10_000);
+        assert_eq!(c.reset_after_ms, 70_000 - 10_000);
+        assert!(!w.apply(&r, 65_999, 2).allowed);
+        let later = w.apply(&r, 66_000, 2);
+        assert!(later.allowed);
+        assert_eq!(later.count, 3);
+    }
+
+    #[test]
+    fn a_refusal_counts_nothing_and_amount_zero_only_reads() {
+        let r = rate(2, 1);
+        let mut w = Window::default();
+        assert!(w.apply(&r, 0, 2).allowed);
+        for t in 1..50 {
+            assert!(!w.apply(&r, t, 1).allowed);
+        }
+        let read = w.apply(&r, 50, 0);
+        assert!(read.allowed);
+        assert_eq!(read.count, 2);
+        assert_eq!(w.apply(&r, 1016, 0).count, 0);
+    }
+
+    #[test]
+    fn bad_rates_and_amounts_are_refused() {
+        assert!(Rate::new(0, 1).is_err());
+        assert!(Rate::new(1, 0).is_err());
+        assert!(Rate::new(1, MAX_WINDOW_SECONDS + 1).is_err());
+        assert!(Rate::new(MAX_LIMIT + 1, 1).is_err());
+        assert_eq!(rate(10, 1).share(3).limit(), 4);
+        assert_eq!(rate(10, 1).share(0).limit(), 10);
+    }
+
+    #[tokio::test]
+    async fn plugins_and_windows_count_apart() {
+        let c = Counters::default();
+        let r = rate(1, 10);
+        assert!(c.increment("a", "k", r, 1).await.unwrap().0.allowed);
+        assert!(!c.increment("a", "k", r, 1).await.unwrap().0.allowed);
+        // Another plugin, or another window: another counter.
+        assert!(c.increment("b", "k", r, 1).await.unwrap().0.allowed);
+        assert!(
+            c.increment("a", "k", rate(1, 20), 1)
+                .await
+                .unwrap()
+                .0
+                .allowed
+        );
+        // "1:a:10:x" cannot be reached from another plugin name.
+        assert!(c.increment("a:10", "k", r, 1).await.unwrap().0.allowed);
+        let long = "x".repeat(MAX_KEY_BYTES + 1);
+        assert!(c.increment("a", &long, r, 1).await.is_err());
+        assert!(c.increment("a", "k", r, 2).await.is_err());
+        assert_eq!(
+            c.increment("a", "k", r, 1).await.unwrap().1,
+            CountedBy::Local
+        );
+    }
+
+    #[tokio::test]
+    async fn local_keys_are_bounded() {
+        let c = Counters::default();
+        let r = rate(1, 60);
+        for i in 0..MAX_LOCAL_KEYS {
+            c.increment("p", &i.to_string(), r, 1).await.unwrap();
+        }
+        assert_eq!(
+            c.increment("p", "one more", r, 1).await,
+            Err(CounterError::Full)
+        );
+        // A key already held still counts.
+        assert!(!c.increment("p", "0", r, 1).await.unwrap().0.allowed);
+        assert_eq!(c.local_keys(), MAX_LOCAL_KEYS);
+    }
+}
