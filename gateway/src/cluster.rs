@@ -141,7 +141,7 @@ return {1, live}
 });
 
 /// KEYS[1] a counter's hash (field = bucket index, value = units); ARGV limit, window (ms),
-/// bucket (ms), amount. The same steps as [`crate::counters::Window::apply`], on Redis's clock:
+/// bucket (ms), amount. The same steps as [`crate::sliding_window::Window::apply`], on Redis's clock:
 /// returns {1 allowed / 0 refused, count, reset after (ms), retry after (ms)}.
 static INCREMENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -401,9 +401,9 @@ impl Store {
     pub async fn increment(
         &self,
         key: &str,
-        rate: &crate::counters::Rate,
+        rate: &crate::sliding_window::Rate,
         amount: u64,
-    ) -> Result<crate::counters::Counted, StoreError> {
+    ) -> Result<crate::sliding_window::Counted, StoreError> {
         let key = format!("tollgate:{}:rate:{{{key}}}", self.config.namespace);
         let mut conn = self.conn.clone();
         let mut call = INCREMENT.key(key);
@@ -414,7 +414,7 @@ impl Store {
         let (allowed, count, reset, retry): (i64, i64, i64, i64) =
             bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
         let ms = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok(crate::counters::Counted {
+        Ok(crate::sliding_window::Counted {
             allowed: allowed == 1,
             count: ms(count),
             retry_after_ms: ms(retry),
@@ -634,9 +634,9 @@ impl Fleet {
     pub async fn increment(
         &self,
         key: &str,
-        rate: &crate::counters::Rate,
+        rate: &crate::sliding_window::Rate,
         amount: u64,
-    ) -> Result<crate::counters::Counted, Fallback> {
+    ) -> Result<crate::sliding_window::Counted, Fallback> {
         match self.store.increment(key, rate, amount).await {
             Ok(c) => {
                 self.note_success();

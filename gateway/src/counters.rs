@@ -17,99 +17,19 @@
 //! 10 s would admit one handshake every 333 ms after a burst, which is not what an operator who
 //! wrote "30 calls per 10 s" reads.)
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Fallback, Fleet};
+pub use crate::sliding_window::{Counted, Rate, Window, MAX_LIMIT, MAX_WINDOW_SECONDS};
 
-/// Buckets per window: the window's resolution (a unit counts up to a 60th of the window
-/// longer than the window).
-pub const BUCKETS: u64 = 60;
 /// Longest key a plugin may count under.
 pub const MAX_KEY_BYTES: usize = 512;
-/// Longest window: a week.
-pub const MAX_WINDOW_SECONDS: u32 = 7 * 24 * 3600;
-/// Largest limit (counts stay exact in Redis's Lua, whose numbers are doubles).
-pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 /// Keys this process keeps at most (local counting, and the fallback when the store is away):
 /// keys come from what clients send (an address, a token's subject), so they must be bounded.
 /// At most ~1.3 KiB each (61 buckets and the key), ~85 MiB in all at worst.
 pub const MAX_LOCAL_KEYS: usize = 65_536;
-
-/// "At most `limit` units in any `window`".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    limit: u64,
-    window_ms: u64,
-}
-
-impl Rate {
-    /// `limit` 1..=[`MAX_LIMIT`], `window_seconds` 1..=[`MAX_WINDOW_SECONDS`].
-    pub fn new(limit: u64, window_seconds: u32) -> Result<Rate, CounterError> {
-        if limit == 0 || limit > MAX_LIMIT {
-            return Err(CounterError::Invalid(format!(
-                "limit {limit} is not within 1..={MAX_LIMIT}"
-            )));
-        }
-        if window_seconds == 0 || window_seconds > MAX_WINDOW_SECONDS {
-            return Err(CounterError::Invalid(format!(
-                "window of {window_seconds} s is not within 1..={MAX_WINDOW_SECONDS} s"
-            )));
-        }
-        Ok(Rate {
-            limit,
-            window_ms: u64::from(window_seconds) * 1000,
-        })
-    }
-
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
-    pub fn window_ms(&self) -> u64 {
-        self.window_ms
-    }
-
-    /// One bucket's length: a 60th of the window (a window of 1 s: 16 ms buckets).
-    pub fn bucket_ms(&self) -> u64 {
-        (self.window_ms / BUCKETS).max(1)
-    }
-
-    /// This rate with the limit shared among `gateways` (rounded up): a gateway's part while
-    /// the fleet's store is away.
-    pub fn share(&self, gateways: u64) -> Rate {
-        Rate {
-            limit: self.limit.div_ceil(gateways.max(1)),
-            window_ms: self.window_ms,
-        }
-    }
-}
-
-/// What one increment found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counted {
-    /// The amount fitted under the limit and was counted; when false nothing was counted.
-    pub allowed: bool,
-    /// Units the window holds now (this call's included when it was allowed).
-    pub count: u64,
-    /// When refused: milliseconds until the amount fits. 0 when allowed.
-    pub retry_after_ms: u64,
-    /// Milliseconds until the window holds nothing.
-    pub reset_after_ms: u64,
-}
-
-impl Counted {
-    /// What "no limit applied" answers (`on_store_failure = "open"`).
-    fn unlimited() -> Counted {
-        Counted {
-            allowed: true,
-            count: 0,
-            retry_after_ms: 0,
-            reset_after_ms: 0,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CounterError {
@@ -119,78 +39,6 @@ pub enum CounterError {
     StoreUnavailable,
     #[error("this gateway holds {MAX_LOCAL_KEYS} counters already; a new key is refused until some expire")]
     Full,
-}
-
-/// One key's window: (bucket index, units) oldest first; a bucket is `now_ms / bucket_ms`.
-#[derive(Debug, Default, Clone)]
-pub struct Window {
-    buckets: VecDeque<(u64, u64)>,
-}
-
-impl Window {
-    /// The bucket's last moment of counting: its end plus the window.
-    fn expiry(rate: &Rate, bucket: u64) -> u64 {
-        bucket
-            .saturating_add(1)
-            .saturating_mul(rate.bucket_ms())
-            .saturating_add(rate.window_ms)
-    }
-
-    /// Counts `amount` at `now_ms` if it fits under the rate's limit (the same steps as the
-    /// Redis script in `cluster.rs`). `amount` 0 only reads. `now_ms` must not go backwards.
-    pub fn apply(&mut self, rate: &Rate, now_ms: u64, amount: u64) -> Counted {
-        while let Some(&(b, _)) = self.buckets.front() {
-            if Self::expiry(rate, b) <= now_ms {
-                self.buckets.pop_front();
-            } else {
-                break;
-            }
-        }
-        let total: u64 = self.buckets.iter().map(|(_, n)| *n).sum();
-        let newest = |w: &Window| {
-            w.buckets
-                .back()
-                .map_or(0, |(b, _)| Self::expiry(rate, *b).saturating_sub(now_ms))
-        };
-        if total.saturating_add(amount) <= rate.limit {
-            if amount > 0 {
-                let current = now_ms / rate.bucket_ms();
-                match self.buckets.back_mut() {
-                    Some((b, n)) if *b >= current => *n = n.saturating_add(amount),
-                    _ => self.buckets.push_back((current, amount)),
-                }
-            }
-            return Counted {
-                allowed: true,
-                count: total.saturating_add(amount),
-                retry_after_ms: 0,
-                reset_after_ms: newest(self),
-            };
-        }
-        // Refused: the amount fits once enough of the oldest buckets have expired.
-        let mut need = total.saturating_add(amount).saturating_sub(rate.limit);
-        let mut retry = 0;
-        for (b, n) in &self.buckets {
-            need = need.saturating_sub(*n);
-            if need == 0 {
-                retry = Self::expiry(rate, *b).saturating_sub(now_ms);
-                break;
-            }
-        }
-        Counted {
-            allowed: false,
-            count: total,
-            retry_after_ms: retry,
-            reset_after_ms: newest(self),
-        }
-    }
-
-    /// Nothing counts any more at `now_ms`.
-    fn is_spent(&self, rate: &Rate, now_ms: u64) -> bool {
-        self.buckets
-            .back()
-            .is_none_or(|(b, _)| Self::expiry(rate, *b) <= now_ms)
-    }
 }
 
 /// The counters of this process.
@@ -241,7 +89,11 @@ impl Counters {
     /// plugins' keys can meet) and the window (one key counted with two windows is two
     /// counters: their buckets differ).
     fn full_key(plugin: &str, rate: &Rate, key: &str) -> String {
-        format!("{}:{plugin}:{}:{key}", plugin.len(), rate.window_ms / 1000)
+        format!(
+            "{}:{plugin}:{}:{key}",
+            plugin.len(),
+            rate.window_ms() / 1000
+        )
     }
 
     /// Counts `amount` under `plugin`'s `key` if it fits under `rate`.
@@ -258,10 +110,10 @@ impl Counters {
                 key.len()
             )));
         }
-        if amount > rate.limit {
+        if amount > rate.limit() {
             return Err(CounterError::Invalid(format!(
                 "an amount of {amount} can never fit under a limit of {}",
-                rate.limit
+                rate.limit()
             )));
         }
         let full = Self::full_key(plugin, &rate, key);

@@ -23,6 +23,7 @@ pub mod reload;
 mod routes;
 mod served;
 pub mod server;
+mod sliding_window;
 mod stream;
 mod subscriptions;
 mod wskey;

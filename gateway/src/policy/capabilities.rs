@@ -288,7 +288,7 @@ mod tests {
             .into_iter()
             .filter(|c| c.not_on_handshake().is_none())
             .collect();
-        assert_eq!(allowed.len(), 10);
+        assert_eq!(allowed.len(), 11);
         assert_eq!(check("p", &allowed, &Scope::Api("a".into())), Verdict::Run);
     }
 
