@@ -14,6 +14,7 @@ mod conformance;
 mod console;
 mod edge;
 mod faults;
+mod fleet_example;
 mod ip_filter;
 mod jwks;
 mod jwt;
