@@ -10,6 +10,7 @@
 //! separate, pinned processes.
 
 mod chain;
+mod fleet;
 mod load;
 mod orchestrate;
 mod proc;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::fleet;
 use crate::proc;
 
 #[derive(clap::Args, Clone)]
@@ -33,8 +34,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub pending_handshakes: usize,
     /// Comma-separated subset of:
-    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-policies,tollgate-pooled,
-    /// tollgate-py,tollgate-js,nginx,haproxy.
+    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-limits,tollgate-fleet,
+    /// tollgate-policies,tollgate-pooled,tollgate-py,tollgate-js,nginx,haproxy
+    /// (tollgate-limits and tollgate-fleet: see --fleet; naming one here asks for them too).
     #[arg(long)]
     pub only: Option<String>,
     /// Path of the tollgate binary (default: target/release/tollgate next to this binary).
@@ -58,6 +60,23 @@ pub struct RunArgs {
     /// Only the handshake scenario (and the chain timings): the throughput columns stay empty.
     #[arg(long)]
     pub handshakes_only: bool,
+    /// Adds `tollgate-limits` (a subscription with `max_connections = 100000`, counted in the
+    /// process) and `tollgate-fleet` (the same counted in a Redis store: `[cluster]`, with a
+    /// `redis-server` this tool starts on CPU 0; skipped when redis-server is not installed),
+    /// reports the Redis calls per handshake and the fleet/limits ratio. Every target of such
+    /// a run sends the subscription key. Off by default: the default run does not change.
+    #[arg(long)]
+    pub fleet: bool,
+    /// The redis-server binary for `tollgate-fleet` (default: redis-server in /usr/bin and
+    /// the like; redis-cli is taken from beside it or from there).
+    #[arg(long)]
+    pub redis_server: Option<PathBuf>,
+    /// CPU the redis-server of `tollgate-fleet` is pinned to. 0 (default) keeps it off the
+    /// proxy's CPU, but it then takes CPU time from the load client, so the fleet target runs
+    /// at a lower handshake rate than the others; 1 (the proxy's CPU; its CPU time is still
+    /// not counted as the proxy's) is a diagnostic for that effect.
+    #[arg(long, default_value_t = 0)]
+    pub redis_cpu: u32,
 }
 
 impl Default for RunArgs {
@@ -75,6 +94,9 @@ impl Default for RunArgs {
             plugins: None,
             lang_plugins: None,
             handshakes_only: false,
+            fleet: false,
+            redis_server: None,
+            redis_cpu: 0,
         }
     }
 }
@@ -241,7 +263,7 @@ fn tempdir(tag: &str) -> anyhow::Result<TempDir> {
     Ok(TempDir(p))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     [
         "/usr/sbin",
         "/usr/bin",
@@ -261,16 +283,21 @@ fn start_target(
     args: &RunArgs,
     jwt: &Jwt,
     cache: &Path,
+    redis: Option<&fleet::Redis>,
 ) -> anyhow::Result<Option<Target>> {
     let me = std::env::current_exe()?;
     let port = free_port()?;
     let quiet = || Stdio::null();
     // Every target gets the same request, token and Origin included, so that only the policies
-    // differ between the tollgate targets (a bigger request costs every party more).
-    let headers = vec![
+    // differ between the tollgate targets (a bigger request costs every party more); in a
+    // fleet run, the subscription key too.
+    let mut headers = vec![
         format!("Authorization: Bearer {}", jwt.token),
         format!("Origin: {BENCH_ORIGIN}"),
     ];
+    if fleet::wanted(args) {
+        headers.push(fleet::key_header());
+    }
     let proc = match name {
         "direct" => {
             return Ok(Some(Target {
@@ -293,8 +320,8 @@ fn start_target(
                 .spawn()?;
             Proc { child, _dir: None }
         }
-        "tollgate" | "tollgate-baseline" | "tollgate-policies" | "tollgate-pooled"
-        | "tollgate-py" | "tollgate-js" => {
+        "tollgate" | "tollgate-baseline" | "tollgate-limits" | "tollgate-fleet"
+        | "tollgate-policies" | "tollgate-pooled" | "tollgate-py" | "tollgate-js" => {
             if let Some(file) = lang_plugin(name) {
                 let p = lang_dir(args)?.join(file);
                 if !p.exists() {
@@ -317,6 +344,16 @@ fn start_target(
                 bin.display()
             );
             let (dir, manifest) = tollgate_dir(name, port, backend_port, args, jwt)?;
+            if name == "tollgate-fleet" {
+                let Some(redis) = redis else {
+                    eprintln!("  {name}: redis-server (and redis-cli) not found; skipped");
+                    return Ok(None);
+                };
+                // A fresh store for a fresh gateway (see `Redis::flush`).
+                redis.flush()?;
+                let text = std::fs::read_to_string(&manifest)?;
+                std::fs::write(&manifest, fleet::cluster_manifest(&text, &redis.url()))?;
+            }
             let child = pinned(1, &bin)
                 .args(["run", "--manifest"])
                 .arg(&manifest)
@@ -444,7 +481,9 @@ fn lang_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
 /// Writes the manifest (and, with policies, the plugin directory) of a Tollgate target: one
 /// API, `echo`; `tollgate-policies` adds jwt-validate (RS256, inline JWKS) and set-header
 /// (`X-User` from the token's `sub`) on its onHandshake, each in a fresh instance per
-/// handshake; `tollgate-pooled` is the same with `instances = "pooled"`. `tollgate-py` has
+/// handshake; `tollgate-pooled` is the same with `instances = "pooled"`. `tollgate-limits` and
+/// `tollgate-fleet` have no policy but the API in a product whose subscription has a
+/// `max_connections` (`[cluster]` is added by `start_target`). `tollgate-py` has
 /// the Python origin-check alone; `tollgate-js` has jwt-validate then the JavaScript
 /// tenant-route (tenant claim + default region); both pooled, the strategy their READMEs
 /// recommend for interpreter-based plugins.
@@ -457,10 +496,15 @@ pub(crate) fn tollgate_dir(
 ) -> anyhow::Result<(TempDir, PathBuf)> {
     let dir = tempdir(name)?;
     let manifest = dir.0.join("tollgate.toml");
+    let (products, api_products) = if fleet::has_subscription(name) {
+        (fleet::products_section(), fleet::API_PRODUCTS)
+    } else {
+        (String::new(), "")
+    };
     let mut text = format!(
         "[gateway]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nplugin_dir = \"plugins\"\n\
-         [gateway.limits]\nmax_connections = 20000\n\
-         [[apis]]\nname = \"echo\"\nurl_suffix = \"echo\"\nbackend = \"ws://127.0.0.1:{backend_port}/\"\n"
+         [gateway.limits]\nmax_connections = 20000\n{products}\
+         [[apis]]\nname = \"echo\"\nurl_suffix = \"echo\"\nbackend = \"ws://127.0.0.1:{backend_port}/\"\n{api_products}"
     );
     let plugins = dir.0.join("plugins");
     std::fs::create_dir_all(&plugins)?;
@@ -490,7 +534,7 @@ pub(crate) fn tollgate_dir(
         Ok(())
     };
     match (base, lang_plugin(base)) {
-        ("tollgate" | "tollgate-baseline", _) => {}
+        ("tollgate" | "tollgate-baseline" | "tollgate-limits" | "tollgate-fleet", _) => {}
         ("tollgate-py", Some(file)) => {
             std::fs::copy(lang_dir(args)?.join(file), plugins.join(file))?;
             text.push_str(&format!(
@@ -615,6 +659,8 @@ struct Cell {
     p50: Vec<f64>,
     p99: Vec<f64>,
     errors: u64,
+    /// Per round: operations and the proxy's CPU seconds.
+    rounds: Vec<(u64, f64)>,
 }
 
 impl Cell {
@@ -651,7 +697,7 @@ fn load(
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
-    let all = [
+    let mut all = vec![
         "direct",
         "tcp-relay",
         "tollgate",
@@ -663,13 +709,35 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "nginx",
         "haproxy",
     ];
+    if fleet::wanted(&args) {
+        all.splice(4..4, fleet::TARGETS);
+    }
     let wanted: Vec<&'static str> = match &args.only {
         Some(list) => all
             .iter()
             .copied()
             .filter(|t| list.split(',').any(|x| x.trim() == *t))
             .collect(),
-        None => all.to_vec(),
+        None => all.clone(),
+    };
+    // The fleet target's store: started once, emptied before each start of the target.
+    let redis = if wanted.contains(&"tollgate-fleet") {
+        match fleet::Redis::find(&args) {
+            Some((server, cli)) => {
+                let r = fleet::Redis::start(&server, &cli, args.redis_cpu)?;
+                eprintln!(
+                    "tollgate-bench: {} on CPU {} at {}, pid {}",
+                    server.display(),
+                    args.redis_cpu,
+                    r.url(),
+                    r.pid()
+                );
+                Some(r)
+            }
+            None => None,
+        }
+    } else {
+        None
     };
     let backend_port = free_port()?;
     let _backend = Proc {
@@ -708,7 +776,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             if count == 0 {
                 continue;
             }
-            let Some(t) = start_target(name, backend_port, &args, &jwt, &cache.0)? else {
+            let Some(t) = start_target(name, backend_port, &args, &jwt, &cache.0, redis.as_ref())?
+            else {
                 continue;
             };
             let per = held_rss(&me, &t, scenario, count, path)?;
@@ -718,7 +787,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut targets = Vec::new();
     for name in &wanted {
-        match start_target(name, backend_port, &args, &jwt, &cache.0)? {
+        match start_target(name, backend_port, &args, &jwt, &cache.0, redis.as_ref())? {
             Some(t) => targets.push(t),
             None => eprintln!("  {name}: not installed, skipped"),
         }
@@ -755,6 +824,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     ];
     let mut results: Vec<Vec<Cell>> = vec![vec![Cell::default(); scenarios.len()]; targets.len()];
+    let mut tally = fleet::Tally::default();
     for (si, (label, scenario, extra)) in scenarios.iter().enumerate() {
         if args.handshakes_only && *scenario == "throughput" {
             continue;
@@ -773,10 +843,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     args.window.to_string(),
                 ]);
                 let pid = t.proc.as_ref().map(|p| p.child.id());
+                // What Redis does during the fleet target's handshakes (fleet.rs).
+                let counted = match &redis {
+                    Some(redis) if t.name == "tollgate-fleet" && *scenario == "handshakes" => {
+                        Some((redis, redis.commandstats()?, proc::cpu_seconds(redis.pid())))
+                    }
+                    _ => None,
+                };
                 let cpu0 = pid.map(proc::cpu_seconds).unwrap_or(0.0);
                 let r = load(&me, scenario, t, &extra)?;
                 let cpu1 = pid.map(proc::cpu_seconds).unwrap_or(0.0);
+                if let Some((redis, before, rcpu0)) = counted {
+                    let after = redis.settled_since(&before)?;
+                    tally.stats.add(&after.since(&before));
+                    tally.redis_cpu += proc::cpu_seconds(redis.pid()) - rcpu0;
+                    tally.handshakes += r["ops"].as_u64().unwrap_or(0);
+                }
                 let c = &mut results[ti][si];
+                c.rounds.push((r["ops"].as_u64().unwrap_or(0), cpu1 - cpu0));
                 c.ops += r["ops"].as_u64().unwrap_or(0);
                 c.secs += r["secs"].as_f64().unwrap_or(0.0);
                 c.cpu += cpu1 - cpu0;
@@ -836,6 +920,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             pend
         );
     }
+    if targets.iter().any(|t| fleet::has_subscription(t.name)) {
+        let si = scenarios
+            .iter()
+            .position(|(_, scenario, _)| *scenario == "handshakes")
+            .unwrap_or(0);
+        fleet_report(&targets, &results, si, &tally, args.redis_cpu);
+    }
     if ["tollgate-policies", "tollgate-py", "tollgate-js"]
         .iter()
         .any(|t| wanted.contains(t))
@@ -852,6 +943,130 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         args.duration, args.rounds, args.connections, args.window, args.idle_connections, args.pending_handshakes
     );
     Ok(())
+}
+
+/// The fleet targets' handshakes side by side (`si`: the handshake scenario's index): CPU per
+/// handshake, latency, the fleet/limits ratio per round and over the run, and what Redis did.
+fn fleet_report(
+    targets: &[Target],
+    results: &[Vec<Cell>],
+    si: usize,
+    tally: &fleet::Tally,
+    redis_cpu: u32,
+) {
+    let cell = |name: &str| {
+        targets
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| &results[i][si])
+    };
+    let limits = cell("tollgate-limits");
+    let per_round = |c: &Cell| -> Vec<f64> {
+        c.rounds
+            .iter()
+            .map(|(ops, cpu)| {
+                if *ops > 0 {
+                    cpu * 1e6 / *ops as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    println!("\nFleet limits (issue 19): handshakes with a subscription limit counted in the process (tollgate-limits) and in Redis (tollgate-fleet, `[cluster]`, store_timeout {} ms); proxy CPU 1, Redis CPU {}:\n", fleet::STORE_TIMEOUT_MS, redis_cpu);
+    println!("| target | handshakes/s | handshake p50 / p99 us | CPU per handshake | per round | CPU vs tollgate-limits | p99 minus tollgate-limits' |");
+    println!("|---|---|---|---|---|---|---|");
+    for name in ["tollgate", "tollgate-limits", "tollgate-fleet"] {
+        let Some(c) = cell(name) else { continue };
+        if c.rounds.is_empty() {
+            continue;
+        }
+        let rounds: Vec<String> = per_round(c).iter().map(|v| format!("{v:.1}")).collect();
+        let (ratio, p99) = match limits.filter(|l| !l.rounds.is_empty()) {
+            Some(l) => {
+                let r = match (c.cpu_us_per_op(), l.cpu_us_per_op()) {
+                    (Some(a), Some(b)) => {
+                        // Round by round (the two ran within seconds of each other), and
+                        // the median of those: steadier than the totals on a busy machine.
+                        let each: Vec<f64> = per_round(c)
+                            .iter()
+                            .zip(per_round(l))
+                            .map(|(a, b)| a / b)
+                            .collect();
+                        let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
+                        format!(
+                            "{:.2}x (rounds: {}; median {:.2}x)",
+                            a / b,
+                            shown.join(", "),
+                            Cell::median(&each)
+                        )
+                    }
+                    _ => "-".to_owned(),
+                };
+                let d = Cell::median(&c.p99) - Cell::median(&l.p99);
+                (r, format!("{d:+.0} us"))
+            }
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        println!(
+            "| {name}{} | {:.0} | {:.0} / {:.0} | {} | {} us | {ratio} | {p99} |",
+            if c.errors > 0 {
+                format!(" ({} errors)", c.errors)
+            } else {
+                String::new()
+            },
+            c.rate(),
+            Cell::median(&c.p50),
+            Cell::median(&c.p99),
+            c.cpu_us_per_op()
+                .map_or("-".to_owned(), |v| format!("{v:.1} us")),
+            rounds.join(" / "),
+        );
+    }
+    if tally.handshakes == 0 {
+        return;
+    }
+    let s = &tally.stats;
+    let per = |n: u64| n as f64 / tally.handshakes as f64;
+    println!(
+        "\nRedis during tollgate-fleet's handshake rounds ({} handshakes; `INFO commandstats`, the scripts told apart by the commands they run):\n",
+        tally.handshakes
+    );
+    println!("| what | total | per handshake |\n|---|---|---|");
+    println!(
+        "| script calls (EVALSHA {} + EVAL/SCRIPT LOAD {}), heartbeats included | {} | {:.3} |",
+        s.evalsha(),
+        s.eval(),
+        s.script_calls(),
+        per(s.script_calls())
+    );
+    println!(
+        "| of which first-use retries (EVALSHA answered NOSCRIPT, SCRIPT LOAD) | {} | {:.3} |",
+        s.noscript_retries(),
+        per(s.noscript_retries())
+    );
+    println!(
+        "| acquire (at the handshake) | {} | {:.3} |",
+        s.acquires(),
+        per(s.acquires())
+    );
+    println!(
+        "| release (at the close) | {} | {:.3} |",
+        s.releases(),
+        per(s.releases())
+    );
+    println!(
+        "| heartbeat (every lease_ttl / 3) | {} | - |",
+        s.heartbeats()
+    );
+    println!(
+        "| redis-server CPU | {:.2} s | {:.1} us |",
+        tally.redis_cpu,
+        tally.redis_cpu * 1e6 / tally.handshakes as f64
+    );
+    if !s.consistent() {
+        println!("\nThe split above does not add up (script calls != acquires + releases + heartbeats): another script ran during the rounds, so read only the total.");
+    }
 }
 
 /// Opens `count` connections of `scenario` (`idle`: relayed WebSockets; `pending`: handshakes
