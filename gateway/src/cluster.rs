@@ -37,6 +37,7 @@ use std::time::Duration;
 
 pub use tollgate_manifest::OnStoreFailure;
 
+use crate::metrics::{FleetMetrics, StoreCall, StoreFailure};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
@@ -232,6 +233,7 @@ pub struct Store {
     /// could raise its count after the heartbeat read it and reach Redis before the heartbeat,
     /// which would then write one slot too few (the unsafe side).
     counting: tokio::sync::RwLock<()>,
+    metrics: FleetMetrics,
 }
 
 /// Lowers the local counts an acquire raised unless it was admitted, however it ends (a
@@ -284,7 +286,13 @@ impl Store {
             config,
             held: Mutex::new(HashMap::new()),
             counting: tokio::sync::RwLock::new(()),
+            metrics: FleetMetrics::default(),
         })
+    }
+
+    /// Counts this store's calls in `metrics` (`tollgate_store_*`).
+    pub fn set_metrics(&mut self, metrics: FleetMetrics) {
+        self.metrics = metrics;
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -307,11 +315,13 @@ impl Store {
     fn adjust(&self, key: &str, up: bool) {
         if let Ok(mut h) = self.held.lock() {
             let n = h.entry(key.to_owned()).or_insert(0);
-            *n = if up {
-                n.saturating_add(1)
-            } else {
-                n.saturating_sub(1)
-            };
+            if up {
+                *n = n.saturating_add(1);
+                self.metrics.slot(true);
+            } else if *n > 0 {
+                *n -= 1;
+                self.metrics.slot(false);
+            }
         }
     }
 
@@ -357,8 +367,9 @@ impl Store {
         for (k, l) in keys.iter().zip(limits) {
             call.key(k).arg(*l);
         }
-        let (code, index, held): (i64, i64, i64) =
-            bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
+        let (code, index, held): (i64, i64, i64) = self
+            .bounded(StoreCall::Acquire, call.invoke_async(&mut conn))
+            .await?;
         let held = u64::try_from(held).unwrap_or(0);
         match code {
             1 => Ok(Acquired::Admitted { held }),
@@ -366,7 +377,11 @@ impl Store {
                 index: usize::try_from(index - 1).unwrap_or(0),
                 held,
             }),
-            _ => Err(StoreError::NotRegistered),
+            _ => {
+                self.metrics
+                    .failed(StoreCall::Acquire, StoreFailure::NotRegistered);
+                Err(StoreError::NotRegistered)
+            }
         }
     }
 
@@ -384,8 +399,9 @@ impl Store {
             call.key(k);
         }
         call.arg(&self.config.gateway_id);
-        let result: Result<i64, _> =
-            bounded(self.config.timeout, call.invoke_async(&mut conn)).await;
+        let result: Result<i64, _> = self
+            .bounded(StoreCall::Release, call.invoke_async(&mut conn))
+            .await;
         // Lowered after the store's count, never before (see the module docs); lowered even
         // when the call failed, since the connection is gone either way: the next heartbeat
         // writes the right count.
@@ -396,23 +412,27 @@ impl Store {
     }
 
     /// Counts `amount` under the counter `key` if it fits under `rate`, across the fleet (one
-    /// round trip; see [`crate::counters`] for the algorithm). The key gets a hash tag of its
-    /// own, so on Redis Cluster counters spread over the nodes.
+    /// round trip; see [`crate::counters`] for the algorithm). In Redis the key is a SHA-256 of
+    /// `key`: a fixed size whatever clients send, and no `{`/`}` of theirs can move it out of
+    /// the namespace's hash tag (the client is a single-node one: every key on one shard).
     pub async fn increment(
         &self,
         key: &str,
         rate: &crate::sliding_window::Rate,
         amount: u64,
     ) -> Result<crate::sliding_window::Counted, StoreError> {
-        let key = format!("tollgate:{}:rate:{{{key}}}", self.config.namespace);
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("tollgate:{{{}}}:rate:{hex}", self.config.namespace);
         let mut conn = self.conn.clone();
         let mut call = INCREMENT.key(key);
         call.arg(rate.limit())
             .arg(rate.window_ms())
             .arg(rate.bucket_ms())
             .arg(amount);
-        let (allowed, count, reset, retry): (i64, i64, i64, i64) =
-            bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
+        let (allowed, count, reset, retry): (i64, i64, i64, i64) = self
+            .bounded(StoreCall::Increment, call.invoke_async(&mut conn))
+            .await?;
         let ms = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(crate::sliding_window::Counted {
             allowed: allowed == 1,
@@ -450,8 +470,9 @@ impl Store {
         for (k, n) in &held {
             call.key(k).arg(*n);
         }
-        let (rewritten, live): (i64, i64) =
-            bounded(self.config.timeout, call.invoke_async(&mut conn)).await?;
+        let (rewritten, live): (i64, i64) = self
+            .bounded(StoreCall::Heartbeat, call.invoke_async(&mut conn))
+            .await?;
         // A count is forgotten only once a heartbeat has written it as zero and it is still
         // zero: a key whose release raced this heartbeat (which then wrote the old count) is
         // kept until a heartbeat writes its zero.
@@ -466,16 +487,28 @@ impl Store {
     }
 }
 
-/// `f` within `timeout`, its error in our terms.
-async fn bounded<T>(
-    timeout: Duration,
-    f: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
-        Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
-        Err(_) => Err(StoreError::Timeout(timeout)),
+impl Store {
+    /// `f` within `timeout`, its error in our terms, timed and counted as `call`.
+    async fn bounded<T>(
+        &self,
+        call: StoreCall,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.config.timeout;
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
+            Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        self.metrics.call(call, started.elapsed());
+        match &result {
+            Err(StoreError::Timeout(_)) => self.metrics.failed(call, StoreFailure::Timeout),
+            Err(_) => self.metrics.failed(call, StoreFailure::Error),
+            Ok(_) => {}
+        }
+        result
     }
 }
 
@@ -545,9 +578,15 @@ pub enum Fallback {
 
 impl Fleet {
     /// Inside a tokio runtime.
-    pub fn new(config: StoreConfig, on_failure: OnStoreFailure) -> Result<Arc<Fleet>, StoreError> {
+    pub fn new(
+        config: StoreConfig,
+        on_failure: OnStoreFailure,
+        metrics: FleetMetrics,
+    ) -> Result<Arc<Fleet>, StoreError> {
+        let mut store = Store::new(config)?;
+        store.set_metrics(metrics);
         Ok(Arc::new(Fleet {
-            store: Store::new(config)?,
+            store,
             on_failure,
             live: AtomicU64::new(1),
             failing: AtomicBool::new(false),
@@ -560,6 +599,7 @@ impl Fleet {
 
     fn note_failure(&self, e: &StoreError) {
         if !self.failing.swap(true, Ordering::AcqRel) {
+            self.store.metrics.fallback(true);
             tracing::warn!(event = "store_unavailable", error = %e, on_store_failure = self.on_failure.as_str(),
                 "the fleet's store does not answer; limits follow on_store_failure until it does");
         }
@@ -567,6 +607,7 @@ impl Fleet {
 
     fn note_success(&self) {
         if self.failing.swap(false, Ordering::AcqRel) {
+            self.store.metrics.fallback(false);
             tracing::info!(event = "store_available", "the fleet's store answers again");
         }
     }
@@ -653,6 +694,7 @@ impl Fleet {
             match self.store.heartbeat().await {
                 Ok(live) => {
                     self.live.store(live.max(1), Ordering::Release);
+                    self.store.metrics.live_gateways(live);
                     self.note_success();
                 }
                 Err(e) => self.note_failure(&e),

@@ -28,7 +28,8 @@ pub use crate::sliding_window::{Counted, Rate, Window, MAX_LIMIT, MAX_WINDOW_SEC
 pub const MAX_KEY_BYTES: usize = 512;
 /// Keys this process keeps at most (local counting, and the fallback when the store is away):
 /// keys come from what clients send (an address, a token's subject), so they must be bounded.
-/// At most ~1.3 KiB each (61 buckets and the key), ~85 MiB in all at worst.
+/// At most ~1.7 KiB each (61 buckets, the key, the map's own), ~110 MiB in all at worst. When
+/// full, a new key takes the place of a held one (see `local`).
 pub const MAX_LOCAL_KEYS: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,8 +38,6 @@ pub enum CounterError {
     Invalid(String),
     #[error("the fleet's store is unavailable (on_store_failure = \"closed\")")]
     StoreUnavailable,
-    #[error("this gateway holds {MAX_LOCAL_KEYS} counters already; a new key is refused until some expire")]
-    Full,
 }
 
 /// The counters of this process.
@@ -47,6 +46,8 @@ struct Local {
     windows: HashMap<String, (Rate, Window)>,
     /// When spent windows were last swept out (at most once a second when full).
     swept_at: Option<Instant>,
+    /// Live windows dropped to make room for new keys.
+    evicted: u64,
 }
 
 /// Who counted: the fleet's store, this process, or nobody (the store is away and
@@ -60,10 +61,22 @@ pub enum CountedBy {
     Unlimited,
 }
 
+impl CountedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CountedBy::Fleet => "fleet",
+            CountedBy::Local => "local",
+            CountedBy::LocalShare => "local_share",
+            CountedBy::Unlimited => "unlimited",
+        }
+    }
+}
+
 /// The process's counters: one for its whole life (reloads keep the counts), shared by every
 /// plugin; a plugin's keys are its own (the plugin's name is part of every key).
 pub struct Counters {
     local: Mutex<Local>,
+    metrics: crate::metrics::FleetMetrics,
     fleet: OnceLock<Arc<Fleet>>,
     /// Local windows measure time from here (monotonic).
     epoch: Instant,
@@ -71,15 +84,21 @@ pub struct Counters {
 
 impl Default for Counters {
     fn default() -> Self {
-        Counters {
-            local: Mutex::default(),
-            fleet: OnceLock::new(),
-            epoch: Instant::now(),
-        }
+        Counters::new(Default::default())
     }
 }
 
 impl Counters {
+    /// Counts its increments in `metrics` (`tollgate_counter_increments_total`).
+    pub fn new(metrics: crate::metrics::FleetMetrics) -> Counters {
+        Counters {
+            local: Mutex::default(),
+            metrics,
+            fleet: OnceLock::new(),
+            epoch: Instant::now(),
+        }
+    }
+
     /// Counts across the fleet from now on (`[cluster]`); set once, at start.
     pub fn use_fleet(&self, fleet: Arc<Fleet>) {
         let _ = self.fleet.set(fleet);
@@ -98,6 +117,23 @@ impl Counters {
 
     /// Counts `amount` under `plugin`'s `key` if it fits under `rate`.
     pub async fn increment(
+        &self,
+        plugin: &str,
+        key: &str,
+        rate: Rate,
+        amount: u64,
+    ) -> Result<(Counted, CountedBy), CounterError> {
+        let result = self.count(plugin, key, rate, amount).await;
+        let (outcome, by) = match &result {
+            Ok((c, by)) => (if c.allowed { "allowed" } else { "refused" }, by.as_str()),
+            Err(CounterError::StoreUnavailable) => ("error", "fleet"),
+            Err(_) => ("error", "local"),
+        };
+        self.metrics.counted(plugin, outcome, by);
+        result
+    }
+
+    async fn count(
         &self,
         plugin: &str,
         key: &str,
@@ -127,7 +163,7 @@ impl Counters {
             Err(Fallback::Open) => Ok((Counted::unlimited(), CountedBy::Unlimited)),
             Err(Fallback::Closed) => Err(CounterError::StoreUnavailable),
             Err(Fallback::Local { live }) => self
-                .local(full, rate.share(live), amount)
+                .local(full, rate.share(live, amount), amount)
                 .map(|c| (c, CountedBy::LocalShare)),
         }
     }
@@ -139,7 +175,18 @@ impl Counters {
             .lock()
             .map_err(|_| CounterError::Invalid("counters unavailable".into()))?;
         let local = &mut *local;
-        if !local.windows.contains_key(&key) && local.windows.len() >= MAX_LOCAL_KEYS {
+        if let Some((kept, window)) = local.windows.get_mut(&key) {
+            // The share of a limit changes with the live gateways: the latest applies.
+            *kept = rate;
+            return Ok(window.apply(&rate, now_ms, amount));
+        }
+        let mut window = Window::default();
+        let counted = window.apply(&rate, now_ms, amount);
+        // A read, or a refusal, of a key not held leaves nothing behind.
+        if !counted.allowed || amount == 0 {
+            return Ok(counted);
+        }
+        if local.windows.len() >= MAX_LOCAL_KEYS {
             let due = local
                 .swept_at
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
@@ -147,17 +194,21 @@ impl Counters {
                 local.swept_at = Some(Instant::now());
                 local.windows.retain(|_, (r, w)| !w.is_spent(r, now_ms));
             }
-            if local.windows.len() >= MAX_LOCAL_KEYS {
-                return Err(CounterError::Full);
+            // Still full (someone is minting keys: addresses of an IPv6 prefix, header values):
+            // a held key is dropped, whichever the map's random order gives first, rather than
+            // every new key refused. The dropped key loses its count (its next calls start
+            // afresh), a bounded cost; refusing would let one client lock every new key out
+            // for up to a window.
+            while local.windows.len() >= MAX_LOCAL_KEYS {
+                let Some(victim) = local.windows.keys().next().cloned() else {
+                    break;
+                };
+                local.windows.remove(&victim);
+                local.evicted = local.evicted.saturating_add(1);
             }
         }
-        let (kept, window) = local
-            .windows
-            .entry(key)
-            .or_insert_with(|| (rate, Window::default()));
-        // The share of a limit changes with the live gateways: the latest applies.
-        *kept = rate;
-        Ok(window.apply(&rate, now_ms, amount))
+        local.windows.insert(key, (rate, window));
+        Ok(counted)
     }
 
     /// Keys held in this process (for tests and `/metrics`).
@@ -249,8 +300,9 @@ mod tests {
         assert!(Rate::new(1, 0).is_err());
         assert!(Rate::new(1, MAX_WINDOW_SECONDS + 1).is_err());
         assert!(Rate::new(MAX_LIMIT + 1, 1).is_err());
-        assert_eq!(rate(10, 1).share(3).limit(), 4);
-        assert_eq!(rate(10, 1).share(0).limit(), 10);
+        assert_eq!(rate(10, 1).share(3, 1).limit(), 4);
+        assert_eq!(rate(10, 1).share(0, 1).limit(), 10);
+        assert_eq!(rate(10, 1).share(4, 4).limit(), 4);
     }
 
     #[tokio::test]
@@ -286,12 +338,13 @@ mod tests {
         for i in 0..MAX_LOCAL_KEYS {
             c.increment("p", &i.to_string(), r, 1).await.unwrap();
         }
-        assert_eq!(
-            c.increment("p", "one more", r, 1).await,
-            Err(CounterError::Full)
-        );
-        // A key already held still counts.
-        assert!(!c.increment("p", "0", r, 1).await.unwrap().0.allowed);
+        // Full: a new key still counts, and takes a held key's place.
+        assert!(c.increment("p", "one more", r, 1).await.unwrap().0.allowed);
+        assert!(!c.increment("p", "one more", r, 1).await.unwrap().0.allowed);
         assert_eq!(c.local_keys(), MAX_LOCAL_KEYS);
+        assert_eq!(c.local.lock().unwrap().evicted, 1);
+        // Reads and refusals of keys not held take no room.
+        assert!(c.increment("p", "read", r, 0).await.unwrap().0.allowed);
+        assert_eq!(c.local.lock().unwrap().evicted, 1);
     }
 }

@@ -133,6 +133,29 @@ struct KeySetFetchLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreCallLabel {
+    call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    call: &'static str,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabels {
+    plugin: String,
+    outcome: &'static str,
+    counted_by: &'static str,
+}
+
+fn store_buckets() -> Histogram {
+    // 50 us .. ~0.8 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
+}
+
 fn handshake_buckets() -> Histogram {
     // 0.25 ms .. ~16 s
     Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
@@ -174,6 +197,7 @@ pub struct Metrics {
     signatures: Family<SignatureLabels, Counter>,
     signature_cache: SignatureCacheCounters,
     key_sets: KeySetMetrics,
+    fleet: FleetMetrics,
 }
 
 impl Default for Metrics {
@@ -209,6 +233,7 @@ impl Metrics {
             signatures: Family::default(),
             signature_cache: Default::default(),
             key_sets: KeySetMetrics::default(),
+            fleet: FleetMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -345,7 +370,43 @@ impl Metrics {
             "Usable keys in each key set as last fetched",
             m.key_sets.keys.clone(),
         );
+        registry.register_with_unit(
+            "store_call_duration",
+            "Round trips to the fleet's store ([cluster]), by call (acquire, release, heartbeat, increment, counts), failed ones included",
+            Unit::Seconds,
+            m.fleet.call_duration.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed, by call and error (timeout: no answer within store_timeout, error, not_registered: this gateway's lease was missing and it registered again)",
+            m.fleet.errors.clone(),
+        );
+        registry.register(
+            "store_fallback",
+            "1 while the fleet's store does not answer and limits follow on_store_failure, else 0",
+            m.fleet.fallback.clone(),
+        );
+        registry.register(
+            "fleet_live_gateways",
+            "Gateways with a live lease in the store at this gateway's last heartbeat",
+            m.fleet.live_gateways.clone(),
+        );
+        registry.register(
+            "fleet_slots_held",
+            "Connection slots this gateway holds in the fleet's store (a connection with a subscription and an API limit holds two)",
+            m.fleet.slots_held.clone(),
+        );
+        registry.register(
+            "counter_increments",
+            "counters.increment calls of policies (rate-limit-by-key), by plugin, outcome (allowed, refused, error) and who counted (fleet, local, local_share: this gateway's share while the store is away, unlimited: the store is away and on_store_failure = open)",
+            m.fleet.counters.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The fleet's series, for the store and the counters.
+    pub fn fleet(&self) -> FleetMetrics {
+        self.fleet.clone()
     }
 
     /// The key-set counters, for the policy host.
@@ -679,6 +740,116 @@ pub struct PolicyMetrics {
     pub idle: Gauge,
 }
 
+/// A call to the fleet's store (`tollgate_store_*` series).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreCall {
+    Acquire,
+    Release,
+    Heartbeat,
+    Increment,
+    Counts,
+}
+
+impl StoreCall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreCall::Acquire => "acquire",
+            StoreCall::Release => "release",
+            StoreCall::Heartbeat => "heartbeat",
+            StoreCall::Increment => "increment",
+            StoreCall::Counts => "counts",
+        }
+    }
+}
+
+/// Why a store call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    Timeout,
+    Error,
+    NotRegistered,
+}
+
+/// The fleet's series (`tollgate_store_*`, `tollgate_fleet_*`, `tollgate_counter_*`).
+#[derive(Clone)]
+pub struct FleetMetrics {
+    call_duration: HistogramFamily<StoreCallLabel>,
+    errors: Family<StoreErrorLabels, Counter>,
+    fallback: Gauge,
+    live_gateways: Gauge,
+    slots_held: Gauge,
+    counters: Family<CounterLabels, Counter>,
+}
+
+impl Default for FleetMetrics {
+    fn default() -> Self {
+        FleetMetrics {
+            call_duration: Family::new_with_constructor(store_buckets),
+            errors: Family::default(),
+            fallback: Gauge::default(),
+            live_gateways: Gauge::default(),
+            slots_held: Gauge::default(),
+            counters: Family::default(),
+        }
+    }
+}
+
+impl FleetMetrics {
+    /// A store call's round trip (answered or not).
+    pub fn call(&self, call: StoreCall, took: std::time::Duration) {
+        self.call_duration
+            .get_or_create(&StoreCallLabel {
+                call: call.as_str(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A store call that failed.
+    pub fn failed(&self, call: StoreCall, failure: StoreFailure) {
+        self.errors
+            .get_or_create(&StoreErrorLabels {
+                call: call.as_str(),
+                error: match failure {
+                    StoreFailure::Timeout => "timeout",
+                    StoreFailure::Error => "error",
+                    StoreFailure::NotRegistered => "not_registered",
+                },
+            })
+            .inc();
+    }
+
+    /// The store stopped (true) or started again (false) answering: limits follow
+    /// `on_store_failure` meanwhile.
+    pub fn fallback(&self, on: bool) {
+        self.fallback.set(i64::from(on));
+    }
+
+    pub fn live_gateways(&self, n: u64) {
+        self.live_gateways.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One slot more (true) or fewer held by this gateway in the store.
+    pub fn slot(&self, held: bool) {
+        if held {
+            self.slots_held.inc();
+        } else {
+            self.slots_held.dec();
+        }
+    }
+
+    /// A `counters.increment` of `plugin`: `outcome` allowed, refused or error; `counted_by`
+    /// fleet, local, local_share or unlimited.
+    pub fn counted(&self, plugin: &str, outcome: &'static str, counted_by: &'static str) {
+        self.counters
+            .get_or_create(&CounterLabels {
+                plugin: plugin.to_owned(),
+                outcome,
+                counted_by,
+            })
+            .inc();
+    }
+}
+
 /// The key-set series (`tollgate_key_set_*`), for the policy host's fetched key sets.
 #[derive(Clone, Default)]
 pub struct KeySetMetrics {
@@ -860,6 +1031,12 @@ mod tests {
         m.signatures()
             .plugin("p")
             .record(tollgate_verify::Algorithm::Rs256, VerifyResult::Valid);
+        let fleet = m.fleet();
+        fleet.call(StoreCall::Acquire, std::time::Duration::ZERO);
+        fleet.failed(StoreCall::Acquire, StoreFailure::Timeout);
+        fleet.counted("p", "allowed", "fleet");
+        m.key_sets().fetched("https://idp/jwks", "load", true);
+        m.key_sets().succeeded("https://idp/jwks", 1);
         let text = m.encode();
         let mut exposed: Vec<Family> = text
             .lines()

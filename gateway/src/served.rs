@@ -98,7 +98,10 @@ impl Served {
             || config.apis.iter().any(|a| !a.on_handshake.is_empty());
         let mut plugins = std::collections::HashMap::new();
         let mut host = None;
-        let counters = previous.map_or_else(Default::default, |p| p.counters.clone());
+        let counters = previous.map_or_else(
+            || Arc::new(crate::counters::Counters::new(metrics.fleet())),
+            |p| p.counters.clone(),
+        );
         // One wasm engine for the process's life: a reload with the same host settings reuses
         // it (each engine reserves its own pooling-allocator address space, and engines of
         // older states live as long as connections admitted under them).

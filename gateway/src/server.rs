@@ -179,6 +179,7 @@ impl Gateway {
                     timeout: c.store_timeout,
                 },
                 c.on_store_failure,
+                self.metrics.fleet(),
             )
             .map_err(|e| StartError::Plugin(format!("cluster.store: {e}")))?;
             tracing::info!(event = "cluster", gateway_id = %fleet.store().config().gateway_id, namespace = %c.namespace,

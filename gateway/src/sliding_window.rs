@@ -49,11 +49,12 @@ impl Rate {
         (self.window_ms / BUCKETS).max(1)
     }
 
-    /// This rate with the limit shared among `gateways` (rounded up): a gateway's part while
-    /// the fleet's store is away.
-    pub fn share(&self, gateways: u64) -> Rate {
+    /// This rate with the limit shared among `gateways` (rounded up, and never below
+    /// `at_least`, the amount one call counts, or nothing would ever fit): a gateway's part
+    /// while the fleet's store is away.
+    pub fn share(&self, gateways: u64, at_least: u64) -> Rate {
         Rate {
-            limit: self.limit.div_ceil(gateways.max(1)),
+            limit: self.limit.div_ceil(gateways.max(1)).max(at_least),
             window_ms: self.window_ms,
         }
     }

@@ -28,7 +28,7 @@ fn limited_gateway(backend: &str, calls: u32, cluster: Option<(&RedisServer, &st
         )
     });
     let text = format!(
-        "{}{cluster}\
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{cluster}\
          [[products]]\nname = \"gold\"\n\
          [[products.subscriptions]]\nname = \"acme\"\nprimary_key_env = \"TG_RATE_KEY\"\n\
          {}",
@@ -77,22 +77,27 @@ async fn a_rate_limit_by_key_holds_exactly_across_three_gateways() {
     for i in 0..100 {
         let addr = addrs[i % 3];
         tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
             let (head, _ws) = open(addr).await;
-            (head, Instant::now())
+            (head, sent, Instant::now())
         }));
     }
     let mut admitted = 0;
+    let mut first_admitted = None;
     let mut refusals = Vec::new();
     for t in tasks {
-        let (head, at) = t.await.unwrap();
+        let (head, sent, at) = t.await.unwrap();
         match status_of(&head) {
-            101 => admitted += 1,
+            101 => {
+                admitted += 1;
+                first_admitted = Some(first_admitted.map_or(at, |f: Instant| f.min(at)));
+            }
             429 => {
                 let after: u64 = header(&head, "retry-after")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| panic!("a 429 without a Retry-After: {head}"));
                 assert_eq!(header(&head, "x-ratelimit-remaining"), Some("0"), "{head}");
-                refusals.push((after, at));
+                refusals.push((after, sent, at));
             }
             other => panic!("unexpected {other}: {head}"),
         }
@@ -107,18 +112,37 @@ async fn a_rate_limit_by_key_holds_exactly_across_three_gateways() {
         burst < Duration::from_secs(9),
         "the burst took {burst:?}: the test needs it inside the window"
     );
-    // Every unit counts 10 s (and at most a 60th of that longer) from when it was counted, all
-    // within the burst: a refusal's wait is at most 10.2 s away, at least 10 s minus the burst.
-    for (after, at) in &refusals {
-        let until = at.duration_since(started);
+    // The first unit counted (before the first 101 came back) counts until its bucket's end
+    // plus 10 s, at most 10.167 s later; a refusal sent after it waits at most that, rounded
+    // up to whole seconds.
+    let first = first_admitted.unwrap();
+    for (after, sent, _) in &refusals {
         assert!(
-            *after >= 1 && Duration::from_secs(*after) + until <= Duration::from_millis(11_200),
-            "Retry-After {after} at {until:?}"
+            *after >= 1
+                && *sent + Duration::from_secs(*after) <= first + Duration::from_millis(11_167),
+            "Retry-After {after}, sent {:?} after the start, first 101 at {:?}",
+            sent.duration_since(started),
+            first.duration_since(started)
         );
     }
 
+    // What operators see: each gateway's increments, who counted them, the store's round trips.
+    let mut metrics = String::new();
+    for g in &gws {
+        metrics.push_str(&http_get(g.admin.unwrap(), "/metrics").await.2);
+    }
+    for series in [
+        "tollgate_counter_increments_total{plugin=\"rate-limit-by-key\",outcome=\"allowed\",counted_by=\"fleet\"}",
+        "tollgate_counter_increments_total{plugin=\"rate-limit-by-key\",outcome=\"refused\",counted_by=\"fleet\"}",
+        "tollgate_store_call_duration_seconds_count{call=\"increment\"}",
+        "tollgate_store_call_duration_seconds_count{call=\"heartbeat\"}",
+        "tollgate_store_fallback 0",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+
     // Right to the second: the last refusal's Retry-After R means the slot frees in (R-1, R] s.
-    let (after, at) = *refusals.iter().max_by_key(|(_, at)| *at).unwrap();
+    let (after, _, at) = *refusals.iter().max_by_key(|(_, _, at)| *at).unwrap();
     let margin = Duration::from_millis(300);
     tokio::time::sleep_until((at + Duration::from_secs(after - 1) - margin).into()).await;
     let (head, _) = open(addrs[0]).await;
@@ -128,8 +152,8 @@ async fn a_rate_limit_by_key_holds_exactly_across_three_gateways() {
     assert_eq!(status_of(&head), 101, "refused after Retry-After: {head}");
 }
 
-/// Without `[cluster]` the gateway counts itself: 3 per 10 s admits 3 of 10, and a refusal
-/// counts nothing (the 101's remaining figure goes 2, 1, 0).
+/// Without `[cluster]` the gateway counts itself: 3 per 10 s admits 3 of 10, the 101s saying
+/// how many calls are left (2, 1, 0).
 #[tokio::test]
 async fn without_a_cluster_the_gateway_counts_in_process() {
     let backend = RawBackend::start(echo_frames()).await;
@@ -201,4 +225,12 @@ async fn with_redis_away_the_failure_mode_decides() {
         [101, 101, 101, 429, 429],
         "a share of 6 over 2 gateways"
     );
+    let (_, _, metrics) = http_get(local.admin.unwrap(), "/metrics").await;
+    for series in [
+        "tollgate_store_fallback 1",
+        "tollgate_counter_increments_total{plugin=\"rate-limit-by-key\",outcome=\"allowed\",counted_by=\"local_share\"} 3",
+        "tollgate_store_errors_total{call=\"increment\",error=\"error\"}",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
 }

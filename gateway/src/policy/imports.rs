@@ -744,7 +744,24 @@ fn host_counter_increment(
         };
         let counters = state.counters.clone();
         let plugin = state.plugin.clone();
-        let counted = counters.increment(&plugin, &key, rate, amount).await;
+        let deadline = state.deadline;
+        let counting = counters.increment(&plugin, &key, rate, amount);
+        // A store round trip ends before the call's own deadline (store_timeout may be longer
+        // than the policy's timeout), so the policy decides rather than the call timing out.
+        let counted = match deadline {
+            Some(d) => {
+                let until = d.checked_sub(REFETCH_MARGIN).unwrap_or(d);
+                match tokio::time::timeout_at(until.into(), counting).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        return Ok((Err(
+                            "counting did not finish before the policy call's deadline".into(),
+                        ),))
+                    }
+                }
+            }
+            None => counting.await,
+        };
         Ok((counted
             .map(|(c, _)| CtCounted {
                 allowed: c.allowed,

@@ -18,7 +18,8 @@
 //!   the context value `name` (`subscription.name`, `product.name`, `jwt.sub`, ...). A value
 //!   that is absent counts as empty, so every handshake without it shares one counter (e.g.
 //!   `"{subscription.name}"`: anonymous clients together), which never lets a client escape the
-//!   limit by leaving a value out. The key is cut to its first 400 bytes.
+//!   limit by leaving a value out. Each value goes into the key with its length (values cannot
+//!   run into each other), and a key longer than 400 bytes is replaced by its SHA-256.
 //! - **One counter per key value, plugin and period**, shared by every API the policy is
 //!   attached to (API Management: "a single counter is used for all scopes"); put `{api.name}`
 //!   in the key to count per API.
@@ -28,7 +29,7 @@
 //!   Management's JSON body. `remaining_calls_header_name` and `total_calls_header_name` add
 //!   those figures to the 101 and to the 429.
 //! - **When counting fails** (the fleet's store is unavailable and `on_store_failure =
-//!   "closed"`, or the gateway holds too many keys): 503 with `Retry-After: 1`, and a warning.
+//!   "closed"`): 503 with `Retry-After: 1`, and a warning.
 
 use serde::Deserialize;
 use tollgate_sdk::counters::{self, Rate};
@@ -137,8 +138,13 @@ pub fn parse_template(template: &str) -> Result<Vec<Part>, String> {
             "client.ip" => Part::ClientIp,
             "api.name" => Part::ApiName,
             n => match n.strip_prefix("header.") {
-                Some(h) if !h.is_empty() => Part::Header(h.to_ascii_lowercase()),
-                _ => Part::Context(n.to_owned()),
+                Some(h) if valid_header_name(h) => Part::Header(h.to_ascii_lowercase()),
+                Some(h) => {
+                    return Err(format!(
+                        "rate-limit-by-key: counter_key `{template}`: `{h}` is not a header name"
+                    ))
+                }
+                None => Part::Context(n.to_owned()),
             },
         });
         rest = &rest[open + close + 1..];
@@ -150,27 +156,31 @@ pub fn parse_template(template: &str) -> Result<Vec<Part>, String> {
 }
 
 /// The key this request counts under: the template's parts, each value as the request has it
-/// (absent: empty), cut to [`MAX_KEY_BYTES`].
+/// (absent: empty) preceded by its length, so no two different sets of values make the same
+/// key (`{client.ip}{header.x}`: `1.2.3.4` + `5` is not `1.2.3.45` + nothing). A key longer
+/// than [`MAX_KEY_BYTES`] becomes its SHA-256: distinct long values (tokens) never share a
+/// counter, and the key's size is bounded.
 pub fn render(parts: &[Part], request: &Request) -> String {
     let mut key = String::new();
+    let mut value = |v: String| {
+        key.push_str(&v.len().to_string());
+        key.push(':');
+        key.push_str(&v);
+    };
     for p in parts {
         match p {
-            Part::Text(t) => key.push_str(t),
-            Part::ClientIp => key.push_str(&request.client_ip().unwrap_or_default()),
-            Part::ApiName => key.push_str(&request.api()),
-            Part::Header(h) => key.push_str(&request.header(h).unwrap_or_default()),
-            Part::Context(c) => key.push_str(&request.context(c).unwrap_or_default()),
-        }
-        if key.len() > MAX_KEY_BYTES {
-            break;
+            Part::Text(t) => value(t.clone()),
+            Part::ClientIp => value(request.client_ip().unwrap_or_default()),
+            Part::ApiName => value(request.api()),
+            Part::Header(h) => value(request.header(h).unwrap_or_default()),
+            Part::Context(c) => value(request.context(c).unwrap_or_default()),
         }
     }
     if key.len() > MAX_KEY_BYTES {
-        let mut end = MAX_KEY_BYTES;
-        while !key.is_char_boundary(end) {
-            end -= 1;
-        }
-        key.truncate(end);
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        key = digest.iter().map(|b| format!("{b:02x}")).collect();
+        key.insert_str(0, "sha256:");
     }
     key
 }
@@ -194,6 +204,11 @@ impl Config {
                 "rate-limit-by-key: renewal_period of {} s is not within 1..={MAX_RENEWAL_PERIOD} s",
                 c.renewal_period.0
             ));
+        }
+        if c.increment_count == 0 {
+            return Err(
+                "rate-limit-by-key: increment_count = 0 would count nothing: nothing would ever be limited".into(),
+            );
         }
         if c.increment_count > c.calls {
             return Err(format!(
@@ -364,10 +379,25 @@ mod tests {
             .build();
         let parts =
             parse_template("{client.ip}/{api.name}/{header.X-Tenant}/{jwt.sub}/{absent}").unwrap();
-        assert_eq!(render(&parts, &r), "203.0.113.5/chat/t1/ann/");
-        let long = request().context("jwt.sub", &"é".repeat(400)).build();
-        let key = render(&parse_template("{jwt.sub}").unwrap(), &long);
-        assert!(key.len() <= MAX_KEY_BYTES && key.len() >= MAX_KEY_BYTES - 1);
+        assert_eq!(
+            render(&parts, &r),
+            "11:203.0.113.51:/4:chat1:/2:t11:/3:ann1:/0:"
+        );
+        // Values cannot run into each other...
+        let two = parse_template("{client.ip}{header.x}").unwrap();
+        let a = request().client_ip("1.2.3.4").header("x", "5").build();
+        let b = request().client_ip("1.2.3.45").build();
+        assert_ne!(render(&two, &a), render(&two, &b));
+        // ...and long ones are hashed whole, not cut: two tokens alike for 400 bytes differ.
+        let sub = parse_template("{jwt.sub}").unwrap();
+        let long = |end: &str| {
+            request()
+                .context("jwt.sub", &format!("{}{end}", "é".repeat(300)))
+                .build()
+        };
+        let (x, y) = (render(&sub, &long("x")), render(&sub, &long("y")));
+        assert!(x.starts_with("sha256:") && x.len() <= MAX_KEY_BYTES, "{x}");
+        assert_ne!(x, y);
     }
 
     #[test]
@@ -400,6 +430,14 @@ mod tests {
             (
                 r#"{"calls": 1, "renewal_period": 1, "counter_key": "k", "increment_count": 2}"#,
                 "increment_count",
+            ),
+            (
+                r#"{"calls": 1, "renewal_period": 1, "counter_key": "k", "increment_count": 0}"#,
+                "count nothing",
+            ),
+            (
+                r#"{"calls": 1, "renewal_period": 1, "counter_key": "{header.a b}"}"#,
+                "not a header name",
             ),
             (
                 r#"{"calls": 1, "renewal_period": 1, "counter_key": "k", "total_calls_header_name": "a b"}"#,
