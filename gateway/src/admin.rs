@@ -263,6 +263,8 @@ pub struct View {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The client listeners' addresses, once bound (`/apis`, the console's probe).
     pub listeners: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
+    /// The fleet (`[cluster]`): its counts, as last read, go into `/apis`.
+    pub fleet: Option<Arc<crate::cluster::Fleet>>,
 }
 
 pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
@@ -448,6 +450,8 @@ pub fn apis_json(gw: &View) -> serde_json::Value {
                 })),
                 "max_connections": c.max_connections,
                 "active_connections": a.active.load(Ordering::Relaxed),
+                // Clustered: every gateway's connections, as last read from the store.
+                "fleet_active_connections": gw.fleet.as_ref().and_then(|f| f.fleet_count(&crate::cluster::api_thing(&c.name))),
                 "policies": policies,
             })
         })
@@ -469,6 +473,7 @@ pub fn apis_json(gw: &View) -> serde_json::Value {
                         "name": s.name,
                         "max_connections": s.max_connections,
                         "active_connections": s.active.load(Ordering::Relaxed),
+                        "fleet_active_connections": gw.fleet.as_ref().and_then(|f| f.fleet_count(&crate::cluster::subscription_thing(&s.product, &s.name))),
                     })
                 })
                 .collect();
@@ -493,6 +498,9 @@ pub fn apis_json(gw: &View) -> serde_json::Value {
         "listeners": listeners,
         "apis": apis,
         "products": products,
+        // Clustered: this gateway's id, the live gateways, whether the store answers, and
+        // when the fleet-wide counts above were read (once per heartbeat interval).
+        "fleet": gw.fleet.as_ref().map(|f| f.status()),
     })
 }
 
@@ -623,6 +631,7 @@ mod tests {
             metrics,
             ready: Default::default(),
             listeners: Default::default(),
+            fleet: None,
         };
         let get = |path: &str| req(path, &[("host", "localhost")]);
         assert_eq!(route(&gw, &get("/readyz")).await.status(), 503);

@@ -193,6 +193,42 @@ return {0, total, newest - now, wait}
     )
 });
 
+/// KEYS[1] leases, KEYS[2..] slot hashes: the fleet's count of each (fields of gateways whose
+/// lease is alive). Reads only.
+static COUNTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for k = 2, #KEYS do
+  local total = 0
+  local f = redis.call('HGETALL', KEYS[k])
+  for i = 1, #f, 2 do
+    local exp = tonumber(redis.call('HGET', KEYS[1], f[i]) or '0')
+    if exp >= now then total = total + tonumber(f[i + 1]) end
+  end
+  out[k - 1] = total
+end
+return out
+",
+    )
+});
+
+/// The store's name of a subscription's connection slots. The product's length first: names
+/// may hold `/`, and `a/b` + `c` must not be the same thing as `a` + `b/c`.
+pub fn subscription_thing(product: &str, name: &str) -> String {
+    format!("sub:{}:{product}/{name}", product.len())
+}
+
+/// The store's name of an API's connection slots.
+pub fn api_thing(name: &str) -> String {
+    format!("api:{name}")
+}
+
+/// Things counted per `counts` call at most (a script's keys).
+const COUNTS_PER_CALL: usize = 256;
+
 /// Where and how a gateway keeps its fleet-wide counts.
 #[derive(Clone)]
 pub struct StoreConfig {
@@ -442,6 +478,23 @@ impl Store {
         })
     }
 
+    /// The fleet's count of each thing (one call per 256 things; reads only).
+    pub async fn counts(&self, things: &[String]) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(things.len());
+        for chunk in things.chunks(COUNTS_PER_CALL) {
+            let mut conn = self.conn.clone();
+            let mut call = COUNTS.key(&self.leases);
+            for t in chunk {
+                call.key(self.slots(t));
+            }
+            let counts: Vec<i64> = self
+                .bounded(StoreCall::Counts, call.invoke_async(&mut conn))
+                .await?;
+            out.extend(counts.into_iter().map(|c| u64::try_from(c).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
     /// Renews this gateway's lease and writes its counts (one call, whatever the number of
     /// connections); returns how many gateways hold a live lease.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
@@ -520,6 +573,8 @@ pub struct Fleet {
     live: AtomicU64,
     /// The store did not answer the last call: logged once per episode.
     failing: AtomicBool,
+    /// The fleet's counts of the limited things, as last read (for `/apis`), and when.
+    counts: Mutex<(HashMap<String, u64>, Option<std::time::SystemTime>)>,
 }
 
 /// One connection's slots in the fleet's store; given back (in a task of its own) when dropped,
@@ -590,6 +645,7 @@ impl Fleet {
             on_failure,
             live: AtomicU64::new(1),
             failing: AtomicBool::new(false),
+            counts: Mutex::default(),
         }))
     }
 
@@ -685,6 +741,51 @@ impl Fleet {
             }
             Err(e) => Err(self.fallback(&e)),
         }
+    }
+
+    /// Reads the fleet's counts of `things` (for `/apis`: an admin request never waits on, nor
+    /// costs, a store call). After a failed read the counts are unknown (`/apis` shows null)
+    /// rather than stale; the time of the last good read stays.
+    pub async fn refresh_counts(&self, things: Vec<String>) {
+        let read = self.store.counts(&things).await;
+        if let Ok(mut c) = self.counts.lock() {
+            match read {
+                Ok(counts) => {
+                    *c = (
+                        things.into_iter().zip(counts).collect(),
+                        Some(std::time::SystemTime::now()),
+                    )
+                }
+                Err(_) => c.0.clear(),
+            }
+        }
+    }
+
+    /// The fleet's count of `thing` at the last read, if it was read.
+    pub fn fleet_count(&self, thing: &str) -> Option<u64> {
+        self.counts.lock().ok()?.0.get(thing).copied()
+    }
+
+    /// How often heartbeats (and the reads for `/apis`) run.
+    pub fn interval(&self) -> Duration {
+        self.store.config.lease_ttl / 3
+    }
+
+    /// What `/apis` says about the fleet: never the store's URL.
+    pub fn status(&self) -> serde_json::Value {
+        let read_at = self.counts.lock().ok().and_then(|c| c.1).and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        });
+        serde_json::json!({
+            "gateway_id": self.store.config.gateway_id,
+            "namespace": self.store.config.namespace,
+            "live_gateways": self.live.load(Ordering::Acquire),
+            "store_available": !self.failing.load(Ordering::Acquire),
+            "on_store_failure": self.on_failure.as_str(),
+            "counts_read_at": read_at,
+        })
     }
 
     /// Renews this gateway's lease every third of `lease_ttl` until `stop`.

@@ -702,9 +702,7 @@ async fn admit_in_fleet(
     if let Some(s) = subscription {
         if let Some(max) = s.max_connections {
             wants.push(Want {
-                // The product's length first: names may hold `/`, and `a/b` + `c` must not be
-                // the same thing as `a` + `b/c`.
-                thing: format!("sub:{}:{}/{}", s.product.len(), s.product, s.name),
+                thing: crate::cluster::subscription_thing(&s.product, &s.name),
                 limit: u64::try_from(max).unwrap_or(u64::MAX),
                 here: &s.active,
             });
@@ -713,7 +711,7 @@ async fn admit_in_fleet(
     }
     if let Some(max) = api.config.max_connections {
         wants.push(Want {
-            thing: format!("api:{}", api.config.name),
+            thing: crate::cluster::api_thing(&api.config.name),
             limit: u64::try_from(max).unwrap_or(u64::MAX),
             here: &api.active,
         });

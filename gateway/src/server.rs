@@ -134,6 +134,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             ready: self.ready.clone(),
             listeners: self.bound.clone(),
+            fleet: self.fleet.get().cloned(),
         }
     }
 
@@ -167,6 +168,38 @@ impl Gateway {
         }
     }
 
+    /// Reads the fleet's counts of every limited subscription and API of the state served now,
+    /// once per heartbeat interval, for `/apis`.
+    async fn read_fleet_counts(self: Arc<Self>, fleet: Arc<crate::cluster::Fleet>) {
+        let mut tick = tokio::time::interval(fleet.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let served = self.served();
+            let mut things: Vec<String> = served
+                .routes
+                .apis()
+                .iter()
+                .filter(|a| a.config.max_connections.is_some())
+                .map(|a| crate::cluster::api_thing(&a.config.name))
+                .collect();
+            things.extend(
+                served
+                    .keys
+                    .all()
+                    .iter()
+                    .filter(|s| s.max_connections.is_some())
+                    .map(|s| crate::cluster::subscription_thing(&s.product, &s.name)),
+            );
+            if !things.is_empty() {
+                fleet.refresh_counts(things).await;
+            }
+        }
+    }
+
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
         if let Some(c) = &self.config.cluster {
             let gateway_id = c.gateway_id.clone().unwrap_or_else(default_gateway_id);
@@ -187,6 +220,7 @@ impl Gateway {
                 on_store_failure = c.on_store_failure.as_str(),
                 "connection limits are counted across the fleet sharing this store");
             tokio::spawn(fleet.clone().heartbeats(self.shutdown.clone()));
+            tokio::spawn(self.clone().read_fleet_counts(fleet.clone()));
             // Every state shares the process's counters, so this holds across reloads.
             self.served().counters().use_fleet(fleet.clone());
             let _ = self.fleet.set(fleet);

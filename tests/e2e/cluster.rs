@@ -177,7 +177,7 @@ const KEY: &str = "fleet-test-subscription-key-0123456789";
 /// counted across every gateway on `redis`.
 fn fleet_gateway(redis: &RedisServer, backend: &str, cluster_extra: &str) -> Gateway {
     let text = format!(
-        "{}[cluster]\nstore = \"{}\"\nlease_ttl = \"2s\"\nstore_timeout = \"500ms\"\n{cluster_extra}\n\
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nlease_ttl = \"2s\"\nstore_timeout = \"500ms\"\n{cluster_extra}\n\
          [[products]]\nname = \"gold\"\n\
          [[products.subscriptions]]\nname = \"acme\"\nmax_connections = 10\nprimary_key_env = \"TG_FLEET_KEY\"\n\
          {}",
@@ -247,6 +247,14 @@ async fn three_gateway_processes_share_a_subscription_limit_and_survive_a_kill_9
         (10, 50),
         "exactly the limit, across three gateways"
     );
+    // `/apis` of any gateway shows the fleet's count (read once per heartbeat interval).
+    let (acme, fleet) = fleet_view(&gws[1], 10).await;
+    assert_eq!(
+        acme["active_connections"],
+        held.iter().filter(|(g, _)| *g == 1).count()
+    );
+    assert_eq!(fleet["live_gateways"], 3, "{fleet}");
+    assert_eq!(fleet["store_available"], true, "{fleet}");
 
     // A close on any gateway: exactly one more gets in.
     let (_, mut ws) = held.pop().unwrap();
@@ -302,6 +310,69 @@ async fn three_gateway_processes_share_a_subscription_limit_and_survive_a_kill_9
         }
     }
     assert_eq!(open(survivors[0]).await.0, 429, "and not one more");
+}
+
+/// Subscription `acme` in `/apis` once its fleet-wide count is `want` (waiting up to 5 s for
+/// the next read), and the `/apis` fleet section.
+async fn fleet_view(gw: &Gateway, want: u64) -> (serde_json::Value, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, body) = http_get(gw.admin.unwrap(), "/apis").await;
+        let apis: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let acme = apis["products"][0]["subscriptions"][0].clone();
+        assert_eq!(acme["name"], "acme", "{apis}");
+        if acme["fleet_active_connections"] == want {
+            return (acme, apis["fleet"].clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet's count never read {want}: {apis}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis restarts empty while two gateways hold 5 connections: within a heartbeat interval
+/// each has written its counts back, so `/apis` reads 5 across the fleet again and the limit
+/// (10) admits exactly 5 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_the_fleet_counts_the_live_connections_again() {
+    let mut redis = RedisServer::start();
+    let backend = RawBackend::start(echo_frames()).await;
+    let gws = [
+        fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\""),
+        fleet_gateway(&redis, &backend.url(), "on_store_failure = \"closed\""),
+    ];
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let (status, ws) = open(&gws[i % 2]).await;
+        assert_eq!(status, 101);
+        held.push(ws);
+    }
+    fleet_view(&gws[0], 5).await;
+    redis.restart();
+    // Empty now; the heartbeats (every 667 ms) write 3 + 2 back. A read of the counts has
+    // been tried since the restart (once per interval, each within 500 ms) before they are
+    // checked, so what `/apis` shows comes from the restarted store.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acme, _) = fleet_view(&gws[0], 5).await;
+    assert_eq!(acme["active_connections"], 3);
+    let mut admitted = 0;
+    for i in 0..8 {
+        let (status, ws) = open(&gws[i % 2]).await;
+        match status {
+            101 => {
+                admitted += 1;
+                held.push(ws);
+            }
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        admitted, 5,
+        "the limit counts the connections held before the restart"
+    );
 }
 
 /// Redis stopped: a gateway with `on_store_failure = "closed"` answers 503 and one with
