@@ -12,7 +12,10 @@
 //! once (so does a heartbeat) and, past its lease check, `HGETALL` once per limited thing (a
 //! heartbeat once, on the leases), then `HINCRBY` once per thing when admitted; a release runs
 //! `HINCRBY` once per thing. The bench's API has no `max_connections`, so every acquire and
-//! release here touches exactly one thing, the subscription.
+//! release here touches exactly one thing, the subscription. The gateway also reads the fleet's
+//! counts for `/apis` once per `lease_ttl / 3` (10 s here, the first 10 s after its start),
+//! which runs `TIME`, `HGETALL` and `HGET`: a round that holds such a read is reported as not
+//! adding up.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -171,7 +171,10 @@ impl Gateway {
     /// Reads the fleet's counts of every limited subscription and API of the state served now,
     /// once per heartbeat interval, for `/apis`.
     async fn read_fleet_counts(self: Arc<Self>, fleet: Arc<crate::cluster::Fleet>) {
-        let mut tick = tokio::time::interval(fleet.interval());
+        // The first read one interval after the start, like the heartbeats after the first:
+        // nothing to read before connections come in.
+        let every = fleet.interval();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
