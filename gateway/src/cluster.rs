@@ -8,7 +8,8 @@
 //!   value = the connections that gateway holds. Acquiring a slot is one Lua script: it sums
 //!   the fields of gateways whose lease is alive (dropping the others' fields as it goes) and
 //!   increments this gateway's field if the sum is under the limit. Releasing decrements it.
-//!   One round trip per admitted handshake and one per close; nothing per frame.
+//!   One round trip per admitted handshake; closes are given back in batches (one call per
+//!   few milliseconds, whatever the number of closes in them); nothing per frame.
 //! - **Leases**: one hash of gateway id -> expiry (Redis's own clock, so gateway clocks do not
 //!   matter). [`Store::heartbeat`] renews this gateway's lease: one call per interval, whatever
 //!   the number of connections. A gateway that dies stops renewing, and its slots stop counting
@@ -103,18 +104,34 @@ return {1, 0, first + 1}
     )
 });
 
-/// KEYS: the slot hashes to give a slot back to; ARGV[1] gateway.
+/// KEYS: the slot hashes to give slots back to; ARGV[1] gateway, ARGV[2..] how many of each.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 for k = 1, #KEYS do
-  local n = redis.call('HINCRBY', KEYS[k], ARGV[1], -1)
+  local n = redis.call('HINCRBY', KEYS[k], ARGV[1], -tonumber(ARGV[k + 1]))
   if n <= 0 then redis.call('HDEL', KEYS[k], ARGV[1]) end
 end
 return #KEYS
 ",
     )
 });
+
+/// KEYS[1] leases, KEYS[2..] slot hashes; ARGV[1] gateway: this gateway leaves the fleet (its
+/// lease and its counts go at once, not after `lease_ttl`).
+static LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('HDEL', KEYS[1], ARGV[1])
+for k = 2, #KEYS do redis.call('HDEL', KEYS[k], ARGV[1]) end
+return #KEYS - 1
+",
+    )
+});
+
+/// How long the releaser gathers closes before giving their slots back in one call. Late is
+/// the safe side: the store counts a closed connection's slot for this long.
+const RELEASE_BATCH: Duration = Duration::from_millis(5);
 
 /// KEYS[1] leases, KEYS[2..] slot hashes this gateway holds or held; ARGV[1] gateway, ARGV[2]
 /// lease ttl (ms), ARGV[3..] this gateway's count in each, which replaces the store's. Returns
@@ -348,16 +365,30 @@ impl Store {
             .unwrap_or(0)
     }
 
+    /// Raises this gateway's count of `key` by one, or lowers it by `down` (never below zero).
     fn adjust(&self, key: &str, up: bool) {
-        if let Ok(mut h) = self.held.lock() {
-            let n = h.entry(key.to_owned()).or_insert(0);
-            if up {
-                *n = n.saturating_add(1);
-                self.metrics.slot(true);
-            } else if *n > 0 {
-                *n -= 1;
-                self.metrics.slot(false);
-            }
+        self.adjust_by(key, if up { 1 } else { -1 });
+    }
+
+    fn adjust_by(&self, key: &str, by: i64) {
+        let Ok(mut h) = self.held.lock() else { return };
+        // Looked up before a key is allocated: the key is there on every handshake but a
+        // thing's first.
+        let n = match h.get_mut(key) {
+            Some(n) => n,
+            None if by > 0 => h.entry(key.to_owned()).or_insert(0),
+            None => return,
+        };
+        let before = *n;
+        *n = if by > 0 {
+            n.saturating_add(by.unsigned_abs())
+        } else {
+            n.saturating_sub(by.unsigned_abs())
+        };
+        if *n > before {
+            self.metrics.slots_by(true, *n - before);
+        } else if *n < before {
+            self.metrics.slots_by(false, before - *n);
         }
     }
 
@@ -370,8 +401,11 @@ impl Store {
         })
     }
 
-    /// Takes a slot of every thing, each under its limit, or of none (one round trip).
+    /// Takes a slot of every thing, each under its limit, or of none (one round trip), within
+    /// `store_timeout` in all: registering again first (after a Redis restart) takes two round
+    /// trips, and both fit in the one bound.
     pub async fn acquire_all(&self, things: &[(&str, u64)]) -> Result<Acquired, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         let keys: Vec<String> = things.iter().map(|(t, _)| self.slots(t)).collect();
         let limits: Vec<u64> = things.iter().map(|(_, l)| *l).collect();
         let _counting = self.counting.read().await;
@@ -383,11 +417,11 @@ impl Store {
             keys: &keys,
             admitted: false,
         };
-        let result = match self.acquire_once(&keys, &limits).await {
+        let result = match self.acquire_once(&keys, &limits, deadline).await {
             // Registering again writes this gateway's counts, which hold this acquire's own
             // pending slots: left out, or the acquire would count itself.
-            Err(StoreError::NotRegistered) => match self.heartbeat_without(&keys).await {
-                Ok(_) => self.acquire_once(&keys, &limits).await,
+            Err(StoreError::NotRegistered) => match self.heartbeat_without(&keys, deadline).await {
+                Ok(_) => self.acquire_once(&keys, &limits, deadline).await,
                 Err(e) => Err(e),
             },
             other => other,
@@ -396,7 +430,12 @@ impl Store {
         result
     }
 
-    async fn acquire_once(&self, keys: &[String], limits: &[u64]) -> Result<Acquired, StoreError> {
+    async fn acquire_once(
+        &self,
+        keys: &[String],
+        limits: &[u64],
+        deadline: tokio::time::Instant,
+    ) -> Result<Acquired, StoreError> {
         let mut conn = self.conn.clone();
         let mut call = ACQUIRE.key(&self.leases);
         call.arg(&self.config.gateway_id);
@@ -404,7 +443,7 @@ impl Store {
             call.key(k).arg(*l);
         }
         let (code, index, held): (i64, i64, i64) = self
-            .bounded(StoreCall::Acquire, call.invoke_async(&mut conn))
+            .bounded_until(StoreCall::Acquire, deadline, call.invoke_async(&mut conn))
             .await?;
         let held = u64::try_from(held).unwrap_or(0);
         match code {
@@ -428,23 +467,53 @@ impl Store {
 
     /// Gives back a slot of each thing (one round trip).
     pub async fn release_all(&self, things: &[&str]) -> Result<(), StoreError> {
-        let keys: Vec<String> = things.iter().map(|t| self.slots(t)).collect();
+        let counts: Vec<(&str, u64)> = things.iter().map(|t| (*t, 1)).collect();
+        self.release_counts(&counts).await
+    }
+
+    /// Gives back `n` slots of each `(thing, n)` (one round trip, whatever the counts).
+    pub async fn release_counts(&self, counts: &[(&str, u64)]) -> Result<(), StoreError> {
+        let keys: Vec<String> = counts.iter().map(|(t, _)| self.slots(t)).collect();
         let mut conn = self.conn.clone();
         let mut call = RELEASE.prepare_invoke();
         for k in &keys {
             call.key(k);
         }
         call.arg(&self.config.gateway_id);
+        for (_, n) in counts {
+            call.arg(*n);
+        }
         let result: Result<i64, _> = self
             .bounded(StoreCall::Release, call.invoke_async(&mut conn))
             .await;
         // Lowered after the store's count, never before (see the module docs); lowered even
-        // when the call failed, since the connection is gone either way: the next heartbeat
+        // when the call failed, since the connections are gone either way: the next heartbeat
         // writes the right count.
-        for k in &keys {
-            self.adjust(k, false);
+        for (k, (_, n)) in keys.iter().zip(counts) {
+            self.adjust_by(k, -i64::try_from(*n).unwrap_or(i64::MAX));
         }
         result.map(|_| ())
+    }
+
+    /// Leaves the fleet: this gateway's lease and every count of its go now (one round trip),
+    /// so a gateway that stops gives its slots back at once instead of after `lease_ttl`.
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        let _alone = self.counting.write().await;
+        let keys: Vec<String> = self
+            .held
+            .lock()
+            .map(|h| h.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut conn = self.conn.clone();
+        let mut call = LEAVE.key(&self.leases);
+        call.arg(&self.config.gateway_id);
+        for k in &keys {
+            call.key(k);
+        }
+        let _: i64 = self
+            .bounded(StoreCall::Leave, call.invoke_async(&mut conn))
+            .await?;
+        Ok(())
     }
 
     /// Counts `amount` under the counter `key` if it fits under `rate`, across the fleet (one
@@ -499,11 +568,16 @@ impl Store {
     /// connections); returns how many gateways hold a live lease.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
         let _alone = self.counting.write().await;
-        self.heartbeat_without(&[]).await
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        self.heartbeat_without(&[], deadline).await
     }
 
     /// [`Store::heartbeat`], counting one slot less of each of `pending` (slot keys).
-    async fn heartbeat_without(&self, pending: &[String]) -> Result<u64, StoreError> {
+    async fn heartbeat_without(
+        &self,
+        pending: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<u64, StoreError> {
         let held: Vec<(String, u64)> = self
             .held
             .lock()
@@ -524,7 +598,7 @@ impl Store {
             call.key(k).arg(*n);
         }
         let (rewritten, live): (i64, i64) = self
-            .bounded(StoreCall::Heartbeat, call.invoke_async(&mut conn))
+            .bounded_until(StoreCall::Heartbeat, deadline, call.invoke_async(&mut conn))
             .await?;
         // A count is forgotten only once a heartbeat has written it as zero and it is still
         // zero: a key whose release raced this heartbeat (which then wrote the old count) is
@@ -536,20 +610,50 @@ impl Store {
             tracing::info!(event = "store_registered", gateway = %self.config.gateway_id,
                 keys = held.len(), "registered again in the store (its lease was missing) with its live counts");
         }
+        if rewritten == 1 {
+            // A first start or a store that restarted empty: its script cache is empty too.
+            // Loaded now, so the first handshakes do not each pay NOSCRIPT and a reload.
+            self.load_scripts().await;
+        }
         Ok(u64::try_from(live).unwrap_or(0))
     }
 }
 
 impl Store {
+    /// Loads every script into the store's cache (`SCRIPT LOAD`), best effort: a script that
+    /// is not there is loaded by the call that needs it anyway.
+    async fn load_scripts(&self) {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        for script in [&ACQUIRE, &RELEASE, &HEARTBEAT, &INCREMENT, &COUNTS, &LEAVE] {
+            let mut conn = self.conn.clone();
+            let invocation = script.prepare_invoke();
+            let load = invocation.load_async(&mut conn);
+            if tokio::time::timeout_at(deadline, load).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// `f` within `timeout`, its error in our terms, timed and counted as `call`.
     async fn bounded<T>(
         &self,
         call: StoreCall,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        self.bounded_until(call, deadline, f).await
+    }
+
+    /// [`Store::bounded`] with a deadline that several calls share: one timer per call.
+    async fn bounded_until<T>(
+        &self,
+        call: StoreCall,
+        deadline: tokio::time::Instant,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
         let timeout = self.config.timeout;
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(timeout, f).await {
+        let result = match tokio::time::timeout_at(deadline, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
             Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
@@ -575,10 +679,12 @@ pub struct Fleet {
     failing: AtomicBool,
     /// The fleet's counts of the limited things, as last read (for `/apis`), and when.
     counts: Mutex<(HashMap<String, u64>, Option<std::time::SystemTime>)>,
+    /// Closed connections' slots, for the releaser task ([`Fleet::releaser`]).
+    releases: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
 }
 
-/// One connection's slots in the fleet's store; given back (in a task of its own) when dropped,
-/// so every way a connection ends frees them.
+/// One connection's slots in the fleet's store; given back (by the fleet's releaser task, in a
+/// batch) when dropped, so every way a connection ends frees them.
 pub struct FleetSlot {
     fleet: Arc<Fleet>,
     things: Vec<String>,
@@ -586,17 +692,9 @@ pub struct FleetSlot {
 
 impl Drop for FleetSlot {
     fn drop(&mut self) {
-        let fleet = self.fleet.clone();
-        let things = std::mem::take(&mut self.things);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let refs: Vec<&str> = things.iter().map(String::as_str).collect();
-                if let Err(e) = fleet.store.release_all(&refs).await {
-                    // The heartbeat writes this gateway's count again.
-                    fleet.note_failure(&e);
-                }
-            });
-        }
+        // Fails only once the releaser is gone (the runtime is stopping): the lease then runs
+        // out, or the gateway has left the fleet already.
+        let _ = self.fleet.releases.send(std::mem::take(&mut self.things));
     }
 }
 
@@ -640,13 +738,56 @@ impl Fleet {
     ) -> Result<Arc<Fleet>, StoreError> {
         let mut store = Store::new(config)?;
         store.set_metrics(metrics);
-        Ok(Arc::new(Fleet {
+        let (releases, closed) = tokio::sync::mpsc::unbounded_channel();
+        let fleet = Arc::new(Fleet {
             store,
             on_failure,
             live: AtomicU64::new(1),
             failing: AtomicBool::new(false),
             counts: Mutex::default(),
-        }))
+            releases,
+        });
+        tokio::spawn(Fleet::releaser(Arc::downgrade(&fleet), closed));
+        Ok(fleet)
+    }
+
+    /// Gives closed connections' slots back: gathers them for [`RELEASE_BATCH`], then one call
+    /// for the lot (a count per thing), so a close costs no round trip, task or timer of its
+    /// own. Ends when the fleet is dropped.
+    async fn releaser(
+        fleet: std::sync::Weak<Fleet>,
+        mut closed: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
+    ) {
+        let mut batch: HashMap<String, u64> = HashMap::new();
+        let mut buf = Vec::new();
+        while let Some(first) = closed.recv().await {
+            tokio::time::sleep(RELEASE_BATCH).await;
+            buf.push(first);
+            while let Ok(more) = closed.try_recv() {
+                buf.push(more);
+            }
+            for thing in buf.drain(..).flatten() {
+                *batch.entry(thing).or_insert(0) += 1;
+            }
+            let Some(fleet) = fleet.upgrade() else { return };
+            let counts: Vec<(&str, u64)> = batch.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+            if let Err(e) = fleet.store.release_counts(&counts).await {
+                // The heartbeat writes this gateway's counts again.
+                fleet.note_failure(&e);
+            }
+            batch.clear();
+        }
+    }
+
+    /// Leaves the fleet as the gateway stops (see [`Store::leave`]); a store that does not
+    /// answer is left to the lease's expiry.
+    pub async fn leave(&self) {
+        match self.store.leave().await {
+            Ok(()) => tracing::info!(event = "store_left", gateway = %self.store.config.gateway_id,
+                "left the fleet: this gateway's lease and slots are given back"),
+            Err(e) => tracing::warn!(event = "store_leave_failed", error = %e,
+                "could not leave the fleet; this gateway's slots stop counting when its lease runs out"),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -675,14 +816,8 @@ impl Fleet {
             return Ok(None);
         }
         let things: Vec<(&str, u64)> = wants.iter().map(|w| (w.thing.as_str(), w.limit)).collect();
-        // One bound for the whole admission: registering again first (after a Redis restart)
-        // takes two round trips, each bounded by itself.
-        let timeout = self.store.config.timeout;
-        let acquired = match tokio::time::timeout(timeout, self.store.acquire_all(&things)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(timeout)),
-        };
-        match acquired {
+        // Bounded by `store_timeout` in all, registering again included.
+        match self.store.acquire_all(&things).await {
             Ok(Acquired::Admitted { .. }) => {
                 self.note_success();
                 Ok(Some(FleetSlot {

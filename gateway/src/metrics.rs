@@ -372,7 +372,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "store_call_duration",
-            "Round trips to the fleet's store ([cluster]), by call (acquire, release, heartbeat, increment, counts), failed ones included",
+            "Round trips to the fleet's store ([cluster]), by call (acquire, release, heartbeat, increment, counts, leave), failed ones included",
             Unit::Seconds,
             m.fleet.call_duration.clone(),
         );
@@ -748,6 +748,7 @@ pub enum StoreCall {
     Heartbeat,
     Increment,
     Counts,
+    Leave,
 }
 
 impl StoreCall {
@@ -758,6 +759,7 @@ impl StoreCall {
             StoreCall::Heartbeat => "heartbeat",
             StoreCall::Increment => "increment",
             StoreCall::Counts => "counts",
+            StoreCall::Leave => "leave",
         }
     }
 }
@@ -829,11 +831,13 @@ impl FleetMetrics {
     }
 
     /// One slot more (true) or fewer held by this gateway in the store.
-    pub fn slot(&self, held: bool) {
+    /// `n` slots more (`held`) or fewer in this gateway's count.
+    pub fn slots_by(&self, held: bool, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
         if held {
-            self.slots_held.inc();
+            self.slots_held.inc_by(n);
         } else {
-            self.slots_held.dec();
+            self.slots_held.dec_by(n);
         }
     }
 

@@ -310,6 +310,10 @@ impl Gateway {
                 "drain_timeout reached with connections still open; exiting anyway"
             );
         }
+        // Whatever is still open ends with the process: the fleet gets every slot back now.
+        if let Some(fleet) = self.fleet.get() {
+            fleet.leave().await;
+        }
         Ok(())
     }
 

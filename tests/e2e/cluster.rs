@@ -176,12 +176,27 @@ const KEY: &str = "fleet-test-subscription-key-0123456789";
 /// A gateway of the fleet: subscription `acme` of product `gold` may hold 10 connections,
 /// counted across every gateway on `redis`.
 fn fleet_gateway(redis: &RedisServer, backend: &str, cluster_extra: &str) -> Gateway {
+    fleet_gateway_with(
+        redis,
+        backend,
+        "",
+        &format!("lease_ttl = \"2s\"\n{cluster_extra}"),
+    )
+}
+
+/// [`fleet_gateway`] with `gateway_extra` in `[gateway]` and `cluster` in `[cluster]`.
+fn fleet_gateway_with(
+    redis: &RedisServer,
+    backend: &str,
+    gateway_extra: &str,
+    cluster: &str,
+) -> Gateway {
     let text = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nlease_ttl = \"2s\"\nstore_timeout = \"500ms\"\n{cluster_extra}\n\
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nstore_timeout = \"500ms\"\n{cluster}\n\
          [[products]]\nname = \"gold\"\n\
          [[products.subscriptions]]\nname = \"acme\"\nmax_connections = 10\nprimary_key_env = \"TG_FLEET_KEY\"\n\
          {}",
-        gateway_section(""),
+        gateway_section(gateway_extra),
         redis.url(),
         api_section("chat", "chat", backend, "products = [\"gold\"]"),
     );
@@ -310,6 +325,81 @@ async fn three_gateway_processes_share_a_subscription_limit_and_survive_a_kill_9
         }
     }
     assert_eq!(open(survivors[0]).await.0, 429, "and not one more");
+}
+
+/// A gateway that stops leaves the fleet: the slots of the connections it still held when
+/// `drain_timeout` ran out come back at once, not after `lease_ttl` (30 s here). And closes
+/// are given back in batches: ten at once cost at most five calls, not ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_gives_its_slots_back_at_once_and_closes_go_back_in_batches() {
+    let redis = RedisServer::start();
+    let backend = RawBackend::start(echo_frames()).await;
+    let limits = "[gateway.limits]\ndrain_timeout = \"1s\"";
+    let mut leaving = fleet_gateway_with(&redis, &backend.url(), limits, "lease_ttl = \"30s\"");
+    let staying = fleet_gateway_with(&redis, &backend.url(), limits, "lease_ttl = \"30s\"");
+    // Held without answering the drain's 1001: they are still open when the process exits.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let (status, ws) = open(&leaving).await;
+        assert_eq!(status, 101);
+        held.push(ws);
+    }
+    assert_eq!(open(&staying).await.0, 429, "the fleet is at its limit");
+    leaving.signal("TERM");
+    assert!(exit_status(&mut leaving, Duration::from_secs(10))
+        .await
+        .success());
+    let mut fresh = Vec::new();
+    for i in 0..10 {
+        let (status, ws) = open(&staying).await;
+        assert_eq!(status, 101, "handshake {i} after the other gateway left");
+        fresh.push(ws);
+    }
+    assert_eq!(open(&staying).await.0, 429, "and not one more");
+    assert_eq!(
+        leaving.records("store_left").len(),
+        1,
+        "{}",
+        leaving.output()
+    );
+    drop(held);
+
+    // Closes are given back in batches: ten closes at once take far fewer than ten calls.
+    let admin = staying.admin.unwrap();
+    let releases = |m: &prometheus_parse::Scrape| {
+        sample(
+            m,
+            "tollgate_store_call_duration_seconds_count",
+            &[("call", "release")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = releases(&scrape(admin).await);
+    drop(fresh);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = scrape(admin).await;
+        if sample(&m, "tollgate_fleet_slots_held", &[]) == Some(0.0) {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connections' slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let calls = releases(&m) - before;
+    assert!(
+        (1.0..=5.0).contains(&calls),
+        "{calls} release calls for 10 closes"
+    );
+    for i in 0..10 {
+        assert_eq!(
+            open(&staying).await.0,
+            101,
+            "handshake {i} after the closes"
+        );
+    }
 }
 
 /// Subscription `acme` in `/apis` once its fleet-wide count is `want` (waiting up to 5 s for

@@ -83,6 +83,10 @@ fn alive(pid: u32) -> bool {
 }
 
 fn signal(pid: u32, sig: i32) {
+    // Never pid 0 (or what wraps to a negative pid): that would signal a whole process group.
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
     // SAFETY: a signal to a process this test started (run.sh) or that run.sh started and
     // printed the pid of.
     unsafe {

@@ -84,10 +84,14 @@ impl RedisServer {
     /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: it keeps its connections and
     /// answers nothing meanwhile.
     pub fn freeze(&self, frozen: bool) {
+        // A stopped server has no pid: never signal pid 0, which is this whole process group
+        // (every other test's redis-server too: a SIGCONT there thawed another test's frozen
+        // server mid-test).
+        let Some(child) = &self.child else { return };
         let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: a signal to a child process this struct started and still owns.
         unsafe {
-            libc::kill(self.pid() as i32, sig);
+            libc::kill(child.id() as i32, sig);
         }
     }
 }
