@@ -13,6 +13,7 @@ mod backend;
 pub mod cluster;
 pub mod console;
 pub mod counters;
+pub mod descriptors;
 mod handshake;
 pub mod logging;
 mod memory;

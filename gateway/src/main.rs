@@ -174,6 +174,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     logging::init();
+    tollgate::descriptors::raise_and_log(config.gateway.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

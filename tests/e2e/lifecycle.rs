@@ -387,3 +387,46 @@ async fn huge_message_streams_in_bounded_memory() {
     let growth_mb = (peak.saturating_sub(before)) as f64 / 1024.0;
     assert!(growth_mb < 64.0, "gateway RSS grew by {growth_mb:.1} MiB");
 }
+
+/// The gateway raises its soft descriptor limit to the hard one at start: a container's usual
+/// 1,024 would cap it near 500 connections (two descriptors each) whatever `max_connections`
+/// says. Started with 256 soft / 4,096 hard, it runs with 4,096 and warns that the default
+/// `max_connections` (10,000) needs more.
+#[tokio::test]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
+    use std::os::unix::process::CommandExt;
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start_with(
+        TempDir::new("nofile"),
+        &manifest(&backend.url(), ""),
+        &[],
+        |cmd| {
+            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let l = libc::rlimit {
+                        rlim_cur: 256,
+                        rlim_max: 4096,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
+    let rec = &gw.records("nofile")[0];
+    assert_eq!(rec["soft_before"], 256, "{rec}");
+    assert_eq!(rec["soft"], 4096, "{rec}");
+    assert_eq!(rec["level"], "WARN", "{rec}");
+    let (status, _ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+}

@@ -12,6 +12,8 @@ mod closes;
 mod cluster;
 mod conformance;
 mod console;
+mod dashboard;
+mod deploy;
 mod edge;
 mod faults;
 mod fleet_example;

@@ -71,9 +71,21 @@ impl Gateway {
     /// Like [`Gateway::start_in`], with extra environment variables for the process (they
     /// win over the harness's own `RUST_LOG` and `XDG_CACHE_HOME`).
     pub fn start_with_env(dir: TempDir, manifest: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_with(dir, manifest, env, |_| {})
+    }
+
+    /// Like [`Gateway::start_with_env`], with `adjust` applied to the process's command before
+    /// it starts (e.g. a resource limit set in `pre_exec`).
+    pub fn start_with(
+        dir: TempDir,
+        manifest: &str,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Gateway {
         let path = dir.path().join("tollgate.toml");
         std::fs::write(&path, manifest).unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["run", "--manifest"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -81,9 +93,9 @@ impl Gateway {
             // Last, so a test can override the two above.
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tollgate");
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("start tollgate");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
