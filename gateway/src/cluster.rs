@@ -53,6 +53,9 @@ pub enum StoreError {
     /// try again.
     #[error("this gateway is not registered in the store (its lease is missing)")]
     NotRegistered,
+    /// This gateway has left the fleet (it is stopping): nothing registers it again.
+    #[error("this gateway has left the fleet")]
+    Left,
 }
 
 /// What an acquire found.
@@ -286,6 +289,12 @@ pub struct Store {
     /// could raise its count after the heartbeat read it and reach Redis before the heartbeat,
     /// which would then write one slot too few (the unsafe side).
     counting: tokio::sync::RwLock<()>,
+    /// The lease was missing at the last registration: the store's script cache is likely
+    /// empty too (loaded by the next heartbeat, off the handshake path).
+    scripts_missing: AtomicBool,
+    /// Set by [`Store::leave`]: no later heartbeat or acquire registers this gateway again
+    /// (its slots would then count for `lease_ttl` after it exited).
+    left: AtomicBool,
     metrics: FleetMetrics,
 }
 
@@ -339,6 +348,8 @@ impl Store {
             config,
             held: Mutex::new(HashMap::new()),
             counting: tokio::sync::RwLock::new(()),
+            scripts_missing: AtomicBool::new(false),
+            left: AtomicBool::new(false),
             metrics: FleetMetrics::default(),
         })
     }
@@ -408,7 +419,16 @@ impl Store {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let keys: Vec<String> = things.iter().map(|(t, _)| self.slots(t)).collect();
         let limits: Vec<u64> = things.iter().map(|(_, l)| *l).collect();
-        let _counting = self.counting.read().await;
+        // The wait for a heartbeat in progress counts against the same bound.
+        let Ok(_counting) = tokio::time::timeout_at(deadline, self.counting.read()).await else {
+            self.metrics.call(StoreCall::Acquire, self.config.timeout);
+            self.metrics
+                .failed(StoreCall::Acquire, StoreFailure::Timeout);
+            return Err(StoreError::Timeout(self.config.timeout));
+        };
+        if self.left.load(Ordering::Acquire) {
+            return Err(StoreError::Left);
+        }
         for k in &keys {
             self.adjust(k, true);
         }
@@ -499,6 +519,7 @@ impl Store {
     /// so a gateway that stops gives its slots back at once instead of after `lease_ttl`.
     pub async fn leave(&self) -> Result<(), StoreError> {
         let _alone = self.counting.write().await;
+        self.left.store(true, Ordering::Release);
         let keys: Vec<String> = self
             .held
             .lock()
@@ -567,9 +588,18 @@ impl Store {
     /// Renews this gateway's lease and writes its counts (one call, whatever the number of
     /// connections); returns how many gateways hold a live lease.
     pub async fn heartbeat(&self) -> Result<u64, StoreError> {
-        let _alone = self.counting.write().await;
-        let deadline = tokio::time::Instant::now() + self.config.timeout;
-        self.heartbeat_without(&[], deadline).await
+        let live = {
+            let _alone = self.counting.write().await;
+            let deadline = tokio::time::Instant::now() + self.config.timeout;
+            self.heartbeat_without(&[], deadline).await?
+        };
+        // Outside the lock, which acquires wait on: a first start or a store that restarted
+        // empty has an empty script cache too. Loaded now, so the next handshakes do not each
+        // pay NOSCRIPT and a reload.
+        if self.scripts_missing.swap(false, Ordering::AcqRel) {
+            self.load_scripts().await;
+        }
+        Ok(live)
     }
 
     /// [`Store::heartbeat`], counting one slot less of each of `pending` (slot keys).
@@ -578,6 +608,9 @@ impl Store {
         pending: &[String],
         deadline: tokio::time::Instant,
     ) -> Result<u64, StoreError> {
+        if self.left.load(Ordering::Acquire) {
+            return Err(StoreError::Left);
+        }
         let held: Vec<(String, u64)> = self
             .held
             .lock()
@@ -611,9 +644,7 @@ impl Store {
                 keys = held.len(), "registered again in the store (its lease was missing) with its live counts");
         }
         if rewritten == 1 {
-            // A first start or a store that restarted empty: its script cache is empty too.
-            // Loaded now, so the first handshakes do not each pay NOSCRIPT and a reload.
-            self.load_scripts().await;
+            self.scripts_missing.store(true, Ordering::Release);
         }
         Ok(u64::try_from(live).unwrap_or(0))
     }
@@ -653,11 +684,17 @@ impl Store {
     ) -> Result<T, StoreError> {
         let timeout = self.config.timeout;
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout_at(deadline, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
-            Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
-            Err(_) => Err(StoreError::Timeout(timeout)),
+        // A deadline already past: the call is not sent at all (a timeout polls its future once
+        // first, which would send it, and the store would count what the caller gave up on).
+        let result = if tokio::time::Instant::now() >= deadline {
+            Err(StoreError::Timeout(timeout))
+        } else {
+            match tokio::time::timeout_at(deadline, f).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(timeout)),
+                Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            }
         };
         self.metrics.call(call, started.elapsed());
         match &result {
@@ -818,6 +855,8 @@ impl Fleet {
         let things: Vec<(&str, u64)> = wants.iter().map(|w| (w.thing.as_str(), w.limit)).collect();
         // Bounded by `store_timeout` in all, registering again included.
         match self.store.acquire_all(&things).await {
+            // Stopping: a handshake still in admission is not admitted.
+            Err(StoreError::Left) => Err(Refusal::StoreUnavailable),
             Ok(Acquired::Admitted { .. }) => {
                 self.note_success();
                 Ok(Some(FleetSlot {
@@ -923,8 +962,11 @@ impl Fleet {
         })
     }
 
-    /// Renews this gateway's lease every third of `lease_ttl` until `stop`.
-    pub async fn heartbeats(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    /// Renews this gateway's lease every third of `lease_ttl`.
+    ///
+    /// They go on through the drain (a lease that ran out while connections drain would let
+    /// other gateways admit past the limit) and end when the gateway leaves the fleet.
+    pub async fn heartbeats(self: Arc<Self>) {
         let every = self.store.config.lease_ttl / 3;
         loop {
             match self.store.heartbeat().await {
@@ -933,12 +975,10 @@ impl Fleet {
                     self.store.metrics.live_gateways(live);
                     self.note_success();
                 }
+                Err(StoreError::Left) => return,
                 Err(e) => self.note_failure(&e),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
-            }
+            tokio::time::sleep(every).await;
         }
     }
 }

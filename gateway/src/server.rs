@@ -222,7 +222,7 @@ impl Gateway {
                 lease_ttl_ms = c.lease_ttl.as_millis() as u64, store_timeout_ms = c.store_timeout.as_millis() as u64,
                 on_store_failure = c.on_store_failure.as_str(),
                 "connection limits are counted across the fleet sharing this store");
-            tokio::spawn(fleet.clone().heartbeats(self.shutdown.clone()));
+            tokio::spawn(fleet.clone().heartbeats());
             tokio::spawn(self.clone().read_fleet_counts(fleet.clone()));
             // Every state shares the process's counters, so this holds across reloads.
             self.served().counters().use_fleet(fleet.clone());

@@ -284,7 +284,8 @@ fn duration(s: &str) -> Duration {
 /// each object is reported as passed, none as failed, and none is passed over for want of a
 /// schema (which the tool only warns about: a misspelt `apiVersion` or `kind` would otherwise
 /// go through). `kustomization.yaml` has no schema there: it is checked to list every other
-/// file (a file it leaves out is never applied by `kubectl apply -k`), and nothing else.
+/// file but `secret.yaml` (a file it leaves out is never applied by `kubectl apply -k`), and
+/// nothing else.
 #[test]
 fn every_manifest_validates_against_the_kubernetes_schemas() {
     let files = yaml_files();
@@ -307,10 +308,16 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         .iter()
         .map(|r| str_of(r, "resources[]").to_owned())
         .collect();
-    let present: BTreeSet<String> = resources.iter().map(|f| file_name(f)).collect();
+    // secret.yaml is applied on its own (once): a kustomization re-applied after a ConfigMap
+    // edit must not put its placeholders back over the operator's real Secret.
+    let present: BTreeSet<String> = resources
+        .iter()
+        .map(|f| file_name(f))
+        .filter(|n| n != "secret.yaml")
+        .collect();
     assert_eq!(
         listed, present,
-        "kustomization.yaml's resources against the files here"
+        "kustomization.yaml's resources against the files here (all but secret.yaml)"
     );
 
     let documents: usize = resources.iter().map(|f| yaml_docs(f).len()).sum();
