@@ -17,6 +17,7 @@ mod deploy;
 mod edge;
 mod faults;
 mod fleet_example;
+mod image;
 mod ip_filter;
 mod jwks;
 mod jwt;
