@@ -376,7 +376,8 @@ impl Store {
             .unwrap_or(0)
     }
 
-    /// Raises this gateway's count of `key` by one, or lowers it by `down` (never below zero).
+    /// Raises this gateway's count of `key` by one (`up`), or lowers it by one (never below
+    /// zero).
     fn adjust(&self, key: &str, up: bool) {
         self.adjust_by(key, if up { 1 } else { -1 });
     }
