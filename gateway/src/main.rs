@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate::{logging, manifest, server::Gateway, server::StartError};
 
+/// musl's malloc serialises on one lock and returns memory eagerly; the static image binary
+/// spent ~1.4x the glibc build's CPU per handshake with it (BENCHMARKS.md, "The container
+/// image's binary"). glibc builds keep glibc's allocator, which measured well.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
