@@ -164,6 +164,55 @@ async fn fresh_instances_share_nothing_and_pooled_ones_are_reused_then_recycled(
     );
 }
 
+/// A fresh instance's memory is as new even where the host kept the slot's pages mapped
+/// between instances (the pooling allocator's `keep_resident` with `PAGEMAP_SCAN`, where the
+/// kernel has it) and where it released them: each call finds a 3 MiB static, spanning both,
+/// all zero, then dirties every page of it. Handshakes one after another (the same slot, reused
+/// warm) and 16 at once (several slots). A pooled instance shows the dirt, so the probe sees it.
+#[tokio::test]
+async fn fresh_instances_find_memory_an_earlier_call_dirtied_as_new() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("scribble");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let apis = [
+        probe_api("fresh", &b, "scribble", "", ""),
+        probe_api("pooled", &b, "scribble", "", "instances = \"pooled\""),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+    let probe = |api: &'static str| async move {
+        let (head, _ws) = ws_connect(addr, &format!("/{api}"), "").await;
+        header(&head, "x-probe").unwrap_or_else(|| panic!("{api}: {head}"))
+    };
+    for _ in 0..6 {
+        assert_eq!(probe("fresh").await, "ok: clean");
+    }
+    for round in 0..3 {
+        let all = futures_util::future::join_all((0..16).map(|_| probe("fresh"))).await;
+        assert_eq!(all, vec!["ok: clean"; 16], "round {round}");
+    }
+    assert_eq!(probe("pooled").await, "ok: clean");
+    let second = probe("pooled").await;
+    assert!(second.contains("769 dirty pages"), "{second}");
+    // Which reset this run exercised: the start says (PAGEMAP_SCAN needs Linux 6.7+).
+    let resets = gw.records("policy_memory_reset");
+    let method = resets.first().map(|r| r["method"].clone());
+    assert!(
+        matches!(
+            method.as_ref().and_then(|m| m.as_str()),
+            Some("pagemap_scan" | "madvise")
+        ),
+        "{}",
+        gw.output()
+    );
+    eprintln!("policy memory reset: {}", method.unwrap_or_default());
+}
+
 /// A pooled instance that trapped, ran out of fuel or hit its memory limit is dropped, never
 /// put back: the next handshake gets a fresh one (its count starts again at 1).
 #[tokio::test]

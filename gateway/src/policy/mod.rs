@@ -465,9 +465,14 @@ impl PolicyHost {
         // the pooling allocator makes instantiation a few microseconds. Defaults: up to 1000
         // instances alive at once (policy calls in flight), memories capped per call by
         // StoreLimits. Memory is reserved (virtual), not committed, until used.
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-            PoolingAllocationConfig::default(),
-        ));
+        let (pooling, reset) = pooling_config();
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        tracing::info!(
+            event = "policy_memory_reset",
+            method = reset.as_str(),
+            "{}",
+            reset.explain()
+        );
         let engine = Engine::new(&config).map_err(engine_error("creating the wasm engine"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -1096,5 +1101,66 @@ impl Plugin {
             self.compile_time.as_millis()
         );
         out
+    }
+}
+
+/// How a slot of the pooling allocator is made like new for the next fresh instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryReset {
+    /// Linux 6.7+: the kernel reports which pages of the slot the call touched
+    /// (`PAGEMAP_SCAN`) and only those are restored in place; they stay mapped, so the next
+    /// instance takes no page faults on them.
+    PagemapScan,
+    /// Elsewhere: the slot's pages are given back to the kernel (`madvise`) and fault in again
+    /// on the next call.
+    Madvise,
+}
+
+impl MemoryReset {
+    /// The `method` of the `policy_memory_reset` log record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryReset::PagemapScan => "pagemap_scan",
+            MemoryReset::Madvise => "madvise",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            MemoryReset::PagemapScan => {
+                "fresh policy instances: the pages a call touched are restored in place (PAGEMAP_SCAN)"
+            }
+            MemoryReset::Madvise => {
+                "fresh policy instances: PAGEMAP_SCAN is not available (Linux 6.7+), so a used slot's memory is released with madvise and faults in again; fresh instances cost ~3x more than with it (BENCHMARKS.md)"
+            }
+        }
+    }
+}
+
+/// Up to this much of a linear memory is kept mapped between fresh instances when the kernel
+/// can say which pages were touched: only those pages are copied back from the module's image
+/// or zeroed, and a slot holds at most this much resident while unused. 2 MiB covers what the
+/// first-party Rust plugins touch (a 1 MiB stack at the bottom of memory, then their data and
+/// heap); a larger guest (an interpreter) has the rest of its memory released as before. With
+/// set-header in fresh instances (`tollgate-bench chain`), 1, 2 and 16 MiB measured the same
+/// (BENCHMARKS.md, "Handshake cost").
+const KEEP_RESIDENT_MEMORY: usize = 2 << 20;
+/// The same for a component's tables (indirect calls, the canonical ABI's adapters): small, and
+/// without it each fresh instance faulted its table pages in again (half of the gain).
+const KEEP_RESIDENT_TABLE: usize = 64 << 10;
+
+/// The pooling allocator's settings, and how a slot is reset between fresh instances. Without
+/// `PAGEMAP_SCAN`, keeping memory resident would mean `memset`ting the whole kept range on
+/// every reset (slower than the page faults it saves, measured), so nothing is kept.
+fn pooling_config() -> (PoolingAllocationConfig, MemoryReset) {
+    let mut pooling = PoolingAllocationConfig::default();
+    if PoolingAllocationConfig::is_pagemap_scan_available() {
+        pooling
+            .pagemap_scan(wasmtime::Enabled::Yes)
+            .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+            .table_keep_resident(KEEP_RESIDENT_TABLE);
+        (pooling, MemoryReset::PagemapScan)
+    } else {
+        (pooling, MemoryReset::Madvise)
     }
 }

@@ -4,7 +4,9 @@
 //! `{"mode": "read-file", "arg": PATH}`, `{"mode": "env", "arg": NAME}`,
 //! `{"mode": "socket", "arg": "127.0.0.1:PORT"}`, `{"mode": "clock"}`, or reports the
 //! request's TLS facts: `{"mode": "tls"}`, or counts the calls this instance has served:
-//! `{"mode": "count"}` (1 every time with fresh instances; 1, 2, 3... with a pooled one).
+//! `{"mode": "count"}` (1 every time with fresh instances; 1, 2, 3... with a pooled one), or
+//! dirties every page of a 3 MiB static after checking an earlier call left none dirty:
+//! `{"mode": "scribble"}` (`clean`, or the error `N dirty pages`).
 //!
 //! Probes of the sandbox's bounds: `{"mode": "sleep", "arg": MS}` waits on the monotonic clock
 //! (no fuel burnt); `"sleep-first"` does so only in an instance's first call, then counts;
@@ -55,6 +57,25 @@ fn probe(c: &Config, request: &Request) -> String {
         "socket" => std::net::TcpStream::connect(&c.arg)
             .map(|_| "connected".to_owned())
             .map_err(|e| e.to_string()),
+        "scribble" => {
+            // Reads, then dirties, one byte of every page of a 3 MiB zero-initialised static
+            // (in .bss, above the 1 MiB stack): a fresh instance must find every one zero again,
+            // whichever way the host resets the memory it kept or released.
+            let mut dirty = 0usize;
+            for i in (0..SCRIBBLE.len())
+                .step_by(4096)
+                .chain([SCRIBBLE.len() - 1])
+            {
+                if SCRIBBLE[i].swap(0xAA, std::sync::atomic::Ordering::Relaxed) != 0 {
+                    dirty += 1;
+                }
+            }
+            if dirty == 0 {
+                Ok("clean".to_owned())
+            } else {
+                Err(format!("{dirty} dirty pages"))
+            }
+        }
         "count" => {
             static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -144,6 +165,10 @@ fn sockets(n: u32) -> Result<String, String> {
         Err(format!("{n} sockets: only in the component"))
     }
 }
+
+/// What `scribble` writes to: zero-initialised, so in the module's .bss, not its data image.
+static SCRIBBLE: [std::sync::atomic::AtomicU8; 3 << 20] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; 3 << 20];
 
 struct Faulty;
 
