@@ -11,6 +11,10 @@
 //! run with `--network host`, so the gateway in the container and the backends and clients of
 //! the test meet on the host's loopback.
 //!
+//! One test builds a plugins image too (`scripts/image plugins DIR`, deploy/plugins/Containerfile)
+//! and mounts it with `--mount type=image`, podman's counterpart of a Kubernetes `image` volume
+//! (deploy/overlays/plugins-image-volume).
+//!
 //! The tests are skipped, with a message naming why on the test's stderr (not captured, so it
 //! shows in a plain `cargo test`), only where podman cannot run containers at all: podman
 //! missing, or a trivial run of the built image (`tollgate --version`) failing in podman or the
@@ -38,6 +42,17 @@ const PLUGIN_DIR: &str = "/usr/lib/tollgate/plugins";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where `scripts/image` builds the stripped plugins it puts in the image (its `image`
+/// profile, in $CARGO_TARGET_DIR or target/).
+fn image_plugin_builds() -> PathBuf {
+    let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => repo().join(p),
+        None => repo().join("target"),
+    };
+    target.join("wasm32-wasip2").join("image")
 }
 
 fn script() -> PathBuf {
@@ -671,4 +686,137 @@ async fn wss_backends_are_verified_against_the_bundle_at_ssl_cert_file() {
         .expect("the echo within 10 s")
         .expect("a frame");
     assert_eq!(echoed.payload, b"over wss");
+}
+
+/// A plugins image built by `scripts/image plugins DIR` under a name of this test process's
+/// own, removed (`podman rmi -f`) when dropped (after the containers using it).
+struct PluginsImage {
+    name: String,
+}
+
+impl PluginsImage {
+    async fn build(dir: &Path) -> PluginsImage {
+        let image = PluginsImage {
+            name: format!("localhost/tollgate-plugins:e2e-{}", std::process::id()),
+        };
+        let (name, dir) = (image.name.clone(), dir.to_owned());
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(script())
+                .args(["plugins"])
+                .arg(&dir)
+                .env("TOLLGATE_PLUGINS_IMAGE", &name)
+                .output()
+                .expect("run scripts/image plugins")
+        })
+        .await
+        .expect("scripts/image plugins thread");
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scripts/image plugins failed ({}):\n{stdout}{}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("image: {}", image.name)) && stdout.contains("size: "),
+            "scripts/image plugins does not print the image's name and size:\n{stdout}"
+        );
+        image
+    }
+}
+
+impl Drop for PluginsImage {
+    fn drop(&mut self) {
+        let _ = podman_blocking(&["rmi", "-f", &self.name].map(String::from));
+    }
+}
+
+/// A plugins image holding set_header.wasm only (the build the gateway's image holds), mounted
+/// with `--mount type=image` over the plugin directory, replaces it: the gateway loads exactly
+/// set-header, from the mount, and a handshake through it reaches the backend with the header
+/// the manifest's set-header attachment sets. Both ways docs/deploy.md gives: over
+/// /usr/lib/tollgate/plugins with the Kubernetes manifest's `plugin_dir` (what the overlays
+/// do), and over /etc/tollgate/plugins with `plugin_dir = "plugins"` (the image's links there
+/// hidden).
+#[tokio::test]
+async fn a_plugins_image_mounted_as_an_image_volume_replaces_the_plugin_dir() {
+    if image("a_plugins_image_mounted_as_an_image_volume_replaces_the_plugin_dir")
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let dir = TempDir::new("image-plugins");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).expect("create the plugins directory");
+    std::fs::copy(
+        image_plugin_builds().join("set_header.wasm"),
+        plugins.join("set_header.wasm"),
+    )
+    .expect("copy set_header.wasm (scripts/image builds it)");
+    let plugins_image = PluginsImage::build(&plugins).await;
+
+    for (target, plugin_dir) in [
+        (PLUGIN_DIR, PLUGIN_DIR),
+        ("/etc/tollgate/plugins", "plugins"),
+    ] {
+        let backend = RawBackend::start(echo_frames()).await;
+        let (ws, _) = free_ports();
+        let manifest = dir.path().join("tollgate.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "[gateway]\nname = \"plugins-image\"\nlisten = \"127.0.0.1:{ws}\"\nplugin_dir = \"{plugin_dir}\"\n\n{}\
+                 [[apis.on_handshake]]\nplugin = \"set-header\"\n\
+                 config = {{ name = \"X-Plugins-From\", value = \"image volume\" }}\n",
+                api_section("echo", "echo", &backend.url(), "")
+            ),
+        )
+        .expect("write the manifest");
+        let mounts = [
+            format!("{}:/etc/tollgate/tollgate.toml:ro", manifest.display()),
+            format!(
+                "type=image,source={},destination={target}",
+                plugins_image.name
+            ),
+        ];
+        let c = Container::start(&["-v", &mounts[0], "--mount", &mounts[1]]).await;
+        c.wait_listening(1).await;
+
+        let loaded: Vec<(String, String)> = c
+            .records("plugin_loaded")
+            .await
+            .iter()
+            .map(|r| {
+                (
+                    r["plugin"].as_str().unwrap_or_default().to_owned(),
+                    r["path"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            loaded,
+            [("set-header".to_owned(), format!("{target}/set_header.wasm"))],
+            "the plugins image should replace {target}; logs:\n{}",
+            c.logs().await
+        );
+        let (head, mut client) = raw_handshake(
+            format!("127.0.0.1:{ws}").parse().expect("address"),
+            "/echo",
+            "",
+        )
+        .await;
+        assert_eq!(status_of(&head), 101, "{head}\nlogs:\n{}", c.logs().await);
+        client.send(true, 1, b"through").await.expect("send");
+        let echoed = tokio::time::timeout(Duration::from_secs(10), client.read_frame())
+            .await
+            .expect("the echo within 10 s")
+            .expect("a frame");
+        assert_eq!(echoed.payload, b"through");
+        let seen = backend.last_head().to_ascii_lowercase();
+        assert!(
+            seen.contains("x-plugins-from: image volume"),
+            "set-header from the plugins image did not run; the backend saw:\n{seen}"
+        );
+    }
 }
