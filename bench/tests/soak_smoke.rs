@@ -3,38 +3,12 @@
 //! handshakes (and their 401s), reloads applied, samples taken, and no unexpected answer (the
 //! command fails on any). The figures of such a short run mean nothing; the record's do.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// jwt-validate and set-header for wasm32-wasip2, built the way the end-to-end tests build
-/// their plugins (same target directory, so one build serves both).
-fn plugins() -> PathBuf {
-    let target = workspace().join("target").join("wasm-plugins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .args(["-p", "jwt-validate", "-p", "set-header"])
-        .output()
-        .expect("run cargo for the plugins");
-    assert!(
-        out.status.success(),
-        "building the plugins failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("wasm32-wasip2").join("release")
-}
+use common::plugins;
 
 #[test]
 fn a_short_soak_runs_clean() {
