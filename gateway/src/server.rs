@@ -550,8 +550,8 @@ impl Gateway {
         } = backend;
         let extensions_agreed =
             backend_headers.contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS);
-        // The 101's header values are slices of hyper's read buffer: holding them would pin
-        // 8 KiB per connection for its whole life.
+        // The 101's header values are slices of the buffer its head was read into (backend.rs):
+        // holding them would pin that buffer for the connection's whole life.
         drop(backend_headers);
         // Moved, not borrowed: a Parts kept alive would pin hyper's 8 KiB read buffer for the
         // connection's whole life.
