@@ -384,6 +384,26 @@ async fn read_head<S: AsyncRead + Unpin>(
     // one byte per read costs linear, not quadratic, time.
     let mut scanned: usize = 0;
     loop {
+        // Empty lines before a status line (which HTTP/1.1 lets a recipient skip) are dropped
+        // here, counted against the cap: httparse skips them too, but re-walks all of them on
+        // every parse, so a backend dribbling line ends would make each read cost the whole
+        // buffer again.
+        let blank = buf
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(buf.len());
+        // A lone trailing `\r` may be the start of a status line's error or of `\r\n`: kept
+        // until the next read says which.
+        let blank = if blank == buf.len() && buf.last() == Some(&b'\r') {
+            blank - 1
+        } else {
+            blank
+        };
+        if blank > 0 {
+            buf.advance(blank);
+            skipped += blank;
+            scanned = 0;
+        }
         if has_blank_line(&buf[scanned.saturating_sub(2)..]) {
             if let Some((len, status, headers)) = parse_head(buf).map_err(BackendError::Http)? {
                 // A read may have brought more than the limit: the head itself must fit.
@@ -594,6 +614,15 @@ fn check_101(
     }
     if !has_token(http::header::CONNECTION, "upgrade") {
         return Err("missing `Connection: upgrade`".into());
+    }
+    // One value each: with two, the client would be told one thing and this check another.
+    for name in [
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
+        if h.get_all(&name).iter().count() > 1 {
+            return Err(format!("more than one {name} header"));
+        }
     }
     let accept = h
         .get(http::header::SEC_WEBSOCKET_ACCEPT)
@@ -894,6 +923,60 @@ mod tests {
         })
         .await;
         assert_eq!(kind(r), "bad_upgrade");
+    }
+
+    /// Two `Sec-WebSocket-Accept` or `Sec-WebSocket-Protocol` values: the client would be
+    /// passed both while the check saw one, so no tunnel.
+    #[tokio::test]
+    async fn a_101_with_two_accepts_or_two_subprotocols_is_no_tunnel() {
+        let r = answer(64 * 1024, |key| {
+            format!(
+                "{}Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: evil\r\n\r\n",
+                head_101(key)
+            )
+            .into_bytes()
+        })
+        .await;
+        assert_eq!(kind(r), "bad_upgrade");
+        let r = answer(64 * 1024, |key| {
+            format!(
+                "{}Sec-WebSocket-Accept: {}\r\n\r\n",
+                head_101(key),
+                wskey::accept_for("another key")
+            )
+            .into_bytes()
+        })
+        .await;
+        assert_eq!(kind(r), "bad_upgrade");
+        // One of each is a tunnel.
+        let r = answer(64 * 1024, |key| {
+            format!("{}Sec-WebSocket-Protocol: chat\r\n\r\n", head_101(key)).into_bytes()
+        })
+        .await;
+        assert_eq!(kind(r), "tunnel");
+    }
+
+    /// Empty lines before the status line are skipped (one byte per read here), count against
+    /// the head's cap, and leave the prefix exact.
+    #[tokio::test]
+    async fn empty_lines_before_the_status_line_are_skipped_within_the_cap() {
+        let (mut stream, prefix, _) = answer(1, |key| {
+            let mut reply = format!("{}{}\r\n", "\r\n\n".repeat(300), head_101(key)).into_bytes();
+            reply.extend_from_slice(b"\x81\x02hi");
+            reply
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        // With one byte per read the frame may come after the head: prefix, then the stream.
+        let mut rest = vec![0u8; 4 - prefix.len()];
+        stream.read_exact(&mut rest).await.unwrap();
+        assert_eq!([&prefix[..], &rest[..]].concat(), b"\x81\x02hi");
+        let r = run(16 * 1024, |mut be, _| async move {
+            while be.write_all(&[b'\r', b'\n'].repeat(4096)).await.is_ok() {}
+        })
+        .await;
+        let e = r.err().unwrap();
+        assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
     }
 
     #[tokio::test]
