@@ -296,7 +296,7 @@ pub fn attachments(
             plugin: att.plugin.clone(),
             config_json,
             budget: Budget {
-                fuel: att.fuel.unwrap_or(crate::policy::DEFAULT_FUEL),
+                cpu_time: att.cpu_time.unwrap_or(crate::policy::DEFAULT_CPU_TIME),
                 memory_bytes: att
                     .memory_limit_bytes
                     .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),

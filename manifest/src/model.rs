@@ -316,7 +316,8 @@ impl fmt::Debug for SubscriptionConfig {
 pub struct Attachment {
     pub plugin: String,
     pub config: toml::Table,
-    pub fuel: Option<u64>,
+    /// CPU time one call may use; `None`: `policy::DEFAULT_CPU_TIME`.
+    pub cpu_time: Option<Duration>,
     pub memory_limit_bytes: Option<usize>,
     /// Wall-clock deadline of one call; `None`: `policy::DEFAULT_TIMEOUT`.
     pub timeout: Option<Duration>,
@@ -341,7 +342,7 @@ pub enum Instances {
     Fresh,
     /// Warm instances kept per attachment and reused: one instance serves handshakes one at a
     /// time, up to `max_uses` of them, and is discarded after that or when its call fails (trap,
-    /// exhausted fuel or memory). What a plugin keeps in its globals between calls is visible to the
+    /// exhausted CPU time or memory). What a plugin keeps in its globals between calls is visible to the
     /// next handshakes the same instance serves; use it for plugins that keep no per-request
     /// state (the first-party ones keep none).
     Pooled { max_uses: u64 },

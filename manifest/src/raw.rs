@@ -184,8 +184,10 @@ pub(crate) struct RawAttachment {
     pub(crate) plugin: Spanned<String>,
     #[serde(default)]
     pub(crate) config: Option<Spanned<toml::Table>>,
-    /// CPU budget per call, in wasmtime fuel units (roughly instructions).
-    pub(crate) fuel: Option<u64>,
+    /// CPU time per call, e.g. "50ms" (humantime).
+    pub(crate) cpu_time: Option<Spanned<String>>,
+    /// The CPU budget before it was counted in time: refused with a pointer to `cpu_time`.
+    pub(crate) fuel: Option<Spanned<toml::Value>>,
     /// Memory cap per call.
     pub(crate) memory_limit_bytes: Option<usize>,
     /// Wall-clock deadline per call, e.g. "500ms" (humantime).

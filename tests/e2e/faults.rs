@@ -64,7 +64,7 @@ async fn faulting_policies_fail_only_their_handshake() {
 
     for round in 0..2 {
         for mode in MODES {
-            // The budgets (fuel, memory, the call's deadline) end every fault: without them the
+            // The budgets (CPU time, memory, the call's deadline) end every fault: without them the
             // loop would never answer. No wall-clock bound here, which a loaded machine
             // could miss; the timeout only keeps a hang from stalling the suite.
             let (head, _) = tokio::time::timeout(

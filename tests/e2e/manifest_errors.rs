@@ -558,6 +558,14 @@ fn rules() -> Vec<Rule> {
             "timeout = ^\"0s\"", "apis[0].on_handshake[0].timeout", "must be more than 0")
             .file(set_header_plugin())
             .fix("\"0s\"", "\"1s\""),
+        rule("policy cpu_time a duration", &[GW_PLUGINS, API, SET_HEADER, "cpu_time = \"lots\"\n"],
+            "cpu_time = ^\"lots\"", "apis[0].on_handshake[0].cpu_time", "is not a duration")
+            .file(set_header_plugin())
+            .fix("\"lots\"", "\"20ms\""),
+        rule("fuel replaced by cpu_time", &[GW_PLUGINS, API, SET_HEADER, "fuel = 50000000\n"],
+            "fuel = ^50000000", "apis[0].on_handshake[0].fuel", "`cpu_time`")
+            .file(set_header_plugin())
+            .fix("fuel = 50000000", "cpu_time = \"50ms\""),
         rule("instances fresh or pooled", &[GW_PLUGINS, API, SET_HEADER, "instances = \"warm\"\n"],
             "instances = ^\"warm\"", "apis[0].on_handshake[0].instances", "`warm` is not an instance strategy")
             .file(set_header_plugin())

@@ -213,7 +213,7 @@ async fn fresh_instances_find_memory_an_earlier_call_dirtied_as_new() {
     eprintln!("policy memory reset: {}", method.unwrap_or_default());
 }
 
-/// A pooled instance that trapped, ran out of fuel or hit its memory limit is dropped, never
+/// A pooled instance that trapped, ran out of CPU time or hit its memory limit is dropped, never
 /// put back: the next handshake gets a fresh one (its count starts again at 1).
 #[tokio::test]
 async fn a_pooled_instance_that_failed_is_replaced() {
@@ -331,8 +331,57 @@ async fn sockets_are_refused_without_opening_a_descriptor() {
     }
 }
 
-/// Every call has a wall-clock deadline besides its fuel: a plugin sleeping on a host pollable
-/// burns no fuel, and used to hold its handshake until the handshake timeout (10 s). With
+/// `cpu_time` bounds the time a call spends running, not waiting: a plugin spinning in a loop
+/// is stopped by its 30 ms long before its 10 s deadline, with a `policy_error` that says CPU
+/// time, while a plugin that sleeps 200 ms on a host pollable passes on 20 ms of CPU time.
+#[tokio::test]
+async fn cpu_time_bounds_running_not_waiting() {
+    use std::time::{Duration, Instant};
+    let backend = RawBackend::start(echo_frames()).await;
+    let b = backend.url();
+    let dir = TempDir::new("cpu-time");
+    plugins::install(&dir.path().join("plugins"), &["faulty_policy.wasm"]);
+    let budget = "cpu_time = \"30ms\"\ntimeout = \"10s\"\nfailure_status = 503";
+    let apis = [
+        probe_api("spin", &b, "loop", "", budget),
+        probe_api(
+            "nap",
+            &b,
+            "sleep",
+            "200",
+            "cpu_time = \"20ms\"\ntimeout = \"2s\"",
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start_in(
+        dir,
+        &format!("{}{apis}", gateway_section("plugin_dir = \"plugins\"")),
+    );
+    let addr = gw.ws.unwrap();
+
+    let t = Instant::now();
+    let (head, _) = raw_handshake(addr, "/spin", "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let err = gw.policy_error("spin").await;
+    assert!(err.contains("ran out of CPU time"), "{err}");
+
+    let t = Instant::now();
+    let (head, _ws) = ws_connect(addr, "/nap", "").await;
+    assert_eq!(
+        header(&head, "x-probe").as_deref(),
+        Some("ok: slept"),
+        "{head}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// Every call has a wall-clock deadline besides its CPU time: a plugin sleeping on a host
+/// pollable uses no CPU time, and used to hold its handshake until the handshake timeout (10 s). With
 /// `timeout = "300ms"` (or the 1 s default) the handshake fails with `failure_status` and a
 /// `policy_error` record saying so, the backend is never contacted, and a pooled instance that
 /// timed out is not reused.
@@ -408,8 +457,9 @@ async fn a_call_that_outlives_its_deadline_fails_the_handshake() {
     );
 }
 
-/// Host calls are metered: each `signatures.verify` charges fuel, so a plugin calling it in a
-/// loop on a large message runs out of budget instead of costing the gateway unmetered CPU;
+/// Host calls are metered: the time `signatures.verify` takes counts against the call's
+/// `cpu_time`, so a plugin calling it in a loop on a large message runs out of budget instead
+/// of costing the gateway unmetered CPU;
 /// a message above 64 KiB gets an error instead of being hashed; `log` keeps at most 16
 /// records of at most 1 KiB per call, and says once that it dropped the rest.
 #[tokio::test]
@@ -424,7 +474,7 @@ async fn host_calls_are_charged_and_bounded() {
             &b,
             "verify",
             "1000:60000",
-            "failure_status = 503",
+            "failure_status = 503\ncpu_time = \"20ms\"\ntimeout = \"10s\"",
         ),
         probe_api("verify-few", &b, "verify", "3:100", ""),
         probe_api("verify-big", &b, "verify", "1:70000", ""),
@@ -442,7 +492,13 @@ async fn host_calls_are_charged_and_bounded() {
     let rec = gw
         .wait_record("policy_error", |r| r["api"] == "verify-spam")
         .await;
-    assert!(rec["error"].as_str().unwrap().contains("fuel"), "{rec}");
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("ran out of CPU time"),
+        "{rec}"
+    );
 
     let probe = |api: &'static str| async move {
         let (head, _ws) = ws_connect(addr, &format!("/{api}"), "").await;

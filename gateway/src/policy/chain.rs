@@ -302,8 +302,8 @@ pub fn build(
 /// next policy sees them. `has_backend` says whether the API has a named backend of that name
 /// (a policy may pick only those).
 ///
-/// Each guest runs on a fiber inside the caller's task and yields to the runtime every ten
-/// million units of fuel, so a slow policy delays its own handshake, not the worker.
+/// Each guest runs on a fiber inside the caller's task and yields to the runtime at every epoch
+/// tick it runs across (10 ms), so a slow policy delays its own handshake, not the worker.
 pub async fn run(
     steps: &[Step],
     request: Request,

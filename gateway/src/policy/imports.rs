@@ -1,7 +1,7 @@
 //! The host side of the policy world's imports: the per-call [`HostState`] (WASI context,
 //! resource table, limits, the call's request and prepared config) and the functions behind
 //! `log`, `signatures`, `config` and the `request` resource. Every one of them is bounded
-//! (fuel, byte budgets, rate limits) and checks the capability it needs.
+//! (CPU time, byte budgets, rate limits) and checks the capability it needs.
 
 use super::*;
 
@@ -43,6 +43,8 @@ pub struct HostState {
     /// When the `on-handshake` call in progress must be done (its `timeout`): a wait for a
     /// key-set refetch ends before it, so the token is judged rather than the call timed out.
     pub(super) deadline: Option<std::time::Instant>,
+    /// Epoch ticks the call in progress may still cross while running (its `cpu_time`).
+    pub(super) cpu_ticks_left: u32,
     /// The key sets of the attachment this instance serves (handshake calls).
     pub(super) key_sets: Arc<[Arc<KeySet>]>,
     /// The process's counters, for `counters.increment`.
@@ -344,19 +346,6 @@ type LogLevel = bindings::tollgate::policy::log::Level;
 type SigAlgorithm = bindings::tollgate::policy::signatures::Algorithm;
 type SigKey = bindings::tollgate::policy::signatures::Key;
 
-/// Takes `units` of fuel from the running call, as if the guest had executed that much; with
-/// too little left the call ends as if it had run out (a trap).
-fn charge(store: &mut StoreContextMut<'_, HostState>, units: u64) -> wasmtime::Result<()> {
-    let left = store.get_fuel()?;
-    match left.checked_sub(units) {
-        Some(rest) => store.set_fuel(rest),
-        None => {
-            store.set_fuel(0)?;
-            Err(wasmtime::Trap::OutOfFuel.into())
-        }
-    }
-}
-
 /// `message` cut to at most `max` bytes on a character boundary, saying how much was cut.
 pub(super) fn truncated(message: String, max: usize) -> String {
     if message.len() <= max {
@@ -369,16 +358,12 @@ pub(super) fn truncated(message: String, max: usize) -> String {
     format!("{}... [{} bytes cut]", &message[..end], message.len() - end)
 }
 
-/// `tollgate:policy/log.log`: charged, truncated, and at most [`MAX_LOGS_PER_CALL`] records per
+/// `tollgate:policy/log.log`: truncated, and at most [`MAX_LOGS_PER_CALL`] records per
 /// call (then one note, then nothing), so a plugin cannot flood the gateway's log.
 fn host_log(
     mut store: StoreContextMut<'_, HostState>,
     (level, message): (LogLevel, String),
 ) -> wasmtime::Result<()> {
-    charge(
-        &mut store,
-        LOG_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX)),
-    )?;
     let state = store.data_mut();
     state.logs = state.logs.saturating_add(1);
     let plugin = &*state.plugin;
@@ -400,8 +385,9 @@ fn host_log(
 }
 
 /// `tollgate:policy/signatures.verify`: refused (the call traps) unless the plugin declared
-/// `verify-signatures`; charged [`VERIFY_FUEL`] plus the message's length; inputs beyond the
-/// caps get an error back instead of being processed.
+/// `verify-signatures`; inputs beyond the caps get an error back instead of being processed.
+/// Its work counts against the call's CPU time like the guest's own (a guest calling it in a
+/// loop crosses epoch ticks), so it needs no fee of its own.
 fn host_verify(
     mut store: StoreContextMut<'_, HostState>,
     (alg, key, message, signature): (SigAlgorithm, SigKey, Vec<u8>, Vec<u8>),
@@ -413,16 +399,6 @@ fn host_verify(
         SigKey::Spki(d) | SigKey::Raw(d) | SigKey::Secret(d) => d.len(),
         SigKey::Rsa(r) => r.n.len().saturating_add(r.e.len()),
     };
-    // Charged for everything the host copied in, before the size checks refuse oversized
-    // inputs: an oversized call costs what its copy cost.
-    let copied = message
-        .len()
-        .saturating_add(key_bytes)
-        .saturating_add(signature.len());
-    charge(
-        &mut store,
-        VERIFY_FUEL.saturating_add(u64::try_from(copied).unwrap_or(u64::MAX)),
-    )?;
     for (what, got, max) in [
         ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
         ("key", key_bytes, MAX_VERIFY_KEY_BYTES),
@@ -500,8 +476,6 @@ type KsVerification = bindings::tollgate::policy::key_sets::Verification;
 /// Largest `ca-pem` `key-sets.register` accepts.
 const MAX_CA_PEM_BYTES: usize = 256 * 1024;
 
-/// Fuel one `key-sets.register` call costs (it may start a fetch).
-pub const REGISTER_FUEL: u64 = 1_000_000;
 /// Longest `kid` `key-sets.verify` accepts (longer ones are kept out of fetched sets too).
 pub const MAX_KID_BYTES: usize = tollgate_verify::jwks::MAX_KID_BYTES;
 
@@ -517,7 +491,6 @@ fn host_key_set_register(
         store
             .data_mut()
             .need(Capability::FetchKeys, "called key-sets.register")?;
-        charge(&mut store, REGISTER_FUEL)?;
         let state = store.data_mut();
         let Some(registering) = state.registering.as_mut() else {
             return Err(wasmtime::Error::msg(
@@ -587,8 +560,8 @@ fn host_key_set_register(
     })
 }
 
-/// `tollgate:policy/key-sets.verify`: needs `verify-signatures`; each key tried is charged and
-/// counted as a `signatures.verify` call (and goes through the same cache). A kid the set does
+/// `tollgate:policy/key-sets.verify`: needs `verify-signatures`; at most
+/// [`MAX_KEYS_PER_VERIFY`] keys tried, each counted as a `signatures.verify` call (and goes through the same cache). A kid the set does
 /// not hold makes it wait for a (shared, rate-limited) refetch.
 fn host_key_set_verify(
     mut store: StoreContextMut<'_, HostState>,
@@ -602,11 +575,6 @@ fn host_key_set_verify(
         store
             .data_mut()
             .need(Capability::VerifySignatures, "called key-sets.verify")?;
-        let copied = message
-            .len()
-            .saturating_add(signature.len())
-            .saturating_add(kid.as_ref().map_or(0, String::len));
-        charge(&mut store, u64::try_from(copied).unwrap_or(u64::MAX))?;
         for (what, got, max) in [
             ("message", message.len(), MAX_VERIFY_MESSAGE_BYTES),
             ("signature", signature.len(), MAX_VERIFY_SIGNATURE_BYTES),
@@ -632,7 +600,7 @@ fn host_key_set_verify(
             )),));
         };
         let before = set.keys();
-        let mut outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+        let mut outcome = check_with(&store, &set, alg, kid.as_deref(), &message, &signature);
         // A kid the set does not hold: a refetch may bring it (the provider rotated). The wait
         // ends before the call's own deadline, so a slow provider gets the token refused, not
         // the call timed out.
@@ -649,7 +617,7 @@ fn host_key_set_verify(
             }
             // Checked again only when the keys changed (a refetch of ours or of another call).
             if !Arc::ptr_eq(&before, &set.keys()) {
-                outcome = check_with(&mut store, &set, alg, kid.as_deref(), &message, &signature)?;
+                outcome = check_with(&store, &set, alg, kid.as_deref(), &message, &signature);
             }
         }
         Ok((outcome.map(|(c, _)| match c {
@@ -667,23 +635,16 @@ const REFETCH_MARGIN: std::time::Duration = std::time::Duration::from_millis(50)
 /// its own keys.
 pub const MAX_KEYS_PER_VERIFY: usize = 4;
 
-/// The set's keys checked (charged per key; a trap when the fuel runs out), the outcome or
-/// the error of a key that cannot be used.
+/// The set's keys checked, the outcome or the error of a key that cannot be used.
 fn check_with(
-    store: &mut StoreContextMut<'_, HostState>,
+    store: &StoreContextMut<'_, HostState>,
     set: &KeySet,
     alg: tollgate_verify::Algorithm,
     kid: Option<&str>,
     message: &[u8],
     signature: &[u8],
-) -> wasmtime::Result<Result<(key_sets::Checked, bool), String>> {
-    let mut trap = None;
-    let per_key = VERIFY_FUEL.saturating_add(u64::try_from(message.len()).unwrap_or(u64::MAX));
-    let outcome = set.check(alg, kid, MAX_KEYS_PER_VERIFY, |key| {
-        if let Err(e) = charge(store, per_key) {
-            trap = Some(e);
-            return Err("out of fuel".into());
-        }
+) -> Result<(key_sets::Checked, bool), String> {
+    set.check(alg, kid, MAX_KEYS_PER_VERIFY, |key| {
         let state = store.data();
         verify_key(
             &state.verified,
@@ -693,24 +654,17 @@ fn check_with(
             message,
             signature,
         )
-    });
-    match trap {
-        Some(e) => Err(e),
-        None => Ok(outcome),
-    }
+    })
 }
 
 type CtRate = bindings::tollgate::policy::counters::Rate;
 type CtCounted = bindings::tollgate::policy::counters::Counted;
 
-/// Fuel one `counters.increment` call costs besides its key's length (it may be a round trip
-/// to the fleet's store).
-pub const COUNTER_FUEL: u64 = 100_000;
 /// `counters.increment` calls one `on-handshake` call may make: a policy counts a handshake
 /// under a key or two, and each call may cost a round trip to the fleet's store.
 pub const MAX_COUNTER_CALLS_PER_CALL: u32 = 8;
 
-/// `tollgate:policy/counters.increment`: `on-handshake` only, needs `use-counters`, charged,
+/// `tollgate:policy/counters.increment`: `on-handshake` only, needs `use-counters`,
 /// at most [`MAX_COUNTER_CALLS_PER_CALL`] per call; a store round trip is bounded by
 /// `store_timeout` (`[cluster]`).
 fn host_counter_increment(
@@ -722,10 +676,6 @@ fn host_counter_increment(
         store
             .data_mut()
             .need(Capability::UseCounters, "called counters.increment")?;
-        charge(
-            &mut store,
-            COUNTER_FUEL.saturating_add(u64::try_from(key.len()).unwrap_or(u64::MAX)),
-        )?;
         let state = store.data_mut();
         if state.request.is_none() {
             return Err(wasmtime::Error::msg(
@@ -774,7 +724,8 @@ fn host_counter_increment(
 }
 
 /// Links our host interfaces by hand rather than through the generated `add_to_linker`, whose
-/// host traits see only the state: charging fuel needs the store.
+/// host traits see only the state. That was needed while host calls charged fuel through the
+/// store; since CPU time is counted by epochs they could move to the generated traits.
 pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wit_types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     wit::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;

@@ -4,8 +4,14 @@
 //! Shaped like wasmtime's `serve`: one [`Engine`] and [`Linker`] for the process, an
 //! [`InstancePre`](wasmtime::component::InstancePre) per plugin built once at load, and a fresh
 //! [`Store`] and instance per call, so one client's handshake never sees state another left
-//! behind. Each call runs with a fuel budget (CPU) and a memory cap; a trap, running out of
-//! fuel or memory, or a bad result fails that handshake only.
+//! behind. Each call runs with a CPU-time budget and a memory cap; a trap, running out of
+//! CPU time or memory, or a bad result fails that handshake only.
+//!
+//! CPU time is counted with wasmtime's epoch interruption, not fuel: a timer thread advances
+//! the engine's epoch every [`EPOCH_TICK`], and each tick boundary a running call crosses uses
+//! one tick of its `cpu_time`. Fuel counted instructions exactly but cost every guest loop and
+//! call a counter update (measured: 18 % of the Rust jwt-validate + set-header chain); an epoch
+//! check is one load and compare, and a gateway's natural budget is time anyway.
 //!
 //! Before any plugin code runs, its imports are checked: our own interfaces and the standard
 //! WASI interfaces language runtimes import anyway (cli, io, clocks, random, filesystem,
@@ -14,13 +20,14 @@
 //! zero; an attachment's `grants` open up directories (read-only), named environment variables
 //! and the real clocks, nothing else.
 //!
-//! Beyond fuel and memory, a call is bounded in three more ways: sockets and name lookups are
-//! refused outright (a refused socket never opens a descriptor on the host, so a pooled plugin
-//! cannot hoard the gateway's descriptors); every call has a wall-clock deadline (waiting on a
-//! host pollable, e.g. a sleep, burns no fuel); and the host calls are metered (`log` and
-//! `signatures.verify` charge fuel for what they copy and take bounded inputs, `log` truncates
-//! and rate-limits, reads of the request share a per-call byte budget with a flat fee per read). A host
-//! call that needs a capability the plugin did not declare is refused.
+//! Beyond CPU time and memory, a call is bounded in three more ways: sockets and name lookups
+//! are refused outright (a refused socket never opens a descriptor on the host, so a pooled
+//! plugin cannot hoard the gateway's descriptors); every call has a wall-clock deadline
+//! (waiting on a host pollable, e.g. a sleep, uses no CPU time); and the host calls are
+//! bounded (their work counts against the call's CPU time like the guest's own, their inputs
+//! are capped, `log` truncates and rate-limits, reads of the request share a per-call byte
+//! budget with a flat fee per read). A host call that needs a capability the plugin did not
+//! declare is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,7 +88,13 @@ pub const WIT_VERSION: &str = "0.2.0";
 
 /// Defaults for one policy call. Generous for a header check or a JWT verification, small
 /// enough that a runaway plugin costs milliseconds, not the gateway.
-pub const DEFAULT_FUEL: u64 = 50_000_000;
+/// CPU time of one call when the attachment sets no `cpu_time`: some 2,000 times what the
+/// Rust jwt-validate takes, 400 times a JavaScript policy's warm call.
+pub const DEFAULT_CPU_TIME: Duration = Duration::from_millis(50);
+/// How often the engine's epoch advances: the unit CPU time is counted in. Ten milliseconds
+/// keeps the timer thread's own cost negligible (100 wake-ups a second) while a runaway call
+/// still ends within one tick of its budget.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 /// Wall-clock deadline of one `on-handshake` call when the attachment sets no `timeout`: far
 /// above what a header check or a JWT verification takes, far below the handshake timeout.
@@ -95,22 +108,38 @@ pub const MAX_VERIFY_MESSAGE_BYTES: usize = 64 * 1024;
 /// key or signature is about 1 KiB, a DER SPKI slightly more.
 pub const MAX_VERIFY_KEY_BYTES: usize = 16 * 1024;
 pub const MAX_VERIFY_SIGNATURE_BYTES: usize = 2 * 1024;
-/// Fuel one `signatures.verify` call costs, plus one unit per message byte: roughly what the
-/// native work (hashing, an RSA or ECDSA verification) would cost as guest instructions, so
-/// the default budget allows some 200 verifications per call, not an unbounded number.
-pub const VERIFY_FUEL: u64 = 250_000;
-/// Fuel one `log` call costs, plus one unit per message byte.
-pub const LOG_FUEL: u64 = 10_000;
 /// A `log` message is cut to this many bytes (on a character boundary).
 pub const MAX_LOG_MESSAGE_BYTES: usize = 1024;
 /// Records one call may log; further ones are dropped, with one note saying so.
 pub const MAX_LOGS_PER_CALL: u32 = 16;
-/// Fuel between two yields of a running guest to the async runtime (roughly ten milliseconds
-/// of guest work). Large enough that ordinary calls never yield: a pooled call that yields lets
-/// other handshakes take more instances meanwhile, and an interpreter-based guest (a JS call
-/// burns a few million units) then churned through fresh instances (measured: 1,034 vs 390 us
-/// of gateway CPU per handshake with 1,000,000).
-const FUEL_YIELD_INTERVAL: u64 = 10_000_000;
+
+/// How a call that used all of its `cpu_time` ends (the error the epoch callback returns).
+#[derive(Debug, thiserror::Error)]
+#[error("ran out of CPU time")]
+struct CpuTimeExceeded;
+
+/// `cpu_time` in whole [`EPOCH_TICK`]s, rounded up (at least one).
+fn cpu_ticks(cpu_time: Duration) -> u32 {
+    let tick = EPOCH_TICK.as_nanos();
+    let ticks = cpu_time.as_nanos().div_ceil(tick).max(1);
+    u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
+/// Advances `engine`'s epoch every [`EPOCH_TICK`] on a thread of its own, for as long as the
+/// engine lives (the thread holds only a weak reference, and ends with the engine).
+fn start_epoch_timer(engine: &Engine) -> std::io::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("tollgate-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .map(drop)
+}
 
 /// Runs a load-time guest call (declare, configure, inspect) to completion on the calling
 /// thread. Load happens before the gateway's runtime starts (and in `tollgate check`), so
@@ -229,8 +258,8 @@ pub const INSTANTIATE_SAMPLES: usize = 21;
 
 /// Warm instances of one attachment whose strategy is `instances = "pooled"`. An instance is
 /// taken for one handshake and put back afterwards, so it never serves two at once; it is
-/// dropped after `max_uses` handshakes or when its call fails (trap, exhausted fuel or memory:
-/// a trapped instance is never reused). At most `max_idle` are kept; the rest are dropped when
+/// dropped after `max_uses` handshakes or when its call fails (trap, exhausted CPU time or
+/// memory: a trapped instance is never reused). At most `max_idle` are kept; the rest are dropped when
 /// returned.
 pub struct InstancePool {
     idle: std::sync::Mutex<Vec<Warm>>,
@@ -348,18 +377,20 @@ pub struct Grants {
 /// Limits for one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
-    pub fuel: u64,
+    /// Time one call may spend running (guest code and the host calls it makes), counted in
+    /// [`EPOCH_TICK`]s and rounded up to whole ones.
+    pub cpu_time: Duration,
     pub memory_bytes: usize,
-    /// Wall-clock deadline of one `on-handshake` call. Fuel only counts executed guest code: a
-    /// guest waiting on a host pollable (a sleep) burns none, so without a deadline it could
-    /// hold the handshake until the handshake timeout.
+    /// Wall-clock deadline of one `on-handshake` call. CPU time only counts while the call
+    /// runs: a guest waiting on a host pollable (a sleep) uses none, so without a deadline it
+    /// could hold the handshake until the handshake timeout.
     pub timeout: Duration,
 }
 
 impl Default for Budget {
     fn default() -> Self {
         Budget {
-            fuel: DEFAULT_FUEL,
+            cpu_time: DEFAULT_CPU_TIME,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -460,7 +491,7 @@ impl PolicyHost {
             }
         };
         let mut config = Config::new();
-        config.consume_fuel(true);
+        config.epoch_interruption(true);
         // A fresh instance per handshake is only affordable with pre-reserved instance slots:
         // the pooling allocator makes instantiation a few microseconds. Defaults: up to 1000
         // instances alive at once (policy calls in flight), memories capped per call by
@@ -474,6 +505,10 @@ impl PolicyHost {
             reset.explain()
         );
         let engine = Engine::new(&config).map_err(engine_error("creating the wasm engine"))?;
+        start_epoch_timer(&engine).map_err(|e| PolicyError::Engine {
+            what: "starting the epoch timer thread",
+            message: e.to_string(),
+        })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(engine_error("linking WASI"))?;
@@ -609,18 +644,28 @@ impl PolicyHost {
             key_set_registry: self.key_sets.clone(),
             registering: None,
             deadline: None,
+            cpu_ticks_left: 0,
             key_sets,
             counters: self.counters.clone(),
             counter_calls: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_fuel(budget.fuel).map_err(|e| e.to_string())?;
-        // A long call gives the worker back every so often instead of holding it for its whole
-        // budget, so other connections on the same worker keep moving.
-        store
-            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
-            .map_err(|e| e.to_string())?;
+        store.data_mut().cpu_ticks_left = cpu_ticks(budget.cpu_time);
+        store.set_epoch_deadline(1);
+        // Each tick boundary a running call crosses costs one tick of its budget, and gives the
+        // worker back (a yield), so other connections on the same worker keep moving; with
+        // none left the call ends with `CpuTimeExceeded`.
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            match state.cpu_ticks_left.checked_sub(1) {
+                Some(left) => {
+                    state.cpu_ticks_left = left;
+                    Ok(wasmtime::UpdateDeadline::Yield(1))
+                }
+                None => Err(CpuTimeExceeded.into()),
+            }
+        });
         Ok(store)
     }
 
@@ -878,9 +923,8 @@ impl PolicyHost {
         let mut w = match call.pool.and_then(InstancePool::take) {
             Some(mut w) => {
                 // The budget is per call: a warm instance starts each one with all of it.
-                w.store
-                    .set_fuel(call.budget.fuel)
-                    .map_err(|e| plugin.call_error(e.to_string()))?;
+                w.store.data_mut().cpu_ticks_left = cpu_ticks(call.budget.cpu_time);
+                w.store.set_epoch_deadline(1);
                 w
             }
             None => {
@@ -1030,7 +1074,7 @@ impl Plugin {
     }
 
     /// A call into the plugin failed: a host call it was refused (undeclared capability), or
-    /// else a trap (including exhausted fuel or memory).
+    /// else a trap (including exhausted CPU time or memory).
     fn call_failed(
         &self,
         store: &Store<HostState>,
@@ -1043,6 +1087,9 @@ impl Plugin {
                 capability: r.capability,
                 action: r.action,
             },
+            None if e.chain().any(|c| c.is::<CpuTimeExceeded>()) => {
+                self.call_error(format!("ran out of CPU time in {during} (its `cpu_time`)"))
+            }
             None => self.call_error(format!("trapped in {during}: {e:#}")),
         }
     }

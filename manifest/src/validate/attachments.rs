@@ -14,6 +14,28 @@ use crate::model::{Attachment, Grants, Instances, DEFAULT_POOL_MAX_USES};
 use crate::raw::RawAttachment;
 
 impl Validator<'_> {
+    /// A per-call budget written as a duration (`timeout`, `cpu_time`): more than zero.
+    fn call_duration(&mut self, t: &Spanned<String>, key: String) -> Option<std::time::Duration> {
+        match humantime_serde::re::humantime::parse_duration(t.get_ref().trim()) {
+            Ok(d) if d.is_zero() => {
+                self.err(t.span(), key, "must be more than 0");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(
+                    t.span(),
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\"",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     /// The attachments `list` at `key` (`policies`, `products[i].policies` or
     /// `apis[i].on_handshake`). The plugins they name are only looked up when the gateway loads
     /// them; here each gets its location, for the errors found then.
@@ -44,31 +66,21 @@ impl Validator<'_> {
                     "must name a plugin",
                 );
             }
-            let timeout =
-                r.timeout.as_ref().and_then(
-                    |t| match humantime_serde::re::humantime::parse_duration(t.get_ref().trim()) {
-                        Ok(d) if d.is_zero() => {
-                            self.err(
-                                t.span(),
-                                format!("{key}[{n}].timeout"),
-                                "must be more than 0",
-                            );
-                            None
-                        }
-                        Ok(d) => Some(d),
-                        Err(e) => {
-                            self.err(
-                                t.span(),
-                                format!("{key}[{n}].timeout"),
-                                format!(
-                                    "`{}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\"",
-                                    t.get_ref()
-                                ),
-                            );
-                            None
-                        }
-                    },
+            let timeout = r
+                .timeout
+                .as_ref()
+                .and_then(|t| self.call_duration(t, format!("{key}[{n}].timeout")));
+            let cpu_time = r
+                .cpu_time
+                .as_ref()
+                .and_then(|t| self.call_duration(t, format!("{key}[{n}].cpu_time")));
+            if let Some(f) = &r.fuel {
+                self.err(
+                    f.span(),
+                    format!("{key}[{n}].fuel"),
+                    "is no longer read: a call's CPU budget is time now, `cpu_time` (e.g. \"50ms\", the default); remove `fuel`",
                 );
+            }
             let mut grants = Grants {
                 read_dirs: Vec::new(),
                 env: r.grants.env.clone(),
@@ -146,7 +158,7 @@ impl Validator<'_> {
                     .as_ref()
                     .map(|c| c.get_ref().clone())
                     .unwrap_or_default(),
-                fuel: r.fuel,
+                cpu_time,
                 memory_limit_bytes: r.memory_limit_bytes,
                 timeout,
                 failure_status,
@@ -203,5 +215,40 @@ mod tests {
         }
         let e = p(&att("timeout = 5")).unwrap_err();
         assert!(e.to_string().contains("timeout"), "{e}");
+    }
+
+    fn attached(t: &str) -> String {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\n";
+        format!("{BASE}plugin_dir = \".\"\n{api}[[apis.on_handshake]]\nplugin = \"p\"\n{t}\n")
+    }
+
+    #[test]
+    fn cpu_time_is_a_positive_duration() {
+        let c = p(&attached("cpu_time = \"20ms\"")).unwrap();
+        assert_eq!(
+            c.apis[0].on_handshake[0].cpu_time,
+            Some(Duration::from_millis(20))
+        );
+        assert_eq!(
+            p(&attached("")).unwrap().apis[0].on_handshake[0].cpu_time,
+            None
+        );
+        for bad in ["cpu_time = \"0ms\"", "cpu_time = \"lots\""] {
+            let e = p(&attached(bad)).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].key, "apis[0].on_handshake[0].cpu_time", "{e}");
+            assert_eq!(e.0[0].line, 11, "{e}");
+        }
+    }
+
+    /// `fuel` counted wasm instructions until CPU time was counted by epochs: a manifest that
+    /// still sets it is told what replaced it, rather than silently getting another budget.
+    #[test]
+    fn fuel_is_refused_with_a_pointer_to_cpu_time() {
+        let e = p(&attached("fuel = 50000000")).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].key, "apis[0].on_handshake[0].fuel", "{e}");
+        assert_eq!(e.0[0].line, 11, "{e}");
+        assert!(e.0[0].message.contains("`cpu_time`"), "{e}");
     }
 }

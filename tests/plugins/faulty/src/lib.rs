@@ -9,7 +9,7 @@
 //! `{"mode": "scribble"}` (`clean`, or the error `N dirty pages`).
 //!
 //! Probes of the sandbox's bounds: `{"mode": "sleep", "arg": MS}` waits on the monotonic clock
-//! (no fuel burnt); `"sleep-first"` does so only in an instance's first call, then counts;
+//! (no CPU time used); `"sleep-first"` does so only in an instance's first call, then counts;
 //! `{"mode": "sockets", "arg": N}` creates N TCP sockets through wasi-libc and keeps them
 //! (never closed, so a warm instance would hold their descriptors); `"udp"` and `"lookup"` try
 //! a UDP socket and a name lookup; `{"mode": "verify", "arg": "CALLS:BYTES"}` calls
