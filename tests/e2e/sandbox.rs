@@ -473,7 +473,7 @@ async fn host_calls_are_charged_and_bounded() {
             "verify-spam",
             &b,
             "verify",
-            "1000:60000",
+            "100000:60000",
             "failure_status = 503\ncpu_time = \"20ms\"\ntimeout = \"10s\"",
         ),
         probe_api("verify-few", &b, "verify", "3:100", ""),

@@ -43,8 +43,10 @@ pub struct HostState {
     /// When the `on-handshake` call in progress must be done (its `timeout`): a wait for a
     /// key-set refetch ends before it, so the token is judged rather than the call timed out.
     pub(super) deadline: Option<std::time::Instant>,
-    /// Epoch ticks the call in progress may still cross while running (its `cpu_time`).
-    pub(super) cpu_ticks_left: u32,
+    /// Epoch ticks the call in progress may cross while running (its `cpu_time`), and those
+    /// it has crossed.
+    pub(super) cpu_ticks_budget: u32,
+    pub(super) cpu_ticks_used: u32,
     /// The key sets of the attachment this instance serves (handshake calls).
     pub(super) key_sets: Arc<[Arc<KeySet>]>,
     /// The process's counters, for `counters.increment`.
@@ -346,6 +348,13 @@ type LogLevel = bindings::tollgate::policy::log::Level;
 type SigAlgorithm = bindings::tollgate::policy::signatures::Algorithm;
 type SigKey = bindings::tollgate::policy::signatures::Key;
 
+/// After a host call waited (a fetch, a store round trip): the ticks that passed meanwhile were
+/// not the call's CPU time, so its epoch deadline starts afresh from now. (Without this the
+/// guest's next epoch check would charge one tick per wait that crossed a tick boundary.)
+fn waited(store: &mut StoreContextMut<'_, HostState>) {
+    store.set_epoch_deadline(1);
+}
+
 /// `message` cut to at most `max` bytes on a character boundary, saying how much was cut.
 pub(super) fn truncated(message: String, max: usize) -> String {
     if message.len() <= max {
@@ -538,7 +547,9 @@ fn host_key_set_register(
             Err(e) => return Ok((Err(e),)),
         };
         let registry = state.key_set_registry.clone();
-        let set = match registry.register(source, options).await {
+        let registered = registry.register(source, options).await;
+        waited(&mut store);
+        let set = match registered {
             Ok(set) => set,
             Err(e) => return Ok((Err(e),)),
         };
@@ -615,6 +626,7 @@ fn host_key_set_verify(
                     refetch.await;
                 }
             }
+            waited(&mut store);
             // Checked again only when the keys changed (a refetch of ours or of another call).
             if !Arc::ptr_eq(&before, &set.keys()) {
                 outcome = check_with(&store, &set, alg, kid.as_deref(), &message, &signature);
@@ -701,16 +713,15 @@ fn host_counter_increment(
         let counted = match deadline {
             Some(d) => {
                 let until = d.checked_sub(REFETCH_MARGIN).unwrap_or(d);
-                match tokio::time::timeout_at(until.into(), counting).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        return Ok((Err(
-                            "counting did not finish before the policy call's deadline".into(),
-                        ),))
-                    }
-                }
+                tokio::time::timeout_at(until.into(), counting).await
             }
-            None => counting.await,
+            None => Ok(counting.await),
+        };
+        waited(&mut store);
+        let Ok(counted) = counted else {
+            return Ok((Err(
+                "counting did not finish before the policy call's deadline".into(),
+            ),));
         };
         Ok((counted
             .map(|(c, _)| CtCounted {

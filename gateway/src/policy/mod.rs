@@ -108,6 +108,8 @@ pub const MAX_VERIFY_MESSAGE_BYTES: usize = 64 * 1024;
 /// key or signature is about 1 KiB, a DER SPKI slightly more.
 pub const MAX_VERIFY_KEY_BYTES: usize = 16 * 1024;
 pub const MAX_VERIFY_SIGNATURE_BYTES: usize = 2 * 1024;
+/// Most bytes one `wasi:random` call may ask for.
+pub const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 /// A `log` message is cut to this many bytes (on a character boundary).
 pub const MAX_LOG_MESSAGE_BYTES: usize = 1024;
 /// Records one call may log; further ones are dropped, with one note saying so.
@@ -617,6 +619,10 @@ impl PolicyHost {
         if !grants.clock {
             wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
         }
+        // Random bytes are made on the host in one call, which an epoch check cannot
+        // interrupt: capped (wasmtime-wasi's default is 64 MiB), as language runtimes ask for
+        // a few bytes to seed their hashes.
+        wasi.max_random_size(MAX_RANDOM_BYTES);
         for name in &grants.env {
             if let Ok(v) = std::env::var(name) {
                 wasi.env(name, v);
@@ -644,27 +650,34 @@ impl PolicyHost {
             key_set_registry: self.key_sets.clone(),
             registering: None,
             deadline: None,
-            cpu_ticks_left: 0,
+            cpu_ticks_budget: 0,
+            cpu_ticks_used: 0,
             key_sets,
             counters: self.counters.clone(),
             counter_calls: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.data_mut().cpu_ticks_left = cpu_ticks(budget.cpu_time);
+        store.data_mut().cpu_ticks_budget = cpu_ticks(budget.cpu_time);
         store.set_epoch_deadline(1);
         // Each tick boundary a running call crosses costs one tick of its budget, and gives the
         // worker back (a yield), so other connections on the same worker keep moving; with
         // none left the call ends with `CpuTimeExceeded`.
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
-            match state.cpu_ticks_left.checked_sub(1) {
-                Some(left) => {
-                    state.cpu_ticks_left = left;
-                    Ok(wasmtime::UpdateDeadline::Yield(1))
-                }
-                None => Err(CpuTimeExceeded.into()),
+            state.cpu_ticks_used = state.cpu_ticks_used.saturating_add(1);
+            if state.cpu_ticks_used > state.cpu_ticks_budget {
+                return Err(CpuTimeExceeded.into());
             }
+            // The first tick a call runs across does not yield: an ordinary call that merely
+            // straddles a tick boundary finishes without giving its worker away (a pooled call
+            // that yields lets other handshakes take more instances meanwhile; BENCHMARKS.md
+            // measured that churn when fuel yields came too often).
+            Ok(if state.cpu_ticks_used == 1 {
+                wasmtime::UpdateDeadline::Continue(1)
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
         });
         Ok(store)
     }
@@ -843,7 +856,7 @@ impl PolicyHost {
             .pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| plugin.call_error(format!("instantiation failed: {e:#}")))?;
+            .map_err(|e| plugin.call_failed(&store, "instantiation", e))?;
         Ok((store, instance))
     }
 
@@ -923,7 +936,9 @@ impl PolicyHost {
         let mut w = match call.pool.and_then(InstancePool::take) {
             Some(mut w) => {
                 // The budget is per call: a warm instance starts each one with all of it.
-                w.store.data_mut().cpu_ticks_left = cpu_ticks(call.budget.cpu_time);
+                let state = w.store.data_mut();
+                state.cpu_ticks_budget = cpu_ticks(call.budget.cpu_time);
+                state.cpu_ticks_used = 0;
                 w.store.set_epoch_deadline(1);
                 w
             }
