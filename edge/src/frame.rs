@@ -17,9 +17,15 @@
 //! the endpoints check what they decompress. A close frame is held until it is complete (at
 //! most 139 bytes) and checked before any of it is forwarded.
 //!
+//! With a message rate (`[[apis.message_limits]]`, [`crate::rate`]) a message over it either
+//! ends the connection or, with `drop`, is cut out of the stream: its frames' bytes are
+//! reported as `discard` instead of `forward`, control frames in between still pass.
+//!
 //! Why hand-written: tungstenite and friends parse whole messages (they reassemble fragments and
 //! unmask into owned buffers), which is exactly what a frame-preserving, zero-copy relay must not
 //! do.
+
+use crate::rate::{MessageRate, RateAction, RateLimit};
 
 /// Which way the bytes travel; decides which masking rule applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +72,10 @@ pub struct DirStats {
     pub close_frames: u64,
     pub text_messages: u64,
     pub binary_messages: u64,
+    /// Messages not forwarded because they were over `max_messages_per_second` (`drop`).
+    pub dropped_over_messages: u64,
+    /// Messages not forwarded because they were over `max_bytes_per_second` (`drop`).
+    pub dropped_over_bytes: u64,
 }
 
 /// What stopped the parser at a frame boundary.
@@ -83,11 +93,23 @@ pub enum Event {
     },
 }
 
-/// The parser's size limits, as a frame or message over one of them is reported.
+/// The limits the parser enforces on a direction, as a frame or message over one of them is
+/// reported: sizes, and (with [`FrameParser::with_message_rate`]) message rates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SizeLimit {
     MaxFrameSize,
     MaxMessageSize,
+    MaxMessagesPerSecond,
+    MaxBytesPerSecond,
+}
+
+impl From<RateLimit> for SizeLimit {
+    fn from(l: RateLimit) -> SizeLimit {
+        match l {
+            RateLimit::MessagesPerSecond => SizeLimit::MaxMessagesPerSecond,
+            RateLimit::BytesPerSecond => SizeLimit::MaxBytesPerSecond,
+        }
+    }
 }
 
 impl SizeLimit {
@@ -96,15 +118,27 @@ impl SizeLimit {
         match self {
             SizeLimit::MaxFrameSize => "max_frame_size",
             SizeLimit::MaxMessageSize => "max_message_size",
+            SizeLimit::MaxMessagesPerSecond => RateLimit::MessagesPerSecond.key(),
+            SizeLimit::MaxBytesPerSecond => RateLimit::BytesPerSecond.key(),
         }
     }
 
-    /// The reason in the close frame (code 1009).
+    /// The reason in the close frame (code 1009 for sizes, 1008 for rates).
     pub fn reason(self) -> &'static str {
         match self {
             SizeLimit::MaxFrameSize => "frame exceeds max_frame_size",
             SizeLimit::MaxMessageSize => "message exceeds max_message_size",
+            SizeLimit::MaxMessagesPerSecond => RateLimit::MessagesPerSecond.reason(),
+            SizeLimit::MaxBytesPerSecond => RateLimit::BytesPerSecond.reason(),
         }
+    }
+
+    /// A message rate, not a size: the sender gets 1008 and the other side 1001.
+    pub fn is_rate(self) -> bool {
+        matches!(
+            self,
+            SizeLimit::MaxMessagesPerSecond | SizeLimit::MaxBytesPerSecond
+        )
     }
 }
 
@@ -114,6 +148,10 @@ pub struct Advance {
     /// How many bytes from the start of the input may be forwarded. Bytes after it (when there is
     /// no event) are an incomplete frame header the caller must keep and present again.
     pub forward: usize,
+    /// How many bytes after the forwarded ones belong to a dropped message: the caller removes
+    /// them and presents the rest of its input again. Only ever non-zero with a message rate
+    /// whose action is `drop`.
+    pub discard: usize,
     pub event: Option<Event>,
 }
 
@@ -303,6 +341,11 @@ pub struct FrameParser {
     validate_text: bool,
     /// The text message in progress, as validated so far.
     utf8: Utf8Stream,
+    /// `[[apis.message_limits]]` of this direction; boxed, so a connection without them pays
+    /// one word per direction.
+    rate: Option<Box<MessageRate>>,
+    /// The data message in progress is being dropped (its frames are discarded).
+    dropping: Option<RateLimit>,
     pub stats: DirStats,
 }
 
@@ -324,8 +367,19 @@ impl FrameParser {
             rsv_allowed: true,
             validate_text: false,
             utf8: Utf8Stream::default(),
+            rate: None,
+            dropping: None,
             stats: DirStats::default(),
         }
+    }
+
+    /// Enforces a message rate on this direction (`[[apis.message_limits]]`): a message over
+    /// it ends the connection (a violation with code 1008) or, with `drop`, is not forwarded.
+    /// Messages are judged at their first frame (see [`crate::rate`]); control frames are
+    /// never limited, and pass through a dropped message's frames as they came.
+    pub fn with_message_rate(mut self, rate: Option<MessageRate>) -> Self {
+        self.rate = rate.map(Box::new);
+        self
     }
 
     /// Whether the handshake agreed an extension (`Sec-WebSocket-Extensions` in the 101).
@@ -391,6 +445,9 @@ impl FrameParser {
         let mut frame_start: Option<usize> = None;
         loop {
             match self.state {
+                State::Payload if self.discarding() => {
+                    return self.discard(data, pos, 0);
+                }
                 State::Payload => {
                     let avail = (data.len() - pos) as u64;
                     let take = avail.min(self.remaining);
@@ -416,6 +473,7 @@ impl FrameParser {
                     if self.remaining > 0 {
                         return Advance {
                             forward: pos,
+                            discard: 0,
                             event: None,
                         };
                     }
@@ -427,6 +485,7 @@ impl FrameParser {
                         }
                         return Advance {
                             forward: pos,
+                            discard: 0,
                             event: Some(ev),
                         };
                     }
@@ -437,12 +496,14 @@ impl FrameParser {
                         HeaderResult::Incomplete => {
                             return Advance {
                                 forward: pos,
+                                discard: 0,
                                 event: None,
                             }
                         }
                         HeaderResult::Bad(code, reason) => {
                             return Advance {
                                 forward: pos,
+                                discard: 0,
                                 event: Some(Event::Violation {
                                     code,
                                     reason,
@@ -453,6 +514,7 @@ impl FrameParser {
                         HeaderResult::TooBig(limit) => {
                             return Advance {
                                 forward: pos,
+                                discard: 0,
                                 event: Some(Event::Violation {
                                     code: close_code::TOO_BIG,
                                     reason: limit.reason(),
@@ -461,6 +523,11 @@ impl FrameParser {
                             }
                         }
                         HeaderResult::Ok(hlen) => {
+                            if self.rate.is_some() && self.opcode & 0x8 == 0 {
+                                if let Some(adv) = self.judge(data, pos, hlen) {
+                                    return adv;
+                                }
+                            }
                             frame_start = Some(pos);
                             pos += hlen;
                             self.stats.bytes += hlen as u64;
@@ -474,6 +541,7 @@ impl FrameParser {
                                     }
                                     return Advance {
                                         forward: pos,
+                                        discard: 0,
                                         event: Some(ev),
                                     };
                                 }
@@ -485,9 +553,77 @@ impl FrameParser {
             if pos == data.len() {
                 return Advance {
                     forward: pos,
+                    discard: 0,
                     event: None,
                 };
             }
+        }
+    }
+
+    /// True while the frame being read belongs to a dropped message (control frames in
+    /// between are forwarded as usual).
+    fn discarding(&self) -> bool {
+        self.dropping.is_some() && self.opcode & 0x8 == 0
+    }
+
+    /// With a message rate: the data frame whose `hlen`-byte header starts at `pos` (already
+    /// parsed) is judged. `None`: forward it as usual; else what to tell the caller: a
+    /// violation (`close`), or the start of the frame's bytes to discard (`drop`).
+    fn judge(&mut self, data: &[u8], pos: usize, hlen: usize) -> Option<Advance> {
+        let rate = self.rate.as_mut()?;
+        if self.opcode == OP_CONTINUATION {
+            if self.dropping.is_none() {
+                rate.charge(self.remaining);
+                return None;
+            }
+        } else {
+            match rate.admit(self.remaining, std::time::Instant::now()) {
+                Ok(()) => return None,
+                Err(limit) if rate.action == RateAction::Close => {
+                    // Nothing of the frame is forwarded: the receiver stays at a boundary.
+                    return Some(Advance {
+                        forward: pos,
+                        discard: 0,
+                        event: Some(Event::Violation {
+                            code: close_code::POLICY_VIOLATION,
+                            reason: limit.reason(),
+                            limit: Some(limit.into()),
+                        }),
+                    });
+                }
+                Err(limit) => self.dropping = Some(limit),
+            }
+        }
+        self.stats.bytes += hlen as u64;
+        self.stats.frames += 1;
+        self.state = State::Payload;
+        Some(self.discard(data, pos, hlen))
+    }
+
+    /// Discards what `data` holds of the dropped frame being read, from `pos` (plus `header`
+    /// bytes of its header not yet counted as discarded).
+    fn discard(&mut self, data: &[u8], pos: usize, header: usize) -> Advance {
+        let avail = (data.len() - pos - header) as u64;
+        let take = avail.min(self.remaining);
+        self.remaining -= take;
+        self.payload_pos += take;
+        self.stats.bytes += take;
+        if self.remaining == 0 {
+            self.state = State::Header;
+            if self.fin {
+                self.message = None;
+                self.message_len = 0;
+                match self.dropping.take() {
+                    Some(RateLimit::MessagesPerSecond) => self.stats.dropped_over_messages += 1,
+                    Some(RateLimit::BytesPerSecond) => self.stats.dropped_over_bytes += 1,
+                    None => {}
+                }
+            }
+        }
+        Advance {
+            forward: pos,
+            discard: header + take as usize,
+            event: None,
         }
     }
 
@@ -504,6 +640,7 @@ impl FrameParser {
         };
         Advance {
             forward,
+            discard: 0,
             event: Some(Event::Violation {
                 code: close_code::INVALID_PAYLOAD,
                 reason: "invalid UTF-8 in a text message",
@@ -1136,6 +1273,7 @@ mod tests {
             p.advance(data),
             Advance {
                 forward: data.len(),
+                discard: 0,
                 event: None
             }
         );
@@ -1179,6 +1317,7 @@ mod tests {
                 close_frames: 1,
                 text_messages: 1,
                 binary_messages: 2,
+                ..DirStats::default()
             }
         );
     }
@@ -1275,6 +1414,7 @@ mod tests {
                 a,
                 Advance {
                     forward: first,
+                    discard: 0,
                     event: None
                 },
                 "first {first}"
@@ -1284,6 +1424,7 @@ mod tests {
                 a,
                 Advance {
                     forward: f.len() - first,
+                    discard: 0,
                     event: None
                 },
                 "first {first}"
@@ -1364,6 +1505,7 @@ mod tests {
             p.advance(&f[..3]),
             Advance {
                 forward: 3,
+                discard: 0,
                 event: None
             }
         );
@@ -1398,9 +1540,103 @@ mod tests {
             p.advance(&f[11..]),
             Advance {
                 forward: f.len() - 11,
+                discard: 0,
                 event: None
             }
         );
+    }
+
+    /// What a relay forwards of `data` fed in pieces of `step` bytes: the pump's loop (cut out
+    /// what is discarded, go on with the rest), and the first event.
+    fn relayed(p: &mut FrameParser, data: &[u8], step: usize) -> (Vec<u8>, Option<Event>) {
+        let mut out = Vec::new();
+        let mut held: Vec<u8> = Vec::new();
+        for piece in data.chunks(step) {
+            held.extend_from_slice(piece);
+            loop {
+                let a = p.advance(&held);
+                out.extend_from_slice(&held[..a.forward]);
+                held.drain(..a.forward + a.discard);
+                if a.event.is_some() {
+                    return (out, a.event);
+                }
+                if a.discard == 0 || held.is_empty() {
+                    break;
+                }
+            }
+        }
+        (out, None)
+    }
+
+    fn limited(action: RateAction) -> FrameParser {
+        let spec = crate::rate::RateSpec {
+            messages: Some(crate::rate::Rate {
+                per_second: 1,
+                burst: 2,
+            }),
+            bytes: None,
+            action,
+        };
+        FrameParser::new(Direction::ClientToBackend, 1 << 20, None)
+            .with_extensions(false)
+            .with_message_rate(Some(MessageRate::new(&spec, std::time::Instant::now())))
+    }
+
+    /// `drop`: the third and fourth messages vanish whole (a fragmented one with a ping inside,
+    /// whose ping passes), at any split of the input; the first two keep their fragments.
+    #[test]
+    fn dropped_messages_are_cut_out_whole_and_their_control_frames_pass() {
+        let kept: Vec<Vec<u8>> = vec![
+            frame(true, OP_TEXT, b"one", K),
+            frame(false, OP_BINARY, &[2; 200], K),
+            frame(true, OP_PING, b"p1", K),
+            frame(true, OP_CONTINUATION, &[3; 70], K),
+        ];
+        let ping = frame(true, OP_PING, b"p2", K);
+        let mut data: Vec<u8> = kept.concat();
+        data.extend(frame(false, OP_TEXT, b"dropped ", K));
+        data.extend(&ping);
+        data.extend(frame(false, OP_CONTINUATION, &[b'x'; 300], K));
+        data.extend(frame(true, OP_CONTINUATION, b"end", K));
+        data.extend(frame(true, OP_BINARY, &[9; 70_000], K));
+        let close = frame(true, OP_CLOSE, &1000u16.to_be_bytes(), K);
+        data.extend(&close);
+        let mut want = kept.concat();
+        want.extend(&ping);
+        want.extend(&close);
+        for step in [1, 2, 7, 64, 1000, data.len()] {
+            let mut p = limited(RateAction::Drop);
+            let (out, event) = relayed(&mut p, &data, step);
+            assert!(matches!(event, Some(Event::Close { .. })), "step {step}");
+            assert_eq!(out.len(), want.len(), "step {step}");
+            assert!(out == want, "step {step}");
+            assert_eq!(p.stats.dropped_over_messages, 2, "step {step}");
+            assert_eq!(p.stats.messages, 2, "step {step}");
+            assert!(!p.in_message() && p.at_boundary(), "step {step}");
+        }
+    }
+
+    /// `close`: the message over the limit is a violation (1008) before any of it is forwarded.
+    #[test]
+    fn a_message_over_the_rate_with_close_is_a_violation_at_its_first_byte() {
+        let mut data = frame(true, OP_TEXT, b"a", K);
+        data.extend(frame(true, OP_TEXT, b"b", K));
+        let before = data.len();
+        data.extend(frame(false, OP_TEXT, b"c", K));
+        for step in [1, 3, data.len()] {
+            let mut p = limited(RateAction::Close);
+            let (out, event) = relayed(&mut p, &data, step);
+            assert_eq!(out.len(), before, "step {step}");
+            assert_eq!(
+                event,
+                Some(Event::Violation {
+                    code: close_code::POLICY_VIOLATION,
+                    reason: "message rate exceeds max_messages_per_second",
+                    limit: Some(SizeLimit::MaxMessagesPerSecond),
+                }),
+                "step {step}"
+            );
+        }
     }
 
     #[test]

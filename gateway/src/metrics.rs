@@ -107,6 +107,13 @@ struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    api: String,
+    direction: &'static str,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     api: String,
     limit: &'static str,
@@ -180,6 +187,7 @@ pub struct Metrics {
     connection_duration: HistogramFamily<ApiLabel>,
     frames: Family<TypeLabels, Counter>,
     messages: Family<TypeLabels, Counter>,
+    messages_dropped: Family<DropLabels, Counter>,
     bytes: Family<DirLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
     backend_errors: Family<KindLabels, Counter>,
@@ -216,6 +224,7 @@ impl Metrics {
             connection_duration: Family::new_with_constructor(connection_buckets),
             frames: Family::default(),
             messages: Family::default(),
+            messages_dropped: Family::default(),
             bytes: Family::default(),
             closes: Family::default(),
             backend_errors: Family::default(),
@@ -267,6 +276,11 @@ impl Metrics {
             "messages",
             "Complete WebSocket data messages relayed, by direction and type (text, binary)",
             m.messages.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Data messages not forwarded because they were over an [[apis.message_limits]] rate with action = \"drop\", by direction and limit (max_messages_per_second, max_bytes_per_second)",
+            m.messages_dropped.clone(),
         );
         registry.register_with_unit(
             "relayed",
@@ -464,6 +478,7 @@ impl Metrics {
                 close_frames: typed(&self.frames, "close"),
                 text_messages: typed(&self.messages, "text"),
                 binary_messages: typed(&self.messages, "binary"),
+                dropped: (self.messages_dropped.clone(), api.to_owned(), direction),
             }
         };
         Arc::new(ApiMetrics {
@@ -597,10 +612,13 @@ pub enum Limit {
     MaxMessageSize,
     IdleTimeout,
     MaxConnectionLifetime,
+    /// `[[apis.message_limits]]` with `action = "close"` (a connection closed, 1008).
+    MaxMessagesPerSecond,
+    MaxBytesPerSecond,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 11] = [
         Limit::SubscriptionMaxConnections,
         Limit::GatewayMaxConnections,
         Limit::ApiMaxConnections,
@@ -610,6 +628,8 @@ impl Limit {
         Limit::MaxMessageSize,
         Limit::IdleTimeout,
         Limit::MaxConnectionLifetime,
+        Limit::MaxMessagesPerSecond,
+        Limit::MaxBytesPerSecond,
     ];
 
     pub fn label(self) -> &'static str {
@@ -623,6 +643,8 @@ impl Limit {
             Limit::MaxMessageSize => "max_message_size",
             Limit::IdleTimeout => "idle_timeout",
             Limit::MaxConnectionLifetime => "max_connection_lifetime",
+            Limit::MaxMessagesPerSecond => "max_messages_per_second",
+            Limit::MaxBytesPerSecond => "max_bytes_per_second",
         }
     }
 }
@@ -632,6 +654,8 @@ impl From<tollgate_edge::frame::SizeLimit> for Limit {
         match l {
             tollgate_edge::frame::SizeLimit::MaxFrameSize => Limit::MaxFrameSize,
             tollgate_edge::frame::SizeLimit::MaxMessageSize => Limit::MaxMessageSize,
+            tollgate_edge::frame::SizeLimit::MaxMessagesPerSecond => Limit::MaxMessagesPerSecond,
+            tollgate_edge::frame::SizeLimit::MaxBytesPerSecond => Limit::MaxBytesPerSecond,
         }
     }
 }
@@ -684,6 +708,9 @@ pub struct DirCounters {
     close_frames: Counter,
     text_messages: Counter,
     binary_messages: Counter,
+    /// `tollgate_messages_dropped_total`: its series are made at the first drop, so APIs
+    /// without message limits show none.
+    dropped: (Family<DropLabels, Counter>, String, &'static str),
 }
 
 impl DirCounters {
@@ -723,6 +750,29 @@ impl DirCounters {
         for (c, n, p) in pairs {
             if n != p {
                 c.inc_by(n - p);
+            }
+        }
+        for (limit, n, p) in [
+            (
+                Limit::MaxMessagesPerSecond,
+                now.dropped_over_messages,
+                published.dropped_over_messages,
+            ),
+            (
+                Limit::MaxBytesPerSecond,
+                now.dropped_over_bytes,
+                published.dropped_over_bytes,
+            ),
+        ] {
+            if n != p {
+                let (family, api, direction) = &self.dropped;
+                family
+                    .get_or_create(&DropLabels {
+                        api: api.clone(),
+                        direction,
+                        limit: limit.label(),
+                    })
+                    .inc_by(n - p);
             }
         }
         *published = *now;
@@ -1032,6 +1082,14 @@ mod tests {
         m.reload("sighup", "applied");
         m.accept_error();
         m.limit_hit("a", Limit::IdleTimeout);
+        // A drop makes the series of `tollgate_messages_dropped_total` (none before).
+        m.api("a").client_to_backend.add(
+            &DirStats {
+                dropped_over_messages: 1,
+                ..DirStats::default()
+            },
+            &mut DirStats::default(),
+        );
         m.signatures()
             .plugin("p")
             .record(tollgate_verify::Algorithm::Rs256, VerifyResult::Valid);

@@ -21,9 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser, SizeLimit};
-use crate::manifest::ConnLimits;
+use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
 use crate::stream::Stream;
+use tollgate_edge::rate::MessageRate;
 
 /// Bytes read per system call while a direction is busy.
 const BUF_SIZE: usize = 32 * 1024;
@@ -223,7 +224,22 @@ impl Pump {
 
     /// Runs the parser over newly read bytes.
     fn observe(&mut self) {
-        let adv = self.parser.advance(&self.buf[self.fwd..]);
+        let mut adv = self.parser.advance(&self.buf[self.fwd..]);
+        // A dropped message's bytes (a message rate with `drop`) are cut out of the buffer,
+        // and the parser goes on with what follows them.
+        while adv.discard > 0 {
+            let at = self.fwd + adv.forward;
+            self.buf.drain(at..at + adv.discard);
+            if adv.event.is_some() || at == self.buf.len() {
+                break;
+            }
+            let more = self.parser.advance(&self.buf[at..]);
+            adv = tollgate_edge::frame::Advance {
+                forward: adv.forward + more.forward,
+                discard: more.discard,
+                event: more.event,
+            };
+        }
         let new_fwd = self.fwd + adv.forward;
         let discard = self.out_closed || self.dst_gone;
         self.fwd = new_fwd;
@@ -390,13 +406,18 @@ pub async fn relay(
     let limits = &params.limits;
     let metrics = &*params.metrics;
     metrics.active.inc();
+    let rate = |spec: &Option<RateSpec>| {
+        spec.as_ref()
+            .map(|s| MessageRate::new(s, std::time::Instant::now()))
+    };
     let mut c2b = Pump::new(
         FrameParser::new(
             Direction::ClientToBackend,
             limits.max_frame_size,
             limits.max_message_size,
         )
-        .with_extensions(params.extensions_agreed),
+        .with_extensions(params.extensions_agreed)
+        .with_message_rate(rate(&limits.client_messages)),
         client_prefix,
     );
     let mut b2c = Pump::new(
@@ -405,7 +426,8 @@ pub async fn relay(
             limits.max_frame_size,
             limits.max_message_size,
         )
-        .with_extensions(params.extensions_agreed),
+        .with_extensions(params.extensions_agreed)
+        .with_message_rate(rate(&limits.backend_messages)),
         backend_prefix,
     );
     let far = Duration::from_secs(86400 * 365);
@@ -517,7 +539,8 @@ pub async fn relay(
                 limit,
             }) => {
                 // Nothing more is read from the client, and the backend gets the same close
-                // code. The client's close waits until the backend has answered: whatever the
+                // code (after a message rate 1001: the client broke the API's rule, not the
+                // protocol, and the backend only needs to know it is going). The client's close waits until the backend has answered: whatever the
                 // backend sent in reply to the client's valid frames before the violation
                 // still reaches the client (as it would with no gateway in between), followed
                 // by the backend's close reply, normally the same code.
@@ -526,7 +549,17 @@ pub async fn relay(
                 // backend is then simply disconnected once the client has its close.)
                 let mid_frame = !c2b.parser.at_boundary();
                 record_end!(ClosedBy::ClientViolation, Some(code), reason, limit);
-                if c2b.queue_close(Direction::ClientToBackend, code, reason) {
+                if limit.is_some_and(SizeLimit::is_rate) {
+                    // Over a message rate (always at a frame boundary): both closes go at
+                    // once, since the backend's reply to its 1001 must not stand in for the
+                    // client's 1008.
+                    terminate!(
+                        ClosedBy::ClientViolation,
+                        code,
+                        close_code::GOING_AWAY,
+                        reason
+                    );
+                } else if c2b.queue_close(Direction::ClientToBackend, code, reason) {
                     owed_to_client = Some((code, reason));
                     start_closing!(CLIENT_VIOLATION_GRACE);
                 } else {
@@ -543,8 +576,11 @@ pub async fn relay(
             }) => {
                 // The backend is the offender: it gets `code`. The client gets the same code
                 // when it describes what the client saw (an oversized or invalid message that
-                // will never be finished), else a server error.
-                let other = if code == close_code::TOO_BIG || code == close_code::INVALID_PAYLOAD {
+                // will never be finished), 1001 after a message rate (the backend is going
+                // away, as far as the client can tell), else a server error.
+                let other = if limit.is_some_and(SizeLimit::is_rate) {
+                    close_code::GOING_AWAY
+                } else if code == close_code::TOO_BIG || code == close_code::INVALID_PAYLOAD {
                     code
                 } else {
                     close_code::INTERNAL_ERROR

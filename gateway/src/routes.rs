@@ -205,6 +205,8 @@ mod tests {
                     max_connection_lifetime: None,
                     max_frame_size: 1,
                     max_message_size: None,
+                    client_messages: None,
+                    backend_messages: None,
                 },
                 ca_file: None,
                 insecure_skip_verify: false,

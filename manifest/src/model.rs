@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::{BackendUrl, KeyDigest};
+pub use tollgate_edge::rate::{Rate, RateAction, RateSpec};
 
 /// Signatures the host's `signatures.verify` remembers as valid when the manifest does not say
 /// (`gateway.signature_cache_entries`).
@@ -191,6 +192,10 @@ pub struct ConnLimits {
     pub max_connection_lifetime: Option<Duration>,
     pub max_frame_size: u64,
     pub max_message_size: Option<u64>,
+    /// `[[apis.message_limits]]` for the client's messages (towards the backend).
+    pub client_messages: Option<RateSpec>,
+    /// The same for the backend's messages (towards the client).
+    pub backend_messages: Option<RateSpec>,
 }
 
 #[derive(Debug, Clone)]

@@ -141,6 +141,26 @@ pub(crate) struct RawApi {
     pub(crate) subscription_key_query: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) on_handshake: Vec<Spanned<RawAttachment>>,
+    /// Message rates per direction (`[[apis.message_limits]]`).
+    #[serde(default)]
+    pub(crate) message_limits: Vec<Spanned<RawMessageLimits>>,
+}
+
+/// `[[apis.message_limits]]`: how many messages and payload bytes per second one connection may
+/// send in a direction, and what happens to a message over that.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMessageLimits {
+    /// `client` (default), `backend` or `both`: whose messages are limited.
+    pub(crate) direction: Option<Spanned<String>>,
+    pub(crate) max_messages_per_second: Option<Spanned<u64>>,
+    /// Messages that may come at once (default: `max_messages_per_second`).
+    pub(crate) burst_messages: Option<Spanned<u64>>,
+    pub(crate) max_bytes_per_second: Option<Spanned<u64>>,
+    /// Bytes that may come at once (default: `max_bytes_per_second`).
+    pub(crate) burst_bytes: Option<Spanned<u64>>,
+    /// `close` (default) or `drop`.
+    pub(crate) action: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

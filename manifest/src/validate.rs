@@ -21,6 +21,7 @@ mod apis;
 mod attachments;
 mod cluster;
 mod gateway;
+mod message_limits;
 mod products;
 
 /// Checks the raw manifest `text` (written at `file`) and builds its [`Config`], or returns every

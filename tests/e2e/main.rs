@@ -25,6 +25,7 @@ mod languages;
 mod lifecycle;
 mod limits;
 mod manifest_errors;
+mod message_limits;
 mod misbehaving_backends;
 mod misbehaving_clients;
 mod observability;

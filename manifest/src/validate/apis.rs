@@ -77,6 +77,7 @@ impl Validator<'_> {
                     "must be at least 1 (0 would refuse every handshake; remove the API to shut it)",
                 );
             }
+            let message_limits = self.message_limits(i, &a.message_limits);
             let Some(backend) = backend else { continue };
             let served = a.gateways.is_empty() || a.gateways.contains(&gateway.name);
             if !served {
@@ -93,7 +94,11 @@ impl Validator<'_> {
                 products: a.products.iter().map(|p| p.get_ref().clone()).collect(),
                 subscription_key,
                 max_connections: a.limits.max_connections.as_ref().map(|m| *m.get_ref()),
-                limits: conn_limits(&a.limits, &gateway.limits),
+                limits: ConnLimits {
+                    client_messages: message_limits.client,
+                    backend_messages: message_limits.backend,
+                    ..conn_limits(&a.limits, &gateway.limits)
+                },
                 ca_file,
                 insecure_skip_verify: a.insecure_skip_verify,
                 on_handshake,
@@ -335,6 +340,8 @@ fn conn_limits(l: &RawApiLimits, global: &Limits) -> ConnLimits {
         max_connection_lifetime: l.max_connection_lifetime.filter(|d| !d.is_zero()),
         max_frame_size: l.max_frame_size.unwrap_or(global.max_frame_size),
         max_message_size: l.max_message_size.or(global.max_message_size),
+        client_messages: None,
+        backend_messages: None,
     }
 }
 

@@ -1,0 +1,225 @@
+//! Message rate limits of one relayed direction (`[[apis.message_limits]]`): messages and
+//! payload bytes per second, each a token bucket with a burst allowance.
+//!
+//! A message is judged when its first frame arrives, as a whole: it needs one message token,
+//! and a byte bucket that is not in debt. Its bytes are charged as its frames arrive, so one
+//! large message may take the byte bucket into debt, and the messages after it wait until the
+//! debt is repaid. Judging at the first frame is what lets `drop` work on a stream: a message
+//! is either forwarded from its first byte or not at all, never cut in the middle.
+//!
+//! Written by hand rather than with a rate-limiting crate (`governor`): the state is two
+//! numbers per bucket owned by one connection's task (no atomics, no shared map), the byte
+//! bucket needs debt, and tests drive it with their own clock.
+
+use std::time::{Duration, Instant};
+
+/// What happens to a message over the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateAction {
+    /// The connection is closed: 1008 to the sender, 1001 to the other side.
+    Close,
+    /// The message is not forwarded (counted); the connection goes on.
+    Drop,
+}
+
+impl RateAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateAction::Close => "close",
+            RateAction::Drop => "drop",
+        }
+    }
+}
+
+/// Which limit a message was over (the `limit` label of the metrics, the manifest key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateLimit {
+    MessagesPerSecond,
+    BytesPerSecond,
+}
+
+impl RateLimit {
+    pub fn key(self) -> &'static str {
+        match self {
+            RateLimit::MessagesPerSecond => "max_messages_per_second",
+            RateLimit::BytesPerSecond => "max_bytes_per_second",
+        }
+    }
+
+    /// The reason in the close frame (code 1008).
+    pub fn reason(self) -> &'static str {
+        match self {
+            RateLimit::MessagesPerSecond => "message rate exceeds max_messages_per_second",
+            RateLimit::BytesPerSecond => "byte rate exceeds max_bytes_per_second",
+        }
+    }
+}
+
+/// A rate: `per_second` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u64,
+    pub burst: u64,
+}
+
+/// The limits of one direction, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    pub messages: Option<Rate>,
+    pub bytes: Option<Rate>,
+    pub action: RateAction,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    per_second: f64,
+    burst: f64,
+    /// May be negative (debt) for the byte bucket.
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(r: Rate, now: Instant) -> Bucket {
+        Bucket {
+            per_second: r.per_second as f64,
+            burst: r.burst as f64,
+            tokens: r.burst as f64,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_second).min(self.burst);
+    }
+}
+
+/// The buckets of one direction of one connection.
+#[derive(Debug, Clone)]
+pub struct MessageRate {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+    pub action: RateAction,
+}
+
+impl MessageRate {
+    /// Full buckets: a new connection may send its whole burst at once.
+    pub fn new(spec: &RateSpec, now: Instant) -> MessageRate {
+        MessageRate {
+            messages: spec.messages.map(|r| Bucket::new(r, now)),
+            bytes: spec.bytes.map(|r| Bucket::new(r, now)),
+            action: spec.action,
+        }
+    }
+
+    /// A message starts with a first frame of `first_frame_len` payload bytes: `Ok` charges
+    /// it, `Err` names the limit it is over (and charges nothing).
+    pub fn admit(&mut self, first_frame_len: u64, now: Instant) -> Result<(), RateLimit> {
+        if let Some(m) = &mut self.messages {
+            m.refill(now);
+            if m.tokens < 1.0 {
+                return Err(RateLimit::MessagesPerSecond);
+            }
+        }
+        if let Some(b) = &mut self.bytes {
+            b.refill(now);
+            // A message larger than the burst could never pass a full-cost check: it passes
+            // when the bucket is full, and goes into debt.
+            if b.tokens < (first_frame_len as f64).min(b.burst) || b.tokens < 0.0 {
+                return Err(RateLimit::BytesPerSecond);
+            }
+        }
+        if let Some(m) = &mut self.messages {
+            m.tokens -= 1.0;
+        }
+        self.charge(first_frame_len);
+        Ok(())
+    }
+
+    /// Charges a later frame of an admitted message.
+    pub fn charge(&mut self, len: u64) {
+        if let Some(b) = &mut self.bytes {
+            b.tokens -= len as f64;
+        }
+    }
+
+    /// How long until a message of one byte would be admitted (for tests and logs).
+    pub fn wait(&self) -> Duration {
+        let need = |b: &Option<Bucket>, want: f64| {
+            b.map_or(0.0, |b| {
+                if b.tokens >= want {
+                    0.0
+                } else {
+                    (want - b.tokens) / b.per_second.max(f64::MIN_POSITIVE)
+                }
+            })
+        };
+        Duration::from_secs_f64(need(&self.messages, 1.0).max(need(&self.bytes, 1.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(messages: Option<(u64, u64)>, bytes: Option<(u64, u64)>) -> RateSpec {
+        let r = |(per_second, burst)| Rate { per_second, burst };
+        RateSpec {
+            messages: messages.map(r),
+            bytes: bytes.map(r),
+            action: RateAction::Drop,
+        }
+    }
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds() {
+        let t0 = Instant::now();
+        let mut r = MessageRate::new(&spec(Some((10, 20)), None), t0);
+        for i in 0..20 {
+            assert_eq!(r.admit(5, t0), Ok(()), "message {i} of the burst");
+        }
+        assert_eq!(r.admit(5, t0), Err(RateLimit::MessagesPerSecond));
+        // 100 ms later: one more token (10 per second).
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(r.admit(5, t1), Ok(()));
+        assert_eq!(r.admit(5, t1), Err(RateLimit::MessagesPerSecond));
+        // A refused message costs nothing: after 1 s, ten pass.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!((0..12).filter(|_| r.admit(5, t2).is_ok()).count(), 10);
+    }
+
+    #[test]
+    fn bytes_are_charged_per_frame_and_a_large_message_goes_into_debt() {
+        let t0 = Instant::now();
+        let mut r = MessageRate::new(&spec(None, Some((1000, 1000))), t0);
+        assert_eq!(r.admit(600, t0), Ok(()));
+        assert_eq!(r.admit(600, t0), Err(RateLimit::BytesPerSecond));
+        assert_eq!(r.admit(400, t0), Ok(()));
+        // A message bigger than the burst passes on a full bucket, in pieces, into debt.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.admit(3000, t1), Ok(()));
+        r.charge(1000);
+        assert_eq!(r.admit(1, t1), Err(RateLimit::BytesPerSecond));
+        // 3 s of debt to repay before even one byte passes.
+        assert_eq!(r.wait(), Duration::from_secs_f64(3.001));
+        assert_eq!(
+            r.admit(1, t1 + Duration::from_millis(2900)),
+            Err(RateLimit::BytesPerSecond)
+        );
+        assert_eq!(r.admit(1, t1 + Duration::from_millis(3100)), Ok(()));
+    }
+
+    #[test]
+    fn both_limits_apply_and_the_first_one_over_is_named() {
+        let t0 = Instant::now();
+        let mut r = MessageRate::new(&spec(Some((1, 1)), Some((100, 100))), t0);
+        assert_eq!(r.admit(10, t0), Ok(()));
+        assert_eq!(r.admit(10, t0), Err(RateLimit::MessagesPerSecond));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.admit(200, t1), Ok(()));
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(r.admit(1, t2), Err(RateLimit::BytesPerSecond));
+    }
+}

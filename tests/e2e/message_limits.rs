@@ -1,0 +1,214 @@
+//! Message rates (`[[apis.message_limits]]`): per connection and direction, no wasm involved.
+//! `close` ends the connection (1008 to the sender, 1001 to the other side); `drop` cuts whole
+//! messages out of the stream, fragments included, while control frames pass.
+//!
+//! Every message of a test that must be judged within one burst is written in one write, and
+//! the rates are 1 per second or less, so a slow machine cannot refill a bucket in between.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A close frame's payload: code 1000, no reason.
+const NORMAL_CLOSE: [u8; 2] = 1000u16.to_be_bytes();
+
+fn manifest(backend: &str, limits: &str) -> String {
+    format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        gateway_section(""),
+        api_section("echo", "echo", backend, limits)
+    )
+}
+
+/// Masked client frames, concatenated: what a client sends in one write.
+fn client_frames(frames: &[(bool, u8, &[u8])]) -> Vec<u8> {
+    frames
+        .iter()
+        .flat_map(|(fin, op, p)| encode_frame(*fin, 0, *op, p, Some([1, 2, 3, 4])))
+        .collect()
+}
+
+/// The frames the backend received, until its close (or 3 s of silence).
+async fn received(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>) -> Vec<Frame> {
+    let mut got = Vec::new();
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+        let close = f.opcode == 8;
+        got.push(f);
+        if close {
+            break;
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_client_over_its_message_rate_gets_1008_and_the_backend_1001() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 3\n",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let four: Vec<(bool, u8, &[u8])> = vec![
+        (true, 1, b"one"),
+        (true, 1, b"two"),
+        (true, 1, b"three"),
+        (true, 1, b"four"),
+    ];
+    ws.send_raw(&client_frames(&four)).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1008), "{f:?}");
+    assert_eq!(
+        f.close_reason(),
+        "message rate exceeds max_messages_per_second"
+    );
+    let got = received(&mut rx).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|f| f.payload.as_slice()).collect();
+    assert_eq!(
+        payloads[..3],
+        [b"one" as &[u8], b"two", b"three"],
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[3].close_code(), Some(1001), "{got:?}");
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "client_violation", "{rec}");
+    let m = scrape(gw.admin.unwrap()).await;
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_limits_hit_total",
+            &[("api", "echo"), ("limit", "max_messages_per_second")]
+        ),
+        Some(1.0)
+    );
+}
+
+/// Over the limit with `drop`: whole messages vanish, fragments and all, while the pings sent
+/// between their fragments still pass; the messages that pass keep their fragmentation; the
+/// connection goes on, and a token that came back lets the next message through.
+#[tokio::test]
+async fn drop_cuts_whole_messages_out_and_keeps_control_frames() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 2\naction = \"drop\"\n",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let burst: Vec<(bool, u8, &[u8])> = vec![
+        (true, 1, b"a"),
+        (false, 1, b"b1"),
+        (true, 9, b"ping-b"),
+        (true, 0, b"b2"),
+        // Over the limit from here: dropped, but not the ping inside.
+        (false, 2, b"c1"),
+        (true, 9, b"ping-c"),
+        (false, 0, b"c2"),
+        (true, 0, b"c3"),
+        (true, 1, b"d"),
+    ];
+    ws.send_raw(&client_frames(&burst)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ws.send(true, 1, b"e").await.unwrap();
+    ws.send(true, 8, &NORMAL_CLOSE).await.unwrap();
+    let got = received(&mut rx).await;
+    let seen: Vec<(bool, u8, &[u8])> = got
+        .iter()
+        .map(|f| (f.fin, f.opcode, f.payload.as_slice()))
+        .collect();
+    let want: Vec<(bool, u8, &[u8])> = vec![
+        (true, 1, b"a"),
+        (false, 1, b"b1"),
+        (true, 9, b"ping-b"),
+        (true, 0, b"b2"),
+        (true, 9, b"ping-c"),
+        (true, 1, b"e"),
+        (true, 8, &NORMAL_CLOSE),
+    ];
+    assert_eq!(seen, want, "{got:?}");
+    let m = scrape(gw.admin.unwrap()).await;
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_messages_dropped_total",
+            &[
+                ("api", "echo"),
+                ("direction", "client_to_backend"),
+                ("limit", "max_messages_per_second")
+            ]
+        ),
+        Some(2.0)
+    );
+}
+
+/// Bytes per second, dropping: a message is judged whole at its first frame against a bucket
+/// of 1,000 bytes; one that does not fit is dropped, a smaller one after it still passes.
+#[tokio::test]
+async fn a_byte_rate_drops_the_message_that_does_not_fit() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "[[apis.message_limits]]\nmax_bytes_per_second = 1\nburst_bytes = 1000\naction = \"drop\"\n",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let (six, six_again, four) = ([6u8; 600], [7u8; 600], [4u8; 400]);
+    let frames: Vec<(bool, u8, &[u8])> = vec![
+        (true, 2, &six),
+        (true, 2, &six_again),
+        (true, 2, &four),
+        (true, 8, &NORMAL_CLOSE),
+    ];
+    ws.send_raw(&client_frames(&frames)).await.unwrap();
+    let got = received(&mut rx).await;
+    let sizes: Vec<(u8, usize)> = got.iter().map(|f| (f.opcode, f.payload.len())).collect();
+    assert_eq!(sizes, [(2, 600), (2, 400), (8, 2)], "{got:?}");
+    assert_eq!(got[1].payload, four);
+}
+
+/// The backend's direction: a backend over its rate gets 1008, the client 1001, after the
+/// messages that were within it.
+#[tokio::test]
+async fn a_backend_over_its_message_rate_gets_1008_and_the_client_1001() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u16>();
+    // Echoes data frames; reports the close it gets.
+    let handler: Handler = std::sync::Arc::new(move |_head, mut ws| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            while let Ok(f) = ws.read_frame().await {
+                if f.opcode == 8 {
+                    let _ = tx.send(f.close_code().unwrap_or(0));
+                    let _ = ws
+                        .send_raw(&encode_frame(true, 0, 8, &f.payload, None))
+                        .await;
+                    return;
+                }
+                let out = encode_frame(f.fin, f.rsv, f.opcode, &f.payload, None);
+                if ws.send_raw(&out).await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let backend = RawBackend::start(handler).await;
+    let gw = Gateway::start(&manifest(
+        &backend.url(),
+        "[[apis.message_limits]]\ndirection = \"backend\"\nmax_messages_per_second = 1\nburst_messages = 2\n",
+    ));
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let three: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"x"), (true, 1, b"y"), (true, 1, b"z")];
+    // The client itself is not limited: all three reach the backend, whose third echo is over.
+    ws.send_raw(&client_frames(&three)).await.unwrap();
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"x");
+    assert_eq!(ws.read_frame().await.unwrap().payload, b"y");
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1001), "{f:?}");
+    let backend_got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap();
+    assert_eq!(backend_got, Some(1008));
+    let rec = gw.wait_record("connection_closed", |_| true).await;
+    assert_eq!(rec["closed_by"], "backend_violation", "{rec}");
+}
