@@ -1,11 +1,12 @@
 //! Message rate limits of one relayed direction (`[[apis.message_limits]]`): messages and
 //! payload bytes per second, each a token bucket with a burst allowance.
 //!
-//! A message is judged when its first frame arrives, as a whole: it needs one message token,
-//! and a byte bucket that is not in debt. Its bytes are charged as its frames arrive, so one
-//! large message may take the byte bucket into debt, and the messages after it wait until the
-//! debt is repaid. Judging at the first frame is what lets `drop` work on a stream: a message
-//! is either forwarded from its first byte or not at all, never cut in the middle.
+//! A message is judged when its first frame arrives: it needs one message token, and as many
+//! byte tokens as the frame's payload (at most the burst, so a frame larger than the burst
+//! passes on a full bucket, into debt). Judging at the first frame is what lets `drop` work on
+//! a stream: a message is either forwarded from its first byte or not at all, never cut in the
+//! middle. Each later frame of the message must fit the byte bucket the same way; one that
+//! does not can no longer be dropped, and the parser ends the connection instead.
 //!
 //! Written by hand rather than with a rate-limiting crate (`governor`): the state is two
 //! numbers per bucket owned by one connection's task (no atomics, no shared map), the byte
@@ -117,25 +118,43 @@ impl MessageRate {
     /// A message starts with a first frame of `first_frame_len` payload bytes: `Ok` charges
     /// it, `Err` names the limit it is over (and charges nothing).
     pub fn admit(&mut self, first_frame_len: u64, now: Instant) -> Result<(), RateLimit> {
+        self.check(first_frame_len, now)?;
+        self.take(first_frame_len);
+        Ok(())
+    }
+
+    /// [`MessageRate::admit`]'s check alone, so that two sets of buckets (the connection's and
+    /// its subscription's) are charged only when both admit the message.
+    pub fn check(&mut self, first_frame_len: u64, now: Instant) -> Result<(), RateLimit> {
         if let Some(m) = &mut self.messages {
             m.refill(now);
             if m.tokens < 1.0 {
                 return Err(RateLimit::MessagesPerSecond);
             }
         }
+        self.check_bytes(first_frame_len, now)
+    }
+
+    /// The byte bucket's part of [`MessageRate::check`], alone: for a later frame of a message
+    /// (which needs no message token, but must fit the byte rate like a first frame).
+    pub fn check_bytes(&mut self, frame_len: u64, now: Instant) -> Result<(), RateLimit> {
         if let Some(b) = &mut self.bytes {
             b.refill(now);
-            // A message larger than the burst could never pass a full-cost check: it passes
-            // when the bucket is full, and goes into debt.
-            if b.tokens < (first_frame_len as f64).min(b.burst) || b.tokens < 0.0 {
+            // A frame larger than the burst could never pass a full-cost check: it passes when
+            // the bucket is full, and goes into debt.
+            if b.tokens < (frame_len as f64).min(b.burst) || b.tokens < 0.0 {
                 return Err(RateLimit::BytesPerSecond);
             }
         }
+        Ok(())
+    }
+
+    /// Charges an admitted message's first frame (after [`MessageRate::check`]).
+    pub fn take(&mut self, first_frame_len: u64) {
         if let Some(m) = &mut self.messages {
             m.tokens -= 1.0;
         }
         self.charge(first_frame_len);
-        Ok(())
     }
 
     /// Charges a later frame of an admitted message.

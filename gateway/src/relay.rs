@@ -20,7 +20,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::{close_code, close_frame, DirStats, Direction, Event, FrameParser, SizeLimit};
+use crate::frame::{
+    close_code, close_frame, Advance, DirStats, Direction, Event, FrameParser, SharedRate,
+    SizeLimit,
+};
 use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
 use crate::stream::Stream;
@@ -224,29 +227,18 @@ impl Pump {
 
     /// Runs the parser over newly read bytes.
     fn observe(&mut self) {
-        let mut adv = self.parser.advance(&self.buf[self.fwd..]);
-        // A dropped message's bytes (a message rate with `drop`) are cut out of the buffer,
-        // and the parser goes on with what follows them.
-        while adv.discard > 0 {
-            let at = self.fwd + adv.forward;
-            self.buf.drain(at..at + adv.discard);
-            if adv.event.is_some() || at == self.buf.len() {
-                break;
-            }
-            let more = self.parser.advance(&self.buf[at..]);
-            adv = tollgate_edge::frame::Advance {
-                forward: adv.forward + more.forward,
-                discard: more.discard,
-                event: more.event,
-            };
-        }
-        let new_fwd = self.fwd + adv.forward;
+        let first = self.parser.advance(&self.buf[self.fwd..]);
+        let (new_fwd, event) = if first.discard == 0 {
+            (self.fwd + first.forward, first.event)
+        } else {
+            self.cut_dropped(first)
+        };
         let discard = self.out_closed || self.dst_gone;
         self.fwd = new_fwd;
         if discard {
             self.start = new_fwd;
         }
-        match adv.event {
+        match event {
             None => {}
             Some(Event::Close { code, reason }) => {
                 self.in_closed = true;
@@ -268,6 +260,31 @@ impl Pump {
                 });
             }
         }
+    }
+
+    /// A dropped message's bytes (a message rate with `drop`) are cut out of the buffer while
+    /// the parser goes on with what follows them: the kept bytes are moved down over the
+    /// dropped ones in one pass, so a read full of tiny dropped frames costs one copy of the
+    /// read, not one per frame. Returns where the forwardable bytes end, and the event.
+    fn cut_dropped(&mut self, first: Advance) -> (usize, Option<Event>) {
+        let mut kept = self.fwd + first.forward;
+        let mut read = kept + first.discard;
+        let mut event = first.event;
+        while event.is_none() && read < self.buf.len() {
+            let a = self.parser.advance(&self.buf[read..]);
+            self.buf.copy_within(read..read + a.forward, kept);
+            kept += a.forward;
+            read += a.forward + a.discard;
+            event = a.event;
+            if a.discard == 0 {
+                break;
+            }
+        }
+        // What is left (an incomplete header, or what follows an event) moves down too.
+        self.buf.copy_within(read.., kept);
+        let len = self.buf.len() - (read - kept);
+        self.buf.truncate(len);
+        (kept, event)
     }
 
     fn poll(
@@ -384,6 +401,9 @@ pub struct RelayParams {
     /// When a policy asked for the connection to end (`close-at`): the client then gets close
     /// 1008 (policy violation), the backend 1001.
     pub policy_deadline: Option<Instant>,
+    /// Message buckets shared with the other connections of the subscription
+    /// (`per = "subscription"`), for the client's messages and the backend's.
+    pub shared_rates: [Option<SharedRate>; 2],
 }
 
 enum Wake {
@@ -410,6 +430,7 @@ pub async fn relay(
         spec.as_ref()
             .map(|s| MessageRate::new(s, std::time::Instant::now()))
     };
+    let [client_shared, backend_shared] = params.shared_rates.clone();
     let mut c2b = Pump::new(
         FrameParser::new(
             Direction::ClientToBackend,
@@ -417,7 +438,7 @@ pub async fn relay(
             limits.max_message_size,
         )
         .with_extensions(params.extensions_agreed)
-        .with_message_rate(rate(&limits.client_messages)),
+        .with_message_rates(rate(&limits.client_messages.per_connection), client_shared),
         client_prefix,
     );
     let mut b2c = Pump::new(
@@ -427,7 +448,10 @@ pub async fn relay(
             limits.max_message_size,
         )
         .with_extensions(params.extensions_agreed)
-        .with_message_rate(rate(&limits.backend_messages)),
+        .with_message_rates(
+            rate(&limits.backend_messages.per_connection),
+            backend_shared,
+        ),
         backend_prefix,
     );
     let far = Duration::from_secs(86400 * 365);
@@ -552,13 +576,16 @@ pub async fn relay(
                 if limit.is_some_and(SizeLimit::is_rate) {
                     // Over a message rate (always at a frame boundary): both closes go at
                     // once, since the backend's reply to its 1001 must not stand in for the
-                    // client's 1008.
-                    terminate!(
-                        ClosedBy::ClientViolation,
-                        code,
+                    // client's 1008. The backend is told who went over, not the client's
+                    // reason. (What the backend had sent that the gateway had not yet read is
+                    // not forwarded after the client's close.)
+                    b2c.queue_close(Direction::BackendToClient, code, reason);
+                    c2b.queue_close(
+                        Direction::ClientToBackend,
                         close_code::GOING_AWAY,
-                        reason
+                        "client over its message rate",
                     );
+                    start_closing!(CLOSE_GRACE);
                 } else if c2b.queue_close(Direction::ClientToBackend, code, reason) {
                     owed_to_client = Some((code, reason));
                     start_closing!(CLIENT_VIOLATION_GRACE);
@@ -586,7 +613,17 @@ pub async fn relay(
                     close_code::INTERNAL_ERROR
                 };
                 record_end!(ClosedBy::BackendViolation, Some(other), reason, limit);
-                terminate!(ClosedBy::BackendViolation, other, code, reason);
+                if limit.is_some_and(SizeLimit::is_rate) {
+                    b2c.queue_close(
+                        Direction::BackendToClient,
+                        other,
+                        "backend over its message rate",
+                    );
+                    c2b.queue_close(Direction::ClientToBackend, code, reason);
+                    start_closing!(CLOSE_GRACE);
+                } else {
+                    terminate!(ClosedBy::BackendViolation, other, code, reason);
+                }
             }
             Wake::C2b(PumpEvent::SrcGone) | Wake::B2c(PumpEvent::DstGone) => {
                 // The client is gone. If it already had our close, this is the normal end.

@@ -15,8 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tollgate_edge::rate::MessageRate;
 
 use crate::backend;
+use crate::frame::Direction;
 use crate::handshake::{self, Accepted};
 use crate::logging::loggable;
 use crate::manifest::{Config, ListenerTls, Scheme};
@@ -560,6 +562,26 @@ impl Gateway {
             read_buf: client_prefix,
             ..
         } = parts;
+        // Buckets shared by the subscription's connections; a connection without one (an open
+        // product) gets buckets of its own under the same rate.
+        let shared_rates = [
+            (
+                Direction::ClientToBackend,
+                &api.config.limits.client_messages,
+            ),
+            (
+                Direction::BackendToClient,
+                &api.config.limits.backend_messages,
+            ),
+        ]
+        .map(|(dir, rates)| {
+            rates
+                .per_subscription
+                .map(|spec| match permit.subscription() {
+                    Some(sub) => sub.message_rates.get(&api.config.name, dir, spec),
+                    None => Arc::new(Mutex::new(MessageRate::new(&spec, Instant::now()))),
+                })
+        });
         let outcome = relay::relay(
             client_io.into_inner(),
             client_prefix,
@@ -572,6 +594,7 @@ impl Gateway {
                 metrics: api.metrics.clone(),
                 extensions_agreed,
                 policy_deadline: policy_deadline.map(tokio::time::Instant::from_std),
+                shared_rates,
             },
         )
         .await;

@@ -10,14 +10,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::gauge::Gauge;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::{key_digest, Config, KeyDigest};
+use crate::frame::{Direction, SharedRate};
+use crate::manifest::{key_digest, Config, KeyDigest, RateSpec};
 use crate::metrics::Metrics;
+use tollgate_edge::rate::MessageRate;
 
 /// One subscription to one product.
 pub struct Subscription {
@@ -29,6 +31,35 @@ pub struct Subscription {
     pub active: Arc<AtomicUsize>,
     /// `tollgate_subscription_connections_active`.
     pub gauge: Gauge,
+    /// The message buckets its connections share (`per = "subscription"`); kept across reloads
+    /// like `active`.
+    pub message_rates: Arc<SharedRates>,
+}
+
+/// A subscription's shared message buckets, by API and direction. Made at the first
+/// connection that needs them; a reload that changes the rate starts them afresh (the
+/// connections already open keep the buckets they started with).
+#[derive(Default)]
+pub struct SharedRates {
+    by_api: Mutex<HashMap<(String, Direction), (RateSpec, SharedRate)>>,
+}
+
+impl SharedRates {
+    /// The buckets for `api`'s messages in direction `dir` under `spec`.
+    pub fn get(&self, api: &str, dir: Direction, spec: RateSpec) -> SharedRate {
+        let mut map = self.by_api.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&(api.to_owned(), dir)) {
+            Some((held, rate)) if *held == spec => rate.clone(),
+            _ => {
+                let rate: SharedRate = Arc::new(Mutex::new(MessageRate::new(
+                    &spec,
+                    std::time::Instant::now(),
+                )));
+                map.insert((api.to_owned(), dir), (spec, rate.clone()));
+                rate
+            }
+        }
+    }
 }
 
 /// One key of one subscription, with the token that ends the connections it opened.
@@ -67,20 +98,18 @@ impl Keys {
         let mut keys = Keys::default();
         for p in &config.products {
             for s in &p.subscriptions {
-                let active = previous
-                    .and_then(|k| {
-                        k.all
-                            .iter()
-                            .find(|o| o.product == p.name && o.name == s.name)
-                    })
-                    .map(|o| o.active.clone())
-                    .unwrap_or_default();
+                let before = previous.and_then(|k| {
+                    k.all
+                        .iter()
+                        .find(|o| o.product == p.name && o.name == s.name)
+                });
                 let sub = Arc::new(Subscription {
                     name: s.name.clone(),
                     product: p.name.clone(),
                     max_connections: s.max_connections,
                     gauge: metrics.subscription_active(&p.name, &s.name),
-                    active,
+                    active: before.map(|o| o.active.clone()).unwrap_or_default(),
+                    message_rates: before.map(|o| o.message_rates.clone()).unwrap_or_default(),
                 });
                 for k in &s.keys {
                     let token = previous

@@ -193,9 +193,25 @@ pub struct ConnLimits {
     pub max_frame_size: u64,
     pub max_message_size: Option<u64>,
     /// `[[apis.message_limits]]` for the client's messages (towards the backend).
-    pub client_messages: Option<RateSpec>,
+    pub client_messages: MessageRates,
     /// The same for the backend's messages (towards the client).
-    pub backend_messages: Option<RateSpec>,
+    pub backend_messages: MessageRates,
+}
+
+/// The message rates of one direction of an API's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MessageRates {
+    /// Each connection on its own.
+    pub per_connection: Option<RateSpec>,
+    /// The connections of one subscription together (a connection without a subscription, in
+    /// an open product, on its own).
+    pub per_subscription: Option<RateSpec>,
+}
+
+impl MessageRates {
+    pub fn is_empty(&self) -> bool {
+        self.per_connection.is_none() && self.per_subscription.is_none()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -153,6 +153,9 @@ pub(crate) struct RawApi {
 pub(crate) struct RawMessageLimits {
     /// `client` (default), `backend` or `both`: whose messages are limited.
     pub(crate) direction: Option<Spanned<String>>,
+    /// `connection` (default): each connection on its own; `subscription`: a subscription's
+    /// connections to the API together.
+    pub(crate) per: Option<Spanned<String>>,
     pub(crate) max_messages_per_second: Option<Spanned<u64>>,
     /// Messages that may come at once (default: `max_messages_per_second`).
     pub(crate) burst_messages: Option<Spanned<u64>>,

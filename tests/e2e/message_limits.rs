@@ -212,3 +212,88 @@ async fn a_backend_over_its_message_rate_gets_1008_and_the_client_1001() {
     let rec = gw.wait_record("connection_closed", |_| true).await;
     assert_eq!(rec["closed_by"], "backend_violation", "{rec}");
 }
+
+/// The next frame's payload as text (None after 5 s of silence).
+async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .map(|f| String::from_utf8_lossy(&f.payload).into_owned())
+}
+
+const ALICE_KEY: &str = "alice-message-rate-key-3f9a01c2";
+const BOB_KEY: &str = "bob-message-rate-key-77d2e4b90";
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `per = "subscription"`: alice's two connections share one bucket of three messages, so the
+/// fourth message between them is dropped whichever connection sends it (five browser tabs do
+/// not get five times the limit); bob's connection has a bucket of its own.
+#[tokio::test]
+async fn a_subscriptions_connections_share_one_rate() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let manifest = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[products]]\nname = \"gold\"\n\
+         [[products.subscriptions]]\nname = \"alice\"\nprimary_key_sha256 = \"{}\"\n\
+         [[products.subscriptions]]\nname = \"bob\"\nprimary_key_sha256 = \"{}\"\n\n{}",
+        gateway_section(""),
+        sha256_hex(ALICE_KEY),
+        sha256_hex(BOB_KEY),
+        api_section(
+            "echo",
+            "echo",
+            &backend.url(),
+            "products = [\"gold\"]\n\
+             [[apis.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 1\nburst_messages = 3\naction = \"drop\"\n"
+        )
+    );
+    let gw = Gateway::start(&manifest);
+    let addr = gw.ws.unwrap();
+    let key = |k: &str| format!("Ocp-Apim-Subscription-Key: {k}\r\n");
+    let (_, mut tab1) = ws_connect(addr, "/echo", &key(ALICE_KEY)).await;
+    let (_, mut tab2) = ws_connect(addr, "/echo", &key(ALICE_KEY)).await;
+    let (_, mut bob) = ws_connect(addr, "/echo", &key(BOB_KEY)).await;
+    // One connection after the other, each waited for, so the order is known.
+    let two: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"tab1-a"), (true, 1, b"tab1-b")];
+    tab1.send_raw(&client_frames(&two)).await.unwrap();
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("tab1-a"));
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("tab1-b"));
+    let two: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"tab2-a"), (true, 1, b"tab2-b")];
+    tab2.send_raw(&client_frames(&two)).await.unwrap();
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("tab2-a"));
+    let three: Vec<(bool, u8, &[u8])> = vec![
+        (true, 1, b"bob-a"),
+        (true, 1, b"bob-b"),
+        (true, 1, b"bob-c"),
+    ];
+    bob.send_raw(&client_frames(&three)).await.unwrap();
+    // tab2-b never comes: bob's three are all that follow.
+    for want in ["bob-a", "bob-b", "bob-c"] {
+        assert_eq!(next_text(&mut rx).await.as_deref(), Some(want));
+    }
+    tab2.send(true, 8, &NORMAL_CLOSE).await.unwrap();
+    let closing = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert_eq!(closing.ok().flatten().map(|f| f.opcode), Some(8));
+    let m = scrape(gw.admin.unwrap()).await;
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_messages_dropped_total",
+            &[
+                ("api", "echo"),
+                ("direction", "client_to_backend"),
+                ("limit", "max_messages_per_second")
+            ]
+        ),
+        Some(1.0)
+    );
+}

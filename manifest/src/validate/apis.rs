@@ -13,7 +13,7 @@ use http::HeaderName;
 use super::{Pem, Validator};
 use crate::backend_url::{parse_backend, BackendUrl};
 use crate::model::{
-    ApiConfig, ConnLimits, GatewayConfig, KeyLocation, Limits, ProductConfig, Schemes,
+    ApiConfig, ConnLimits, GatewayConfig, KeyLocation, Limits, MessageRates, ProductConfig, Schemes,
 };
 use crate::raw::{RawApi, RawApiLimits};
 
@@ -77,7 +77,7 @@ impl Validator<'_> {
                     "must be at least 1 (0 would refuse every handshake; remove the API to shut it)",
                 );
             }
-            let message_limits = self.message_limits(i, &a.message_limits);
+            let message_limits = self.message_limits(i, &a.message_limits, !a.products.is_empty());
             let Some(backend) = backend else { continue };
             let served = a.gateways.is_empty() || a.gateways.contains(&gateway.name);
             if !served {
@@ -340,8 +340,8 @@ fn conn_limits(l: &RawApiLimits, global: &Limits) -> ConnLimits {
         max_connection_lifetime: l.max_connection_lifetime.filter(|d| !d.is_zero()),
         max_frame_size: l.max_frame_size.unwrap_or(global.max_frame_size),
         max_message_size: l.max_message_size.or(global.max_message_size),
-        client_messages: None,
-        backend_messages: None,
+        client_messages: MessageRates::default(),
+        backend_messages: MessageRates::default(),
     }
 }
 

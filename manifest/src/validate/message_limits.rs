@@ -4,32 +4,37 @@
 use toml::Spanned;
 
 use super::Validator;
-use crate::model::{Rate, RateAction, RateSpec};
+use crate::model::{MessageRates, Rate, RateAction, RateSpec};
 use crate::raw::RawMessageLimits;
 
 /// The rates in force on an API's connections, per direction.
 #[derive(Default)]
 pub(super) struct MessageLimits {
-    pub(super) client: Option<RateSpec>,
-    pub(super) backend: Option<RateSpec>,
+    pub(super) client: MessageRates,
+    pub(super) backend: MessageRates,
 }
 
 impl Validator<'_> {
     /// API `i`'s `message_limits` entries: each names at least one rate, and each direction is
-    /// limited by one entry at most (two would leave the reader guessing which one holds).
+    /// limited by one entry at most per connection and one per subscription (two would leave
+    /// the reader guessing which one holds). `per = "subscription"` needs the API to be in a
+    /// product (`has_products`).
     pub(super) fn message_limits(
         &mut self,
         i: usize,
         list: &[Spanned<RawMessageLimits>],
+        has_products: bool,
     ) -> MessageLimits {
         let mut out = MessageLimits::default();
         for (n, entry) in list.iter().enumerate() {
             let key = format!("apis[{i}].message_limits[{n}]");
             let m = entry.get_ref();
-            let (client, backend) = match m.direction.as_ref().map(|d| (d.get_ref().trim(), d)) {
-                None | Some(("client", _)) => (true, false),
-                Some(("backend", _)) => (false, true),
-                Some(("both", _)) => (true, true),
+            // Every key of the entry is checked before a bad one skips it, so one run lists
+            // all of its mistakes.
+            let directions = match m.direction.as_ref().map(|d| (d.get_ref().trim(), d)) {
+                None | Some(("client", _)) => Some((true, false)),
+                Some(("backend", _)) => Some((false, true)),
+                Some(("both", _)) => Some((true, true)),
                 Some((other, d)) => {
                     self.err(
                         d.span(),
@@ -38,19 +43,39 @@ impl Validator<'_> {
                             "`{other}` is not a direction: write \"client\" (the client's messages), \"backend\" or \"both\""
                         ),
                     );
-                    continue;
+                    None
+                }
+            };
+            let per_subscription = match m.per.as_ref().map(|p| (p.get_ref().trim(), p)) {
+                None | Some(("connection", _)) => Some(false),
+                Some(("subscription", p)) if !has_products => {
+                    self.err(
+                        p.span(),
+                        format!("{key}.per"),
+                        format!("needs subscriptions, and apis[{i}] is in no product: add it to one (`products = [...]`) or limit per connection"),
+                    );
+                    None
+                }
+                Some(("subscription", _)) => Some(true),
+                Some((other, p)) => {
+                    self.err(
+                        p.span(),
+                        format!("{key}.per"),
+                        format!("`{other}` is not what a limit counts: write \"connection\" or \"subscription\""),
+                    );
+                    None
                 }
             };
             let action = match m.action.as_ref().map(|a| (a.get_ref().trim(), a)) {
-                None | Some(("close", _)) => RateAction::Close,
-                Some(("drop", _)) => RateAction::Drop,
+                None | Some(("close", _)) => Some(RateAction::Close),
+                Some(("drop", _)) => Some(RateAction::Drop),
                 Some((other, a)) => {
                     self.err(
                         a.span(),
                         format!("{key}.action"),
                         format!("`{other}` is not an action: write \"close\" or \"drop\""),
                     );
-                    continue;
+                    None
                 }
             };
             let messages = self.rate(
@@ -63,10 +88,7 @@ impl Validator<'_> {
                 ("max_bytes_per_second", &m.max_bytes_per_second),
                 ("burst_bytes", &m.burst_bytes),
             );
-            let (Ok(messages), Ok(bytes)) = (messages, bytes) else {
-                continue;
-            };
-            if messages.is_none() && bytes.is_none() {
+            if let (Ok(None), Ok(None)) = (messages, bytes) {
                 self.err(
                     entry.span(),
                     key,
@@ -74,25 +96,49 @@ impl Validator<'_> {
                 );
                 continue;
             }
+            let (
+                Some((client, backend)),
+                Some(per_subscription),
+                Some(action),
+                Ok(messages),
+                Ok(bytes),
+            ) = (directions, per_subscription, action, messages, bytes)
+            else {
+                continue;
+            };
             let spec = RateSpec {
                 messages,
                 bytes,
                 action,
             };
-            for (wanted, slot, name) in [
+            let per = if per_subscription {
+                "subscription"
+            } else {
+                "connection"
+            };
+            for (wanted, rates, name) in [
                 (client, &mut out.client, "client"),
                 (backend, &mut out.backend, "backend"),
             ] {
                 if !wanted {
                     continue;
                 }
+                let slot = if per_subscription {
+                    &mut rates.per_subscription
+                } else {
+                    &mut rates.per_connection
+                };
                 if slot.is_some() {
-                    let at = m.direction.as_ref().map_or(entry.span(), |d| d.span());
+                    // Named by its `direction` where it has one (else the entry: the default).
+                    let (at, k) = match &m.direction {
+                        Some(d) => (d.span(), format!("{key}.direction")),
+                        None => (entry.span(), key.clone()),
+                    };
                     self.err(
                         at,
-                        format!("{key}.direction"),
+                        k,
                         format!(
-                            "the {name}'s messages are already limited by an earlier entry: one entry per direction"
+                            "the {name}'s messages are already limited per {per} by an earlier entry: one entry per direction and `per`"
                         ),
                     );
                 } else {
@@ -158,7 +204,7 @@ mod tests {
         .unwrap();
         let l = &c.apis[0].limits;
         assert_eq!(
-            l.client_messages,
+            l.client_messages.per_connection,
             Some(RateSpec {
                 messages: Some(Rate {
                     per_second: 20,
@@ -168,7 +214,8 @@ mod tests {
                 action: RateAction::Close,
             })
         );
-        assert_eq!(l.backend_messages, None);
+        assert!(l.backend_messages.is_empty());
+        assert_eq!(l.client_messages.per_subscription, None);
     }
 
     #[test]
@@ -180,14 +227,17 @@ mod tests {
         .unwrap();
         let l = &c.apis[0].limits;
         assert_eq!(
-            l.backend_messages.and_then(|s| s.bytes),
+            l.backend_messages.per_connection.and_then(|s| s.bytes),
             Some(Rate {
                 per_second: 1000,
                 burst: 5000
             })
         );
-        assert_eq!(l.backend_messages.map(|s| s.action), Some(RateAction::Drop));
-        assert!(l.client_messages.is_some());
+        assert_eq!(
+            l.backend_messages.per_connection.map(|s| s.action),
+            Some(RateAction::Drop)
+        );
+        assert!(l.client_messages.per_connection.is_some());
         let e = p(&api(
             "[[apis.message_limits]]\ndirection = \"both\"\nmax_messages_per_second = 5\n\
              [[apis.message_limits]]\ndirection = \"backend\"\nmax_messages_per_second = 9\n",
@@ -196,6 +246,32 @@ mod tests {
         assert_eq!(e.0.len(), 1, "{e}");
         assert_eq!(e.0[0].key, "apis[0].message_limits[1].direction", "{e}");
         assert!(e.0[0].message.contains("already limited"), "{e}");
+    }
+
+    /// Per connection and per subscription are separate slots; per subscription needs products.
+    #[test]
+    fn per_subscription_is_its_own_slot_and_needs_a_product() {
+        let in_product = |limits: &str| {
+            format!(
+                "{BASE}[[products]]\nname = \"gold\"\n[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\nproducts = [\"gold\"]\n{limits}"
+            )
+        };
+        let c = p(&in_product(
+            "[[apis.message_limits]]\nmax_messages_per_second = 5\n\
+             [[apis.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 8\n",
+        ))
+        .unwrap();
+        let l = &c.apis[0].limits.client_messages;
+        let rate = |s: Option<RateSpec>| s.and_then(|s| s.messages).map(|r| r.per_second);
+        assert_eq!(rate(l.per_connection), Some(5));
+        assert_eq!(rate(l.per_subscription), Some(8));
+        let e = p(&api(
+            "[[apis.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 8\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].key, "apis[0].message_limits[0].per", "{e}");
+        assert!(e.0[0].message.contains("in no product"), "{e}");
     }
 
     #[test]
@@ -210,6 +286,11 @@ mod tests {
                 "action = \"kick\"\nmax_messages_per_second = 1\n",
                 "action",
                 "not an action",
+            ),
+            (
+                "per = \"tab\"\nmax_messages_per_second = 1\n",
+                "per",
+                "not what a limit counts",
             ),
             (
                 "max_messages_per_second = 0\n",
@@ -232,11 +313,16 @@ mod tests {
             );
             assert!(e.0[0].message.contains(words), "{e}");
         }
+        let e = p(&api(
+            "[[apis.message_limits]]\ndirection = \"up\"\naction = \"kick\"\nmax_messages_per_second = 0\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 3, "every mistake of the entry is listed: {e}");
         let e = p(&api("[[apis.message_limits]]\naction = \"drop\"\n")).unwrap_err();
         assert_eq!(e.0[0].key, "apis[0].message_limits[0]", "{e}");
         assert!(e.0[0].message.contains("limits nothing"), "{e}");
         let e = p(&api(
-            "[[apis.message_limits]]\nper = \"tab\"\nmax_messages_per_second = 1\n",
+            "[[apis.message_limits]]\nwindow = 1\nmax_messages_per_second = 1\n",
         ))
         .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
