@@ -34,10 +34,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub pending_handshakes: usize,
     /// Comma-separated subset of:
-    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-limits,tollgate-fleet,
+    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-msglimits,tollgate-limits,tollgate-fleet,
     /// tollgate-policies,tollgate-pooled,tollgate-policies-nocache,tollgate-pooled-nocache,
     /// tollgate-py,tollgate-js,nginx,haproxy,haproxy-jwt
     /// (tollgate-limits and tollgate-fleet: see --fleet; naming one here asks for them too).
+    /// tollgate-msglimits is `tollgate` with message rates in both directions far above what
+    /// the load sends: what checking them costs per message.
     /// haproxy-jwt (HAProxy's jwt_verify, RS256, + X-User from `sub`) and the -nocache
     /// targets (jwt-validate + set-header with signature_cache_entries = 0) are measured in
     /// the handshake scenario only: their relay is that of haproxy / tollgate-policies /
@@ -350,6 +352,7 @@ fn start_target(
         }
         "tollgate"
         | "tollgate-baseline"
+        | "tollgate-msglimits"
         | "tollgate-limits"
         | "tollgate-fleet"
         | "tollgate-policies"
@@ -676,6 +679,10 @@ pub(crate) fn tollgate_dir(
     };
     match (base, lang_plugin(base)) {
         ("tollgate" | "tollgate-baseline" | "tollgate-limits" | "tollgate-fleet", _) => {}
+        ("tollgate-msglimits", _) => text.push_str(
+            "[[apis.message_limits]]\ndirection = \"both\"\nmax_messages_per_second = 100000000\n\
+             max_bytes_per_second = 100000000000\n",
+        ),
         ("tollgate-py", Some(file)) => {
             std::fs::copy(lang_dir(args)?.join(file), plugins.join(file))?;
             text.push_str(&format!(
@@ -846,6 +853,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "tcp-relay",
         "tollgate",
         "tollgate-baseline",
+        "tollgate-msglimits",
         "tollgate-policies",
         "tollgate-pooled",
         "tollgate-policies-nocache",
