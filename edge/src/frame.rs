@@ -31,35 +31,42 @@ use crate::rate::{MessageRate, RateAction, RateLimit};
 /// own task: a mutex held for one check.
 pub type SharedRate = std::sync::Arc<std::sync::Mutex<MessageRate>>;
 
-/// The buckets a direction is judged by: its own, and shared ones.
+/// The buckets a direction is judged by: its own (the API's, the product's), and shared ones
+/// (the subscription's for the API, for the product).
 #[derive(Debug)]
 struct Rates {
-    own: Option<MessageRate>,
-    shared: Option<SharedRate>,
+    own: Vec<MessageRate>,
+    shared: Vec<SharedRate>,
+}
+
+/// A poisoned lock only means another connection's task panicked mid-check; the numbers in it
+/// are still numbers.
+fn locked(rate: &SharedRate) -> std::sync::MutexGuard<'_, MessageRate> {
+    rate.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Rates {
-    /// Both admit the message (and are charged), or the one that refuses says why and what to
-    /// do (its own action).
+    /// Every set admits the message (and all are charged), or the first that refuses says why
+    /// and what to do (its own action); a refused message charges none. The shared sets are
+    /// locked together for that, always in the order the gateway lists them (an API's before
+    /// its product's), so two connections never wait on each other in a circle.
     fn admit(
         &mut self,
         first_frame_len: u64,
         now: std::time::Instant,
     ) -> Result<(), (RateLimit, RateAction)> {
-        if let Some(own) = &mut self.own {
+        for own in &mut self.own {
             own.check(first_frame_len, now)
                 .map_err(|l| (l, own.action))?;
         }
-        if let Some(shared) = &self.shared {
-            // A poisoned lock only means another connection's task panicked mid-check; the
-            // numbers in it are still numbers.
-            let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-            shared
-                .check(first_frame_len, now)
-                .map_err(|l| (l, shared.action))?;
-            shared.take(first_frame_len);
+        let mut shared: Vec<_> = self.shared.iter().map(locked).collect();
+        for s in &mut shared {
+            s.check(first_frame_len, now).map_err(|l| (l, s.action))?;
         }
-        if let Some(own) = &mut self.own {
+        for s in &mut shared {
+            s.take(first_frame_len);
+        }
+        for own in &mut self.own {
             own.take(first_frame_len);
         }
         Ok(())
@@ -68,15 +75,17 @@ impl Rates {
     /// A later frame of an admitted message, of `len` payload bytes: charged if the byte
     /// buckets can take it as they could a first frame, else the limit it is over.
     fn admit_more(&mut self, len: u64, now: std::time::Instant) -> Result<(), RateLimit> {
-        if let Some(own) = &mut self.own {
+        for own in &mut self.own {
             own.check_bytes(len, now)?;
         }
-        if let Some(shared) = &self.shared {
-            let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-            shared.check_bytes(len, now)?;
-            shared.charge(len);
+        let mut shared: Vec<_> = self.shared.iter().map(locked).collect();
+        for s in &mut shared {
+            s.check_bytes(len, now)?;
         }
-        if let Some(own) = &mut self.own {
+        for s in &mut shared {
+            s.charge(len);
+        }
+        for own in &mut self.own {
             own.charge(len);
         }
         Ok(())
@@ -434,18 +443,15 @@ impl FrameParser {
     /// Messages are judged at their first frame (see [`crate::rate`]); control frames are
     /// never limited, and pass through a dropped message's frames as they came.
     pub fn with_message_rate(self, rate: Option<MessageRate>) -> Self {
-        self.with_message_rates(rate, None)
+        self.with_message_rates(rate.into_iter().collect(), Vec::new())
     }
 
-    /// [`FrameParser::with_message_rate`] with, besides the connection's own buckets, buckets
-    /// shared with other connections (a subscription's): a message passes only if both admit
-    /// it, and is charged to both.
-    pub fn with_message_rates(
-        mut self,
-        own: Option<MessageRate>,
-        shared: Option<SharedRate>,
-    ) -> Self {
-        self.rate = (own.is_some() || shared.is_some()).then(|| Box::new(Rates { own, shared }));
+    /// [`FrameParser::with_message_rate`] with several sets of buckets: the connection's own
+    /// (an API's and a product's limits) and sets shared with other connections (a
+    /// subscription's): a message passes only if all admit it, and is charged to all.
+    pub fn with_message_rates(mut self, own: Vec<MessageRate>, shared: Vec<SharedRate>) -> Self {
+        self.rate =
+            (!own.is_empty() || !shared.is_empty()).then(|| Box::new(Rates { own, shared }));
         self
     }
 

@@ -401,9 +401,12 @@ pub struct RelayParams {
     /// When a policy asked for the connection to end (`close-at`): the client then gets close
     /// 1008 (policy violation), the backend 1001.
     pub policy_deadline: Option<Instant>,
+    /// Message rates of this connection's own (`per = "connection"`: the API's, the
+    /// product's), for the client's messages and the backend's.
+    pub own_rates: [Vec<RateSpec>; 2],
     /// Message buckets shared with the other connections of the subscription
-    /// (`per = "subscription"`), for the client's messages and the backend's.
-    pub shared_rates: [Option<SharedRate>; 2],
+    /// (`per = "subscription"`: the API's, then the product's), the same way.
+    pub shared_rates: [Vec<SharedRate>; 2],
 }
 
 enum Wake {
@@ -426,10 +429,14 @@ pub async fn relay(
     let limits = &params.limits;
     let metrics = &*params.metrics;
     metrics.active.inc();
-    let rate = |spec: &Option<RateSpec>| {
-        spec.as_ref()
-            .map(|s| MessageRate::new(s, std::time::Instant::now()))
+    let rates = |specs: &[RateSpec]| {
+        let now = std::time::Instant::now();
+        specs
+            .iter()
+            .map(|s| MessageRate::new(s, now))
+            .collect::<Vec<_>>()
     };
+    let [client_own, backend_own] = &params.own_rates;
     let [client_shared, backend_shared] = params.shared_rates.clone();
     let mut c2b = Pump::new(
         FrameParser::new(
@@ -438,7 +445,7 @@ pub async fn relay(
             limits.max_message_size,
         )
         .with_extensions(params.extensions_agreed)
-        .with_message_rates(rate(&limits.client_messages.per_connection), client_shared),
+        .with_message_rates(rates(client_own), client_shared),
         client_prefix,
     );
     let mut b2c = Pump::new(
@@ -448,10 +455,7 @@ pub async fn relay(
             limits.max_message_size,
         )
         .with_extensions(params.extensions_agreed)
-        .with_message_rates(
-            rate(&limits.backend_messages.per_connection),
-            backend_shared,
-        ),
+        .with_message_rates(rates(backend_own), backend_shared),
         backend_prefix,
     );
     let far = Duration::from_secs(86400 * 365);

@@ -18,12 +18,14 @@ use tokio_util::task::TaskTracker;
 use tollgate_edge::rate::MessageRate;
 
 use crate::backend;
-use crate::frame::Direction;
+use crate::frame::{Direction, SharedRate};
 use crate::handshake::{self, Accepted};
 use crate::logging::loggable;
+use crate::manifest::RateSpec;
 use crate::manifest::{Config, ListenerTls, Scheme};
 use crate::metrics::{Limit, Metrics};
 use crate::relay::{self, RelayParams};
+use crate::subscriptions::RateScope;
 
 pub use crate::served::StartError;
 use crate::served::{Current, Served};
@@ -517,6 +519,52 @@ impl Gateway {
         }
     }
 
+    /// The message rates a connection is held to, for the client's messages and the backend's:
+    /// the API's, then its product's (the one the handshake came in through). Per connection
+    /// ones as specs (the relay makes the buckets); per subscription ones as the subscription's
+    /// shared buckets, or buckets of the connection's own when it has no subscription (an open
+    /// product). Nothing is allocated when neither sets any.
+    fn message_rates(
+        &self,
+        api: &crate::routes::Api,
+        product: Option<&str>,
+        permit: &crate::routes::Permit,
+    ) -> ([Vec<RateSpec>; 2], [Vec<SharedRate>; 2]) {
+        let mut own: [Vec<RateSpec>; 2] = Default::default();
+        let mut shared: [Vec<SharedRate>; 2] = Default::default();
+        let served = self.served.load();
+        let product = product.and_then(|n| served.config.products.iter().find(|p| p.name == n));
+        let api_rates = [
+            &api.config.limits.client_messages,
+            &api.config.limits.backend_messages,
+        ];
+        let scopes = std::iter::once((RateScope::Api, api.config.name.as_str(), api_rates)).chain(
+            product.map(|p| {
+                (
+                    RateScope::Product,
+                    p.name.as_str(),
+                    [&p.client_messages, &p.backend_messages],
+                )
+            }),
+        );
+        for (scope, name, rates) in scopes {
+            for (i, (dir, r)) in [Direction::ClientToBackend, Direction::BackendToClient]
+                .into_iter()
+                .zip(rates)
+                .enumerate()
+            {
+                own[i].extend(r.per_connection);
+                if let Some(spec) = r.per_subscription {
+                    shared[i].push(match permit.subscription() {
+                        Some(sub) => sub.message_rates.get(scope, name, dir, spec),
+                        None => Arc::new(Mutex::new(MessageRate::new(&spec, Instant::now()))),
+                    });
+                }
+            }
+        }
+        (own, shared)
+    }
+
     /// Relays an accepted connection until either side closes, then logs its close record.
     async fn relay(&self, a: Accepted, conn: u64, client_addr: SocketAddr) {
         let Accepted {
@@ -562,26 +610,7 @@ impl Gateway {
             read_buf: client_prefix,
             ..
         } = parts;
-        // Buckets shared by the subscription's connections; a connection without one (an open
-        // product) gets buckets of its own under the same rate.
-        let shared_rates = [
-            (
-                Direction::ClientToBackend,
-                &api.config.limits.client_messages,
-            ),
-            (
-                Direction::BackendToClient,
-                &api.config.limits.backend_messages,
-            ),
-        ]
-        .map(|(dir, rates)| {
-            rates
-                .per_subscription
-                .map(|spec| match permit.subscription() {
-                    Some(sub) => sub.message_rates.get(&api.config.name, dir, spec),
-                    None => Arc::new(Mutex::new(MessageRate::new(&spec, Instant::now()))),
-                })
-        });
+        let (own_rates, shared_rates) = self.message_rates(&api, product.as_deref(), &permit);
         let outcome = relay::relay(
             client_io.into_inner(),
             client_prefix,
@@ -594,6 +623,7 @@ impl Gateway {
                 metrics: api.metrics.clone(),
                 extensions_agreed,
                 policy_deadline: policy_deadline.map(tokio::time::Instant::from_std),
+                own_rates,
                 shared_rates,
             },
         )

@@ -36,26 +36,38 @@ pub struct Subscription {
     pub message_rates: Arc<SharedRates>,
 }
 
-/// A subscription's shared message buckets, by API and direction. Made at the first
+/// Whose limit a set of shared buckets serves: an API's (the subscription's connections to
+/// it) or a product's (its connections to any of the product's APIs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateScope {
+    Api,
+    Product,
+}
+
+/// A subscription's shared message buckets, by scope, name and direction. Made at the first
 /// connection that needs them; a reload that changes the rate starts them afresh (the
 /// connections already open keep the buckets they started with).
 #[derive(Default)]
 pub struct SharedRates {
-    by_api: Mutex<HashMap<(String, Direction), (RateSpec, SharedRate)>>,
+    by_scope: Mutex<HashMap<RateKey, (RateSpec, SharedRate)>>,
 }
 
+/// Whose buckets: scope, its name, direction.
+type RateKey = (RateScope, String, Direction);
+
 impl SharedRates {
-    /// The buckets for `api`'s messages in direction `dir` under `spec`.
-    pub fn get(&self, api: &str, dir: Direction, spec: RateSpec) -> SharedRate {
-        let mut map = self.by_api.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&(api.to_owned(), dir)) {
+    /// The buckets for the messages of `scope` `name` in direction `dir` under `spec`.
+    pub fn get(&self, scope: RateScope, name: &str, dir: Direction, spec: RateSpec) -> SharedRate {
+        let mut map = self.by_scope.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (scope, name.to_owned(), dir);
+        match map.get(&key) {
             Some((held, rate)) if *held == spec => rate.clone(),
             _ => {
                 let rate: SharedRate = Arc::new(Mutex::new(MessageRate::new(
                     &spec,
                     std::time::Instant::now(),
                 )));
-                map.insert((api.to_owned(), dir), (spec, rate.clone()));
+                map.insert(key, (spec, rate.clone()));
                 rate
             }
         }

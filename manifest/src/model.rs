@@ -292,6 +292,10 @@ pub struct ProductConfig {
     pub subscription_required: bool,
     pub policies: Vec<Attachment>,
     pub subscriptions: Vec<SubscriptionConfig>,
+    /// `[[products.message_limits]]`: on every connection that comes in through the product,
+    /// besides its API's own; `per = "subscription"` shares them across the product's APIs.
+    pub client_messages: MessageRates,
+    pub backend_messages: MessageRates,
 }
 
 /// Header and query parameter names a subscription key is read from (header first).

@@ -178,6 +178,9 @@ pub(crate) struct RawProduct {
     pub(crate) policies: Vec<Spanned<RawAttachment>>,
     #[serde(default)]
     pub(crate) subscriptions: Vec<Spanned<RawSubscription>>,
+    /// Message rates on every connection through the product (`[[products.message_limits]]`).
+    #[serde(default)]
+    pub(crate) message_limits: Vec<Spanned<RawMessageLimits>>,
 }
 
 /// A subscription as written. Each key comes from exactly one place: an environment variable

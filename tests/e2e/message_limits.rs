@@ -28,6 +28,42 @@ fn client_frames(frames: &[(bool, u8, &[u8])]) -> Vec<u8> {
         .collect()
 }
 
+/// A gateway whose API `echo` has `limits`, in front of a backend that records every frame it
+/// gets, and a client connected to it.
+struct Recorded {
+    gw: Gateway,
+    _backend: RawBackend,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Frame>,
+    ws: RawWs<tokio::net::TcpStream>,
+}
+
+async fn recorded(limits: &str) -> Recorded {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&manifest(&backend.url(), limits));
+    let (_, ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    Recorded {
+        gw,
+        _backend: backend,
+        rx,
+        ws,
+    }
+}
+
+/// `tollgate_messages_dropped_total` of API `echo`'s client messages over
+/// `max_messages_per_second`.
+async fn dropped_over_messages(gw: &Gateway) -> Option<f64> {
+    sample(
+        &scrape(gw.admin.unwrap()).await,
+        "tollgate_messages_dropped_total",
+        &[
+            ("api", "echo"),
+            ("direction", "client_to_backend"),
+            ("limit", "max_messages_per_second"),
+        ],
+    )
+}
+
 /// The frames the backend received, until its close (or 3 s of silence).
 async fn received(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>) -> Vec<Frame> {
     let mut got = Vec::new();
@@ -43,13 +79,13 @@ async fn received(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>) -> Vec<F
 
 #[tokio::test]
 async fn a_client_over_its_message_rate_gets_1008_and_the_backend_1001() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = RawBackend::start(record_frames(tx)).await;
-    let gw = Gateway::start(&manifest(
-        &backend.url(),
-        "[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 3\n",
-    ));
-    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let Recorded {
+        gw,
+        _backend,
+        mut rx,
+        mut ws,
+    } = recorded("[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 3\n")
+        .await;
     let four: Vec<(bool, u8, &[u8])> = vec![
         (true, 1, b"one"),
         (true, 1, b"two"),
@@ -90,13 +126,12 @@ async fn a_client_over_its_message_rate_gets_1008_and_the_backend_1001() {
 /// connection goes on, and a token that came back lets the next message through.
 #[tokio::test]
 async fn drop_cuts_whole_messages_out_and_keeps_control_frames() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = RawBackend::start(record_frames(tx)).await;
-    let gw = Gateway::start(&manifest(
-        &backend.url(),
-        "[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 2\naction = \"drop\"\n",
-    ));
-    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let Recorded {
+        gw,
+        _backend,
+        mut rx,
+        mut ws,
+    } = recorded("[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 2\naction = \"drop\"\n").await;
     let burst: Vec<(bool, u8, &[u8])> = vec![
         (true, 1, b"a"),
         (false, 1, b"b1"),
@@ -128,32 +163,19 @@ async fn drop_cuts_whole_messages_out_and_keeps_control_frames() {
         (true, 8, &NORMAL_CLOSE),
     ];
     assert_eq!(seen, want, "{got:?}");
-    let m = scrape(gw.admin.unwrap()).await;
-    assert_eq!(
-        sample(
-            &m,
-            "tollgate_messages_dropped_total",
-            &[
-                ("api", "echo"),
-                ("direction", "client_to_backend"),
-                ("limit", "max_messages_per_second")
-            ]
-        ),
-        Some(2.0)
-    );
+    assert_eq!(dropped_over_messages(&gw).await, Some(2.0));
 }
 
 /// Bytes per second, dropping: a message is judged whole at its first frame against a bucket
 /// of 1,000 bytes; one that does not fit is dropped, a smaller one after it still passes.
 #[tokio::test]
 async fn a_byte_rate_drops_the_message_that_does_not_fit() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = RawBackend::start(record_frames(tx)).await;
-    let gw = Gateway::start(&manifest(
-        &backend.url(),
-        "[[apis.message_limits]]\nmax_bytes_per_second = 1\nburst_bytes = 1000\naction = \"drop\"\n",
-    ));
-    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let Recorded {
+        gw: _gw,
+        _backend,
+        mut rx,
+        mut ws,
+    } = recorded("[[apis.message_limits]]\nmax_bytes_per_second = 1\nburst_bytes = 1000\naction = \"drop\"\n").await;
     let (six, six_again, four) = ([6u8; 600], [7u8; 600], [4u8; 400]);
     let frames: Vec<(bool, u8, &[u8])> = vec![
         (true, 2, &six),
@@ -283,17 +305,53 @@ async fn a_subscriptions_connections_share_one_rate() {
     tab2.send(true, 8, &NORMAL_CLOSE).await.unwrap();
     let closing = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
     assert_eq!(closing.ok().flatten().map(|f| f.opcode), Some(8));
+    assert_eq!(dropped_over_messages(&gw).await, Some(1.0));
+}
+
+/// `[[products.message_limits]]` with `per = "subscription"`: alice's connections to two APIs of
+/// the product draw from one allowance of three messages; each API alone has no limit.
+#[tokio::test]
+async fn a_products_limit_spans_its_apis() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let b = backend.url();
+    let manifest = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[products]]\nname = \"gold\"\n\
+         [[products.subscriptions]]\nname = \"alice\"\nprimary_key_sha256 = \"{}\"\n\
+         [[products.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 1\nburst_messages = 3\naction = \"drop\"\n\n{}{}",
+        gateway_section(""),
+        sha256_hex(ALICE_KEY),
+        api_section("chat", "chat", &b, "products = [\"gold\"]\n"),
+        api_section("news", "news", &b, "products = [\"gold\"]\n"),
+    );
+    let gw = Gateway::start(&manifest);
+    let addr = gw.ws.unwrap();
+    let key = format!("Ocp-Apim-Subscription-Key: {ALICE_KEY}\r\n");
+    let (_, mut chat) = ws_connect(addr, "/chat", &key).await;
+    let (_, mut news) = ws_connect(addr, "/news", &key).await;
+    let two: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"chat-a"), (true, 1, b"chat-b")];
+    chat.send_raw(&client_frames(&two)).await.unwrap();
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("chat-a"));
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("chat-b"));
+    let two: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"news-a"), (true, 1, b"news-b")];
+    news.send_raw(&client_frames(&two)).await.unwrap();
+    assert_eq!(next_text(&mut rx).await.as_deref(), Some("news-a"));
+    // news-b is over the product's allowance: the close is what comes next.
+    news.send(true, 8, &NORMAL_CLOSE).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert_eq!(next.ok().flatten().map(|f| f.opcode), Some(8));
     let m = scrape(gw.admin.unwrap()).await;
-    assert_eq!(
+    let dropped = |api| {
         sample(
             &m,
             "tollgate_messages_dropped_total",
             &[
-                ("api", "echo"),
+                ("api", api),
                 ("direction", "client_to_backend"),
-                ("limit", "max_messages_per_second")
-            ]
-        ),
-        Some(1.0)
-    );
+                ("limit", "max_messages_per_second"),
+            ],
+        )
+    };
+    assert_eq!((dropped("chat"), dropped("news")), (None, Some(1.0)));
 }

@@ -77,7 +77,12 @@ impl Validator<'_> {
                     "must be at least 1 (0 would refuse every handshake; remove the API to shut it)",
                 );
             }
-            let message_limits = self.message_limits(i, &a.message_limits, !a.products.is_empty());
+            let no_subscriptions = format!("needs subscriptions, and apis[{i}] is in no product: add it to one (`products = [...]`) or limit per connection");
+            let message_limits = self.message_limits(
+                &format!("apis[{i}]"),
+                &a.message_limits,
+                a.products.is_empty().then_some(no_subscriptions.as_str()),
+            );
             let Some(backend) = backend else { continue };
             let served = a.gateways.is_empty() || a.gateways.contains(&gateway.name);
             if !served {

@@ -15,19 +15,19 @@ pub(super) struct MessageLimits {
 }
 
 impl Validator<'_> {
-    /// API `i`'s `message_limits` entries: each names at least one rate, and each direction is
-    /// limited by one entry at most per connection and one per subscription (two would leave
-    /// the reader guessing which one holds). `per = "subscription"` needs the API to be in a
-    /// product (`has_products`).
+    /// The `message_limits` entries of `scope` (`apis[i]` or `products[i]`): each names at
+    /// least one rate, and each direction is limited by one entry at most per connection and
+    /// one per subscription (two would leave the reader guessing which one holds).
+    /// `no_subscriptions` says why `per = "subscription"` cannot apply there, if it cannot.
     pub(super) fn message_limits(
         &mut self,
-        i: usize,
+        scope: &str,
         list: &[Spanned<RawMessageLimits>],
-        has_products: bool,
+        no_subscriptions: Option<&str>,
     ) -> MessageLimits {
         let mut out = MessageLimits::default();
         for (n, entry) in list.iter().enumerate() {
-            let key = format!("apis[{i}].message_limits[{n}]");
+            let key = format!("{scope}.message_limits[{n}]");
             let m = entry.get_ref();
             // Every key of the entry is checked before a bad one skips it, so one run lists
             // all of its mistakes.
@@ -48,11 +48,11 @@ impl Validator<'_> {
             };
             let per_subscription = match m.per.as_ref().map(|p| (p.get_ref().trim(), p)) {
                 None | Some(("connection", _)) => Some(false),
-                Some(("subscription", p)) if !has_products => {
+                Some(("subscription", p)) if no_subscriptions.is_some() => {
                     self.err(
                         p.span(),
                         format!("{key}.per"),
-                        format!("needs subscriptions, and apis[{i}] is in no product: add it to one (`products = [...]`) or limit per connection"),
+                        no_subscriptions.unwrap_or_default().to_owned(),
                     );
                     None
                 }
@@ -272,6 +272,30 @@ mod tests {
         assert_eq!(e.0.len(), 1, "{e}");
         assert_eq!(e.0[0].key, "apis[0].message_limits[0].per", "{e}");
         assert!(e.0[0].message.contains("in no product"), "{e}");
+    }
+
+    /// A product's limits are read like an API's, under its own key.
+    #[test]
+    fn a_product_has_message_limits_too() {
+        let text = format!(
+            "{BASE}[[products]]\nname = \"gold\"\n\
+             [[products.message_limits]]\nper = \"subscription\"\ndirection = \"both\"\nmax_bytes_per_second = 4096\n\
+             [[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\nproducts = [\"gold\"]\n"
+        );
+        let c = p(&text).unwrap();
+        let gold = &c.products[0];
+        for rates in [gold.client_messages, gold.backend_messages] {
+            assert_eq!(rates.per_connection, None);
+            assert_eq!(
+                rates
+                    .per_subscription
+                    .and_then(|s| s.bytes)
+                    .map(|r| r.burst),
+                Some(4096)
+            );
+        }
+        let e = p(&text.replace("direction = \"both\"", "direction = \"sideways\"")).unwrap_err();
+        assert_eq!(e.0[0].key, "products[0].message_limits[0].direction", "{e}");
     }
 
     #[test]

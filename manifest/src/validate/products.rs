@@ -49,6 +49,8 @@ impl Validator<'_> {
                 );
             }
             let policies = self.attachments(&p.policies, &format!("products[{i}].policies"));
+            let message_limits =
+                self.message_limits(&format!("products[{i}]"), &p.message_limits, None);
             let subscriptions =
                 self.subscriptions(i, &p.subscriptions, &mut keys_file, &mut sub_names);
             products.push(ProductConfig {
@@ -61,6 +63,8 @@ impl Validator<'_> {
                     .is_none_or(|r| *r.get_ref()),
                 policies,
                 subscriptions,
+                client_messages: message_limits.client,
+                backend_messages: message_limits.backend,
             });
         }
         if let Some(kf) = &keys_file {
