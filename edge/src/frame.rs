@@ -17,9 +17,9 @@
 //! the endpoints check what they decompress. A close frame is held until it is complete (at
 //! most 139 bytes) and checked before any of it is forwarded.
 //!
-//! With a message rate (`[[apis.message_limits]]`, [`crate::rate`]) a message over it either
-//! ends the connection or, with `drop`, is cut out of the stream: its frames' bytes are
-//! reported as `discard` instead of `forward`, control frames in between still pass.
+//! With a message rate (`[[apis.message_limits]]` or a product's, [`crate::rate`]) a message
+//! over it either ends the connection or, with `drop`, is cut out of the stream: its frames'
+//! bytes are reported as `discard` instead of `forward`, control frames in between still pass.
 //!
 //! Why hand-written: tungstenite and friends parse whole messages (they reassemble fragments and
 //! unmask into owned buffers), which is exactly what a frame-preserving, zero-copy relay must not
@@ -45,6 +45,35 @@ fn locked(rate: &SharedRate) -> std::sync::MutexGuard<'_, MessageRate> {
     rate.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The shared sets of a message's check, locked together: the gateway gives a connection at
+/// most two (its API's and its product's), held without allocating; more would go to the heap.
+enum Locked<'a> {
+    Few([Option<std::sync::MutexGuard<'a, MessageRate>>; 2]),
+    Many(Vec<std::sync::MutexGuard<'a, MessageRate>>),
+}
+
+impl<'a> Locked<'a> {
+    fn new(sets: &'a [SharedRate]) -> Locked<'a> {
+        match sets {
+            [] => Locked::Few([None, None]),
+            [a] => Locked::Few([Some(locked(a)), None]),
+            [a, b] => Locked::Few([Some(locked(a)), Some(locked(b))]),
+            _ => Locked::Many(sets.iter().map(locked).collect()),
+        }
+    }
+
+    fn iter_mut<'s>(&'s mut self) -> impl Iterator<Item = &'s mut MessageRate> + use<'s, 'a> {
+        let (few, many): (&mut [Option<_>], &mut [_]) = match self {
+            Locked::Few(g) => (&mut g[..], &mut []),
+            Locked::Many(g) => (&mut [], &mut g[..]),
+        };
+        few.iter_mut()
+            .flatten()
+            .chain(many.iter_mut())
+            .map(|g| &mut **g)
+    }
+}
+
 impl Rates {
     /// Every set admits the message (and all are charged), or the first that refuses says why
     /// and what to do (its own action); a refused message charges none. The shared sets are
@@ -59,11 +88,11 @@ impl Rates {
             own.check(first_frame_len, now)
                 .map_err(|l| (l, own.action))?;
         }
-        let mut shared: Vec<_> = self.shared.iter().map(locked).collect();
-        for s in &mut shared {
+        let mut shared = Locked::new(&self.shared);
+        for s in shared.iter_mut() {
             s.check(first_frame_len, now).map_err(|l| (l, s.action))?;
         }
-        for s in &mut shared {
+        for s in shared.iter_mut() {
             s.take(first_frame_len);
         }
         for own in &mut self.own {
@@ -78,11 +107,11 @@ impl Rates {
         for own in &mut self.own {
             own.check_bytes(len, now)?;
         }
-        let mut shared: Vec<_> = self.shared.iter().map(locked).collect();
-        for s in &mut shared {
+        let mut shared = Locked::new(&self.shared);
+        for s in shared.iter_mut() {
             s.check_bytes(len, now)?;
         }
-        for s in &mut shared {
+        for s in shared.iter_mut() {
             s.charge(len);
         }
         for own in &mut self.own {
@@ -1761,6 +1790,41 @@ mod tests {
         let (out, event) = relayed(&mut p, &data, data.len());
         assert_eq!((out.len(), event), (2 * 7, None));
         assert!(p.at_boundary() && !p.in_message());
+    }
+
+    /// Several sets (the connection's own, and two shared ones): a message refused by a later
+    /// set charges none of the earlier ones.
+    #[test]
+    fn a_message_refused_by_one_set_charges_none_of_the_others() {
+        let spec = |burst| crate::rate::RateSpec {
+            messages: Some(crate::rate::Rate {
+                per_second: 1,
+                burst,
+            }),
+            bytes: None,
+            action: RateAction::Drop,
+        };
+        let now = std::time::Instant::now();
+        let shared = |burst| -> SharedRate {
+            std::sync::Arc::new(std::sync::Mutex::new(MessageRate::new(&spec(burst), now)))
+        };
+        let (a, b) = (shared(3), shared(1));
+        let parser = |own: Vec<MessageRate>, shared: Vec<SharedRate>| {
+            FrameParser::new(Direction::ClientToBackend, 1 << 20, None)
+                .with_extensions(false)
+                .with_message_rates(own, shared)
+        };
+        let mut data = frame(true, OP_TEXT, b"1", K);
+        data.extend(frame(true, OP_TEXT, b"2", K));
+        data.extend(frame(true, OP_TEXT, b"3", K));
+        let mut p = parser(vec![MessageRate::new(&spec(5), now)], vec![a.clone(), b]);
+        let (out, _) = relayed(&mut p, &data, data.len());
+        assert_eq!(out.len(), 7, "only the first passes `b`");
+        assert_eq!(p.stats.dropped_over_messages, 2);
+        // `a` paid for the first message only: two of three pass through it alone.
+        let mut q = parser(Vec::new(), vec![a]);
+        let (out, _) = relayed(&mut q, &data, data.len());
+        assert_eq!(out.len(), 14);
     }
 
     /// `close`: the message over the limit is a violation (1008) before any of it is forwarded.

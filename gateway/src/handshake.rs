@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, Upgraded};
 use crate::logging::loggable;
-use crate::manifest::Scheme;
+use crate::manifest::{MessageRates, Scheme};
 use crate::metrics::Metrics;
 use crate::policy::TlsInfo;
 use crate::routes::{Api, LimitReached, Permit, Routes};
@@ -81,6 +81,9 @@ pub struct Accepted {
     pub target: String,
     /// The product the handshake came in through (for the close record).
     pub product: Option<String>,
+    /// That product's message rates (client's messages, backend's), from the same
+    /// configuration the handshake was served by, not a later reload's.
+    pub product_messages: [MessageRates; 2],
     /// Ends the relay: the shutdown token, or the subscription key's (revoked by a reload).
     pub end: CancellationToken,
     /// A policy's `close-at`, on the monotonic clock.
@@ -227,6 +230,12 @@ pub async fn handshake(
             permit,
             api,
             target: breq.target,
+            product_messages: subscribed
+                .product
+                .as_deref()
+                .and_then(|n| served.config.products.iter().find(|p| p.name == n))
+                .map(|p| [p.client_messages, p.backend_messages])
+                .unwrap_or_default(),
             product: subscribed.product,
             end: subscribed.key_token.unwrap_or_else(|| env.shutdown.clone()),
             policy_deadline: effects.close_at.map(deadline),

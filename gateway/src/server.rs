@@ -15,14 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tollgate_edge::rate::MessageRate;
 
 use crate::backend;
 use crate::frame::{Direction, SharedRate};
 use crate::handshake::{self, Accepted};
 use crate::logging::loggable;
-use crate::manifest::RateSpec;
 use crate::manifest::{Config, ListenerTls, Scheme};
+use crate::manifest::{MessageRates, RateSpec};
 use crate::metrics::{Limit, Metrics};
 use crate::relay::{self, RelayParams};
 use crate::subscriptions::RateScope;
@@ -520,20 +519,19 @@ impl Gateway {
     }
 
     /// The message rates a connection is held to, for the client's messages and the backend's:
-    /// the API's, then its product's (the one the handshake came in through). Per connection
-    /// ones as specs (the relay makes the buckets); per subscription ones as the subscription's
-    /// shared buckets, or buckets of the connection's own when it has no subscription (an open
-    /// product). Nothing is allocated when neither sets any.
+    /// the API's, then its product's (the one the handshake came in through, as the handshake's
+    /// configuration had it). Per connection ones as specs (the relay makes the buckets); per
+    /// subscription ones as the subscription's shared buckets, or as specs of the connection's
+    /// own when it has no subscription (an open product). Nothing is allocated when neither
+    /// sets any.
     fn message_rates(
-        &self,
         api: &crate::routes::Api,
         product: Option<&str>,
+        product_messages: &[MessageRates; 2],
         permit: &crate::routes::Permit,
     ) -> ([Vec<RateSpec>; 2], [Vec<SharedRate>; 2]) {
         let mut own: [Vec<RateSpec>; 2] = Default::default();
         let mut shared: [Vec<SharedRate>; 2] = Default::default();
-        let served = self.served.load();
-        let product = product.and_then(|n| served.config.products.iter().find(|p| p.name == n));
         let api_rates = [
             &api.config.limits.client_messages,
             &api.config.limits.backend_messages,
@@ -542,8 +540,8 @@ impl Gateway {
             product.map(|p| {
                 (
                     RateScope::Product,
-                    p.name.as_str(),
-                    [&p.client_messages, &p.backend_messages],
+                    p,
+                    [&product_messages[0], &product_messages[1]],
                 )
             }),
         );
@@ -555,10 +553,11 @@ impl Gateway {
             {
                 own[i].extend(r.per_connection);
                 if let Some(spec) = r.per_subscription {
-                    shared[i].push(match permit.subscription() {
-                        Some(sub) => sub.message_rates.get(scope, name, dir, spec),
-                        None => Arc::new(Mutex::new(MessageRate::new(&spec, Instant::now()))),
-                    });
+                    match permit.subscription() {
+                        Some(sub) => shared[i].push(sub.message_rates.get(scope, name, dir, spec)),
+                        // Nobody to share with: the same rate, on the connection's own.
+                        None => own[i].push(spec),
+                    }
                 }
             }
         }
@@ -575,6 +574,7 @@ impl Gateway {
             api,
             target,
             product,
+            product_messages,
             end,
             policy_deadline,
         } = a;
@@ -610,7 +610,8 @@ impl Gateway {
             read_buf: client_prefix,
             ..
         } = parts;
-        let (own_rates, shared_rates) = self.message_rates(&api, product.as_deref(), &permit);
+        let (own_rates, shared_rates) =
+            Self::message_rates(&api, product.as_deref(), &product_messages, &permit);
         let outcome = relay::relay(
             client_io.into_inner(),
             client_prefix,

@@ -4,6 +4,8 @@
 //!
 //! Every message of a test that must be judged within one burst is written in one write, and
 //! the rates are 1 per second or less, so a slow machine cannot refill a bucket in between.
+//! Where a burst is spread over several connections (and so over several writes), it is a
+//! byte burst refilled at 1 byte per second: a message of 6 bytes would need 6 s to come back.
 
 use std::time::Duration;
 
@@ -50,16 +52,15 @@ async fn recorded(limits: &str) -> Recorded {
     }
 }
 
-/// `tollgate_messages_dropped_total` of API `echo`'s client messages over
-/// `max_messages_per_second`.
-async fn dropped_over_messages(gw: &Gateway) -> Option<f64> {
+/// `tollgate_messages_dropped_total` of API `echo`'s client messages over `limit`.
+async fn dropped(gw: &Gateway, limit: &str) -> Option<f64> {
     sample(
         &scrape(gw.admin.unwrap()).await,
         "tollgate_messages_dropped_total",
         &[
             ("api", "echo"),
             ("direction", "client_to_backend"),
-            ("limit", "max_messages_per_second"),
+            ("limit", limit),
         ],
     )
 }
@@ -163,7 +164,7 @@ async fn drop_cuts_whole_messages_out_and_keeps_control_frames() {
         (true, 8, &NORMAL_CLOSE),
     ];
     assert_eq!(seen, want, "{got:?}");
-    assert_eq!(dropped_over_messages(&gw).await, Some(2.0));
+    assert_eq!(dropped(&gw, "max_messages_per_second").await, Some(2.0));
 }
 
 /// Bytes per second, dropping: a message is judged whole at its first frame against a bucket
@@ -255,9 +256,9 @@ fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
-/// `per = "subscription"`: alice's two connections share one bucket of three messages, so the
-/// fourth message between them is dropped whichever connection sends it (five browser tabs do
-/// not get five times the limit); bob's connection has a bucket of its own.
+/// `per = "subscription"`: alice's two connections share one bucket of 18 bytes (three messages
+/// of 6), so the fourth message between them is dropped whichever connection sends it (five
+/// browser tabs do not get five times the limit); bob's connection has a bucket of its own.
 #[tokio::test]
 async fn a_subscriptions_connections_share_one_rate() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -275,7 +276,7 @@ async fn a_subscriptions_connections_share_one_rate() {
             "echo",
             &backend.url(),
             "products = [\"gold\"]\n\
-             [[apis.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 1\nburst_messages = 3\naction = \"drop\"\n"
+             [[apis.message_limits]]\nper = \"subscription\"\nmax_bytes_per_second = 1\nburst_bytes = 18\naction = \"drop\"\n"
         )
     );
     let gw = Gateway::start(&manifest);
@@ -305,11 +306,12 @@ async fn a_subscriptions_connections_share_one_rate() {
     tab2.send(true, 8, &NORMAL_CLOSE).await.unwrap();
     let closing = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
     assert_eq!(closing.ok().flatten().map(|f| f.opcode), Some(8));
-    assert_eq!(dropped_over_messages(&gw).await, Some(1.0));
+    assert_eq!(dropped(&gw, "max_bytes_per_second").await, Some(1.0));
 }
 
 /// `[[products.message_limits]]` with `per = "subscription"`: alice's connections to two APIs of
-/// the product draw from one allowance of three messages; each API alone has no limit.
+/// the product draw from one allowance of 18 bytes (three messages of 6); each API alone has
+/// no limit.
 #[tokio::test]
 async fn a_products_limit_spans_its_apis() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -319,7 +321,7 @@ async fn a_products_limit_spans_its_apis() {
         "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [[products]]\nname = \"gold\"\n\
          [[products.subscriptions]]\nname = \"alice\"\nprimary_key_sha256 = \"{}\"\n\
-         [[products.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 1\nburst_messages = 3\naction = \"drop\"\n\n{}{}",
+         [[products.message_limits]]\nper = \"subscription\"\nmax_bytes_per_second = 1\nburst_bytes = 18\naction = \"drop\"\n\n{}{}",
         gateway_section(""),
         sha256_hex(ALICE_KEY),
         api_section("chat", "chat", &b, "products = [\"gold\"]\n"),
@@ -349,7 +351,7 @@ async fn a_products_limit_spans_its_apis() {
             &[
                 ("api", api),
                 ("direction", "client_to_backend"),
-                ("limit", "max_messages_per_second"),
+                ("limit", "max_bytes_per_second"),
             ],
         )
     };

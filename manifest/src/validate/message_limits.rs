@@ -1,5 +1,6 @@
-//! `[[apis.message_limits]]`: message rates per connection and direction, enforced by the relay
-//! without any wasm (see `tollgate_edge::rate` for how a message is judged).
+//! `[[apis.message_limits]]` and `[[products.message_limits]]`: message rates per connection or
+//! subscription and direction, enforced by the relay without any wasm (see
+//! `tollgate_edge::rate` for how a message is judged).
 
 use toml::Spanned;
 
@@ -7,7 +8,7 @@ use super::Validator;
 use crate::model::{MessageRates, Rate, RateAction, RateSpec};
 use crate::raw::RawMessageLimits;
 
-/// The rates in force on an API's connections, per direction.
+/// The rates an API or a product sets, per direction.
 #[derive(Default)]
 pub(super) struct MessageLimits {
     pub(super) client: MessageRates,
