@@ -12,7 +12,7 @@
 //! numbers per bucket owned by one connection's task (no atomics, no shared map), the byte
 //! bucket needs debt, and tests drive it with their own clock.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What happens to a message over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,7 +142,8 @@ impl MessageRate {
             b.refill(now);
             // A frame larger than the burst could never pass a full-cost check: it passes when
             // the bucket is full, and goes into debt.
-            if b.tokens < (frame_len as f64).min(b.burst) || b.tokens < 0.0 {
+            // (In debt, it refuses even an empty frame: the minimum is never below 0.)
+            if b.tokens < (frame_len as f64).min(b.burst) {
                 return Err(RateLimit::BytesPerSecond);
             }
         }
@@ -163,9 +164,15 @@ impl MessageRate {
             b.tokens -= len as f64;
         }
     }
+}
 
-    /// How long until a message of one byte would be admitted (for tests and logs).
-    pub fn wait(&self) -> Duration {
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// How long until a message of one byte would be admitted.
+    fn wait(r: &MessageRate) -> Duration {
         let need = |b: &Option<Bucket>, want: f64| {
             b.map_or(0.0, |b| {
                 if b.tokens >= want {
@@ -175,13 +182,8 @@ impl MessageRate {
                 }
             })
         };
-        Duration::from_secs_f64(need(&self.messages, 1.0).max(need(&self.bytes, 1.0)))
+        Duration::from_secs_f64(need(&r.messages, 1.0).max(need(&r.bytes, 1.0)))
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     fn spec(messages: Option<(u64, u64)>, bytes: Option<(u64, u64)>) -> RateSpec {
         let r = |(per_second, burst)| Rate { per_second, burst };
@@ -222,7 +224,7 @@ mod tests {
         r.charge(1000);
         assert_eq!(r.admit(1, t1), Err(RateLimit::BytesPerSecond));
         // 3 s of debt to repay before even one byte passes.
-        assert_eq!(r.wait(), Duration::from_secs_f64(3.001));
+        assert_eq!(wait(&r), Duration::from_secs_f64(3.001));
         assert_eq!(
             r.admit(1, t1 + Duration::from_millis(2900)),
             Err(RateLimit::BytesPerSecond)

@@ -515,9 +515,14 @@ pub async fn relay(
     // gives both sides CLOSE_GRACE to answer.
     macro_rules! terminate {
         ($by:expr, $to_client:expr, $to_backend:expr, $reason:expr) => {{
-            record_end!($by, Some($to_client), $reason);
-            b2c.queue_close(Direction::BackendToClient, $to_client, $reason);
-            c2b.queue_close(Direction::ClientToBackend, $to_backend, $reason);
+            terminate!($by, $to_client, $reason, $to_backend, $reason)
+        }};
+        // Each side with its own reason (the side that went over a message rate is told which
+        // limit; the other side, who went over).
+        ($by:expr, $to_client:expr, $client_reason:expr, $to_backend:expr, $backend_reason:expr) => {{
+            record_end!($by, Some($to_client), $client_reason);
+            b2c.queue_close(Direction::BackendToClient, $to_client, $client_reason);
+            c2b.queue_close(Direction::ClientToBackend, $to_backend, $backend_reason);
             start_closing!(CLOSE_GRACE);
         }};
     }
@@ -567,8 +572,7 @@ pub async fn relay(
                 limit,
             }) => {
                 // Nothing more is read from the client, and the backend gets the same close
-                // code (after a message rate 1001: the client broke the API's rule, not the
-                // protocol, and the backend only needs to know it is going). The client's close waits until the backend has answered: whatever the
+                // code. The client's close waits until the backend has answered: whatever the
                 // backend sent in reply to the client's valid frames before the violation
                 // still reaches the client (as it would with no gateway in between), followed
                 // by the backend's close reply, normally the same code.
@@ -578,18 +582,18 @@ pub async fn relay(
                 let mid_frame = !c2b.parser.at_boundary();
                 record_end!(ClosedBy::ClientViolation, Some(code), reason, limit);
                 if limit.is_some_and(SizeLimit::is_rate) {
-                    // Over a message rate (always at a frame boundary): both closes go at
-                    // once, since the backend's reply to its 1001 must not stand in for the
-                    // client's 1008. The backend is told who went over, not the client's
-                    // reason. (What the backend had sent that the gateway had not yet read is
-                    // not forwarded after the client's close.)
-                    b2c.queue_close(Direction::BackendToClient, code, reason);
-                    c2b.queue_close(
-                        Direction::ClientToBackend,
+                    // Over a message rate (always at a frame boundary): the client broke the
+                    // API's rule, not the protocol, so the backend only hears it is going
+                    // (1001), and both closes go at once, since the backend's reply to its 1001
+                    // must not stand in for the client's 1008. (What the backend had sent that
+                    // the gateway had not yet read is not forwarded after the client's close.)
+                    terminate!(
+                        ClosedBy::ClientViolation,
+                        code,
+                        reason,
                         close_code::GOING_AWAY,
-                        "client over its message rate",
+                        "client over its message rate"
                     );
-                    start_closing!(CLOSE_GRACE);
                 } else if c2b.queue_close(Direction::ClientToBackend, code, reason) {
                     owed_to_client = Some((code, reason));
                     start_closing!(CLIENT_VIOLATION_GRACE);
@@ -618,13 +622,13 @@ pub async fn relay(
                 };
                 record_end!(ClosedBy::BackendViolation, Some(other), reason, limit);
                 if limit.is_some_and(SizeLimit::is_rate) {
-                    b2c.queue_close(
-                        Direction::BackendToClient,
+                    terminate!(
+                        ClosedBy::BackendViolation,
                         other,
                         "backend over its message rate",
+                        code,
+                        reason
                     );
-                    c2b.queue_close(Direction::ClientToBackend, code, reason);
-                    start_closing!(CLOSE_GRACE);
                 } else {
                     terminate!(ClosedBy::BackendViolation, other, code, reason);
                 }

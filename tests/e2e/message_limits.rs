@@ -248,14 +248,6 @@ async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>) -> Opti
 const ALICE_KEY: &str = "alice-message-rate-key-3f9a01c2";
 const BOB_KEY: &str = "bob-message-rate-key-77d2e4b90";
 
-fn sha256_hex(s: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// `per = "subscription"`: alice's two connections share one bucket of 18 bytes (three messages
 /// of 6), so the fourth message between them is dropped whichever connection sends it (five
 /// browser tabs do not get five times the limit); bob's connection has a bucket of its own.

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use sha2::Digest;
 
 const ALICE_PRIMARY: &str = "alice-primary-key-5d1f0c2e9b";
 const ALICE_SECONDARY: &str = "alice-secondary-key-77a3e41c";
@@ -21,13 +20,6 @@ const ALL_KEYS: [&str; 5] = [
     SAM_KEY,
     UNKNOWN_KEY,
 ];
-
-fn sha256_hex(s: &str) -> String {
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn set_header(table: &str, name: &str, value: &str) -> String {
     format!(

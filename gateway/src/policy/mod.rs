@@ -120,6 +120,14 @@ pub const MAX_LOGS_PER_CALL: u32 = 16;
 #[error("ran out of CPU time")]
 struct CpuTimeExceeded;
 
+/// Gives the store's next call all of `cpu_time`, counted from the next tick.
+fn arm_cpu_time(store: &mut Store<HostState>, cpu_time: Duration) {
+    let state = store.data_mut();
+    state.cpu_ticks_budget = cpu_ticks(cpu_time);
+    state.cpu_ticks_used = 0;
+    store.set_epoch_deadline(1);
+}
+
 /// `cpu_time` in whole [`EPOCH_TICK`]s, rounded up (at least one).
 fn cpu_ticks(cpu_time: Duration) -> u32 {
     let tick = EPOCH_TICK.as_nanos();
@@ -658,8 +666,7 @@ impl PolicyHost {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.data_mut().cpu_ticks_budget = cpu_ticks(budget.cpu_time);
-        store.set_epoch_deadline(1);
+        arm_cpu_time(&mut store, budget.cpu_time);
         // Each tick boundary a running call crosses costs one tick of its budget, and gives the
         // worker back (a yield), so other connections on the same worker keep moving; with
         // none left the call ends with `CpuTimeExceeded`.
@@ -936,10 +943,7 @@ impl PolicyHost {
         let mut w = match call.pool.and_then(InstancePool::take) {
             Some(mut w) => {
                 // The budget is per call: a warm instance starts each one with all of it.
-                let state = w.store.data_mut();
-                state.cpu_ticks_budget = cpu_ticks(call.budget.cpu_time);
-                state.cpu_ticks_used = 0;
-                w.store.set_epoch_deadline(1);
+                arm_cpu_time(&mut w.store, call.budget.cpu_time);
                 w
             }
             None => {

@@ -420,6 +420,15 @@ pub fn inspect(file: &Path) -> (i32, String, String) {
 }
 
 /// `[gateway]` section for a plain listener on an ephemeral port.
+/// A subscription key's SHA-256 as the manifest takes it (`*_key_sha256`): lower-case hex.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub fn gateway_section(extra: &str) -> String {
     format!("[gateway]\nname = \"test\"\nlisten = \"127.0.0.1:0\"\n{extra}\n")
 }
