@@ -195,6 +195,8 @@ pub enum SizeLimit {
     MaxMessageSize,
     MaxMessagesPerSecond,
     MaxBytesPerSecond,
+    /// A message too large for the API's message policies to be given whole.
+    MaxInspectedMessageSize,
 }
 
 impl From<RateLimit> for SizeLimit {
@@ -214,6 +216,7 @@ impl SizeLimit {
             SizeLimit::MaxMessageSize => "max_message_size",
             SizeLimit::MaxMessagesPerSecond => RateLimit::MessagesPerSecond.key(),
             SizeLimit::MaxBytesPerSecond => RateLimit::BytesPerSecond.key(),
+            SizeLimit::MaxInspectedMessageSize => "max_inspected_message_size",
         }
     }
 
@@ -224,6 +227,7 @@ impl SizeLimit {
             SizeLimit::MaxMessageSize => "message exceeds max_message_size",
             SizeLimit::MaxMessagesPerSecond => RateLimit::MessagesPerSecond.reason(),
             SizeLimit::MaxBytesPerSecond => RateLimit::BytesPerSecond.reason(),
+            SizeLimit::MaxInspectedMessageSize => "message exceeds max_inspected_message_size",
         }
     }
 

@@ -88,6 +88,9 @@ pub struct Accepted {
     pub end: CancellationToken,
     /// A policy's `close-at`, on the monotonic clock.
     pub policy_deadline: Option<Instant>,
+    /// The handshake's context values, for the API's message policies (empty when it has
+    /// none).
+    pub context: Vec<(String, String)>,
 }
 
 /// What the `handshake` record says about a handshake, filled in as the phases learn it.
@@ -165,7 +168,13 @@ pub async fn handshake(
             .trusted_proxies
             .trusts(conn.client_addr.ip());
         let mut breq = backend_request(conn, trusted_proxy, &routed, &subscribed, &req);
+        // The context the API's message policies see: the gateway's values, and what the
+        // onHandshake chain set (kept only for an API that has message policies).
+        let mut context = Vec::new();
         let effects = if api.chain.is_empty() {
+            if !api.messages.is_empty() {
+                context = gateway_context(&subscribed);
+            }
             crate::policy::chain::Effects::default()
         } else {
             let view = policy_request(
@@ -177,7 +186,7 @@ pub async fn handshake(
             );
             let t = Instant::now();
             let has_backend = |name: &str| api.backends.contains_key(name);
-            let outcome = crate::policy::chain::run(
+            let (outcome, last) = crate::policy::chain::run_keeping_request(
                 &api.chain,
                 view,
                 &mut breq.headers,
@@ -186,6 +195,9 @@ pub async fn handshake(
             )
             .await;
             rec.policies_ms = t.elapsed().as_secs_f64() * 1000.0;
+            if let (false, Some(last)) = (api.messages.is_empty(), last) {
+                context = last.context;
+            }
             policy_outcome(outcome)?
         };
         // A policy may have picked one of the API's named backends (the chain checked the name).
@@ -204,13 +216,16 @@ pub async fn handshake(
         };
         // Cloned only when a policy picked one (the record names it on any outcome).
         rec.picked_backend.clone_from(&effects.backend);
+        // A message policy judges payloads as sent: an extension (permessage-deflate) would
+        // hand it compressed bytes, so an API with message policies offers the backend none.
+        let extensions: &[String] = if api.messages.is_empty() {
+            &upgrade.extensions
+        } else {
+            breq.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            &[]
+        };
         let upgraded = connector
-            .handshake(
-                &breq.target,
-                breq.headers,
-                &upgrade.protocols,
-                &upgrade.extensions,
-            )
+            .handshake(&breq.target, breq.headers, &upgrade.protocols, extensions)
             .await
             .map_err(|e| {
                 env.metrics.backend_error(&api.config.name, e.kind());
@@ -239,6 +254,7 @@ pub async fn handshake(
             product: subscribed.product,
             end: subscribed.key_token.unwrap_or_else(|| env.shutdown.clone()),
             policy_deadline: effects.close_at.map(deadline),
+            context,
         };
         Ok((resp, accepted))
     }
@@ -892,23 +908,27 @@ pub fn policy_request<B>(
         tls: conn.tls.clone(),
         api: Arc::from(routed.api.config.name.as_str()),
         product: subscribed.product.clone(),
-        // What the gateway knows before any policy runs.
-        context: subscribed
-            .product
-            .iter()
-            .map(|p| ("product.name".to_owned(), p.clone()))
-            .chain(
-                subscribed
-                    .subscription
-                    .iter()
-                    .map(|s| ("subscription.name".to_owned(), s.name.clone())),
-            )
-            .collect(),
+        context: gateway_context(subscribed),
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
     }
+}
+
+/// What the gateway knows before any policy runs: `product.name`, `subscription.name`.
+fn gateway_context(subscribed: &Subscribed) -> Vec<(String, String)> {
+    subscribed
+        .product
+        .iter()
+        .map(|p| ("product.name".to_owned(), p.clone()))
+        .chain(
+            subscribed
+                .subscription
+                .iter()
+                .map(|s| ("subscription.name".to_owned(), s.name.clone())),
+        )
+        .collect()
 }
 
 /// The policy chain's outcome as the client's answer: a policy's own refusal as it made it, a

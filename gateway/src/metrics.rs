@@ -520,6 +520,23 @@ impl Metrics {
         }
     }
 
+    /// One outcome's counter of `tollgate_policy_calls_total` (a message policy's decisions:
+    /// `forward`, `replace`, `drop`, `close`, `error`).
+    pub fn policy_outcome(
+        &self,
+        api: &str,
+        plugin: &str,
+        scope: &str,
+        outcome: &'static str,
+    ) -> Counter {
+        self.policy_calls.get_or_create_owned(&PolicyOutcomeLabels {
+            api: api.to_owned(),
+            plugin: plugin.to_owned(),
+            scope: scope.to_owned(),
+            outcome,
+        })
+    }
+
     /// A handshake answered with `status`; `api` is empty when no API matched, `product` and
     /// `subscription` when the handshake had none.
     pub fn handshake(&self, api: &str, product: &str, subscription: &str, status: u16) {
@@ -615,10 +632,12 @@ pub enum Limit {
     /// `[[apis.message_limits]]` with `action = "close"` (a connection closed, 1008).
     MaxMessagesPerSecond,
     MaxBytesPerSecond,
+    /// A message larger than its API's message policies are given (a connection closed, 1009).
+    MaxInspectedMessageSize,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 11] = [
+    pub const ALL: [Limit; 12] = [
         Limit::SubscriptionMaxConnections,
         Limit::GatewayMaxConnections,
         Limit::ApiMaxConnections,
@@ -630,6 +649,7 @@ impl Limit {
         Limit::MaxConnectionLifetime,
         Limit::MaxMessagesPerSecond,
         Limit::MaxBytesPerSecond,
+        Limit::MaxInspectedMessageSize,
     ];
 
     pub fn label(self) -> &'static str {
@@ -645,6 +665,7 @@ impl Limit {
             Limit::MaxConnectionLifetime => "max_connection_lifetime",
             Limit::MaxMessagesPerSecond => "max_messages_per_second",
             Limit::MaxBytesPerSecond => "max_bytes_per_second",
+            Limit::MaxInspectedMessageSize => "max_inspected_message_size",
         }
     }
 }
@@ -656,6 +677,9 @@ impl From<tollgate_edge::frame::SizeLimit> for Limit {
             tollgate_edge::frame::SizeLimit::MaxMessageSize => Limit::MaxMessageSize,
             tollgate_edge::frame::SizeLimit::MaxMessagesPerSecond => Limit::MaxMessagesPerSecond,
             tollgate_edge::frame::SizeLimit::MaxBytesPerSecond => Limit::MaxBytesPerSecond,
+            tollgate_edge::frame::SizeLimit::MaxInspectedMessageSize => {
+                Limit::MaxInspectedMessageSize
+            }
         }
     }
 }

@@ -8,6 +8,11 @@
 //!
 //! Bytes are forwarded verbatim (see [`crate::frame`]); the gateway only injects frames of its own
 //! (close frames) at frame boundaries.
+//!
+//! An API with message policies (`[[apis.on_message]]`) gets an [`Inspector`] on each direction
+//! a policy watches: data messages are held whole ([`tollgate_edge::assemble`]) and judged
+//! before anything of them goes on; control frames pass at once. Without message policies the
+//! pump streams as above and pays nothing for the feature.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -26,7 +31,9 @@ use crate::frame::{
 };
 use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
+use crate::policy::message::{judge, Connection, Judged, MessageStep, Sender};
 use crate::stream::Stream;
+use tollgate_edge::assemble::{data_frame, Assembler, Fed};
 use tollgate_edge::rate::MessageRate;
 
 /// Bytes read per system call while a direction is busy.
@@ -97,6 +104,11 @@ pub enum ClosedBy {
     /// A reload removed the subscription key the connection was admitted with.
     Revoked,
     Shutdown,
+    /// A message policy closed the connection (`close`).
+    MessagePolicy,
+    /// A message policy failed (trap, CPU time, deadline, an error or a decision it may not
+    /// make): 1011.
+    MessagePolicyError,
 }
 
 impl ClosedBy {
@@ -113,6 +125,8 @@ impl ClosedBy {
             ClosedBy::PolicyDeadline => "policy_deadline",
             ClosedBy::Revoked => "subscription_revoked",
             ClosedBy::Shutdown => "gateway_shutdown",
+            ClosedBy::MessagePolicy => "message_policy",
+            ClosedBy::MessagePolicyError => "message_policy_error",
         }
     }
 }
@@ -146,6 +160,102 @@ enum PumpEvent {
     DstGone,
     /// A close frame of the gateway's own has been written out.
     Injected,
+    /// A message policy closed the connection or failed ([`Judged::Close`],
+    /// [`Judged::Failed`]).
+    MessagePolicy(Judged),
+}
+
+/// What the relay needs to run an API's message policies on a connection.
+pub struct Inspection {
+    pub steps: Arc<[MessageStep]>,
+    pub connection: Arc<Connection>,
+    /// `max_inspected_message_size`.
+    pub max_size: usize,
+    /// For the `policy_error` record.
+    pub conn: u64,
+    pub api: Arc<str>,
+}
+
+/// A verdict on its way: the held message's fate, decided by the policies on the connection's
+/// own task (the call is bounded by the policies' CPU time and deadline).
+type Verdict = Pin<Box<dyn Future<Output = Judged> + Send>>;
+
+/// Holds one direction's data messages whole until the message policies have judged them.
+struct Inspector {
+    assembler: Assembler,
+    dir: Direction,
+    sender: Sender,
+    steps: Arc<[MessageStep]>,
+    connection: Arc<Connection>,
+    max_size: usize,
+    /// The judged message's frames as they came (forwarded as they are if no policy changed
+    /// it), and whether it is text.
+    raw: Vec<u8>,
+    text: bool,
+    verdict: Option<Verdict>,
+    /// Frames to write to `dst`: control frames, judged messages.
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl Inspector {
+    fn new(dir: Direction, i: &Inspection) -> Inspector {
+        Inspector {
+            assembler: Assembler::new(i.max_size),
+            dir,
+            sender: match dir {
+                Direction::ClientToBackend => Sender::Client,
+                Direction::BackendToClient => Sender::Backend,
+            },
+            steps: i.steps.clone(),
+            connection: i.connection.clone(),
+            max_size: i.max_size,
+            raw: Vec::new(),
+            text: false,
+            verdict: None,
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.out_pos == self.out.len() && self.verdict.is_none()
+    }
+
+    /// Starts judging the message the assembler holds.
+    fn judge(&mut self) {
+        let held = self.assembler.take();
+        self.raw = held.raw;
+        self.text = held.text;
+        let (steps, connection) = (self.steps.clone(), self.connection.clone());
+        let (sender, text, max) = (self.sender, held.text, self.max_size);
+        self.verdict = Some(Box::pin(async move {
+            judge(&steps, &connection, sender, text, held.payload, max).await
+        }));
+    }
+
+    /// Applies a verdict: the message's frames, a replacement, or nothing go out; a close or a
+    /// failure is for the relay. `discard`: nothing may go to `dst` any more.
+    fn apply(&mut self, judged: Judged, discard: bool) -> Option<PumpEvent> {
+        let raw = std::mem::take(&mut self.raw);
+        match judged {
+            _ if discard => None,
+            Judged::Forward => {
+                if self.out.is_empty() {
+                    self.out = raw;
+                } else {
+                    self.out.extend_from_slice(&raw);
+                }
+                None
+            }
+            Judged::Replace(payload) => {
+                data_frame(self.dir, self.text, &payload, rand::random(), &mut self.out);
+                None
+            }
+            Judged::Drop { .. } => None,
+            j @ (Judged::Close { .. } | Judged::Failed { .. }) => Some(PumpEvent::MessagePolicy(j)),
+        }
+    }
 }
 
 /// One direction: reads frames from `src`, writes them to `dst`.
@@ -171,6 +281,10 @@ struct Pump {
     last_read: Instant,
     /// What of `parser.stats` the metrics have seen.
     published: DirStats,
+    /// The gateway closed `dst`'s side (or found it could not): nothing more goes there.
+    gateway_closed: bool,
+    /// With message policies on this direction.
+    inspect: Option<Box<Inspector>>,
 }
 
 impl Pump {
@@ -191,6 +305,8 @@ impl Pump {
             pending: None,
             last_read: Instant::now(),
             published: DirStats::default(),
+            gateway_closed: false,
+            inspect: None,
         };
         if !prefix.is_empty() {
             // Bytes the peer sent right behind its handshake, already read by hyper.
@@ -207,7 +323,19 @@ impl Pump {
     }
 
     fn output_idle(&self) -> bool {
-        self.dst_gone || (self.start == self.fwd && self.inject_pos == self.inject.len())
+        self.dst_gone
+            || (self.start == self.fwd
+                && self.inject_pos == self.inject.len()
+                && self.inspect.as_ref().is_none_or(|i| i.idle()))
+    }
+
+    /// Nothing more may be forwarded to `dst`.
+    fn discarding(&self) -> bool {
+        match self.inspect {
+            // A close from `src` is held in the buffer until the messages before it are judged.
+            Some(_) => self.dst_gone || self.gateway_closed,
+            None => self.out_closed || self.dst_gone,
+        }
     }
 
     /// Queues a close frame of the gateway's own towards `dst`, if a frame may go there now.
@@ -216,7 +344,9 @@ impl Pump {
             return false;
         }
         self.out_closed = true;
-        if !self.parser.at_boundary() {
+        self.gateway_closed = true;
+        // An inspected direction only ever writes whole frames.
+        if self.inspect.is_none() && !self.parser.at_boundary() {
             // Mid-frame towards dst: a frame cannot be inserted; the socket is just closed.
             return false;
         }
@@ -233,7 +363,7 @@ impl Pump {
         } else {
             self.cut_dropped(first)
         };
-        let discard = self.out_closed || self.dst_gone;
+        let discard = self.discarding();
         self.fwd = new_fwd;
         if discard {
             self.start = new_fwd;
@@ -298,8 +428,33 @@ impl Pump {
             if self.dst_gone {
                 self.start = self.fwd;
                 self.inject_pos = self.inject.len();
+                if let Some(i) = self.inspect.as_deref_mut() {
+                    i.out_pos = i.out.len();
+                }
             }
-            while self.start < self.fwd {
+            if let Some(i) = self.inspect.as_deref_mut() {
+                while i.out_pos < i.out.len() {
+                    match Pin::new(&mut *dst).poll_write(cx, &i.out[i.out_pos..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            i.out_pos += n;
+                            self.need_flush = true;
+                        }
+                        Poll::Ready(_) => {
+                            self.dst_gone = true;
+                            return Poll::Ready(PumpEvent::DstGone);
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                if !i.out.is_empty() {
+                    i.out.clear();
+                    i.out_pos = 0;
+                    if i.out.capacity() > 4 * BUF_SIZE {
+                        i.out = Vec::new();
+                    }
+                }
+            }
+            while self.start < self.fwd && self.inspect.is_none() {
                 match Pin::new(&mut *dst).poll_write(cx, &self.buf[self.start..self.fwd]) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         self.start += n;
@@ -336,6 +491,50 @@ impl Pump {
                         return Poll::Ready(PumpEvent::DstGone);
                     }
                     Poll::Pending => return Poll::Pending,
+                }
+            }
+            if let Some(i) = self.inspect.as_deref_mut() {
+                let discard = self.dst_gone || self.gateway_closed;
+                if let Some(v) = i.verdict.as_mut() {
+                    let Poll::Ready(judged) = v.as_mut().poll(cx) else {
+                        // Nothing more is read while a message is judged.
+                        return Poll::Pending;
+                    };
+                    i.verdict = None;
+                    if let Some(ev) = i.apply(judged, discard) {
+                        self.stopped = true;
+                        self.start = self.fwd;
+                        return Poll::Ready(ev);
+                    }
+                    continue;
+                }
+                if discard {
+                    self.start = self.fwd;
+                } else if self.start < self.fwd {
+                    let (n, fed) = i
+                        .assembler
+                        .feed(&self.buf[self.start..self.fwd], &mut i.out);
+                    self.start += n;
+                    match fed {
+                        Fed::More => {}
+                        Fed::Message => {
+                            i.judge();
+                            continue;
+                        }
+                        Fed::TooBig => {
+                            self.stopped = true;
+                            self.start = self.fwd;
+                            let limit = SizeLimit::MaxInspectedMessageSize;
+                            return Poll::Ready(PumpEvent::Violation {
+                                code: close_code::TOO_BIG,
+                                reason: limit.reason(),
+                                limit: Some(limit),
+                            });
+                        }
+                    }
+                    if !i.out.is_empty() {
+                        continue;
+                    }
                 }
             }
             if let Some(ev) = self.pending.take() {
@@ -407,6 +606,8 @@ pub struct RelayParams {
     /// Message buckets shared with the other connections of the subscription
     /// (`per = "subscription"`: the API's, then the product's), the same way.
     pub shared_rates: [Vec<SharedRate>; 2],
+    /// The API's message policies, when it has any.
+    pub inspection: Option<Inspection>,
 }
 
 enum Wake {
@@ -458,6 +659,15 @@ pub async fn relay(
         .with_message_rates(rates(backend_own), backend_shared),
         backend_prefix,
     );
+    if let Some(i) = &params.inspection {
+        let watched = |s: Sender| i.steps.iter().any(|step| step.watches.sees(s));
+        if watched(Sender::Client) {
+            c2b.inspect = Some(Box::new(Inspector::new(Direction::ClientToBackend, i)));
+        }
+        if watched(Sender::Backend) {
+            b2c.inspect = Some(Box::new(Inspector::new(Direction::BackendToClient, i)));
+        }
+    }
     let far = Duration::from_secs(86400 * 365);
     let idle = limits.idle_timeout;
     // One timer serves the idle timeout, the lifetime and a policy's deadline: it is set to
@@ -532,6 +742,56 @@ pub async fn relay(
         ($by:expr, $code:expr, $reason:expr) => {{
             record_end!($by, $code, $reason);
             start_closing!(CLOSE_GRACE);
+        }};
+    }
+
+    // A message policy closed the connection (the sender gets its close, the other side 1001)
+    // or failed (1011 to both; the error goes to the log, never to a peer).
+    macro_rules! message_policy_end {
+        ($judged:expr, $sender:expr) => {{
+            let (conn, api) = params
+                .inspection
+                .as_ref()
+                .map_or((0, ""), |i| (i.conn, &*i.api));
+            match $judged {
+                Judged::Close {
+                    plugin,
+                    code,
+                    reason,
+                } => {
+                    tracing::info!(event = "message_policy_close", conn, api, plugin = %plugin,
+                        sender = $sender.as_str(), code, reason = %reason,
+                        "a message policy closed the connection");
+                    match $sender {
+                        Sender::Client => terminate!(
+                            ClosedBy::MessagePolicy,
+                            code,
+                            reason.as_str(),
+                            close_code::GOING_AWAY,
+                            "client's message refused by a policy"
+                        ),
+                        Sender::Backend => terminate!(
+                            ClosedBy::MessagePolicy,
+                            close_code::GOING_AWAY,
+                            "backend's message refused by a policy",
+                            code,
+                            reason.as_str()
+                        ),
+                    }
+                }
+                Judged::Failed { plugin, error } => {
+                    tracing::warn!(event = "policy_error", conn, api, plugin = %plugin,
+                        scope = "message", sender = $sender.as_str(), error = %error,
+                        "message policy failed; connection closed");
+                    terminate!(
+                        ClosedBy::MessagePolicyError,
+                        close_code::INTERNAL_ERROR,
+                        close_code::INTERNAL_ERROR,
+                        "message policy failed"
+                    );
+                }
+                Judged::Forward | Judged::Replace(_) | Judged::Drop { .. } => {}
+            }
         }};
     }
 
@@ -668,6 +928,8 @@ pub async fn relay(
                 b2c.src_gone = true;
             }
             Wake::C2b(PumpEvent::Injected) | Wake::B2c(PumpEvent::Injected) => {}
+            Wake::C2b(PumpEvent::MessagePolicy(j)) => message_policy_end!(j, Sender::Client),
+            Wake::B2c(PumpEvent::MessagePolicy(j)) => message_policy_end!(j, Sender::Backend),
             Wake::Timer => {
                 if let Some((code, reason)) = owed_to_client.take() {
                     // The backend did not answer in time: the client gets its close now, and

@@ -19,6 +19,10 @@ pub struct Api {
     /// onHandshake policies in the order they run: global, product, API. Product steps run
     /// only for handshakes that came in through their product.
     pub chain: Vec<crate::policy::chain::Step>,
+    /// Message policies (`[[apis.on_message]]`) in the order they run; empty: the relay
+    /// streams the API's frames untouched. Shared with the relays of the API's connections,
+    /// which keep calling the ones they were admitted with.
+    pub messages: Arc<[crate::policy::message::MessageStep]>,
     /// The open product (`subscription_required = false`) among the API's products, if any: a
     /// handshake without a key comes in through it.
     pub open_product: Option<String>,
@@ -207,13 +211,16 @@ mod tests {
                     max_message_size: None,
                     client_messages: Default::default(),
                     backend_messages: Default::default(),
+                    max_inspected_message_size: 1,
                 },
                 ca_file: None,
                 insecure_skip_verify: false,
                 on_handshake: vec![],
+                on_message: vec![],
             },
             active: Arc::new(AtomicUsize::new(0)),
             chain: Vec::new(),
+            messages: Arc::from([]),
             open_product: None,
         })
     }

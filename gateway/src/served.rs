@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, Connector};
 use crate::manifest::Config;
 use crate::metrics::Metrics;
+use crate::policy::message::{MessageAttachmentSpec, Watches};
 use crate::policy::{AttachmentSpec, Budget, Grants, Instances, Scope};
 use crate::routes::{Api, Routes};
 
@@ -95,7 +96,10 @@ impl Served {
         let mut errors = Vec::new();
         let has_policies = !config.policies.is_empty()
             || config.products.iter().any(|p| !p.policies.is_empty())
-            || config.apis.iter().any(|a| !a.on_handshake.is_empty());
+            || config
+                .apis
+                .iter()
+                .any(|a| !a.on_handshake.is_empty() || !a.on_message.is_empty());
         let mut plugins = std::collections::HashMap::new();
         let mut host = None;
         let counters = previous.map_or_else(
@@ -160,14 +164,31 @@ impl Served {
                         }
                     };
                     match crate::policy::chain::build(h, &plugins, &a.name, specs, metrics) {
-                        Ok(c) => c,
+                        Ok(c) => Some(c),
                         Err(errs) => {
                             errors.extend(errs.into_iter().map(StartError::Chain));
-                            continue;
+                            None
                         }
                     }
                 }
-                None => Vec::new(),
+                None => Some(Vec::new()),
+            };
+            // Built even when the chain failed, so every error of the API is reported at once.
+            let messages = match &host {
+                Some(h) if !a.on_message.is_empty() => {
+                    let specs = message_attachments(a);
+                    match crate::policy::message::build(h, &plugins, &a.name, specs, metrics) {
+                        Ok(steps) => Some(Arc::from(steps)),
+                        Err(errs) => {
+                            errors.extend(errs.into_iter().map(StartError::Located));
+                            None
+                        }
+                    }
+                }
+                _ => Some(Arc::from([])),
+            };
+            let (Some(chain), Some(messages)) = (chain, messages) else {
+                continue;
             };
             let any_tls = a.backend.tls || a.backends.values().any(|b| b.tls);
             let tls = if any_tls {
@@ -213,6 +234,7 @@ impl Served {
                         .map(|o| o.active.clone())
                         .unwrap_or_default(),
                     chain,
+                    messages,
                     open_product: a
                         .products
                         .iter()
@@ -290,27 +312,13 @@ pub fn attachments(
                 continue;
             }
         };
-        let g = &att.grants;
         specs.push(AttachmentSpec {
             scope,
             plugin: att.plugin.clone(),
             config_json,
-            budget: Budget {
-                cpu_time: att.cpu_time.unwrap_or(crate::policy::DEFAULT_CPU_TIME),
-                memory_bytes: att
-                    .memory_limit_bytes
-                    .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
-                timeout: att.timeout.unwrap_or(crate::policy::DEFAULT_TIMEOUT),
-            },
-            grants: Grants {
-                read_dirs: g.read_dirs.clone(),
-                env: g.env.clone(),
-                clock: g.clock,
-            },
-            instances: match att.instances {
-                crate::manifest::Instances::Fresh => Instances::Fresh,
-                crate::manifest::Instances::Pooled { max_uses } => Instances::Pooled { max_uses },
-            },
+            budget: budget(att),
+            grants: grants(att),
+            instances: instances(att),
             failure_status: http::StatusCode::from_u16(att.failure_status)
                 .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
             location: att.location.clone(),
@@ -321,6 +329,56 @@ pub fn attachments(
         Ok(specs)
     } else {
         Err(errors)
+    }
+}
+
+/// API `api`'s message policies as the policy host takes them, in the manifest's order.
+fn message_attachments(api: &crate::manifest::ApiConfig) -> Vec<MessageAttachmentSpec> {
+    api.on_message
+        .iter()
+        .map(|m| {
+            let att = &m.attachment;
+            MessageAttachmentSpec {
+                plugin: att.plugin.clone(),
+                // A TOML table always has a JSON form (no NaN keys, no cycles).
+                config_json: serde_json::to_string(&att.config).unwrap_or_else(|_| "{}".into()),
+                budget: budget(att),
+                grants: grants(att),
+                instances: instances(att),
+                watches: Watches {
+                    client: m.client,
+                    backend: m.backend,
+                },
+                location: att.location.clone(),
+                config_location: att.config_location.clone(),
+            }
+        })
+        .collect()
+}
+
+fn budget(att: &crate::manifest::Attachment) -> Budget {
+    Budget {
+        cpu_time: att.cpu_time.unwrap_or(crate::policy::DEFAULT_CPU_TIME),
+        memory_bytes: att
+            .memory_limit_bytes
+            .unwrap_or(crate::policy::DEFAULT_MEMORY_BYTES),
+        timeout: att.timeout.unwrap_or(crate::policy::DEFAULT_TIMEOUT),
+    }
+}
+
+fn grants(att: &crate::manifest::Attachment) -> Grants {
+    let g = &att.grants;
+    Grants {
+        read_dirs: g.read_dirs.clone(),
+        env: g.env.clone(),
+        clock: g.clock,
+    }
+}
+
+fn instances(att: &crate::manifest::Attachment) -> Instances {
+    match att.instances {
+        crate::manifest::Instances::Fresh => Instances::Fresh,
+        crate::manifest::Instances::Pooled { max_uses } => Instances::Pooled { max_uses },
     }
 }
 
@@ -351,7 +409,8 @@ impl Current {
         let old = self.0.swap(new.clone());
         new.keys.revoke_missing(&old.keys);
         // The old chains serve no new handshake: their warm instances go now, not when the
-        // last connection admitted under them closes.
+        // last connection admitted under them closes. (Message policies keep theirs: the
+        // connections admitted under the old state go on calling them.)
         for api in old.routes.apis() {
             for pool in api.chain.iter().filter_map(|s| s.pool.as_ref()) {
                 pool.retire();

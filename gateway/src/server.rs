@@ -23,6 +23,7 @@ use crate::logging::loggable;
 use crate::manifest::{Config, ListenerTls, Scheme};
 use crate::manifest::{MessageRates, RateSpec};
 use crate::metrics::{Limit, Metrics};
+use crate::policy::message::Connection;
 use crate::relay::{self, RelayParams};
 use crate::subscriptions::RateScope;
 
@@ -577,6 +578,7 @@ impl Gateway {
             product_messages,
             end,
             policy_deadline,
+            context,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -612,6 +614,20 @@ impl Gateway {
         } = parts;
         let (own_rates, shared_rates) =
             Self::message_rates(&api, product.as_deref(), &product_messages, &permit);
+        let inspection = (!api.messages.is_empty()).then(|| relay::Inspection {
+            steps: api.messages.clone(),
+            connection: Arc::new(Connection::new(
+                conn,
+                &api.config.name,
+                product.as_deref(),
+                permit.subscription().map(|s| s.name.as_str()),
+                &context,
+            )),
+            max_size: usize::try_from(api.config.limits.max_inspected_message_size)
+                .unwrap_or(usize::MAX),
+            conn,
+            api: Arc::from(api.config.name.as_str()),
+        });
         let outcome = relay::relay(
             client_io.into_inner(),
             client_prefix,
@@ -626,6 +642,7 @@ impl Gateway {
                 policy_deadline: policy_deadline.map(tokio::time::Instant::from_std),
                 own_rates,
                 shared_rates,
+                inspection,
             },
         )
         .await;

@@ -32,8 +32,9 @@ pub use error::{ManifestError, ManifestErrors};
 pub use load::{load, parse, parse_with_keys_file};
 pub use model::{
     AdminConfig, ApiConfig, Attachment, ClusterConfig, Config, ConnLimits, GatewayConfig, Grants,
-    Instances, KeyLocation, Limits, ListenerTls, MessageRates, OnStoreFailure, ProductConfig, Rate,
-    RateAction, RateSpec, Scheme, Schemes, SubscriptionConfig, DEFAULT_POOL_MAX_USES,
-    DEFAULT_SIGNATURE_CACHE_ENTRIES, MIN_HEADER_BYTES,
+    Instances, KeyLocation, Limits, ListenerTls, MessageAttachment, MessageRates, OnStoreFailure,
+    ProductConfig, Rate, RateAction, RateSpec, Scheme, Schemes, SubscriptionConfig,
+    DEFAULT_MAX_INSPECTED_MESSAGE_SIZE, DEFAULT_POOL_MAX_USES, DEFAULT_SIGNATURE_CACHE_ENTRIES,
+    MAX_INSPECTED_MESSAGE_SIZE, MIN_HEADER_BYTES,
 };
 pub use secrets::{key_digest, KeyDigest, MIN_ADMIN_TOKEN_CHARS, MIN_KEY_CHARS};

@@ -196,7 +196,17 @@ pub struct ConnLimits {
     pub client_messages: MessageRates,
     /// The same for the backend's messages (towards the client).
     pub backend_messages: MessageRates,
+    /// Largest message the API's message policies are given, whole; a larger one ends the
+    /// connection (1009). Only used when the API has message policies.
+    pub max_inspected_message_size: u64,
 }
+
+/// Default `max_inspected_message_size`: 1 MiB.
+pub const DEFAULT_MAX_INSPECTED_MESSAGE_SIZE: u64 = 1 << 20;
+
+/// Most `max_inspected_message_size` may be: a message being inspected is held in memory
+/// whole (and copied into the policy's sandbox), so 64 MiB per connection and direction.
+pub const MAX_INSPECTED_MESSAGE_SIZE: u64 = 64 << 20;
 
 /// The message rates of one direction of an API's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -233,6 +243,18 @@ pub struct ApiConfig {
     pub ca_file: Option<PathBuf>,
     pub insecure_skip_verify: bool,
     pub on_handshake: Vec<Attachment>,
+    /// Message policies (`[[apis.on_message]]`), in the order they run.
+    pub on_message: Vec<MessageAttachment>,
+}
+
+/// A message policy attached to an API: the attachment, and whose messages it sees.
+#[derive(Debug, Clone)]
+pub struct MessageAttachment {
+    pub attachment: Attachment,
+    /// It sees the client's messages.
+    pub client: bool,
+    /// It sees the backend's messages.
+    pub backend: bool,
 }
 
 /// The schemes an API is served on (`ws` unless the manifest says otherwise).

@@ -83,6 +83,8 @@ pub(crate) struct RawApiLimits {
     pub(crate) max_connection_lifetime: Option<Duration>,
     pub(crate) max_frame_size: Option<u64>,
     pub(crate) max_message_size: Option<u64>,
+    /// Largest message a message policy is given (default 1 MiB); a larger one closes 1009.
+    pub(crate) max_inspected_message_size: Option<Spanned<u64>>,
 }
 
 /// `[cluster]`: limits shared by every gateway on one store.
@@ -141,6 +143,9 @@ pub(crate) struct RawApi {
     pub(crate) subscription_key_query: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) on_handshake: Vec<Spanned<RawAttachment>>,
+    /// Message policies (`[[apis.on_message]]`), in the order they run.
+    #[serde(default)]
+    pub(crate) on_message: Vec<Spanned<RawAttachment>>,
     /// Message rates per direction (`[[apis.message_limits]]`).
     #[serde(default)]
     pub(crate) message_limits: Vec<Spanned<RawMessageLimits>>,
@@ -226,6 +231,9 @@ pub(crate) struct RawAttachment {
     pub(crate) instances: Option<Spanned<String>>,
     /// With `pooled`: handshakes one warm instance serves before it is discarded.
     pub(crate) pool_max_uses: Option<Spanned<u64>>,
+    /// `[[apis.on_message]]` only: whose messages the policy sees, `client`, `backend` or
+    /// `both` (the default).
+    pub(crate) direction: Option<Spanned<String>>,
 }
 
 /// What an attachment opens up in the sandbox; everything is denied unless listed here.

@@ -1064,6 +1064,52 @@ async fn conformance_suite_gives_the_same_verdict_through_the_gateway_as_direct(
     }
 }
 
+/// The same through an API with a message policy that forwards everything (issue 22): every
+/// data message is then held whole and judged before it goes on, control frames pass at once,
+/// and none of that may change a verdict. Up to 16 MiB is inspected, so the big-message cases
+/// are judged like the rest.
+#[tokio::test]
+async fn conformance_suite_gives_the_same_verdict_through_a_pass_through_message_policy() {
+    let backend = ws_echo_backend_as(OnBadText::Close1007).await;
+    let dir = TempDir::new("conformance-messages");
+    plugins::install(&dir.path().join("plugins"), &["message_test.wasm"]);
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}[[apis.on_message]]\nplugin = \"message-test\"\ninstances = \"pooled\"\nconfig = {{ pass = true }}\n",
+            gateway_section("plugin_dir = \"plugins\""),
+            api_section(
+                "echo",
+                "echo",
+                &format!("ws://{backend}/"),
+                "[apis.limits]\nmax_inspected_message_size = 16777216\n"
+            )
+        ),
+    );
+    let direct = Target {
+        addr: backend,
+        path: "/",
+        tls: None,
+    };
+    let through = Target {
+        addr: gw.ws.unwrap(),
+        path: "/echo",
+        tls: None,
+    };
+    compare(&direct, &through, "conformance-message-policy.md").await;
+    let calls = sample(
+        &scrape(gw.admin.unwrap()).await,
+        "tollgate_policy_calls_total",
+        &[
+            ("api", "echo"),
+            ("plugin", "message-test"),
+            ("scope", "message"),
+            ("outcome", "forward"),
+        ],
+    );
+    assert!(calls.is_some_and(|c| c > 100.0), "{calls:?}");
+}
+
 /// The same over TLS on both legs: a wss client, the gateway's wss listener, a wss backend
 /// (TLS changes how the relay writes, flushes and shuts down, not what it relays).
 #[tokio::test]

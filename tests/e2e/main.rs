@@ -26,6 +26,7 @@ mod lifecycle;
 mod limits;
 mod manifest_errors;
 mod message_limits;
+mod message_policies;
 mod misbehaving_backends;
 mod misbehaving_clients;
 mod observability;

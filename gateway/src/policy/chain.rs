@@ -199,6 +199,12 @@ pub enum ChainError {
         location: String,
         refusal: capabilities::Refusal,
     },
+    #[error("{location}: plugin `{plugin}` (attached at {scope}) is a message policy (world message-policy); onHandshake takes handshake policies: attach it under [[apis.on_message]] instead")]
+    WrongKind {
+        location: String,
+        plugin: String,
+        scope: Scope,
+    },
     /// The plugin refused its config, or its `configure` failed.
     #[error("{location}: {error}")]
     Config {
@@ -228,6 +234,14 @@ pub fn build(
             });
             continue;
         };
+        if plugin.kind() != super::PluginKind::Handshake {
+            errors.push(ChainError::WrongKind {
+                location: att.location,
+                plugin: att.plugin,
+                scope,
+            });
+            continue;
+        }
         let skip = match capabilities::check(&plugin.name, &plugin.capabilities, &scope) {
             Verdict::Refuse(refusals) => {
                 errors.extend(refusals.into_iter().map(|refusal| ChainError::Refused {

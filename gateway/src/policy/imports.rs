@@ -753,6 +753,8 @@ pub(super) fn add_host_interfaces(linker: &mut Linker<HostState>) -> wasmtime::R
     linker
         .instance(&format!("tollgate:policy/counters@{WIT_VERSION}"))?
         .func_wrap_async("increment", host_counter_increment)?;
+    // Types only (a message policy imports it for its records); nothing to link but the name.
+    linker.instance(&format!("tollgate:policy/message-types@{WIT_VERSION}"))?;
     Ok(())
 }
 

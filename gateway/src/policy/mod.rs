@@ -37,6 +37,7 @@ pub mod capabilities;
 pub mod chain;
 mod imports;
 pub mod key_sets;
+pub mod message;
 pub mod plugin_cache;
 mod request;
 pub mod verify_cache;
@@ -44,6 +45,7 @@ pub mod verify_cache;
 use imports::{add_host_interfaces, truncated, HostState, StoppedClock};
 
 pub use capabilities::{Capability, Scope};
+pub use message::MessageCapability;
 pub use request::{Request, TlsInfo};
 
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
@@ -176,6 +178,7 @@ const OUR_IMPORTS: &[&str] = &[
     "tollgate:policy/signatures@0.2.0",
     "tollgate:policy/key-sets@0.2.0",
     "tollgate:policy/counters@0.2.0",
+    "tollgate:policy/message-types@0.2.0",
 ];
 /// Most bytes one `on-handshake` call may read from the request (all its reads together):
 /// far above any real policy (a request head is at most `max_header_bytes`), low enough that
@@ -207,7 +210,7 @@ pub enum PolicyError {
     NotAComponent { path: String, message: String },
     #[error("{path}: imports `{import}`, which the handshake scope does not offer")]
     ForbiddenImport { path: String, import: String },
-    #[error("{path}: does not implement the tollgate:policy handshake-policy world: {message}")]
+    #[error("{path}: does not implement the tollgate:policy handshake-policy or message-policy world: {message}")]
     WrongWorld { path: String, message: String },
     #[error("{path}: built against tollgate:policy@{version}; this gateway runs policies built against tollgate:policy@{WIT_VERSION} (rebuild it with tollgate-sdk 0.2, or against wit/policy.wit of this release)")]
     OtherWitVersion { path: String, version: String },
@@ -231,6 +234,12 @@ pub enum PolicyError {
         capability: Capability,
         action: &'static str,
     },
+    #[error("plugin `{plugin}` {action} without declaring the capability `{capability}`")]
+    UndeclaredMessage {
+        plugin: String,
+        capability: MessageCapability,
+        action: &'static str,
+    },
 }
 
 /// A loaded plugin: what it declared and its pre-linked component.
@@ -247,7 +256,9 @@ pub struct Plugin {
     pub compile_time: std::time::Duration,
     /// Median time to create a fresh instance, when measured (`tollgate plugin inspect`).
     pub instantiate_time: Option<std::time::Duration>,
-    pre: HandshakePolicyPre<HostState>,
+    /// For a message policy, what it declared (empty for a handshake policy).
+    pub message_capabilities: Arc<[MessageCapability]>,
+    pre: Pre,
     /// Its signature-check counters, when the host has metrics.
     signature_metrics: Option<Arc<PluginSignatureMetrics>>,
 }
@@ -287,8 +298,39 @@ pub struct InstancePool {
 
 struct Warm {
     store: Store<HostState>,
-    instance: HandshakePolicy,
+    instance: Instance,
     uses: u64,
+}
+
+/// Which world a plugin implements, with its pre-linked component.
+enum Pre {
+    Handshake(HandshakePolicyPre<HostState>),
+    Message(message::MessagePolicyPre<HostState>),
+}
+
+/// An instance of either world.
+enum Instance {
+    Handshake(HandshakePolicy),
+    Message(message::MessagePolicy),
+}
+
+/// What a plugin is: which scope's world its component implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// `handshake-policy`: attached to onHandshake (`[[policies]]`, `[[products.policies]]`,
+    /// `[[apis.on_handshake]]`).
+    Handshake,
+    /// `message-policy`: attached to an API's messages (`[[apis.on_message]]`).
+    Message,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Handshake => "handshake policy",
+            PluginKind::Message => "message policy",
+        }
+    }
 }
 
 /// The host's own capability for the generated one.
@@ -724,10 +766,19 @@ impl PolicyHost {
             }
             imports.push(name.to_owned());
         }
+        let exports_message = ty
+            .exports(&self.engine)
+            .any(|(name, _)| name == message::EXPORT);
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .and_then(HandshakePolicyPre::new)
+            .and_then(|pre| {
+                if exports_message {
+                    message::MessagePolicyPre::new(pre).map(Pre::Message)
+                } else {
+                    HandshakePolicyPre::new(pre).map(Pre::Handshake)
+                }
+            })
             .map_err(|e| PolicyError::WrongWorld {
                 path: p.clone(),
                 message: format!("{e:#}"),
@@ -746,8 +797,28 @@ impl PolicyHost {
                 message,
             })?;
         let decl = block_on_within_load_timeout(async {
-            let i = pre.instantiate_async(&mut store).await?;
-            i.tollgate_policy_handshake().call_declare(&mut store).await
+            match &pre {
+                Pre::Handshake(pre) => {
+                    let i = pre.instantiate_async(&mut store).await?;
+                    let d = i
+                        .tollgate_policy_handshake()
+                        .call_declare(&mut store)
+                        .await?;
+                    let caps: Vec<Capability> =
+                        d.capabilities.into_iter().map(capability).collect();
+                    Ok((d.name, d.version, caps, Vec::new()))
+                }
+                Pre::Message(pre) => {
+                    let i = pre.instantiate_async(&mut store).await?;
+                    let d = i.tollgate_policy_message().call_declare(&mut store).await?;
+                    let caps: Vec<MessageCapability> = d
+                        .capabilities
+                        .into_iter()
+                        .map(message::capability)
+                        .collect();
+                    Ok::<_, wasmtime::Error>((d.name, d.version, Vec::new(), caps))
+                }
+            }
         })
         .map_err(|_| PolicyError::Timeout {
             plugin: p.clone(),
@@ -757,14 +828,13 @@ impl PolicyHost {
             plugin: p.clone(),
             message: format!("declare failed: {e:#}"),
         })?;
-        let signature_metrics = self
-            .signature_metrics
-            .as_ref()
-            .map(|m| m.plugin(&decl.name));
+        let (name, version, capabilities, message_capabilities) = decl;
+        let signature_metrics = self.signature_metrics.as_ref().map(|m| m.plugin(&name));
         Ok(Plugin {
-            name: decl.name,
-            version: decl.version,
-            capabilities: decl.capabilities.into_iter().map(capability).collect(),
+            name,
+            version,
+            capabilities: capabilities.into(),
+            message_capabilities: message_capabilities.into(),
             path: path.to_owned(),
             imports,
             from_cache: cached,
@@ -793,11 +863,19 @@ impl PolicyHost {
                         Arc::from([]),
                     )
                     .await?;
-                instance
-                    .tollgate_policy_handshake()
-                    .call_declare(&mut store)
-                    .await
-                    .map_err(|e| plugin.call_error(format!("declare failed: {e:#}")))
+                match &instance {
+                    Instance::Handshake(i) => i
+                        .tollgate_policy_handshake()
+                        .call_declare(&mut store)
+                        .await
+                        .map(drop),
+                    Instance::Message(i) => i
+                        .tollgate_policy_message()
+                        .call_declare(&mut store)
+                        .await
+                        .map(drop),
+                }
+                .map_err(|e| plugin.call_error(format!("declare failed: {e:#}")))
             })
             .map_err(|_| plugin.timeout(LOAD_TIMEOUT))??;
             times.push(t.elapsed());
@@ -848,7 +926,7 @@ impl PolicyHost {
         grants: &Grants,
         prepared: Option<Arc<str>>,
         key_sets: Arc<[Arc<KeySet>]>,
-    ) -> Result<(Store<HostState>, HandshakePolicy), PolicyError> {
+    ) -> Result<(Store<HostState>, Instance), PolicyError> {
         let mut store = self
             .store(
                 &plugin.name,
@@ -859,11 +937,17 @@ impl PolicyHost {
                 key_sets,
             )
             .map_err(|m| plugin.call_error(m))?;
-        let instance = plugin
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| plugin.call_failed(&store, "instantiation", e))?;
+        let instance = match &plugin.pre {
+            Pre::Handshake(pre) => pre
+                .instantiate_async(&mut store)
+                .await
+                .map(Instance::Handshake),
+            Pre::Message(pre) => pre
+                .instantiate_async(&mut store)
+                .await
+                .map(Instance::Message),
+        }
+        .map_err(|e| plugin.call_failed(&store, "instantiation", e))?;
         Ok((store, instance))
     }
 
@@ -881,10 +965,18 @@ impl PolicyHost {
                 .fresh(plugin, budget, grants, None, Arc::from([]))
                 .await?;
             store.data_mut().registering = Some(imports::Registering::new(config_json));
-            let r = instance
-                .tollgate_policy_handshake()
-                .call_configure(&mut store, config_json)
-                .await;
+            let r = match &instance {
+                Instance::Handshake(i) => {
+                    i.tollgate_policy_handshake()
+                        .call_configure(&mut store, config_json)
+                        .await
+                }
+                Instance::Message(i) => {
+                    i.tollgate_policy_message()
+                        .call_configure(&mut store, config_json)
+                        .await
+                }
+            };
             let key_sets = store
                 .data_mut()
                 .registering
@@ -934,13 +1026,10 @@ impl PolicyHost {
             .map_err(|_| call.plugin.timeout(call.budget.timeout))?
     }
 
-    async fn handshake_call(
-        &self,
-        call: Call<'_>,
-        request: Request,
-    ) -> Result<(Decided, Request), PolicyError> {
+    /// An instance for one call: a warm one from the attachment's pool, else a fresh one.
+    async fn warm(&self, call: Call<'_>) -> Result<Warm, PolicyError> {
         let plugin = call.plugin;
-        let mut w = match call.pool.and_then(InstancePool::take) {
+        Ok(match call.pool.and_then(InstancePool::take) {
             Some(mut w) => {
                 // The budget is per call: a warm instance starts each one with all of it.
                 arm_cpu_time(&mut w.store, call.budget.cpu_time);
@@ -963,7 +1052,16 @@ impl PolicyHost {
                     uses: 0,
                 }
             }
-        };
+        })
+    }
+
+    async fn handshake_call(
+        &self,
+        call: Call<'_>,
+        request: Request,
+    ) -> Result<(Decided, Request), PolicyError> {
+        let plugin = call.plugin;
+        let mut w = self.warm(call).await?;
         w.uses += 1;
         let state = w.store.data_mut();
         state.start_call();
@@ -972,9 +1070,11 @@ impl PolicyHost {
         // The guest gets a borrow of the one request its store holds; the handle's number is
         // never looked at (the store has exactly one request at a time).
         let handle = Resource::new_borrow(0);
+        let Instance::Handshake(instance) = &w.instance else {
+            return Err(plugin.call_error("is not a handshake policy".into()));
+        };
         // On a trap `w` is dropped here, never returned to the pool.
-        let decided = w
-            .instance
+        let decided = instance
             .tollgate_policy_handshake()
             .call_on_handshake(&mut w.store, handle)
             .await
@@ -1078,6 +1178,14 @@ impl Plugin {
         self.capabilities.contains(&c)
     }
 
+    /// Which scope's world the plugin implements.
+    pub fn kind(&self) -> PluginKind {
+        match self.pre {
+            Pre::Handshake(_) => PluginKind::Handshake,
+            Pre::Message(_) => PluginKind::Message,
+        }
+    }
+
     fn call_error(&self, message: String) -> PolicyError {
         PolicyError::Call {
             plugin: self.name.clone(),
@@ -1120,7 +1228,11 @@ impl Plugin {
         let mut out = String::new();
         let _ = writeln!(out, "plugin:       {} {}", self.name, self.version);
         let _ = writeln!(out, "file:         {}", self.path.display());
+        let _ = writeln!(out, "kind:         {}", self.kind().as_str());
         let _ = writeln!(out, "capabilities:");
+        for c in self.message_capabilities.iter() {
+            let _ = writeln!(out, "  {:<24} on an API's messages", c.name());
+        }
         for c in self.capabilities.iter() {
             let note = match c.not_on_handshake() {
                 Some((family, apim)) => format!(

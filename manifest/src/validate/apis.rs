@@ -13,7 +13,8 @@ use http::HeaderName;
 use super::{Pem, Validator};
 use crate::backend_url::{parse_backend, BackendUrl};
 use crate::model::{
-    ApiConfig, ConnLimits, GatewayConfig, KeyLocation, Limits, MessageRates, ProductConfig, Schemes,
+    ApiConfig, ConnLimits, GatewayConfig, KeyLocation, Limits, MessageRates, ProductConfig,
+    Schemes, DEFAULT_MAX_INSPECTED_MESSAGE_SIZE,
 };
 use crate::raw::{RawApi, RawApiLimits};
 
@@ -65,6 +66,7 @@ impl Validator<'_> {
             let ca_file = self.ca_file(i, a, backend.is_some() && !any_tls);
             let on_handshake =
                 self.attachments(&a.on_handshake, &format!("apis[{i}].on_handshake"));
+            let on_message = self.message_attachments(i, a);
             if let Some(m) = a
                 .limits
                 .max_connections
@@ -102,11 +104,13 @@ impl Validator<'_> {
                 limits: ConnLimits {
                     client_messages: message_limits.client,
                     backend_messages: message_limits.backend,
+                    max_inspected_message_size: self.max_inspected(i, a),
                     ..conn_limits(&a.limits, &gateway.limits)
                 },
                 ca_file,
                 insecure_skip_verify: a.insecure_skip_verify,
                 on_handshake,
+                on_message,
             });
         }
         (apis, unserved)
@@ -347,6 +351,7 @@ fn conn_limits(l: &RawApiLimits, global: &Limits) -> ConnLimits {
         max_message_size: l.max_message_size.or(global.max_message_size),
         client_messages: MessageRates::default(),
         backend_messages: MessageRates::default(),
+        max_inspected_message_size: DEFAULT_MAX_INSPECTED_MESSAGE_SIZE,
     }
 }
 

@@ -10,8 +10,11 @@ use std::path::Path;
 use toml::Spanned;
 
 use super::Validator;
-use crate::model::{Attachment, Grants, Instances, DEFAULT_POOL_MAX_USES};
-use crate::raw::RawAttachment;
+use crate::model::{
+    Attachment, Grants, Instances, MessageAttachment, DEFAULT_MAX_INSPECTED_MESSAGE_SIZE,
+    DEFAULT_POOL_MAX_USES, MAX_INSPECTED_MESSAGE_SIZE,
+};
+use crate::raw::{RawApi, RawAttachment};
 
 impl Validator<'_> {
     /// A per-call budget written as a duration (`timeout`, `cpu_time`): more than zero.
@@ -44,6 +47,74 @@ impl Validator<'_> {
         list: &[Spanned<RawAttachment>],
         key: &str,
     ) -> Vec<Attachment> {
+        for (n, a) in list.iter().enumerate() {
+            if let Some(d) = &a.get_ref().direction {
+                self.err(
+                    d.span(),
+                    format!("{key}[{n}].direction"),
+                    "only applies to message policies ([[apis.on_message]]); a handshake policy sees the handshake",
+                );
+            }
+        }
+        self.attachment_list(list, key)
+    }
+
+    /// API `i`'s `[[apis.on_message]]`: attachments like the others, plus whose messages each
+    /// sees; a failing message policy closes its connection, so `failure_status` has no use.
+    pub(super) fn message_attachments(&mut self, i: usize, a: &RawApi) -> Vec<MessageAttachment> {
+        let key = format!("apis[{i}].on_message");
+        let mut sides = Vec::new();
+        for (n, m) in a.on_message.iter().enumerate() {
+            let r = m.get_ref();
+            if let Some(f) = &r.failure_status {
+                self.err(
+                    f.span(),
+                    format!("{key}[{n}].failure_status"),
+                    "does not apply to a message policy: one that fails closes its connection (1011)",
+                );
+            }
+            sides.push(match r.direction.as_ref().map(|d| (d.get_ref().trim(), d)) {
+                None | Some(("both", _)) => (true, true),
+                Some(("client", _)) => (true, false),
+                Some(("backend", _)) => (false, true),
+                Some((other, d)) => {
+                    self.err(
+                        d.span(),
+                        format!("{key}[{n}].direction"),
+                        format!("`{other}` is not a direction: write \"client\" (the client's messages), \"backend\" or \"both\" (the default)"),
+                    );
+                    (true, true)
+                }
+            });
+        }
+        self.attachment_list(&a.on_message, &key)
+            .into_iter()
+            .zip(sides)
+            .map(|(attachment, (client, backend))| MessageAttachment {
+                attachment,
+                client,
+                backend,
+            })
+            .collect()
+    }
+
+    /// API `i`'s `limits.max_inspected_message_size`: 1 byte to 64 MiB.
+    pub(super) fn max_inspected(&mut self, i: usize, a: &RawApi) -> u64 {
+        match &a.limits.max_inspected_message_size {
+            None => DEFAULT_MAX_INSPECTED_MESSAGE_SIZE,
+            Some(m) if (1..=MAX_INSPECTED_MESSAGE_SIZE).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                self.err(
+                    m.span(),
+                    format!("apis[{i}].limits.max_inspected_message_size"),
+                    format!("must be between 1 and {MAX_INSPECTED_MESSAGE_SIZE} (64 MiB): a message being inspected is held in memory whole"),
+                );
+                DEFAULT_MAX_INSPECTED_MESSAGE_SIZE
+            }
+        }
+    }
+
+    fn attachment_list(&mut self, list: &[Spanned<RawAttachment>], key: &str) -> Vec<Attachment> {
         let mut out = Vec::new();
         for (n, a) in list.iter().enumerate() {
             let r = a.get_ref();
@@ -250,5 +321,74 @@ mod tests {
         assert_eq!(e.0[0].key, "apis[0].on_handshake[0].fuel", "{e}");
         assert_eq!(e.0[0].line, 11, "{e}");
         assert!(e.0[0].message.contains("`cpu_time`"), "{e}");
+    }
+
+    fn on_message(t: &str) -> String {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://h/\"\n";
+        format!("{BASE}plugin_dir = \".\"\n{api}{t}")
+    }
+
+    #[test]
+    fn message_policies_watch_both_directions_unless_told() {
+        let c = p(&on_message(
+            "[[apis.on_message]]\nplugin = \"m\"\n[[apis.on_message]]\nplugin = \"n\"\ndirection = \"backend\"\ninstances = \"pooled\"\n",
+        ))
+        .unwrap();
+        let m = &c.apis[0].on_message;
+        assert_eq!((m[0].client, m[0].backend), (true, true));
+        assert_eq!((m[1].client, m[1].backend), (false, true));
+        assert_eq!(m[1].attachment.plugin, "n");
+        assert_eq!(
+            c.apis[0].limits.max_inspected_message_size,
+            crate::DEFAULT_MAX_INSPECTED_MESSAGE_SIZE
+        );
+        let c = p(&on_message(
+            "[apis.limits]\nmax_inspected_message_size = 4096\n[[apis.on_message]]\nplugin = \"m\"\ndirection = \"client\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.apis[0].limits.max_inspected_message_size, 4096);
+        assert_eq!(
+            (
+                c.apis[0].on_message[0].client,
+                c.apis[0].on_message[0].backend
+            ),
+            (true, false)
+        );
+    }
+
+    #[test]
+    fn each_message_policy_mistake_names_its_key() {
+        for (text, key, words) in [
+            (
+                "[[apis.on_message]]\nplugin = \"m\"\ndirection = \"up\"\n",
+                "apis[0].on_message[0].direction",
+                "is not a direction",
+            ),
+            (
+                "[[apis.on_message]]\nplugin = \"m\"\nfailure_status = 503\n",
+                "apis[0].on_message[0].failure_status",
+                "closes its connection (1011)",
+            ),
+            (
+                "[[apis.on_handshake]]\nplugin = \"m\"\ndirection = \"client\"\n",
+                "apis[0].on_handshake[0].direction",
+                "only applies to message policies",
+            ),
+            (
+                "[apis.limits]\nmax_inspected_message_size = 0\n",
+                "apis[0].limits.max_inspected_message_size",
+                "must be between 1 and",
+            ),
+            (
+                "[apis.limits]\nmax_inspected_message_size = 67108865\n",
+                "apis[0].limits.max_inspected_message_size",
+                "must be between 1 and",
+            ),
+        ] {
+            let e = p(&on_message(text)).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].key, key, "{e}");
+            assert!(e.0[0].message.contains(words), "{e}");
+        }
     }
 }

@@ -20,6 +20,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("ip-filter", "ip_filter.wasm"),
     ("set-backend-service", "set_backend_service.wasm"),
     ("rate-limit-by-key", "rate_limit_by_key.wasm"),
+    ("message-test", "message_test.wasm"),
 ];
 
 fn workspace() -> PathBuf {
