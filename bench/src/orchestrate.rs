@@ -34,12 +34,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub pending_handshakes: usize,
     /// Comma-separated subset of:
-    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-msglimits,tollgate-limits,tollgate-fleet,
+    /// direct,tcp-relay,tollgate,tollgate-baseline,tollgate-msglimits,tollgate-msgpolicy,
+    /// tollgate-limits,tollgate-fleet,
     /// tollgate-policies,tollgate-pooled,tollgate-policies-nocache,tollgate-pooled-nocache,
     /// tollgate-py,tollgate-js,nginx,haproxy,haproxy-jwt
     /// (tollgate-limits and tollgate-fleet: see --fleet; naming one here asks for them too).
     /// tollgate-msglimits is `tollgate` with message rates in both directions far above what
-    /// the load sends: what checking them costs per message.
+    /// the load sends: what checking them costs per message. tollgate-msgpolicy is `tollgate`
+    /// with a pooled pass-through message policy on both directions (tests/plugins/message-test
+    /// with `pass = true`: every message held whole, judged by a wasm call, forwarded as it
+    /// came); it needs `cargo build --release --target wasm32-wasip2 -p message-test`.
     /// haproxy-jwt (HAProxy's jwt_verify, RS256, + X-User from `sub`) and the -nocache
     /// targets (jwt-validate + set-header with signature_cache_entries = 0) are measured in
     /// the handshake scenario only: their relay is that of haproxy / tollgate-policies /
@@ -353,6 +357,7 @@ fn start_target(
         "tollgate"
         | "tollgate-baseline"
         | "tollgate-msglimits"
+        | "tollgate-msgpolicy"
         | "tollgate-limits"
         | "tollgate-fleet"
         | "tollgate-policies"
@@ -670,7 +675,7 @@ pub(crate) fn tollgate_dir(
         for f in files {
             std::fs::copy(from.join(f), plugins.join(f)).with_context(|| {
                 format!(
-                    "{} not found: build it with `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header`",
+                    "{} not found: build it with `cargo build --release --target wasm32-wasip2 -p jwt-validate -p set-header -p message-test`",
                     from.join(f).display()
                 )
             })?;
@@ -683,6 +688,13 @@ pub(crate) fn tollgate_dir(
             "[[apis.message_limits]]\ndirection = \"both\"\nmax_messages_per_second = 100000000\n\
              max_bytes_per_second = 100000000000\n",
         ),
+        ("tollgate-msgpolicy", _) => {
+            rust(&["message_test.wasm"])?;
+            text.push_str(
+                "[[apis.on_message]]\nplugin = \"message-test\"\ninstances = \"pooled\"\n\
+                 config = { pass = true }\n",
+            );
+        }
         ("tollgate-py", Some(file)) => {
             std::fs::copy(lang_dir(args)?.join(file), plugins.join(file))?;
             text.push_str(&format!(
@@ -854,6 +866,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "tollgate",
         "tollgate-baseline",
         "tollgate-msglimits",
+        "tollgate-msgpolicy",
         "tollgate-policies",
         "tollgate-pooled",
         "tollgate-policies-nocache",

@@ -10,13 +10,20 @@
 //!   boundaries) next to its payload joined and unmasked (what a policy reads), until its last
 //!   fragment; the relay then forwards `raw` unchanged, or a replacement as one frame
 //!   ([`data_frame`]), or nothing;
-//! - stops a message larger than its limit before holding more of it.
+//! - stops a message larger than its limit before holding more of it: its payload, and its
+//!   frames with their headers (at most [`HEADER_ALLOWANCE`] more), so a message of endless
+//!   empty fragments is bounded like a big one. What one message holds is at most twice the
+//!   limit plus that allowance (its frames, and its payload unmasked).
 //!
 //! Why hand-written: the frames are already parsed and checked once; this only finds their
 //! boundaries again, keeping the original bytes, which a WebSocket library's message reader
 //! does not do (it unmasks and reassembles into a buffer of its own and drops the framing).
 
-use crate::frame::{Direction, OP_BINARY, OP_TEXT};
+use crate::frame::{Direction, OP_BINARY, OP_CONTINUATION, OP_TEXT};
+
+/// Bytes of frame headers a held message may have besides its payload: 4 KiB, some 290
+/// fragments of a message at the limit, or 680 empty masked ones.
+pub const HEADER_ALLOWANCE: u64 = 4096;
 
 /// What [`Assembler::feed`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,12 +181,16 @@ impl Assembler {
                 self.in_message = true;
                 self.held.text = opcode == OP_TEXT;
             }
-            let total = (self.held.payload.len() as u64).saturating_add(len);
-            if total > self.max_message as u64 {
+            let payload = (self.held.payload.len() as u64).saturating_add(len);
+            let frames = (self.held.raw.len() as u64)
+                .saturating_add(h.len() as u64)
+                .saturating_add(len);
+            if payload > self.max_message as u64
+                || frames > (self.max_message as u64).saturating_add(HEADER_ALLOWANCE)
+            {
                 return Some(Fed::TooBig);
             }
             self.held.raw.extend_from_slice(&h);
-            self.held.payload.reserve(len as usize);
         }
         self.header = h;
         self.header.clear();
@@ -214,10 +225,32 @@ impl Assembler {
     }
 }
 
-/// A data message of one frame: what replaces a message a policy changed. Frames towards the
-/// backend are masked with `key` (a fresh random one per frame, RFC 6455 5.3).
-pub fn data_frame(dir: Direction, text: bool, payload: &[u8], key: [u8; 4], out: &mut Vec<u8>) {
-    out.push(0x80 | if text { OP_TEXT } else { OP_BINARY });
+/// A data message in frames of at most `max_frame` payload bytes (one frame when it fits):
+/// what replaces a message a policy changed. Frames towards the backend are masked, each with
+/// a key from `key` (a fresh random one per frame, RFC 6455 5.3).
+pub fn data_frames(
+    dir: Direction,
+    text: bool,
+    payload: &[u8],
+    max_frame: usize,
+    mut key: impl FnMut() -> [u8; 4],
+    out: &mut Vec<u8>,
+) {
+    let first_op = if text { OP_TEXT } else { OP_BINARY };
+    if payload.is_empty() {
+        frame_into(dir, true, first_op, payload, key(), out);
+        return;
+    }
+    let mut chunks = payload.chunks(max_frame.max(1)).peekable();
+    let mut op = first_op;
+    while let Some(chunk) = chunks.next() {
+        frame_into(dir, chunks.peek().is_none(), op, chunk, key(), out);
+        op = OP_CONTINUATION;
+    }
+}
+
+fn frame_into(dir: Direction, fin: bool, op: u8, payload: &[u8], key: [u8; 4], out: &mut Vec<u8>) {
+    out.push(if fin { 0x80 } else { 0 } | op);
     let mask_bit = match dir {
         Direction::ClientToBackend => 0x80,
         Direction::BackendToClient => 0,
@@ -354,12 +387,14 @@ mod tests {
     fn a_replacement_frame_is_masked_towards_the_backend_only() {
         for len in [0usize, 5, 125, 126, 65535, 65536] {
             let payload = vec![b'a'; len];
+            let key = || [1, 2, 3, 4];
             let mut out = Vec::new();
-            data_frame(
+            data_frames(
                 Direction::ClientToBackend,
                 true,
                 &payload,
-                [1, 2, 3, 4],
+                1 << 20,
+                key,
                 &mut out,
             );
             assert_eq!(
@@ -368,14 +403,65 @@ mod tests {
                 "{len}"
             );
             let mut out = Vec::new();
-            data_frame(
+            data_frames(
                 Direction::BackendToClient,
                 false,
                 &payload,
-                [1, 2, 3, 4],
+                1 << 20,
+                key,
                 &mut out,
             );
             assert_eq!(out, frame(true, OP_BINARY, &payload, None), "{len}");
         }
+    }
+
+    #[test]
+    fn a_replacement_larger_than_max_frame_size_goes_in_fragments() {
+        let payload: Vec<u8> = (0..250u8).collect();
+        let mut out = Vec::new();
+        let key = || [9, 8, 7, 6];
+        data_frames(
+            Direction::ClientToBackend,
+            false,
+            &payload,
+            100,
+            key,
+            &mut out,
+        );
+        let want = [
+            frame(false, OP_BINARY, &payload[..100], Some([9, 8, 7, 6])),
+            frame(
+                false,
+                OP_CONTINUATION,
+                &payload[100..200],
+                Some([9, 8, 7, 6]),
+            ),
+            frame(true, OP_CONTINUATION, &payload[200..], Some([9, 8, 7, 6])),
+        ]
+        .concat();
+        assert_eq!(out, want);
+        let (held, _, _) = run(&out, 7, 1 << 20);
+        assert_eq!(held[0].payload, payload);
+    }
+
+    /// Endless empty fragments carry no payload but cost their headers: they are bounded by
+    /// the header allowance, not let through for ever.
+    #[test]
+    fn endless_empty_fragments_are_stopped_by_their_headers() {
+        let mut data = frame(false, OP_TEXT, b"", Some([1, 1, 1, 1]));
+        for _ in 0..10_000 {
+            data.extend(frame(false, OP_CONTINUATION, b"", Some([1, 1, 1, 1])));
+        }
+        let (held, _, too_big) = run(&data, 4096, 1024);
+        assert!(too_big && held.is_empty());
+        // Within the allowance a message of small fragments is held as usual.
+        let mut data = Vec::new();
+        for i in 0..100 {
+            let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+            data.extend(frame(i == 99, op, b"ab", Some([1, 2, 3, 4])));
+        }
+        let (held, _, too_big) = run(&data, 4096, 1024);
+        assert!(!too_big);
+        assert_eq!(held[0].payload.len(), 200);
     }
 }

@@ -7,9 +7,17 @@
 //! independent whole-buffer reference parser in `fuzz/src/lib.rs` (std's UTF-8 check). When a
 //! violation is found, what was forwarded stops at or after the offending frame's start and
 //! before the byte that made it one; read whole, exactly at the frame's start.
+//!
+//! What the parser forwarded is then held by the message assembler (`tollgate_edge::assemble`,
+//! what the relay does for message policies) in the same chunked reads, under a small limit:
+//! it never panics; every byte it takes comes out again, in a control frame passed on, in a
+//! held message's frames, or in what it still holds; a held message's payload is within the
+//! limit; and when nothing was too big and the stream was clean, it holds as many messages as
+//! the reference counts.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tollgate_edge::assemble::{Assembler, Fed};
 use tollgate_fuzz::{feed, reference, Outcome, StreamInput};
 
 fuzz_target!(|data: &[u8]| {
@@ -69,5 +77,49 @@ fuzz_target!(|data: &[u8]| {
     if want.outcome == Outcome::Clean {
         assert_eq!(whole.stats, bytewise.stats);
         assert_eq!(whole.stats, chunked.stats);
+    }
+
+    let limit = usize::from(input.chunks[0]) * 16 + 1;
+    let forwarded = &input.data[..whole.forwarded];
+    let mut assembler = Assembler::new(limit);
+    let (mut out, mut held_raw, mut messages, mut too_big) = (Vec::new(), 0usize, 0u64, false);
+    let mut taken = 0;
+    let mut turn = 0;
+    'reads: while taken < forwarded.len() {
+        let c = usize::from(input.chunks[turn % 3]).max(1);
+        turn += 1;
+        let mut read = &forwarded[taken..(taken + c).min(forwarded.len())];
+        taken += read.len();
+        while !read.is_empty() {
+            let (n, fed) = assembler.feed(read, &mut out);
+            assert!(n <= read.len());
+            read = &read[n..];
+            match fed {
+                Fed::More => assert!(read.is_empty(), "More before the end of a read"),
+                Fed::Message => {
+                    let m = assembler.take();
+                    assert!(m.payload.len() <= limit, "held past the limit");
+                    assert!(m.raw.len() >= m.payload.len());
+                    held_raw += m.raw.len();
+                    messages += 1;
+                }
+                Fed::TooBig => {
+                    too_big = true;
+                    break 'reads;
+                }
+            }
+        }
+    }
+    if !too_big {
+        assert!(
+            out.len() + held_raw <= forwarded.len(),
+            "more came out than went in"
+        );
+        if want.outcome == Outcome::Clean {
+            assert_eq!(messages, want.messages, "messages held");
+            if !assembler.holding() {
+                assert_eq!(out.len() + held_raw, forwarded.len(), "bytes lost");
+            }
+        }
     }
 });

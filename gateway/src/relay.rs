@@ -7,7 +7,7 @@
 //! holds no read buffers at all, which is what keeps memory per idle connection small.
 //!
 //! Bytes are forwarded verbatim (see [`crate::frame`]); the gateway only injects frames of its own
-//! (close frames) at frame boundaries.
+//! (close frames) at frame boundaries, and, for a message a policy replaced, the replacement.
 //!
 //! An API with message policies (`[[apis.on_message]]`) gets an [`Inspector`] on each direction
 //! a policy watches: data messages are held whole ([`tollgate_edge::assemble`]) and judged
@@ -33,11 +33,16 @@ use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
 use crate::policy::message::{judge, Connection, Judged, MessageStep, Sender};
 use crate::stream::Stream;
-use tollgate_edge::assemble::{data_frame, Assembler, Fed};
+use tollgate_edge::assemble::{data_frames, Assembler, Fed};
 use tollgate_edge::rate::MessageRate;
 
 /// Bytes read per system call while a direction is busy.
 const BUF_SIZE: usize = 32 * 1024;
+
+/// Messages a direction's policies judge in one poll before the connection's task yields: a
+/// read full of tiny messages must not keep other connections of the worker waiting for
+/// thousands of policy calls.
+const MAX_VERDICTS_PER_POLL: u32 = 64;
 
 /// How long to wait for the other side's close reply (or for our own close frames to be written)
 /// before the sockets are simply closed.
@@ -169,8 +174,11 @@ enum PumpEvent {
 pub struct Inspection {
     pub steps: Arc<[MessageStep]>,
     pub connection: Arc<Connection>,
-    /// `max_inspected_message_size`.
+    /// `max_inspected_message_size` (and `max_message_size` when smaller): the largest message
+    /// held, and the largest replacement.
     pub max_size: usize,
+    /// `max_frame_size`: a longer replacement goes in fragments.
+    pub max_frame: usize,
     /// For the `policy_error` record.
     pub conn: u64,
     pub api: Arc<str>,
@@ -188,6 +196,7 @@ struct Inspector {
     steps: Arc<[MessageStep]>,
     connection: Arc<Connection>,
     max_size: usize,
+    max_frame: usize,
     /// The judged message's frames as they came (forwarded as they are if no policy changed
     /// it), and whether it is text.
     raw: Vec<u8>,
@@ -210,6 +219,7 @@ impl Inspector {
             steps: i.steps.clone(),
             connection: i.connection.clone(),
             max_size: i.max_size,
+            max_frame: i.max_frame,
             raw: Vec::new(),
             text: false,
             verdict: None,
@@ -235,11 +245,10 @@ impl Inspector {
     }
 
     /// Applies a verdict: the message's frames, a replacement, or nothing go out; a close or a
-    /// failure is for the relay. `discard`: nothing may go to `dst` any more.
-    fn apply(&mut self, judged: Judged, discard: bool) -> Option<PumpEvent> {
+    /// failure is for the relay.
+    fn apply(&mut self, judged: Judged) -> Option<PumpEvent> {
         let raw = std::mem::take(&mut self.raw);
         match judged {
-            _ if discard => None,
             Judged::Forward => {
                 if self.out.is_empty() {
                     self.out = raw;
@@ -249,7 +258,8 @@ impl Inspector {
                 None
             }
             Judged::Replace(payload) => {
-                data_frame(self.dir, self.text, &payload, rand::random(), &mut self.out);
+                let (dir, text, max_frame) = (self.dir, self.text, self.max_frame);
+                data_frames(dir, text, &payload, max_frame, rand::random, &mut self.out);
                 None
             }
             Judged::Drop { .. } => None,
@@ -424,6 +434,8 @@ impl Pump {
         dst: &mut Stream,
         counters: &DirCounters,
     ) -> Poll<PumpEvent> {
+        // Verdicts applied in this poll (see MAX_VERDICTS_PER_POLL).
+        let mut judged = 0;
         loop {
             if self.dst_gone {
                 self.start = self.fwd;
@@ -447,10 +459,12 @@ impl Pump {
                     }
                 }
                 if !i.out.is_empty() {
-                    i.out.clear();
                     i.out_pos = 0;
-                    if i.out.capacity() > 4 * BUF_SIZE {
+                    // An idle connection holds no buffers: a message's frames go with it.
+                    if i.out.capacity() > 1024 {
                         i.out = Vec::new();
+                    } else {
+                        i.out.clear();
                     }
                 }
             }
@@ -494,46 +508,72 @@ impl Pump {
                 }
             }
             if let Some(i) = self.inspect.as_deref_mut() {
-                let discard = self.dst_gone || self.gateway_closed;
-                if let Some(v) = i.verdict.as_mut() {
-                    let Poll::Ready(judged) = v.as_mut().poll(cx) else {
-                        // Nothing more is read while a message is judged.
-                        return Poll::Pending;
-                    };
+                if self.dst_gone || self.gateway_closed {
+                    // Nothing more goes to dst: what is held or being judged is let go.
                     i.verdict = None;
-                    if let Some(ev) = i.apply(judged, discard) {
-                        self.stopped = true;
-                        self.start = self.fwd;
-                        return Poll::Ready(ev);
-                    }
-                    continue;
-                }
-                if discard {
+                    i.raw = Vec::new();
                     self.start = self.fwd;
-                } else if self.start < self.fwd {
-                    let (n, fed) = i
-                        .assembler
-                        .feed(&self.buf[self.start..self.fwd], &mut i.out);
-                    self.start += n;
-                    match fed {
-                        Fed::More => {}
-                        Fed::Message => {
-                            i.judge();
-                            continue;
+                } else {
+                    // Judges what was read, message after message, while verdicts come at
+                    // once (a warm instance's call never waits), so a read's worth of
+                    // messages goes out in one write, as it would without policies.
+                    let mut waiting = false;
+                    let mut yielding = false;
+                    loop {
+                        if judged >= MAX_VERDICTS_PER_POLL {
+                            yielding = true;
+                            break;
                         }
-                        Fed::TooBig => {
-                            self.stopped = true;
-                            self.start = self.fwd;
-                            let limit = SizeLimit::MaxInspectedMessageSize;
-                            return Poll::Ready(PumpEvent::Violation {
-                                code: close_code::TOO_BIG,
-                                reason: limit.reason(),
-                                limit: Some(limit),
-                            });
+                        if let Some(v) = i.verdict.as_mut() {
+                            let Poll::Ready(verdict) = v.as_mut().poll(cx) else {
+                                // Nothing more is read while a message is judged.
+                                waiting = true;
+                                break;
+                            };
+                            i.verdict = None;
+                            judged += 1;
+                            if let Some(ev) = i.apply(verdict) {
+                                // The connection ends on the policy's word. What followed the
+                                // message is not forwarded, a close the sender sent after it
+                                // included: the gateway's own close goes instead.
+                                self.stopped = true;
+                                self.start = self.fwd;
+                                self.out_closed = false;
+                                return Poll::Ready(ev);
+                            }
+                        }
+                        if self.start == self.fwd {
+                            break;
+                        }
+                        let (n, fed) = i
+                            .assembler
+                            .feed(&self.buf[self.start..self.fwd], &mut i.out);
+                        self.start += n;
+                        match fed {
+                            Fed::More => break,
+                            Fed::Message => i.judge(),
+                            Fed::TooBig => {
+                                self.stopped = true;
+                                self.start = self.fwd;
+                                self.out_closed = false;
+                                let limit = SizeLimit::MaxInspectedMessageSize;
+                                return Poll::Ready(PumpEvent::Violation {
+                                    code: close_code::TOO_BIG,
+                                    reason: limit.reason(),
+                                    limit: Some(limit),
+                                });
+                            }
                         }
                     }
-                    if !i.out.is_empty() {
+                    if i.out_pos < i.out.len() {
                         continue;
+                    }
+                    if yielding {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    if waiting {
+                        return Poll::Pending;
                     }
                 }
             }

@@ -409,10 +409,13 @@ impl Current {
         let old = self.0.swap(new.clone());
         new.keys.revoke_missing(&old.keys);
         // The old chains serve no new handshake: their warm instances go now, not when the
-        // last connection admitted under them closes. (Message policies keep theirs: the
-        // connections admitted under the old state go on calling them.)
+        // last connection admitted under them closes. The connections admitted under the old
+        // state keep calling its message policies, in fresh instances from now on (warm ones
+        // kept for them would pin instance slots for as long as such a connection lives).
         for api in old.routes.apis() {
-            for pool in api.chain.iter().filter_map(|s| s.pool.as_ref()) {
+            let chain = api.chain.iter().filter_map(|s| s.pool.as_ref());
+            let messages = api.messages.iter().filter_map(|s| s.pool.as_ref());
+            for pool in chain.chain(messages) {
                 pool.retire();
             }
         }

@@ -623,8 +623,16 @@ impl Gateway {
                 permit.subscription().map(|s| s.name.as_str()),
                 &context,
             )),
-            max_size: usize::try_from(api.config.limits.max_inspected_message_size)
-                .unwrap_or(usize::MAX),
+            max_size: usize::try_from(
+                api.config
+                    .limits
+                    .max_message_size
+                    .map_or(api.config.limits.max_inspected_message_size, |m| {
+                        m.min(api.config.limits.max_inspected_message_size)
+                    }),
+            )
+            .unwrap_or(usize::MAX),
+            max_frame: usize::try_from(api.config.limits.max_frame_size).unwrap_or(usize::MAX),
             conn,
             api: Arc::from(api.config.name.as_str()),
         });

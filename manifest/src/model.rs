@@ -205,7 +205,8 @@ pub struct ConnLimits {
 pub const DEFAULT_MAX_INSPECTED_MESSAGE_SIZE: u64 = 1 << 20;
 
 /// Most `max_inspected_message_size` may be: a message being inspected is held in memory
-/// whole (and copied into the policy's sandbox), so 64 MiB per connection and direction.
+/// whole (its frames and its payload, so about twice this per connection and direction, and
+/// copied into the policy's sandbox).
 pub const MAX_INSPECTED_MESSAGE_SIZE: u64 = 64 << 20;
 
 /// The message rates of one direction of an API's connections.

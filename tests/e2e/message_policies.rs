@@ -194,6 +194,24 @@ async fn a_policys_close_goes_to_the_sender_and_1001_to_the_other_side() {
     let rec = gw.wait_record("connection_closed", |_| true).await;
     assert_eq!(rec["closed_by"], "message_policy", "{rec}");
     assert_eq!(calls(&gw, "close").await, Some(1.0));
+
+    // The sender's own close right behind the message (one write): it is not forwarded, the
+    // policy's word is, so the backend still gets its 1001 at once, not a dropped socket after
+    // the close grace (5 s).
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let both: Vec<(bool, u8, &[u8])> = vec![(true, 1, b"close:4004:bye"), (true, 8, &NORMAL_CLOSE)];
+    let started = std::time::Instant::now();
+    ws.send_raw(&client_frames(&both)).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(4004), "{f:?}");
+    let got = received(&mut rx).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].close_code(), Some(1001), "{got:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A policy that traps, runs out of CPU time, answers with an error, replaces text with bytes
@@ -327,4 +345,67 @@ async fn a_policy_attached_in_the_other_scope_is_refused_at_start() {
         err.contains("`set-header` is a handshake policy") && err.contains("[[apis.on_handshake]]"),
         "{err}"
     );
+}
+
+/// The first-party `redact-fields`: the backend sees the card number masked and the password
+/// removed from the client's JSON, a message without them byte for byte as sent (its fragments
+/// too), and non-JSON closed with 1007 when `on_invalid = "close"`.
+#[tokio::test]
+async fn redact_fields_masks_and_removes_before_the_backend_sees_them() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let dir = TempDir::new("redact");
+    plugins::install(&dir.path().join("plugins"), &["redact_fields.wasm"]);
+    let attach = |fields: &str, action: &str| {
+        format!(
+            "[[apis.on_message]]\nplugin = \"redact-fields\"\ndirection = \"client\"\ninstances = \"pooled\"\n\
+             config = {{ fields = [{fields}], action = \"{action}\", on_invalid = \"close\" }}\n"
+        )
+    };
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}{}{}{}",
+            gateway_section("plugin_dir = \"plugins\""),
+            api_section("echo", "echo", &backend.url(), ""),
+            attach("\"/card/number\"", "mask"),
+            attach("\"/password\"", "remove"),
+        ),
+    );
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let parts: Vec<(bool, u8, &[u8])> = vec![
+        (
+            true,
+            1,
+            br#"{"card":{"number":"4111111111111111","exp":"12/30"},"password":"hunter2","n":1}"#,
+        ),
+        (false, 1, br#"{"type":"#),
+        (true, 0, br#""hello"}"#),
+        (true, 1, b"not json"),
+    ];
+    ws.send_raw(&client_frames(&parts)).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1007), "{f:?}");
+    assert_eq!(f.close_reason(), "message is not JSON");
+    let got = received(&mut rx).await;
+    let first: serde_json::Value = serde_json::from_slice(&got[0].payload).unwrap();
+    assert_eq!(
+        first,
+        serde_json::json!({"card": {"number": "***", "exp": "12/30"}, "n": 1}),
+        "{got:?}"
+    );
+    let rest: Vec<(bool, u8, &[u8])> = got[1..]
+        .iter()
+        .map(|f| (f.fin, f.opcode, f.payload.as_slice()))
+        .collect();
+    assert_eq!(
+        rest[..2],
+        [
+            (false, 1, br#"{"type":"# as &[u8]),
+            (true, 0, br#""hello"}"#)
+        ],
+        "{got:?}"
+    );
+    assert_eq!(got[3].close_code(), Some(1001), "{got:?}");
+    assert!(!String::from_utf8_lossy(&got[0].payload).contains("4111"));
 }

@@ -45,14 +45,16 @@ pub enum MessageCapability {
     ReplaceMessages,
     DropMessages,
     CloseConnections,
+    UseContext,
 }
 
 impl MessageCapability {
     /// Every capability, in the WIT's order.
-    pub const ALL: [MessageCapability; 3] = [
+    pub const ALL: [MessageCapability; 4] = [
         MessageCapability::ReplaceMessages,
         MessageCapability::DropMessages,
         MessageCapability::CloseConnections,
+        MessageCapability::UseContext,
     ];
 
     /// The name as the WIT spells it.
@@ -61,6 +63,7 @@ impl MessageCapability {
             MessageCapability::ReplaceMessages => "replace-messages",
             MessageCapability::DropMessages => "drop-messages",
             MessageCapability::CloseConnections => "close-connections",
+            MessageCapability::UseContext => "use-context",
         }
     }
 }
@@ -76,6 +79,7 @@ pub(super) fn capability(c: wit::Capability) -> MessageCapability {
         wit::Capability::ReplaceMessages => MessageCapability::ReplaceMessages,
         wit::Capability::DropMessages => MessageCapability::DropMessages,
         wit::Capability::CloseConnections => MessageCapability::CloseConnections,
+        wit::Capability::UseContext => MessageCapability::UseContext,
     }
 }
 
@@ -111,8 +115,12 @@ impl Watches {
     }
 }
 
-/// The connection as every message policy call sees it: built once per connection.
-pub struct Connection(wit::Connection);
+/// The connection as every message policy call sees it: built once per connection, with its
+/// context values (for policies that declare `use-context`) and without.
+pub struct Connection {
+    full: wit::Connection,
+    bare: wit::Connection,
+}
 
 impl Connection {
     pub fn new(
@@ -122,11 +130,14 @@ impl Connection {
         subscription: Option<&str>,
         context: &[(String, String)],
     ) -> Connection {
-        Connection(wit::Connection {
+        let bare = wit::Connection {
             id,
             api: api.to_owned(),
             product: product.map(str::to_owned),
             subscription: subscription.map(str::to_owned),
+            context: Vec::new(),
+        };
+        let full = wit::Connection {
             context: context
                 .iter()
                 .map(|(name, value)| super::wit_types::Pair {
@@ -134,7 +145,19 @@ impl Connection {
                     value: value.clone(),
                 })
                 .collect(),
-        })
+            ..bare.clone()
+        };
+        Connection { full, bare }
+    }
+
+    /// The connection as a policy that declared `declared` may see it: the context values
+    /// only with `use-context`.
+    fn seen_by(&self, declared: &[MessageCapability]) -> &wit::Connection {
+        if declared.contains(&MessageCapability::UseContext) {
+            &self.full
+        } else {
+            &self.bare
+        }
     }
 }
 
@@ -308,7 +331,8 @@ pub async fn judge(
     let mut replaced = false;
     for step in steps.iter().filter(|s| s.watches.sees(sender)) {
         let started = Instant::now();
-        let called = step.host.message(step.call(), connection, &message).await;
+        let seen = connection.seen_by(&step.plugin.message_capabilities);
+        let called = step.host.message(step.call(), seen, &message).await;
         step.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -425,9 +449,13 @@ impl PolicyHost {
     async fn message(
         &self,
         call: Call<'_>,
-        connection: &Connection,
+        connection: &wit::Connection,
         message: &wit::Message,
     ) -> Result<Result<wit::MessageDecision, String>, PolicyError> {
+        let _slot = self.message_calls.acquire().await.map_err(|_| {
+            call.plugin
+                .call_error("the gateway is shutting down".into())
+        })?;
         tokio::time::timeout(
             call.budget.timeout,
             self.message_call(call, connection, message),
@@ -439,7 +467,7 @@ impl PolicyHost {
     async fn message_call(
         &self,
         call: Call<'_>,
-        connection: &Connection,
+        connection: &wit::Connection,
         message: &wit::Message,
     ) -> Result<Result<wit::MessageDecision, String>, PolicyError> {
         let plugin = call.plugin;
@@ -454,7 +482,7 @@ impl PolicyHost {
         // On a trap `w` is dropped here, never returned to the pool.
         let decided = instance
             .tollgate_policy_message()
-            .call_on_message(&mut w.store, &connection.0, message)
+            .call_on_message(&mut w.store, connection, message)
             .await
             .map_err(|e| plugin.call_failed(&w.store, "on-message", e))?;
         if let Some(pool) = call.pool {
@@ -486,6 +514,25 @@ mod tests {
             .worlds
             .iter()
             .any(|(_, w)| w.name == "message-policy"));
+    }
+
+    /// The handshake's context reaches only policies that declared `use-context`.
+    #[test]
+    fn context_values_only_with_use_context() {
+        let ctx = [("jwt.sub".to_owned(), "ann".to_owned())];
+        let c = Connection::new(7, "chat", Some("gold"), Some("alice"), &ctx);
+        let bare = c.seen_by(&[MessageCapability::ReplaceMessages]);
+        assert!(bare.context.is_empty());
+        assert_eq!(
+            (bare.id, &*bare.api, bare.subscription.as_deref()),
+            (7, "chat", Some("alice"))
+        );
+        let full = c.seen_by(&[MessageCapability::UseContext]);
+        assert_eq!(full.context.len(), 1);
+        assert_eq!(
+            (&*full.context[0].name, &*full.context[0].value),
+            ("jwt.sub", "ann")
+        );
     }
 
     /// A policy's close may carry only what a server may send for a reason of its own.

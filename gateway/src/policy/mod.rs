@@ -178,7 +178,13 @@ const OUR_IMPORTS: &[&str] = &[
     "tollgate:policy/signatures@0.2.0",
     "tollgate:policy/key-sets@0.2.0",
     "tollgate:policy/counters@0.2.0",
+];
+/// Interfaces of ours a message policy may import.
+const OUR_MESSAGE_IMPORTS: &[&str] = &[
+    "tollgate:policy/types@0.2.0",
     "tollgate:policy/message-types@0.2.0",
+    "tollgate:policy/config@0.2.0",
+    "tollgate:policy/log@0.2.0",
 ];
 /// Most bytes one `on-handshake` call may read from the request (all its reads together):
 /// far above any real policy (a request head is at most `max_header_bytes`), low enough that
@@ -208,8 +214,12 @@ pub enum PolicyError {
     Engine { what: &'static str, message: String },
     #[error("{path}: not a loadable WebAssembly component: {message}")]
     NotAComponent { path: String, message: String },
-    #[error("{path}: imports `{import}`, which the handshake scope does not offer")]
-    ForbiddenImport { path: String, import: String },
+    #[error("{path}: imports `{import}`, which the {scope} scope does not offer")]
+    ForbiddenImport {
+        path: String,
+        import: String,
+        scope: &'static str,
+    },
     #[error("{path}: does not implement the tollgate:policy handshake-policy or message-policy world: {message}")]
     WrongWorld { path: String, message: String },
     #[error("{path}: built against tollgate:policy@{version}; this gateway runs policies built against tollgate:policy@{WIT_VERSION} (rebuild it with tollgate-sdk 0.2, or against wit/policy.wit of this release)")]
@@ -463,7 +473,15 @@ pub struct PolicyHost {
     key_sets: Arc<KeySets>,
     /// The process's counters (`counters`).
     counters: Arc<crate::counters::Counters>,
+    /// Message policy calls in flight, at most [`MAX_MESSAGE_CALLS`].
+    message_calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most message policy calls in flight at once, across the gateway: half of the pooling
+/// allocator's 1,000 instance slots, so however many connections have messages being judged
+/// (each call holds a slot for up to its `timeout`), handshake policies still find slots. A
+/// call over it waits for one to finish (its direction waits; nothing fails).
+pub const MAX_MESSAGE_CALLS: usize = 500;
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,
 /// else `$HOME/.cache/tollgate/compiled`, else none (never the temporary directory: see
@@ -578,6 +596,7 @@ impl PolicyHost {
             signature_metrics: None,
             key_sets: Arc::new(KeySets::new(None)),
             counters: Default::default(),
+            message_calls: Arc::new(tokio::sync::Semaphore::new(MAX_MESSAGE_CALLS)),
         })
     }
 
@@ -754,21 +773,26 @@ impl PolicyHost {
         if let Some(version) = ours {
             return Err(PolicyError::OtherWitVersion { path: p, version });
         }
+        let exports_message = ty
+            .exports(&self.engine)
+            .any(|(name, _)| name == message::EXPORT);
+        let (ours, scope) = if exports_message {
+            (OUR_MESSAGE_IMPORTS, "message")
+        } else {
+            (OUR_IMPORTS, "handshake")
+        };
         let mut imports = Vec::new();
         for (name, _) in ty.imports(&self.engine) {
-            let ok =
-                OUR_IMPORTS.contains(&name) || WASI_IMPORTS.iter().any(|w| name.starts_with(w));
+            let ok = ours.contains(&name) || WASI_IMPORTS.iter().any(|w| name.starts_with(w));
             if !ok {
                 return Err(PolicyError::ForbiddenImport {
                     path: p,
                     import: name.to_owned(),
+                    scope,
                 });
             }
             imports.push(name.to_owned());
         }
-        let exports_message = ty
-            .exports(&self.engine)
-            .any(|(name, _)| name == message::EXPORT);
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -21,6 +21,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("set-backend-service", "set_backend_service.wasm"),
     ("rate-limit-by-key", "rate_limit_by_key.wasm"),
     ("message-test", "message_test.wasm"),
+    ("redact-fields", "redact_fields.wasm"),
 ];
 
 fn workspace() -> PathBuf {

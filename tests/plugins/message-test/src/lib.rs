@@ -55,6 +55,7 @@ impl Guest for MessageTest {
                 Capability::ReplaceMessages,
                 Capability::DropMessages,
                 Capability::CloseConnections,
+                Capability::UseContext,
             ],
         }
     }
