@@ -1,9 +1,11 @@
 //! Policies written in other languages than Rust, built from source in the test run and
 //! loaded through the same checks: the Python example (`examples/origin-check-py`, built with
 //! componentize-py) and the JavaScript one (`examples/tenant-route-js`, built with
-//! componentize-js) allow and refuse handshakes through the real gateway.
+//! componentize-js) allow and refuse handshakes through the real gateway; the Python message
+//! policy (`examples/type-filter-py`) drops or refuses messages by their JSON `type`.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -262,4 +264,79 @@ fn js_policy_imports_no_wasi_and_its_config_errors_stop_the_check() {
         err.contains("tenant-route") && err.contains("default_region: `us` is not one of regions"),
         "{err}"
     );
+}
+
+/// The Python message policy (`examples/type-filter-py`): the backend gets the client's JSON
+/// messages of an allowed `type` and nothing else (dropped, counted); with `action = "close"`
+/// the sender of a forbidden one gets 1008 naming its type.
+#[tokio::test]
+async fn python_message_policy_filters_message_types() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    for action in ["drop", "close"] {
+        let dir = TempDir::new("python-messages");
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::copy(
+            plugins::python_type_filter(),
+            plugins.join("type_filter.wasm"),
+        )
+        .unwrap();
+        let gw = Gateway::start_in(
+            dir,
+            &format!(
+                "{}{}[[apis.on_message]]\nplugin = \"type-filter\"\ndirection = \"client\"\ninstances = \"pooled\"\n\
+                 config = {{ allowed_types = [\"chat\"], action = \"{action}\" }}\n",
+                gateway_section("plugin_dir = \"plugins\""),
+                api_section("chat", "chat", &backend.url(), ""),
+            ),
+        );
+        let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/chat", "").await;
+        ws.send(true, 1, br#"{"type":"chat","text":"hi"}"#)
+            .await
+            .unwrap();
+        ws.send(true, 1, br#"{"type":"admin","cmd":"shutdown"}"#)
+            .await
+            .unwrap();
+        ws.send(true, 1, br#"{"type":"chat","text":"again"}"#)
+            .await
+            .unwrap();
+        ws.send(true, 8, &1000u16.to_be_bytes()).await.unwrap();
+        let f = ws.read_until_close().await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+            let close = f.opcode == 8;
+            got.push(f);
+            if close {
+                break;
+            }
+        }
+        let texts: Vec<String> = got
+            .iter()
+            .filter(|f| f.opcode == 1)
+            .map(|f| String::from_utf8_lossy(&f.payload).into_owned())
+            .collect();
+        match action {
+            "drop" => {
+                assert_eq!(f.close_code(), Some(1000), "{f:?}");
+                assert_eq!(
+                    texts,
+                    [
+                        r#"{"type":"chat","text":"hi"}"#,
+                        r#"{"type":"chat","text":"again"}"#
+                    ]
+                );
+            }
+            _ => {
+                assert_eq!(f.close_code(), Some(1008), "{f:?}");
+                assert_eq!(f.close_reason(), "message type admin not allowed");
+                assert_eq!(texts, [r#"{"type":"chat","text":"hi"}"#]);
+                assert_eq!(
+                    got.last().and_then(Frame::close_code),
+                    Some(1001),
+                    "{got:?}"
+                );
+            }
+        }
+    }
 }

@@ -128,55 +128,64 @@ pub fn declaring_one(c: &str) -> PathBuf {
 }
 
 /// The Python example policy (`examples/origin-check-py`), built once per test process with
-/// componentize-py, which `scripts/test` installs from PyPI into `target/py`. Written aside and
-/// renamed, so concurrent test binaries never see half a file.
+/// componentize-py, which `scripts/test` installs from PyPI into `target/py`.
 pub fn python_origin_check() -> &'static Path {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let ws = workspace();
-        let tool = ws
-            .join("target")
-            .join("py")
-            .join("bin")
-            .join("componentize-py");
-        assert!(
-            tool.exists(),
-            "{} is missing: run the suite with ./scripts/test, which installs it",
-            tool.display()
-        );
-        let dir = target();
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("origin_check.wasm");
-        let tmp = dir.join(format!("origin_check.{}.tmp", std::process::id()));
-        // Built from a copy: componentize-py's interpreter writes __pycache__ next to the
-        // source, which would dirty the checkout.
-        let src = dir.join(format!("origin-check-py.{}", std::process::id()));
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::copy(
-            ws.join("examples").join("origin-check-py").join("app.py"),
-            src.join("app.py"),
-        )
-        .unwrap();
-        let run = Command::new(&tool)
-            .arg("-d")
-            .arg(ws.join("wit"))
-            .args(["-w", "handshake-policy", "componentize", "-p"])
-            .arg(&src)
-            .arg("app")
-            .arg("-o")
-            .arg(&tmp)
-            .output()
-            .expect("run componentize-py");
-        let _ = std::fs::remove_dir_all(&src);
-        assert!(
-            run.status.success(),
-            "componentize-py failed:\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        std::fs::rename(&tmp, &out).unwrap();
-        warm_compiled_cache(&out);
-        out
-    })
+    FILE.get_or_init(|| python_example("origin-check-py", "handshake-policy", "origin_check.wasm"))
+}
+
+/// The Python example message policy (`examples/type-filter-py`), built the same way.
+pub fn python_type_filter() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| python_example("type-filter-py", "message-policy", "type_filter.wasm"))
+}
+
+/// Builds `examples/<example>/app.py` against `world` with componentize-py into `file`.
+/// Written aside and renamed, so concurrent test binaries never see half a file.
+fn python_example(example: &str, world: &str, file: &str) -> PathBuf {
+    let ws = workspace();
+    let tool = ws
+        .join("target")
+        .join("py")
+        .join("bin")
+        .join("componentize-py");
+    assert!(
+        tool.exists(),
+        "{} is missing: run the suite with ./scripts/test, which installs it",
+        tool.display()
+    );
+    let dir = target();
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(file);
+    let tmp = dir.join(format!("{file}.{}.tmp", std::process::id()));
+    // Built from a copy: componentize-py's interpreter writes __pycache__ next to the
+    // source, which would dirty the checkout.
+    let src = dir.join(format!("{example}.{}", std::process::id()));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(
+        ws.join("examples").join(example).join("app.py"),
+        src.join("app.py"),
+    )
+    .unwrap();
+    let run = Command::new(&tool)
+        .arg("-d")
+        .arg(ws.join("wit"))
+        .args(["-w", world, "componentize", "-p"])
+        .arg(&src)
+        .arg("app")
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .expect("run componentize-py");
+    let _ = std::fs::remove_dir_all(&src);
+    assert!(
+        run.status.success(),
+        "componentize-py failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::rename(&tmp, &out).unwrap();
+    warm_compiled_cache(&out);
+    out
 }
 
 /// The JavaScript example policy (`examples/tenant-route-js`), built once per test process with
