@@ -409,3 +409,38 @@ async fn redact_fields_masks_and_removes_before_the_backend_sees_them() {
     assert_eq!(got[3].close_code(), Some(1001), "{got:?}");
     assert!(!String::from_utf8_lossy(&got[0].payload).contains("4111"));
 }
+
+/// The first-party `json-schema-validate` (draft 2020-12): a message that matches reaches the
+/// backend; one that does not closes the connection with 1007 to its sender, naming where it
+/// failed, and the backend gets 1001 and never sees it.
+#[tokio::test]
+async fn json_schema_validate_closes_1007_on_a_message_that_does_not_match() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let dir = TempDir::new("schema");
+    plugins::install(&dir.path().join("plugins"), &["json_schema_validate.wasm"]);
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "{}{}[[apis.on_message]]\nplugin = \"json-schema-validate\"\ndirection = \"client\"\ninstances = \"pooled\"\n\
+             [apis.on_message.config]\nschema = {{ type = \"object\", required = [\"type\"], properties = {{ type = {{ enum = [\"chat\", \"typing\"] }} }} }}\n",
+            gateway_section("plugin_dir = \"plugins\""),
+            api_section("echo", "echo", &backend.url(), ""),
+        ),
+    );
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    ws.send(true, 1, br#"{"type":"chat","text":"hi"}"#)
+        .await
+        .unwrap();
+    ws.send(true, 1, br#"{"type":"admin"}"#).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1007), "{f:?}");
+    assert_eq!(
+        f.close_reason(),
+        "message does not match the schema at /type"
+    );
+    let got = received(&mut rx).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].payload, br#"{"type":"chat","text":"hi"}"#);
+    assert_eq!(got[1].close_code(), Some(1001), "{got:?}");
+}

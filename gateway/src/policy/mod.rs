@@ -1276,9 +1276,13 @@ impl Plugin {
             };
             let _ = writeln!(out, "  {i:<40} {how}");
         }
+        let (unit, units) = match self.kind() {
+            PluginKind::Handshake => ("handshake", "handshakes"),
+            PluginKind::Message => ("message", "messages (of any connection)"),
+        };
         let _ = writeln!(
             out,
-            "instances:    fresh per handshake by default (nothing survives between calls); an attachment\n              with instances = \"pooled\" reuses warm instances (globals survive between the\n              handshakes one instance serves)"
+            "instances:    fresh per {unit} by default (nothing survives between calls); an attachment\n              with instances = \"pooled\" reuses warm instances (globals survive between the\n              {units} one instance serves)"
         );
         if let Some(t) = self.instantiate_time {
             let _ = writeln!(

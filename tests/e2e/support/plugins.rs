@@ -22,6 +22,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("rate-limit-by-key", "rate_limit_by_key.wasm"),
     ("message-test", "message_test.wasm"),
     ("redact-fields", "redact_fields.wasm"),
+    ("json-schema-validate", "json_schema_validate.wasm"),
 ];
 
 fn workspace() -> PathBuf {
