@@ -10,10 +10,10 @@
 //!   boundaries) next to its payload joined and unmasked (what a policy reads), until its last
 //!   fragment; the relay then forwards `raw` unchanged, or a replacement as one frame
 //!   ([`data_frame`]), or nothing;
-//! - stops a message larger than its limit before holding more of it: its payload, and its
-//!   frames with their headers (at most [`HEADER_ALLOWANCE`] more), so a message of endless
-//!   empty fragments is bounded like a big one. What one message holds is at most twice the
-//!   limit plus that allowance (its frames, and its payload unmasked).
+//! - stops a message larger than its limit before holding more of it: its payload at most the
+//!   limit, and its frames, headers included, at most the limit plus [`HEADER_ALLOWANCE`], so
+//!   a message of endless empty fragments is bounded like a big one. What one message holds is
+//!   at most its frames and its payload unmasked: about twice the limit.
 //!
 //! Why hand-written: the frames are already parsed and checked once; this only finds their
 //! boundaries again, keeping the original bytes, which a WebSocket library's message reader
@@ -21,8 +21,8 @@
 
 use crate::frame::{Direction, OP_BINARY, OP_CONTINUATION, OP_TEXT};
 
-/// Bytes of frame headers a held message may have besides its payload: 4 KiB, some 290
-/// fragments of a message at the limit, or 680 empty masked ones.
+/// How much a held message's frames, headers included, may exceed the payload limit: room for
+/// some 290 fragment headers of a message at the limit.
 pub const HEADER_ALLOWANCE: u64 = 4096;
 
 /// What [`Assembler::feed`] found.
@@ -216,6 +216,11 @@ impl Assembler {
             return None;
         }
         frame.fin.then_some(Fed::Message)
+    }
+
+    /// Lets go of whatever is held (the connection's output is closed).
+    pub fn reset(&mut self) {
+        *self = Assembler::new(self.max_message);
     }
 
     /// The message [`Fed::Message`] announced; the assembler starts on the next one.

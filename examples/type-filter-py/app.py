@@ -56,7 +56,7 @@ class Message(exports.Message):
         if message.kind == mt.Kind.TEXT:
             try:
                 doc = json.loads(message.payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting: not allowed, not a failure
                 doc = None
             if isinstance(doc, dict) and isinstance(doc.get(c["field"]), str):
                 kind = doc[c["field"]]
@@ -64,7 +64,8 @@ class Message(exports.Message):
             return mt.MessageDecision_Forward()
         if c["action"] == "close":
             named = kind if kind is not None else "(none)"
-            reason = f"message type {named} not allowed".encode()[:123].decode("utf-8", "ignore")
+            # A lone surrogate in the type cannot be encoded as is: replaced, never a failure.
+            reason = f"message type {named} not allowed".encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
             return mt.MessageDecision_Close(mt.CloseConnection(1008, reason))
         log.log(log.Level.DEBUG, f"dropped a message of type {kind!r} on connection {connection.id}")
         return mt.MessageDecision_Drop()

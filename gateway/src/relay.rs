@@ -44,6 +44,14 @@ const BUF_SIZE: usize = 32 * 1024;
 /// thousands of policy calls.
 const MAX_VERDICTS_PER_POLL: u32 = 64;
 
+/// The same in time: a call under a policy's first CPU-time tick does not yield on its own, so
+/// after this long of judging the task yields too.
+const MAX_JUDGING_PER_POLL: Duration = Duration::from_millis(1);
+
+/// Judged messages queued for `dst` beyond which they are written before more are judged (64
+/// replacements of a megabyte each would otherwise sit in memory at once).
+const OUT_HIGH_WATER: usize = 4 * BUF_SIZE;
+
 /// How long to wait for the other side's close reply (or for our own close frames to be written)
 /// before the sockets are simply closed.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -278,8 +286,8 @@ struct Pump {
     fwd: usize,
     inject: Vec<u8>,
     inject_pos: usize,
-    /// A close frame has been sent to `dst` (forwarded or injected): everything else that
-    /// arrives from `src` is read and discarded.
+    /// A close frame has been sent to `dst`, or is on its way (forwarded or injected):
+    /// everything else that arrives from `src` is read and discarded.
     out_closed: bool,
     /// A close frame came from `src`: nothing more is read.
     in_closed: bool,
@@ -382,7 +390,11 @@ impl Pump {
             None => {}
             Some(Event::Close { code, reason }) => {
                 self.in_closed = true;
-                self.out_closed = true;
+                // Inspected, the close waits in the buffer behind the messages before it, and
+                // is on its way to dst only once it is fed to the output (see `poll`).
+                if self.inspect.is_none() {
+                    self.out_closed = true;
+                }
                 self.buf.truncate(new_fwd);
                 self.pending = Some(PumpEvent::Close { code, reason });
             }
@@ -434,8 +446,9 @@ impl Pump {
         dst: &mut Stream,
         counters: &DirCounters,
     ) -> Poll<PumpEvent> {
-        // Verdicts applied in this poll (see MAX_VERDICTS_PER_POLL).
+        // Verdicts applied in this poll, and when the first was (see MAX_VERDICTS_PER_POLL).
         let mut judged = 0;
+        let mut poll_started: Option<std::time::Instant> = None;
         loop {
             if self.dst_gone {
                 self.start = self.fwd;
@@ -512,6 +525,7 @@ impl Pump {
                     // Nothing more goes to dst: what is held or being judged is let go.
                     i.verdict = None;
                     i.raw = Vec::new();
+                    i.assembler.reset();
                     self.start = self.fwd;
                 } else {
                     // Judges what was read, message after message, while verdicts come at
@@ -520,7 +534,13 @@ impl Pump {
                     let mut waiting = false;
                     let mut yielding = false;
                     loop {
-                        if judged >= MAX_VERDICTS_PER_POLL {
+                        // Written before more is judged: what one poll queues stays small.
+                        if i.out.len() - i.out_pos >= OUT_HIGH_WATER {
+                            break;
+                        }
+                        if judged >= MAX_VERDICTS_PER_POLL
+                            || poll_started.is_some_and(|t| t.elapsed() >= MAX_JUDGING_PER_POLL)
+                        {
                             yielding = true;
                             break;
                         }
@@ -532,13 +552,14 @@ impl Pump {
                             };
                             i.verdict = None;
                             judged += 1;
+                            poll_started.get_or_insert_with(std::time::Instant::now);
                             if let Some(ev) = i.apply(verdict) {
                                 // The connection ends on the policy's word. What followed the
-                                // message is not forwarded, a close the sender sent after it
-                                // included: the gateway's own close goes instead.
+                                // message is not forwarded, a close or a violation the sender
+                                // sent after it included: the gateway's own close goes instead.
                                 self.stopped = true;
                                 self.start = self.fwd;
-                                self.out_closed = false;
+                                self.pending = None;
                                 return Poll::Ready(ev);
                             }
                         }
@@ -550,12 +571,18 @@ impl Pump {
                             .feed(&self.buf[self.start..self.fwd], &mut i.out);
                         self.start += n;
                         match fed {
-                            Fed::More => break,
+                            Fed::More => {
+                                if self.in_closed && self.start == self.fwd {
+                                    // The sender's close was the last frame: now in the output.
+                                    self.out_closed = true;
+                                }
+                                break;
+                            }
                             Fed::Message => i.judge(),
                             Fed::TooBig => {
                                 self.stopped = true;
                                 self.start = self.fwd;
-                                self.out_closed = false;
+                                self.pending = None;
                                 let limit = SizeLimit::MaxInspectedMessageSize;
                                 return Poll::Ready(PumpEvent::Violation {
                                     code: close_code::TOO_BIG,
@@ -800,7 +827,7 @@ pub async fn relay(
                     reason,
                 } => {
                     tracing::info!(event = "message_policy_close", conn, api, plugin = %plugin,
-                        sender = $sender.as_str(), code, reason = %reason,
+                        sender = $sender.as_str(), code, reason = ?reason,
                         "a message policy closed the connection");
                     match $sender {
                         Sender::Client => terminate!(

@@ -410,13 +410,15 @@ impl Current {
         new.keys.revoke_missing(&old.keys);
         // The old chains serve no new handshake: their warm instances go now, not when the
         // last connection admitted under them closes. The connections admitted under the old
-        // state keep calling its message policies, in fresh instances from now on (warm ones
-        // kept for them would pin instance slots for as long as such a connection lives).
+        // state keep calling its message policies: one warm instance per attachment is kept
+        // for them (all of them would pin instance slots for as long as such a connection
+        // lives; none would make each of their messages instantiate, and compile its config).
         for api in old.routes.apis() {
-            let chain = api.chain.iter().filter_map(|s| s.pool.as_ref());
-            let messages = api.messages.iter().filter_map(|s| s.pool.as_ref());
-            for pool in chain.chain(messages) {
-                pool.retire();
+            for pool in api.chain.iter().filter_map(|s| s.pool.as_ref()) {
+                pool.retire(0);
+            }
+            for pool in api.messages.iter().filter_map(|s| s.pool.as_ref()) {
+                pool.retire(1);
             }
         }
     }

@@ -295,6 +295,15 @@ async fn a_message_too_large_to_inspect_is_closed_1009() {
         ),
         Some(1.0)
     );
+
+    // Behind the message that is too large, in the same write, a frame that breaks the
+    // protocol (unmasked): the sender is closed for the first thing wrong, 1009, not 1002.
+    let (_, mut ws) = ws_connect(gw.ws.unwrap(), "/echo", "").await;
+    let mut bytes = client_frames(&[(true, 2, &[3u8; 1500])]);
+    bytes.extend(encode_frame(true, 0, 1, b"unmasked", None));
+    ws.send_raw(&bytes).await.unwrap();
+    let f = ws.read_until_close().await.unwrap();
+    assert_eq!(f.close_code(), Some(1009), "{f:?}");
 }
 
 /// A policy reads payloads as sent: an API with message policies offers the backend no

@@ -330,8 +330,15 @@ pub async fn judge(
     };
     let mut replaced = false;
     for step in steps.iter().filter(|s| s.watches.sees(sender)) {
-        let started = Instant::now();
         let seen = connection.seen_by(&step.plugin.message_capabilities);
+        // Waiting for a call slot is not the policy's time.
+        let Ok(_slot) = step.host.message_calls.acquire().await else {
+            return Judged::Failed {
+                plugin: step.name.clone(),
+                error: "the gateway is shutting down".into(),
+            };
+        };
+        let started = Instant::now();
         let called = step.host.message(step.call(), seen, &message).await;
         step.metrics
             .duration
@@ -452,10 +459,6 @@ impl PolicyHost {
         connection: &wit::Connection,
         message: &wit::Message,
     ) -> Result<Result<wit::MessageDecision, String>, PolicyError> {
-        let _slot = self.message_calls.acquire().await.map_err(|_| {
-            call.plugin
-                .call_error("the gateway is shutting down".into())
-        })?;
         tokio::time::timeout(
             call.budget.timeout,
             self.message_call(call, connection, message),

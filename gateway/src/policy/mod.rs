@@ -295,15 +295,14 @@ pub const INSTANTIATE_SAMPLES: usize = 21;
 pub struct InstancePool {
     idle: std::sync::Mutex<Vec<Warm>>,
     max_uses: u64,
-    max_idle: usize,
+    /// Idle instances kept at most. Lowered by [`InstancePool::retire`] when the state this
+    /// pool belongs to was replaced by a reload: connections admitted under the old state keep
+    /// it (and so this pool) alive for as long as they last, and without that every reload left
+    /// up to 2 warm instances per CPU and pooled attachment pinned in the engine's instance
+    /// slots until those connections closed. Read and lowered under the `idle` lock.
+    max_idle: std::sync::atomic::AtomicUsize,
     /// `tollgate_policy_instances_idle` of this attachment.
     gauge: prometheus_client::metrics::gauge::Gauge,
-    /// Set when the state this pool belongs to was replaced by a reload: its idle instances
-    /// are dropped and returned ones are not kept. Connections admitted under the old state
-    /// keep it (and so this pool) alive for as long as they last; without this, every reload
-    /// left up to `max_idle` warm instances per pooled attachment pinned in the engine's
-    /// instance slots until those connections closed.
-    retired: std::sync::atomic::AtomicBool,
 }
 
 struct Warm {
@@ -386,9 +385,8 @@ impl InstancePool {
         InstancePool {
             idle: std::sync::Mutex::new(Vec::new()),
             max_uses,
-            max_idle: threads * 2,
+            max_idle: std::sync::atomic::AtomicUsize::new(threads * 2),
             gauge,
-            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -401,25 +399,27 @@ impl InstancePool {
     }
 
     fn give_back(&self, w: Warm) {
-        if w.uses >= self.max_uses || self.retired.load(std::sync::atomic::Ordering::Acquire) {
+        if w.uses >= self.max_uses {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.max_idle {
+            if idle.len() < self.max_idle.load(std::sync::atomic::Ordering::Relaxed) {
                 idle.push(w);
                 self.gauge.inc();
             }
         }
     }
 
-    /// Drops the idle instances and keeps no more: the state this pool served was replaced.
-    pub fn retire(&self) {
-        self.retired
-            .store(true, std::sync::atomic::Ordering::Release);
+    /// The state this pool served was replaced: keeps at most `keep` idle instances from now
+    /// on (0 for a handshake chain, which serves no new handshake; 1 for a message policy,
+    /// which the connections admitted before still call).
+    pub fn retire(&self, keep: usize) {
         if let Ok(mut idle) = self.idle.lock() {
-            let n = i64::try_from(idle.len()).unwrap_or(i64::MAX);
-            idle.clear();
-            self.gauge.dec_by(n);
+            self.max_idle
+                .store(keep, std::sync::atomic::Ordering::Relaxed);
+            let n = idle.len().saturating_sub(keep);
+            idle.truncate(keep);
+            self.gauge.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }
@@ -478,9 +478,12 @@ pub struct PolicyHost {
 }
 
 /// Most message policy calls in flight at once, across the gateway: half of the pooling
-/// allocator's 1,000 instance slots, so however many connections have messages being judged
-/// (each call holds a slot for up to its `timeout`), handshake policies still find slots. A
-/// call over it waits for one to finish (its direction waits; nothing fails).
+/// allocator's 1,000 component instance slots, so that however many connections have
+/// messages being judged (each call holds an instance for up to its `timeout`), handshake
+/// policies keep room. A rough share, not a reservation: idle pooled instances hold slots too,
+/// and the allocator's limits on core instances and memories (1,000 each) fill faster for a
+/// component made of several core modules (an interpreter). A call over it waits for one to
+/// finish (its direction waits; nothing fails).
 pub const MAX_MESSAGE_CALLS: usize = 500;
 
 /// The compiled-plugin cache when the manifest names none: `$XDG_CACHE_HOME/tollgate/compiled`,

@@ -13,9 +13,11 @@
 //! `fields` are JSON pointers (RFC 6901: `/a/b`, `~1` for `/`, `~0` for `~`; `/items/0/x`
 //! indexes arrays). A message that is JSON and holds none of them is forwarded as it came (its
 //! bytes untouched); one that holds some is forwarded re-serialised with them masked (the value
-//! replaced by `mask`, default `"***"`) or removed (`action = "remove"`). A message that is not
-//! JSON (or is binary) is handled as `on_invalid` says: `forward` (default), `drop` or `close`
-//! (1007, invalid payload, to its sender).
+//! replaced by `mask`, default `"***"`) or removed (`action = "remove"`). A message this policy
+//! cannot read as JSON (or a binary one) is handled as `on_invalid` says: `drop` (the default:
+//! what cannot be redacted does not pass), `close` (1007, invalid payload, to its sender) or
+//! `forward` (as it came: anything serde_json refuses and a lenient receiver accepts, such as
+//! nesting deeper than 128 or a lone surrogate escape, then passes unredacted).
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use serde::Deserialize;
@@ -56,7 +58,7 @@ pub struct Config {
     pub action: Action,
     #[serde(default = "default_mask")]
     pub mask: String,
-    #[serde(default = "forward")]
+    #[serde(default = "drop")]
     pub on_invalid: OnInvalid,
 }
 
@@ -66,8 +68,8 @@ fn mask_action() -> Action {
 fn default_mask() -> String {
     "***".into()
 }
-fn forward() -> OnInvalid {
-    OnInvalid::Forward
+fn drop() -> OnInvalid {
+    OnInvalid::Drop
 }
 
 /// Parses and checks an attachment's config: at least one field, each a JSON pointer that
@@ -100,52 +102,48 @@ pub enum Outcome {
     Invalid,
 }
 
-/// The token of a pointer segment, unescaped (RFC 6901 section 4).
-fn unescape(token: &str) -> String {
-    token.replace("~1", "/").replace("~0", "~")
-}
+/// What a removed value is marked with until every pointer has been resolved: removing one
+/// array element at once would shift the indexes the later pointers name.
+const REMOVED: &str = "\u{0}tollgate:redact-fields:removed\u{0}";
 
-/// Masks or removes what `pointer` names in `doc`; whether it was there.
-fn redact_one(doc: &mut Value, pointer: &str, action: Action, mask: &str) -> bool {
-    match action {
-        Action::Mask => match doc.pointer_mut(pointer) {
-            Some(v) => {
-                *v = Value::String(mask.to_owned());
-                true
-            }
-            None => false,
-        },
-        Action::Remove => {
-            let (parent, last) = match pointer.rfind('/') {
-                Some(i) => (&pointer[..i], unescape(&pointer[i + 1..])),
-                None => return false,
-            };
-            match doc.pointer_mut(parent) {
-                Some(Value::Object(m)) => m.remove(&last).is_some(),
-                Some(Value::Array(a)) => match last.parse::<usize>() {
-                    Ok(i) if i < a.len() => {
-                        a.remove(i);
-                        true
-                    }
-                    _ => false,
-                },
-                _ => false,
-            }
+/// Drops every object member and array element marked [`REMOVED`].
+fn prune(v: &mut Value) {
+    let removed = |v: &Value| v.as_str() == Some(REMOVED);
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, v| !removed(v));
+            m.values_mut().for_each(prune);
         }
+        Value::Array(a) => {
+            a.retain(|v| !removed(v));
+            a.iter_mut().for_each(prune);
+        }
+        _ => {}
     }
 }
 
-/// Redacts `payload` as `config` says.
+/// Redacts `payload` as `config` says. Every pointer is resolved against the message as it
+/// came (RFC 6901, serde_json's reading of it), whatever the others name.
 pub fn redact(config: &Config, payload: &[u8]) -> Outcome {
     let Ok(mut doc) = serde_json::from_slice::<Value>(payload) else {
         return Outcome::Invalid;
     };
+    let mark = match config.action {
+        Action::Mask => config.mask.as_str(),
+        Action::Remove => REMOVED,
+    };
     let mut changed = false;
     for f in &config.fields {
-        changed |= redact_one(&mut doc, f, config.action, &config.mask);
+        if let Some(v) = doc.pointer_mut(f) {
+            *v = Value::String(mark.to_owned());
+            changed = true;
+        }
     }
     if !changed {
         return Outcome::Unchanged;
+    }
+    if config.action == Action::Remove {
+        prune(&mut doc);
     }
     match serde_json::to_vec(&doc) {
         Ok(v) => Outcome::Redacted(v),
@@ -241,6 +239,21 @@ mod tests {
         };
         let v: Value = serde_json::from_slice(&v).unwrap();
         assert_eq!(v, serde_json::json!({"list": [2], "keep": 4}));
+    }
+
+    /// Removing `/items/0` must not shift `/items/1/secret` onto another element.
+    #[test]
+    fn removals_resolve_every_pointer_against_the_message_as_it_came() {
+        let c = cfg(r#"{"fields": ["/items/0", "/items/1/secret"], "action": "remove"}"#);
+        let Outcome::Redacted(v) = redact(
+            &c,
+            br#"{"items":[{"a":0},{"secret":1,"b":1},{"secret":2}]}"#,
+        ) else {
+            panic!()
+        };
+        let v: Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(v, serde_json::json!({"items": [{"b": 1}, {"secret": 2}]}));
+        assert_eq!(cfg(r#"{"fields": ["/a"]}"#).on_invalid, OnInvalid::Drop);
     }
 
     #[test]
