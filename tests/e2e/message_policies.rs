@@ -453,3 +453,35 @@ async fn json_schema_validate_closes_1007_on_a_message_that_does_not_match() {
     assert_eq!(got[0].payload, br#"{"type":"chat","text":"hi"}"#);
     assert_eq!(got[1].close_code(), Some(1001), "{got:?}");
 }
+
+/// A reload that takes the message policy away: a connection admitted before it keeps the
+/// policies it came in with (its messages are still judged, by the instance the old state
+/// kept), a new connection relays without them.
+#[tokio::test]
+async fn a_connection_keeps_its_message_policies_across_a_reload() {
+    let backend = ws_echo_backend().await;
+    let gw = start(&format!("ws://{backend}/"), "instances = \"pooled\"", "");
+    let addr = gw.ws.unwrap();
+    let (_, mut before) = ws_connect(addr, "/echo", "").await;
+    before.send(true, 1, b"upper:one").await.unwrap();
+    assert_eq!(before.read_frame().await.unwrap().payload, b"UPPER:ONE");
+    // The same manifest without its [[apis.on_message]].
+    let path = gw.dir.path().join("tollgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.find("[[apis.on_message]]").unwrap();
+    std::fs::write(&path, &text[..cut]).unwrap();
+    gw.signal("HUP");
+    gw.wait_record("reload", |r| r["outcome"] == "applied")
+        .await;
+    for n in 0..3 {
+        before.send(true, 1, b"upper:two").await.unwrap();
+        assert_eq!(
+            before.read_frame().await.unwrap().payload,
+            b"UPPER:TWO",
+            "{n}"
+        );
+    }
+    let (_, mut after) = ws_connect(addr, "/echo", "").await;
+    after.send(true, 1, b"upper:three").await.unwrap();
+    assert_eq!(after.read_frame().await.unwrap().payload, b"upper:three");
+}
