@@ -510,14 +510,30 @@ impl Metrics {
             plugin: plugin.to_owned(),
             scope: scope.to_owned(),
         };
+        let (duration, idle) = self.policy_timing(api, plugin, scope);
         PolicyMetrics {
             allow: outcome("allow"),
             reject: outcome("reject"),
             error: outcome("error"),
             skips: self.policy_skips.get_or_create_owned(&l),
-            idle: self.policy_instances_idle.get_or_create_owned(&l),
-            duration: self.policy_duration.get_or_create_owned(&l),
+            idle,
+            duration,
         }
+    }
+
+    /// The call-time histogram and the idle-instance gauge of one attachment, alone: a message
+    /// policy's calls are counted by decision ([`Metrics::policy_outcome`]), so it gets no
+    /// `allow`/`reject` series and no skip counter.
+    pub fn policy_timing(&self, api: &str, plugin: &str, scope: &str) -> (Histogram, Gauge) {
+        let l = PolicyLabels {
+            api: api.to_owned(),
+            plugin: plugin.to_owned(),
+            scope: scope.to_owned(),
+        };
+        (
+            self.policy_duration.get_or_create_owned(&l),
+            self.policy_instances_idle.get_or_create_owned(&l),
+        )
     }
 
     /// One outcome's counter of `tollgate_policy_calls_total` (a message policy's decisions:

@@ -187,9 +187,6 @@ pub struct Inspection {
     pub max_size: usize,
     /// `max_frame_size`: a longer replacement goes in fragments.
     pub max_frame: usize,
-    /// For the `policy_error` record.
-    pub conn: u64,
-    pub api: Arc<str>,
 }
 
 /// A verdict on its way: the held message's fate, decided by the policies on the connection's
@@ -270,7 +267,7 @@ impl Inspector {
                 data_frames(dir, text, &payload, max_frame, rand::random, &mut self.out);
                 None
             }
-            Judged::Drop { .. } => None,
+            Judged::Drop => None,
             j @ (Judged::Close { .. } | Judged::Failed { .. }) => Some(PumpEvent::MessagePolicy(j)),
         }
     }
@@ -819,7 +816,7 @@ pub async fn relay(
             let (conn, api) = params
                 .inspection
                 .as_ref()
-                .map_or((0, ""), |i| (i.conn, &*i.api));
+                .map_or((0, ""), |i| (i.connection.id(), i.connection.api()));
             match $judged {
                 Judged::Close {
                     plugin,
@@ -857,7 +854,7 @@ pub async fn relay(
                         "message policy failed"
                     );
                 }
-                Judged::Forward | Judged::Replace(_) | Judged::Drop { .. } => {}
+                Judged::Forward | Judged::Replace(_) | Judged::Drop => {}
             }
         }};
     }

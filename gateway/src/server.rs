@@ -633,8 +633,6 @@ impl Gateway {
             )
             .unwrap_or(usize::MAX),
             max_frame: usize::try_from(api.config.limits.max_frame_size).unwrap_or(usize::MAX),
-            conn,
-            api: Arc::from(api.config.name.as_str()),
         });
         let outcome = relay::relay(
             client_io.into_inner(),

@@ -118,6 +118,8 @@ async fn messages_are_forwarded_whole_replaced_or_dropped_and_pings_pass_at_once
         assert_eq!(calls(&gw, "forward").await, Some(2.0), "{instances}");
         assert_eq!(calls(&gw, "replace").await, Some(1.0), "{instances}");
         assert_eq!(calls(&gw, "drop").await, Some(1.0), "{instances}");
+        // Decisions only: no handshake outcome series for a message policy.
+        assert_eq!(calls(&gw, "allow").await, None, "{instances}");
     }
 }
 

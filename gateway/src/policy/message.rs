@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::{Budget, Grants, InstancePool, Plugin, PluginKind, PolicyError, PolicyHost};
 use super::{Call, Instance};
-use crate::metrics::{Metrics, PolicyMetrics};
+use crate::metrics::Metrics;
 
 mod bindings {
     // As the handshake bindings: exports called asynchronously (the guest runs on a fiber
@@ -150,6 +150,15 @@ impl Connection {
         Connection { full, bare }
     }
 
+    /// The gateway's number for the connection (`conn` of its log records).
+    pub fn id(&self) -> u64 {
+        self.bare.id
+    }
+
+    pub fn api(&self) -> &str {
+        &self.bare.api
+    }
+
     /// The connection as a policy that declared `declared` may see it: the context values
     /// only with `use-context`.
     fn seen_by(&self, declared: &[MessageCapability]) -> &wit::Connection {
@@ -166,10 +175,11 @@ impl Connection {
 pub enum Judged {
     /// Every policy forwarded it unchanged: its original frames go on.
     Forward,
-    /// A policy replaced the payload (the last replacement is sent, as one frame).
+    /// A policy replaced the payload (the last replacement is sent, in frames of at most the
+    /// API's `max_frame_size`).
     Replace(Vec<u8>),
     /// A policy dropped it.
-    Drop { plugin: Arc<str> },
+    Drop,
     /// A policy closed the connection: the sender gets `code` and `reason`.
     Close {
         plugin: Arc<str>,
@@ -209,7 +219,7 @@ pub struct MessagePolicyMetrics {
 
 impl MessagePolicyMetrics {
     fn new(m: &Metrics, api: &str, plugin: &str) -> MessagePolicyMetrics {
-        let PolicyMetrics { duration, idle, .. } = m.policy(api, plugin, "message");
+        let (duration, idle) = m.policy_timing(api, plugin, "message");
         MessagePolicyMetrics {
             forward: m.policy_outcome(api, plugin, "message", "forward"),
             replace: m.policy_outcome(api, plugin, "message", "replace"),
@@ -398,9 +408,7 @@ pub async fn judge(
                     return fail(e);
                 }
                 step.metrics.drop.inc();
-                return Judged::Drop {
-                    plugin: step.name.clone(),
-                };
+                return Judged::Drop;
             }
             wit::MessageDecision::Close(c) => {
                 if let Err(e) = need(MessageCapability::CloseConnections, "closed a connection") {
