@@ -78,6 +78,8 @@ struct Bucket {
     /// May be negative (debt) for the byte bucket.
     tokens: f64,
     last: Instant,
+    /// Charged since the fleet was last told (see [`MessageRate::charged`]).
+    charged: f64,
 }
 
 impl Bucket {
@@ -87,7 +89,21 @@ impl Bucket {
             burst: r.burst as f64,
             tokens: r.burst as f64,
             last: now,
+            charged: 0.0,
         }
+    }
+
+    /// The bucket as this gateway's share (1 of `gateways`) of a fleet-wide `r`: the rate
+    /// and burst divided, never a burst below `floor` (a message needs a whole token).
+    fn share(&mut self, r: Rate, gateways: u64, floor: f64) {
+        let n = gateways.max(1) as f64;
+        self.per_second = r.per_second as f64 / n;
+        self.burst = (r.burst as f64 / n).max(floor);
+    }
+
+    fn charge(&mut self, amount: f64) {
+        self.tokens -= amount;
+        self.charged += amount;
     }
 
     fn refill(&mut self, now: Instant) {
@@ -153,7 +169,7 @@ impl MessageRate {
     /// Charges an admitted message's first frame (after [`MessageRate::check`]).
     pub fn take(&mut self, first_frame_len: u64) {
         if let Some(m) = &mut self.messages {
-            m.tokens -= 1.0;
+            m.charge(1.0);
         }
         self.charge(first_frame_len);
     }
@@ -161,7 +177,56 @@ impl MessageRate {
     /// Charges a later frame of an admitted message.
     pub fn charge(&mut self, len: u64) {
         if let Some(b) = &mut self.bytes {
-            b.tokens -= len as f64;
+            b.charge(len as f64);
+        }
+    }
+
+    // A subscription's buckets shared by a fleet of gateways (`[cluster]`): each gateway
+    // judges on its own buckets, as above, and settles with the fleet's store once per
+    // interval: it reports what it charged ([`MessageRate::charged`]) and gets back the fleet
+    // bucket's tokens and how many other gateways are spending from it; its own buckets then
+    // hold its share of those ([`MessageRate::settle`]). No message waits on the store.
+
+    /// What was charged since the last call, messages and bytes (rounded up), and forgets it.
+    pub fn charged(&mut self) -> (u64, u64) {
+        let take = |b: &mut Option<Bucket>| {
+            b.as_mut().map_or(0, |b| {
+                std::mem::replace(&mut b.charged, 0.0).ceil().max(0.0) as u64
+            })
+        };
+        (take(&mut self.messages), take(&mut self.bytes))
+    }
+
+    /// Takes this gateway's share of the fleet's buckets under `spec`: `fleet` is what the
+    /// store holds (message and byte tokens, after this gateway's last report), `gateways`
+    /// how many spend from them (this one included). What this gateway charged since its
+    /// report comes off its share at once; it is reported at the next settle.
+    pub fn settle(&mut self, spec: &RateSpec, fleet: (f64, f64), gateways: u64, now: Instant) {
+        let n = gateways.max(1) as f64;
+        for (bucket, rate, tokens, floor) in [
+            (&mut self.messages, spec.messages, fleet.0, 1.0),
+            (&mut self.bytes, spec.bytes, fleet.1, 0.0),
+        ] {
+            if let (Some(b), Some(r)) = (bucket, rate) {
+                b.share(r, gateways, floor);
+                b.tokens = (tokens / n).min(b.burst) - b.charged;
+                b.last = now;
+            }
+        }
+    }
+
+    /// This gateway's share (1 of `gateways`) of `spec`, without news from the fleet's store:
+    /// at a subscription's first connection here, and while the store does not answer.
+    pub fn share(&mut self, spec: &RateSpec, gateways: u64, now: Instant) {
+        for (bucket, rate, floor) in [
+            (&mut self.messages, spec.messages, 1.0),
+            (&mut self.bytes, spec.bytes, 0.0),
+        ] {
+            if let (Some(b), Some(r)) = (bucket, rate) {
+                b.refill(now);
+                b.share(r, gateways, floor);
+                b.tokens = b.tokens.min(b.burst);
+            }
         }
     }
 }
@@ -230,6 +295,43 @@ mod tests {
             Err(RateLimit::BytesPerSecond)
         );
         assert_eq!(r.admit(1, t1 + Duration::from_millis(3100)), Ok(()));
+    }
+
+    #[test]
+    fn a_fleets_buckets_are_shared_by_the_gateways_spending_from_them() {
+        let t0 = Instant::now();
+        let spec = spec(Some((10, 20)), Some((1000, 600)));
+        let mut r = MessageRate::new(&spec, t0);
+        // First connection in a fleet of four: a quarter, 5 messages (and 150 bytes) at once.
+        r.share(&spec, 4, t0);
+        assert_eq!((0..10).filter(|_| r.admit(10, t0).is_ok()).count(), 5);
+        assert_eq!(r.charged(), (5, 50));
+        assert_eq!(r.charged(), (0, 0), "reported once");
+        // Charged after the report, before the answer: comes off the share the answer gives.
+        assert_eq!(r.admit(0, t0 + Duration::from_millis(500)), Ok(()));
+        // The store says 12 messages and 300 bytes are left, spent by two gateways: 6 and 150
+        // each, less the one message charged meanwhile.
+        r.settle(&spec, (12.0, 300.0), 2, t0);
+        assert_eq!((0..10).filter(|_| r.admit(10, t0).is_ok()).count(), 5);
+        // It refills at half the rate: 5 per second.
+        let t1 = t0 + Duration::from_millis(200);
+        assert_eq!((0..10).filter(|_| r.admit(1, t1).is_ok()).count(), 1);
+        assert_eq!(r.charged(), (7, 51));
+        // The fleet in debt: nothing passes until the debt is repaid at this gateway's rate.
+        r.settle(&spec, (-4.0, 100.0), 2, t1);
+        assert_eq!(
+            r.admit(1, t1 + Duration::from_millis(500)),
+            Err(RateLimit::MessagesPerSecond)
+        );
+        assert_eq!(r.admit(1, t1 + Duration::from_millis(700)), Ok(()));
+        // A tiny share still lets a whole message through, in time.
+        let mut one = MessageRate::new(&spec, t1);
+        one.settle(&spec, (20.0, 600.0), 40, t1);
+        // Half a token, refilled at a quarter per second: a whole one in 2 s.
+        assert_eq!(one.admit(1, t1), Err(RateLimit::MessagesPerSecond));
+        let t2 = t1 + Duration::from_millis(2100);
+        assert_eq!(one.admit(1, t2), Ok(()));
+        assert_eq!(one.admit(1, t2), Err(RateLimit::MessagesPerSecond));
     }
 
     #[test]

@@ -38,6 +38,8 @@ use std::time::Duration;
 
 pub use tollgate_manifest::OnStoreFailure;
 
+use crate::frame::SharedRate;
+use crate::manifest::RateSpec;
 use crate::metrics::{FleetMetrics, StoreCall, StoreFailure};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
@@ -235,6 +237,56 @@ return out
     )
 });
 
+/// KEYS: fleet buckets of subscriptions' message rates (`per = "subscription"`, see
+/// [`Fleet::settle_message_rates`]); ARGV[1] this gateway, ARGV[2] for how long (ms) after its
+/// last charge a gateway counts as spending from a bucket; then per key six numbers: message
+/// rate and burst, byte rate and burst (0 and 0: not limited), messages and bytes this gateway
+/// charged since its last report. Each bucket is refilled by the time passed on Redis's clock,
+/// charged (into debt, at most one burst deep), and answered as {message tokens, byte tokens,
+/// other gateways spending}; tokens as strings, since Lua numbers in a reply are truncated to
+/// integers. A bucket lives until it would be full again; then a fresh one is the same thing.
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me = 'g:' .. ARGV[1]
+local fresh = tonumber(ARGV[2])
+local out = {}
+for k = 1, #KEYS do
+  local a = 2 + (k - 1) * 6
+  local mr, mb = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local br, bb = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local mu, bu = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local h = redis.call('HMGET', KEYS[k], 'm', 'b', 't')
+  local dt = 0
+  if h[3] then dt = math.max(0, now - tonumber(h[3])) / 1000 end
+  local m = math.max(-mb, math.min(mb, (tonumber(h[1]) or mb) + dt * mr) - mu)
+  local b = math.max(-bb, math.min(bb, (tonumber(h[2]) or bb) + dt * br) - bu)
+  if mu > 0 or bu > 0 then redis.call('HSET', KEYS[k], me, now) end
+  local others = 0
+  local f = redis.call('HGETALL', KEYS[k])
+  for i = 1, #f, 2 do
+    if string.sub(f[i], 1, 2) == 'g:' and f[i] ~= me then
+      if tonumber(f[i + 1]) + fresh >= now then
+        others = others + 1
+      else
+        redis.call('HDEL', KEYS[k], f[i])
+      end
+    end
+  end
+  redis.call('HSET', KEYS[k], 'm', tostring(m), 'b', tostring(b), 't', now)
+  local full = 0
+  if mr > 0 then full = math.max(full, mb / mr) end
+  if br > 0 then full = math.max(full, bb / br) end
+  redis.call('PEXPIRE', KEYS[k], math.ceil(full * 1000) + fresh)
+  out[k] = {tostring(m), tostring(b), others}
+end
+return out
+",
+    )
+});
+
 /// The store's name of a subscription's connection slots. The product's length first: names
 /// may hold `/`, and `a/b` + `c` must not be the same thing as `a` + `b/c`.
 pub fn subscription_thing(product: &str, name: &str) -> String {
@@ -248,6 +300,50 @@ pub fn api_thing(name: &str) -> String {
 
 /// Things counted per `counts` call at most (a script's keys).
 const COUNTS_PER_CALL: usize = 256;
+/// Buckets settled per call at most (six arguments each).
+const SETTLES_PER_CALL: usize = 128;
+
+/// What this gateway charged to one fleet bucket of message rates since its last report.
+pub struct RateReport<'a> {
+    /// The bucket's name in the store ([`message_rate_thing`]).
+    pub thing: &'a str,
+    pub spec: &'a RateSpec,
+    /// Messages and bytes.
+    pub charged: (u64, u64),
+}
+
+/// A fleet bucket as the store holds it after a report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settled {
+    /// Message and byte tokens left (negative: the fleet's debt).
+    pub tokens: (f64, f64),
+    /// Other gateways that charged it lately.
+    pub others: u64,
+}
+
+/// The store's name of a subscription's message bucket: whose (the subscription's thing),
+/// which limit (an API's or a product's, by name), which direction, and the limit itself, so a
+/// reload that changes a rate starts a fresh bucket, as it does in process.
+pub fn message_rate_thing(
+    subscription: &str,
+    scope: &str,
+    name: &str,
+    direction: &str,
+    spec: &RateSpec,
+) -> String {
+    let rate = |r: Option<tollgate_edge::rate::Rate>| {
+        r.map_or(String::from("-"), |r| {
+            format!("{}/{}", r.per_second, r.burst)
+        })
+    };
+    format!(
+        "msg:{subscription}:{scope}:{}:{name}:{direction}:{}:{}:{}",
+        name.len(),
+        rate(spec.messages),
+        rate(spec.bytes),
+        spec.action.as_str()
+    )
+}
 
 /// Where and how a gateway keeps its fleet-wide counts.
 #[derive(Clone)]
@@ -569,6 +665,63 @@ impl Store {
         })
     }
 
+    /// Reports what this gateway charged to fleet buckets of message rates and reads what they
+    /// hold (one call per 128 buckets). `fresh`: how long after its last charge a gateway
+    /// counts as spending from a bucket.
+    pub async fn settle_rates(
+        &self,
+        reports: &[RateReport<'_>],
+        fresh: Duration,
+    ) -> Result<Vec<Settled>, StoreError> {
+        if self.left.load(Ordering::Acquire) {
+            return Err(StoreError::Left);
+        }
+        let mut out = Vec::with_capacity(reports.len());
+        let rate =
+            |r: Option<tollgate_edge::rate::Rate>| r.map_or((0, 0), |r| (r.per_second, r.burst));
+        for chunk in reports.chunks(SETTLES_PER_CALL) {
+            let mut conn = self.conn.clone();
+            let mut call = SETTLE.prepare_invoke();
+            call.arg(&self.config.gateway_id)
+                .arg(u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX));
+            for r in chunk {
+                let (mr, mb) = rate(r.spec.messages);
+                let (br, bb) = rate(r.spec.bytes);
+                call.key(format!(
+                    "tollgate:{{{}}}:{}",
+                    self.config.namespace, r.thing
+                ))
+                .arg(mr)
+                .arg(mb)
+                .arg(br)
+                .arg(bb)
+                .arg(r.charged.0)
+                .arg(r.charged.1);
+            }
+            let settled: Vec<(String, String, i64)> = self
+                .bounded(StoreCall::Settle, call.invoke_async(&mut conn))
+                .await?;
+            if settled.len() != chunk.len() {
+                return Err(StoreError::Redis(format!(
+                    "settle answered {} buckets of {}",
+                    settled.len(),
+                    chunk.len()
+                )));
+            }
+            let number = |s: &str| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .unwrap_or(0.0)
+            };
+            out.extend(settled.into_iter().map(|(m, b, others)| Settled {
+                tokens: (number(&m), number(&b)),
+                others: u64::try_from(others).unwrap_or(0),
+            }));
+        }
+        Ok(out)
+    }
+
     /// The fleet's count of each thing (one call per 256 things; reads only).
     pub async fn counts(&self, things: &[String]) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::with_capacity(things.len());
@@ -656,7 +809,9 @@ impl Store {
     /// is not there is loaded by the call that needs it anyway.
     async fn load_scripts(&self) {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
-        for script in [&ACQUIRE, &RELEASE, &HEARTBEAT, &INCREMENT, &COUNTS, &LEAVE] {
+        for script in [
+            &ACQUIRE, &RELEASE, &HEARTBEAT, &INCREMENT, &COUNTS, &LEAVE, &SETTLE,
+        ] {
             let mut conn = self.conn.clone();
             let invocation = script.prepare_invoke();
             let load = invocation.load_async(&mut conn);
@@ -719,6 +874,26 @@ pub struct Fleet {
     counts: Mutex<(HashMap<String, u64>, Option<std::time::SystemTime>)>,
     /// Closed connections' slots, for the releaser task ([`Fleet::releaser`]).
     releases: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    /// Subscriptions' message buckets shared with the fleet, while connections hold them.
+    rates: Mutex<Vec<TrackedRate>>,
+    /// `cluster.message_sync_interval`.
+    sync_interval: Duration,
+}
+
+/// A subscription's message buckets that this gateway settles with the fleet's store.
+struct TrackedRate {
+    thing: String,
+    spec: RateSpec,
+    /// Held by the subscription (until a reload changes the rate) and by its connections.
+    rate: std::sync::Weak<std::sync::Mutex<tollgate_edge::rate::MessageRate>>,
+}
+
+/// A poisoned lock only means a connection's task panicked mid-check: the numbers are still
+/// numbers.
+fn rate_lock(
+    rate: &std::sync::Mutex<tollgate_edge::rate::MessageRate>,
+) -> std::sync::MutexGuard<'_, tollgate_edge::rate::MessageRate> {
+    rate.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One connection's slots in the fleet's store; given back (by the fleet's releaser task, in a
@@ -772,6 +947,7 @@ impl Fleet {
     pub fn new(
         config: StoreConfig,
         on_failure: OnStoreFailure,
+        sync_interval: Duration,
         metrics: FleetMetrics,
     ) -> Result<Arc<Fleet>, StoreError> {
         let mut store = Store::new(config)?;
@@ -784,6 +960,8 @@ impl Fleet {
             failing: AtomicBool::new(false),
             counts: Mutex::default(),
             releases,
+            rates: Mutex::default(),
+            sync_interval,
         });
         tokio::spawn(Fleet::releaser(Arc::downgrade(&fleet), closed));
         Ok(fleet)
@@ -939,6 +1117,89 @@ impl Fleet {
     /// The fleet's count of `thing` at the last read, if it was read.
     pub fn fleet_count(&self, thing: &str) -> Option<u64> {
         self.counts.lock().ok()?.0.get(thing).copied()
+    }
+
+    /// Shares a subscription's new message buckets with the fleet: they start as this
+    /// gateway's share of the limit (the limit over the gateways alive at the last heartbeat)
+    /// and are settled with the store every `message_sync_interval` from then on.
+    pub fn track_rate(&self, thing: String, spec: RateSpec, rate: &SharedRate) {
+        let live = self.live.load(Ordering::Acquire).max(1);
+        rate_lock(rate).share(&spec, live, std::time::Instant::now());
+        if let Ok(mut rates) = self.rates.lock() {
+            rates.push(TrackedRate {
+                thing,
+                spec,
+                rate: Arc::downgrade(rate),
+            });
+        }
+    }
+
+    /// Settles the subscriptions' message buckets with the store, every
+    /// `message_sync_interval`, until the gateway leaves the fleet.
+    ///
+    /// Each gateway judges every message on its own buckets (no message waits on the store)
+    /// and, once per interval, reports what it charged and takes its share of what the fleet's
+    /// bucket holds: the tokens and the rate divided by the gateways charging it lately. So
+    /// the fleet admits the limit on average; what it may admit beyond is about what the
+    /// gateways that just started charging admit in one interval. One call per interval for
+    /// all buckets (per 128), whatever the number of connections and messages. When the store
+    /// does not answer, each bucket is this gateway's share of the limit over the gateways
+    /// alive at the last heartbeat (`on_store_failure` `local` and `closed`: a message is
+    /// never refused for the store's sake), or the whole limit (`open`).
+    pub async fn settle_message_rates(self: Arc<Self>) {
+        let fresh = self.sync_interval * 3;
+        loop {
+            tokio::time::sleep(self.sync_interval).await;
+            let held: Vec<(String, RateSpec, SharedRate)> = match self.rates.lock() {
+                Ok(mut rates) => {
+                    rates.retain(|r| r.rate.strong_count() > 0);
+                    rates
+                        .iter()
+                        .filter_map(|r| {
+                            r.rate.upgrade().map(|rate| (r.thing.clone(), r.spec, rate))
+                        })
+                        .collect()
+                }
+                Err(_) => return,
+            };
+            if held.is_empty() {
+                continue;
+            }
+            let charged: Vec<(u64, u64)> = held
+                .iter()
+                .map(|(_, _, r)| rate_lock(r).charged())
+                .collect();
+            let reports: Vec<RateReport<'_>> = held
+                .iter()
+                .zip(&charged)
+                .map(|((thing, spec, _), charged)| RateReport {
+                    thing,
+                    spec,
+                    charged: *charged,
+                })
+                .collect();
+            let answer = self.store.settle_rates(&reports, fresh).await;
+            let now = std::time::Instant::now();
+            match answer {
+                Ok(settled) => {
+                    self.note_success();
+                    for ((_, spec, rate), s) in held.iter().zip(settled) {
+                        rate_lock(rate).settle(spec, s.tokens, s.others + 1, now);
+                    }
+                }
+                Err(StoreError::Left) => return,
+                Err(e) => {
+                    let gateways = match self.fallback(&e) {
+                        Fallback::Open => 1,
+                        Fallback::Local { live } => live,
+                        Fallback::Closed => self.live.load(Ordering::Acquire).max(1),
+                    };
+                    for (_, spec, rate) in &held {
+                        rate_lock(rate).share(spec, gateways, now);
+                    }
+                }
+            }
+        }
     }
 
     /// How often heartbeats (and the reads for `/apis`) run.

@@ -386,7 +386,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "store_call_duration",
-            "Round trips to the fleet's store ([cluster]), by call (acquire, release, heartbeat, increment, counts, leave), failed ones included",
+            "Round trips to the fleet's store ([cluster]), by call (acquire, release, heartbeat, increment, counts, leave, settle), failed ones included",
             Unit::Seconds,
             m.fleet.call_duration.clone(),
         );
@@ -839,6 +839,7 @@ pub enum StoreCall {
     Increment,
     Counts,
     Leave,
+    Settle,
 }
 
 impl StoreCall {
@@ -850,6 +851,7 @@ impl StoreCall {
             StoreCall::Increment => "increment",
             StoreCall::Counts => "counts",
             StoreCall::Leave => "leave",
+            StoreCall::Settle => "settle",
         }
     }
 }

@@ -219,6 +219,7 @@ impl Gateway {
                     timeout: c.store_timeout,
                 },
                 c.on_store_failure,
+                c.message_sync_interval,
                 self.metrics.fleet(),
             )
             .map_err(|e| StartError::Plugin(format!("cluster.store: {e}")))?;
@@ -227,6 +228,7 @@ impl Gateway {
                 on_store_failure = c.on_store_failure.as_str(),
                 "connection limits are counted across the fleet sharing this store");
             tokio::spawn(fleet.clone().heartbeats());
+            tokio::spawn(fleet.clone().settle_message_rates());
             tokio::spawn(self.clone().read_fleet_counts(fleet.clone()));
             // Every state shares the process's counters, so this holds across reloads.
             self.served().counters().use_fleet(fleet.clone());
@@ -530,6 +532,7 @@ impl Gateway {
         product: Option<&str>,
         product_messages: &[MessageRates; 2],
         permit: &crate::routes::Permit,
+        fleet: Option<&crate::cluster::Fleet>,
     ) -> ([Vec<RateSpec>; 2], [Vec<SharedRate>; 2]) {
         let mut own: [Vec<RateSpec>; 2] = Default::default();
         let mut shared: [Vec<SharedRate>; 2] = Default::default();
@@ -555,7 +558,9 @@ impl Gateway {
                 own[i].extend(r.per_connection);
                 if let Some(spec) = r.per_subscription {
                     match permit.subscription() {
-                        Some(sub) => shared[i].push(sub.message_rates.get(scope, name, dir, spec)),
+                        Some(sub) => {
+                            shared[i].push(sub.message_rate(scope, name, dir, spec, fleet))
+                        }
                         // Nobody to share with: the same rate, on the connection's own.
                         None => own[i].push(spec),
                     }
@@ -612,8 +617,13 @@ impl Gateway {
             read_buf: client_prefix,
             ..
         } = parts;
-        let (own_rates, shared_rates) =
-            Self::message_rates(&api, product.as_deref(), &product_messages, &permit);
+        let (own_rates, shared_rates) = Self::message_rates(
+            &api,
+            product.as_deref(),
+            &product_messages,
+            &permit,
+            self.fleet.get().map(|f| &**f),
+        );
         let inspection = (!api.messages.is_empty()).then(|| relay::Inspection {
             steps: api.messages.clone(),
             connection: Arc::new(Connection::new(

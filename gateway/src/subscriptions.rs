@@ -56,8 +56,17 @@ pub struct SharedRates {
 type RateKey = (RateScope, String, Direction);
 
 impl SharedRates {
-    /// The buckets for the messages of `scope` `name` in direction `dir` under `spec`.
-    pub fn get(&self, scope: RateScope, name: &str, dir: Direction, spec: RateSpec) -> SharedRate {
+    /// The buckets for the messages of `scope` `name` in direction `dir` under `spec`; new
+    /// ones are shared with the `fleet` when there is one (`[cluster]`), under `subscription`
+    /// (the subscription's name in the store).
+    fn get(
+        &self,
+        scope: RateScope,
+        name: &str,
+        dir: Direction,
+        spec: RateSpec,
+        fleet: Option<(&crate::cluster::Fleet, &str)>,
+    ) -> SharedRate {
         let mut map = self.by_scope.lock().unwrap_or_else(|e| e.into_inner());
         let key = (scope, name.to_owned(), dir);
         match map.get(&key) {
@@ -67,6 +76,19 @@ impl SharedRates {
                     &spec,
                     std::time::Instant::now(),
                 )));
+                if let Some((fleet, subscription)) = fleet {
+                    let scope = match scope {
+                        RateScope::Api => "api",
+                        RateScope::Product => "product",
+                    };
+                    let dir = match dir {
+                        Direction::ClientToBackend => "client",
+                        Direction::BackendToClient => "backend",
+                    };
+                    let thing =
+                        crate::cluster::message_rate_thing(subscription, scope, name, dir, &spec);
+                    fleet.track_rate(thing, spec, &rate);
+                }
                 map.insert(key, (spec, rate.clone()));
                 rate
             }
@@ -182,6 +204,21 @@ impl Keys {
 }
 
 impl Subscription {
+    /// The buckets its connections share for the messages of `scope` `name` (an API or a
+    /// product) in direction `dir` under `spec`: across the `fleet` when there is one.
+    pub fn message_rate(
+        &self,
+        scope: RateScope,
+        name: &str,
+        dir: Direction,
+        spec: RateSpec,
+        fleet: Option<&crate::cluster::Fleet>,
+    ) -> SharedRate {
+        let thing = fleet.map(|_| crate::cluster::subscription_thing(&self.product, &self.name));
+        self.message_rates
+            .get(scope, name, dir, spec, fleet.zip(thing.as_deref()))
+    }
+
     /// Takes one of this subscription's connection slots, if it has one free. Exact under
     /// concurrency: the count never goes above `max_connections`, not even for a moment.
     pub fn try_take(&self) -> bool {

@@ -49,6 +49,11 @@ pub struct ClusterConfig {
     /// Longest a handshake waits on the store.
     pub store_timeout: std::time::Duration,
     pub on_store_failure: OnStoreFailure,
+    /// How often a gateway settles its subscriptions' message rates with the fleet's store
+    /// (`per = "subscription"` message limits): what the fleet may overshoot a rate by is what
+    /// the gateways admit in about one interval, so short; it costs one store call per gateway
+    /// per interval, whatever the number of connections and messages.
+    pub message_sync_interval: std::time::Duration,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -60,6 +65,7 @@ impl fmt::Debug for ClusterConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("store_timeout", &self.store_timeout)
             .field("on_store_failure", &self.on_store_failure)
+            .field("message_sync_interval", &self.message_sync_interval)
             .finish()
     }
 }
@@ -89,6 +95,9 @@ impl OnStoreFailure {
 /// `[cluster]` defaults.
 pub const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(50);
+/// `cluster.message_sync_interval`'s default.
+pub const DEFAULT_MESSAGE_SYNC_INTERVAL: std::time::Duration =
+    std::time::Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {

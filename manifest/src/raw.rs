@@ -102,6 +102,8 @@ pub(crate) struct RawCluster {
     #[serde(default, with = "humantime_serde")]
     pub(crate) store_timeout: Option<Duration>,
     pub(crate) on_store_failure: Option<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub(crate) message_sync_interval: Option<Duration>,
 }
 
 #[derive(Deserialize)]

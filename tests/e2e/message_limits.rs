@@ -349,3 +349,85 @@ async fn a_products_limit_spans_its_apis() {
     };
     assert_eq!((dropped("chat"), dropped("news")), (None, Some(1.0)));
 }
+
+/// `per = "subscription"` on a fleet: alice's connections through two gateway processes sharing
+/// one Redis draw from one rate (5 messages per second, a burst of 5), not one each. Both send
+/// 20 messages per second for 3 s: the backend gets about 5 + 5 per second of the 120 between
+/// them (each gateway on its own would pass that many: twice as many in all), some through
+/// each, and each gateway settles with Redis about once per `message_sync_interval` (100 ms by
+/// default), not once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriptions_rate_holds_across_a_fleet() {
+    let redis = crate::support::redis::RedisServer::start();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let manifest = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [cluster]\nstore = \"{}\"\nlease_ttl = \"3s\"\nstore_timeout = \"500ms\"\n\n\
+         [[products]]\nname = \"gold\"\n\
+         [[products.subscriptions]]\nname = \"alice\"\nprimary_key_sha256 = \"{}\"\n\n{}",
+        gateway_section(""),
+        redis.url(),
+        sha256_hex(ALICE_KEY),
+        api_section(
+            "echo",
+            "echo",
+            &backend.url(),
+            "products = [\"gold\"]\n\
+             [[apis.message_limits]]\nper = \"subscription\"\nmax_messages_per_second = 5\nburst_messages = 5\naction = \"drop\"\n"
+        )
+    );
+    let gws = [Gateway::start(&manifest), Gateway::start(&manifest)];
+    let key = format!("Ocp-Apim-Subscription-Key: {ALICE_KEY}\r\n");
+    let mut tabs = Vec::new();
+    for gw in &gws {
+        tabs.push(ws_connect(gw.ws.unwrap(), "/echo", &key).await.1);
+    }
+    let started = std::time::Instant::now();
+    const EACH: usize = 60;
+    for i in 0..EACH {
+        for (t, ws) in tabs.iter_mut().enumerate() {
+            let text = format!("{t}-{i}");
+            ws.send_raw(&client_frames(&[(true, 1, text.as_bytes())]))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sending = started.elapsed().as_secs_f64();
+    // What was admitted has arrived within a second.
+    let mut got = [0usize; 2];
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        if f.opcode == 1 {
+            got[usize::from(f.payload[0] == b'1')] += 1;
+        }
+    }
+    let total = got[0] + got[1];
+    eprintln!("admitted {got:?} of {} in {sending:.1} s", 2 * EACH);
+    // The fleet's burst and rate, plus what the gateways may admit before they first settle
+    // and in about one interval after: far below the 2 x (5 + 5 per second) of two gateways
+    // counting alone.
+    let most = 5.0 + 5.0 * sending + 5.0;
+    assert!(
+        (total as f64) <= most,
+        "{total} messages admitted in {sending:.1} s through two gateways (at most {most:.0}): {got:?}"
+    );
+    assert!(
+        total >= 12 && got.iter().all(|&n| n >= 3),
+        "the rate is shared, not starved: {got:?} in {sending:.1} s"
+    );
+    let running = started.elapsed().as_secs_f64();
+    for gw in &gws {
+        let m = scrape(gw.admin.unwrap()).await;
+        let settles = sample(
+            &m,
+            "tollgate_store_call_duration_seconds",
+            &[("call", "settle")],
+        )
+        .unwrap_or(0.0);
+        assert!(
+            settles >= 5.0 && settles <= running / 0.1 + 5.0 && settles < EACH as f64,
+            "{settles} settle calls in {running:.1} s for {EACH} messages"
+        );
+    }
+}

@@ -3,7 +3,10 @@
 use toml::Spanned;
 
 use super::Validator;
-use crate::model::{ClusterConfig, OnStoreFailure, DEFAULT_LEASE_TTL, DEFAULT_STORE_TIMEOUT};
+use crate::model::{
+    ClusterConfig, OnStoreFailure, DEFAULT_LEASE_TTL, DEFAULT_MESSAGE_SYNC_INTERVAL,
+    DEFAULT_STORE_TIMEOUT,
+};
 use crate::raw::RawCluster;
 
 /// Ids and namespaces end up in Redis keys and in logs: short and plain.
@@ -84,6 +87,18 @@ impl Validator<'_> {
                 "must be above zero and at most a third of lease_ttl",
             );
         }
+        let message_sync_interval = c
+            .message_sync_interval
+            .unwrap_or(DEFAULT_MESSAGE_SYNC_INTERVAL);
+        if !(std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(10))
+            .contains(&message_sync_interval)
+        {
+            self.err(
+                span.clone(),
+                "cluster.message_sync_interval",
+                "must be between 10ms and 10s",
+            );
+        }
         let on_store_failure = match c
             .on_store_failure
             .as_ref()
@@ -111,6 +126,7 @@ impl Validator<'_> {
             lease_ttl,
             store_timeout,
             on_store_failure: on_store_failure?,
+            message_sync_interval,
         })
     }
 
@@ -164,13 +180,14 @@ mod tests {
         assert_eq!(cl.on_store_failure, OnStoreFailure::Local);
         assert_eq!(cl.namespace, "tollgate");
         assert_eq!(cl.gateway_id, None);
+        assert_eq!(cl.message_sync_interval, Duration::from_millis(100));
         assert!(
             !format!("{cl:?}").contains("6379"),
             "the URL is never printed"
         );
         assert!(p(BASE).unwrap().cluster.is_none());
         let e = p(&format!(
-            "{BASE}[cluster]\nstore = \"http://x\"\non_store_failure = \"maybe\"\ngateway_id = \"a b\"\nlease_ttl = \"1s\"\nstore_timeout = \"500ms\"\n"
+            "{BASE}[cluster]\nstore = \"http://x\"\non_store_failure = \"maybe\"\ngateway_id = \"a b\"\nlease_ttl = \"1s\"\nstore_timeout = \"500ms\"\nmessage_sync_interval = \"5ms\"\n"
         ))
         .unwrap_err();
         let keys: Vec<_> = e.0.iter().map(|m| m.key.as_str()).collect();
@@ -180,6 +197,7 @@ mod tests {
                 "cluster.store",
                 "cluster.gateway_id",
                 "cluster.store_timeout",
+                "cluster.message_sync_interval",
                 "cluster.on_store_failure"
             ],
             "{e}"
