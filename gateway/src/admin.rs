@@ -196,7 +196,11 @@ impl Guard {
         if !token_exempt(path) {
             self.check_token(req.headers())?;
         }
-        if path == "/console/probe" && !self.same_site(req.headers(), local) {
+        if matches!(
+            path,
+            "/console/probe" | "/console/watch" | "/console/events"
+        ) && !self.same_site(req.headers(), local)
+        {
             return Err(Refusal::CrossSite);
         }
         Ok(())
@@ -265,6 +269,8 @@ pub struct View {
     pub listeners: Arc<std::sync::OnceLock<Vec<(Scheme, SocketAddr)>>>,
     /// The fleet (`[cluster]`): its counts, as last read, go into `/apis`.
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
+    /// The web console's watches (`/console/watch`, `/console/events`).
+    pub watches: Arc<crate::watch::Watches>,
 }
 
 pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
@@ -311,6 +317,15 @@ pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
     }
 }
 
+fn json_response(v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -321,7 +336,15 @@ async fn route<B>(gw: &View, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let known = matches!(
         path,
-        "/console" | "/console/" | "/console/probe" | "/apis" | "/metrics" | "/healthz" | "/readyz"
+        "/console"
+            | "/console/"
+            | "/console/probe"
+            | "/console/watch"
+            | "/console/events"
+            | "/apis"
+            | "/metrics"
+            | "/healthz"
+            | "/readyz"
     );
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -358,6 +381,32 @@ async fn route<B>(gw: &View, req: &Request<B>) -> Response<Full<Bytes>> {
             http::HeaderValue::from_static("application/json"),
         );
         return r;
+    }
+    // The console's watch of its next connection: a token it offers as a subprotocol
+    // (`tollgate-console.<token>`), then the events of that connection's messages.
+    if path == "/console/watch" {
+        let token = gw.watches.issue();
+        return json_response(serde_json::json!({
+            "watch": token,
+            "protocol": format!("{}{token}", crate::watch::WATCH_PROTOCOL_PREFIX),
+        }));
+    }
+    if path == "/console/events" {
+        let (mut watch, mut after) = (String::new(), 0u64);
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "watch" => watch = v.into_owned(),
+                "after" => after = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        return match gw.watches.events(&watch, after) {
+            Some(events) => json_response(events),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no such watch (expired or never issued)\n",
+            ),
+        };
     }
     if path == "/apis" {
         let mut r = Response::new(Full::new(Bytes::from(apis_json(gw).to_string())));
@@ -632,6 +681,7 @@ mod tests {
             ready: Default::default(),
             listeners: Default::default(),
             fleet: None,
+            watches: Default::default(),
         };
         let get = |path: &str| req(path, &[("host", "localhost")]);
         assert_eq!(route(&gw, &get("/readyz")).await.status(), 503);

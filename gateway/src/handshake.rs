@@ -67,6 +67,8 @@ pub struct Env {
     pub shutdown: CancellationToken,
     /// The fleet's shared limits (`[cluster]`), when clustered.
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
+    /// The web console's watches (its own connections' message events).
+    pub watches: Arc<crate::watch::Watches>,
 }
 
 /// A handshake that got its 101: what the connection task needs to start the relay.
@@ -91,6 +93,8 @@ pub struct Accepted {
     /// The handshake's context values, for the API's message policies (empty when it has
     /// none).
     pub context: Vec<(String, String)>,
+    /// The web console's watch, when the console opened this connection.
+    pub watch: Option<Arc<crate::watch::Watch>>,
 }
 
 /// What the `handshake` record says about a handshake, filled in as the phases learn it.
@@ -129,6 +133,9 @@ pub async fn handshake(
         answered: false,
     };
     let mut rec = Record::default();
+    // Phase 0: the console's watch token (a subprotocol of its own) comes out before anything
+    // reads the request, so no policy or backend sees it.
+    let crate::watch::Taken { watch, echo } = env.watches.take_from(req.headers_mut());
     let result: Result<_, Reject> = async {
         let served = &env.served;
         let routed = route(&served.routes, conn.scheme, &req)?;
@@ -237,7 +244,10 @@ pub async fn handshake(
             }
             Some(name) => env.metrics.backend_upgraded(&api.config.name, name),
         }
-        let resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
+        let mut resp = switching_protocols(&upgrade, &upgraded, effects.response_headers);
+        if let Some(p) = echo {
+            resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
         let accepted = Accepted {
             on_upgrade: hyper::upgrade::on(&mut req),
             picked_backend: effects.backend,
@@ -255,6 +265,7 @@ pub async fn handshake(
             end: subscribed.key_token.unwrap_or_else(|| env.shutdown.clone()),
             policy_deadline: effects.close_at.map(deadline),
             context,
+            watch,
         };
         Ok((resp, accepted))
     }

@@ -27,6 +27,7 @@ pub mod server;
 mod sliding_window;
 mod stream;
 mod subscriptions;
+mod watch;
 mod wskey;
 
 /// How the gateway turns an API's manifest attachments into the policy host's specs (the bench

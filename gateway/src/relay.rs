@@ -33,8 +33,9 @@ use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
 use crate::policy::message::{judge, Connection, Judged, MessageStep, Sender};
 use crate::stream::Stream;
+use crate::watch::{Happened, Watch, WatchEvent};
 use tollgate_edge::assemble::{data_frames, Assembler, Fed};
-use tollgate_edge::rate::MessageRate;
+use tollgate_edge::rate::{MessageRate, RateLimit};
 
 /// Bytes read per system call while a direction is busy.
 const BUF_SIZE: usize = 32 * 1024;
@@ -210,10 +211,15 @@ struct Inspector {
     /// Frames to write to `dst`: control frames, judged messages.
     out: Vec<u8>,
     out_pos: usize,
+    /// The console's watch of this connection, if it is one.
+    watch: Option<Arc<Watch>>,
+    /// Messages judged so far, and the size of the one being judged (for the watch).
+    judged: u64,
+    held_len: usize,
 }
 
 impl Inspector {
-    fn new(dir: Direction, i: &Inspection) -> Inspector {
+    fn new(dir: Direction, i: &Inspection, watch: Option<Arc<Watch>>) -> Inspector {
         Inspector {
             assembler: Assembler::new(i.max_size),
             dir,
@@ -230,6 +236,9 @@ impl Inspector {
             verdict: None,
             out: Vec::new(),
             out_pos: 0,
+            watch,
+            judged: 0,
+            held_len: 0,
         }
     }
 
@@ -237,9 +246,42 @@ impl Inspector {
         self.out_pos == self.out.len() && self.verdict.is_none()
     }
 
+    /// Tells the console what the policies did to a watched connection's message.
+    fn tell(&self, watch: &Watch, judged: &Judged) {
+        let sender = self.sender.as_str();
+        let e = |happened, by| WatchEvent {
+            message: Some(self.judged),
+            bytes: Some(self.held_len),
+            ..WatchEvent::new(sender, happened, by)
+        };
+        watch.record(match judged {
+            Judged::Forward => return,
+            Judged::Drop { plugin } => e(Happened::Dropped, plugin),
+            Judged::Replace { plugin, payload } => WatchEvent {
+                replaced_bytes: Some(payload.len()),
+                ..e(Happened::Replaced, plugin)
+            },
+            Judged::Close {
+                plugin,
+                code,
+                reason,
+            } => WatchEvent {
+                code: Some(*code),
+                text: Some(reason),
+                ..e(Happened::Closed, plugin)
+            },
+            Judged::Failed { plugin, error } => WatchEvent {
+                text: Some(error),
+                ..e(Happened::Failed, plugin)
+            },
+        });
+    }
+
     /// Starts judging the message the assembler holds.
     fn judge(&mut self) {
         let held = self.assembler.take();
+        self.judged += 1;
+        self.held_len = held.payload.len();
         self.raw = held.raw;
         self.text = held.text;
         let (steps, connection) = (self.steps.clone(), self.connection.clone());
@@ -253,6 +295,9 @@ impl Inspector {
     /// failure is for the relay.
     fn apply(&mut self, judged: Judged) -> Option<PumpEvent> {
         let raw = std::mem::take(&mut self.raw);
+        if let Some(watch) = &self.watch {
+            self.tell(watch, &judged);
+        }
         match judged {
             Judged::Forward => {
                 if self.out.is_empty() {
@@ -262,12 +307,12 @@ impl Inspector {
                 }
                 None
             }
-            Judged::Replace(payload) => {
+            Judged::Replace { payload, .. } => {
                 let (dir, text, max_frame) = (self.dir, self.text, self.max_frame);
                 data_frames(dir, text, &payload, max_frame, rand::random, &mut self.out);
                 None
             }
-            Judged::Drop => None,
+            Judged::Drop { .. } => None,
             j @ (Judged::Close { .. } | Judged::Failed { .. }) => Some(PumpEvent::MessagePolicy(j)),
         }
     }
@@ -300,6 +345,10 @@ struct Pump {
     gateway_closed: bool,
     /// With message policies on this direction.
     inspect: Option<Box<Inspector>>,
+    /// The console's watch (with whose messages this direction carries), and the rate drops
+    /// it has been told of (over messages, over bytes).
+    watch: Option<(Arc<Watch>, &'static str)>,
+    watch_seen: (u64, u64),
 }
 
 impl Pump {
@@ -322,6 +371,8 @@ impl Pump {
             published: DirStats::default(),
             gateway_closed: false,
             inspect: None,
+            watch: None,
+            watch_seen: (0, 0),
         };
         if !prefix.is_empty() {
             // Bytes the peer sent right behind its handshake, already read by hyper.
@@ -370,6 +421,34 @@ impl Pump {
         true
     }
 
+    /// Tells the console of messages a rate dropped since it was last told.
+    fn tell_drops(&mut self) {
+        let Some((watch, sender)) = &self.watch else {
+            return;
+        };
+        let s = &self.parser.stats;
+        for (now, seen, limit) in [
+            (
+                s.dropped_over_messages,
+                &mut self.watch_seen.0,
+                RateLimit::MessagesPerSecond,
+            ),
+            (
+                s.dropped_over_bytes,
+                &mut self.watch_seen.1,
+                RateLimit::BytesPerSecond,
+            ),
+        ] {
+            if now > *seen {
+                watch.record(WatchEvent {
+                    count: Some(now - *seen),
+                    ..WatchEvent::new(sender, Happened::OverRate, limit.key())
+                });
+                *seen = now;
+            }
+        }
+    }
+
     /// Runs the parser over newly read bytes.
     fn observe(&mut self) {
         let first = self.parser.advance(&self.buf[self.fwd..]);
@@ -383,6 +462,7 @@ impl Pump {
         if discard {
             self.start = new_fwd;
         }
+        self.tell_drops();
         match event {
             None => {}
             Some(Event::Close { code, reason }) => {
@@ -672,6 +752,8 @@ pub struct RelayParams {
     pub shared_rates: [Vec<SharedRate>; 2],
     /// The API's message policies, when it has any.
     pub inspection: Option<Inspection>,
+    /// The web console's watch, when the console opened this connection.
+    pub watch: Option<Arc<Watch>>,
 }
 
 enum Wake {
@@ -723,13 +805,25 @@ pub async fn relay(
         .with_message_rates(rates(backend_own), backend_shared),
         backend_prefix,
     );
+    if let Some(w) = &params.watch {
+        c2b.watch = Some((w.clone(), Sender::Client.as_str()));
+        b2c.watch = Some((w.clone(), Sender::Backend.as_str()));
+    }
     if let Some(i) = &params.inspection {
         let watched = |s: Sender| i.steps.iter().any(|step| step.watches.sees(s));
         if watched(Sender::Client) {
-            c2b.inspect = Some(Box::new(Inspector::new(Direction::ClientToBackend, i)));
+            c2b.inspect = Some(Box::new(Inspector::new(
+                Direction::ClientToBackend,
+                i,
+                params.watch.clone(),
+            )));
         }
         if watched(Sender::Backend) {
-            b2c.inspect = Some(Box::new(Inspector::new(Direction::BackendToClient, i)));
+            b2c.inspect = Some(Box::new(Inspector::new(
+                Direction::BackendToClient,
+                i,
+                params.watch.clone(),
+            )));
         }
     }
     let far = Duration::from_secs(86400 * 365);
@@ -854,7 +948,7 @@ pub async fn relay(
                         "message policy failed"
                     );
                 }
-                Judged::Forward | Judged::Replace(_) | Judged::Drop => {}
+                Judged::Forward | Judged::Replace { .. } | Judged::Drop { .. } => {}
             }
         }};
     }

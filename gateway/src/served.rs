@@ -142,7 +142,9 @@ impl Served {
                     ));
                     for p in loaded {
                         tracing::info!(event = "plugin_loaded", plugin = %p.name, version = %p.version,
-                            capabilities = ?p.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(), path = %p.path.display(),
+                            capabilities = ?p.capabilities.iter().map(|c| c.name())
+                                .chain(p.message_capabilities.iter().map(|c| c.name())).collect::<Vec<_>>(),
+                            path = %p.path.display(),
                             from_cache = p.from_cache, compile_ms = p.compile_time.as_millis() as u64,
                             "plugin loaded");
                         plugins.insert(p.name.clone(), Arc::new(p));

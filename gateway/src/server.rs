@@ -66,6 +66,8 @@ pub struct Gateway {
     next_conn: std::sync::atomic::AtomicU64,
     /// The fleet's shared limits (`[cluster]`), set when [`Gateway::run`] starts.
     fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
+    /// The web console's watches: issued by the admin listener, claimed by handshakes.
+    watches: Arc<crate::watch::Watches>,
 }
 
 impl Gateway {
@@ -117,6 +119,7 @@ impl Gateway {
             bound: Default::default(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             fleet: std::sync::OnceLock::new(),
+            watches: Arc::default(),
         }))
     }
 
@@ -139,6 +142,7 @@ impl Gateway {
             ready: self.ready.clone(),
             listeners: self.bound.clone(),
             fleet: self.fleet.get().cloned(),
+            watches: self.watches.clone(),
         }
     }
 
@@ -518,6 +522,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             fleet: self.fleet.get().cloned(),
+            watches: self.watches.clone(),
         }
     }
 
@@ -584,6 +589,7 @@ impl Gateway {
             end,
             policy_deadline,
             context,
+            watch,
         } = a;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -659,6 +665,7 @@ impl Gateway {
                 own_rates,
                 shared_rates,
                 inspection,
+                watch,
             },
         )
         .await;

@@ -1,6 +1,7 @@
 // Drives the web test console (GET /console on the admin listener) in headless Chromium with
 // playwright-core: connect to an API, send a message, see the echo, disconnect; then a refused
-// handshake shows its HTTP status. Usage: node web-console.cjs ADMIN_URL SCREENSHOT.png [TOKEN]
+// handshake shows its HTTP status; then a message policy's drop, replacement and close show in
+// the log. Usage: node web-console.cjs ADMIN_URL SCREENSHOT.png [TOKEN]
 // With TOKEN (an admin listener that requires one), the page must first ask for it.
 // Run by tests/e2e/console.rs; playwright-core comes from target/browser (scripts/test), Chromium
 // from Debian (CHROMIUM, default /usr/bin/chromium).
@@ -51,8 +52,31 @@ async function main() {
     await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("handshake refused"), null, { timeout: 15000 });
     const refused = await text("#status");
     const refusedLog = await text("#log .error:last-child");
+
+    // An API with a message policy (message-test): what it does to each message shows in the
+    // log, and the sent message it was about is marked.
+    await page.selectOption("#api", { label: "judged (/judged)" });
+    await page.fill("#query", "");
+    await page.check("input[value=text]");
+    await page.click("#connect");
+    await page.waitForFunction(() => document.getElementById("status").className === "open", null, { timeout: 10000 });
+    for (const m of ["hello", "drop me", "upper:shout"]) {
+      await page.fill("#payload", m);
+      await page.click("#send");
+    }
+    await page.waitForFunction(() => document.querySelectorAll("#log .gateway").length >= 2, null, { timeout: 10000 });
+    await page.fill("#payload", "close:4000:no more");
+    await page.click("#send");
+    await page.waitForFunction(
+      () => document.getElementById("status").textContent.startsWith("closed") && document.querySelectorAll("#log .gateway").length >= 3,
+      null, { timeout: 10000 });
+    const gatewayLines = await page.locator("#log .gateway").allTextContents();
+    const marked = await page.locator("#log .sent.changed").evaluateAll((els) => els.map((e) => `${e.dataset.happened}: ${e.textContent}`));
+    const judgedReceived = await page.locator("#log .received").allTextContents();
+    const judgedClosed = await text("#status");
     await page.screenshot({ path: screenshot, fullPage: true });
-    console.log(JSON.stringify({ askedForToken, received, receivedBinary, closed, refused, refusedLog }));
+    console.log(JSON.stringify({ askedForToken, received, receivedBinary, closed, refused, refusedLog,
+      gatewayLines, marked, judgedReceived, judgedClosed }));
   } finally {
     await browser.close();
   }

@@ -10,12 +10,22 @@ use crate::support::*;
 #[tokio::test]
 async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusal() {
     let backend = RawBackend::start(echo_frames()).await;
+    let judged_backend = RawBackend::start(echo_frames()).await;
     let dir = TempDir::new("console");
-    plugins::install(&dir.path().join("plugins"), &["jwt_validate.wasm"]);
+    plugins::install(
+        &dir.path().join("plugins"),
+        &["jwt_validate.wasm", "message_test.wasm"],
+    );
     let text = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"CONSOLE_ADMIN_TOKEN\"\n\n{}{}",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"CONSOLE_ADMIN_TOKEN\"\n\n{}{}{}",
         gateway_section("plugin_dir = \"plugins\""),
         api_section("echo", "echo", &backend.url(), ""),
+        api_section(
+            "judged",
+            "judged",
+            &judged_backend.url(),
+            "[[apis.on_message]]\nplugin = \"message-test\"\n"
+        ),
         api_section(
             "locked",
             "locked",
@@ -82,6 +92,68 @@ async fn web_console_connects_sends_sees_the_echo_disconnects_and_shows_a_refusa
     assert!(
         r["refusedLog"].as_str().unwrap().contains("HTTP 401"),
         "{r}"
+    );
+    // What the message policy did, told by the gateway (the browser alone would see only a
+    // missing echo), each on the message it was about.
+    let lines: Vec<&str> = r["gatewayLines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(lines.len(), 3, "{r}");
+    assert!(
+        lines[0].ends_with("gateway: your message #2 (7 B) was dropped by message-test"),
+        "{r}"
+    );
+    assert!(
+        lines[1].ends_with(
+            "gateway: your message #3 was replaced by message-test (11 B \u{2192} 11 B)"
+        ),
+        "{r}"
+    );
+    assert!(
+        lines[2].ends_with(
+            "gateway: message-test closed the connection on your message #4: 4000 no more"
+        ),
+        "{r}"
+    );
+    let marked: Vec<&str> = r["marked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(marked.len(), 3, "{r}");
+    assert!(
+        marked[0].starts_with("dropped: ") && marked[0].ends_with("drop me"),
+        "{r}"
+    );
+    assert!(
+        marked[1].starts_with("replaced: ") && marked[1].ends_with("upper:shout"),
+        "{r}"
+    );
+    assert!(marked[2].starts_with("closed: "), "{r}");
+    let echoed: Vec<&str> = r["judgedReceived"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert!(
+        echoed.iter().any(|l| l.ends_with("\u{2190} UPPER:SHOUT"))
+            && !echoed.iter().any(|l| l.contains("drop me")),
+        "{r}"
+    );
+    assert_eq!(r["judgedClosed"], "closed (4000 no more)", "{r}");
+    // The console's own subprotocol never reached the backend.
+    assert!(
+        !judged_backend
+            .last_head()
+            .to_ascii_lowercase()
+            .contains("tollgate-console"),
+        "{}",
+        judged_backend.last_head()
     );
     assert!(artifacts.join("web-console.png").exists());
 
@@ -236,4 +308,125 @@ async fn terminal_console_connects_sends_receives_and_closes_on_ctrl_d() {
     let mut t = Pty::spawn(&[&gw.ws_url("/nowhere")]);
     t.expect("* handshake refused: 404 Not Found").await;
     assert_eq!(t.exit_code().await, 1);
+}
+
+/// The console's watch from outside, without a browser: a token from `/console/watch`, offered
+/// as the only subprotocol, is answered (so a browser accepts the 101), never reaches the
+/// backend, and `/console/events` then tells what a message rate dropped. A client that makes
+/// up a token loses it from its offer and is watched by nobody.
+#[tokio::test]
+async fn the_console_watch_tells_what_a_message_rate_dropped() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(record_frames(tx)).await;
+    let gw = Gateway::start(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        gateway_section(""),
+        api_section(
+            "echo",
+            "echo",
+            &backend.url(),
+            "[[apis.message_limits]]\nmax_messages_per_second = 1\nburst_messages = 2\naction = \"drop\"\n"
+        )
+    ));
+    let admin = gw.admin.unwrap();
+    let (status, _, body) = http_get(admin, "/console/watch").await;
+    assert_eq!(status, 200, "{body}");
+    let issued: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (watch, protocol) = (
+        issued["watch"].as_str().unwrap(),
+        issued["protocol"].as_str().unwrap(),
+    );
+    assert_eq!(protocol, format!("tollgate-console.{watch}"));
+    let (head, mut ws) = raw_handshake(
+        gw.ws.unwrap(),
+        "/echo",
+        &format!("Sec-WebSocket-Protocol: {protocol}\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("sec-websocket-protocol: {protocol}")),
+        "{head}"
+    );
+    assert!(
+        !backend
+            .last_head()
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol"),
+        "{}",
+        backend.last_head()
+    );
+    // Four in one write: two pass (the burst), two are dropped.
+    let frames: Vec<u8> = ["a", "b", "c", "d"]
+        .iter()
+        .flat_map(|t| encode_frame(true, 0, 1, t.as_bytes(), Some([1, 2, 3, 4])))
+        .collect();
+    ws.send_raw(&frames).await.unwrap();
+    for want in ["a", "b"] {
+        let f = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.payload, want.as_bytes());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let events = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event on the watch within 5 s"
+        );
+        let (status, _, body) = http_get(admin, &format!("/console/events?watch={watch}")).await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if !v["events"].as_array().unwrap().is_empty() {
+            break v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(events["watched"], true, "{events}");
+    let e = &events["events"][0];
+    assert_eq!(
+        (
+            &e["sender"],
+            &e["happened"],
+            &e["by"],
+            &e["count"],
+            &e["seq"]
+        ),
+        (
+            &serde_json::json!("client"),
+            &serde_json::json!("over_rate"),
+            &serde_json::json!("max_messages_per_second"),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        ),
+        "{events}"
+    );
+    let (_, _, after) = http_get(admin, &format!("/console/events?watch={watch}&after=1")).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&after).unwrap()["events"],
+        serde_json::json!([])
+    );
+    // A made-up token: taken out of the offer (the other subprotocol goes on), nothing echoed,
+    // and no watch to read.
+    let (head, _ws) = raw_handshake(
+        gw.ws.unwrap(),
+        "/echo",
+        "Sec-WebSocket-Protocol: tollgate-console.feedfacefeedfacefeedfacefeedface, chat\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("tollgate-console"),
+        "{head}"
+    );
+    let sent = backend.last_head().to_ascii_lowercase();
+    assert!(sent.contains("sec-websocket-protocol: chat\r\n"), "{sent}");
+    let (status, _, _) = http_get(
+        admin,
+        "/console/events?watch=feedfacefeedfacefeedfacefeedface",
+    )
+    .await;
+    assert_eq!(status, 404);
 }

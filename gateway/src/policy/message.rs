@@ -176,10 +176,10 @@ pub enum Judged {
     /// Every policy forwarded it unchanged: its original frames go on.
     Forward,
     /// A policy replaced the payload (the last replacement is sent, in frames of at most the
-    /// API's `max_frame_size`).
-    Replace(Vec<u8>),
-    /// A policy dropped it.
-    Drop,
+    /// API's `max_frame_size`); `plugin` made the last replacement (the console names it).
+    Replace { plugin: Arc<str>, payload: Vec<u8> },
+    /// A policy dropped it (the console names it).
+    Drop { plugin: Arc<str> },
     /// A policy closed the connection: the sender gets `code` and `reason`.
     Close {
         plugin: Arc<str>,
@@ -338,7 +338,7 @@ pub async fn judge(
         },
         payload,
     };
-    let mut replaced = false;
+    let mut replaced: Option<Arc<str>> = None;
     for step in steps.iter().filter(|s| s.watches.sees(sender)) {
         let seen = connection.seen_by(&step.plugin.message_capabilities);
         // Waiting for a call slot is not the policy's time.
@@ -401,14 +401,16 @@ pub async fn judge(
                 }
                 step.metrics.replace.inc();
                 message.payload = p;
-                replaced = true;
+                replaced = Some(step.name.clone());
             }
             wit::MessageDecision::Drop => {
                 if let Err(e) = need(MessageCapability::DropMessages, "dropped a message") {
                     return fail(e);
                 }
                 step.metrics.drop.inc();
-                return Judged::Drop;
+                return Judged::Drop {
+                    plugin: step.name.clone(),
+                };
             }
             wit::MessageDecision::Close(c) => {
                 if let Err(e) = need(MessageCapability::CloseConnections, "closed a connection") {
@@ -435,10 +437,12 @@ pub async fn judge(
             }
         }
     }
-    if replaced {
-        Judged::Replace(message.payload)
-    } else {
-        Judged::Forward
+    match replaced {
+        Some(plugin) => Judged::Replace {
+            plugin,
+            payload: message.payload,
+        },
+        None => Judged::Forward,
     }
 }
 
