@@ -1,4 +1,5 @@
-//! The Rust SDK for Tollgate handshake policies (`tollgate:policy@0.2.0`).
+//! The Rust SDK for Tollgate policies (`tollgate:policy@0.2.0`): handshake policies (below)
+//! and message policies ([`message`]).
 //!
 //! A policy is a WebAssembly component built for `wasm32-wasip2` against the
 //! `handshake-policy` world in `wit/policy.wit`. With this crate the smallest useful policy is
@@ -50,6 +51,11 @@
 //! Build with `cargo build --release --target wasm32-wasip2` and drop the `.wasm` file into the
 //! gateway's `plugin_dir`. Natively, [`host`] answers host calls in-process (signature checks
 //! by the gateway's own code, log lines captured) and [`testing`] builds requests.
+//!
+//! A message policy (world `message-policy`, called for every data message after the
+//! handshake) is the same shape: a [`message::MessagePolicy`] impl and one
+//! [`export_message_policy!`]; its types are in [`message`], and [`testing`] builds its
+//! connections and messages.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -67,6 +73,29 @@ pub mod bindings {
         generate_all,
     });
 }
+
+/// The generated bindings of the `message-policy` world. The interfaces both worlds share
+/// (`types`, `log`, `config`) are [`bindings`]' own, so [`Pair`] and [`host::log`] are one type
+/// and one function for both kinds of policy. Policies use [`message`]; this is public only for
+/// [`export_message_policy!`]'s expansion.
+#[doc(hidden)]
+pub mod message_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "message-policy",
+        pub_export_macro: true,
+        export_macro_name: "__export_message_policy",
+        default_bindings_module: "tollgate_sdk::message_bindings",
+        with: {
+            "tollgate:policy/types@0.2.0": crate::bindings::tollgate::policy::types,
+            "tollgate:policy/log@0.2.0": crate::bindings::tollgate::policy::log,
+            "tollgate:policy/config@0.2.0": crate::bindings::tollgate::policy::config,
+        },
+        generate_all,
+    });
+}
+
+pub mod message;
 
 pub use bindings::tollgate::policy::handshake_types::{
     Capability, Decision, Declaration, HeaderChange, Proceed, QueryChange, Rejection,
@@ -256,7 +285,7 @@ macro_rules! export {
 
 thread_local! {
     /// This instance's parsed config. An instance serves one attachment for its whole life
-    /// (the host guarantees it), so the first handshake parses and the rest reuse.
+    /// (the host guarantees it), so the first handshake (or message) parses and the rest reuse.
     static CONFIG: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
 }
 
@@ -267,25 +296,27 @@ thread_local! {
 pub fn __on_handshake<P: Policy>(
     request: &bindings::tollgate::policy::handshake_types::Request,
 ) -> Result<Decision, String> {
-    with_config::<P, _>(bindings::tollgate::policy::config::prepared, |config| {
+    with_config::<P::Config, _>(bindings::tollgate::policy::config::prepared, |config| {
         P::on_handshake(config, &Request { host: request })
     })
 }
 
-/// Runs `f` with the instance's config, parsing `prepared()` the first time.
+/// Runs `f` with the instance's config (a [`Policy::Config`] or a
+/// [`message::MessagePolicy::Config`]: a component is one kind or the other), parsing
+/// `prepared()` the first time.
 #[cfg_attr(not(any(test, target_arch = "wasm32")), allow(dead_code))]
-fn with_config<P: Policy, R>(
+fn with_config<C: serde::de::DeserializeOwned + 'static, R>(
     prepared: impl FnOnce() -> String,
-    f: impl FnOnce(&P::Config) -> Result<R, String>,
+    f: impl FnOnce(&C) -> Result<R, String>,
 ) -> Result<R, String> {
     CONFIG.with(|cell| {
         if cell.borrow().is_none() {
-            let parsed: P::Config = serde_json::from_str(&prepared())
+            let parsed: C = serde_json::from_str(&prepared())
                 .map_err(|e| format!("prepared config does not parse: {e}"))?;
             *cell.borrow_mut() = Some(Box::new(parsed));
         }
         let held = cell.borrow();
-        match held.as_ref().and_then(|c| c.downcast_ref::<P::Config>()) {
+        match held.as_ref().and_then(|c| c.downcast_ref::<C>()) {
             Some(config) => f(config),
             None => Err("prepared config has another type than this policy's".into()),
         }
@@ -727,7 +758,8 @@ impl Request<'_> {
 
 /// Calls into the gateway. In a component these are the WIT imports; natively (unit tests)
 /// they are served in-process: [`host::verify`] by the gateway's own verification code and
-/// [`host::log`] into a buffer [`testing::take_logs`] returns.
+/// [`host::log`] into a buffer [`testing::take_logs`] returns. A message policy has
+/// [`host::log`] only (its world imports nothing else; the gateway refuses one that does).
 pub mod host {
     pub use crate::bindings::tollgate::policy::log::Level;
     pub use crate::bindings::tollgate::policy::signatures::{Algorithm, Key, RsaPublicKey};
@@ -909,8 +941,9 @@ pub mod counters {
     }
 }
 
-/// Unit-testing a policy with plain `cargo test`, no gateway: build requests, read what the
-/// policy logged, run a policy's config through load and a handshake.
+/// Unit-testing a policy with plain `cargo test`, no gateway: build requests (for a message
+/// policy, connections and messages), read what the policy logged, run a policy's config
+/// through load and a handshake ([`testing::handshake`]) or a message ([`testing::on_message`]).
 ///
 /// ```
 /// use tollgate_sdk::testing::request;
@@ -1116,6 +1149,228 @@ pub mod testing {
         let config: P::Config = serde_json::from_str(&prepared)
             .map_err(|e| format!("prepared config does not parse: {e}"))?;
         P::on_handshake(&config, request)
+    }
+
+    /// Runs `config_json` through the message policy's load-time
+    /// [`crate::message::MessagePolicy::configure`], then one message as the gateway calls and
+    /// judges it, so a test sees what the gateway would do: the connection's context reaches
+    /// the policy only if it declares `use-context`, and a decision the gateway refuses (one
+    /// that needs an undeclared capability, a close code or reason a close frame may not
+    /// carry, a text message replaced by bytes that are not UTF-8) is an `Err` naming why, as
+    /// the gateway would then close the connection 1011. (The API's
+    /// `max_inspected_message_size` is not known here, so a replacement's size is not judged.)
+    ///
+    /// ```
+    /// use tollgate_sdk::message::*;
+    /// use tollgate_sdk::testing::{connection, on_message, text};
+    /// use serde::de::IgnoredAny;
+    /// struct Quiet;
+    /// impl MessagePolicy for Quiet {
+    ///     type Config = IgnoredAny; // the manifest's config is always a table: `{}` if none
+    ///     const CAPABILITIES: &'static [Capability] = &[Capability::ReplaceMessages];
+    ///     fn on_message(_: &IgnoredAny, c: &Connection, _: Message) -> Result<MessageDecision, String> {
+    ///         Ok(match c.context("jwt.sub") {
+    ///             Some(_) => MessageDecision::Drop, // never: Quiet does not declare use-context
+    ///             None => MessageDecision::replace_text("shh"),
+    ///         })
+    ///     }
+    /// }
+    /// let c = connection().context("jwt.sub", "ann").build();
+    /// let d = on_message::<Quiet>("{}", &c, text("HELLO")).unwrap();
+    /// assert_eq!(d.replacement(), Some(&b"shh"[..]));
+    /// ```
+    pub fn on_message<P: crate::message::MessagePolicy>(
+        config_json: &str,
+        connection: &crate::message::Connection,
+        message: crate::message::Message,
+    ) -> Result<crate::message::MessageDecision, String> {
+        use crate::message::{Capability, Connection, Kind, MessageDecision};
+        let prepared = P::configure(config_json)?;
+        let config: P::Config = serde_json::from_str(&prepared)
+            .map_err(|e| format!("prepared config does not parse: {e}"))?;
+        let declared = P::capabilities();
+        let bare;
+        let seen = if declared.contains(&Capability::UseContext) {
+            connection
+        } else {
+            bare = Connection {
+                context: Vec::new(),
+                ..connection.clone()
+            };
+            &bare
+        };
+        let text = message.kind == Kind::Text;
+        let decision = P::on_message(&config, seen, message)?;
+        let need = |c: Capability, name: &str, action: &str| {
+            if declared.contains(&c) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{action} without declaring the capability `{name}`"
+                ))
+            }
+        };
+        match &decision {
+            MessageDecision::Forward => {}
+            MessageDecision::Replace(p) => {
+                need(
+                    Capability::ReplaceMessages,
+                    "replace-messages",
+                    "replaced a message",
+                )?;
+                if text && std::str::from_utf8(p).is_err() {
+                    return Err("replaced a text message with bytes that are not UTF-8".into());
+                }
+            }
+            MessageDecision::Drop => {
+                need(
+                    Capability::DropMessages,
+                    "drop-messages",
+                    "dropped a message",
+                )?;
+            }
+            MessageDecision::Close(c) => {
+                need(
+                    Capability::CloseConnections,
+                    "close-connections",
+                    "closed a connection",
+                )?;
+                if !matches!(
+                    c.code,
+                    1000 | 1001 | 1003 | 1007 | 1008 | 1009 | 1011 | 3000..=4999
+                ) {
+                    return Err(format!(
+                        "closed a connection with code {}, which a gateway may not send \
+                         (1000, 1001, 1003, 1007-1009, 1011, 3000-4999)",
+                        c.code
+                    ));
+                }
+                if c.reason.len() > 123 {
+                    return Err(format!(
+                        "closed a connection with a reason of {} bytes (at most 123)",
+                        c.reason.len()
+                    ));
+                }
+            }
+        }
+        Ok(decision)
+    }
+
+    /// A connection of API `test` (number 1, no product, subscription or context), as the
+    /// gateway hands it to a message policy; see [`ConnectionBuilder`] to change it.
+    ///
+    /// ```
+    /// let c = tollgate_sdk::testing::connection().api("chat").build();
+    /// assert_eq!((c.id, c.api.as_str(), c.product), (1, "chat", None));
+    /// ```
+    pub fn connection() -> ConnectionBuilder {
+        ConnectionBuilder(crate::message::Connection {
+            id: 1,
+            api: "test".into(),
+            product: None,
+            subscription: None,
+            context: Vec::new(),
+        })
+    }
+
+    /// Builds a test [`crate::message::Connection`] step by step; see [`connection`].
+    ///
+    /// ```
+    /// let c = tollgate_sdk::testing::connection().product("gold").subscription("alice").build();
+    /// assert_eq!(c.subscription.as_deref(), Some("alice"));
+    /// ```
+    pub struct ConnectionBuilder(crate::message::Connection);
+
+    impl ConnectionBuilder {
+        /// Sets the gateway's number for the connection.
+        ///
+        /// ```
+        /// assert_eq!(tollgate_sdk::testing::connection().id(42).build().id, 42);
+        /// ```
+        pub fn id(mut self, id: u64) -> Self {
+            self.0.id = id;
+            self
+        }
+        /// Sets the API name.
+        ///
+        /// ```
+        /// assert_eq!(tollgate_sdk::testing::connection().api("chat").build().api, "chat");
+        /// ```
+        pub fn api(mut self, api: &str) -> Self {
+            self.0.api = api.into();
+            self
+        }
+        /// Sets the product the handshake came in through.
+        ///
+        /// ```
+        /// let c = tollgate_sdk::testing::connection().product("gold").build();
+        /// assert_eq!(c.product.as_deref(), Some("gold"));
+        /// ```
+        pub fn product(mut self, product: &str) -> Self {
+            self.0.product = Some(product.into());
+            self
+        }
+        /// Sets the subscription whose key the client sent.
+        ///
+        /// ```
+        /// let c = tollgate_sdk::testing::connection().subscription("alice").build();
+        /// assert_eq!(c.subscription.as_deref(), Some("alice"));
+        /// ```
+        pub fn subscription(mut self, subscription: &str) -> Self {
+            self.0.subscription = Some(subscription.into());
+            self
+        }
+        /// Adds a context value, as the onHandshake chain would leave it (the gateway sends
+        /// them only to a policy that declares `use-context`; [`on_message`] does the same).
+        ///
+        /// ```
+        /// let c = tollgate_sdk::testing::connection().context("jwt.sub", "ann").build();
+        /// assert_eq!(c.context("jwt.sub"), Some("ann"));
+        /// ```
+        pub fn context(mut self, key: &str, value: &str) -> Self {
+            self.0.context.push(Pair::new(key, value));
+            self
+        }
+        /// The connection.
+        ///
+        /// ```
+        /// assert_eq!(tollgate_sdk::testing::connection().build().api, "test");
+        /// ```
+        pub fn build(self) -> crate::message::Connection {
+            self.0
+        }
+    }
+
+    /// A text message from the client. For one from the backend, update its direction:
+    /// `Message { direction: Direction::Backend, ..text("hi") }`.
+    ///
+    /// ```
+    /// use tollgate_sdk::message::{Direction, Message};
+    /// use tollgate_sdk::testing::text;
+    /// let m = Message { direction: Direction::Backend, ..text("hi") };
+    /// assert_eq!((m.direction, m.text()), (Direction::Backend, Some("hi")));
+    /// ```
+    pub fn text(text: &str) -> crate::message::Message {
+        crate::message::Message {
+            direction: crate::message::Direction::Client,
+            kind: crate::message::Kind::Text,
+            payload: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// A binary message from the client (see [`text`] for one from the backend).
+    ///
+    /// ```
+    /// use tollgate_sdk::message::Kind;
+    /// let m = tollgate_sdk::testing::binary([0, 1, 255]);
+    /// assert_eq!((m.kind, m.payload.as_slice()), (Kind::Binary, &[0, 1, 255][..]));
+    /// ```
+    pub fn binary(payload: impl Into<Vec<u8>>) -> crate::message::Message {
+        crate::message::Message {
+            direction: crate::message::Direction::Client,
+            kind: crate::message::Kind::Binary,
+            payload: payload.into(),
+        }
     }
 
     /// The test request's data, what [`RequestBuilder`] fills.
@@ -1330,21 +1585,112 @@ mod tests {
         };
         let request = testing::request().build();
         for _ in 0..3 {
-            let d = with_config::<Counting, _>(prepared, |c| Counting::on_handshake(c, &request))
-                .unwrap();
+            let d =
+                with_config::<Cfg, _>(prepared, |c| Counting::on_handshake(c, &request)).unwrap();
             assert_eq!(d.proceeding().unwrap().context[0].value, "7");
         }
         assert_eq!(parses.get(), 1, "parsed on the first handshake only");
         CONFIG.with(|c| *c.borrow_mut() = None);
     }
 
+    /// Decides what each text message asks for; declares what [`OBEDIENT_DECLARES`] holds.
+    struct Obedient;
+
+    impl message::MessagePolicy for Obedient {
+        type Config = Vec<String>;
+        const CAPABILITIES: &'static [message::Capability] = &[];
+        fn capabilities() -> Vec<message::Capability> {
+            OBEDIENT_DECLARES.with(|d| d.borrow().clone())
+        }
+        fn on_message(
+            _: &Vec<String>,
+            connection: &message::Connection,
+            m: message::Message,
+        ) -> Result<message::MessageDecision, String> {
+            use message::MessageDecision as D;
+            let t = m.text().unwrap_or_default();
+            Ok(match t.split_once(':') {
+                _ if t == "drop" => D::Drop,
+                _ if t == "bad-utf8" => D::Replace(vec![0xff]),
+                _ if t == "context" => D::replace_text(connection.context.len().to_string()),
+                Some(("close", code)) => D::close(code.parse().unwrap(), "x".repeat(4)),
+                Some(("long-reason", n)) => D::close(1000, "x".repeat(n.parse().unwrap())),
+                _ => D::Forward,
+            })
+        }
+    }
+
+    thread_local! {
+        static OBEDIENT_DECLARES: RefCell<Vec<message::Capability>> =
+            const { RefCell::new(Vec::new()) };
+    }
+
+    fn obey(
+        declared: &[message::Capability],
+        text: &str,
+    ) -> Result<message::MessageDecision, String> {
+        OBEDIENT_DECLARES.with(|d| *d.borrow_mut() = declared.to_vec());
+        let c = testing::connection().context("jwt.sub", "ann").build();
+        testing::on_message::<Obedient>("[]", &c, testing::text(text))
+    }
+
+    #[test]
+    fn testing_on_message_judges_a_decision_as_the_gateway_does() {
+        use message::Capability as C;
+        // Forwarding needs nothing; each other decision its capability.
+        assert!(obey(&[], "hello").is_ok());
+        let e = obey(&[], "drop").unwrap_err();
+        assert_eq!(
+            e,
+            "dropped a message without declaring the capability `drop-messages`"
+        );
+        assert!(obey(&[C::DropMessages], "drop").is_ok());
+        let e = obey(&[], "close:1000").unwrap_err();
+        assert!(e.contains("`close-connections`"), "{e}");
+        let e = obey(&[C::UseContext], "context").unwrap_err();
+        assert!(e.contains("`replace-messages`"), "{e}");
+        // What a close frame cannot carry, and text that is not text.
+        let all = [C::ReplaceMessages, C::DropMessages, C::CloseConnections];
+        assert!(obey(&all, "close:1005").unwrap_err().contains("code 1005"));
+        assert!(obey(&all, "close:4999").is_ok());
+        assert!(obey(&all, "long-reason:123").is_ok());
+        let e = obey(&all, "long-reason:124").unwrap_err();
+        assert!(e.contains("124 bytes"), "{e}");
+        assert!(obey(&all, "bad-utf8").unwrap_err().contains("not UTF-8"));
+    }
+
+    #[test]
+    fn testing_on_message_shows_the_context_only_with_use_context() {
+        use message::Capability as C;
+        let seen = |declared: &[C]| {
+            let d = obey(declared, "context").unwrap();
+            String::from_utf8(d.replacement().unwrap().to_vec()).unwrap()
+        };
+        assert_eq!(seen(&[C::ReplaceMessages]), "0");
+        assert_eq!(seen(&[C::ReplaceMessages, C::UseContext]), "1");
+    }
+
+    #[test]
+    fn a_message_policy_shares_the_instance_config_cell() {
+        CONFIG.with(|c| *c.borrow_mut() = None);
+        let c = testing::connection().build();
+        for _ in 0..2 {
+            let d = with_config::<Vec<String>, _>(
+                || r#"["a"]"#.to_owned(),
+                |cfg| <Obedient as message::MessagePolicy>::on_message(cfg, &c, testing::text("x")),
+            );
+            assert!(matches!(d, Ok(message::MessageDecision::Forward)));
+        }
+        CONFIG.with(|c| *c.borrow_mut() = None);
+    }
+
     #[test]
     fn an_unparsable_prepared_config_is_an_error_not_a_panic() {
         CONFIG.with(|c| *c.borrow_mut() = None);
-        let r = with_config::<Counting, _>(|| "{".to_owned(), |_| Ok(()));
+        let r = with_config::<Cfg, _>(|| "{".to_owned(), |_| Ok(()));
         assert!(r.unwrap_err().contains("does not parse"));
         // Not remembered: a later call tries again.
-        let r = with_config::<Counting, _>(|| r#"{"n": 1}"#.to_owned(), |c| Ok(c.n));
+        let r = with_config::<Cfg, _>(|| r#"{"n": 1}"#.to_owned(), |c| Ok(c.n));
         assert_eq!(r, Ok(1));
         CONFIG.with(|c| *c.borrow_mut() = None);
     }

@@ -12,82 +12,70 @@
 //!
 //! With config `{"pass": true}` every message is forwarded without a look (a pass-through
 //! policy: what the conformance suite and the benchmark run through).
-#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-wit_bindgen::generate!({
-    path: "../../../wit",
-    world: "message-policy",
-    generate_all,
-});
-
-use exports::tollgate::policy::message::Guest;
-use tollgate::policy::message_types::{
-    Capability, CloseConnection, Connection, Declaration, Direction, Kind, Message, MessageDecision,
+use tollgate_sdk::message::{
+    Capability, Connection, Direction, Kind, Message, MessageDecision, MessagePolicy,
 };
 
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
-struct MessageTest;
+pub struct MessageTest;
 
-/// Whether the attachment says `"pass": true`; read once per instance (the prepared config
-/// never changes for an instance).
-fn pass_through() -> bool {
-    static PASS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PASS.get_or_init(|| {
-        tollgate::policy::config::prepared()
-            .replace(' ', "")
-            .contains("\"pass\":true")
-    })
+/// The prepared config: whether the attachment says `"pass": true`.
+#[derive(serde::Deserialize)]
+pub struct Config {
+    pass: bool,
 }
 
-fn replace(text: String) -> MessageDecision {
-    MessageDecision::Replace(text.into_bytes())
-}
+impl MessagePolicy for MessageTest {
+    type Config = Config;
+    const CAPABILITIES: &'static [Capability] = &[
+        Capability::ReplaceMessages,
+        Capability::DropMessages,
+        Capability::CloseConnections,
+        Capability::UseContext,
+    ];
 
-impl Guest for MessageTest {
-    fn declare() -> Declaration {
-        Declaration {
-            name: "message-test".into(),
-            version: "0.1.0".into(),
-            capabilities: vec![
-                Capability::ReplaceMessages,
-                Capability::DropMessages,
-                Capability::CloseConnections,
-                Capability::UseContext,
-            ],
-        }
+    /// Any config loads (the tests attach this policy with whatever they like); only
+    /// `"pass": true`, spotted in the JSON as written (spaces ignored), means something.
+    fn configure(config_json: &str) -> Result<String, String> {
+        let pass = config_json.replace(' ', "").contains("\"pass\":true");
+        Ok(format!("{{\"pass\":{pass}}}"))
     }
 
-    fn configure(config_json: String) -> Result<String, String> {
-        Ok(config_json)
-    }
-
-    fn on_message(connection: Connection, message: Message) -> Result<MessageDecision, String> {
+    fn on_message(
+        config: &Config,
+        connection: &Connection,
+        message: Message,
+    ) -> Result<MessageDecision, String> {
         let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
-        if message.kind == Kind::Binary || pass_through() {
+        if message.kind == Kind::Binary || config.pass {
             return Ok(MessageDecision::Forward);
         }
-        let text = String::from_utf8(message.payload).map_err(|_| "text is not UTF-8")?;
+        let text = message.text().ok_or("text is not UTF-8")?;
         if text.starts_with("drop") {
             return Ok(MessageDecision::Drop);
         }
         if let Some(rest) = text.strip_prefix("close:") {
             let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
-            return Ok(MessageDecision::Close(CloseConnection {
-                code: code.parse().map_err(|_| "bad close code")?,
-                reason: reason.into(),
-            }));
+            return Ok(MessageDecision::close(
+                code.parse().map_err(|_| "bad close code")?,
+                reason,
+            ));
         }
         if let Some(rest) = text.strip_prefix("upper:") {
-            return Ok(replace(format!("UPPER:{}", rest.to_uppercase())));
+            return Ok(MessageDecision::replace_text(format!(
+                "UPPER:{}",
+                rest.to_uppercase()
+            )));
         }
         if let Some(n) = text.strip_prefix("big:") {
             let n: usize = n.parse().map_err(|_| "bad size")?;
             return Ok(MessageDecision::Replace(vec![b'x'; n]));
         }
-        match text.as_str() {
+        match text {
             "whoami" => {
                 let mut out = format!(
                     "id={}\napi={}\nproduct={}\nsubscription={}\ndirection={}\n",
@@ -103,9 +91,9 @@ impl Guest for MessageTest {
                 for p in &connection.context {
                     out.push_str(&format!("{}={}\n", p.name, p.value));
                 }
-                Ok(replace(out))
+                Ok(MessageDecision::replace_text(out))
             }
-            "count" => Ok(replace(calls.to_string())),
+            "count" => Ok(MessageDecision::replace_text(calls.to_string())),
             "bad-utf8" => Ok(MessageDecision::Replace(vec![0xff])),
             "trap" => panic!("asked to trap"),
             "spin" => {
@@ -120,5 +108,96 @@ impl Guest for MessageTest {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
-export!(MessageTest);
+tollgate_sdk::export_message_policy!(MessageTest);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_sdk::testing::{binary, connection, on_message, text};
+
+    fn judge(config: &str, message: Message) -> Result<MessageDecision, String> {
+        on_message::<MessageTest>(config, &connection().build(), message)
+    }
+
+    #[test]
+    fn each_text_message_says_what_to_do_with_it() {
+        assert!(matches!(
+            judge("{}", text("hello")),
+            Ok(MessageDecision::Forward)
+        ));
+        assert!(matches!(
+            judge("{}", text("drop me")),
+            Ok(MessageDecision::Drop)
+        ));
+        let d = judge("{}", text("upper:quiet")).unwrap();
+        assert_eq!(d.replacement(), Some(&b"UPPER:QUIET"[..]));
+        let d = judge("{}", text("big:3")).unwrap();
+        assert_eq!(d.replacement(), Some(&b"xxx"[..]));
+        let d = judge("{}", text("close:4000:enough")).unwrap();
+        let c = d.closing().unwrap();
+        assert_eq!((c.code, c.reason.as_str()), (4000, "enough"));
+        assert_eq!(judge("{}", text("error")).unwrap_err(), "asked to fail");
+        assert_eq!(judge("{}", text("close:x")).unwrap_err(), "bad close code");
+    }
+
+    #[test]
+    fn what_the_gateway_refuses_is_refused_natively_too() {
+        assert!(judge("{}", text("bad-utf8"))
+            .unwrap_err()
+            .contains("not UTF-8"));
+        assert!(judge("{}", text("close:1005:no"))
+            .unwrap_err()
+            .contains("1005"));
+    }
+
+    #[test]
+    fn binary_messages_and_pass_through_are_forwarded_without_a_look() {
+        assert!(matches!(
+            judge("{}", binary(*b"drop")),
+            Ok(MessageDecision::Forward)
+        ));
+        for config in [r#"{"pass": true}"#, r#"{"pass":true,"x":1}"#] {
+            assert!(matches!(
+                judge(config, text("drop")),
+                Ok(MessageDecision::Forward)
+            ));
+        }
+        // Any config loads, as before the SDK.
+        assert!(matches!(
+            judge(r#"{"pass": "yes"}"#, text("drop")),
+            Ok(MessageDecision::Drop)
+        ));
+    }
+
+    #[test]
+    fn whoami_is_the_connection_as_the_policy_sees_it() {
+        let c = connection()
+            .id(7)
+            .api("echo")
+            .product("gold")
+            .context("jwt.sub", "ann")
+            .build();
+        let m = Message {
+            direction: Direction::Backend,
+            ..text("whoami")
+        };
+        let d = on_message::<MessageTest>("{}", &c, m).unwrap();
+        assert_eq!(
+            std::str::from_utf8(d.replacement().unwrap()).unwrap(),
+            "id=7\napi=echo\nproduct=gold\nsubscription=-\ndirection=backend\njwt.sub=ann\n"
+        );
+    }
+
+    #[test]
+    fn count_grows_with_every_call() {
+        let count = || {
+            let d = judge("{}", text("count")).unwrap();
+            String::from_utf8(d.replacement().unwrap().to_vec())
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let first = count();
+        assert!(count() > first);
+    }
+}
