@@ -78,8 +78,10 @@ struct Bucket {
     /// May be negative (debt) for the byte bucket.
     tokens: f64,
     last: Instant,
-    /// Charged since the fleet was last told (see [`MessageRate::charged`]).
+    /// Charged since the fleet was last told, and asked for (charged or refused): see
+    /// [`MessageRate::report`].
     charged: f64,
+    demanded: f64,
 }
 
 impl Bucket {
@@ -90,15 +92,15 @@ impl Bucket {
             tokens: r.burst as f64,
             last: now,
             charged: 0.0,
+            demanded: 0.0,
         }
     }
 
-    /// The bucket as this gateway's share (1 of `gateways`) of a fleet-wide `r`: the rate
-    /// and burst divided, never a burst below `floor` (a message needs a whole token).
-    fn share(&mut self, r: Rate, gateways: u64, floor: f64) {
-        let n = gateways.max(1) as f64;
-        self.per_second = r.per_second as f64 / n;
-        self.burst = (r.burst as f64 / n).max(floor);
+    /// The bucket as a share of a fleet-wide `r`: the rate times `rate_share`, the burst
+    /// times `burst_share`, never a burst below `floor` (a message needs a whole token).
+    fn share(&mut self, r: Rate, rate_share: f64, burst_share: f64, floor: f64) {
+        self.per_second = r.per_second as f64 * rate_share;
+        self.burst = (r.burst as f64 * burst_share).max(floor);
     }
 
     fn charge(&mut self, amount: f64) {
@@ -144,6 +146,7 @@ impl MessageRate {
     pub fn check(&mut self, first_frame_len: u64, now: Instant) -> Result<(), RateLimit> {
         if let Some(m) = &mut self.messages {
             m.refill(now);
+            m.demanded += 1.0;
             if m.tokens < 1.0 {
                 return Err(RateLimit::MessagesPerSecond);
             }
@@ -156,6 +159,7 @@ impl MessageRate {
     pub fn check_bytes(&mut self, frame_len: u64, now: Instant) -> Result<(), RateLimit> {
         if let Some(b) = &mut self.bytes {
             b.refill(now);
+            b.demanded += frame_len as f64;
             // A frame larger than the burst could never pass a full-cost check: it passes when
             // the bucket is full, and goes into debt.
             // (In debt, it refuses even an empty frame: the minimum is never below 0.)
@@ -182,34 +186,68 @@ impl MessageRate {
     }
 
     // A subscription's buckets shared by a fleet of gateways (`[cluster]`): each gateway
-    // judges on its own buckets, as above, and settles with the fleet's store once per
-    // interval: it reports what it charged ([`MessageRate::charged`]) and gets back the fleet
-    // bucket's tokens and how many other gateways are spending from it; its own buckets then
-    // hold its share of those ([`MessageRate::settle`]). No message waits on the store.
+    // judges every message on its own buckets, as above, and settles with the fleet's store
+    // once per interval: it reports what it charged and what it was asked for
+    // ([`MessageRate::report`]), and takes its share of the fleet bucket's tokens and rate
+    // ([`MessageRate::settle`]). No message waits on the store.
 
-    /// What was charged since the last call, messages and bytes (rounded up), and forgets it.
-    pub fn charged(&mut self) -> (u64, u64) {
+    /// What was charged, and asked for (charged or refused), since the last report, and
+    /// forgets it.
+    pub fn report(&mut self) -> Report {
         let take = |b: &mut Option<Bucket>| {
-            b.as_mut().map_or(0, |b| {
-                std::mem::replace(&mut b.charged, 0.0).ceil().max(0.0) as u64
+            b.as_mut().map_or((0, 0), |b| {
+                let whole = |v: f64| v.ceil().max(0.0) as u64;
+                (
+                    whole(std::mem::replace(&mut b.charged, 0.0)),
+                    whole(std::mem::replace(&mut b.demanded, 0.0)),
+                )
             })
         };
-        (take(&mut self.messages), take(&mut self.bytes))
+        let (m, b) = (take(&mut self.messages), take(&mut self.bytes));
+        Report {
+            charged: (m.0, b.0),
+            demanded: (m.1, b.1),
+        }
     }
 
-    /// Takes this gateway's share of the fleet's buckets under `spec`: `fleet` is what the
-    /// store holds (message and byte tokens, after this gateway's last report), `gateways`
-    /// how many spend from them (this one included). What this gateway charged since its
-    /// report comes off its share at once; it is reported at the next settle.
-    pub fn settle(&mut self, spec: &RateSpec, fleet: (f64, f64), gateways: u64, now: Instant) {
-        let n = gateways.max(1) as f64;
-        for (bucket, rate, tokens, floor) in [
-            (&mut self.messages, spec.messages, fleet.0, 1.0),
-            (&mut self.bytes, spec.bytes, fleet.1, 0.0),
+    /// Takes this gateway's share of the fleet's buckets under `spec`.
+    ///
+    /// The rate is shared by demand (`share.weights`, which add up to 1 across the gateways
+    /// present): what the fleet admits on average is the rate. The tokens (and the burst) are
+    /// at least an equal share (1 of `share.gateways`), so a connection that was quiet on this
+    /// gateway can still send while the subscription is under its limit; at once the fleet
+    /// may then admit up to about twice the burst, which the fleet bucket's debt pays back.
+    /// A share of less than one message token is a whole token with that probability
+    /// (`chance`, uniform in [0, 1)), so many gateways sharing a small burst each get a turn
+    /// instead of none ever reaching a whole token. What this gateway charged since its report
+    /// comes off at once (it is reported next time).
+    pub fn settle(&mut self, spec: &RateSpec, share: &FleetShare, now: Instant, chance: f64) {
+        let n = share.gateways.max(1) as f64;
+        for (bucket, rate, tokens, weight, whole) in [
+            (
+                &mut self.messages,
+                spec.messages,
+                share.tokens.0,
+                share.weights.0,
+                true,
+            ),
+            (
+                &mut self.bytes,
+                spec.bytes,
+                share.tokens.1,
+                share.weights.1,
+                false,
+            ),
         ] {
             if let (Some(b), Some(r)) = (bucket, rate) {
-                b.share(r, gateways, floor);
-                b.tokens = (tokens / n).min(b.burst) - b.charged;
+                let w = weight.clamp(0.0, 1.0);
+                let mine = w.max(1.0 / n);
+                b.share(r, w, mine, if whole { 1.0 } else { 0.0 });
+                let mut t = tokens * mine;
+                if whole && t > 0.0 && t < 1.0 {
+                    t = if chance < t { 1.0 } else { 0.0 };
+                }
+                b.tokens = t.min(b.burst) - b.charged;
                 b.last = now;
             }
         }
@@ -218,17 +256,38 @@ impl MessageRate {
     /// This gateway's share (1 of `gateways`) of `spec`, without news from the fleet's store:
     /// at a subscription's first connection here, and while the store does not answer.
     pub fn share(&mut self, spec: &RateSpec, gateways: u64, now: Instant) {
+        let one = 1.0 / gateways.max(1) as f64;
         for (bucket, rate, floor) in [
             (&mut self.messages, spec.messages, 1.0),
             (&mut self.bytes, spec.bytes, 0.0),
         ] {
             if let (Some(b), Some(r)) = (bucket, rate) {
                 b.refill(now);
-                b.share(r, gateways, floor);
+                b.share(r, one, one, floor);
                 b.tokens = b.tokens.min(b.burst);
             }
         }
     }
+}
+
+/// What a gateway tells the fleet's store about one shared bucket at a settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Report {
+    /// Messages and bytes charged.
+    pub charged: (u64, u64),
+    /// Messages and bytes asked for: charged, or refused.
+    pub demanded: (u64, u64),
+}
+
+/// What the fleet's store answers about one shared bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FleetShare {
+    /// Message and byte tokens the fleet bucket holds (negative: its debt).
+    pub tokens: (f64, f64),
+    /// This gateway's share of the demand for messages and bytes (0 to 1).
+    pub weights: (f64, f64),
+    /// Gateways with connections drawing from the bucket, this one included.
+    pub gateways: u64,
 }
 
 #[cfg(test)]
@@ -298,40 +357,85 @@ mod tests {
     }
 
     #[test]
-    fn a_fleets_buckets_are_shared_by_the_gateways_spending_from_them() {
+    fn a_fleets_buckets_are_shared_by_demand_with_at_least_an_equal_share() {
         let t0 = Instant::now();
         let spec = spec(Some((10, 20)), Some((1000, 600)));
         let mut r = MessageRate::new(&spec, t0);
         // First connection in a fleet of four: a quarter, 5 messages (and 150 bytes) at once.
         r.share(&spec, 4, t0);
         assert_eq!((0..10).filter(|_| r.admit(10, t0).is_ok()).count(), 5);
-        assert_eq!(r.charged(), (5, 50));
-        assert_eq!(r.charged(), (0, 0), "reported once");
+        assert_eq!(
+            r.report(),
+            Report {
+                charged: (5, 50),
+                demanded: (10, 50)
+            }
+        );
+        assert_eq!(r.report(), Report::default(), "reported once");
         // Charged after the report, before the answer: comes off the share the answer gives.
         assert_eq!(r.admit(0, t0 + Duration::from_millis(500)), Ok(()));
-        // The store says 12 messages and 300 bytes are left, spent by two gateways: 6 and 150
-        // each, less the one message charged meanwhile.
-        r.settle(&spec, (12.0, 300.0), 2, t0);
-        assert_eq!((0..10).filter(|_| r.admit(10, t0).is_ok()).count(), 5);
-        // It refills at half the rate: 5 per second.
-        let t1 = t0 + Duration::from_millis(200);
-        assert_eq!((0..10).filter(|_| r.admit(1, t1).is_ok()).count(), 1);
-        assert_eq!(r.charged(), (7, 51));
-        // The fleet in debt: nothing passes until the debt is repaid at this gateway's rate.
-        r.settle(&spec, (-4.0, 100.0), 2, t1);
+        // 12 messages and 300 bytes left in the fleet; this gateway asked for three quarters
+        // of the messages, two gateways present: 9 tokens (less the one charged meanwhile), at
+        // three quarters of the rate.
+        let busy = FleetShare {
+            tokens: (12.0, 300.0),
+            weights: (0.75, 0.75),
+            gateways: 2,
+        };
+        r.settle(&spec, &busy, t0, 0.5);
+        assert_eq!((0..20).filter(|_| r.admit(1, t0).is_ok()).count(), 8);
+        let t1 = t0 + Duration::from_millis(400);
+        assert_eq!((0..10).filter(|_| r.admit(1, t1).is_ok()).count(), 3);
+        // A quiet gateway still gets its equal share, half of what is left.
+        let quiet = FleetShare {
+            weights: (0.0, 0.0),
+            ..busy
+        };
+        let mut q = MessageRate::new(&spec, t0);
+        q.settle(&spec, &quiet, t0, 0.5);
+        assert_eq!((0..20).filter(|_| q.admit(1, t0).is_ok()).count(), 6);
+        // ... but refills at its share of the demand: none.
+        assert_eq!(
+            q.admit(1, t0 + Duration::from_secs(5)),
+            Err(RateLimit::MessagesPerSecond)
+        );
+        // The fleet in debt: nothing passes until it is paid back at this gateway's rate
+        // (7.5 per second: 3 tokens of debt and a whole one take 533 ms).
+        let _ = r.report();
+        r.settle(
+            &spec,
+            &FleetShare {
+                tokens: (-4.0, 100.0),
+                ..busy
+            },
+            t1,
+            0.5,
+        );
         assert_eq!(
             r.admit(1, t1 + Duration::from_millis(500)),
             Err(RateLimit::MessagesPerSecond)
         );
-        assert_eq!(r.admit(1, t1 + Duration::from_millis(700)), Ok(()));
-        // A tiny share still lets a whole message through, in time.
-        let mut one = MessageRate::new(&spec, t1);
-        one.settle(&spec, (20.0, 600.0), 40, t1);
-        // Half a token, refilled at a quarter per second: a whole one in 2 s.
-        assert_eq!(one.admit(1, t1), Err(RateLimit::MessagesPerSecond));
-        let t2 = t1 + Duration::from_millis(2100);
-        assert_eq!(one.admit(1, t2), Ok(()));
-        assert_eq!(one.admit(1, t2), Err(RateLimit::MessagesPerSecond));
+        assert_eq!(r.admit(1, t1 + Duration::from_millis(600)), Ok(()));
+    }
+
+    #[test]
+    fn a_share_below_one_token_is_a_whole_token_by_chance() {
+        let t0 = Instant::now();
+        let spec = spec(Some((5, 5)), None);
+        // Ten gateways on a burst of 5: half a token each, so a whole one half of the time.
+        let crowd = FleetShare {
+            tokens: (5.0, 0.0),
+            weights: (0.1, 0.0),
+            gateways: 10,
+        };
+        let admitted: usize = (0..1000)
+            .map(|i| {
+                let mut r = MessageRate::new(&spec, t0);
+                r.settle(&spec, &crowd, t0, (i as f64 + 0.5) / 1000.0);
+                usize::from(r.admit(1, t0).is_ok())
+            })
+            .sum();
+        assert_eq!(admitted, 500);
     }
 
     #[test]

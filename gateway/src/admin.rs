@@ -317,11 +317,21 @@ pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
     }
 }
 
+/// The console's watch answers: never cached (a token, a connection's events).
 fn json_response(v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
     );
     r
 }
@@ -385,6 +395,13 @@ async fn route<B>(gw: &View, req: &Request<B>) -> Response<Full<Bytes>> {
     // The console's watch of its next connection: a token it offers as a subprotocol
     // (`tollgate-console.<token>`), then the events of that connection's messages.
     if path == "/console/watch" {
+        // A HEAD would make (and push out) a watch that nobody reads.
+        if req.method() != Method::GET {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("GET"));
+            return r;
+        }
         let token = gw.watches.issue();
         return json_response(serde_json::json!({
             "watch": token,

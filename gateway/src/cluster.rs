@@ -43,6 +43,7 @@ use crate::manifest::RateSpec;
 use crate::metrics::{FleetMetrics, StoreCall, StoreFailure};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use tollgate_edge::rate::FleetShare;
 
 /// Why a store call did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -238,49 +239,63 @@ return out
 });
 
 /// KEYS: fleet buckets of subscriptions' message rates (`per = "subscription"`, see
-/// [`Fleet::settle_message_rates`]); ARGV[1] this gateway, ARGV[2] for how long (ms) after its
-/// last charge a gateway counts as spending from a bucket; then per key six numbers: message
-/// rate and burst, byte rate and burst (0 and 0: not limited), messages and bytes this gateway
-/// charged since its last report. Each bucket is refilled by the time passed on Redis's clock,
-/// charged (into debt, at most one burst deep), and answered as {message tokens, byte tokens,
-/// other gateways spending}; tokens as strings, since Lua numbers in a reply are truncated to
-/// integers. A bucket lives until it would be full again; then a fresh one is the same thing.
+/// [`Fleet::settle_message_rates`]); ARGV[1] this gateway, ARGV[2] for how long (ms) this
+/// gateway counts as present without settling again; then per key eight numbers: message rate
+/// and burst, byte rate and burst (0 and 0: not limited), the messages and bytes this gateway
+/// charged since its last report, and those it was asked for (charged or refused).
+///
+/// Each bucket is refilled by the time passed on Redis's clock and charged (into debt, at most
+/// one burst deep). The gateway is marked present until its deadline (`p:<id>`) with its demand
+/// (`dm:<id>`, `db:<id>`); gateways past their deadline are forgotten. The answer per key:
+/// {message tokens, byte tokens, this gateway's share of the message demand and of the byte
+/// demand (1 / present gateways when nobody asked), present gateways}, numbers as strings
+/// (Lua numbers in a reply are truncated to integers). A bucket lives until it would have
+/// paid back a full debt and refilled (at most a day); then a fresh one is the same thing.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me = 'g:' .. ARGV[1]
+local me = ARGV[1]
 local fresh = tonumber(ARGV[2])
 local out = {}
 for k = 1, #KEYS do
-  local a = 2 + (k - 1) * 6
+  local a = 2 + (k - 1) * 8
   local mr, mb = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local br, bb = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local mu, bu = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local md, bd = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
   local h = redis.call('HMGET', KEYS[k], 'm', 'b', 't')
   local dt = 0
   if h[3] then dt = math.max(0, now - tonumber(h[3])) / 1000 end
   local m = math.max(-mb, math.min(mb, (tonumber(h[1]) or mb) + dt * mr) - mu)
   local b = math.max(-bb, math.min(bb, (tonumber(h[2]) or bb) + dt * br) - bu)
-  if mu > 0 or bu > 0 then redis.call('HSET', KEYS[k], me, now) end
-  local others = 0
+  redis.call('HSET', KEYS[k], 'p:' .. me, now + fresh, 'dm:' .. me, md, 'db:' .. me, bd)
   local f = redis.call('HGETALL', KEYS[k])
-  for i = 1, #f, 2 do
-    if string.sub(f[i], 1, 2) == 'g:' and f[i] ~= me then
-      if tonumber(f[i + 1]) + fresh >= now then
-        others = others + 1
+  local v = {}
+  for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
+  local n, sm, sb = 0, 0, 0
+  for name, until_ms in pairs(v) do
+    if string.sub(name, 1, 2) == 'p:' then
+      local id = string.sub(name, 3)
+      if tonumber(until_ms) < now then
+        redis.call('HDEL', KEYS[k], name, 'dm:' .. id, 'db:' .. id)
       else
-        redis.call('HDEL', KEYS[k], f[i])
+        n = n + 1
+        sm = sm + (tonumber(v['dm:' .. id]) or 0)
+        sb = sb + (tonumber(v['db:' .. id]) or 0)
       end
     end
   end
+  local wm, wb = 1 / n, 1 / n
+  if sm > 0 then wm = md / sm end
+  if sb > 0 then wb = bd / sb end
   redis.call('HSET', KEYS[k], 'm', tostring(m), 'b', tostring(b), 't', now)
   local full = 0
-  if mr > 0 then full = math.max(full, mb / mr) end
-  if br > 0 then full = math.max(full, bb / br) end
-  redis.call('PEXPIRE', KEYS[k], math.ceil(full * 1000) + fresh)
-  out[k] = {tostring(m), tostring(b), others}
+  if mr > 0 then full = math.max(full, 2 * mb / mr) end
+  if br > 0 then full = math.max(full, 2 * bb / br) end
+  redis.call('PEXPIRE', KEYS[k], string.format('%d', math.min(math.ceil(full * 1000) + fresh, 86400000)))
+  out[k] = {tostring(m), tostring(b), tostring(wm), tostring(wb), n}
 end
 return out
 ",
@@ -303,22 +318,12 @@ const COUNTS_PER_CALL: usize = 256;
 /// Buckets settled per call at most (six arguments each).
 const SETTLES_PER_CALL: usize = 128;
 
-/// What this gateway charged to one fleet bucket of message rates since its last report.
+/// What this gateway tells the store about one fleet bucket of message rates.
 pub struct RateReport<'a> {
     /// The bucket's name in the store ([`message_rate_thing`]).
     pub thing: &'a str,
     pub spec: &'a RateSpec,
-    /// Messages and bytes.
-    pub charged: (u64, u64),
-}
-
-/// A fleet bucket as the store holds it after a report.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Settled {
-    /// Message and byte tokens left (negative: the fleet's debt).
-    pub tokens: (f64, f64),
-    /// Other gateways that charged it lately.
-    pub others: u64,
+    pub report: tollgate_edge::rate::Report,
 }
 
 /// The store's name of a subscription's message bucket: whose (the subscription's thing),
@@ -665,61 +670,65 @@ impl Store {
         })
     }
 
-    /// Reports what this gateway charged to fleet buckets of message rates and reads what they
-    /// hold (one call per 128 buckets). `fresh`: how long after its last charge a gateway
-    /// counts as spending from a bucket.
+    /// Reports what this gateway charged to fleet buckets of message rates, and was asked
+    /// for, and reads its share of them: one call for at most [`SETTLES_PER_CALL`] buckets,
+    /// bounded by `deadline`. `present`: how long this gateway counts as present without
+    /// settling again.
     pub async fn settle_rates(
         &self,
         reports: &[RateReport<'_>],
-        fresh: Duration,
-    ) -> Result<Vec<Settled>, StoreError> {
+        present: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<FleetShare>, StoreError> {
         if self.left.load(Ordering::Acquire) {
             return Err(StoreError::Left);
         }
-        let mut out = Vec::with_capacity(reports.len());
         let rate =
             |r: Option<tollgate_edge::rate::Rate>| r.map_or((0, 0), |r| (r.per_second, r.burst));
-        for chunk in reports.chunks(SETTLES_PER_CALL) {
-            let mut conn = self.conn.clone();
-            let mut call = SETTLE.prepare_invoke();
-            call.arg(&self.config.gateway_id)
-                .arg(u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX));
-            for r in chunk {
-                let (mr, mb) = rate(r.spec.messages);
-                let (br, bb) = rate(r.spec.bytes);
-                call.key(format!(
-                    "tollgate:{{{}}}:{}",
-                    self.config.namespace, r.thing
-                ))
-                .arg(mr)
-                .arg(mb)
-                .arg(br)
-                .arg(bb)
-                .arg(r.charged.0)
-                .arg(r.charged.1);
-            }
-            let settled: Vec<(String, String, i64)> = self
-                .bounded(StoreCall::Settle, call.invoke_async(&mut conn))
-                .await?;
-            if settled.len() != chunk.len() {
-                return Err(StoreError::Redis(format!(
-                    "settle answered {} buckets of {}",
-                    settled.len(),
-                    chunk.len()
-                )));
-            }
-            let number = |s: &str| {
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|v| v.is_finite())
-                    .unwrap_or(0.0)
-            };
-            out.extend(settled.into_iter().map(|(m, b, others)| Settled {
-                tokens: (number(&m), number(&b)),
-                others: u64::try_from(others).unwrap_or(0),
-            }));
+        let mut conn = self.conn.clone();
+        let mut call = SETTLE.prepare_invoke();
+        call.arg(&self.config.gateway_id)
+            .arg(u64::try_from(present.as_millis()).unwrap_or(u64::MAX));
+        for r in reports.iter().take(SETTLES_PER_CALL) {
+            let (mr, mb) = rate(r.spec.messages);
+            let (br, bb) = rate(r.spec.bytes);
+            call.key(format!(
+                "tollgate:{{{}}}:{}",
+                self.config.namespace, r.thing
+            ))
+            .arg(mr)
+            .arg(mb)
+            .arg(br)
+            .arg(bb)
+            .arg(r.report.charged.0)
+            .arg(r.report.charged.1)
+            .arg(r.report.demanded.0)
+            .arg(r.report.demanded.1);
         }
-        Ok(out)
+        let settled: Vec<(String, String, String, String, i64)> = self
+            .bounded_until(StoreCall::Settle, deadline, call.invoke_async(&mut conn))
+            .await?;
+        let asked = reports.len().min(SETTLES_PER_CALL);
+        if settled.len() != asked {
+            return Err(StoreError::Redis(format!(
+                "settle answered {} buckets of {asked}",
+                settled.len()
+            )));
+        }
+        let number = |s: &str| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .unwrap_or(0.0)
+        };
+        Ok(settled
+            .into_iter()
+            .map(|(m, b, wm, wb, n)| FleetShare {
+                tokens: (number(&m), number(&b)),
+                weights: (number(&wm), number(&wb)),
+                gateways: u64::try_from(n).unwrap_or(1).max(1),
+            })
+            .collect())
     }
 
     /// The fleet's count of each thing (one call per 256 things; reads only).
@@ -1119,37 +1128,59 @@ impl Fleet {
         self.counts.lock().ok()?.0.get(thing).copied()
     }
 
-    /// Shares a subscription's new message buckets with the fleet: they start as this
+    /// The buckets of the fleet bucket `thing` on this gateway: the ones already tracked, if
+    /// connections still hold them (a reload that went from a rate to another and back must
+    /// not give this gateway two shares), else new ones under `spec`. New ones start as this
     /// gateway's share of the limit (the limit over the gateways alive at the last heartbeat)
     /// and are settled with the store every `message_sync_interval` from then on.
-    pub fn track_rate(&self, thing: String, spec: RateSpec, rate: &SharedRate) {
-        let live = self.live.load(Ordering::Acquire).max(1);
-        rate_lock(rate).share(&spec, live, std::time::Instant::now());
-        if let Ok(mut rates) = self.rates.lock() {
-            rates.push(TrackedRate {
-                thing,
-                spec,
-                rate: Arc::downgrade(rate),
-            });
+    pub fn shared_rate(&self, thing: String, spec: RateSpec) -> SharedRate {
+        let Ok(mut rates) = self.rates.lock() else {
+            return Arc::new(std::sync::Mutex::new(
+                tollgate_edge::rate::MessageRate::new(&spec, std::time::Instant::now()),
+            ));
+        };
+        rates.retain(|r| r.rate.strong_count() > 0);
+        if let Some(held) = rates
+            .iter()
+            .find(|r| r.thing == thing)
+            .and_then(|r| r.rate.upgrade())
+        {
+            return held;
         }
+        let now = std::time::Instant::now();
+        let mut bucket = tollgate_edge::rate::MessageRate::new(&spec, now);
+        bucket.share(&spec, self.live.load(Ordering::Acquire).max(1), now);
+        let rate: SharedRate = Arc::new(std::sync::Mutex::new(bucket));
+        rates.push(TrackedRate {
+            thing,
+            spec,
+            rate: Arc::downgrade(&rate),
+        });
+        rate
     }
 
     /// Settles the subscriptions' message buckets with the store, every
-    /// `message_sync_interval`, until the gateway leaves the fleet.
+    /// `message_sync_interval`, until the gateway leaves the fleet (docs/fleet.md, "Message
+    /// rates").
     ///
     /// Each gateway judges every message on its own buckets (no message waits on the store)
-    /// and, once per interval, reports what it charged and takes its share of what the fleet's
-    /// bucket holds: the tokens and the rate divided by the gateways charging it lately. So
-    /// the fleet admits the limit on average; what it may admit beyond is about what the
-    /// gateways that just started charging admit in one interval. One call per interval for
-    /// all buckets (per 128), whatever the number of connections and messages. When the store
-    /// does not answer, each bucket is this gateway's share of the limit over the gateways
-    /// alive at the last heartbeat (`on_store_failure` `local` and `closed`: a message is
-    /// never refused for the store's sake), or the whole limit (`open`).
+    /// and, once per interval, reports for each bucket its connections draw from what it
+    /// charged and what it was asked for, and takes its share of the fleet bucket
+    /// ([`tollgate_edge::rate::MessageRate::settle`]): the rate by demand, so the fleet admits
+    /// the rate on average; the tokens at least equally, so a quiet connection can still send
+    /// while the subscription is under its limit. One call per 128 such buckets per interval,
+    /// each answer applied as it comes. When the store does not answer, each bucket is this
+    /// gateway's share of the limit over the gateways alive at the last heartbeat
+    /// (`on_store_failure` `local` and `closed`: a message is never refused for the store's
+    /// sake), or the whole limit (`open`).
     pub async fn settle_message_rates(self: Arc<Self>) {
-        let fresh = self.sync_interval * 3;
+        let every = self.sync_interval;
+        // Present until it has missed two settles.
+        let present = every * 3;
         loop {
-            tokio::time::sleep(self.sync_interval).await;
+            tokio::time::sleep(every).await;
+            // The buckets connections draw from (the subscription holds one reference), and
+            // any with charges still to report.
             let held: Vec<(String, RateSpec, SharedRate)> = match self.rates.lock() {
                 Ok(mut rates) => {
                     rates.retain(|r| r.rate.strong_count() > 0);
@@ -1162,40 +1193,47 @@ impl Fleet {
                 }
                 Err(_) => return,
             };
-            if held.is_empty() {
-                continue;
-            }
-            let charged: Vec<(u64, u64)> = held
-                .iter()
-                .map(|(_, _, r)| rate_lock(r).charged())
-                .collect();
-            let reports: Vec<RateReport<'_>> = held
-                .iter()
-                .zip(&charged)
-                .map(|((thing, spec, _), charged)| RateReport {
-                    thing,
-                    spec,
-                    charged: *charged,
+            let mut held: Vec<(String, RateSpec, SharedRate, tollgate_edge::rate::Report)> = held
+                .into_iter()
+                .filter_map(|(thing, spec, rate)| {
+                    let connections = Arc::strong_count(&rate) > 2;
+                    let report = rate_lock(&rate).report();
+                    (connections || report != Default::default())
+                        .then_some((thing, spec, rate, report))
                 })
                 .collect();
-            let answer = self.store.settle_rates(&reports, fresh).await;
-            let now = std::time::Instant::now();
-            match answer {
-                Ok(settled) => {
-                    self.note_success();
-                    for ((_, spec, rate), s) in held.iter().zip(settled) {
-                        rate_lock(rate).settle(spec, s.tokens, s.others + 1, now);
+            // Settling takes at most the interval (or store_timeout, when longer).
+            let deadline = tokio::time::Instant::now() + every.max(self.store.config.timeout);
+            while !held.is_empty() {
+                let rest = held.split_off(held.len().min(SETTLES_PER_CALL));
+                let chunk = std::mem::replace(&mut held, rest);
+                let reports: Vec<RateReport<'_>> = chunk
+                    .iter()
+                    .map(|(thing, spec, _, report)| RateReport {
+                        thing,
+                        spec,
+                        report: *report,
+                    })
+                    .collect();
+                let answer = self.store.settle_rates(&reports, present, deadline).await;
+                let now = std::time::Instant::now();
+                match answer {
+                    Ok(shares) => {
+                        self.note_success();
+                        for ((_, spec, rate, _), share) in chunk.iter().zip(shares) {
+                            rate_lock(rate).settle(spec, &share, now, rand::random::<f64>());
+                        }
                     }
-                }
-                Err(StoreError::Left) => return,
-                Err(e) => {
-                    let gateways = match self.fallback(&e) {
-                        Fallback::Open => 1,
-                        Fallback::Local { live } => live,
-                        Fallback::Closed => self.live.load(Ordering::Acquire).max(1),
-                    };
-                    for (_, spec, rate) in &held {
-                        rate_lock(rate).share(spec, gateways, now);
+                    Err(StoreError::Left) => return,
+                    Err(e) => {
+                        let gateways = match self.fallback(&e) {
+                            Fallback::Open => 1,
+                            Fallback::Local { live } => live,
+                            Fallback::Closed => self.live.load(Ordering::Acquire).max(1),
+                        };
+                        for (_, spec, rate, _) in &chunk {
+                            rate_lock(rate).share(spec, gateways, now);
+                        }
                     }
                 }
             }

@@ -72,23 +72,30 @@ impl SharedRates {
         match map.get(&key) {
             Some((held, rate)) if *held == spec => rate.clone(),
             _ => {
-                let rate: SharedRate = Arc::new(Mutex::new(MessageRate::new(
-                    &spec,
-                    std::time::Instant::now(),
-                )));
-                if let Some((fleet, subscription)) = fleet {
-                    let scope = match scope {
-                        RateScope::Api => "api",
-                        RateScope::Product => "product",
-                    };
-                    let dir = match dir {
-                        Direction::ClientToBackend => "client",
-                        Direction::BackendToClient => "backend",
-                    };
-                    let thing =
-                        crate::cluster::message_rate_thing(subscription, scope, name, dir, &spec);
-                    fleet.track_rate(thing, spec, &rate);
-                }
+                let rate: SharedRate = match fleet {
+                    Some((fleet, subscription)) => {
+                        let scope = match scope {
+                            RateScope::Api => "api",
+                            RateScope::Product => "product",
+                        };
+                        let dir = match dir {
+                            Direction::ClientToBackend => "client",
+                            Direction::BackendToClient => "backend",
+                        };
+                        let thing = crate::cluster::message_rate_thing(
+                            subscription,
+                            scope,
+                            name,
+                            dir,
+                            &spec,
+                        );
+                        fleet.shared_rate(thing, spec)
+                    }
+                    None => Arc::new(Mutex::new(MessageRate::new(
+                        &spec,
+                        std::time::Instant::now(),
+                    ))),
+                };
                 map.insert(key, (spec, rate.clone()));
                 rate
             }

@@ -122,7 +122,12 @@ impl Watches {
                 || watch.issued.elapsed() < UNCLAIMED_FOR
         });
         if w.len() >= MAX_WATCHES {
-            w.remove(0);
+            // The oldest whose connection has ended (only this list holds it), else the oldest.
+            let ended = w.iter().position(|(_, watch)| {
+                watch.claimed.load(std::sync::atomic::Ordering::Acquire)
+                    && Arc::strong_count(watch) == 1
+            });
+            w.remove(ended.unwrap_or(0));
         }
         w.push((
             token.clone(),
@@ -140,6 +145,9 @@ impl Watches {
     pub fn claim(&self, token: &str) -> Option<Arc<Watch>> {
         let w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (_, watch) = w.iter().find(|(t, _)| t == token)?;
+        if watch.issued.elapsed() >= UNCLAIMED_FOR {
+            return None;
+        }
         (!watch
             .claimed
             .swap(true, std::sync::atomic::Ordering::AcqRel))
@@ -152,6 +160,11 @@ impl Watches {
             let w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             w.iter().find(|(t, _)| t == token)?.1.clone()
         };
+        if !watch.claimed.load(std::sync::atomic::Ordering::Acquire)
+            && watch.issued.elapsed() >= UNCLAIMED_FOR
+        {
+            return None;
+        }
         let log = watch.log.lock().unwrap_or_else(|e| e.into_inner());
         let events: Vec<&serde_json::Value> = log
             .events
@@ -169,37 +182,54 @@ impl Watches {
     /// is one this gateway issued. The header is rewritten only when such a token was there.
     pub fn take_from(&self, headers: &mut http::HeaderMap) -> Taken {
         let name = http::header::SEC_WEBSOCKET_PROTOCOL;
-        let marked = |t: &str| {
+        // Bytes, not text: a line with bytes that are not visible ASCII must lose its console
+        // tokens too (every other piece of it is put back as it was).
+        let marked = |t: &[u8]| {
             t.len() >= WATCH_PROTOCOL_PREFIX.len()
-                && t[..WATCH_PROTOCOL_PREFIX.len()].eq_ignore_ascii_case(WATCH_PROTOCOL_PREFIX)
+                && t[..WATCH_PROTOCOL_PREFIX.len()]
+                    .eq_ignore_ascii_case(WATCH_PROTOCOL_PREFIX.as_bytes())
         };
-        let tokens: Vec<String> = headers
-            .get_all(&name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect();
-        if !tokens.iter().any(|t| marked(t)) {
+        let pieces = |v: &HeaderValue| -> Vec<Vec<u8>> {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .map(|t| t.trim_ascii().to_vec())
+                .filter(|t| !t.is_empty())
+                .collect()
+        };
+        // The common case costs a scan and no allocation.
+        if !headers.get_all(&name).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| marked(t.trim_ascii()))
+        }) {
             return Taken::default();
         }
-        let (watch, kept): (Vec<String>, Vec<String>) = tokens.into_iter().partition(|t| marked(t));
+        let lines: Vec<Vec<Vec<u8>>> = headers.get_all(&name).iter().map(pieces).collect();
         headers.remove(&name);
-        if !kept.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
-                headers.insert(name, v);
+        let mut console: Vec<Vec<u8>> = Vec::new();
+        let mut others = 0;
+        for line in lines {
+            let (mine, kept): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+                line.into_iter().partition(|t| marked(t));
+            console.extend(mine);
+            others += kept.len();
+            if !kept.is_empty() {
+                if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b", "[..])) {
+                    headers.append(&name, v);
+                }
             }
         }
-        match watch.as_slice() {
+        match console.as_slice() {
             [one] => Taken {
-                watch: self.claim(&one[WATCH_PROTOCOL_PREFIX.len()..]),
+                watch: std::str::from_utf8(&one[WATCH_PROTOCOL_PREFIX.len()..])
+                    .ok()
+                    .and_then(|token| self.claim(token)),
                 // A browser that offered subprotocols fails a 101 that names none: when the
                 // console's was the only one, the client is answered with it (the backend was
                 // offered none). With others offered, the client gets what the backend chose,
                 // as any client would.
-                echo: if kept.is_empty() {
-                    HeaderValue::from_str(one).ok()
+                echo: if others == 0 {
+                    HeaderValue::from_bytes(one).ok()
                 } else {
                     None
                 },
@@ -304,12 +334,26 @@ mod tests {
         let t = w.take_from(&mut h);
         assert!(t.watch.is_none(), "two console tokens: neither is trusted");
         assert!(t.echo.is_none());
-        assert_eq!(protocols(&h), ["chat, v2"]);
+        assert_eq!(protocols(&h), ["chat", "v2"], "each line keeps what it had");
         // A token this gateway never issued is taken out and watches nothing.
         let mut h = offered(&["tollgate-console.0123", "chat"]);
         let t = w.take_from(&mut h);
         assert!(t.watch.is_none() && t.echo.is_none());
         assert_eq!(protocols(&h), ["chat"]);
+        // A line with bytes that are not visible ASCII loses its console token too; the rest
+        // of it stays as it was.
+        let mut h = http::HeaderMap::new();
+        h.append(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_bytes(b"caf\xc3\xa9, tollgate-console.x").unwrap(),
+        );
+        assert!(w.take_from(&mut h).watch.is_none());
+        let left: Vec<&[u8]> = h
+            .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(left, [&b"caf\xc3\xa9"[..]]);
         // Without one, the header is left exactly as it was.
         let mut h = offered(&["a,b", "c"]);
         assert!(w.take_from(&mut h).watch.is_none());

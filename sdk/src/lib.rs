@@ -161,9 +161,9 @@ pub trait Policy {
     /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
     /// # struct P;
     /// # impl Policy for P {
-    /// #     type Config = ();
+    /// #     type Config = serde::de::IgnoredAny;
     /// #     const CAPABILITIES: &'static [Capability] = &[Capability::ReadRequest];
-    /// #     fn on_handshake(_: &(), _: &Request) -> Result<Decision, String> { Ok(Decision::proceed()) }
+    /// #     fn on_handshake(_: &Self::Config, _: &Request) -> Result<Decision, String> { Ok(Decision::proceed()) }
     /// # }
     /// assert_eq!(P::capabilities(), vec![Capability::ReadRequest]);
     /// ```
@@ -219,9 +219,9 @@ pub trait Policy {
     /// # use tollgate_sdk::{Capability, Decision, Policy, Request};
     /// struct Tenant;
     /// impl Policy for Tenant {
-    ///     type Config = ();
+    ///     type Config = serde::de::IgnoredAny;
     ///     const CAPABILITIES: &'static [Capability] = &[Capability::UseContext, Capability::Reject];
-    ///     fn on_handshake(_: &(), request: &Request) -> Result<Decision, String> {
+    ///     fn on_handshake(_: &Self::Config, request: &Request) -> Result<Decision, String> {
     ///         Ok(match request.context("jwt.tenant") {
     ///             Some(_) => Decision::proceed(),
     ///             None => Decision::reject(403, "no tenant"),
@@ -229,7 +229,7 @@ pub trait Policy {
     ///     }
     /// }
     /// let r = tollgate_sdk::testing::request().build();
-    /// assert_eq!(Tenant::on_handshake(&(), &r).unwrap().status(), Some(403));
+    /// assert_eq!(Tenant::on_handshake(&serde::de::IgnoredAny, &r).unwrap().status(), Some(403));
     /// ```
     fn on_handshake(config: &Self::Config, request: &Request) -> Result<Decision, String>;
 }

@@ -191,9 +191,9 @@ pub trait MessagePolicy {
     /// # use tollgate_sdk::message::*;
     /// # struct P;
     /// # impl MessagePolicy for P {
-    /// #     type Config = ();
+    /// #     type Config = serde::de::IgnoredAny;
     /// #     const CAPABILITIES: &'static [Capability] = &[Capability::DropMessages];
-    /// #     fn on_message(_: &(), _: &Connection, _: Message) -> Result<MessageDecision, String> { Ok(MessageDecision::Forward) }
+    /// #     fn on_message(_: &Self::Config, _: &Connection, _: Message) -> Result<MessageDecision, String> { Ok(MessageDecision::Forward) }
     /// # }
     /// assert_eq!(P::capabilities(), vec![Capability::DropMessages]);
     /// ```
@@ -254,9 +254,9 @@ pub trait MessagePolicy {
     /// use tollgate_sdk::message::*;
     /// struct Shout;
     /// impl MessagePolicy for Shout {
-    ///     type Config = ();
+    ///     type Config = serde::de::IgnoredAny;
     ///     const CAPABILITIES: &'static [Capability] = &[Capability::ReplaceMessages];
-    ///     fn on_message(_: &(), _: &Connection, m: Message) -> Result<MessageDecision, String> {
+    ///     fn on_message(_: &Self::Config, _: &Connection, m: Message) -> Result<MessageDecision, String> {
     ///         Ok(match m.into_text() {
     ///             Some(mut t) => { t.make_ascii_uppercase(); MessageDecision::replace_text(t) }
     ///             None => MessageDecision::Forward,
@@ -264,7 +264,7 @@ pub trait MessagePolicy {
     ///     }
     /// }
     /// let c = tollgate_sdk::testing::connection().build();
-    /// let d = Shout::on_message(&(), &c, tollgate_sdk::testing::text("hi")).unwrap();
+    /// let d = Shout::on_message(&serde::de::IgnoredAny, &c, tollgate_sdk::testing::text("hi")).unwrap();
     /// assert_eq!(d.replacement(), Some(&b"HI"[..]));
     /// ```
     fn on_message(

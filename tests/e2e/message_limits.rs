@@ -355,7 +355,8 @@ async fn a_products_limit_spans_its_apis() {
 /// 20 messages per second for 3 s: the backend gets about 5 + 5 per second of the 120 between
 /// them (each gateway on its own would pass that many: twice as many in all), some through
 /// each, and each gateway settles with Redis about once per `message_sync_interval` (100 ms by
-/// default), not once per message.
+/// default), not once per message. After a quiet second, a burst on both gateways at once gets
+/// the fleet's burst between them, not one each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriptions_rate_holds_across_a_fleet() {
     let redis = crate::support::redis::RedisServer::start();
@@ -395,6 +396,20 @@ async fn a_subscriptions_rate_holds_across_a_fleet() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let sending = started.elapsed().as_secs_f64();
+    let running = started.elapsed().as_secs_f64();
+    for gw in &gws {
+        let m = scrape(gw.admin.unwrap()).await;
+        let settles = sample(
+            &m,
+            "tollgate_store_call_duration_seconds",
+            &[("call", "settle")],
+        )
+        .unwrap_or(0.0);
+        assert!(
+            settles >= 5.0 && settles <= running / 0.1 + 5.0 && settles < EACH as f64,
+            "{settles} settle calls in {running:.1} s for {EACH} messages"
+        );
+    }
     // What was admitted has arrived within a second.
     let mut got = [0usize; 2];
     while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
@@ -416,18 +431,25 @@ async fn a_subscriptions_rate_holds_across_a_fleet() {
         total >= 12 && got.iter().all(|&n| n >= 3),
         "the rate is shared, not starved: {got:?} in {sending:.1} s"
     );
-    let running = started.elapsed().as_secs_f64();
-    for gw in &gws {
-        let m = scrape(gw.admin.unwrap()).await;
-        let settles = sample(
-            &m,
-            "tollgate_store_call_duration_seconds",
-            &[("call", "settle")],
-        )
-        .unwrap_or(0.0);
-        assert!(
-            settles >= 5.0 && settles <= running / 0.1 + 5.0 && settles < EACH as f64,
-            "{settles} settle calls in {running:.1} s for {EACH} messages"
-        );
+    // Quiet long enough for the fleet's bucket to fill again (5 at 5 per second), then both
+    // tabs send 6 at once: the fleet's burst is shared, not had by each gateway.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (t, ws) in tabs.iter_mut().enumerate() {
+        let burst: Vec<String> = (0..6).map(|i| format!("{t}-burst-{i}")).collect();
+        let frames: Vec<(bool, u8, &[u8])> =
+            burst.iter().map(|m| (true, 1u8, m.as_bytes())).collect();
+        ws.send_raw(&client_frames(&frames)).await.unwrap();
     }
+    let mut burst = [0usize; 2];
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        if f.opcode == 1 {
+            burst[usize::from(f.payload[0] == b'1')] += 1;
+        }
+    }
+    eprintln!("burst after quiet: admitted {burst:?} of 12");
+    let both = burst[0] + burst[1];
+    assert!(
+        (2..=6).contains(&both),
+        "after a quiet second both gateways got {burst:?} of a fleet burst of 5"
+    );
 }
