@@ -273,7 +273,14 @@ pub struct View {
     pub watches: Arc<crate::watch::Watches>,
 }
 
-pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
+/// Serves until the process exits, or until `handed_over` (a binary upgrade: the new process
+/// accepts on the same socket from then on).
+pub async fn serve(
+    listener: TcpListener,
+    config: AdminConfig,
+    gw: View,
+    handed_over: tokio_util::sync::CancellationToken,
+) {
     let bound = listener.local_addr().unwrap_or(config.listen);
     let guard = Arc::new(Guard::new(&config, bound));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -285,7 +292,11 @@ pub async fn serve(listener: TcpListener, config: AdminConfig, gw: View) {
     // Serves until the process exits, drain included: `/readyz` answers 503 while draining
     // instead of refusing connections.
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = handed_over.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, _) = match accepted {
             Ok(a) => a,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;

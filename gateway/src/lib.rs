@@ -27,6 +27,7 @@ pub mod server;
 mod sliding_window;
 mod stream;
 mod subscriptions;
+pub mod upgrade;
 mod watch;
 mod wskey;
 

@@ -71,6 +71,7 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
+    tollgate::upgrade::remember_command();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { manifest } => check(&manifest),
@@ -171,12 +172,28 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
+    // Started by a binary upgrade: the running gateway's sockets are read first, so a failure
+    // anywhere below can be told to it (it then keeps serving).
+    let mut inherited = match tollgate::upgrade::Inherited::from_env() {
+        None => None,
+        Some(Ok(i)) => Some(i),
+        Some(Err(e)) => {
+            eprintln!("cannot take over from the running gateway: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let refuse = |inherited: &mut Option<tollgate::upgrade::Inherited>, reason: &str| {
+        if let Some(i) = inherited {
+            i.failed(reason);
+        }
+    };
     // Before anything is read: a change made while the gateway starts is reloaded, not lost.
     let baseline = tollgate::reload::Baseline::before_reading(path);
     let config = match manifest::load(path) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
+            refuse(&mut inherited, &errors.to_string());
             return ExitCode::from(1);
         }
     };
@@ -189,6 +206,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
+            refuse(&mut inherited, &format!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -205,6 +223,8 @@ fn run(path: &std::path::Path) -> ExitCode {
                     _ => eprintln!("{}: {e}", path.display()),
                 }
             }
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            refuse(&mut inherited, &reasons.join("; "));
             return ExitCode::from(1);
         }
     };
@@ -227,7 +247,29 @@ fn run(path: &std::path::Path) -> ExitCode {
             wait_for_signal(stop).await;
             stop_gateway.cancel();
         });
-        match gw.run().await {
+        // SIGUSR2: upgrade the binary (tollgate::upgrade).
+        match signal(SignalKind::user_defined2()) {
+            Ok(mut usr2) => {
+                let gw = gw.clone();
+                tokio::spawn(async move {
+                    while usr2.recv().await.is_some() {
+                        gw.upgrade().await;
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGUSR2; binary upgrades are off")
+            }
+        }
+        if let Some(i) = &inherited {
+            tracing::info!(
+                event = "upgrade_received",
+                old_pid = i.old_pid,
+                pid = std::process::id(),
+                "started by a binary upgrade: taking over the running gateway's listening sockets"
+            );
+        }
+        match gw.run_inheriting(inherited).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

@@ -107,6 +107,11 @@ struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpgradeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     api: String,
     direction: &'static str,
@@ -197,6 +202,7 @@ pub struct Metrics {
     policy_instances_idle: Family<PolicyLabels, Gauge>,
     policy_duration: HistogramFamily<PolicyLabels>,
     reloads: Family<ReloadLabels, Counter>,
+    upgrades: Family<UpgradeLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
@@ -234,6 +240,7 @@ impl Metrics {
             policy_instances_idle: Family::default(),
             policy_duration: Family::new_with_constructor(policy_buckets),
             reloads: Family::default(),
+            upgrades: Family::default(),
             limits: Family::default(),
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
@@ -328,6 +335,11 @@ impl Metrics {
             "reloads",
             "Reloads of the manifest and plugin directory, by trigger (sighup, file_change) and outcome (applied, rejected)",
             m.reloads.clone(),
+        );
+        registry.register(
+            "upgrades",
+            "Binary upgrades this process started (SIGUSR2), by outcome (handed_over: the new process accepts on the listening sockets; failed: this process kept serving)",
+            m.upgrades.clone(),
         );
         registry.register(
             "limits_hit",
@@ -597,6 +609,13 @@ impl Metrics {
     pub fn reload(&self, trigger: &'static str, outcome: &'static str) {
         self.reloads
             .get_or_create(&ReloadLabels { trigger, outcome })
+            .inc();
+    }
+
+    /// A binary upgrade ended: `handed_over` or `failed`.
+    pub fn upgrade(&self, outcome: &'static str) {
+        self.upgrades
+            .get_or_create(&UpgradeLabels { outcome })
             .inc();
     }
 

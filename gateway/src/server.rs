@@ -68,6 +68,16 @@ pub struct Gateway {
     fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
     /// The web console's watches: issued by the admin listener, claimed by handshakes.
     watches: Arc<crate::watch::Watches>,
+    /// The listening sockets as a binary upgrade hands them over (duplicates of the accept
+    /// loops' own), set when [`Gateway::run`] binds them.
+    handable: std::sync::Mutex<Vec<crate::upgrade::Handable>>,
+    /// An upgrade is under way (a second SIGUSR2 meanwhile is ignored).
+    upgrading: std::sync::atomic::AtomicBool,
+    /// Cancelled once a new process accepts on the listening sockets: the admin listener of
+    /// this one stops accepting (the client listeners stop with the drain).
+    handed_over: CancellationToken,
+    /// The accept loops, from the start until the drain waits for them.
+    accepts: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Gateway {
@@ -120,6 +130,10 @@ impl Gateway {
             next_conn: std::sync::atomic::AtomicU64::new(1),
             fleet: std::sync::OnceLock::new(),
             watches: Arc::default(),
+            handable: Default::default(),
+            upgrading: Default::default(),
+            handed_over: CancellationToken::new(),
+            accepts: Default::default(),
         }))
     }
 
@@ -212,6 +226,142 @@ impl Gateway {
     }
 
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
+        self.run_inheriting(None).await
+    }
+
+    /// [`Gateway::run`] in a process a binary upgrade started: it serves on the old process's
+    /// listening sockets (`inherited`) where its manifest asks for the same addresses, binds
+    /// the others, and tells the old process once it accepts (or why it cannot).
+    pub async fn run_inheriting(
+        self: Arc<Self>,
+        mut inherited: Option<crate::upgrade::Inherited>,
+    ) -> Result<(), StartError> {
+        let started = self.clone().serve(&mut inherited).await;
+        match (started, inherited) {
+            (Err(e), Some(mut i)) => {
+                i.failed(&e.to_string());
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+            (Ok(took), Some(i)) => {
+                let old_pid = i.old_pid;
+                match i.ready(took) {
+                    Ok(()) => tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
+                        "serving on the sockets the previous process handed over; it stops accepting and drains now"),
+                    Err(e) => tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
+                        "could not tell the previous process this one is ready (it gives up on its own and keeps serving)"),
+                }
+                self.serve_until_stopped().await
+            }
+            (Ok(_), None) => self.serve_until_stopped().await,
+        }
+    }
+
+    /// A listening socket: the one an upgrade handed over for the same role and address, or a
+    /// new one. Either way a duplicate is kept for the next upgrade.
+    fn listener(
+        &self,
+        inherited: &mut Option<crate::upgrade::Inherited>,
+        role: crate::upgrade::Role,
+        configured: SocketAddr,
+        backlog: u32,
+        what: &'static str,
+        took: &mut Vec<crate::upgrade::Role>,
+    ) -> Result<TcpListener, StartError> {
+        let err = |source| StartError::Bind {
+            addr: configured,
+            what,
+            source,
+        };
+        let listener = match inherited.as_mut().and_then(|i| i.take(role, configured)) {
+            Some(l) => {
+                took.push(role);
+                l.set_nonblocking(true).map_err(err)?;
+                TcpListener::from_std(l).map_err(err)?
+            }
+            None => bind(configured, backlog, what)?,
+        };
+        if let (Ok(fd), Ok(bound)) = (
+            std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned(),
+            listener.local_addr(),
+        ) {
+            if let Ok(mut h) = self.handable.lock() {
+                h.push(crate::upgrade::Handable {
+                    described: crate::upgrade::Described {
+                        role,
+                        configured,
+                        bound,
+                    },
+                    fd,
+                });
+            }
+        }
+        Ok(listener)
+    }
+
+    /// Starts a new process of this binary and hands it the listening sockets (SIGUSR2; see
+    /// [`crate::upgrade`]). Once it accepts, this process stops accepting and drains; if it
+    /// fails, this one says why and keeps serving.
+    pub async fn upgrade(self: &Arc<Self>) {
+        if self.upgrading.swap(true, Ordering::AcqRel) {
+            tracing::warn!(event = "upgrade_ignored", "an upgrade is already under way");
+            return;
+        }
+        let handable: Vec<crate::upgrade::Handable> = self
+            .handable
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|l| {
+                        l.fd.try_clone().ok().map(|fd| crate::upgrade::Handable {
+                            described: l.described.clone(),
+                            fd,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        tracing::info!(
+            event = "upgrade_started",
+            pid = std::process::id(),
+            listeners = handable.len(),
+            "starting the new binary and handing it the listening sockets"
+        );
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::task::spawn_blocking(move || crate::upgrade::hand_over(&handable)).await;
+        match outcome {
+            Ok(Ok(up)) => {
+                tracing::info!(event = "upgrade", old_pid = std::process::id(), new_pid = up.new_pid,
+                    listeners = ?up.took.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                    connections = self.active.load(Ordering::SeqCst),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "the new process accepts on the listening sockets; this one stops accepting and drains");
+                self.metrics.upgrade("handed_over");
+                self.handed_over.cancel();
+                self.stop.cancel();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(event = "upgrade_failed", pid = std::process::id(), error = %e,
+                    "the upgrade did not happen; this process keeps serving");
+                self.metrics.upgrade("failed");
+                self.upgrading.store(false, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::warn!(event = "upgrade_failed", pid = std::process::id(), error = %e,
+                    "the upgrade did not happen; this process keeps serving");
+                self.metrics.upgrade("failed");
+                self.upgrading.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Binds (or takes over) the listeners, starts every task and the accept loops, and marks
+    /// the gateway ready; returns the roles whose sockets an upgrade handed over.
+    async fn serve(
+        self: Arc<Self>,
+        inherited: &mut Option<crate::upgrade::Inherited>,
+    ) -> Result<Vec<crate::upgrade::Role>, StartError> {
         if let Some(c) = &self.config.cluster {
             let gateway_id = c.gateway_id.clone().unwrap_or_else(default_gateway_id);
             let fleet = crate::cluster::Fleet::new(
@@ -238,17 +388,39 @@ impl Gateway {
             self.served().counters().use_fleet(fleet.clone());
             let _ = self.fleet.set(fleet);
         }
+        use crate::upgrade::Role;
+        let mut took = Vec::new();
         let mut listeners = Vec::new();
         let backlog = client_backlog(self.config.gateway.limits.max_pending_handshakes);
         if let Some(addr) = self.config.gateway.listen {
-            listeners.push((bind(addr, backlog, "ws listener")?, Scheme::Ws));
+            listeners.push((
+                self.listener(inherited, Role::Ws, addr, backlog, "ws listener", &mut took)?,
+                Scheme::Ws,
+            ));
         }
         if let Some(t) = &self.config.gateway.tls {
-            listeners.push((bind(t.listen, backlog, "wss listener")?, Scheme::Wss));
+            listeners.push((
+                self.listener(
+                    inherited,
+                    Role::Wss,
+                    t.listen,
+                    backlog,
+                    "wss listener",
+                    &mut took,
+                )?,
+                Scheme::Wss,
+            ));
         }
         let admin = match &self.config.admin {
             // The admin listener serves at most 64 connections at once.
-            Some(a) => Some(bind(a.listen, 128, "admin listener")?),
+            Some(a) => Some(self.listener(
+                inherited,
+                Role::Admin,
+                a.listen,
+                128,
+                "admin listener",
+                &mut took,
+            )?),
             None => None,
         };
         let mut bound = Vec::new();
@@ -264,7 +436,12 @@ impl Gateway {
                 tracing::info!(event = "listening", scheme = "admin", addr = %addr, "admin listening");
             }
             if let Some(config) = self.config.admin.clone() {
-                tokio::spawn(crate::admin::serve(a, config, self.admin_view()));
+                tokio::spawn(crate::admin::serve(
+                    a,
+                    config,
+                    self.admin_view(),
+                    self.handed_over.clone(),
+                ));
             }
         }
         for api in self.served().routes.apis() {
@@ -291,9 +468,28 @@ impl Gateway {
         ));
         tokio::spawn(self.clone().refresh_key_sets());
         self.ready.store(true, Ordering::SeqCst);
+        if let Ok(mut a) = self.accepts.lock() {
+            *a = accepts;
+        }
+        Ok(took)
+    }
+
+    /// Serves until SIGTERM/SIGINT (or a binary upgrade handed over), then drains.
+    async fn serve_until_stopped(self: Arc<Self>) -> Result<(), StartError> {
         tokio::select! {
             _ = self.stop.cancelled() => {}
             _ = self.shutdown.cancelled() => {}
+        }
+        let accepts = self
+            .accepts
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default();
+        // The duplicates kept for an upgrade go first: once the accept loops end, nothing of
+        // this process holds the listening sockets, so (unless a new process took them over)
+        // they close and new connections are refused, not queued unanswered.
+        if let Ok(mut h) = self.handable.lock() {
+            h.clear();
         }
 
         self.ready.store(false, Ordering::SeqCst);

@@ -37,4 +37,5 @@ mod reload;
 mod sandbox;
 mod subscriptions;
 mod tls;
+mod upgrade;
 mod wit_v2;

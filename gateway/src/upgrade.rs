@@ -1,0 +1,473 @@
+//! Upgrading the binary without refusing a connection attempt (issue 23, first step: the
+//! listening sockets).
+//!
+//! On SIGUSR2 the running gateway starts its own command again (the binary at the path it was
+//! started from, which an upgrade has replaced, with the same arguments), with one end of a
+//! Unix socket pair as `TOLLGATE_UPGRADE_FD`. Over it the old process sends its listening
+//! sockets (SCM_RIGHTS) and what each one is; the new process loads and checks its manifest
+//! and plugins, serves on the sockets it was given (binding only those its manifest moved),
+//! and answers `ready` once it accepts. Only then does the old process stop accepting and
+//! drain as on SIGTERM. The sockets are the same kernel objects in both processes, so the
+//! accept queue is never closed: a connection attempt made at any moment is accepted by one
+//! process or the other. If the new process fails (its manifest, a plugin, a bind) or does not
+//! answer within [`READY_WITHIN`], the old one says why, stops it, and keeps serving.
+//!
+//! Connections the old process holds are drained as on SIGTERM (1001 to both sides within
+//! `drain_timeout`); handing them over alive is the next step.
+//!
+//! The messages are JSON, each after its length (4 bytes, big-endian), and carry a version:
+//! a new binary that does not know the old one's version answers `failed`, and the old one
+//! keeps serving.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that tells a new process which descriptor is its end of the
+/// handover channel.
+pub const ENV_FD: &str = "TOLLGATE_UPGRADE_FD";
+/// The handover's format; bumped when a message changes.
+pub const VERSION: u32 = 1;
+/// How long the old process waits for the new one to load everything and accept: plugins are
+/// compiled (or read from the cache) first.
+pub const READY_WITHIN: Duration = Duration::from_secs(120);
+/// Listening sockets handed over at most (ws, wss, admin).
+const MAX_LISTENERS: usize = 8;
+/// Longest message on the channel.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Which listener a socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Ws,
+    Wss,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ws => "ws",
+            Role::Wss => "wss",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A listening socket as the old process describes it: its role, the address its manifest
+/// asked for (a new manifest that asks for another one gets a socket of its own) and the one
+/// it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Described {
+    pub role: Role,
+    pub configured: SocketAddr,
+    pub bound: SocketAddr,
+}
+
+/// The old process's message: its sockets, in the order of the descriptors sent with it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Offer {
+    version: u32,
+    old_pid: u32,
+    listeners: Vec<Described>,
+}
+
+/// The new process's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "lowercase")]
+enum Answer {
+    /// It accepts on every listener now.
+    Ready { pid: u32, took: Vec<Role> },
+    /// It cannot serve; it exits.
+    Failed { pid: u32, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("cannot start the new process ({command}): {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("handover channel: {0}")]
+    Channel(std::io::Error),
+    #[error("the new process (pid {pid}) failed: {reason}")]
+    Failed { pid: u32, reason: String },
+    #[error("the new process (pid {pid}) exited before it was ready ({status})")]
+    Exited {
+        pid: u32,
+        status: std::process::ExitStatus,
+    },
+    #[error("the new process (pid {pid}) was not ready within {within:?}")]
+    NotReady { pid: u32, within: Duration },
+    #[error("handover message: {0}")]
+    Message(String),
+    #[error("an upgrade is already under way")]
+    Busy,
+}
+
+/// The command this process was started with, read at start: after an upgrade has replaced the
+/// binary, `/proc/self/exe` names the old, deleted file, while the path names the new one.
+static COMMAND: OnceLock<(std::path::PathBuf, Vec<std::ffi::OsString>)> = OnceLock::new();
+
+/// Remembers how this process was started (call first thing in `main`).
+pub fn remember_command() {
+    let exe = std::env::current_exe().unwrap_or_else(|_| {
+        std::env::args_os()
+            .next()
+            .map(std::path::PathBuf::from)
+            .unwrap_or_default()
+    });
+    let _ = COMMAND.set((exe, std::env::args_os().skip(1).collect()));
+}
+
+/// A listening socket to hand over: what it is, and a descriptor of it (a duplicate, so the
+/// accept loop keeps its own).
+pub struct Handable {
+    pub described: Described,
+    pub fd: OwnedFd,
+}
+
+/// A new process that answered `ready`.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub new_pid: u32,
+    pub took: Vec<Role>,
+}
+
+/// Starts the new process and hands it `listeners`; returns once it is ready, or why not (it
+/// is then stopped and reaped). Blocking: run it on a blocking thread.
+pub fn hand_over(listeners: &[Handable]) -> Result<Upgraded, UpgradeError> {
+    let (exe, args) = COMMAND
+        .get()
+        .cloned()
+        .unwrap_or_else(|| (std::path::PathBuf::from("tollgate"), Vec::new()));
+    let (mut ours, theirs) = UnixStream::pair().map_err(UpgradeError::Channel)?;
+    let fd = theirs.as_raw_fd();
+    let mut command = std::process::Command::new(&exe);
+    command
+        .args(&args)
+        .env(ENV_FD, fd.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe. It clears
+    // close-on-exec on the child's end of the pair only, so the new binary inherits it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| UpgradeError::Spawn {
+        command: exe.display().to_string(),
+        source,
+    })?;
+    drop(theirs);
+    let pid = child.id();
+    let result = offer_and_wait(&mut ours, listeners, pid);
+    if result.is_err() {
+        // Ours to stop: it never served, or said it cannot.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // On success the new process outlives this one (it is reparented when this one exits).
+    result.map_err(|e| match (e, child.try_wait()) {
+        (UpgradeError::Channel(_), Ok(Some(status))) => UpgradeError::Exited { pid, status },
+        (e, _) => e,
+    })
+}
+
+fn offer_and_wait(
+    ours: &mut UnixStream,
+    listeners: &[Handable],
+    pid: u32,
+) -> Result<Upgraded, UpgradeError> {
+    let offer = Offer {
+        version: VERSION,
+        old_pid: std::process::id(),
+        listeners: listeners.iter().map(|l| l.described.clone()).collect(),
+    };
+    let fds: Vec<_> = listeners.iter().map(|l| l.fd.as_fd()).collect();
+    send(ours, &offer, &fds)?;
+    ours.set_read_timeout(Some(READY_WITHIN))
+        .map_err(UpgradeError::Channel)?;
+    let answer: Answer = match receive_plain(ours) {
+        Ok(a) => a,
+        Err(UpgradeError::Channel(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(UpgradeError::NotReady {
+                pid,
+                within: READY_WITHIN,
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    match answer {
+        Answer::Ready { pid, took } => Ok(Upgraded { new_pid: pid, took }),
+        Answer::Failed { pid, reason } => Err(UpgradeError::Failed { pid, reason }),
+    }
+}
+
+/// What a new process was handed: the listening sockets, and the channel to answer on.
+pub struct Inherited {
+    pub old_pid: u32,
+    listeners: Vec<(Described, Option<OwnedFd>)>,
+    channel: UnixStream,
+}
+
+impl Inherited {
+    /// If this process was started by an upgrade: the old process's sockets (blocking; at
+    /// start). `Err`: the channel is there but unreadable, or from an unknown version.
+    pub fn from_env() -> Option<Result<Inherited, UpgradeError>> {
+        let fd: i32 = std::env::var(ENV_FD).ok()?.parse().ok()?;
+        // SAFETY: the descriptor was made for this process by the old one (the environment
+        // variable names it) and nothing else in this process owns it.
+        let channel = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Some(Inherited::receive(channel))
+    }
+
+    fn receive(channel: UnixStream) -> Result<Inherited, UpgradeError> {
+        // A process that reads this, blocks at most this long (the old one wrote it first).
+        channel
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(UpgradeError::Channel)?;
+        let (offer, fds): (Offer, Vec<OwnedFd>) = receive_with_fds(&channel)?;
+        let mut inherited = Inherited {
+            old_pid: offer.old_pid,
+            listeners: Vec::new(),
+            channel,
+        };
+        if offer.version != VERSION {
+            let reason = format!(
+                "the running gateway hands over format {}, this binary reads {VERSION}",
+                offer.version
+            );
+            inherited.failed(&reason);
+            return Err(UpgradeError::Message(reason));
+        }
+        if fds.len() != offer.listeners.len() {
+            let reason = format!(
+                "{} sockets described, {} received",
+                offer.listeners.len(),
+                fds.len()
+            );
+            inherited.failed(&reason);
+            return Err(UpgradeError::Message(reason));
+        }
+        inherited.listeners = offer
+            .listeners
+            .into_iter()
+            .zip(fds.into_iter().map(Some))
+            .collect();
+        Ok(inherited)
+    }
+
+    /// The socket for `role` if the old process had one for the same configured address.
+    pub fn take(&mut self, role: Role, configured: SocketAddr) -> Option<std::net::TcpListener> {
+        let (_, fd) = self
+            .listeners
+            .iter_mut()
+            .find(|(d, fd)| d.role == role && d.configured == configured && fd.is_some())?;
+        fd.take().map(std::net::TcpListener::from)
+    }
+
+    /// Tells the old process this one accepts now (it then stops accepting and drains).
+    pub fn ready(mut self, took: Vec<Role>) -> Result<(), UpgradeError> {
+        let answer = Answer::Ready {
+            pid: std::process::id(),
+            took,
+        };
+        send(&mut self.channel, &answer, &[])
+    }
+
+    /// Tells the old process this one cannot serve, and why.
+    pub fn failed(&mut self, reason: &str) {
+        let answer = Answer::Failed {
+            pid: std::process::id(),
+            reason: reason.to_owned(),
+        };
+        let _ = send(&mut self.channel, &answer, &[]);
+    }
+}
+
+/// One message: its length, its JSON, and `fds` with its first byte.
+fn send<T: Serialize>(
+    channel: &mut UnixStream,
+    message: &T,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(), UpgradeError> {
+    let body = serde_json::to_vec(message).map_err(|e| UpgradeError::Message(e.to_string()))?;
+    let mut bytes = u32::try_from(body.len())
+        .map_err(|_| UpgradeError::Message("message too long".into()))?
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&body);
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_LISTENERS))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty()
+        && (fds.len() > MAX_LISTENERS
+            || !control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)))
+    {
+        return Err(UpgradeError::Message(format!(
+            "{} sockets to hand over (at most {MAX_LISTENERS})",
+            fds.len()
+        )));
+    }
+    // The descriptors go with the first byte; the rest follows on the stream.
+    let sent = rustix::net::sendmsg(
+        &*channel,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        rustix::net::SendFlags::empty(),
+    )
+    .map_err(|e| UpgradeError::Channel(e.into()))?;
+    channel
+        .write_all(&bytes[sent..])
+        .map_err(UpgradeError::Channel)
+}
+
+/// One message with the descriptors that came with it.
+fn receive_with_fds<T: for<'de> Deserialize<'de>>(
+    channel: &UnixStream,
+) -> Result<(T, Vec<OwnedFd>), UpgradeError> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_LISTENERS))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        channel,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| UpgradeError::Channel(e.into()))?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let message = finish(channel, &mut buf, got.bytes)?;
+    Ok((message, fds))
+}
+
+/// One message without descriptors.
+fn receive_plain<T: for<'de> Deserialize<'de>>(
+    channel: &mut UnixStream,
+) -> Result<T, UpgradeError> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 4];
+    let n = channel.read(&mut buf).map_err(UpgradeError::Channel)?;
+    if n == 0 {
+        return Err(UpgradeError::Channel(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
+    finish(channel, &mut buf, n)
+}
+
+/// Reads the rest of a message whose first `have` bytes are in `buf`, and parses it.
+fn finish<T: for<'de> Deserialize<'de>>(
+    mut channel: &UnixStream,
+    buf: &mut [u8],
+    mut have: usize,
+) -> Result<T, UpgradeError> {
+    while have < 4 {
+        let n = channel
+            .read(&mut buf[have..])
+            .map_err(UpgradeError::Channel)?;
+        if n == 0 {
+            return Err(UpgradeError::Channel(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        have += n;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(UpgradeError::Message(format!("a message of {len} bytes")));
+    }
+    while have < 4 + len {
+        let n = channel
+            .read(&mut buf[have..4 + len])
+            .map_err(UpgradeError::Channel)?;
+        if n == 0 {
+            return Err(UpgradeError::Channel(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        have += n;
+    }
+    serde_json::from_slice(&buf[4..4 + len]).map_err(|e| UpgradeError::Message(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_cross_the_channel_and_still_accept() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bound = listener.local_addr().unwrap();
+        let (mut old, new) = UnixStream::pair().unwrap();
+        let offer = Offer {
+            version: VERSION,
+            old_pid: 7,
+            listeners: vec![Described {
+                role: Role::Ws,
+                configured: "127.0.0.1:0".parse().unwrap(),
+                bound,
+            }],
+        };
+        send(&mut old, &offer, &[listener.as_fd()]).unwrap();
+        let mut inherited = Inherited::receive(new).unwrap();
+        assert_eq!(inherited.old_pid, 7);
+        assert!(inherited
+            .take(Role::Wss, "127.0.0.1:0".parse().unwrap())
+            .is_none());
+        let taken = inherited
+            .take(Role::Ws, "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        assert_eq!(taken.local_addr().unwrap(), bound);
+        // A connection made now may be accepted on either descriptor: the same socket.
+        drop(listener);
+        let _client = std::net::TcpStream::connect(bound).unwrap();
+        assert!(taken.accept().is_ok());
+        // Taken once only.
+        assert!(inherited
+            .take(Role::Ws, "127.0.0.1:0".parse().unwrap())
+            .is_none());
+        inherited.ready(vec![Role::Ws]).unwrap();
+        match receive_plain::<Answer>(&mut old).unwrap() {
+            Answer::Ready { took, .. } => assert_eq!(took, [Role::Ws]),
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused_with_a_reason() {
+        let (mut old, new) = UnixStream::pair().unwrap();
+        let offer = Offer {
+            version: VERSION + 1,
+            old_pid: 7,
+            listeners: Vec::new(),
+        };
+        send(&mut old, &offer, &[]).unwrap();
+        assert!(Inherited::receive(new).is_err());
+        match receive_plain::<Answer>(&mut old).unwrap() {
+            Answer::Failed { reason, .. } => assert!(reason.contains("format 2"), "{reason}"),
+            a => panic!("{a:?}"),
+        }
+    }
+}
