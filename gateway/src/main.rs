@@ -71,7 +71,7 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
-    tollgate::upgrade::remember_command();
+    tollgate::upgrade::at_start();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { manifest } => check(&manifest),
@@ -252,8 +252,11 @@ fn run(path: &std::path::Path) -> ExitCode {
             Ok(mut usr2) => {
                 let gw = gw.clone();
                 tokio::spawn(async move {
+                    // Each on a task of its own, so one that arrives during an upgrade is seen
+                    // (and ignored) at once rather than queued behind it.
                     while usr2.recv().await.is_some() {
-                        gw.upgrade().await;
+                        let gw = gw.clone();
+                        tokio::spawn(async move { gw.upgrade().await });
                     }
                 });
             }

@@ -1141,6 +1141,7 @@ mod tests {
         m.backend_upgraded("a", "default");
         m.connection_closed("a", "client", Some(1000));
         m.reload("sighup", "applied");
+        m.upgrade("failed");
         m.accept_error();
         m.limit_hit("a", Limit::IdleTimeout);
         // A drop makes the series of `tollgate_messages_dropped_total` (none before).

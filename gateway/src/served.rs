@@ -38,6 +38,13 @@ pub enum StartError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// The process a binary upgrade handed the listening sockets to exited while this one
+    /// drained: nothing accepts on them any more.
+    #[error("the new process (pid {pid}) that took over the listening sockets exited ({status}); nothing accepts on them now")]
+    SuccessorLost {
+        pid: u32,
+        status: std::process::ExitStatus,
+    },
 }
 
 /// What handshakes are served from: the manifest, its APIs and their policy chains (with the

@@ -78,6 +78,10 @@ pub struct Gateway {
     handed_over: CancellationToken,
     /// The accept loops, from the start until the drain waits for them.
     accepts: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Ends an upgrade's wait for the new process when this one stops meanwhile.
+    upgrade_abort: std::sync::Mutex<Option<crate::upgrade::Abort>>,
+    /// The process an upgrade handed the listening sockets to (watched while this one drains).
+    successor: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl Gateway {
@@ -134,6 +138,8 @@ impl Gateway {
             upgrading: Default::default(),
             handed_over: CancellationToken::new(),
             accepts: Default::default(),
+            upgrade_abort: Default::default(),
+            successor: Default::default(),
         }))
     }
 
@@ -243,13 +249,19 @@ impl Gateway {
                 Err(e)
             }
             (Err(e), None) => Err(e),
+            (Ok(_), Some(mut i)) if self.stop.is_cancelled() => {
+                // Stopped while starting: the old process keeps serving.
+                i.failed("the new process was stopped (SIGTERM/SIGINT) while it started");
+                self.serve_until_stopped().await
+            }
             (Ok(took), Some(i)) => {
                 let old_pid = i.old_pid;
-                match i.ready(took) {
-                    Ok(()) => tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
-                        "serving on the sockets the previous process handed over; it stops accepting and drains now"),
-                    Err(e) => tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
-                        "could not tell the previous process this one is ready (it gives up on its own and keeps serving)"),
+                // Logged before it is said, so the records read in the order things happen.
+                tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
+                    "accepting on the sockets the previous process handed over; telling it to stop accepting and drain");
+                if let Err(e) = i.ready(took) {
+                    tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
+                        "could not tell the previous process this one is ready (it gives up on its own and keeps serving)");
                 }
                 self.serve_until_stopped().await
             }
@@ -276,6 +288,9 @@ impl Gateway {
         let listener = match inherited.as_mut().and_then(|i| i.take(role, configured)) {
             Some(l) => {
                 took.push(role);
+                // This manifest's backlog (Linux applies a new one to a listening socket).
+                rustix::net::listen(&l, i32::try_from(backlog).unwrap_or(i32::MAX))
+                    .map_err(|e| err(e.into()))?;
                 l.set_nonblocking(true).map_err(err)?;
                 TcpListener::from_std(l).map_err(err)?
             }
@@ -303,6 +318,13 @@ impl Gateway {
     /// [`crate::upgrade`]). Once it accepts, this process stops accepting and drains; if it
     /// fails, this one says why and keeps serving.
     pub async fn upgrade(self: &Arc<Self>) {
+        if !self.ready.load(Ordering::SeqCst) || self.stop.is_cancelled() {
+            tracing::warn!(
+                event = "upgrade_ignored",
+                "not serving (starting or stopping): no upgrade"
+            );
+            return;
+        }
         if self.upgrading.swap(true, Ordering::AcqRel) {
             tracing::warn!(event = "upgrade_ignored", "an upgrade is already under way");
             return;
@@ -328,31 +350,58 @@ impl Gateway {
             "starting the new binary and handing it the listening sockets"
         );
         let started = std::time::Instant::now();
-        let outcome =
-            tokio::task::spawn_blocking(move || crate::upgrade::hand_over(&handable)).await;
+        let gw = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::upgrade::hand_over(&handable, |abort| {
+                if let Ok(mut a) = gw.upgrade_abort.lock() {
+                    *a = Some(abort);
+                }
+                // Stopped before the abort was in place: end the wait now.
+                if gw.stop.is_cancelled() {
+                    if let Ok(a) = gw.upgrade_abort.lock() {
+                        if let Some(a) = a.as_ref() {
+                            a.abort();
+                        }
+                    }
+                }
+            })
+        })
+        .await;
+        if let Ok(mut a) = self.upgrade_abort.lock() {
+            *a = None;
+        }
+        let failed = |error: String| {
+            tracing::warn!(event = "upgrade_failed", pid = std::process::id(), error = %error,
+                "the upgrade did not happen; this process keeps serving");
+            self.metrics.upgrade("failed");
+            self.upgrading.store(false, Ordering::Release);
+        };
         match outcome {
+            Ok(Ok(mut up)) if self.stop.is_cancelled() => {
+                // Asked to stop meanwhile: the service stops, the new process too.
+                let _ = up.child.kill();
+                let _ = up.child.wait();
+                failed(format!(
+                    "this process was stopped (SIGTERM/SIGINT) during the upgrade; the new process (pid {}) was stopped too",
+                    up.new_pid
+                ));
+            }
             Ok(Ok(up)) => {
                 tracing::info!(event = "upgrade", old_pid = std::process::id(), new_pid = up.new_pid,
+                    version = %up.version, exe = %up.exe.display(),
                     listeners = ?up.took.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                     connections = self.active.load(Ordering::SeqCst),
                     took_ms = started.elapsed().as_millis() as u64,
                     "the new process accepts on the listening sockets; this one stops accepting and drains");
                 self.metrics.upgrade("handed_over");
+                if let Ok(mut s) = self.successor.lock() {
+                    *s = Some(up.child);
+                }
                 self.handed_over.cancel();
                 self.stop.cancel();
             }
-            Ok(Err(e)) => {
-                tracing::warn!(event = "upgrade_failed", pid = std::process::id(), error = %e,
-                    "the upgrade did not happen; this process keeps serving");
-                self.metrics.upgrade("failed");
-                self.upgrading.store(false, Ordering::Release);
-            }
-            Err(e) => {
-                tracing::warn!(event = "upgrade_failed", pid = std::process::id(), error = %e,
-                    "the upgrade did not happen; this process keeps serving");
-                self.metrics.upgrade("failed");
-                self.upgrading.store(false, Ordering::Release);
-            }
+            Ok(Err(e)) => failed(e.to_string()),
+            Err(e) => failed(e.to_string()),
         }
     }
 
@@ -485,6 +534,12 @@ impl Gateway {
             .lock()
             .map(|mut a| std::mem::take(&mut *a))
             .unwrap_or_default();
+        // An upgrade still waiting for its new process ends now (the new process is stopped).
+        if let Ok(a) = self.upgrade_abort.lock() {
+            if let Some(a) = a.as_ref() {
+                a.abort();
+            }
+        }
         // The duplicates kept for an upgrade go first: once the accept loops end, nothing of
         // this process holds the listening sockets, so (unless a new process took them over)
         // they close and new connections are refused, not queued unanswered.
@@ -519,6 +574,20 @@ impl Gateway {
         // Whatever is still open ends with the process: the fleet gets every slot back now.
         if let Some(fleet) = self.fleet.get() {
             fleet.leave().await;
+        }
+        // After a handover: the new process must still be there, or nothing accepts now; a
+        // non-zero exit lets a supervisor start the gateway again.
+        let lost = self.successor.lock().ok().and_then(|mut s| {
+            let child = s.as_mut()?;
+            match child.try_wait() {
+                Ok(Some(status)) => Some((child.id(), status)),
+                _ => None,
+            }
+        });
+        if let Some((pid, status)) = lost {
+            tracing::error!(event = "upgrade_lost", new_pid = pid, status = %status,
+                "the new process that took over the listening sockets has exited; nothing accepts on them now");
+            return Err(StartError::SuccessorLost { pid, status });
         }
         Ok(())
     }

@@ -42,6 +42,8 @@ pub const READY_WITHIN: Duration = Duration::from_secs(120);
 const MAX_LISTENERS: usize = 8;
 /// Longest message on the channel.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest reason a failed new process gives.
+const MAX_REASON: usize = 16 * 1024;
 
 /// Which listener a socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +87,11 @@ struct Offer {
 #[serde(tag = "answer", rename_all = "lowercase")]
 enum Answer {
     /// It accepts on every listener now.
-    Ready { pid: u32, took: Vec<Role> },
+    Ready {
+        pid: u32,
+        took: Vec<Role>,
+        version: String,
+    },
     /// It cannot serve; it exits.
     Failed { pid: u32, reason: String },
 }
@@ -114,19 +120,50 @@ pub enum UpgradeError {
     Busy,
 }
 
-/// The command this process was started with, read at start: after an upgrade has replaced the
-/// binary, `/proc/self/exe` names the old, deleted file, while the path names the new one.
+/// The command this process was started with, read at start: the path as it was given (made
+/// absolute against the starting directory, or found on `PATH`), not resolved. An upgrade that
+/// replaced the file, or moved a symlink to another version, runs what the path names now;
+/// `/proc/self/exe` would name the old file.
 static COMMAND: OnceLock<(std::path::PathBuf, Vec<std::ffi::OsString>)> = OnceLock::new();
 
-/// Remembers how this process was started (call first thing in `main`).
-pub fn remember_command() {
-    let exe = std::env::current_exe().unwrap_or_else(|_| {
-        std::env::args_os()
-            .next()
-            .map(std::path::PathBuf::from)
-            .unwrap_or_default()
-    });
-    let _ = COMMAND.set((exe, std::env::args_os().skip(1).collect()));
+/// The descriptor of the handover channel, taken out of the environment at start.
+static CHANNEL_FD: OnceLock<Option<i32>> = OnceLock::new();
+
+/// First thing in `main`, while the process has one thread: remembers how this process was
+/// started, takes [`ENV_FD`] out of the environment (so nothing this process starts inherits
+/// it), and ignores SIGUSR2 until the gateway installs its handler (a stray one would
+/// otherwise kill a new process still loading).
+pub fn at_start() {
+    // SAFETY: setting a signal's disposition to "ignore" has no preconditions; the gateway's
+    // runtime replaces it with its handler once it serves.
+    unsafe {
+        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+    }
+    let mut args = std::env::args_os();
+    let argv0 = args
+        .next()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let exe = if argv0.components().count() > 1 {
+        std::env::current_dir()
+            .map(|d| d.join(&argv0))
+            .unwrap_or(argv0)
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(&argv0))
+                    .find(|p| p.is_file())
+            })
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or(argv0)
+    };
+    let _ = COMMAND.set((exe, args.collect()));
+    let fd = std::env::var(ENV_FD)
+        .ok()
+        .map(|v| v.parse::<i32>().unwrap_or(-1));
+    std::env::remove_var(ENV_FD);
+    let _ = CHANNEL_FD.set(fd);
 }
 
 /// A listening socket to hand over: what it is, and a descriptor of it (a duplicate, so the
@@ -136,21 +173,42 @@ pub struct Handable {
     pub fd: OwnedFd,
 }
 
-/// A new process that answered `ready`.
+/// A new process that answered `ready`: it is this process's child until this one exits.
 #[derive(Debug)]
 pub struct Upgraded {
     pub new_pid: u32,
     pub took: Vec<Role>,
+    /// Its version, and the binary it runs.
+    pub version: String,
+    pub exe: std::path::PathBuf,
+    pub child: std::process::Child,
+}
+
+/// Ends a handover that is waiting for the new process (the gateway is stopping): the wait
+/// returns at once, and the new process is stopped.
+pub struct Abort(UnixStream);
+
+impl Abort {
+    pub fn abort(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Starts the new process and hands it `listeners`; returns once it is ready, or why not (it
-/// is then stopped and reaped). Blocking: run it on a blocking thread.
-pub fn hand_over(listeners: &[Handable]) -> Result<Upgraded, UpgradeError> {
+/// is then stopped and reaped). `on_wait` gets an [`Abort`] before the wait for `ready`.
+/// Blocking: run it on a blocking thread.
+pub fn hand_over(
+    listeners: &[Handable],
+    on_wait: impl FnOnce(Abort),
+) -> Result<Upgraded, UpgradeError> {
     let (exe, args) = COMMAND
         .get()
         .cloned()
         .unwrap_or_else(|| (std::path::PathBuf::from("tollgate"), Vec::new()));
     let (mut ours, theirs) = UnixStream::pair().map_err(UpgradeError::Channel)?;
+    // Above the standard streams, which the child's stdio set-up replaces before exec.
+    let theirs =
+        rustix::io::fcntl_dupfd_cloexec(&theirs, 3).map_err(|e| UpgradeError::Channel(e.into()))?;
     let fd = theirs.as_raw_fd();
     let mut command = std::process::Command::new(&exe);
     command
@@ -173,24 +231,36 @@ pub fn hand_over(listeners: &[Handable]) -> Result<Upgraded, UpgradeError> {
     })?;
     drop(theirs);
     let pid = child.id();
-    let result = offer_and_wait(&mut ours, listeners, pid);
-    if result.is_err() {
-        // Ours to stop: it never served, or said it cannot.
-        let _ = child.kill();
-        let _ = child.wait();
+    if let Ok(clone) = ours.try_clone() {
+        on_wait(Abort(clone));
     }
-    // On success the new process outlives this one (it is reparented when this one exits).
-    result.map_err(|e| match (e, child.try_wait()) {
-        (UpgradeError::Channel(_), Ok(Some(status))) => UpgradeError::Exited { pid, status },
-        (e, _) => e,
-    })
+    match offer_and_wait(&mut ours, listeners, pid) {
+        Ok((took, version)) => Ok(Upgraded {
+            new_pid: pid,
+            took,
+            version,
+            exe,
+            child,
+        }),
+        Err(e) => {
+            // Ours to stop: it never served, or said it cannot.
+            let _ = child.kill();
+            let status = child.wait();
+            Err(match (e, status) {
+                (UpgradeError::Channel(_), Ok(status)) if status.code().is_some() => {
+                    UpgradeError::Exited { pid, status }
+                }
+                (e, _) => e,
+            })
+        }
+    }
 }
 
 fn offer_and_wait(
     ours: &mut UnixStream,
     listeners: &[Handable],
     pid: u32,
-) -> Result<Upgraded, UpgradeError> {
+) -> Result<(Vec<Role>, String), UpgradeError> {
     let offer = Offer {
         version: VERSION,
         old_pid: std::process::id(),
@@ -216,7 +286,7 @@ fn offer_and_wait(
         Err(e) => return Err(e),
     };
     match answer {
-        Answer::Ready { pid, took } => Ok(Upgraded { new_pid: pid, took }),
+        Answer::Ready { took, version, .. } => Ok((took, version)),
         Answer::Failed { pid, reason } => Err(UpgradeError::Failed { pid, reason }),
     }
 }
@@ -232,10 +302,28 @@ impl Inherited {
     /// If this process was started by an upgrade: the old process's sockets (blocking; at
     /// start). `Err`: the channel is there but unreadable, or from an unknown version.
     pub fn from_env() -> Option<Result<Inherited, UpgradeError>> {
-        let fd: i32 = std::env::var(ENV_FD).ok()?.parse().ok()?;
-        // SAFETY: the descriptor was made for this process by the old one (the environment
-        // variable names it) and nothing else in this process owns it.
+        let fd = (*CHANNEL_FD.get()?)?;
+        let bad = |why: &str| Some(Err(UpgradeError::Message(format!("{ENV_FD}={fd}: {why}"))));
+        if fd < 3 {
+            return bad("not a descriptor an upgrade passes");
+        }
+        // SAFETY: only borrowed, to look at what it is; ownership is taken below only once
+        // it is a Unix stream socket, which only the old process's socket pair is.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let stream = matches!(
+            rustix::net::sockopt::socket_type(borrowed),
+            Ok(rustix::net::SocketType::STREAM)
+        ) && matches!(
+            rustix::net::sockopt::socket_domain(borrowed),
+            Ok(rustix::net::AddressFamily::UNIX)
+        );
+        if !stream {
+            return bad("not a Unix stream socket");
+        }
+        // SAFETY: a Unix stream socket named by the variable the old process set for this
+        // process (and took out of the environment at start); nothing else owns it.
         let channel = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let _ = rustix::io::fcntl_setfd(&channel, rustix::io::FdFlags::CLOEXEC);
         Some(Inherited::receive(channel))
     }
 
@@ -244,20 +332,31 @@ impl Inherited {
         channel
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(UpgradeError::Channel)?;
-        let (offer, fds): (Offer, Vec<OwnedFd>) = receive_with_fds(&channel)?;
+        let (raw, fds): (serde_json::Value, Vec<OwnedFd>) = receive_with_fds(&channel)?;
         let mut inherited = Inherited {
-            old_pid: offer.old_pid,
+            old_pid: 0,
             listeners: Vec::new(),
             channel,
         };
-        if offer.version != VERSION {
+        // The version first, whatever else a later format holds, so the answer can say why.
+        let version = raw.get("version").and_then(serde_json::Value::as_u64);
+        if version != Some(u64::from(VERSION)) {
             let reason = format!(
                 "the running gateway hands over format {}, this binary reads {VERSION}",
-                offer.version
+                version.map_or_else(|| "(none)".to_owned(), |v| v.to_string())
             );
             inherited.failed(&reason);
             return Err(UpgradeError::Message(reason));
         }
+        let offer: Offer = match serde_json::from_value(raw) {
+            Ok(o) => o,
+            Err(e) => {
+                let reason = format!("unreadable handover: {e}");
+                inherited.failed(&reason);
+                return Err(UpgradeError::Message(reason));
+            }
+        };
+        inherited.old_pid = offer.old_pid;
         if fds.len() != offer.listeners.len() {
             let reason = format!(
                 "{} sockets described, {} received",
@@ -289,15 +388,21 @@ impl Inherited {
         let answer = Answer::Ready {
             pid: std::process::id(),
             took,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         send(&mut self.channel, &answer, &[])
     }
 
     /// Tells the old process this one cannot serve, and why.
     pub fn failed(&mut self, reason: &str) {
+        // Bounded, so the message fits the channel's limit whatever the errors were.
+        let mut end = reason.len().min(MAX_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
         let answer = Answer::Failed {
             pid: std::process::id(),
-            reason: reason.to_owned(),
+            reason: reason[..end].to_owned(),
         };
         let _ = send(&mut self.channel, &answer, &[]);
     }
@@ -346,13 +451,18 @@ fn receive_with_fds<T: for<'de> Deserialize<'de>>(
     let mut buf = vec![0u8; MAX_MESSAGE + 4];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_LISTENERS))];
     let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        channel,
-        &mut [IoSliceMut::new(&mut buf)],
-        &mut control,
-        rustix::net::RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(|e| UpgradeError::Channel(e.into()))?;
+    // A signal (SA_RESTART does not restart a socket read with a timeout) is not a failure.
+    let got = loop {
+        match rustix::net::recvmsg(
+            channel,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.map_err(|e| UpgradeError::Channel(e.into()))?,
+        }
+    };
     let mut fds = Vec::new();
     for message in control.drain() {
         if let rustix::net::RecvAncillaryMessage::ScmRights(received) = message {
@@ -368,13 +478,23 @@ fn receive_plain<T: for<'de> Deserialize<'de>>(
     channel: &mut UnixStream,
 ) -> Result<T, UpgradeError> {
     let mut buf = vec![0u8; MAX_MESSAGE + 4];
-    let n = channel.read(&mut buf).map_err(UpgradeError::Channel)?;
+    let n = read(channel, &mut buf)?;
     if n == 0 {
         return Err(UpgradeError::Channel(
             std::io::ErrorKind::UnexpectedEof.into(),
         ));
     }
     finish(channel, &mut buf, n)
+}
+
+/// A read that a signal does not fail.
+fn read(channel: &mut impl Read, buf: &mut [u8]) -> Result<usize, UpgradeError> {
+    loop {
+        match channel.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r.map_err(UpgradeError::Channel),
+        }
+    }
 }
 
 /// Reads the rest of a message whose first `have` bytes are in `buf`, and parses it.
@@ -399,9 +519,7 @@ fn finish<T: for<'de> Deserialize<'de>>(
         return Err(UpgradeError::Message(format!("a message of {len} bytes")));
     }
     while have < 4 + len {
-        let n = channel
-            .read(&mut buf[have..4 + len])
-            .map_err(UpgradeError::Channel)?;
+        let n = read(&mut channel, &mut buf[have..4 + len])?;
         if n == 0 {
             return Err(UpgradeError::Channel(
                 std::io::ErrorKind::UnexpectedEof.into(),

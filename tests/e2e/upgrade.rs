@@ -25,6 +25,19 @@ fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Stops a process the test did not start itself (the new gateway) when the test ends, however
+/// it ends.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            // SAFETY: a plain kill(2) of the gateway process this test's upgrade started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn manifest(backend: &str) -> String {
     format!(
         "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
@@ -64,14 +77,24 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
     let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
     let old_pid = gw.child.id();
     let (_, mut open) = ws_connect(addr, "/echo", "").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let handshakes = handshake_loop(addr, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old_pid, libc::SIGUSR2);
+    gw.wait_record("upgrade_started", |_| true).await;
+    // A second SIGUSR2 during the upgrade is ignored, not queued.
+    signal(old_pid, libc::SIGUSR2);
     let up = gw.wait_record("upgrade", |_| true).await;
     assert_eq!(up["old_pid"], old_pid, "{up}");
     let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
     assert_ne!(new_pid, old_pid);
+    gw.wait_record("upgrade_ignored", |_| true).await;
     let listeners = up["listeners"].as_str().unwrap_or_default().to_owned();
     assert!(
         listeners.contains("ws") && listeners.contains("admin"),
@@ -120,6 +143,16 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
         .wait_record("upgrade_ready", |r| r["old_pid"] == old_pid)
         .await;
     assert_eq!(ready["pid"], new_pid, "{ready}");
+    // In this order: the new process accepts, then the old one hands over, then drains.
+    let order: Vec<String> = gw
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["event"].as_str().map(str::to_owned))
+        .filter(|e| ["upgrade_ready", "upgrade", "draining"].contains(&e.as_str()))
+        .collect();
+    assert_eq!(order, ["upgrade_ready", "upgrade", "draining"], "{order:?}");
+    assert_eq!(gw.records("upgrade").len(), 1, "one upgrade only");
     assert!(running(new_pid));
     signal(new_pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -136,6 +169,12 @@ async fn a_new_process_that_cannot_load_leaves_the_old_one_serving() {
     let backend = RawBackend::start(echo_frames()).await;
     let gw = Gateway::start(&manifest(&backend.url()));
     let pid = gw.child.id();
+    // Serving (an upgrade is refused while the gateway starts).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(gw.admin.unwrap(), "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     std::fs::write(
         gw.dir.path().join("tollgate.toml"),
         "[gateway]\nname = \"test\"\nlisten = 8080\n",
@@ -144,6 +183,17 @@ async fn a_new_process_that_cannot_load_leaves_the_old_one_serving() {
     signal(pid, libc::SIGUSR2);
     let failed = gw.wait_record("upgrade_failed", |_| true).await;
     let error = failed["error"].as_str().unwrap_or_default();
+    // The failed process was stopped and reaped by the old one.
+    let failed_pid: u32 = error
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {error}"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{failed_pid}")).exists(),
+        "the failed new process was not reaped"
+    );
     assert!(
         error.contains("failed") && error.contains("tollgate.toml:3") && error.contains("listen"),
         "{failed}"
