@@ -396,13 +396,9 @@ impl Inherited {
     /// Tells the old process this one cannot serve, and why.
     pub fn failed(&mut self, reason: &str) {
         // Bounded, so the message fits the channel's limit whatever the errors were.
-        let mut end = reason.len().min(MAX_REASON);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
         let answer = Answer::Failed {
             pid: std::process::id(),
-            reason: reason[..end].to_owned(),
+            reason: reason[..reason.floor_char_boundary(MAX_REASON)].to_owned(),
         };
         let _ = send(&mut self.channel, &answer, &[]);
     }

@@ -44,11 +44,35 @@ pub struct Watch {
 #[derive(Default)]
 struct WatchLog {
     next: u64,
-    events: std::collections::VecDeque<serde_json::Value>,
+    events: std::collections::VecDeque<Recorded>,
+}
+
+/// An event as `/console/events` serves it.
+#[derive(serde::Serialize)]
+struct Recorded {
+    seq: u64,
+    /// Milliseconds since 1970.
+    at: u64,
+    sender: &'static str,
+    happened: Happened,
+    by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaced_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
 }
 
 /// What happened to a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Happened {
     /// A message policy dropped it.
     Dropped,
@@ -60,18 +84,6 @@ pub enum Happened {
     Failed,
     /// Over a message rate with `action = "drop"`: not forwarded.
     OverRate,
-}
-
-impl Happened {
-    fn as_str(self) -> &'static str {
-        match self {
-            Happened::Dropped => "dropped",
-            Happened::Replaced => "replaced",
-            Happened::Closed => "closed",
-            Happened::Failed => "failed",
-            Happened::OverRate => "over_rate",
-        }
-    }
 }
 
 /// One event of a watched connection.
@@ -166,11 +178,7 @@ impl Watches {
             return None;
         }
         let log = watch.log.lock().unwrap_or_else(|e| e.into_inner());
-        let events: Vec<&serde_json::Value> = log
-            .events
-            .iter()
-            .filter(|e| e["seq"].as_u64().is_some_and(|s| s > after))
-            .collect();
+        let events: Vec<&Recorded> = log.events.iter().filter(|e| e.seq > after).collect();
         Some(json!({
             "watched": watch.claimed.load(std::sync::atomic::Ordering::Acquire),
             "events": events,
@@ -250,42 +258,30 @@ pub struct Taken {
 }
 
 impl Watch {
-    /// Records an event (the oldest goes when full).
+    /// Records an event (the oldest goes when full); texts cut to [`MAX_EVENT_TEXT`] bytes.
     pub fn record(&self, e: WatchEvent<'_>) {
-        let clip = |s: &str| {
-            let mut end = s.len().min(MAX_EVENT_TEXT);
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s[..end].to_owned()
-        };
+        let clip = |t: &str| t[..t.floor_char_boundary(MAX_EVENT_TEXT)].to_owned();
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.next += 1;
-        let mut v = json!({
-            "seq": log.next,
-            "at": std::time::SystemTime::now()
+        let recorded = Recorded {
+            seq: log.next,
+            at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            "sender": e.sender,
-            "happened": e.happened.as_str(),
-            "by": clip(e.by),
-        });
-        for (k, val) in [
-            ("message", e.message.map(|n| json!(n))),
-            ("bytes", e.bytes.map(|n| json!(n))),
-            ("replaced_bytes", e.replaced_bytes.map(|n| json!(n))),
-            ("code", e.code.map(|n| json!(n))),
-            ("text", e.text.map(|t| json!(clip(t)))),
-            ("count", e.count.map(|n| json!(n))),
-        ] {
-            if let Some(val) = val {
-                v[k] = val;
-            }
-        }
+            sender: e.sender,
+            happened: e.happened,
+            by: clip(e.by),
+            message: e.message,
+            bytes: e.bytes,
+            replaced_bytes: e.replaced_bytes,
+            code: e.code,
+            text: e.text.map(clip),
+            count: e.count,
+        };
         if log.events.len() >= MAX_WATCH_EVENTS {
             log.events.pop_front();
         }
-        log.events.push_back(v);
+        log.events.push_back(recorded);
     }
 }
 
