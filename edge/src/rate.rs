@@ -33,7 +33,8 @@ impl RateAction {
 }
 
 /// Which limit a message was over (the `limit` label of the metrics, the manifest key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RateLimit {
     MessagesPerSecond,
     BytesPerSecond,

@@ -88,6 +88,8 @@ pub struct Accepted {
     pub product_messages: [MessageRates; 2],
     /// Ends the relay: the shutdown token, or the subscription key's (revoked by a reload).
     pub end: CancellationToken,
+    /// The digest of the subscription key it was admitted with.
+    pub key_digest: Option<crate::manifest::KeyDigest>,
     /// A policy's `close-at`, on the monotonic clock.
     pub policy_deadline: Option<Instant>,
     /// The handshake's context values, for the API's message policies (empty when it has
@@ -263,6 +265,7 @@ pub async fn handshake(
                 .unwrap_or_default(),
             product: subscribed.product,
             end: subscribed.key_token.unwrap_or_else(|| env.shutdown.clone()),
+            key_digest: subscribed.key_digest,
             policy_deadline: effects.close_at.map(deadline),
             context,
             watch,
@@ -450,6 +453,8 @@ pub struct Subscribed {
     pub key_header: Option<String>,
     /// The key the subscription was found by, ended when a reload revokes it.
     pub key_token: Option<CancellationToken>,
+    /// That key's digest (a binary upgrade hands it over to find the key again).
+    pub key_digest: Option<crate::manifest::KeyDigest>,
     /// The query without the subscription key parameter: what the backend and policies see.
     pub query: Option<String>,
 }
@@ -681,11 +686,13 @@ pub fn subscribe<B>(
             )),
         };
     };
-    match keys.find(&key) {
+    let digest = crate::manifest::key_digest(&key);
+    match keys.by_digest(&digest) {
         Some((sub, token)) if api.config.products.contains(&sub.product) => {
             found.product = Some(sub.product.clone());
             found.subscription = Some(sub.clone());
             found.key_token = Some(token.clone());
+            found.key_digest = Some(digest);
             Ok(found)
         }
         // Logged by subscription name, never by key.

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod console;
 pub mod counters;
 pub mod descriptors;
+mod handover;
 mod handshake;
 pub mod logging;
 mod memory;

@@ -107,6 +107,11 @@ struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpgradeConnectionLabels {
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpgradeLabels {
     outcome: &'static str,
 }
@@ -203,6 +208,7 @@ pub struct Metrics {
     policy_duration: HistogramFamily<PolicyLabels>,
     reloads: Family<ReloadLabels, Counter>,
     upgrades: Family<UpgradeLabels, Counter>,
+    upgrade_connections: Family<UpgradeConnectionLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
     subscriptions_active: Family<SubscriptionLabels, Gauge>,
     accept_errors: Counter,
@@ -241,6 +247,7 @@ impl Metrics {
             policy_duration: Family::new_with_constructor(policy_buckets),
             reloads: Family::default(),
             upgrades: Family::default(),
+            upgrade_connections: Family::default(),
             limits: Family::default(),
             subscriptions_active: Family::default(),
             accept_errors: Counter::default(),
@@ -340,6 +347,11 @@ impl Metrics {
             "upgrades",
             "Binary upgrades this process started (SIGUSR2), by outcome (handed_over: the new process accepts on the listening sockets; failed: this process kept serving)",
             m.upgrades.clone(),
+        );
+        registry.register(
+            "upgrade_connections",
+            "Live connections through binary upgrades, by path: handed_over (paused at a frame boundary and passed to the new process), drained (closed with 1001 by this process: wss, message policies, fleet slots, or no pause in time), failed (lost on the way), resumed (taken over by this process from the previous one), closed (taken over but closed at once: its API or key is gone)",
+            m.upgrade_connections.clone(),
         );
         registry.register(
             "limits_hit",
@@ -617,6 +629,14 @@ impl Metrics {
         self.upgrades
             .get_or_create(&UpgradeLabels { outcome })
             .inc();
+    }
+
+    pub fn upgrade_connections(&self, path: crate::handover::Path, n: u64) {
+        self.upgrade_connections
+            .get_or_create(&UpgradeConnectionLabels {
+                path: path.as_str(),
+            })
+            .inc_by(n);
     }
 
     pub fn accept_error(&self) {
@@ -1142,6 +1162,7 @@ mod tests {
         m.connection_closed("a", "client", Some(1000));
         m.reload("sighup", "applied");
         m.upgrade("failed");
+        m.upgrade_connections(crate::handover::Path::HandedOver, 1);
         m.accept_error();
         m.limit_hit("a", Limit::IdleTimeout);
         // A drop makes the series of `tollgate_messages_dropped_total` (none before).

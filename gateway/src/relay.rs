@@ -21,13 +21,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{
-    close_code, close_frame, Advance, DirStats, Direction, Event, FrameParser, SharedRate,
-    SizeLimit,
+    close_code, close_frame, Advance, DirStats, Direction, Event, FrameParser, ParserState,
+    SharedRate, SizeLimit,
 };
 use crate::manifest::{ConnLimits, RateSpec};
 use crate::metrics::{ApiMetrics, DirCounters};
@@ -56,6 +56,11 @@ const OUT_HIGH_WATER: usize = 4 * BUF_SIZE;
 /// How long to wait for the other side's close reply (or for our own close frames to be written)
 /// before the sockets are simply closed.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a relay asked to pause for a binary upgrade may take to reach a frame boundary in
+/// both directions (a frame in flight is finished first); after that it closes with 1001 as on
+/// shutdown.
+pub const PAUSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// After a client's protocol violation, how long the backend gets to answer the gateway's close
 /// before the client gets its own.
@@ -177,6 +182,9 @@ enum PumpEvent {
     /// A message policy closed the connection or failed ([`Judged::Close`],
     /// [`Judged::Failed`]).
     MessagePolicy(Judged),
+    /// Pausing for a binary upgrade: everything read is forwarded up to a frame boundary, and
+    /// nothing more is read.
+    Paused,
 }
 
 /// What the relay needs to run an API's message policies on a connection.
@@ -349,6 +357,10 @@ struct Pump {
     /// it has been told of (over messages, over bytes).
     watch: Option<(Arc<Watch>, &'static str)>,
     watch_seen: (u64, u64),
+    /// A binary upgrade asked the relay to pause: the frame being read is finished (and no
+    /// byte of the next one read), then the pump stops at the boundary (`paused`).
+    pausing: bool,
+    paused: bool,
 }
 
 impl Pump {
@@ -373,7 +385,11 @@ impl Pump {
             inspect: None,
             watch: None,
             watch_seen: (0, 0),
+            pausing: false,
+            paused: false,
         };
+        // Counts a resumed connection brought along are not this process's to publish.
+        p.published = p.parser.stats;
         if !prefix.is_empty() {
             // Bytes the peer sent right behind its handshake, already read by hyper.
             p.buf.reserve(BUF_SIZE.max(prefix.len()));
@@ -381,6 +397,35 @@ impl Pump {
             p.observe();
         }
         p
+    }
+
+    /// Goes on relaying after a pause that did not end in a handover.
+    fn unpause(&mut self) {
+        self.pausing = false;
+        self.paused = false;
+    }
+
+    /// Reads at most the rest of the frame being read (a pause must not read into the next
+    /// one: those bytes would be this process's to forward).
+    fn poll_read_frame_rest(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Stream,
+        left: u64,
+    ) -> Poll<std::io::Result<usize>> {
+        let spare = self.buf.spare_capacity_mut();
+        let n = spare.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let mut rb = tokio::io::ReadBuf::uninit(&mut spare[..n]);
+        match Pin::new(src).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let got = rb.filled().len();
+                // SAFETY: `got` bytes of the spare capacity were initialised by the read.
+                unsafe { self.buf.set_len(self.buf.len() + got) };
+                Poll::Ready(Ok(got))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// True once nothing more will come from `src`.
@@ -523,6 +568,9 @@ impl Pump {
         dst: &mut Stream,
         counters: &DirCounters,
     ) -> Poll<PumpEvent> {
+        if self.paused {
+            return Poll::Pending;
+        }
         // Verdicts applied in this poll, and when the first was (see MAX_VERDICTS_PER_POLL).
         let mut judged = 0;
         let mut poll_started: Option<std::time::Instant> = None;
@@ -699,7 +747,20 @@ impl Pump {
             } else if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(BUF_SIZE);
             }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut self.buf) {
+            let read = if self.pausing && self.inspect.is_none() {
+                // Everything read is forwarded and flushed (above): at a frame boundary the
+                // pump stops, inside a frame it reads the frame's rest and no more.
+                match self.parser.payload_left() {
+                    None => {
+                        self.paused = true;
+                        return Poll::Ready(PumpEvent::Paused);
+                    }
+                    Some(left) => self.poll_read_frame_rest(cx, src, left),
+                }
+            } else {
+                tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut self.buf)
+            };
+            match read {
                 Poll::Pending => {
                     if self.buf.is_empty() {
                         // Idle: give the buffer back.
@@ -754,6 +815,46 @@ pub struct RelayParams {
     pub inspection: Option<Inspection>,
     /// The web console's watch, when the console opened this connection.
     pub watch: Option<Arc<Watch>>,
+    /// Set by a binary upgrade before the drain: on shutdown, a connection given this pauses
+    /// at a frame boundary and is handed to the new process instead of closing. Only plain
+    /// connections without message policies get it (see [`crate::handover`]).
+    pub handover: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A connection handed over by the previous process: where its parsers were, how old it
+    /// is and how long each side has been quiet.
+    pub resume: Option<Resume>,
+}
+
+/// Where a relay paused for a handover goes on (see [`Paused`]).
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub client_to_backend: ParserState,
+    pub backend_to_client: ParserState,
+    /// The connection's age (its lifetime limit and the duration logged count from its 101).
+    pub age: Duration,
+    /// Since each side last sent anything (client, backend): the idle timeout goes on.
+    pub quiet: [Duration; 2],
+}
+
+/// A relay that paused for a binary upgrade: both directions at a frame boundary, everything
+/// read forwarded except an incomplete frame header (`*_unforwarded`), the sockets intact.
+pub struct Paused {
+    pub client: Stream,
+    pub backend: Stream,
+    pub client_unforwarded: Vec<u8>,
+    pub backend_unforwarded: Vec<u8>,
+    pub resume: Resume,
+    /// The counts so far (also in `resume`), for the record of the handover.
+    pub client_to_backend: DirStats,
+    pub backend_to_client: DirStats,
+}
+
+/// How a relay ended: the connection closed, or it paused to be handed over.
+// Made once per connection and taken apart at once: boxing the common case would cost an
+// allocation per connection for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Relayed {
+    Ended(RelayOutcome),
+    Paused(Box<Paused>),
 }
 
 enum Wake {
@@ -771,8 +872,13 @@ pub async fn relay(
     mut backend: Stream,
     backend_prefix: Bytes,
     params: RelayParams,
-) -> RelayOutcome {
-    let started = Instant::now();
+) -> Relayed {
+    let now = Instant::now();
+    let started = params
+        .resume
+        .as_ref()
+        .and_then(|r| now.checked_sub(r.age))
+        .unwrap_or(now);
     let limits = &params.limits;
     let metrics = &*params.metrics;
     metrics.active.inc();
@@ -785,26 +891,55 @@ pub async fn relay(
     };
     let [client_own, backend_own] = &params.own_rates;
     let [client_shared, backend_shared] = params.shared_rates.clone();
-    let mut c2b = Pump::new(
-        FrameParser::new(
-            Direction::ClientToBackend,
-            limits.max_frame_size,
-            limits.max_message_size,
-        )
-        .with_extensions(params.extensions_agreed)
-        .with_message_rates(rates(client_own), client_shared),
-        client_prefix,
+    let parser = |dir, own: &[RateSpec], shared, state: Option<&ParserState>| {
+        let p = FrameParser::new(dir, limits.max_frame_size, limits.max_message_size)
+            .with_extensions(params.extensions_agreed)
+            .with_message_rates(rates(own), shared);
+        match state {
+            None => (p, None),
+            Some(state) => match p.resume(state.clone()) {
+                Ok(p) => (p, None),
+                // Not a state the previous process could have sent: the connection is
+                // closed (1011) at once rather than relayed out of step.
+                Err(_) => {
+                    let limits = params.limits.max_frame_size;
+                    (
+                        FrameParser::new(dir, limits, None),
+                        Some(PumpEvent::Violation {
+                            code: close_code::INTERNAL_ERROR,
+                            reason: "connection state lost in a binary upgrade",
+                            limit: None,
+                        }),
+                    )
+                }
+            },
+        }
+    };
+    let resume = params.resume.as_ref();
+    let (c2b_parser, c2b_bad) = parser(
+        Direction::ClientToBackend,
+        client_own,
+        client_shared,
+        resume.map(|r| &r.client_to_backend),
     );
-    let mut b2c = Pump::new(
-        FrameParser::new(
-            Direction::BackendToClient,
-            limits.max_frame_size,
-            limits.max_message_size,
-        )
-        .with_extensions(params.extensions_agreed)
-        .with_message_rates(rates(backend_own), backend_shared),
-        backend_prefix,
+    let (b2c_parser, b2c_bad) = parser(
+        Direction::BackendToClient,
+        backend_own,
+        backend_shared,
+        resume.map(|r| &r.backend_to_client),
     );
+    let mut c2b = Pump::new(c2b_parser, client_prefix);
+    let mut b2c = Pump::new(b2c_parser, backend_prefix);
+    for (pump, bad) in [(&mut c2b, c2b_bad), (&mut b2c, b2c_bad)] {
+        if bad.is_some() {
+            pump.stopped = true;
+            pump.pending = bad;
+        }
+    }
+    if let Some(r) = resume {
+        c2b.last_read = now.checked_sub(r.quiet[0]).unwrap_or(now);
+        b2c.last_read = now.checked_sub(r.quiet[1]).unwrap_or(now);
+    }
     if let Some(w) = &params.watch {
         c2b.watch = Some((w.clone(), Sender::Client.as_str()));
         b2c.watch = Some((w.clone(), Sender::Backend.as_str()));
@@ -840,7 +975,9 @@ pub async fn relay(
         let idle_end = idle.map_or(Instant::now() + far, |i| last_read + i);
         hard_end.map_or(idle_end, |l| l.min(idle_end))
     };
-    let mut sleep = pin!(tokio::time::sleep_until(next_deadline(started)));
+    let mut sleep = pin!(tokio::time::sleep_until(next_deadline(
+        c2b.last_read.max(b2c.last_read)
+    )));
     let end = params.end.clone();
     let mut shutdown_fut = pin!(end.cancelled());
     let mut shutdown_seen = false;
@@ -853,6 +990,9 @@ pub async fn relay(
     // answered ours (or gone, or taken CLIENT_VIOLATION_GRACE).
     let mut owed_to_client: Option<(u16, &'static str)> = None;
     let mut end_when_written = false;
+    // Pausing for a binary upgrade (both pumps asked to stop at a frame boundary), and done.
+    let mut pausing = false;
+    let mut handed = false;
 
     // The first reason the connection ends is the one logged; later ones do not overwrite it.
     macro_rules! record_end {
@@ -975,7 +1115,23 @@ pub async fn relay(
         })
         .await;
 
+        // Anything but the pause itself while pausing (a close, a violation, a side gone, the
+        // pause taking too long) ends the pause: the event is handled as usual, then the
+        // connection closes as on shutdown.
+        let abandon = pausing
+            && !matches!(
+                wake,
+                Wake::C2b(PumpEvent::Paused | PumpEvent::Injected)
+                    | Wake::B2c(PumpEvent::Paused | PumpEvent::Injected)
+            );
+        if abandon {
+            pausing = false;
+            c2b.unpause();
+            b2c.unpause();
+        }
+
         match wake {
+            Wake::C2b(PumpEvent::Paused) | Wake::B2c(PumpEvent::Paused) => {}
             Wake::C2b(PumpEvent::Close { code, reason }) => {
                 on_close!(ClosedBy::Client, code, reason);
             }
@@ -1131,6 +1287,23 @@ pub async fn relay(
                     _ => sleep.as_mut().reset(next_deadline(last)),
                 }
             }
+            Wake::Shutdown
+                if params.shutdown.is_cancelled()
+                    && !closing
+                    && c2b.inspect.is_none()
+                    && b2c.inspect.is_none()
+                    && params
+                        .handover
+                        .as_ref()
+                        .is_some_and(|h| h.load(std::sync::atomic::Ordering::Acquire)) =>
+            {
+                // A binary upgrade: pause at a frame boundary both ways, to be handed over.
+                shutdown_seen = true;
+                pausing = true;
+                c2b.pausing = true;
+                b2c.pausing = true;
+                sleep.as_mut().reset(Instant::now() + PAUSE_WITHIN);
+            }
             Wake::Shutdown if params.shutdown.is_cancelled() => {
                 shutdown_seen = true;
                 terminate!(
@@ -1164,6 +1337,18 @@ pub async fn relay(
             }
         }
 
+        if abandon {
+            terminate!(
+                ClosedBy::Shutdown,
+                close_code::GOING_AWAY,
+                close_code::GOING_AWAY,
+                "gateway shutting down"
+            );
+        }
+        if pausing && c2b.paused && b2c.paused {
+            handed = true;
+            break;
+        }
         if closing && c2b.input_done() && b2c.input_done() && c2b.output_idle() && b2c.output_idle()
         {
             break;
@@ -1175,6 +1360,37 @@ pub async fn relay(
         if end_when_written && c2b.output_idle() && b2c.output_idle() {
             break;
         }
+    }
+
+    if handed {
+        metrics
+            .client_to_backend
+            .add(&c2b.parser.stats, &mut c2b.published);
+        metrics
+            .backend_to_client
+            .add(&b2c.parser.stats, &mut b2c.published);
+        metrics.active.dec();
+        let now = Instant::now();
+        let unforwarded = |p: &Pump| p.buf[p.start..].to_vec();
+        let (client_unforwarded, backend_unforwarded) = (unforwarded(&c2b), unforwarded(&b2c));
+        // At a frame boundary (the pumps paused only there), so there is a state to give.
+        if let (Some(c), Some(b)) = (c2b.parser.pause(), b2c.parser.pause()) {
+            return Relayed::Paused(Box::new(Paused {
+                client,
+                backend,
+                client_unforwarded,
+                backend_unforwarded,
+                client_to_backend: c2b.parser.stats,
+                backend_to_client: b2c.parser.stats,
+                resume: Resume {
+                    client_to_backend: c,
+                    backend_to_client: b,
+                    age: now - started,
+                    quiet: [now - c2b.last_read, now - b2c.last_read],
+                },
+            }));
+        }
+        metrics.active.inc();
     }
 
     // TLS sessions get their close_notify; a peer that stopped reading does not get to hold us
@@ -1196,7 +1412,7 @@ pub async fn relay(
     metrics.active.dec();
     let duration = started.elapsed();
     metrics.connection_duration.observe(duration.as_secs_f64());
-    RelayOutcome {
+    Relayed::Ended(RelayOutcome {
         client_to_backend: c2b.parser.stats,
         backend_to_client: b2c.parser.stats,
         closed_by: closed_by.unwrap_or(ClosedBy::Client),
@@ -1204,5 +1420,5 @@ pub async fn relay(
         close_reason,
         limit: limit_hit,
         duration,
-    }
+    })
 }

@@ -157,8 +157,34 @@ impl Permit {
         })
     }
 
+    /// The slot of a connection a binary upgrade handed over: it was admitted by the previous
+    /// process, so it is counted whatever the limits (a lowered limit applies to new
+    /// handshakes, as after a reload).
+    pub fn adopt(
+        global: &Arc<AtomicUsize>,
+        api: &Arc<Api>,
+        subscription: Option<&Arc<Subscription>>,
+    ) -> Permit {
+        if let Some(s) = subscription {
+            s.adopt();
+        }
+        global.fetch_add(1, Ordering::AcqRel);
+        api.active.fetch_add(1, Ordering::AcqRel);
+        Permit {
+            global: global.clone(),
+            api: api.clone(),
+            subscription: subscription.cloned(),
+            fleet: None,
+        }
+    }
+
     pub fn subscription(&self) -> Option<&Arc<Subscription>> {
         self.subscription.as_ref()
+    }
+
+    /// Whether the connection holds slots in the fleet's store.
+    pub fn in_fleet(&self) -> bool {
+        self.fleet.is_some()
     }
 }
 

@@ -82,6 +82,16 @@ pub struct Gateway {
     upgrade_abort: std::sync::Mutex<Option<crate::upgrade::Abort>>,
     /// The process an upgrade handed the listening sockets to (watched while this one drains).
     successor: std::sync::Mutex<Option<std::process::Child>>,
+    /// Set once a new process takes live connections: relays that can pause at a frame
+    /// boundary are handed over on shutdown instead of closed ([`crate::handover`]).
+    handover: Arc<AtomicBool>,
+    /// Where paused connections go, and the thread writing them to the new process.
+    outbox: std::sync::Mutex<Option<crate::handover::Outbox>>,
+    handover_writer: std::sync::Mutex<Option<std::thread::JoinHandle<crate::handover::Sent>>>,
+    /// Connections that paused but could not be queued for the new process.
+    handover_lost: std::sync::atomic::AtomicU64,
+    /// Connections live when the drain started.
+    draining_with: AtomicUsize,
 }
 
 impl Gateway {
@@ -139,6 +149,11 @@ impl Gateway {
             handed_over: CancellationToken::new(),
             accepts: Default::default(),
             upgrade_abort: Default::default(),
+            handover: Default::default(),
+            outbox: Default::default(),
+            handover_writer: Default::default(),
+            handover_lost: Default::default(),
+            draining_with: Default::default(),
             successor: Default::default(),
         }))
     }
@@ -259,9 +274,15 @@ impl Gateway {
                 // Logged before it is said, so the records read in the order things happen.
                 tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
                     "accepting on the sockets the previous process handed over; telling it to stop accepting and drain");
-                if let Err(e) = i.ready(took) {
-                    tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
-                        "could not tell the previous process this one is ready (it gives up on its own and keeps serving)");
+                match i.ready(took) {
+                    Ok(Some(channel)) => {
+                        tokio::spawn(self.clone().resume_all(channel, old_pid));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
+                            "could not tell the previous process this one is ready (it gives up on its own and keeps serving)");
+                    }
                 }
                 self.serve_until_stopped().await
             }
@@ -386,14 +407,26 @@ impl Gateway {
                     up.new_pid
                 ));
             }
-            Ok(Ok(up)) => {
+            Ok(Ok(mut up)) => {
+                let live = up.channel.is_some();
                 tracing::info!(event = "upgrade", old_pid = std::process::id(), new_pid = up.new_pid,
                     version = %up.version, exe = %up.exe.display(),
                     listeners = ?up.took.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                     connections = self.active.load(Ordering::SeqCst),
+                    connections_handed_over = live,
                     took_ms = started.elapsed().as_millis() as u64,
-                    "the new process accepts on the listening sockets; this one stops accepting and drains");
+                    "the new process accepts on the listening sockets; this one stops accepting, hands over its plain connections and drains the rest");
                 self.metrics.upgrade("handed_over");
+                if let Some(channel) = up.channel.take() {
+                    let (outbox, writer) = crate::handover::start_sending(channel);
+                    if let (Ok(mut o), Ok(mut w)) =
+                        (self.outbox.lock(), self.handover_writer.lock())
+                    {
+                        *o = Some(outbox);
+                        *w = Some(writer);
+                        self.handover.store(true, Ordering::Release);
+                    }
+                }
                 if let Ok(mut s) = self.successor.lock() {
                     *s = Some(up.child);
                 }
@@ -550,6 +583,8 @@ impl Gateway {
         self.ready.store(false, Ordering::SeqCst);
         // Limits follow reloads: the drain uses the current state's.
         let drain = self.served().config.gateway.limits.drain_timeout;
+        self.draining_with
+            .store(self.active.load(Ordering::SeqCst), Ordering::SeqCst);
         tracing::info!(
             event = "draining",
             connections = self.active.load(Ordering::SeqCst),
@@ -571,6 +606,7 @@ impl Gateway {
                 "drain_timeout reached with connections still open; exiting anyway"
             );
         }
+        self.finish_handover().await;
         // Whatever is still open ends with the process: the fleet gets every slot back now.
         if let Some(fleet) = self.fleet.get() {
             fleet.leave().await;
@@ -590,6 +626,236 @@ impl Gateway {
             return Err(StartError::SuccessorLost { pid, status });
         }
         Ok(())
+    }
+
+    /// After the drain of a process that handed its connections over: ends the stream of
+    /// connections, waits for the new process's summary and says what went where.
+    async fn finish_handover(&self) {
+        let outbox = self.outbox.lock().ok().and_then(|mut o| o.take());
+        let writer = self.handover_writer.lock().ok().and_then(|mut w| w.take());
+        let Some(writer) = writer else { return };
+        // The last sender goes: the writer sends `done` and reads the answer.
+        drop(outbox);
+        let sent = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let lost = self.handover_lost.load(Ordering::Relaxed);
+        let failed = sent.failed + lost;
+        let live = self.draining_with.load(Ordering::SeqCst) as u64;
+        let drained = live.saturating_sub(sent.handed + failed);
+        use crate::handover::Path;
+        self.metrics
+            .upgrade_connections(Path::HandedOver, sent.handed);
+        self.metrics.upgrade_connections(Path::Drained, drained);
+        self.metrics.upgrade_connections(Path::Failed, failed);
+        let new_pid = self
+            .successor
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|c| c.id()));
+        let summary = sent.summary.unwrap_or_default();
+        if let Some(error) = &sent.error {
+            tracing::warn!(event = "upgrade_handover_error", new_pid, error = %error,
+                "the connection channel to the new process failed; connections not yet passed were closed");
+        }
+        tracing::info!(
+            event = "upgrade_complete",
+            old_pid = std::process::id(),
+            new_pid,
+            handed_over = sent.handed,
+            drained,
+            failed,
+            resumed = summary.resumed,
+            closed_by_new = summary.closed,
+            "connections handed over to the new process or drained; this process exits"
+        );
+    }
+
+    /// In a process a binary upgrade started: takes the previous process's connections as
+    /// they come and relays them on, then answers what it did with them.
+    async fn resume_all(self: Arc<Self>, channel: std::os::unix::net::UnixStream, old_pid: u32) {
+        use crate::handover::{Incoming, Path, Summary};
+        let mut rx = crate::handover::start_receiving(channel);
+        let mut summary = Summary::default();
+        while let Some(incoming) = rx.recv().await {
+            match incoming {
+                Incoming::Connection(c, fds) => {
+                    if self.resume(*c, fds, old_pid) {
+                        summary.resumed += 1;
+                    } else {
+                        summary.closed += 1;
+                    }
+                }
+                Incoming::Done { handed, channel } => {
+                    self.metrics
+                        .upgrade_connections(Path::Resumed, summary.resumed);
+                    self.metrics
+                        .upgrade_connections(Path::Closed, summary.closed);
+                    tracing::info!(
+                        event = "upgrade_resumed",
+                        old_pid,
+                        handed,
+                        resumed = summary.resumed,
+                        closed = summary.closed,
+                        "the previous process's connections are relayed by this one"
+                    );
+                    let answered = tokio::task::spawn_blocking(move || {
+                        crate::handover::answer(channel, summary)
+                    })
+                    .await;
+                    if let Ok(Err(e)) = answered {
+                        tracing::warn!(event = "upgrade_summary_unsent", old_pid, error = %e,
+                            "could not tell the previous process what became of its connections");
+                    }
+                    return;
+                }
+                Incoming::Broken(error) => {
+                    self.metrics
+                        .upgrade_connections(Path::Resumed, summary.resumed);
+                    self.metrics
+                        .upgrade_connections(Path::Closed, summary.closed);
+                    tracing::warn!(event = "upgrade_handover_error", old_pid, error = %error,
+                        resumed = summary.resumed,
+                        "the previous process's connection channel ended before it said done");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Relays one connection the previous process handed over; `false` if it was closed
+    /// at once instead (its API or its subscription key is gone, or its sockets are not
+    /// usable).
+    fn resume(
+        self: &Arc<Self>,
+        c: crate::handover::HandedConnection,
+        fds: Vec<std::os::fd::OwnedFd>,
+        old_pid: u32,
+    ) -> bool {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let to_stream = |fd: std::os::fd::OwnedFd| {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            TcpStream::from_std(s)
+        };
+        let mut fds = fds.into_iter();
+        let (client, backend) = match (fds.next(), fds.next(), fds.next()) {
+            (Some(cf), Some(bf), None) => match (to_stream(cf), to_stream(bf)) {
+                (Ok(c), Ok(b)) => (c, b),
+                _ => {
+                    tracing::warn!(
+                        event = "connection_resume_failed",
+                        conn,
+                        previous_conn = c.conn,
+                        old_pid,
+                        "a handed-over connection's sockets are not TCP sockets; closed"
+                    );
+                    return false;
+                }
+            },
+            _ => {
+                tracing::warn!(
+                    event = "connection_resume_failed",
+                    conn,
+                    previous_conn = c.conn,
+                    old_pid,
+                    "a handed-over connection came without its two sockets; closed"
+                );
+                return false;
+            }
+        };
+        let served = self.served();
+        let api = served
+            .routes
+            .apis()
+            .iter()
+            .find(|a| a.config.name == c.api)
+            .cloned();
+        let Some(api) = api else {
+            tracing::info!(event = "connection_resume_failed", conn, previous_conn = c.conn, old_pid, api = %c.api,
+                "this manifest has no API of that name; the connection is closed (1001)");
+            self.tracker.spawn(close_both(client, backend));
+            return false;
+        };
+        // The subscription by the key it was admitted with; a key this manifest no longer
+        // has is revoked as a reload would (the relay closes with 1008).
+        let (subscription, end) = match c.key {
+            None => (None, self.shutdown.clone()),
+            Some(digest) => match served.keys.by_digest(&digest) {
+                Some((sub, token)) if api.config.products.contains(&sub.product) => {
+                    (Some(sub.clone()), token.clone())
+                }
+                _ => {
+                    let revoked = self.shutdown.child_token();
+                    revoked.cancel();
+                    (None, revoked)
+                }
+            },
+        };
+        let permit = crate::routes::Permit::adopt(&self.active, &api, subscription.as_ref());
+        let product_messages = c
+            .product
+            .as_deref()
+            .and_then(|n| served.config.products.iter().find(|p| p.name == n))
+            .map(|p| [p.client_messages, p.backend_messages])
+            .unwrap_or_default();
+        let (own_rates, shared_rates) = Self::message_rates(
+            &api,
+            c.product.as_deref(),
+            &product_messages,
+            &permit,
+            self.fleet.get().map(|f| &**f),
+        );
+        let ms = Duration::from_millis;
+        let mut limits = api.config.limits.clone();
+        limits.max_frame_size = c.limits.max_frame_size;
+        limits.max_message_size = c.limits.max_message_size;
+        limits.idle_timeout = c.limits.idle_timeout_ms.map(ms);
+        limits.max_connection_lifetime = c.limits.max_connection_lifetime_ms.map(ms);
+        tracing::info!(event = "connection_resumed", conn, previous_conn = c.conn, old_pid,
+            api = %api.config.name, client = %c.client, age_ms = c.age_ms,
+            "relaying a connection the previous process handed over");
+        let params = RelayParams {
+            limits,
+            shutdown: self.shutdown.clone(),
+            end,
+            metrics: api.metrics.clone(),
+            extensions_agreed: c.extensions_agreed,
+            policy_deadline: c
+                .policy_deadline_ms
+                .map(|d| tokio::time::Instant::now() + ms(d)),
+            own_rates,
+            shared_rates,
+            inspection: None,
+            watch: None,
+            handover: None,
+            resume: Some(relay::Resume {
+                client_to_backend: c.client_to_backend,
+                backend_to_client: c.backend_to_client,
+                age: ms(c.age_ms),
+                quiet: c.quiet_ms.map(ms),
+            }),
+        };
+        let relaying = Relaying {
+            conn,
+            client_addr: c.client,
+            client: Stream::Tcp(client),
+            client_prefix: c.client_unforwarded.into(),
+            backend: Stream::Tcp(backend),
+            backend_prefix: c.backend_unforwarded.into(),
+            api,
+            permit,
+            product: c.product,
+            picked_backend: c.picked_backend,
+            target: c.target,
+            key_digest: c.key,
+        };
+        let gw = self.clone();
+        self.tracker
+            .spawn(async move { gw.relay_until_closed(relaying, params).await });
+        true
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: Scheme) {
@@ -852,6 +1118,7 @@ impl Gateway {
             product,
             product_messages,
             end,
+            key_digest,
             policy_deadline,
             context,
             watch,
@@ -915,25 +1182,111 @@ impl Gateway {
             .unwrap_or(usize::MAX),
             max_frame: usize::try_from(api.config.limits.max_frame_size).unwrap_or(usize::MAX),
         });
-        let outcome = relay::relay(
-            client_io.into_inner(),
-            client_prefix,
-            backend_stream,
-            backend_prefix,
+        let limits = api.config.limits.clone();
+        let metrics = api.metrics.clone();
+        self.relay_until_closed(
+            Relaying {
+                conn,
+                client_addr,
+                client: client_io.into_inner(),
+                client_prefix,
+                backend: backend_stream,
+                backend_prefix,
+                api,
+                permit,
+                product,
+                picked_backend,
+                target,
+                key_digest,
+            },
             RelayParams {
-                limits: api.config.limits.clone(),
+                limits,
                 shutdown: self.shutdown.clone(),
                 end,
-                metrics: api.metrics.clone(),
+                metrics,
                 extensions_agreed,
                 policy_deadline: policy_deadline.map(tokio::time::Instant::from_std),
                 own_rates,
                 shared_rates,
                 inspection,
                 watch,
+                handover: None,
+                resume: None,
             },
         )
         .await;
+    }
+
+    /// Runs the relay of a connection (accepted here, or handed over by the previous
+    /// process) and writes its close record; a relay that paused for a binary upgrade is
+    /// handed to the new process instead.
+    async fn relay_until_closed(&self, r: Relaying, mut params: RelayParams) {
+        let Relaying {
+            conn,
+            client_addr,
+            client,
+            client_prefix,
+            backend,
+            backend_prefix,
+            api,
+            permit,
+            product,
+            picked_backend,
+            target,
+            key_digest,
+        } = r;
+        // Only what the next process can go on with: both sockets plain TCP (a TLS session's
+        // state stays here), no message policies (a message may be held), no fleet slots
+        // (their lease is this gateway's).
+        if matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)))
+            && params.inspection.is_none()
+            && !permit.in_fleet()
+        {
+            params.handover = Some(self.handover.clone());
+        }
+        let limits = params.limits.clone();
+        let extensions_agreed = params.extensions_agreed;
+        let policy_deadline = params.policy_deadline;
+        let outcome =
+            match relay::relay(client, client_prefix, backend, backend_prefix, params).await {
+                relay::Relayed::Ended(outcome) => outcome,
+                relay::Relayed::Paused(paused) => {
+                    let subscription = permit.subscription().map(|s| s.name.clone());
+                    let handed = crate::handover::HandedConnection {
+                        conn,
+                        api: api.config.name.clone(),
+                        product,
+                        subscription,
+                        key: key_digest,
+                        client: client_addr,
+                        target,
+                        picked_backend,
+                        limits: crate::handover::HandedLimits {
+                            max_frame_size: limits.max_frame_size,
+                            max_message_size: limits.max_message_size,
+                            idle_timeout_ms: limits.idle_timeout.map(|d| d.as_millis() as u64),
+                            max_connection_lifetime_ms: limits
+                                .max_connection_lifetime
+                                .map(|d| d.as_millis() as u64),
+                        },
+                        extensions_agreed,
+                        policy_deadline_ms: policy_deadline.map(|d| {
+                            d.saturating_duration_since(tokio::time::Instant::now())
+                                .as_millis() as u64
+                        }),
+                        age_ms: paused.resume.age.as_millis() as u64,
+                        quiet_ms: paused.resume.quiet.map(|d| d.as_millis() as u64),
+                        client_to_backend: paused.resume.client_to_backend.clone(),
+                        backend_to_client: paused.resume.backend_to_client.clone(),
+                        client_unforwarded: paused.client_unforwarded.clone(),
+                        backend_unforwarded: paused.backend_unforwarded.clone(),
+                    };
+                    self.hand_over(conn, Box::new(handed), *paused);
+                    // Its slot is the new process's now.
+                    drop(permit);
+                    return;
+                }
+            };
         let subscription = permit.subscription().map(|s| s.name.clone());
         drop(permit);
         let product = product.as_deref().unwrap_or("");
@@ -977,6 +1330,68 @@ impl Gateway {
             "connection closed"
         );
     }
+
+    /// Passes a paused connection to the new process (its sockets leave this one).
+    fn hand_over(
+        &self,
+        conn: u64,
+        handed: Box<crate::handover::HandedConnection>,
+        paused: relay::Paused,
+    ) {
+        let fds = match (paused.client, paused.backend) {
+            (Stream::Tcp(c), Stream::Tcp(b)) => match (c.into_std(), b.into_std()) {
+                (Ok(c), Ok(b)) => Some([c.into(), b.into()]),
+                _ => None,
+            },
+            _ => None,
+        };
+        let api = handed.api.clone();
+        let outbox = self.outbox.lock().ok().and_then(|o| o.clone());
+        let sent = match (fds, outbox) {
+            (Some(fds), Some(outbox)) => outbox.send((handed, fds)),
+            _ => false,
+        };
+        if sent {
+            tracing::info!(event = "connection_handed_over", conn, api = %api,
+                client_bytes = paused.client_to_backend.bytes,
+                backend_bytes = paused.backend_to_client.bytes,
+                "paused at a frame boundary and passed to the new process");
+        } else {
+            self.handover_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event = "connection_handover_failed", conn, api = %api,
+                "the connection could not be passed to the new process; it is closed");
+        }
+    }
+}
+
+/// A connection the relay takes over: its sockets and what its close record (or its handover)
+/// says about it.
+struct Relaying {
+    conn: u64,
+    client_addr: SocketAddr,
+    client: Stream,
+    client_prefix: bytes::Bytes,
+    backend: Stream,
+    backend_prefix: bytes::Bytes,
+    api: Arc<crate::routes::Api>,
+    permit: crate::routes::Permit,
+    product: Option<String>,
+    picked_backend: Option<String>,
+    target: String,
+    key_digest: Option<crate::manifest::KeyDigest>,
+}
+
+/// Closes a handed-over connection this process cannot relay: 1001 to both sides (both are at
+/// a frame boundary), then the sockets, within a second.
+async fn close_both(mut client: TcpStream, mut backend: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let reason = "API not served after the upgrade";
+    let to_client = crate::frame::close_frame(Direction::BackendToClient, 1001, reason);
+    let to_backend = crate::frame::close_frame(Direction::ClientToBackend, 1001, reason);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tokio::join!(client.write_all(&to_client), backend.write_all(&to_backend));
+    })
+    .await;
 }
 
 /// One of `max_pending_handshakes`, held from accept until the handshake is over.

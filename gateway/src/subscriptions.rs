@@ -172,8 +172,12 @@ impl Keys {
 
     /// The subscription `presented` is a key of, if any, and the key's revocation token.
     pub fn find(&self, presented: &str) -> Option<(&Arc<Subscription>, &CancellationToken)> {
-        self.entry(&key_digest(presented))
-            .map(|e| (&e.sub, &e.token))
+        self.by_digest(&key_digest(presented))
+    }
+
+    /// [`Keys::find`] by the key's digest.
+    pub fn by_digest(&self, d: &KeyDigest) -> Option<(&Arc<Subscription>, &CancellationToken)> {
+        self.entry(d).map(|e| (&e.sub, &e.token))
     }
 
     fn entry(&self, d: &KeyDigest) -> Option<&KeyEntry> {
@@ -240,6 +244,13 @@ impl Subscription {
             self.gauge.inc();
         }
         ok
+    }
+
+    /// Counts a connection admitted elsewhere (handed over by a binary upgrade), whatever
+    /// the limit.
+    pub fn adopt(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
     }
 
     /// Gives a slot back.

@@ -12,14 +12,16 @@
 //! process or the other. If the new process fails (its manifest, a plugin, a bind) or does not
 //! answer within [`READY_WITHIN`], the old one says why, stops it, and keeps serving.
 //!
-//! Connections the old process holds are drained as on SIGTERM (1001 to both sides within
-//! `drain_timeout`); handing them over alive is the next step.
+//! Connections the old process holds go on in the new one where both binaries can do it
+//! ([`crate::handover`]): the offer says which connection format the old process writes, the
+//! answer which one the new process reads; the channel then stays open for the connections.
+//! Otherwise (or for connections that cannot be handed over) they are drained as on SIGTERM.
 //!
 //! The messages are JSON, each after its length (4 bytes, big-endian), and carry a version:
 //! a new binary that does not know the old one's version answers `failed`, and the old one
-//! keeps serving.
+//! keeps serving. A reader takes exactly one message's bytes, so the channel can carry many.
 
-use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::io::{IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -38,8 +40,9 @@ pub const VERSION: u32 = 1;
 /// How long the old process waits for the new one to load everything and accept: plugins are
 /// compiled (or read from the cache) first.
 pub const READY_WITHIN: Duration = Duration::from_secs(120);
-/// Listening sockets handed over at most (ws, wss, admin).
-const MAX_LISTENERS: usize = 8;
+/// Descriptors that come with one message at most (the listening sockets: ws, wss, admin; a
+/// connection's two sockets).
+const MAX_FDS: usize = 8;
 /// Longest message on the channel.
 const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest reason a failed new process gives.
@@ -80,6 +83,9 @@ struct Offer {
     version: u32,
     old_pid: u32,
     listeners: Vec<Described>,
+    /// The connection format the old process hands live connections over in, if it can.
+    #[serde(default)]
+    connections: Option<u32>,
 }
 
 /// The new process's answer.
@@ -91,6 +97,9 @@ enum Answer {
         pid: u32,
         took: Vec<Role>,
         version: String,
+        /// The connection format it reads, when it takes the old process's connections.
+        #[serde(default)]
+        connections: Option<u32>,
     },
     /// It cannot serve; it exits.
     Failed { pid: u32, reason: String },
@@ -182,6 +191,8 @@ pub struct Upgraded {
     pub version: String,
     pub exe: std::path::PathBuf,
     pub child: std::process::Child,
+    /// The channel, still open, when the new process takes live connections.
+    pub channel: Option<UnixStream>,
 }
 
 /// Ends a handover that is waiting for the new process (the gateway is stopping): the wait
@@ -235,12 +246,13 @@ pub fn hand_over(
         on_wait(Abort(clone));
     }
     match offer_and_wait(&mut ours, listeners, pid) {
-        Ok((took, version)) => Ok(Upgraded {
+        Ok((took, version, connections)) => Ok(Upgraded {
             new_pid: pid,
             took,
             version,
             exe,
             child,
+            channel: (connections == Some(crate::handover::FORMAT)).then_some(ours),
         }),
         Err(e) => {
             // Ours to stop: it never served, or said it cannot.
@@ -260,18 +272,19 @@ fn offer_and_wait(
     ours: &mut UnixStream,
     listeners: &[Handable],
     pid: u32,
-) -> Result<(Vec<Role>, String), UpgradeError> {
+) -> Result<(Vec<Role>, String, Option<u32>), UpgradeError> {
     let offer = Offer {
         version: VERSION,
         old_pid: std::process::id(),
         listeners: listeners.iter().map(|l| l.described.clone()).collect(),
+        connections: Some(crate::handover::FORMAT),
     };
     let fds: Vec<_> = listeners.iter().map(|l| l.fd.as_fd()).collect();
     send(ours, &offer, &fds)?;
     ours.set_read_timeout(Some(READY_WITHIN))
         .map_err(UpgradeError::Channel)?;
-    let answer: Answer = match receive_plain(ours) {
-        Ok(a) => a,
+    let answer: Answer = match receive(ours) {
+        Ok((a, _)) => a,
         Err(UpgradeError::Channel(e))
             if matches!(
                 e.kind(),
@@ -286,7 +299,16 @@ fn offer_and_wait(
         Err(e) => return Err(e),
     };
     match answer {
-        Answer::Ready { took, version, .. } => Ok((took, version)),
+        Answer::Ready {
+            took,
+            version,
+            connections,
+            ..
+        } => {
+            // Connections flow on the same channel from now on, as long as they come.
+            ours.set_read_timeout(None).map_err(UpgradeError::Channel)?;
+            Ok((took, version, connections))
+        }
         Answer::Failed { pid, reason } => Err(UpgradeError::Failed { pid, reason }),
     }
 }
@@ -296,6 +318,8 @@ pub struct Inherited {
     pub old_pid: u32,
     listeners: Vec<(Described, Option<OwnedFd>)>,
     channel: UnixStream,
+    /// The connection format the old process offered.
+    connections: Option<u32>,
 }
 
 impl Inherited {
@@ -332,11 +356,12 @@ impl Inherited {
         channel
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(UpgradeError::Channel)?;
-        let (raw, fds): (serde_json::Value, Vec<OwnedFd>) = receive_with_fds(&channel)?;
+        let (raw, fds): (serde_json::Value, Vec<OwnedFd>) = receive(&channel)?;
         let mut inherited = Inherited {
             old_pid: 0,
             listeners: Vec::new(),
             channel,
+            connections: None,
         };
         // The version first, whatever else a later format holds, so the answer can say why.
         let version = raw.get("version").and_then(serde_json::Value::as_u64);
@@ -357,6 +382,7 @@ impl Inherited {
             }
         };
         inherited.old_pid = offer.old_pid;
+        inherited.connections = offer.connections;
         if fds.len() != offer.listeners.len() {
             let reason = format!(
                 "{} sockets described, {} received",
@@ -383,14 +409,25 @@ impl Inherited {
         fd.take().map(std::net::TcpListener::from)
     }
 
-    /// Tells the old process this one accepts now (it then stops accepting and drains).
-    pub fn ready(mut self, took: Vec<Role>) -> Result<(), UpgradeError> {
+    /// Tells the old process this one accepts now (it then stops accepting, hands over its
+    /// connections and drains the rest). Returns the channel when connections will come on it.
+    pub fn ready(mut self, took: Vec<Role>) -> Result<Option<UnixStream>, UpgradeError> {
+        let takes = self.connections == Some(crate::handover::FORMAT);
         let answer = Answer::Ready {
             pid: std::process::id(),
             took,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            connections: takes.then_some(crate::handover::FORMAT),
         };
-        send(&mut self.channel, &answer, &[])
+        send(&mut self.channel, &answer, &[])?;
+        if !takes {
+            return Ok(None);
+        }
+        // They come for as long as the old process drains.
+        self.channel
+            .set_read_timeout(None)
+            .map_err(UpgradeError::Channel)?;
+        Ok(Some(self.channel))
     }
 
     /// Tells the old process this one cannot serve, and why.
@@ -405,7 +442,7 @@ impl Inherited {
 }
 
 /// One message: its length, its JSON, and `fds` with its first byte.
-fn send<T: Serialize>(
+pub(crate) fn send<T: Serialize>(
     channel: &mut UnixStream,
     message: &T,
     fds: &[std::os::fd::BorrowedFd<'_>],
@@ -416,14 +453,13 @@ fn send<T: Serialize>(
         .to_be_bytes()
         .to_vec();
     bytes.extend_from_slice(&body);
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_LISTENERS))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty()
-        && (fds.len() > MAX_LISTENERS
-            || !control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)))
+        && (fds.len() > MAX_FDS || !control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)))
     {
         return Err(UpgradeError::Message(format!(
-            "{} sockets to hand over (at most {MAX_LISTENERS})",
+            "{} sockets to hand over (at most {MAX_FDS})",
             fds.len()
         )));
     }
@@ -432,7 +468,7 @@ fn send<T: Serialize>(
         &*channel,
         &[IoSlice::new(&bytes)],
         &mut control,
-        rustix::net::SendFlags::empty(),
+        rustix::net::SendFlags::NOSIGNAL,
     )
     .map_err(|e| UpgradeError::Channel(e.into()))?;
     channel
@@ -440,90 +476,66 @@ fn send<T: Serialize>(
         .map_err(UpgradeError::Channel)
 }
 
-/// One message with the descriptors that came with it.
-fn receive_with_fds<T: for<'de> Deserialize<'de>>(
+/// One message and the descriptors that came with it. Reads exactly its bytes, so the next
+/// message (and its descriptors) stays on the channel for the next call.
+pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     channel: &UnixStream,
 ) -> Result<(T, Vec<OwnedFd>), UpgradeError> {
-    let mut buf = vec![0u8; MAX_MESSAGE + 4];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_LISTENERS))];
-    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
-    // A signal (SA_RESTART does not restart a socket read with a timeout) is not a failure.
-    let got = loop {
-        match rustix::net::recvmsg(
-            channel,
-            &mut [IoSliceMut::new(&mut buf)],
-            &mut control,
-            rustix::net::RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Err(rustix::io::Errno::INTR) => continue,
-            r => break r.map_err(|e| UpgradeError::Channel(e.into()))?,
-        }
-    };
     let mut fds = Vec::new();
-    for message in control.drain() {
-        if let rustix::net::RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    let message = finish(channel, &mut buf, got.bytes)?;
-    Ok((message, fds))
-}
-
-/// One message without descriptors.
-fn receive_plain<T: for<'de> Deserialize<'de>>(
-    channel: &mut UnixStream,
-) -> Result<T, UpgradeError> {
-    let mut buf = vec![0u8; MAX_MESSAGE + 4];
-    let n = read(channel, &mut buf)?;
-    if n == 0 {
-        return Err(UpgradeError::Channel(
-            std::io::ErrorKind::UnexpectedEof.into(),
-        ));
-    }
-    finish(channel, &mut buf, n)
-}
-
-/// A read that a signal does not fail.
-fn read(channel: &mut impl Read, buf: &mut [u8]) -> Result<usize, UpgradeError> {
-    loop {
-        match channel.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => return r.map_err(UpgradeError::Channel),
-        }
-    }
-}
-
-/// Reads the rest of a message whose first `have` bytes are in `buf`, and parses it.
-fn finish<T: for<'de> Deserialize<'de>>(
-    mut channel: &UnixStream,
-    buf: &mut [u8],
-    mut have: usize,
-) -> Result<T, UpgradeError> {
-    while have < 4 {
-        let n = channel
-            .read(&mut buf[have..])
-            .map_err(UpgradeError::Channel)?;
-        if n == 0 {
-            return Err(UpgradeError::Channel(
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-        have += n;
-    }
-    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let mut len = [0u8; 4];
+    read_exact_with_fds(channel, &mut len, &mut fds)?;
+    let len = u32::from_be_bytes(len) as usize;
     if len > MAX_MESSAGE {
         return Err(UpgradeError::Message(format!("a message of {len} bytes")));
     }
-    while have < 4 + len {
-        let n = read(&mut channel, &mut buf[have..4 + len])?;
-        if n == 0 {
+    let mut body = vec![0u8; len];
+    read_exact_with_fds(channel, &mut body, &mut fds)?;
+    let message =
+        serde_json::from_slice(&body).map_err(|e| UpgradeError::Message(e.to_string()))?;
+    Ok((message, fds))
+}
+
+/// Fills `buf` from the channel, keeping every descriptor that comes with its bytes. A signal
+/// (SA_RESTART does not restart a socket read with a timeout) is not a failure; descriptors
+/// the kernel had to drop (no room for them) are.
+fn read_exact_with_fds(
+    channel: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(), UpgradeError> {
+    let mut have = 0;
+    while have < buf.len() {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let got = loop {
+            match rustix::net::recvmsg(
+                channel,
+                &mut [IoSliceMut::new(&mut buf[have..])],
+                &mut control,
+                rustix::net::RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => break r.map_err(|e| UpgradeError::Channel(e.into()))?,
+            }
+        };
+        for message in control.drain() {
+            if let rustix::net::RecvAncillaryMessage::ScmRights(received) = message {
+                fds.extend(received);
+            }
+        }
+        if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(UpgradeError::Message(
+                "descriptors were lost on the channel (more than a message may carry)".into(),
+            ));
+        }
+        if got.bytes == 0 {
             return Err(UpgradeError::Channel(
                 std::io::ErrorKind::UnexpectedEof.into(),
             ));
         }
-        have += n;
+        have += got.bytes;
     }
-    serde_json::from_slice(&buf[4..4 + len]).map_err(|e| UpgradeError::Message(e.to_string()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -543,6 +555,7 @@ mod tests {
                 configured: "127.0.0.1:0".parse().unwrap(),
                 bound,
             }],
+            connections: None,
         };
         send(&mut old, &offer, &[listener.as_fd()]).unwrap();
         let mut inherited = Inherited::receive(new).unwrap();
@@ -563,7 +576,7 @@ mod tests {
             .take(Role::Ws, "127.0.0.1:0".parse().unwrap())
             .is_none());
         inherited.ready(vec![Role::Ws]).unwrap();
-        match receive_plain::<Answer>(&mut old).unwrap() {
+        match receive::<Answer>(&old).unwrap().0 {
             Answer::Ready { took, .. } => assert_eq!(took, [Role::Ws]),
             a => panic!("{a:?}"),
         }
@@ -576,10 +589,11 @@ mod tests {
             version: VERSION + 1,
             old_pid: 7,
             listeners: Vec::new(),
+            connections: None,
         };
         send(&mut old, &offer, &[]).unwrap();
         assert!(Inherited::receive(new).is_err());
-        match receive_plain::<Answer>(&mut old).unwrap() {
+        match receive::<Answer>(&old).unwrap().0 {
             Answer::Failed { reason, .. } => assert!(reason.contains("format 2"), "{reason}"),
             a => panic!("{a:?}"),
         }

@@ -1,7 +1,8 @@
 //! Upgrading the binary (SIGUSR2, `tollgate::upgrade`): the running gateway starts a new
 //! process of its binary and hands it its listening sockets; a client trying to connect at any
-//! moment is answered, by one process or the other. A new process that cannot load leaves the
-//! old one serving, and the old one says why.
+//! moment is answered, by one process or the other; its plain connections go on in the new
+//! process (`tollgate::handover`) without a close or a lost byte. A new process that cannot
+//! load leaves the old one serving, and the old one says why.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,8 +69,9 @@ fn handshake_loop(
 }
 
 /// SIGUSR2 during a stream of handshakes: the new process takes the sockets (ws and admin),
-/// every handshake before, during and after gets its 101, the old process drains (its open
-/// connection gets 1001) and exits, and the new one answers `/readyz`.
+/// every handshake before, during and after gets its 101, the old process hands its open
+/// connection over (it goes on echoing through the new process) and exits, and the new one
+/// answers `/readyz`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshake() {
     let backend = RawBackend::start(echo_frames()).await;
@@ -77,6 +79,12 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
     let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
     let old_pid = gw.child.id();
     let (_, mut open) = ws_connect(addr, "/echo", "").await;
+    // A connection stalled in the middle of a frame cannot pause at a frame boundary: it is
+    // drained with 1001 once the pause has waited long enough, and keeps the old process
+    // draining meanwhile.
+    let (_, mut stalled) = ws_connect(addr, "/echo", "").await;
+    let frame = encode_frame(true, 0, 2, &[7; 100], Some(rand_mask()));
+    stalled.send_raw(&frame[..50]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(admin, "/readyz").await.0 != 200 {
         assert!(Instant::now() < deadline, "not ready");
@@ -87,9 +95,9 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old_pid, libc::SIGUSR2);
     gw.wait_record("upgrade_started", |_| true).await;
-    // A second SIGUSR2 during the upgrade is ignored, not queued.
-    signal(old_pid, libc::SIGUSR2);
     let up = gw.wait_record("upgrade", |_| true).await;
+    // A second SIGUSR2 while the old process drains is ignored, not queued.
+    signal(old_pid, libc::SIGUSR2);
     assert_eq!(up["old_pid"], old_pid, "{up}");
     let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
     let _stop_new = StopOnDrop(new_pid);
@@ -100,9 +108,16 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
         listeners.contains("ws") && listeners.contains("admin"),
         "{up}"
     );
-    // The old process drains: its connection is closed with 1001, then it exits.
-    let close = open.read_until_close().await.unwrap();
+    // The stalled connection is drained once its pause took too long.
+    let close = stalled.read_until_close().await.unwrap();
     assert_eq!(close.close_code(), Some(1001), "{close:?}");
+    // The old process hands its connection over, then exits; the connection goes on.
+    let complete = gw.wait_record("upgrade_complete", |_| true).await;
+    assert!(complete["handed_over"].as_u64() >= Some(1), "{complete}");
+    assert!(complete["drained"].as_u64() >= Some(1), "{complete}");
+    open.send(true, 1, b"still here").await.unwrap();
+    let echo = open.read_frame().await.unwrap();
+    assert_eq!(echo.payload, b"still here", "{echo:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let exited_at = loop {
         if gw.child.try_wait().unwrap().is_some() {
@@ -152,9 +167,11 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
         .filter(|e| ["upgrade_ready", "upgrade", "draining"].contains(&e.as_str()))
         .collect();
     assert_eq!(order, ["upgrade_ready", "upgrade", "draining"], "{order:?}");
-    assert_eq!(gw.records("upgrade").len(), 1, "one upgrade only");
-    assert!(running(new_pid));
+    // The handed-over connection ends with the new process, as any of its own would.
     signal(new_pid, libc::SIGTERM);
+    let close = open.read_until_close().await.unwrap();
+    assert_eq!(close.close_code(), Some(1001), "{close:?}");
+    assert_eq!(gw.records("upgrade").len(), 1, "one upgrade only");
     let deadline = Instant::now() + Duration::from_secs(10);
     while running(new_pid) {
         assert!(Instant::now() < deadline, "the new process did not stop");
@@ -209,4 +226,184 @@ async fn a_new_process_that_cannot_load_leaves_the_old_one_serving() {
         Some(1.0)
     );
     assert!(gw.records("upgrade").is_empty());
+}
+
+/// One connection of [`plain_connections_go_on_through_an_upgrade`]: a numbered message every
+/// 20 ms, each echoed whole and in order before the next. Messages take three shapes, so a
+/// pause can fall anywhere: one frame; a text message in two fragments with a two-byte
+/// character split between them; one frame written in two parts 3 ms apart (the gateway reads
+/// the rest of a frame in flight before it pauses).
+async fn numbered_echoes(
+    i: usize,
+    mut ws: RawWs<tokio::net::TcpStream>,
+    stop: Arc<AtomicBool>,
+    echoed: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<u64, String> {
+    let mut k = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        let msg = format!("{i}:{k}:\u{e9}t\u{e9}");
+        let bytes = msg.as_bytes();
+        let sent = match k % 3 {
+            0 => ws.send(true, 1, bytes).await,
+            1 => {
+                // Split inside the first "é" (its two bytes go in different frames).
+                let cut = msg.find('\u{e9}').unwrap_or(0) + 1;
+                match ws.send(false, 1, &bytes[..cut]).await {
+                    Ok(()) => ws.send(true, 0, &bytes[cut..]).await,
+                    e => e,
+                }
+            }
+            _ => {
+                let frame = encode_frame(true, 0, 1, bytes, Some(rand_mask()));
+                let half = frame.len() / 2;
+                match ws.send_raw(&frame[..half]).await {
+                    Ok(()) => {
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        ws.send_raw(&frame[half..]).await
+                    }
+                    e => e,
+                }
+            }
+        };
+        sent.map_err(|e| format!("connection {i}, message {k}: send: {e}"))?;
+        let mut got = Vec::new();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), ws.read_frame())
+                .await
+                .map_err(|_| format!("connection {i}, message {k}: no echo within 10 s"))?
+                .map_err(|e| format!("connection {i}, message {k}: read: {e}"))?;
+            if f.opcode == 8 {
+                return Err(format!(
+                    "connection {i}, message {k}: closed ({:?} {})",
+                    f.close_code(),
+                    f.close_reason()
+                ));
+            }
+            got.extend_from_slice(&f.payload);
+            if f.fin {
+                break;
+            }
+        }
+        if got != bytes {
+            return Err(format!(
+                "connection {i}: sent {msg:?}, got {:?} back (lost, repeated or reordered)",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        k += 1;
+        echoed.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ws.close(1000, "done")
+        .await
+        .map_err(|e| format!("connection {i}: close: {e}"))?;
+    let close = ws
+        .read_until_close()
+        .await
+        .map_err(|e| format!("connection {i}: close reply: {e}"))?;
+    if close.close_code() != Some(1000) {
+        return Err(format!("connection {i}: close reply {close:?}"));
+    }
+    Ok(k)
+}
+
+/// The issue's test: 1,000 plain connections echoing every 20 ms through an upgrade to a new
+/// process of the same binary: none is closed, no message is lost, repeated or reordered,
+/// handshakes during the upgrade all get 101, and the old process exits once it holds
+/// nothing. Both processes say what became of the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_connections_go_on_through_an_upgrade() {
+    const N: usize = 1000;
+    let _fds = descriptor_hungry().await;
+    let backend = RawBackend::start(echo_frames()).await;
+    // A long drain: a connection the old process failed to hand over would be drained with
+    // 1001 (and fail the test) instead of being cut at the drain's end.
+    let manifest = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        gateway_section("[gateway.limits]\ndrain_timeout = \"30s\""),
+        api_section("echo", "echo", &backend.url(), "")
+    );
+    let mut gw = Gateway::start(&manifest);
+    let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+    let old_pid = gw.child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut counts = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (_, ws) = ws_connect(addr, "/echo", "").await;
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        counts.push(echoed.clone());
+        tasks.push(tokio::spawn(numbered_echoes(i, ws, stop.clone(), echoed)));
+    }
+    let moved = |then: &[u64]| {
+        counts
+            .iter()
+            .zip(then)
+            .all(|(c, t)| c.load(Ordering::Relaxed) > *t)
+    };
+    let zero = vec![0; N];
+    wait_until("every connection echoing", || moved(&zero)).await;
+    let handshakes = handshake_loop(addr, stop.clone());
+    signal(old_pid, libc::SIGUSR2);
+    let up = gw.wait_record("upgrade", |_| true).await;
+    let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    assert_eq!(up["connections_handed_over"], true, "{up}");
+    // The old process exits by itself once it has handed everything over.
+    let status = exit_status(&mut gw, Duration::from_secs(30)).await;
+    assert!(status.success(), "old process: {status}");
+    let complete = gw.wait_record("upgrade_complete", |_| true).await;
+    let resumed = gw.wait_record("upgrade_resumed", |_| true).await;
+    // Every connection goes on in the new process.
+    let then: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    wait_until("every connection echoing through the new process", || {
+        moved(&then)
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    }
+    let seen = handshakes.await.unwrap();
+    let refused: Vec<&String> = seen
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| !s.starts_with("HTTP/1.1 101"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "not every handshake got 101: {refused:?}"
+    );
+    let handed = complete["handed_over"].as_u64().unwrap_or(0);
+    assert!(handed >= N as u64, "{complete}");
+    assert_eq!(complete["failed"], 0, "{complete}");
+    assert_eq!(complete["resumed"], handed, "{complete}");
+    assert_eq!(resumed["resumed"], handed, "{resumed}");
+    assert_eq!(resumed["closed"], 0, "{resumed}");
+    eprintln!(
+        "{N} connections through the upgrade: {total} messages echoed in order, none lost; \
+         {handed} handed over, {} drained; {} handshakes meanwhile, all 101",
+        complete["drained"],
+        seen.len()
+    );
+    assert_eq!(
+        sample(
+            &scrape(admin).await,
+            "tollgate_upgrade_connections_total",
+            &[("path", "resumed")]
+        ),
+        Some(handed as f64)
+    );
+    signal(new_pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(new_pid) {
+        assert!(Instant::now() < deadline, "the new process did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
