@@ -15,6 +15,7 @@ mod load;
 mod orchestrate;
 mod proc;
 mod soak;
+mod upgrade;
 mod wire;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,9 @@ enum Cmd {
     /// Mixed traffic (handshakes with policies, relays, reloads) for a long time; reports the
     /// gateway's memory, descriptors, threads and tasks every interval (BENCHMARKS.md, "Soak").
     Soak(soak::SoakArgs),
+    /// A binary upgrade (SIGUSR2) under idle and echoing connections: total time, pause per
+    /// connection, connections lost (BENCHMARKS.md, "Binary upgrade").
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Load(args) => current_thread(load::run(args)),
         Cmd::Chain(args) => chain::run(args),
         Cmd::Soak(args) => soak::run(args),
+        Cmd::Upgrade(args) => upgrade::run(args),
     }
 }
 
