@@ -175,7 +175,10 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
             {
                 break c;
             }
-            anyhow::ensure!(Instant::now() < deadline, "no upgrade_complete within 300 s");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no upgrade_complete within 300 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let done = started.elapsed();

@@ -4,7 +4,8 @@
 //! Invariants: it never panics; it never forwards more than it was given; whole, byte-by-byte
 //! and arbitrarily chunked reads reach the same verdict (close frames seen, then clean or the
 //! same violation code) and, when clean, the same counters; and that verdict is the one of the
-//! independent whole-buffer reference parser in `fuzz/src/lib.rs` (std's UTF-8 check). When a
+//! independent whole-buffer reference parser in `fuzz/src/lib.rs` (std's UTF-8 check); so does a
+//! run whose parser is handed over (paused, resumed in a new one) between reads. When a
 //! violation is found, what was forwarded stops at or after the offending frame's start and
 //! before the byte that made it one; read whole, exactly at the frame's start.
 //!
@@ -18,7 +19,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tollgate_edge::assemble::{Assembler, Fed};
-use tollgate_fuzz::{feed, reference, Outcome, StreamInput};
+use tollgate_fuzz::{feed, feed_handing_over, reference, Outcome, StreamInput};
 
 fuzz_target!(|data: &[u8]| {
     let Some(input) = StreamInput::decode(data) else {
@@ -37,10 +38,19 @@ fuzz_target!(|data: &[u8]| {
             usize::from(c)
         }
     });
+    // Handed to a new parser between every two reads that end between frames (a binary
+    // upgrade's pause and resume): nothing changes.
+    let mut turn = 0;
+    let handed = feed_handing_over(&input, || {
+        let c = input.chunks[turn % 3];
+        turn += 1;
+        usize::from(c).max(1)
+    });
     for (how, run) in [
         ("whole", &whole),
         ("byte by byte", &bytewise),
         ("chunked", &chunked),
+        ("handed over between reads", &handed),
     ] {
         assert_eq!(
             run.outcome, want.outcome,
@@ -77,6 +87,7 @@ fuzz_target!(|data: &[u8]| {
     if want.outcome == Outcome::Clean {
         assert_eq!(whole.stats, bytewise.stats);
         assert_eq!(whole.stats, chunked.stats);
+        assert_eq!(whole.stats, handed.stats);
     }
 
     let limit = usize::from(input.chunks[0]) * 16 + 1;

@@ -95,9 +95,23 @@ pub struct Run {
 
 /// Feeds `data` to a fresh parser in reads of the sizes `chunk` yields, keeping an incomplete
 /// header for the next read as the relay does, until the end or the first violation.
-pub fn feed(input: &StreamInput<'_>, mut chunk: impl FnMut() -> usize) -> Run {
-    let mut p = FrameParser::new(input.dir, input.max_frame_size, input.max_message_size)
-        .with_extensions(input.extensions);
+pub fn feed(input: &StreamInput<'_>, chunk: impl FnMut() -> usize) -> Run {
+    feed_with(input, chunk, false)
+}
+
+/// [`feed`], with the parser's state handed to a new parser after every read that ends
+/// between frames (what a binary upgrade does: `FrameParser::pause`, then `resume` in the new
+/// process). The run must be the same as without.
+pub fn feed_handing_over(input: &StreamInput<'_>, chunk: impl FnMut() -> usize) -> Run {
+    feed_with(input, chunk, true)
+}
+
+fn feed_with(input: &StreamInput<'_>, mut chunk: impl FnMut() -> usize, hand_over: bool) -> Run {
+    let new = || {
+        FrameParser::new(input.dir, input.max_frame_size, input.max_message_size)
+            .with_extensions(input.extensions)
+    };
+    let mut p = new();
     let mut carry: Vec<u8> = Vec::new();
     let mut closes = Vec::new();
     let mut forwarded = 0usize;
@@ -125,6 +139,13 @@ pub fn feed(input: &StreamInput<'_>, mut chunk: impl FnMut() -> usize) -> Run {
             }
             if carry.is_empty() {
                 break;
+            }
+        }
+        if hand_over {
+            if let Some(state) = p.pause() {
+                p = new()
+                    .resume(state)
+                    .expect("a state a parser paused in resumes");
             }
         }
     }
