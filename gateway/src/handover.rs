@@ -7,8 +7,9 @@
 //! the new process over the same Unix socket (SCM_RIGHTS), with what the relay knew: the
 //! parsers' state (a fragmented message in progress, a code point split between frames, the
 //! counts), the bytes read but not forwarded (at most an incomplete frame header), the
-//! connection's age and quiet time, the limits it was admitted with, its API, product,
-//! subscription key and policy deadline. The new process resumes relaying on the same
+//! connection's age and quiet time, the size limits, idle timeout and lifetime it was admitted
+//! with, its API, product, subscription key and policy deadline (message rates are the new
+//! manifest's). The new process resumes relaying on the same
 //! sockets: the peers see no close, no lost or repeated byte, only a pause.
 //!
 //! What is not handed over is drained as before (1001 within `drain_timeout`): wss connections
@@ -34,8 +35,13 @@ use crate::upgrade::{receive, send, UpgradeError};
 /// The connection format; bumped when [`HandedConnection`] changes meaning.
 pub const FORMAT: u32 = 1;
 
-/// How long the old process waits for the new one's summary after the last connection.
+/// How long the old process waits for the new one's summary after the last connection, and at
+/// most for one connection to be taken by the channel (a new process that stopped reading
+/// must not keep the old one from exiting).
 const SUMMARY_WITHIN: Duration = Duration::from_secs(10);
+
+/// Longest request target handed over: it is only logged, and a message has a size limit.
+pub const MAX_TARGET: usize = 4096;
 
 /// What became of a connection in an upgrade (the `path` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,19 +156,27 @@ pub fn start_sending(channel: UnixStream) -> (Outbox, std::thread::JoinHandle<Se
     let (tx, rx) = std::sync::mpsc::channel::<Outgoing>();
     let writer = std::thread::spawn(move || {
         let mut channel = channel;
+        let _ = channel.set_write_timeout(Some(SUMMARY_WITHIN));
         let mut sent = Sent::default();
         for (c, fds) in rx {
             if sent.error.is_some() {
-                // The channel broke: the sockets close here (the peers see the connection end).
+                // The channel broke: these connections end here, with a close to each side.
                 sent.failed += 1;
+                close_going_away(fds);
                 continue;
             }
-            let fds = [fds[0].as_fd(), fds[1].as_fd()];
-            match send(&mut channel, &ToNew::Connection(c), &fds) {
+            let borrowed = [fds[0].as_fd(), fds[1].as_fd()];
+            match send(&mut channel, &ToNew::Connection(c), &borrowed) {
                 Ok(()) => sent.handed += 1,
+                // This connection's description could not be made: only it is closed.
+                Err(UpgradeError::Message(_)) => {
+                    sent.failed += 1;
+                    close_going_away(fds);
+                }
                 Err(e) => {
                     sent.failed += 1;
                     sent.error = Some(e.to_string());
+                    close_going_away(fds);
                 }
             }
         }
@@ -221,6 +235,26 @@ pub fn start_receiving(channel: UnixStream) -> tokio::sync::mpsc::UnboundedRecei
         }
     });
     rx
+}
+
+/// Ends a paused connection that cannot be handed over: both sides are at a frame boundary, so
+/// each gets a close (1001) before its socket is closed. Best effort and never blocking (the
+/// sockets are non-blocking): a peer that is not reading just sees the connection end.
+pub fn close_going_away(fds: [OwnedFd; 2]) {
+    use crate::frame::{close_frame, Direction};
+    use std::io::Write;
+    let [client, backend] = fds;
+    let reason = "gateway restarting";
+    let _ = std::net::TcpStream::from(client).write(&close_frame(
+        Direction::BackendToClient,
+        1001,
+        reason,
+    ));
+    let _ = std::net::TcpStream::from(backend).write(&close_frame(
+        Direction::ClientToBackend,
+        1001,
+        reason,
+    ));
 }
 
 /// Answers the old process (blocking; the last message on the channel).

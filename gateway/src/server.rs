@@ -276,7 +276,11 @@ impl Gateway {
                     "accepting on the sockets the previous process handed over; telling it to stop accepting and drain");
                 match i.ready(took) {
                     Ok(Some(channel)) => {
-                        tokio::spawn(self.clone().resume_all(channel, old_pid));
+                        // No upgrade of this process until the previous one's connections
+                        // are all here; its drain waits for them too.
+                        self.upgrading.store(true, Ordering::Release);
+                        self.tracker
+                            .spawn(self.clone().resume_all(channel, old_pid));
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -679,6 +683,14 @@ impl Gateway {
         use crate::handover::{Incoming, Path, Summary};
         let mut rx = crate::handover::start_receiving(channel);
         let mut summary = Summary::default();
+        // An upgrade of this process is possible again once this is over, however it ends.
+        struct Upgradable<'a>(&'a AtomicBool);
+        impl Drop for Upgradable<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _upgradable = Upgradable(&self.upgrading);
         while let Some(incoming) = rx.recv().await {
             match incoming {
                 Incoming::Connection(c, fds) => {
@@ -1259,7 +1271,9 @@ impl Gateway {
                         subscription,
                         key: key_digest,
                         client: client_addr,
-                        target,
+                        // Only logged; bounded so the description fits a message.
+                        target: target[..target.floor_char_boundary(crate::handover::MAX_TARGET)]
+                            .to_owned(),
                         picked_backend,
                         limits: crate::handover::HandedLimits {
                             max_frame_size: limits.max_frame_size,
@@ -1349,6 +1363,10 @@ impl Gateway {
         let outbox = self.outbox.lock().ok().and_then(|o| o.clone());
         let sent = match (fds, outbox) {
             (Some(fds), Some(outbox)) => outbox.send((handed, fds)),
+            (Some(fds), None) => {
+                crate::handover::close_going_away(fds);
+                false
+            }
             _ => false,
         };
         if sent {
