@@ -146,6 +146,9 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The gateway restarts (a binary upgrade that could not take the connection along): the
+    /// client may reconnect.
+    pub const SERVICE_RESTART: u16 = 1012;
 }
 
 /// Per-direction counters. Plain integers in the connection's own task, so counting costs no

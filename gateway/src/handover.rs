@@ -12,10 +12,12 @@
 //! manifest's). The new process resumes relaying on the same
 //! sockets: the peers see no close, no lost or repeated byte, only a pause.
 //!
-//! What is not handed over is drained as before (1001 within `drain_timeout`): wss connections
-//! (the TLS session's state stays in this process), connections with message policies (a
-//! message may be held or judged), connections holding fleet slots (their lease is this
-//! gateway's), and any relay that does not reach a frame boundary in time.
+//! What is not handed over is closed with 1012 (service restart), each at a random moment of
+//! `upgrade_close_window` so its clients do not all reconnect at once: wss connections (the
+//! TLS session's state stays in this process; kernel TLS could carry it and is not used yet),
+//! connections with message policies (a message may be held or judged), connections holding
+//! fleet slots (their lease is this gateway's); a relay that does not reach a frame boundary in
+//! time gets its 1012 at once.
 //!
 //! Each connection is one message with its two descriptors; `done` ends the stream and the new
 //! process answers what it did with them. The format has its own number ([`FORMAT`]), offered
@@ -42,6 +44,25 @@ const SUMMARY_WITHIN: Duration = Duration::from_secs(10);
 
 /// Longest request target handed over: it is only logged, and a message has a size limit.
 pub const MAX_TARGET: usize = 4096;
+
+/// What the relays of a process being upgraded are told (read when shutdown wakes them).
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// This shutdown is a binary upgrade: connections not handed over are closed with 1012
+    /// (service restart), spread over `window_ms`.
+    pub upgrading: std::sync::atomic::AtomicBool,
+    /// The new process takes live connections: a relay that can pauses instead.
+    pub live: std::sync::atomic::AtomicBool,
+    pub window_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Whether this kernel offers kernel TLS (the `tls` upper-layer protocol), with which a wss
+/// connection's session could be carried to the new process. Not used yet: wss connections
+/// are drained with 1012; the `upgrade` record says whether this kernel would allow it.
+pub fn kernel_tls() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"))
+}
 
 /// What became of a connection in an upgrade (the `path` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

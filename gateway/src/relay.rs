@@ -815,10 +815,12 @@ pub struct RelayParams {
     pub inspection: Option<Inspection>,
     /// The web console's watch, when the console opened this connection.
     pub watch: Option<Arc<Watch>>,
-    /// Set by a binary upgrade before the drain: on shutdown, a connection given this pauses
-    /// at a frame boundary and is handed to the new process instead of closing. Only plain
-    /// connections without message policies get it (see [`crate::handover`]).
-    pub handover: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Set by a binary upgrade before the drain: on shutdown, a connection that can be handed
+    /// over (`handable`: plain, without message policies, see [`crate::handover`]) pauses at
+    /// a frame boundary instead of closing; any other is closed with 1012 at a random moment
+    /// within the upgrade's window.
+    pub upgrade: Option<Arc<crate::handover::Signal>>,
+    pub handable: bool,
     /// A connection handed over by the previous process: where its parsers were, how old it
     /// is and how long each side has been quiet.
     pub resume: Option<Resume>,
@@ -993,6 +995,22 @@ pub async fn relay(
     // Pausing for a binary upgrade (both pumps asked to stop at a frame boundary), and done.
     let mut pausing = false;
     let mut handed = false;
+    // A binary upgrade that does not take this connection: when it is closed with 1012.
+    let mut restart_at: Option<Instant> = None;
+    let upgrading = || {
+        params
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.upgrading.load(std::sync::atomic::Ordering::Acquire))
+    };
+    // The close a shutdown sends: 1012 (service restart: come back) in an upgrade, else 1001.
+    let shutdown_code = || {
+        if upgrading() {
+            close_code::SERVICE_RESTART
+        } else {
+            close_code::GOING_AWAY
+        }
+    };
 
     // The first reason the connection ends is the one logged; later ones do not overwrite it.
     macro_rules! record_end {
@@ -1260,6 +1278,14 @@ pub async fn relay(
                 let last = c2b.last_read.max(b2c.last_read);
                 let now = Instant::now();
                 match idle {
+                    _ if restart_at.is_some_and(|r| r <= now) => {
+                        terminate!(
+                            ClosedBy::Shutdown,
+                            close_code::SERVICE_RESTART,
+                            close_code::GOING_AWAY,
+                            "service restart"
+                        );
+                    }
                     _ if policy_end.is_some_and(|p| p <= now) => {
                         terminate!(
                             ClosedBy::PolicyDeadline,
@@ -1284,18 +1310,24 @@ pub async fn relay(
                             "idle timeout"
                         );
                     }
-                    _ => sleep.as_mut().reset(next_deadline(last)),
+                    _ => {
+                        let next = next_deadline(last);
+                        sleep
+                            .as_mut()
+                            .reset(restart_at.map_or(next, |r| r.min(next)));
+                    }
                 }
             }
             Wake::Shutdown
                 if params.shutdown.is_cancelled()
                     && !closing
+                    && params.handable
                     && c2b.inspect.is_none()
                     && b2c.inspect.is_none()
                     && params
-                        .handover
+                        .upgrade
                         .as_ref()
-                        .is_some_and(|h| h.load(std::sync::atomic::Ordering::Acquire)) =>
+                        .is_some_and(|u| u.live.load(std::sync::atomic::Ordering::Acquire)) =>
             {
                 // A binary upgrade: pause at a frame boundary both ways, to be handed over.
                 shutdown_seen = true;
@@ -1303,6 +1335,17 @@ pub async fn relay(
                 c2b.pausing = true;
                 b2c.pausing = true;
                 sleep.as_mut().reset(Instant::now() + PAUSE_WITHIN);
+            }
+            Wake::Shutdown if params.shutdown.is_cancelled() && !closing && upgrading() => {
+                // Not handed over: closed with 1012 at a random moment of the window, so the
+                // clients of a whole gateway do not come back at once.
+                shutdown_seen = true;
+                let window = params.upgrade.as_ref().map_or(0, |u| {
+                    u.window_ms.load(std::sync::atomic::Ordering::Relaxed)
+                });
+                let at = Instant::now() + Duration::from_millis(rand::random_range(0..=window));
+                restart_at = Some(at);
+                sleep.as_mut().reset(at);
             }
             Wake::Shutdown if params.shutdown.is_cancelled() => {
                 shutdown_seen = true;
@@ -1340,7 +1383,7 @@ pub async fn relay(
         if abandon {
             terminate!(
                 ClosedBy::Shutdown,
-                close_code::GOING_AWAY,
+                shutdown_code(),
                 close_code::GOING_AWAY,
                 "gateway shutting down"
             );

@@ -82,9 +82,10 @@ pub struct Gateway {
     upgrade_abort: std::sync::Mutex<Option<crate::upgrade::Abort>>,
     /// The process an upgrade handed the listening sockets to (watched while this one drains).
     successor: std::sync::Mutex<Option<std::process::Child>>,
-    /// Set once a new process takes live connections: relays that can pause at a frame
-    /// boundary are handed over on shutdown instead of closed ([`crate::handover`]).
-    handover: Arc<AtomicBool>,
+    /// Set when an upgrade hands over: relays that can pause at a frame boundary are handed
+    /// over on shutdown instead of closed, the others closed with 1012 over a window
+    /// ([`crate::handover`]).
+    handover: Arc<crate::handover::Signal>,
     /// Where paused connections go, and the thread writing them to the new process.
     outbox: std::sync::Mutex<Option<crate::handover::Outbox>>,
     handover_writer: std::sync::Mutex<Option<std::thread::JoinHandle<crate::handover::Sent>>>,
@@ -413,14 +414,25 @@ impl Gateway {
             }
             Ok(Ok(mut up)) => {
                 let live = up.channel.is_some();
+                let window = self.served().config.gateway.limits.upgrade_close_window;
                 tracing::info!(event = "upgrade", old_pid = std::process::id(), new_pid = up.new_pid,
                     version = %up.version, exe = %up.exe.display(),
                     listeners = ?up.took.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                     connections = self.active.load(Ordering::SeqCst),
                     connections_handed_over = live,
+                    // wss sessions stay here: drained with 1012 over the window. Kernel TLS
+                    // (which could carry them over) is not used yet; said so operators know
+                    // whether this kernel would offer it.
+                    wss = "drained_1012",
+                    kernel_tls = crate::handover::kernel_tls(),
+                    close_window_ms = window.as_millis() as u64,
                     took_ms = started.elapsed().as_millis() as u64,
                     "the new process accepts on the listening sockets; this one stops accepting, hands over its plain connections and drains the rest");
                 self.metrics.upgrade("handed_over");
+                self.handover
+                    .window_ms
+                    .store(window.as_millis() as u64, Ordering::Relaxed);
+                self.handover.upgrading.store(true, Ordering::Release);
                 if let Some(channel) = up.channel.take() {
                     let (outbox, writer) = crate::handover::start_sending(channel);
                     if let (Ok(mut o), Ok(mut w)) =
@@ -428,7 +440,7 @@ impl Gateway {
                     {
                         *o = Some(outbox);
                         *w = Some(writer);
-                        self.handover.store(true, Ordering::Release);
+                        self.handover.live.store(true, Ordering::Release);
                     }
                 }
                 if let Ok(mut s) = self.successor.lock() {
@@ -842,7 +854,8 @@ impl Gateway {
             shared_rates,
             inspection: None,
             watch: None,
-            handover: None,
+            upgrade: None,
+            handable: false,
             resume: Some(relay::Resume {
                 client_to_backend: c.client_to_backend,
                 backend_to_client: c.backend_to_client,
@@ -1222,7 +1235,8 @@ impl Gateway {
                 shared_rates,
                 inspection,
                 watch,
-                handover: None,
+                upgrade: None,
+                handable: false,
                 resume: None,
             },
         )
@@ -1250,12 +1264,10 @@ impl Gateway {
         // Only what the next process can go on with: both sockets plain TCP (a TLS session's
         // state stays here), no message policies (a message may be held), no fleet slots
         // (their lease is this gateway's).
-        if matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)))
+        params.handable = matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)))
             && params.inspection.is_none()
-            && !permit.in_fleet()
-        {
-            params.handover = Some(self.handover.clone());
-        }
+            && !permit.in_fleet();
+        params.upgrade = Some(self.handover.clone());
         let limits = params.limits.clone();
         let extensions_agreed = params.extensions_agreed;
         let policy_deadline = params.policy_deadline;

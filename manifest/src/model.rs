@@ -172,6 +172,11 @@ pub struct Limits {
     /// Accepted sockets that have not finished their handshake (TLS included); over it, new
     /// sockets are closed at once.
     pub max_pending_handshakes: usize,
+    /// In a binary upgrade, connections that cannot be handed over (wss, message policies,
+    /// fleet slots) are closed with 1012 (service restart) each at a random moment within this
+    /// window, so their clients do not all reconnect at once. Default: 10 s, or a third of
+    /// `drain_timeout` if that is less.
+    pub upgrade_close_window: Duration,
 }
 
 impl Default for Limits {
@@ -186,6 +191,7 @@ impl Default for Limits {
             max_message_size: None,
             max_header_bytes: 16 * 1024,
             max_pending_handshakes: 4096,
+            upgrade_close_window: Duration::from_secs(10),
         }
     }
 }

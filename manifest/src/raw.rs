@@ -70,6 +70,8 @@ pub(crate) struct RawLimits {
     pub(crate) max_message_size: Option<u64>,
     pub(crate) max_header_bytes: Option<Spanned<usize>>,
     pub(crate) max_pending_handshakes: Option<Spanned<usize>>,
+    /// A duration (`"10s"`), kept as text with its place so an error can point at it.
+    pub(crate) upgrade_close_window: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -80,7 +80,7 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
     let old_pid = gw.child.id();
     let (_, mut open) = ws_connect(addr, "/echo", "").await;
     // A connection stalled in the middle of a frame cannot pause at a frame boundary: it is
-    // drained with 1001 once the pause has waited long enough, and keeps the old process
+    // drained with 1012 once the pause has waited long enough, and keeps the old process
     // draining meanwhile.
     let (_, mut stalled) = ws_connect(addr, "/echo", "").await;
     let frame = encode_frame(true, 0, 2, &[7; 100], Some(rand_mask()));
@@ -108,9 +108,9 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
         listeners.contains("ws") && listeners.contains("admin"),
         "{up}"
     );
-    // The stalled connection is drained once its pause took too long.
+    // The stalled connection is drained once its pause took too long: 1012, service restart.
     let close = stalled.read_until_close().await.unwrap();
-    assert_eq!(close.close_code(), Some(1001), "{close:?}");
+    assert_eq!(close.close_code(), Some(1012), "{close:?}");
     // The old process hands its connection over, then exits; the connection goes on.
     let complete = gw.wait_record("upgrade_complete", |_| true).await;
     assert!(complete["handed_over"].as_u64() >= Some(1), "{complete}");
@@ -406,4 +406,100 @@ async fn plain_connections_go_on_through_an_upgrade() {
         assert!(Instant::now() < deadline, "the new process did not stop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// wss connections cannot go to the new process (their TLS session is this process's; kernel
+/// TLS, which could carry it, is not used yet): each is closed with 1012 (service restart) at
+/// a random moment within `upgrade_close_window`, not all at once, so their clients come back
+/// spread out. The `upgrade` record says so, and whether this kernel offers kernel TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
+    use crate::support::tls::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const N: usize = 12;
+    let ca = TestCa::new("Upgrade CA");
+    let leaf = ca.leaf(&["localhost"]);
+    let dir = TempDir::new("upgrade-wss");
+    let (cert, key) = leaf.write(dir.path(), "gw");
+    let backend = RawBackend::start(echo_frames()).await;
+    let manifest = format!(
+        "[gateway]\nname = \"t\"\n[gateway.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\
+         [gateway.limits]\ndrain_timeout = \"10s\"\nupgrade_close_window = \"3s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        cert.display(),
+        key.display(),
+        api_section("echo", "echo", &backend.url(), "schemes = [\"wss\"]")
+    );
+    let mut gw = Gateway::start_in(dir, &manifest);
+    let (addr, admin) = (gw.wss.unwrap(), gw.admin.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client_config(&ca))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(format!("wss://localhost:{}/echo", addr.port()), tls)
+                .await
+                .unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        clients.push(ws);
+    }
+    let old_pid = gw.child.id();
+    let signalled = Instant::now();
+    signal(old_pid, libc::SIGUSR2);
+    let mut closes = Vec::new();
+    for mut ws in clients {
+        closes.push(tokio::spawn(async move {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        return (signalled.elapsed(), frame.map(|f| u16::from(f.code)));
+                    }
+                    Some(Ok(_)) => continue,
+                    other => panic!("ended without a close: {other:?}"),
+                }
+            }
+        }));
+    }
+    let up = gw.wait_record("upgrade", |_| true).await;
+    let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    assert_eq!(up["wss"], "drained_1012", "{up}");
+    assert_eq!(up["close_window_ms"], 3000, "{up}");
+    let mut at = Vec::new();
+    for c in closes {
+        let (when, code) = c.await.unwrap();
+        assert_eq!(code, Some(1012), "closed with {code:?}");
+        at.push(when);
+    }
+    at.sort();
+    let (first, last) = (at[0], at[N - 1]);
+    // Within the window (plus the new process's start), and spread over it, not all at once.
+    assert!(last < Duration::from_secs(8), "last close after {last:?}");
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "closes not spread: {at:?}"
+    );
+    eprintln!(
+        "{N} wss connections closed with 1012 from {first:?} to {last:?} after SIGUSR2 (kernel TLS offered by this kernel: {})",
+        up["kernel_tls"]
+    );
+    let complete = gw.wait_record("upgrade_complete", |_| true).await;
+    assert_eq!(complete["handed_over"], 0, "{complete}");
+    assert!(complete["drained"].as_u64() >= Some(N as u64), "{complete}");
+    let status = exit_status(&mut gw, Duration::from_secs(15)).await;
+    assert!(status.success(), "old process: {status}");
+    signal(new_pid, libc::SIGTERM);
 }

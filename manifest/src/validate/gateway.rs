@@ -127,6 +127,37 @@ impl Validator<'_> {
             Some(v) => *v.get_ref(),
             None => d.max_connections,
         };
+        let drain_timeout = l.drain_timeout.unwrap_or(d.drain_timeout);
+        let upgrade_close_window = match &l.upgrade_close_window {
+            None => d.upgrade_close_window.min(drain_timeout / 3),
+            Some(w) => {
+                let key = "gateway.limits.upgrade_close_window";
+                match humantime_serde::re::humantime::parse_duration(w.get_ref().trim()) {
+                    // The last close needs time for its handshake (5 s) within the drain.
+                    Ok(t) if t + std::time::Duration::from_secs(5) > drain_timeout => {
+                        self.err(
+                            w.span(),
+                            key,
+                            format!(
+                                "`{}` leaves no time for the last close within drain_timeout ({}); at most drain_timeout minus 5s",
+                                w.get_ref(),
+                                humantime_serde::re::humantime::format_duration(drain_timeout)
+                            ),
+                        );
+                        d.upgrade_close_window.min(drain_timeout / 3)
+                    }
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.err(
+                            w.span(),
+                            key,
+                            format!("`{}` is not a duration ({e}); e.g. \"10s\"", w.get_ref()),
+                        );
+                        d.upgrade_close_window
+                    }
+                }
+            }
+        };
         Limits {
             max_connections,
             handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
@@ -136,11 +167,12 @@ impl Validator<'_> {
                 Some(t) => Some(t),
                 None => d.idle_timeout,
             },
-            drain_timeout: l.drain_timeout.unwrap_or(d.drain_timeout),
+            drain_timeout,
             max_frame_size: l.max_frame_size.unwrap_or(d.max_frame_size),
             max_message_size: l.max_message_size.or(d.max_message_size),
             max_header_bytes,
             max_pending_handshakes,
+            upgrade_close_window,
         }
     }
 
@@ -215,5 +247,47 @@ mod tests {
                 .any(|m| m.key == "gateway.limits.max_pending_handshakes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_upgrade_close_window_fits_the_drain() {
+        let api = "[[apis]]\nname = \"a\"\nurl_suffix = \"a\"\nbackend = \"ws://x/\"\n";
+        let c = p(&format!("{BASE}{api}")).unwrap();
+        assert_eq!(
+            c.gateway.limits.upgrade_close_window,
+            Duration::from_secs(10)
+        );
+        // A short drain makes the default window shorter, not an error.
+        let c = p(&format!(
+            "{BASE}[gateway.limits]\ndrain_timeout = \"3s\"\n{api}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.gateway.limits.upgrade_close_window,
+            Duration::from_secs(1)
+        );
+        let c = p(&format!(
+            "{BASE}[gateway.limits]\nupgrade_close_window = \"20s\"\n{api}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.gateway.limits.upgrade_close_window,
+            Duration::from_secs(20)
+        );
+        for (window, says) in [
+            ("\"26s\"", "drain_timeout minus 5s"),
+            ("\"soon\"", "not a duration"),
+        ] {
+            let e = p(&format!(
+                "{BASE}[gateway.limits]\nupgrade_close_window = {window}\n{api}"
+            ))
+            .unwrap_err();
+            let m =
+                e.0.iter()
+                    .find(|m| m.key == "gateway.limits.upgrade_close_window");
+            let m = m.unwrap_or_else(|| panic!("{e}"));
+            assert_eq!(m.line, 5, "{e}");
+            assert!(m.message.contains(says), "{e}");
+        }
     }
 }
