@@ -19,6 +19,7 @@ mod handshake;
 pub mod logging;
 mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 mod relay;
 pub mod reload;

@@ -56,6 +56,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
     },
+    /// Upgrade the running gateway's binary (SIGUSR2 to the pid in `gateway.pid_file`) and
+    /// wait until the new process serves; exit 1 if the gateway did not upgrade (it keeps
+    /// serving; its log says why).
+    Upgrade {
+        /// The manifest the gateway runs with (its `gateway.pid_file` names the process).
+        #[arg(
+            long,
+            short,
+            conflicts_with = "pid_file",
+            required_unless_present = "pid_file"
+        )]
+        manifest: Option<PathBuf>,
+        /// The pid file itself (when the manifest at hand does not load, e.g. mid-edit).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Seconds to wait for the new process (it compiles plugins first).
+        #[arg(long, default_value_t = 130)]
+        wait: u64,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -76,6 +95,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { manifest } => check(&manifest),
         Command::Run { manifest } => run(&manifest),
+        Command::Upgrade {
+            manifest,
+            pid_file,
+            wait,
+        } => upgrade(manifest, pid_file, std::time::Duration::from_secs(wait)),
         Command::Plugin {
             command: PluginCommand::Inspect { file },
         } => inspect(&file),
@@ -93,6 +117,79 @@ fn main() -> ExitCode {
             ca_file: ca,
         }),
     }
+}
+
+/// `tollgate upgrade`: signals the gateway the pid file names and watches the file. The new
+/// process writes its pid there once it serves; a gateway that did not upgrade (the new binary
+/// failed, or an upgrade was already under way) rewrites it with its own.
+fn upgrade(
+    manifest: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    wait: std::time::Duration,
+) -> ExitCode {
+    let file = match (pid_file, manifest) {
+        (Some(f), _) => f,
+        (None, Some(m)) => match manifest::load(&m) {
+            Ok(c) => match c.gateway.pid_file {
+                Some(f) => f,
+                None => {
+                    eprintln!(
+                        "{}: gateway.pid_file is not set; tollgate upgrade finds the running gateway by it",
+                        m.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("(the gateway is not signalled; fix the manifest, or pass --pid-file)");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => return ExitCode::from(2),
+    };
+    let stamp = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let Some(old) = tollgate::notify::read_pid(&file) else {
+        eprintln!("{}: no pid in it (is the gateway running?)", file.display());
+        return ExitCode::from(1);
+    };
+    let before = stamp(&file);
+    // SAFETY: kill(2) with a pid read from the gateway's pid file and a signal the gateway
+    // handles; it has no memory effects in this process.
+    if unsafe { libc::kill(old as i32, libc::SIGUSR2) } != 0 {
+        eprintln!(
+            "cannot signal pid {old} (from {}): {}",
+            file.display(),
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::from(1);
+    }
+    let running = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match tollgate::notify::read_pid(&file) {
+            Some(new) if new != old && running(new) => {
+                println!("upgraded: pid {old} -> {new} (the old process hands over its connections and exits)");
+                return ExitCode::SUCCESS;
+            }
+            Some(same) if same == old && stamp(&file) != before => {
+                eprintln!("the gateway (pid {old}) did not upgrade and keeps serving: see its upgrade_failed or upgrade_ignored record");
+                return ExitCode::from(1);
+            }
+            _ if !running(old) => {
+                eprintln!("the gateway (pid {old}) exited and no new process wrote the pid file");
+                return ExitCode::from(1);
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "no new process wrote {} within {}s; the gateway (pid {old}) may still be upgrading",
+        file.display(),
+        wait.as_secs()
+    );
+    ExitCode::from(1)
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {

@@ -272,6 +272,7 @@ impl Gateway {
             }
             (Ok(took), Some(i)) => {
                 let old_pid = i.old_pid;
+                self.announce();
                 // Logged before it is said, so the records read in the order things happen.
                 tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
                     "accepting on the sockets the previous process handed over; telling it to stop accepting and drain");
@@ -291,7 +292,30 @@ impl Gateway {
                 }
                 self.serve_until_stopped().await
             }
-            (Ok(_), None) => self.serve_until_stopped().await,
+            (Ok(_), None) => {
+                self.announce();
+                self.serve_until_stopped().await
+            }
+        }
+    }
+
+    /// Says this process serves: its pid in the pid file, `READY=1` and `MAINPID=` to systemd
+    /// (after an upgrade, the new process takes the old one's place there).
+    fn announce(&self) {
+        if let Some(f) = &self.config.gateway.pid_file {
+            crate::notify::write_pid(f);
+        }
+        crate::notify::systemd(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=serving",
+            std::process::id()
+        ));
+    }
+
+    /// An upgrade that did not happen rewrites the pid file with the same pid: `tollgate
+    /// upgrade` reads that as "no upgrade" without waiting for its timeout.
+    fn no_upgrade(&self) {
+        if let Some(f) = &self.config.gateway.pid_file {
+            crate::notify::write_pid(f);
         }
     }
 
@@ -349,10 +373,12 @@ impl Gateway {
                 event = "upgrade_ignored",
                 "not serving (starting or stopping): no upgrade"
             );
+            self.no_upgrade();
             return;
         }
         if self.upgrading.swap(true, Ordering::AcqRel) {
             tracing::warn!(event = "upgrade_ignored", "an upgrade is already under way");
+            self.no_upgrade();
             return;
         }
         let handable: Vec<crate::upgrade::Handable> = self
@@ -401,6 +427,7 @@ impl Gateway {
                 "the upgrade did not happen; this process keeps serving");
             self.metrics.upgrade("failed");
             self.upgrading.store(false, Ordering::Release);
+            self.no_upgrade();
         };
         match outcome {
             Ok(Ok(mut up)) if self.stop.is_cancelled() => {
@@ -597,6 +624,11 @@ impl Gateway {
         }
 
         self.ready.store(false, Ordering::SeqCst);
+        // After a handover the new process is the service's main process: only a real stop
+        // is told to the service manager.
+        if !self.handed_over.is_cancelled() {
+            crate::notify::systemd("STOPPING=1");
+        }
         // Limits follow reloads: the drain uses the current state's.
         let drain = self.served().config.gateway.limits.drain_timeout;
         self.draining_with
@@ -623,6 +655,9 @@ impl Gateway {
             );
         }
         self.finish_handover().await;
+        if let Some(f) = &self.config.gateway.pid_file {
+            crate::notify::remove_pid(f);
+        }
         // Whatever is still open ends with the process: the fleet gets every slot back now.
         if let Some(fleet) = self.fleet.get() {
             fleet.leave().await;

@@ -116,6 +116,9 @@ pub struct GatewayConfig {
     pub signature_cache_entries: usize,
     /// Subscriptions' plain-text keys (read, hashed and checked at every load and reload).
     pub subscription_keys_file: Option<PathBuf>,
+    /// Where the process that serves writes its pid once it is ready (a binary upgrade's new
+    /// process too): `tollgate upgrade` and service managers find the gateway by it.
+    pub pid_file: Option<PathBuf>,
     /// Query values appear in log records as written (`log_query_values = true`, an opt-out
     /// logged at start); otherwise every value is `REDACTED` (names kept).
     pub log_query_values: bool,

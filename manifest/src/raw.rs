@@ -41,6 +41,8 @@ pub(crate) struct RawGateway {
     /// Peers (CIDRs or addresses) whose X-Forwarded-For / Forwarded / X-Real-IP are extended
     /// rather than replaced.
     pub(crate) trusted_proxies: Option<Spanned<Vec<String>>>,
+    /// Where the serving process writes its pid (`tollgate upgrade` reads it).
+    pub(crate) pid_file: Option<Spanned<String>>,
     pub(crate) tls: Option<RawListenerTls>,
     #[serde(default)]
     pub(crate) limits: RawLimits,

@@ -503,3 +503,115 @@ async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
     assert!(status.success(), "old process: {status}");
     signal(new_pid, libc::SIGTERM);
 }
+
+/// `tollgate upgrade`: finds the gateway by `gateway.pid_file`, signals it and returns once the
+/// new process serves (its pid is in the file), or at once with status 1 when the gateway did
+/// not upgrade (the failed or ignored upgrade rewrites the file with the same pid). Under
+/// systemd (`NOTIFY_SOCKET`), each serving process says `READY=1` with its own `MAINPID`, so the
+/// manager follows the new process; the old one does not say `STOPPING=1` after a handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_upgrade_follows_the_pid_file_and_tells_systemd() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("upgrade-cli");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let pid_file = dir.path().join("tollgate.pid");
+    let manifest = format!(
+        "[gateway]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\npid_file = \"tollgate.pid\"\n\
+         [gateway.limits]\ndrain_timeout = \"2s\"\n\n{}",
+        api_section("echo", "echo", &backend.url(), "")
+    );
+    let manifest_path = dir.path().join("tollgate.toml");
+    let notify_env = notify_path.display().to_string();
+    let mut gw = Gateway::start_with_env(dir, &manifest, &[("NOTIFY_SOCKET", &notify_env)]);
+    let old_pid = gw.child.id();
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).expect("READY from the gateway");
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        said.contains("READY=1") && said.contains(&format!("MAINPID={old_pid}")),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old_pid.to_string()
+    );
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("upgrade")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let manifest_arg = manifest_path.display().to_string();
+    let (code, stdout, stderr) = cli(&["--manifest", &manifest_arg]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let new_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    assert_ne!(new_pid, old_pid);
+    assert!(
+        stdout.contains(&format!("{old_pid} -> {new_pid}")),
+        "{stdout}"
+    );
+    let n = notify.recv(&mut buf).expect("READY from the new process");
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        said.contains("READY=1") && said.contains(&format!("MAINPID={new_pid}")),
+        "{said}"
+    );
+    // The old process exits without STOPPING=1 and leaves the new pid in the file.
+    let status = exit_status(&mut gw, Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    if let Ok(n) = notify.recv(&mut buf) {
+        panic!(
+            "unexpected notification: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new_pid.to_string()
+    );
+    // A manifest the next binary cannot load: the upgrade fails, the CLI says so at once.
+    std::fs::write(&manifest_path, "[gateway]\nname = \"t\"\nlisten = 8080\n").unwrap();
+    let started = Instant::now();
+    let pid_arg = pid_file.display().to_string();
+    let (code, stdout, stderr) = cli(&["--pid-file", &pid_arg]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("did not upgrade"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the failure was only found by the timeout"
+    );
+    // The manifest itself does not load: the CLI says so and signals nothing.
+    let (code, _, stderr) = cli(&["--manifest", &manifest_arg]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(running(new_pid));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new_pid.to_string()
+    );
+    signal(new_pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(new_pid) {
+        assert!(Instant::now() < deadline, "the new process did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stopped for good: the pid file is gone.
+    assert!(!pid_file.exists());
+}

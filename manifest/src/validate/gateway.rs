@@ -83,6 +83,7 @@ impl Validator<'_> {
                 .subscription_keys_file
                 .as_ref()
                 .map(|f| self.resolve(f.get_ref())),
+            pid_file: g.pid_file.as_ref().map(|f| self.resolve(f.get_ref())),
             log_query_values: g.log_query_values.unwrap_or(false),
             trusted_proxies,
             limits,
