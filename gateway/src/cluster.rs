@@ -912,6 +912,13 @@ pub struct FleetSlot {
     things: Vec<String>,
 }
 
+impl FleetSlot {
+    /// The things it holds a slot of (a binary upgrade hands them over with the connection).
+    pub fn things(&self) -> &[String] {
+        &self.things
+    }
+}
+
 impl Drop for FleetSlot {
     fn drop(&mut self) {
         // Fails only once the releaser is gone (the runtime is stopping): the lease then runs
@@ -1031,6 +1038,30 @@ impl Fleet {
         if self.failing.swap(false, Ordering::AcqRel) {
             self.store.metrics.fallback(false);
             tracing::info!(event = "store_available", "the fleet's store answers again");
+        }
+    }
+
+    /// The slots of a connection a binary upgrade handed over (the previous process held them
+    /// under its own gateway id and gives them back as it hands over): taken whatever the
+    /// limits, since the connection was admitted already. `None` if the store does not answer
+    /// (the connection then goes on uncounted in the fleet, as after a failed acquire).
+    pub async fn adopt(self: &Arc<Self>, things: Vec<String>) -> Option<FleetSlot> {
+        if things.is_empty() {
+            return None;
+        }
+        let unlimited: Vec<(&str, u64)> = things.iter().map(|t| (t.as_str(), u64::MAX)).collect();
+        match self.store.acquire_all(&unlimited).await {
+            Ok(_) => {
+                self.note_success();
+                Some(FleetSlot {
+                    fleet: self.clone(),
+                    things,
+                })
+            }
+            Err(e) => {
+                self.note_failure(&e);
+                None
+            }
         }
     }
 

@@ -15,9 +15,9 @@
 //! What is not handed over is closed with 1012 (service restart), each at a random moment of
 //! `upgrade_close_window` so its clients do not all reconnect at once: wss connections (the
 //! TLS session's state stays in this process; kernel TLS could carry it and is not used yet),
-//! connections with message policies (a message may be held or judged), connections holding
-//! fleet slots (their lease is this gateway's); a relay that does not reach a frame boundary in
-//! time gets its 1012 at once.
+//! connections with message policies (a message may be held or judged); a relay that does not
+//! reach a frame boundary in time gets its 1012 at once. A connection's fleet slots go with it
+//! ([`crate::cluster::Fleet::adopt`]).
 //!
 //! Each connection is one message with its two descriptors; `done` ends the stream and the new
 //! process answers what it did with them. The format has its own number ([`FORMAT`]), offered
@@ -129,6 +129,10 @@ pub struct HandedConnection {
     /// Read from each side, not yet forwarded (an incomplete frame header).
     pub client_unforwarded: Vec<u8>,
     pub backend_unforwarded: Vec<u8>,
+    /// The fleet things (`sub:<product>/<name>`, `api:<name>`) it holds slots of: the new
+    /// process takes them under its own id as this one gives them back.
+    #[serde(default)]
+    pub fleet: Vec<String>,
 }
 
 /// Old process to new, after `ready`.
@@ -320,6 +324,7 @@ mod tests {
             backend_to_client: state,
             client_unforwarded: vec![0x81],
             backend_unforwarded: Vec::new(),
+            fleet: Vec::new(),
         })
     }
 

@@ -182,9 +182,12 @@ impl Permit {
         self.subscription.as_ref()
     }
 
-    /// Whether the connection holds slots in the fleet's store.
-    pub fn in_fleet(&self) -> bool {
-        self.fleet.is_some()
+    /// The things the connection holds fleet slots of.
+    pub fn fleet_things(&self) -> Vec<String> {
+        self.fleet
+            .as_ref()
+            .map(|f| f.things().to_vec())
+            .unwrap_or_default()
     }
 }
 

@@ -898,7 +898,13 @@ impl Gateway {
                 quiet: c.quiet_ms.map(ms),
             }),
         };
-        let relaying = Relaying {
+        let fleet = self
+            .fleet
+            .get()
+            .cloned()
+            .filter(|_| !c.fleet.is_empty())
+            .map(|f| (f, c.fleet));
+        let mut relaying = Relaying {
             conn,
             client_addr: c.client,
             client: Stream::Tcp(client),
@@ -913,8 +919,15 @@ impl Gateway {
             key_digest: c.key,
         };
         let gw = self.clone();
-        self.tracker
-            .spawn(async move { gw.relay_until_closed(relaying, params).await });
+        self.tracker.spawn(async move {
+            // Its fleet slots first (one round trip): counted under this gateway from now on.
+            if let Some((fleet, things)) = fleet {
+                if let Some(slot) = fleet.adopt(things).await {
+                    relaying.permit.hold(slot);
+                }
+            }
+            gw.relay_until_closed(relaying, params).await
+        });
         true
     }
 
@@ -1300,8 +1313,7 @@ impl Gateway {
         // state stays here), no message policies (a message may be held), no fleet slots
         // (their lease is this gateway's).
         params.handable = matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)))
-            && params.inspection.is_none()
-            && !permit.in_fleet();
+            && params.inspection.is_none();
         params.upgrade = Some(self.handover.clone());
         let limits = params.limits.clone();
         let extensions_agreed = params.extensions_agreed;
@@ -1341,6 +1353,7 @@ impl Gateway {
                         backend_to_client: paused.resume.backend_to_client.clone(),
                         client_unforwarded: paused.client_unforwarded.clone(),
                         backend_unforwarded: paused.backend_unforwarded.clone(),
+                        fleet: permit.fleet_things(),
                     };
                     self.hand_over(conn, Box::new(handed), *paused);
                     // Its slot is the new process's now.

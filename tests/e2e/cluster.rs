@@ -175,7 +175,7 @@ const KEY: &str = "fleet-test-subscription-key-0123456789";
 
 /// A gateway of the fleet: subscription `acme` of product `gold` may hold 10 connections,
 /// counted across every gateway on `redis`.
-fn fleet_gateway(redis: &RedisServer, backend: &str, cluster_extra: &str) -> Gateway {
+pub(crate) fn fleet_gateway(redis: &RedisServer, backend: &str, cluster_extra: &str) -> Gateway {
     fleet_gateway_with(
         redis,
         backend,
@@ -203,7 +203,7 @@ fn fleet_gateway_with(
     Gateway::start_with_env(TempDir::new("fleet"), &text, &[("TG_FLEET_KEY", KEY)])
 }
 
-async fn open(gw: &Gateway) -> (u16, RawWs<tokio::net::TcpStream>) {
+pub(crate) async fn open(gw: &Gateway) -> (u16, RawWs<tokio::net::TcpStream>) {
     let (head, ws) = raw_handshake(
         gw.ws.unwrap(),
         "/chat",

@@ -615,3 +615,60 @@ async fn tollgate_upgrade_follows_the_pid_file_and_tells_systemd() {
     // Stopped for good: the pid file is gone.
     assert!(!pid_file.exists());
 }
+
+/// A fleet (`[cluster]`): connections holding fleet slots go to the new process too, which
+/// takes their slots under its own gateway id as the old process gives its back (it leaves
+/// the fleet when it exits). The subscription's limit holds throughout: at its 10 connections,
+/// all handed over and still echoing, an 11th handshake is refused after the upgrade, and a
+/// close lets exactly one in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_connections_go_on_and_keep_their_slots() {
+    use crate::cluster::{fleet_gateway, open};
+    use crate::support::redis::RedisServer;
+    let redis = RedisServer::start();
+    let backend = RawBackend::start(echo_frames()).await;
+    let mut gw = fleet_gateway(&redis, &backend.url(), "");
+    let old_pid = gw.child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(gw.admin.unwrap(), "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let (status, ws) = open(&gw).await;
+        assert_eq!(status, 101);
+        held.push(ws);
+    }
+    assert_eq!(open(&gw).await.0, 429, "the limit before the upgrade");
+    signal(old_pid, libc::SIGUSR2);
+    let up = gw.wait_record("upgrade", |_| true).await;
+    let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    let status = exit_status(&mut gw, Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+    let complete = gw.wait_record("upgrade_complete", |_| true).await;
+    assert_eq!(complete["handed_over"], 10, "{complete}");
+    // The old process has left the fleet (every slot of its own given back).
+    gw.wait_record("store_left", |r| r["gateway"].as_str().is_some())
+        .await;
+    for (i, ws) in held.iter_mut().enumerate() {
+        let msg = format!("still {i}");
+        ws.send(true, 1, msg.as_bytes()).await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, msg.as_bytes());
+    }
+    // The 10 slots are the new process's now: an 11th handshake is refused.
+    assert_eq!(open(&gw).await.0, 429, "the limit after the upgrade");
+    held.pop().unwrap().close(1000, "").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _ws) = open(&gw).await;
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open(&gw).await.0, 429, "exactly one came in");
+    signal(new_pid, libc::SIGTERM);
+}
