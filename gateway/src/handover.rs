@@ -14,10 +14,11 @@
 //!
 //! What is not handed over is closed with 1012 (service restart), each at a random moment of
 //! `upgrade_close_window` so its clients do not all reconnect at once: wss connections (the
-//! TLS session's state stays in this process; kernel TLS could carry it and is not used yet),
-//! connections with message policies (a message may be held or judged); a relay that does not
-//! reach a frame boundary in time gets its 1012 at once. A connection's fleet slots go with it
-//! ([`crate::cluster::Fleet::adopt`]).
+//! TLS session's state stays in this process; kernel TLS could carry it and is not used yet); a
+//! relay that does not reach a frame boundary in time gets its 1012 at once. A connection's
+//! fleet slots go with it ([`crate::cluster::Fleet::adopt`]); with message policies a direction
+//! pauses at a message boundary, and the new process judges what follows with its manifest's
+//! policies and the handshake's context values.
 //!
 //! Each connection is one message with its two descriptors; `done` ends the stream and the new
 //! process answers what it did with them. The format has its own number ([`FORMAT`]), offered
@@ -133,6 +134,9 @@ pub struct HandedConnection {
     /// process takes them under its own id as this one gives them back.
     #[serde(default)]
     pub fleet: Vec<String>,
+    /// The handshake's context values, for the API's message policies (empty without them).
+    #[serde(default)]
+    pub context: Vec<(String, String)>,
 }
 
 /// Old process to new, after `ready`.
@@ -325,6 +329,7 @@ mod tests {
             client_unforwarded: vec![0x81],
             backend_unforwarded: Vec::new(),
             fleet: Vec::new(),
+            context: Vec::new(),
         })
     }
 

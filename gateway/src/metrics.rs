@@ -350,7 +350,7 @@ impl Metrics {
         );
         registry.register(
             "upgrade_connections",
-            "Live connections through binary upgrades, by path: handed_over (paused at a frame boundary and passed to the new process), drained (closed with 1012 by this process: wss, message policies, or no pause in time), failed (lost on the way), resumed (taken over by this process from the previous one), closed (taken over but closed at once: its API or key is gone)",
+            "Live connections through binary upgrades, by path: handed_over (paused at a frame boundary and passed to the new process), drained (closed with 1012 by this process: wss, or no pause in time), failed (lost on the way), resumed (taken over by this process from the previous one), closed (taken over but closed at once: its API or key is gone)",
             m.upgrade_connections.clone(),
         );
         registry.register(

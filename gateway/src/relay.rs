@@ -747,14 +747,22 @@ impl Pump {
             } else if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(BUF_SIZE);
             }
-            let read = if self.pausing && self.inspect.is_none() {
-                // Everything read is forwarded and flushed (above): at a frame boundary the
-                // pump stops, inside a frame it reads the frame's rest and no more.
+            let read = if self.pausing {
+                // Everything read is forwarded and flushed (above), or with message policies
+                // judged and written. At a frame boundary the pump stops (inspected: at a
+                // message boundary, nothing held or being judged); inside a frame it reads the
+                // frame's rest and no more; between the frames of a held message, the next
+                // header a byte at a time, so no byte past it is read.
+                let held = self
+                    .inspect
+                    .as_ref()
+                    .is_some_and(|i| !i.idle() || i.assembler.holding());
                 match self.parser.payload_left() {
-                    None => {
+                    None if !held => {
                         self.paused = true;
                         return Poll::Ready(PumpEvent::Paused);
                     }
+                    None => self.poll_read_frame_rest(cx, src, 1),
                     Some(left) => self.poll_read_frame_rest(cx, src, left),
                 }
             } else {
@@ -816,9 +824,9 @@ pub struct RelayParams {
     /// The web console's watch, when the console opened this connection.
     pub watch: Option<Arc<Watch>>,
     /// Set by a binary upgrade before the drain: on shutdown, a connection that can be handed
-    /// over (`handable`: plain, without message policies, see [`crate::handover`]) pauses at
-    /// a frame boundary instead of closing; any other is closed with 1012 at a random moment
-    /// within the upgrade's window.
+    /// over (`handable`: plain TCP on both sides, see [`crate::handover`]) pauses at a frame
+    /// boundary (with message policies, a message boundary) instead of closing; any other is
+    /// closed with 1012 at a random moment within the upgrade's window.
     pub upgrade: Option<Arc<crate::handover::Signal>>,
     pub handable: bool,
     /// A connection handed over by the previous process: where its parsers were, how old it
@@ -1322,8 +1330,6 @@ pub async fn relay(
                 if params.shutdown.is_cancelled()
                     && !closing
                     && params.handable
-                    && c2b.inspect.is_none()
-                    && b2c.inspect.is_none()
                     && params
                         .upgrade
                         .as_ref()

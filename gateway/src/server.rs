@@ -887,7 +887,15 @@ impl Gateway {
                 .map(|d| tokio::time::Instant::now() + ms(d)),
             own_rates,
             shared_rates,
-            inspection: None,
+            // The API's message policies as this manifest has them, with the handshake's
+            // context as the previous process had it.
+            inspection: Self::inspection(
+                &api,
+                conn,
+                c.product.as_deref(),
+                subscription.as_ref().map(|s| s.name.as_str()),
+                &c.context,
+            ),
             watch: None,
             upgrade: None,
             handable: false,
@@ -1235,26 +1243,13 @@ impl Gateway {
             &permit,
             self.fleet.get().map(|f| &**f),
         );
-        let inspection = (!api.messages.is_empty()).then(|| relay::Inspection {
-            steps: api.messages.clone(),
-            connection: Arc::new(Connection::new(
-                conn,
-                &api.config.name,
-                product.as_deref(),
-                permit.subscription().map(|s| s.name.as_str()),
-                &context,
-            )),
-            max_size: usize::try_from(
-                api.config
-                    .limits
-                    .max_message_size
-                    .map_or(api.config.limits.max_inspected_message_size, |m| {
-                        m.min(api.config.limits.max_inspected_message_size)
-                    }),
-            )
-            .unwrap_or(usize::MAX),
-            max_frame: usize::try_from(api.config.limits.max_frame_size).unwrap_or(usize::MAX),
-        });
+        let inspection = Self::inspection(
+            &api,
+            conn,
+            product.as_deref(),
+            permit.subscription().map(|s| s.name.as_str()),
+            &context,
+        );
         let limits = api.config.limits.clone();
         let metrics = api.metrics.clone();
         self.relay_until_closed(
@@ -1291,6 +1286,36 @@ impl Gateway {
         .await;
     }
 
+    /// What the relay needs to run the API's message policies on a connection, if it has any.
+    fn inspection(
+        api: &crate::routes::Api,
+        conn: u64,
+        product: Option<&str>,
+        subscription: Option<&str>,
+        context: &[(String, String)],
+    ) -> Option<relay::Inspection> {
+        (!api.messages.is_empty()).then(|| relay::Inspection {
+            steps: api.messages.clone(),
+            connection: Arc::new(Connection::new(
+                conn,
+                &api.config.name,
+                product,
+                subscription,
+                context,
+            )),
+            max_size: usize::try_from(
+                api.config
+                    .limits
+                    .max_message_size
+                    .map_or(api.config.limits.max_inspected_message_size, |m| {
+                        m.min(api.config.limits.max_inspected_message_size)
+                    }),
+            )
+            .unwrap_or(usize::MAX),
+            max_frame: usize::try_from(api.config.limits.max_frame_size).unwrap_or(usize::MAX),
+        })
+    }
+
     /// Runs the relay of a connection (accepted here, or handed over by the previous
     /// process) and writes its close record; a relay that paused for a binary upgrade is
     /// handed to the new process instead.
@@ -1310,10 +1335,10 @@ impl Gateway {
             key_digest,
         } = r;
         // Only what the next process can go on with: both sockets plain TCP (a TLS session's
-        // state stays here), no message policies (a message may be held), no fleet slots
-        // (their lease is this gateway's).
-        params.handable = matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)))
-            && params.inspection.is_none();
+        // state stays here).
+        params.handable = matches!((&client, &backend), (Stream::Tcp(_), Stream::Tcp(_)));
+        // The handshake's context goes with a handed-over connection, for its message policies.
+        let inspected = params.inspection.as_ref().map(|i| i.connection.clone());
         params.upgrade = Some(self.handover.clone());
         let limits = params.limits.clone();
         let extensions_agreed = params.extensions_agreed;
@@ -1354,6 +1379,7 @@ impl Gateway {
                         client_unforwarded: paused.client_unforwarded.clone(),
                         backend_unforwarded: paused.backend_unforwarded.clone(),
                         fleet: permit.fleet_things(),
+                        context: inspected.map(|c| c.context()).unwrap_or_default(),
                     };
                     self.hand_over(conn, Box::new(handed), *paused);
                     // Its slot is the new process's now.

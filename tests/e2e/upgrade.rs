@@ -238,10 +238,21 @@ async fn numbered_echoes(
     mut ws: RawWs<tokio::net::TcpStream>,
     stop: Arc<AtomicBool>,
     echoed: Arc<std::sync::atomic::AtomicU64>,
+    upper: bool,
 ) -> Result<u64, String> {
     let mut k = 0u64;
     while !stop.load(Ordering::Acquire) {
-        let msg = format!("{i}:{k}:\u{e9}t\u{e9}");
+        // With `upper`, message-test (a message policy) replaces each message with its upper
+        // case: what comes back shows the policy judged it, before and after the upgrade.
+        let body = format!("{i}:{k}:\u{e9}t\u{e9}");
+        let (msg, want) = if upper {
+            (
+                format!("upper:{body}"),
+                format!("UPPER:{}", body.to_uppercase()),
+            )
+        } else {
+            (body.clone(), body)
+        };
         let bytes = msg.as_bytes();
         let sent = match k % 3 {
             0 => ws.send(true, 1, bytes).await,
@@ -284,7 +295,7 @@ async fn numbered_echoes(
                 break;
             }
         }
-        if got != bytes {
+        if got != want.as_bytes() {
             return Err(format!(
                 "connection {i}: sent {msg:?}, got {:?} back (lost, repeated or reordered)",
                 String::from_utf8_lossy(&got)
@@ -338,7 +349,13 @@ async fn plain_connections_go_on_through_an_upgrade() {
         let (_, ws) = ws_connect(addr, "/echo", "").await;
         let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         counts.push(echoed.clone());
-        tasks.push(tokio::spawn(numbered_echoes(i, ws, stop.clone(), echoed)));
+        tasks.push(tokio::spawn(numbered_echoes(
+            i,
+            ws,
+            stop.clone(),
+            echoed,
+            false,
+        )));
     }
     let moved = |then: &[u64]| {
         counts
@@ -670,5 +687,89 @@ async fn fleet_connections_go_on_and_keep_their_slots() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(open(&gw).await.0, 429, "exactly one came in");
+    signal(new_pid, libc::SIGTERM);
+}
+
+/// Connections through an API with a message policy go on too: each pauses at a message
+/// boundary (a message held or being judged is finished first), and the new process judges
+/// what follows with the API's policy: every reply, before, during and after the upgrade, is
+/// the policy's replacement, fragmented messages and messages split across writes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_message_policies_go_on_through_an_upgrade() {
+    const N: usize = 50;
+    let backend = RawBackend::start(echo_frames()).await;
+    let dir = TempDir::new("upgrade-messages");
+    plugins::install(&dir.path().join("plugins"), &["message_test.wasm"]);
+    let manifest = format!(
+        "{}[gateway.limits]\ndrain_timeout = \"30s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}\
+         [[apis.on_message]]\nplugin = \"message-test\"\n",
+        gateway_section("plugin_dir = \"plugins\""),
+        api_section("echo", "echo", &backend.url(), "")
+    );
+    let mut gw = Gateway::start_in(dir, &manifest);
+    let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
+    let old_pid = gw.child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut counts = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (_, ws) = ws_connect(addr, "/echo", "").await;
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        counts.push(echoed.clone());
+        tasks.push(tokio::spawn(numbered_echoes(
+            i,
+            ws,
+            stop.clone(),
+            echoed,
+            true,
+        )));
+    }
+    let moved = |then: &[u64]| {
+        counts
+            .iter()
+            .zip(then)
+            .all(|(c, t)| c.load(Ordering::Relaxed) > *t)
+    };
+    let zero = vec![0; N];
+    wait_until("every connection echoing", || moved(&zero)).await;
+    // One more connection is in the middle of a message when the upgrade comes: the gateway
+    // holds its first fragment; the pause waits for the rest, the old process judges it, then
+    // hands the connection over.
+    let (_, mut held) = ws_connect(addr, "/echo", "").await;
+    held.send(false, 1, b"upper:half").await.unwrap();
+    signal(old_pid, libc::SIGUSR2);
+    let up = gw.wait_record("upgrade", |_| true).await;
+    let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.send(true, 0, b" way").await.unwrap();
+    let reply = held.read_frame().await.unwrap();
+    assert_eq!(reply.payload, b"UPPER:HALF WAY", "{reply:?}");
+    let status = exit_status(&mut gw, Duration::from_secs(30)).await;
+    assert!(status.success(), "old process: {status}");
+    let complete = gw.wait_record("upgrade_complete", |_| true).await;
+    assert_eq!(complete["handed_over"], N + 1, "{complete}");
+    // Judged by the new process now.
+    held.send(true, 1, b"upper:after").await.unwrap();
+    let reply = held.read_frame().await.unwrap();
+    assert_eq!(reply.payload, b"UPPER:AFTER", "{reply:?}");
+    assert_eq!(complete["drained"], 0, "{complete}");
+    let then: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    wait_until(
+        "every connection judged and echoed by the new process",
+        || moved(&then),
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    }
+    eprintln!("{N} connections with a message policy through the upgrade: {total} messages judged and echoed in order");
     signal(new_pid, libc::SIGTERM);
 }

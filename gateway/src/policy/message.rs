@@ -159,6 +159,15 @@ impl Connection {
         &self.bare.api
     }
 
+    /// The handshake's context values (a binary upgrade hands them over with the connection).
+    pub fn context(&self) -> Vec<(String, String)> {
+        self.full
+            .context
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect()
+    }
+
     /// The connection as a policy that declared `declared` may see it: the context values
     /// only with `use-context`.
     fn seen_by(&self, declared: &[MessageCapability]) -> &wit::Connection {
