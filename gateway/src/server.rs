@@ -795,6 +795,17 @@ impl Gateway {
     ) -> bool {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let to_stream = |fd: std::os::fd::OwnedFd| {
+            // Only a TCP socket is relayed as one.
+            let tcp = matches!(
+                rustix::net::sockopt::socket_type(&fd),
+                Ok(rustix::net::SocketType::STREAM)
+            ) && matches!(
+                rustix::net::sockopt::socket_domain(&fd),
+                Ok(rustix::net::AddressFamily::INET | rustix::net::AddressFamily::INET6)
+            );
+            if !tcp {
+                return Err(std::io::Error::other("not a TCP socket"));
+            }
             let s = std::net::TcpStream::from(fd);
             s.set_nonblocking(true)?;
             TcpStream::from_std(s)
@@ -840,6 +851,7 @@ impl Gateway {
         };
         // The subscription by the key it was admitted with; a key this manifest no longer
         // has is revoked as a reload would (the relay closes with 1008).
+        let mut revoked = false;
         let (subscription, end) = match c.key {
             None => (None, self.shutdown.clone()),
             Some(digest) => match served.keys.by_digest(&digest) {
@@ -847,9 +859,10 @@ impl Gateway {
                     (Some(sub.clone()), token.clone())
                 }
                 _ => {
-                    let revoked = self.shutdown.child_token();
-                    revoked.cancel();
-                    (None, revoked)
+                    revoked = true;
+                    let token = self.shutdown.child_token();
+                    token.cancel();
+                    (None, token)
                 }
             },
         };
@@ -936,7 +949,8 @@ impl Gateway {
             }
             gw.relay_until_closed(relaying, params).await
         });
-        true
+        // Relayed just long enough for its 1008 when its key is gone.
+        !revoked
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, scheme: Scheme) {
