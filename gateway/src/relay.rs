@@ -1411,7 +1411,8 @@ pub async fn relay(
         }
     }
 
-    if handed {
+    // What the metrics have not seen yet, and the connection off the active count.
+    let publish_end = |c2b: &mut Pump, b2c: &mut Pump| {
         metrics
             .client_to_backend
             .add(&c2b.parser.stats, &mut c2b.published);
@@ -1419,6 +1420,9 @@ pub async fn relay(
             .backend_to_client
             .add(&b2c.parser.stats, &mut b2c.published);
         metrics.active.dec();
+    };
+    if handed {
+        publish_end(&mut c2b, &mut b2c);
         let now = Instant::now();
         let unforwarded = |p: &Pump| p.buf[p.start..].to_vec();
         let (client_unforwarded, backend_unforwarded) = (unforwarded(&c2b), unforwarded(&b2c));
@@ -1452,13 +1456,7 @@ pub async fn relay(
         .await;
     }
 
-    metrics
-        .client_to_backend
-        .add(&c2b.parser.stats, &mut c2b.published);
-    metrics
-        .backend_to_client
-        .add(&b2c.parser.stats, &mut b2c.published);
-    metrics.active.dec();
+    publish_end(&mut c2b, &mut b2c);
     let duration = started.elapsed();
     metrics.connection_duration.observe(duration.as_secs_f64());
     Relayed::Ended(RelayOutcome {

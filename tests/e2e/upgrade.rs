@@ -68,6 +68,77 @@ fn handshake_loop(
     })
 }
 
+/// Waits until the gateway's admin listener says it serves.
+async fn serving(admin: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connections each running [`numbered_echoes`], and how far each has got.
+struct NumberedEchoes {
+    stop: Arc<AtomicBool>,
+    counts: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
+}
+
+impl NumberedEchoes {
+    /// `n` connections to `/echo`, each echoing by the time this returns.
+    async fn start(addr: std::net::SocketAddr, n: usize, upper: bool) -> NumberedEchoes {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut counts = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (_, ws) = ws_connect(addr, "/echo", "").await;
+            let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            counts.push(echoed.clone());
+            tasks.push(tokio::spawn(numbered_echoes(
+                i,
+                ws,
+                stop.clone(),
+                echoed,
+                upper,
+            )));
+        }
+        let e = NumberedEchoes {
+            stop,
+            counts,
+            tasks,
+        };
+        e.wait_moved(&vec![0; n], "every connection echoing").await;
+        e
+    }
+
+    async fn wait_moved(&self, then: &[u64], what: &str) {
+        wait_until(what, || {
+            self.counts
+                .iter()
+                .zip(then)
+                .all(|(c, t)| c.load(Ordering::Relaxed) > *t)
+        })
+        .await;
+    }
+
+    /// Waits until every connection has echoed again, then stops them all (each closes with
+    /// 1000); any connection that failed fails the test here. Returns the messages echoed.
+    async fn moving_then_stop(self, what: &str) -> u64 {
+        let then: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        self.wait_moved(&then, what).await;
+        self.stop.store(true, Ordering::Release);
+        let mut total = 0;
+        for t in self.tasks {
+            total += t.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        }
+        total
+    }
+}
+
 /// SIGUSR2 during a stream of handshakes: the new process takes the sockets (ws and admin),
 /// every handshake before, during and after gets its 101, the old process hands its open
 /// connection over (it goes on echoing through the new process) and exits, and the new one
@@ -85,11 +156,7 @@ async fn an_upgrade_hands_the_listening_sockets_over_without_refusing_a_handshak
     let (_, mut stalled) = ws_connect(addr, "/echo", "").await;
     let frame = encode_frame(true, 0, 2, &[7; 100], Some(rand_mask()));
     stalled.send_raw(&frame[..50]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(admin, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serving(admin).await;
     let stop = Arc::new(AtomicBool::new(false));
     let handshakes = handshake_loop(addr, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -187,11 +254,7 @@ async fn a_new_process_that_cannot_load_leaves_the_old_one_serving() {
     let gw = Gateway::start(&manifest(&backend.url()));
     let pid = gw.child.id();
     // Serving (an upgrade is refused while the gateway starts).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(gw.admin.unwrap(), "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serving(gw.admin.unwrap()).await;
     std::fs::write(
         gw.dir.path().join("tollgate.toml"),
         "[gateway]\nname = \"test\"\nlisten = 8080\n",
@@ -337,35 +400,9 @@ async fn plain_connections_go_on_through_an_upgrade() {
     let mut gw = Gateway::start(&manifest);
     let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
     let old_pid = gw.child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(admin, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut counts = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..N {
-        let (_, ws) = ws_connect(addr, "/echo", "").await;
-        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        counts.push(echoed.clone());
-        tasks.push(tokio::spawn(numbered_echoes(
-            i,
-            ws,
-            stop.clone(),
-            echoed,
-            false,
-        )));
-    }
-    let moved = |then: &[u64]| {
-        counts
-            .iter()
-            .zip(then)
-            .all(|(c, t)| c.load(Ordering::Relaxed) > *t)
-    };
-    let zero = vec![0; N];
-    wait_until("every connection echoing", || moved(&zero)).await;
-    let handshakes = handshake_loop(addr, stop.clone());
+    serving(admin).await;
+    let echoes = NumberedEchoes::start(addr, N, false).await;
+    let handshakes = handshake_loop(addr, echoes.stop.clone());
     signal(old_pid, libc::SIGUSR2);
     let up = gw.wait_record("upgrade", |_| true).await;
     let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
@@ -377,16 +414,9 @@ async fn plain_connections_go_on_through_an_upgrade() {
     let complete = gw.wait_record("upgrade_complete", |_| true).await;
     let resumed = gw.wait_record("upgrade_resumed", |_| true).await;
     // Every connection goes on in the new process.
-    let then: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    wait_until("every connection echoing through the new process", || {
-        moved(&then)
-    })
-    .await;
-    stop.store(true, Ordering::Release);
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
-    }
+    let total = echoes
+        .moving_then_stop("every connection echoing through the new process")
+        .await;
     let seen = handshakes.await.unwrap();
     let refused: Vec<&String> = seen
         .iter()
@@ -450,11 +480,7 @@ async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
     );
     let mut gw = Gateway::start_in(dir, &manifest);
     let (addr, admin) = (gw.wss.unwrap(), gw.admin.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(admin, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serving(admin).await;
     let mut clients = Vec::new();
     for _ in 0..N {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -646,11 +672,7 @@ async fn fleet_connections_go_on_and_keep_their_slots() {
     let backend = RawBackend::start(echo_frames()).await;
     let mut gw = fleet_gateway(&redis, &backend.url(), "");
     let old_pid = gw.child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(gw.admin.unwrap(), "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serving(gw.admin.unwrap()).await;
     let mut held = Vec::new();
     for _ in 0..10 {
         let (status, ws) = open(&gw).await;
@@ -709,34 +731,8 @@ async fn connections_with_message_policies_go_on_through_an_upgrade() {
     let mut gw = Gateway::start_in(dir, &manifest);
     let (addr, admin) = (gw.ws.unwrap(), gw.admin.unwrap());
     let old_pid = gw.child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(admin, "/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut counts = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..N {
-        let (_, ws) = ws_connect(addr, "/echo", "").await;
-        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        counts.push(echoed.clone());
-        tasks.push(tokio::spawn(numbered_echoes(
-            i,
-            ws,
-            stop.clone(),
-            echoed,
-            true,
-        )));
-    }
-    let moved = |then: &[u64]| {
-        counts
-            .iter()
-            .zip(then)
-            .all(|(c, t)| c.load(Ordering::Relaxed) > *t)
-    };
-    let zero = vec![0; N];
-    wait_until("every connection echoing", || moved(&zero)).await;
+    serving(admin).await;
+    let echoes = NumberedEchoes::start(addr, N, true).await;
     // One more connection is in the middle of a message when the upgrade comes: the gateway
     // holds its first fragment; the pause waits for the rest, the old process judges it, then
     // hands the connection over.
@@ -759,17 +755,9 @@ async fn connections_with_message_policies_go_on_through_an_upgrade() {
     let reply = held.read_frame().await.unwrap();
     assert_eq!(reply.payload, b"UPPER:AFTER", "{reply:?}");
     assert_eq!(complete["drained"], 0, "{complete}");
-    let then: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    wait_until(
-        "every connection judged and echoed by the new process",
-        || moved(&then),
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
-    }
+    let total = echoes
+        .moving_then_stop("every connection judged and echoed by the new process")
+        .await;
     eprintln!("{N} connections with a message policy through the upgrade: {total} messages judged and echoed in order");
     signal(new_pid, libc::SIGTERM);
 }
