@@ -468,6 +468,14 @@ impl Store {
         format!("tollgate:{{{}}}:slots:{thing}", self.config.namespace)
     }
 
+    /// Counts one more of each thing as this gateway's, without asking the store (it does not
+    /// answer): the next heartbeat writes the counts, this one included.
+    pub fn hold_locally(&self, things: &[String]) {
+        for t in things {
+            self.adjust(&self.slots(t), true);
+        }
+    }
+
     /// This gateway's count for `thing`, as it knows it.
     pub fn held_here(&self, thing: &str) -> u64 {
         let key = self.slots(thing);
@@ -1043,25 +1051,27 @@ impl Fleet {
 
     /// The slots of a connection a binary upgrade handed over (the previous process held them
     /// under its own gateway id and gives them back as it hands over): taken whatever the
-    /// limits, since the connection was admitted already. `None` if the store does not answer
-    /// (the connection then goes on uncounted in the fleet, as after a failed acquire).
-    pub async fn adopt(self: &Arc<Self>, things: Vec<String>) -> Option<FleetSlot> {
-        if things.is_empty() {
-            return None;
-        }
-        let unlimited: Vec<(&str, u64)> = things.iter().map(|t| (t.as_str(), u64::MAX)).collect();
-        match self.store.acquire_all(&unlimited).await {
-            Ok(_) => {
-                self.note_success();
-                Some(FleetSlot {
-                    fleet: self.clone(),
-                    things,
-                })
+    /// limits, since the connection was admitted already, in the background (a store round
+    /// trip must not lengthen the connection's pause). If the store does not answer, they are
+    /// counted here all the same, and the next heartbeat writes them. Inside a tokio runtime.
+    pub fn adopt(self: &Arc<Self>, things: Vec<String>) -> FleetSlot {
+        let fleet = self.clone();
+        let taking = things.clone();
+        tokio::spawn(async move {
+            let unlimited: Vec<(&str, u64)> =
+                taking.iter().map(|t| (t.as_str(), u64::MAX)).collect();
+            match fleet.store.acquire_all(&unlimited).await {
+                Ok(_) => fleet.note_success(),
+                Err(StoreError::Left) => {}
+                Err(e) => {
+                    fleet.note_failure(&e);
+                    fleet.store.hold_locally(&taking);
+                }
             }
-            Err(e) => {
-                self.note_failure(&e);
-                None
-            }
+        });
+        FleetSlot {
+            fleet: self.clone(),
+            things,
         }
     }
 

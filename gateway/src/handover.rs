@@ -267,7 +267,8 @@ pub fn start_receiving(channel: UnixStream) -> tokio::sync::mpsc::UnboundedRecei
 }
 
 /// Ends a paused connection that cannot be handed over: both sides are at a frame boundary, so
-/// each gets a close (1001) before its socket is closed. Best effort and never blocking (the
+/// each gets a close (1012, service restart, to the client; 1001 to the backend) before its
+/// socket is closed. Best effort and never blocking (the
 /// sockets are non-blocking): a peer that is not reading just sees the connection end.
 pub fn close_going_away(fds: [OwnedFd; 2]) {
     use crate::frame::{close_frame, Direction};
@@ -276,7 +277,7 @@ pub fn close_going_away(fds: [OwnedFd; 2]) {
     let reason = "gateway restarting";
     let _ = std::net::TcpStream::from(client).write(&close_frame(
         Direction::BackendToClient,
-        1001,
+        crate::frame::close_code::SERVICE_RESTART,
         reason,
     ));
     let _ = std::net::TcpStream::from(backend).write(&close_frame(

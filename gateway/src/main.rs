@@ -148,14 +148,27 @@ fn upgrade(
         },
         (None, None) => return ExitCode::from(2),
     };
-    let stamp = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    // Every write of the pid file is a new file (renamed into place): a rewrite, even one
+    // within the file system's timestamp granularity, is a new inode.
+    let stamp = |f: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(f).map(|m| (m.dev(), m.ino())).ok()
+    };
     let Some(old) = tollgate::notify::read_pid(&file) else {
         eprintln!("{}: no pid in it (is the gateway running?)", file.display());
         return ExitCode::from(1);
     };
+    if !tollgate::notify::is_tollgate(old) {
+        eprintln!(
+            "{}: pid {old} is not a running tollgate process (a stale pid file?); nothing signalled",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
     let before = stamp(&file);
-    // SAFETY: kill(2) with a pid read from the gateway's pid file and a signal the gateway
-    // handles; it has no memory effects in this process.
+    // SAFETY: kill(2) with a pid read from the gateway's pid file (a positive process id of a
+    // running tollgate process, checked above) and a signal the gateway handles; it has no
+    // memory effects in this process.
     if unsafe { libc::kill(old as i32, libc::SIGUSR2) } != 0 {
         eprintln!(
             "cannot signal pid {old} (from {}): {}",

@@ -39,10 +39,22 @@ pub fn systemd(state: &str) {
 /// sees it half written). Also called, with the same pid, when an upgrade fails or is ignored:
 /// `tollgate upgrade` reads a rewrite that keeps the old pid as "no upgrade".
 pub fn write_pid(file: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let pid = std::process::id();
-    let tmp = file.with_extension(format!("tmp.{pid}"));
-    let written =
-        std::fs::write(&tmp, format!("{pid}\n")).and_then(|()| std::fs::rename(&tmp, file));
+    let mut name = file.as_os_str().to_owned();
+    name.push(format!(".tmp.{pid}"));
+    let tmp = std::path::PathBuf::from(name);
+    // A file of its own, never one planted under that name (no symlink followed).
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, file));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         tracing::warn!(event = "pid_file_error", file = %file.display(), error = %e,
@@ -57,7 +69,16 @@ pub fn remove_pid(file: &Path) {
     }
 }
 
-/// The pid a pid file names.
+/// The pid a pid file names: a process id (1 to `i32::MAX`), nothing else (0 or a negative
+/// number would signal process groups, or every process).
 pub fn read_pid(file: &Path) -> Option<u32> {
-    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    let pid: u32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    (1..=i32::MAX as u32).contains(&pid).then_some(pid)
+}
+
+/// Whether `pid` runs a `tollgate` binary (its command name), so a stale pid file reused by
+/// another process is not signalled.
+pub fn is_tollgate(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim_end().starts_with("tollgate"))
 }

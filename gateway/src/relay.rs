@@ -1351,7 +1351,10 @@ pub async fn relay(
                 });
                 let at = Instant::now() + Duration::from_millis(rand::random_range(0..=window));
                 restart_at = Some(at);
-                sleep.as_mut().reset(at);
+                // A deadline due sooner (a policy's, the lifetime, the idle timeout) keeps its
+                // turn.
+                let next = next_deadline(c2b.last_read.max(b2c.last_read));
+                sleep.as_mut().reset(at.min(next));
             }
             Wake::Shutdown if params.shutdown.is_cancelled() => {
                 shutdown_seen = true;

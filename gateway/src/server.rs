@@ -272,20 +272,26 @@ impl Gateway {
             }
             (Ok(took), Some(i)) => {
                 let old_pid = i.old_pid;
-                self.announce();
+                // No upgrade of this process until the previous one's connections are all
+                // here (set before anyone can know this process serves).
+                self.upgrading.store(true, Ordering::Release);
                 // Logged before it is said, so the records read in the order things happen.
                 tracing::info!(event = "upgrade_ready", old_pid, pid = std::process::id(),
                     "accepting on the sockets the previous process handed over; telling it to stop accepting and drain");
                 match i.ready(took) {
                     Ok(Some(channel)) => {
-                        // No upgrade of this process until the previous one's connections
-                        // are all here; its drain waits for them too.
-                        self.upgrading.store(true, Ordering::Release);
+                        // Announced once the previous process has been told (the pid file,
+                        // systemd's main pid); its drain waits for the connections too.
+                        self.announce();
                         self.tracker
                             .spawn(self.clone().resume_all(channel, old_pid));
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        self.announce();
+                        self.upgrading.store(false, Ordering::Release);
+                    }
                     Err(e) => {
+                        self.upgrading.store(false, Ordering::Release);
                         tracing::warn!(event = "upgrade_ready_unsent", old_pid, error = %e,
                             "could not tell the previous process this one is ready (it gives up on its own and keeps serving)");
                     }
@@ -311,11 +317,16 @@ impl Gateway {
         ));
     }
 
-    /// An upgrade that did not happen rewrites the pid file with the same pid: `tollgate
-    /// upgrade` reads that as "no upgrade" without waiting for its timeout.
+    /// An upgrade that did not happen rewrites the pid file with the same pid (a new file):
+    /// `tollgate upgrade` reads that as "no upgrade" without waiting for its timeout. Only
+    /// while the file is this process's: after a handover it names the new process.
     fn no_upgrade(&self) {
         if let Some(f) = &self.config.gateway.pid_file {
-            crate::notify::write_pid(f);
+            if !self.handed_over.is_cancelled()
+                && crate::notify::read_pid(f) == Some(std::process::id())
+            {
+                crate::notify::write_pid(f);
+            }
         }
     }
 
@@ -377,8 +388,8 @@ impl Gateway {
             return;
         }
         if self.upgrading.swap(true, Ordering::AcqRel) {
+            // The upgrade under way tells its own outcome (pid file, log).
             tracing::warn!(event = "upgrade_ignored", "an upgrade is already under way");
-            self.no_upgrade();
             return;
         }
         let handable: Vec<crate::upgrade::Handable> = self
@@ -431,9 +442,11 @@ impl Gateway {
         };
         match outcome {
             Ok(Ok(mut up)) if self.stop.is_cancelled() => {
-                // Asked to stop meanwhile: the service stops, the new process too.
+                // Asked to stop meanwhile: the service stops, the new process too. It may have
+                // said it was the main process already: this one says it is again.
                 let _ = up.child.kill();
                 let _ = up.child.wait();
+                crate::notify::systemd(&format!("MAINPID={}", std::process::id()));
                 failed(format!(
                     "this process was stopped (SIGTERM/SIGINT) during the upgrade; the new process (pid {}) was stopped too",
                     up.new_pid
@@ -880,6 +893,13 @@ impl Gateway {
             &permit,
             self.fleet.get().map(|f| &**f),
         );
+        let mid_message =
+            c.client_to_backend.message.is_some() || c.backend_to_client.message.is_some();
+        if mid_message && !api.messages.is_empty() {
+            tracing::info!(event = "connection_resumed_uninspected", conn, previous_conn = c.conn,
+                api = %api.config.name,
+                "this API has message policies now, but the connection paused in the middle of a message its previous process did not judge: it relays without them");
+        }
         let ms = Duration::from_millis;
         let mut limits = api.config.limits.clone();
         limits.max_frame_size = c.limits.max_frame_size;
@@ -901,14 +921,20 @@ impl Gateway {
             own_rates,
             shared_rates,
             // The API's message policies as this manifest has them, with the handshake's
-            // context as the previous process had it.
-            inspection: Self::inspection(
-                &api,
-                conn,
-                c.product.as_deref(),
-                subscription.as_ref().map(|s| s.name.as_str()),
-                &c.context,
-            ),
+            // context as the previous process had it; not for a connection that paused in the
+            // middle of a message (its previous process did not judge it: a policy would see
+            // half a message), which keeps relaying as it did.
+            inspection: if mid_message {
+                None
+            } else {
+                Self::inspection(
+                    &api,
+                    conn,
+                    c.product.as_deref(),
+                    subscription.as_ref().map(|s| s.name.as_str()),
+                    &c.context,
+                )
+            },
             watch: None,
             upgrade: None,
             handable: false,
@@ -940,15 +966,13 @@ impl Gateway {
             key_digest: c.key,
         };
         let gw = self.clone();
-        self.tracker.spawn(async move {
-            // Its fleet slots first (one round trip): counted under this gateway from now on.
-            if let Some((fleet, things)) = fleet {
-                if let Some(slot) = fleet.adopt(things).await {
-                    relaying.permit.hold(slot);
-                }
-            }
-            gw.relay_until_closed(relaying, params).await
-        });
+        // Its fleet slots, taken under this gateway's id, held by its permit like any
+        // connection's (and handed over again by a later upgrade).
+        if let Some((fleet, things)) = fleet {
+            relaying.permit.hold(fleet.adopt(things));
+        }
+        self.tracker
+            .spawn(async move { gw.relay_until_closed(relaying, params).await });
         // Relayed just long enough for its 1008 when its key is gone.
         !revoked
     }

@@ -448,6 +448,14 @@ pub(crate) fn send<T: Serialize>(
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<(), UpgradeError> {
     let body = serde_json::to_vec(message).map_err(|e| UpgradeError::Message(e.to_string()))?;
+    // Checked here, before anything is written: the reader refuses a longer message, and the
+    // channel would be out of step after it.
+    if body.len() > MAX_MESSAGE {
+        return Err(UpgradeError::Message(format!(
+            "a message of {} bytes (at most {MAX_MESSAGE})",
+            body.len()
+        )));
+    }
     let mut bytes = u32::try_from(body.len())
         .map_err(|_| UpgradeError::Message("message too long".into()))?
         .to_be_bytes()

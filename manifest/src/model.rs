@@ -175,10 +175,10 @@ pub struct Limits {
     /// Accepted sockets that have not finished their handshake (TLS included); over it, new
     /// sockets are closed at once.
     pub max_pending_handshakes: usize,
-    /// In a binary upgrade, connections that cannot be handed over (wss, message policies,
-    /// fleet slots) are closed with 1012 (service restart) each at a random moment within this
-    /// window, so their clients do not all reconnect at once. Default: 10 s, or a third of
-    /// `drain_timeout` if that is less.
+    /// In a binary upgrade, connections that cannot be handed over (wss) are closed with 1012
+    /// (service restart) each at a random moment within this window, so their clients do not
+    /// all reconnect at once. Default: 10 s, or a third of `drain_timeout` if that is less (and
+    /// never more than `drain_timeout` minus 5 s, the last close's handshake).
     pub upgrade_close_window: Duration,
 }
 

@@ -508,7 +508,7 @@ async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
             loop {
                 match ws.next().await {
                     Some(Ok(Message::Close(frame))) => {
-                        return (signalled.elapsed(), frame.map(|f| u16::from(f.code)));
+                        return (Instant::now(), frame.map(|f| u16::from(f.code)));
                     }
                     Some(Ok(_)) => continue,
                     other => panic!("ended without a close: {other:?}"),
@@ -517,6 +517,8 @@ async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
         }));
     }
     let up = gw.wait_record("upgrade", |_| true).await;
+    // The drain (and the window) starts right after this record.
+    let drain_seen = Instant::now();
     let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
     let _stop_new = StopOnDrop(new_pid);
     assert_eq!(up["wss"], "drained_1012", "{up}");
@@ -525,12 +527,17 @@ async fn wss_connections_are_closed_with_1012_spread_over_the_window() {
     for c in closes {
         let (when, code) = c.await.unwrap();
         assert_eq!(code, Some(1012), "closed with {code:?}");
-        at.push(when);
+        // Within the 3 s window of the drain (a second of slack for a loaded machine).
+        let into = when.saturating_duration_since(drain_seen);
+        assert!(
+            into < Duration::from_secs(4),
+            "closed {into:?} into the drain"
+        );
+        at.push(when - signalled);
     }
     at.sort();
     let (first, last) = (at[0], at[N - 1]);
-    // Within the window (plus the new process's start), and spread over it, not all at once.
-    assert!(last < Duration::from_secs(8), "last close after {last:?}");
+    // Spread over the window, not all at once.
     assert!(
         last - first >= Duration::from_millis(500),
         "closes not spread: {at:?}"
@@ -641,6 +648,23 @@ async fn tollgate_upgrade_follows_the_pid_file_and_tells_systemd() {
         started.elapsed() < Duration::from_secs(60),
         "the failure was only found by the timeout"
     );
+    // A pid file that names no tollgate process (a stale one, the pid reused), or no process
+    // id at all (-1 would signal every process): nothing is signalled.
+    let stale = TempDir::new("upgrade-stale");
+    let stale_file = stale.path().join("stale.pid");
+    for content in [
+        std::process::id().to_string(),
+        "4294967295".into(),
+        "0".into(),
+    ] {
+        std::fs::write(&stale_file, &content).unwrap();
+        let (code, _, stderr) = cli(&["--pid-file", &stale_file.display().to_string()]);
+        assert_eq!(code, Some(1), "{content}: {stderr}");
+        assert!(
+            stderr.contains("not a running tollgate") || stderr.contains("no pid in it"),
+            "{content}: {stderr}"
+        );
+    }
     // The manifest itself does not load: the CLI says so and signals nothing.
     let (code, _, stderr) = cli(&["--manifest", &manifest_arg]);
     assert_eq!(code, Some(2), "{stderr}");

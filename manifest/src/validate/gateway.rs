@@ -129,13 +129,18 @@ impl Validator<'_> {
             None => d.max_connections,
         };
         let drain_timeout = l.drain_timeout.unwrap_or(d.drain_timeout);
+        let last_close = std::time::Duration::from_secs(5);
         let upgrade_close_window = match &l.upgrade_close_window {
-            None => d.upgrade_close_window.min(drain_timeout / 3),
+            None => d
+                .upgrade_close_window
+                .min(drain_timeout / 3)
+                .min(drain_timeout.saturating_sub(last_close)),
             Some(w) => {
                 let key = "gateway.limits.upgrade_close_window";
                 match humantime_serde::re::humantime::parse_duration(w.get_ref().trim()) {
                     // The last close needs time for its handshake (5 s) within the drain.
-                    Ok(t) if t + std::time::Duration::from_secs(5) > drain_timeout => {
+                    // "0s": every close at once, whatever the drain.
+                    Ok(t) if !t.is_zero() && t.saturating_add(last_close) > drain_timeout => {
                         self.err(
                             w.span(),
                             key,
@@ -145,7 +150,7 @@ impl Validator<'_> {
                                 humantime_serde::re::humantime::format_duration(drain_timeout)
                             ),
                         );
-                        d.upgrade_close_window.min(drain_timeout / 3)
+                        drain_timeout.saturating_sub(last_close)
                     }
                     Ok(t) => t,
                     Err(e) => {
@@ -258,15 +263,23 @@ mod tests {
             c.gateway.limits.upgrade_close_window,
             Duration::from_secs(10)
         );
-        // A short drain makes the default window shorter, not an error.
-        let c = p(&format!(
-            "{BASE}[gateway.limits]\ndrain_timeout = \"3s\"\n{api}"
-        ))
-        .unwrap();
-        assert_eq!(
-            c.gateway.limits.upgrade_close_window,
-            Duration::from_secs(1)
-        );
+        // A short drain makes the default window shorter, not an error; it leaves the last
+        // close 5 s, and a drain shorter than that closes at once ("0s" is always allowed).
+        for (drain, window, want) in [("9s", "", 3), ("3s", "", 0), ("3s", "\"0s\"", 0)] {
+            let set = if window.is_empty() {
+                String::new()
+            } else {
+                format!("upgrade_close_window = {window}\n")
+            };
+            let c = p(&format!(
+                "{BASE}[gateway.limits]\ndrain_timeout = \"{drain}\"\n{set}{api}"
+            ))
+            .unwrap();
+            assert_eq!(
+                c.gateway.limits.upgrade_close_window,
+                Duration::from_secs(want)
+            );
+        }
         let c = p(&format!(
             "{BASE}[gateway.limits]\nupgrade_close_window = \"20s\"\n{api}"
         ))
@@ -277,6 +290,7 @@ mod tests {
         );
         for (window, says) in [
             ("\"26s\"", "drain_timeout minus 5s"),
+            ("\"18446744073709551615s\"", "drain_timeout minus 5s"),
             ("\"soon\"", "not a duration"),
         ] {
             let e = p(&format!(
