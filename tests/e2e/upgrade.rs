@@ -687,7 +687,7 @@ async fn tollgate_upgrade_follows_the_pid_file_and_tells_systemd() {
 /// takes their slots under its own gateway id as the old process gives its back (it leaves
 /// the fleet when it exits). The subscription's limit holds throughout: at its 10 connections,
 /// all handed over and still echoing, an 11th handshake is refused after the upgrade, and a
-/// close lets exactly one in.
+/// close lets exactly one in. Then the new process is upgraded in turn: the same again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_connections_go_on_and_keep_their_slots() {
     use crate::cluster::{fleet_gateway, open};
@@ -725,15 +725,38 @@ async fn fleet_connections_go_on_and_keep_their_slots() {
     held.pop().unwrap().close(1000, "").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _ws) = open(&gw).await;
+        let (status, ws) = open(&gw).await;
         if status == 101 {
+            held.push(ws);
             break;
         }
         assert!(Instant::now() < deadline, "the freed slot never came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(open(&gw).await.0, 429, "exactly one came in");
-    signal(new_pid, libc::SIGTERM);
+
+    // A second upgrade, of the new process: the connections it took over (and their slots,
+    // which it adopted) go on to a third process the same way.
+    signal(new_pid, libc::SIGUSR2);
+    let up = gw.wait_record("upgrade", |r| r["old_pid"] == new_pid).await;
+    let third = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_third = StopOnDrop(third);
+    let complete = gw
+        .wait_record("upgrade_complete", |r| r["old_pid"] == new_pid)
+        .await;
+    assert_eq!(complete["handed_over"], 10, "{complete}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running(new_pid) {
+        assert!(Instant::now() < deadline, "the second process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, ws) in held.iter_mut().enumerate() {
+        let msg = format!("twice {i}");
+        ws.send(true, 1, msg.as_bytes()).await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, msg.as_bytes());
+    }
+    assert_eq!(open(&gw).await.0, 429, "the limit after a second upgrade");
+    signal(third, libc::SIGTERM);
 }
 
 /// Connections through an API with a message policy go on too: each pauses at a message
