@@ -21,9 +21,9 @@
 //! policies and the handshake's context values.
 //!
 //! Each connection is one message with its two descriptors; `done` ends the stream and the new
-//! process answers what it did with them. The format has its own number ([`FORMAT`]), offered
-//! by the old process and accepted by the new one in the listener handover: a binary that does
-//! not read it is not sent connections.
+//! process answers what it did with them. The format has its own number
+//! ([`crate::upgrade::CONNECTION_FORMAT`]), offered by the old process and accepted by the new
+//! one in the listener handover: a binary that does not read it is not sent connections.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -34,9 +34,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::ParserState;
 use crate::upgrade::{receive, send, UpgradeError};
-
-/// The connection format; bumped when [`HandedConnection`] changes meaning.
-pub const FORMAT: u32 = 1;
 
 /// How long the old process waits for the new one's summary after the last connection, and at
 /// most for one connection to be taken by the channel (a new process that stopped reading

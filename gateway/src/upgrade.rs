@@ -37,6 +37,11 @@ use serde::{Deserialize, Serialize};
 pub const ENV_FD: &str = "TOLLGATE_UPGRADE_FD";
 /// The handover's format; bumped when a message changes.
 pub const VERSION: u32 = 1;
+/// The format live connections are handed over in ([`crate::handover`]): offered by the old
+/// process, accepted by the new one. Bumped when `HandedConnection` changes meaning. (Kept here,
+/// with the rest of the channel's formats, so the handover builds on this module and not the
+/// other way round.)
+pub const CONNECTION_FORMAT: u32 = 1;
 /// How long the old process waits for the new one to load everything and accept: plugins are
 /// compiled (or read from the cache) first.
 pub const READY_WITHIN: Duration = Duration::from_secs(120);
@@ -252,7 +257,7 @@ pub fn hand_over(
             version,
             exe,
             child,
-            channel: (connections == Some(crate::handover::FORMAT)).then_some(ours),
+            channel: (connections == Some(CONNECTION_FORMAT)).then_some(ours),
         }),
         Err(e) => {
             // Ours to stop: it never served, or said it cannot.
@@ -277,7 +282,7 @@ fn offer_and_wait(
         version: VERSION,
         old_pid: std::process::id(),
         listeners: listeners.iter().map(|l| l.described.clone()).collect(),
-        connections: Some(crate::handover::FORMAT),
+        connections: Some(CONNECTION_FORMAT),
     };
     let fds: Vec<_> = listeners.iter().map(|l| l.fd.as_fd()).collect();
     send(ours, &offer, &fds)?;
@@ -412,12 +417,12 @@ impl Inherited {
     /// Tells the old process this one accepts now (it then stops accepting, hands over its
     /// connections and drains the rest). Returns the channel when connections will come on it.
     pub fn ready(mut self, took: Vec<Role>) -> Result<Option<UnixStream>, UpgradeError> {
-        let takes = self.connections == Some(crate::handover::FORMAT);
+        let takes = self.connections == Some(CONNECTION_FORMAT);
         let answer = Answer::Ready {
             pid: std::process::id(),
             took,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            connections: takes.then_some(crate::handover::FORMAT),
+            connections: takes.then_some(CONNECTION_FORMAT),
         };
         send(&mut self.channel, &answer, &[])?;
         if !takes {
