@@ -808,3 +808,51 @@ async fn connections_with_message_policies_go_on_through_an_upgrade() {
     eprintln!("{N} connections with a message policy through the upgrade: {total} messages judged and echoed in order");
     signal(new_pid, libc::SIGTERM);
 }
+
+/// A connection whose API the new manifest no longer has is taken over and closed by the new
+/// process with 1001 to both sides (it was at a frame boundary), and said so; the other
+/// connections go on. (The old process may reload the changed manifest first: established
+/// connections keep their API through a reload, so the outcome is the same.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_api_is_gone_is_closed_by_the_new_process() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let both = format!(
+        "{}{}",
+        manifest(&backend.url()),
+        api_section("gone", "gone", &backend.url(), "")
+    );
+    let mut gw = Gateway::start(&both);
+    serving(gw.admin.unwrap()).await;
+    let addr = gw.ws.unwrap();
+    let (_, mut kept) = ws_connect(addr, "/echo", "").await;
+    let (_, mut gone) = ws_connect(addr, "/gone", "").await;
+    gone.send(true, 1, b"before").await.unwrap();
+    assert_eq!(gone.read_frame().await.unwrap().payload, b"before");
+    std::fs::write(
+        gw.dir.path().join("tollgate.toml"),
+        manifest(&backend.url()),
+    )
+    .unwrap();
+    signal(gw.child.id(), libc::SIGUSR2);
+    let up = gw.wait_record("upgrade", |_| true).await;
+    let new_pid = u32::try_from(up["new_pid"].as_u64().unwrap()).unwrap();
+    let _stop_new = StopOnDrop(new_pid);
+    let close = gone.read_until_close().await.unwrap();
+    assert_eq!(close.close_code(), Some(1001), "{close:?}");
+    assert_eq!(close.close_reason(), "API not served after the upgrade");
+    let failed = gw
+        .wait_record("connection_resume_failed", |r| r["api"] == "gone")
+        .await;
+    assert_eq!(failed["old_pid"], gw.child.id(), "{failed}");
+    let resumed = gw.wait_record("upgrade_resumed", |_| true).await;
+    assert_eq!(
+        (resumed["resumed"].as_u64(), resumed["closed"].as_u64()),
+        (Some(1), Some(1)),
+        "{resumed}"
+    );
+    kept.send(true, 1, b"after").await.unwrap();
+    assert_eq!(kept.read_frame().await.unwrap().payload, b"after");
+    let status = exit_status(&mut gw, Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+    signal(new_pid, libc::SIGTERM);
+}
