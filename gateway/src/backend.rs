@@ -356,21 +356,6 @@ fn encode_request(target: &str, headers: &HeaderMap) -> Result<Vec<u8>, String> 
     Ok(out)
 }
 
-/// Whether `b` holds an empty line (`\n\r\n` or `\n\n`), i.e. possibly the end of a head.
-fn has_blank_line(b: &[u8]) -> bool {
-    let mut i = 0;
-    while let Some(p) = b[i..].iter().position(|&c| c == b'\n') {
-        let j = i + p + 1;
-        match b.get(j) {
-            Some(b'\n') => return true,
-            Some(b'\r') if b.get(j + 1) == Some(&b'\n') => return true,
-            _ => {}
-        }
-        i = j;
-    }
-    false
-}
-
 /// Reads the backend's final response head into `buf` and returns its status and headers; what
 /// follows the head stays in `buf`. Interim 1xx heads other than 101 (100 Continue, 102, 103
 /// Early Hints) are skipped, as hyper did; they count towards [`MAX_HEAD`] with the final head.
@@ -404,7 +389,7 @@ async fn read_head<S: AsyncRead + Unpin>(
             skipped += blank;
             scanned = 0;
         }
-        if has_blank_line(&buf[scanned.saturating_sub(2)..]) {
+        if tollgate_edge::head::has_blank_line(&buf[scanned.saturating_sub(2)..]) {
             if let Some((len, status, headers)) = parse_head(buf).map_err(BackendError::Http)? {
                 // A read may have brought more than the limit: the head itself must fit.
                 if skipped + len > MAX_HEAD {

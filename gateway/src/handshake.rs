@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendError, Upgraded};
@@ -73,7 +72,6 @@ pub struct Env {
 
 /// A handshake that got its 101: what the connection task needs to start the relay.
 pub struct Accepted {
-    pub on_upgrade: hyper::upgrade::OnUpgrade,
     pub backend: Upgraded,
     /// The named backend a policy picked, if any (for the close record).
     pub picked_backend: Option<String>,
@@ -119,10 +117,10 @@ struct Record {
 pub async fn handshake(
     env: Env,
     conn: &Conn,
-    mut req: Request<hyper::body::Incoming>,
-) -> (Response<Full<Bytes>>, Option<Accepted>) {
+    mut req: Request<()>,
+) -> (Response<Bytes>, Option<Accepted>) {
     let started = Instant::now();
-    // If the client goes away before its answer, hyper drops this future mid-phase: the guard
+    // If the client goes away before its answer, the connection task drops this future mid-phase: the guard
     // then logs `handshake_abandoned` and counts it, so the handshake leaves a trace.
     let mut abandoned = AbandonGuard {
         deadline: conn.deadline,
@@ -251,7 +249,6 @@ pub async fn handshake(
             resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
         let accepted = Accepted {
-            on_upgrade: hyper::upgrade::on(&mut req),
             picked_backend: effects.backend,
             backend: upgraded,
             permit,
@@ -372,8 +369,8 @@ fn record<B>(
     }
 }
 
-/// Logs a handshake whose client went away before the gateway answered it (hyper then drops
-/// the handshake's future, wherever it was: policies, the backend handshake). The path is
+/// Logs a handshake whose client went away before the gateway answered it (the connection
+/// task then drops the handshake's future, wherever it was: policies, the backend handshake). The path is
 /// logged without its query, which may hold a key or token.
 struct AbandonGuard {
     /// The handshake's overall deadline: dropped at or after it, the handshake timed out (the
@@ -486,14 +483,14 @@ impl Reject {
 
     /// The HTTP response. The connection is closed after it: a gateway that refused an upgrade
     /// has no reason to keep reading from that client.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<Bytes> {
         let body = self.body.unwrap_or_else(|| {
             Bytes::from(format!(
                 "{}\n",
                 self.status.canonical_reason().unwrap_or("Error")
             ))
         });
-        let mut resp = Response::new(Full::new(body));
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
         for (k, v) in self.headers {
             resp.headers_mut().append(k, v);
@@ -1024,8 +1021,8 @@ pub fn switching_protocols(
     upgrade: &Upgrade,
     backend: &Upgraded,
     extra: Vec<(HeaderName, HeaderValue)>,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::new());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     // Headers the backend's Connection nominates are hop-by-hop too (RFC 9110 section 7.6.1).
     let named_hop: Vec<String> = header_tokens(&backend.headers, &header::CONNECTION)

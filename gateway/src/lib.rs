@@ -16,6 +16,7 @@ pub mod counters;
 pub mod descriptors;
 mod handover;
 mod handshake;
+mod http1;
 pub mod logging;
 mod memory;
 pub mod metrics;

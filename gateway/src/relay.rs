@@ -391,7 +391,7 @@ impl Pump {
         // Counts a resumed connection brought along are not this process's to publish.
         p.published = p.parser.stats;
         if !prefix.is_empty() {
-            // Bytes the peer sent right behind its handshake, already read by hyper.
+            // Bytes the peer sent right behind its handshake, read with its head.
             p.buf.reserve(BUF_SIZE.max(prefix.len()));
             p.buf.extend_from_slice(&prefix);
             p.observe();
@@ -875,7 +875,7 @@ enum Wake {
 }
 
 /// Relays frames between `client` and `backend` until the connection pair ends. The prefixes
-/// are bytes each peer sent right after its handshake that hyper had already read.
+/// are bytes each peer sent right after its handshake (or before its 101), read with its head.
 pub async fn relay(
     mut client: Stream,
     client_prefix: Bytes,

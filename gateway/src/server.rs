@@ -2,15 +2,14 @@
 //! listeners, runs one task per client connection (handshake, then relay), and drains on
 //! shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -1041,7 +1040,7 @@ impl Gateway {
 
     /// One client connection: TLS (for wss), the HTTP handshake, then the relay.
     ///
-    /// The handshake half is boxed: its state (hyper's connection, TLS accept) is several KB
+    /// The handshake half is boxed: its state (the head's read buffer, TLS accept) is several KB
     /// and only needed for a moment, while the task lives as long as the connection. Boxing it
     /// keeps the long-lived task as small as the relay needs (memory per idle connection).
     async fn connection(
@@ -1058,8 +1057,9 @@ impl Gateway {
         )
         .await;
         drop(pending);
-        if let Some(a) = accepted {
-            self.relay(a, conn, client_addr).await;
+        if let Some((a, client, client_prefix)) = accepted {
+            self.relay(a, client, client_prefix, conn, client_addr)
+                .await;
         }
     }
 
@@ -1070,7 +1070,7 @@ impl Gateway {
         client_addr: SocketAddr,
         scheme: Scheme,
         conn: u64,
-    ) -> Option<Accepted> {
+    ) -> Option<(Accepted, Stream, Bytes)> {
         let _ = tcp.set_nodelay(true);
         // The current state's limits (they follow reloads); copied, as the connection outlives
         // any one state.
@@ -1105,63 +1105,87 @@ impl Gateway {
             _ => Stream::Tcp(tcp),
         };
 
-        // hyper's service returns only the response; the accepted connection the pipeline
-        // returns with it waits here for this task, which relays it once hyper is done.
-        let handoff: Arc<Mutex<Option<Accepted>>> = Arc::new(Mutex::new(None));
-        let facts = Arc::new(handshake::Conn {
+        let facts = handshake::Conn {
             id: conn,
             client_addr,
             scheme,
             tls: tls_facts,
             deadline: overall_deadline,
-        });
-        let svc = {
-            let gw = self.clone();
-            let handoff = handoff.clone();
-            service_fn(move |req| {
-                let env = gw.env();
-                let handoff = handoff.clone();
-                let facts = facts.clone();
-                async move {
-                    let (resp, accepted) = handshake::handshake(env, &facts, req).await;
-                    if let (Some(a), Ok(mut slot)) = (accepted, handoff.lock()) {
-                        *slot = Some(a);
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            })
         };
-        let http = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            // What is left of handshake_timeout after TLS (hyper wants a non-zero duration).
-            .header_read_timeout(
-                head_deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .max(Duration::from_millis(1)),
-            )
-            .max_buf_size(limits.max_header_bytes)
-            .serve_connection(TokioIo::new(stream), svc)
-            .with_upgrades();
-        // The whole handshake, backend included, is bounded: no client holds a task forever.
-        match tokio::time::timeout_at(overall_deadline, http).await {
-            Ok(Ok(())) => {}
+        let mut stream = stream;
+        let mut buf = bytes::BytesMut::with_capacity(crate::http1::READ_BUF);
+        let read = crate::http1::read_request(&mut stream, limits.max_header_bytes, &mut buf);
+        let req = match tokio::time::timeout_at(head_deadline, read).await {
+            Ok(Ok(req)) => req,
+            Ok(Err(crate::http1::ReadError::Head(e))) => {
+                // Refused before it became a handshake: no API, no record of its own beyond
+                // this one (nothing the client sent is logged).
+                tracing::info!(event = "request_refused", conn, client = %client_addr,
+                    status = e.status().as_u16(), reason = %e, "request head refused");
+                let answer = handshake::Reject::new(e.status(), e.to_string()).into_response();
+                crate::http1::refuse(stream, &crate::http1::encode(&answer, false), true).await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client = %client_addr, error = %e, "client connection ended before a request");
+                return None;
+            }
             // The request head did not arrive within handshake_timeout (a slow client, or one
             // that sent nothing): the same limit as the overall deadline, counted and logged
             // the same way.
-            Ok(Err(e)) if e.is_timeout() => {
+            Err(_) => {
                 self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "request head not received within handshake_timeout; connection closed");
+                return None;
             }
-            Ok(Err(e)) => {
-                tracing::debug!(client = %client_addr, error = %e, "client HTTP connection error");
-            }
+        };
+        let head_only = crate::http1::head_only(req.method());
+        // The whole handshake, backend included, is bounded: no client holds a task forever.
+        let exchange = async {
+            let pipeline = handshake::handshake(self.env(), &facts, req);
+            tokio::pin!(pipeline);
+            // While the pipeline runs, the client is watched: one that goes away (end of
+            // stream, reset) drops the pipeline wherever it is (the backend handshake given
+            // up, `handshake_abandoned` logged). What it sends meanwhile (frames before the
+            // 101) is kept for the relay, up to a bound.
+            let answered = loop {
+                tokio::select! {
+                    biased;
+                    answered = &mut pipeline => break Some(answered),
+                    n = stream.read_buf(&mut buf), if buf.len() < EARLY_BYTES => match n {
+                        Ok(0) | Err(_) => break None,
+                        Ok(_) => {}
+                    },
+                }
+            };
+            let (resp, accepted) = answered?;
+            Some((crate::http1::encode(&resp, head_only), accepted))
+        };
+        let (answer, accepted) = match tokio::time::timeout_at(overall_deadline, exchange).await {
+            Ok(Some(done)) => done,
+            Ok(None) => return None,
             Err(_) => {
                 self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "handshake timed out; connection closed");
+                return None;
             }
+        };
+        let Some(accepted) = accepted else {
+            let linger = !buf.is_empty();
+            crate::http1::refuse(stream, &answer, linger).await;
+            return None;
+        };
+        let written = tokio::time::timeout_at(overall_deadline, async {
+            stream.write_all(&answer).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::info!(event = "connection_closed", conn, api = %accepted.api.config.name, client = %client_addr,
+                closed_by = "client_dropped", "client left before the upgrade completed");
+            return None;
         }
-        let accepted = handoff.lock().ok().and_then(|mut s| s.take());
-        accepted
+        Some((accepted, stream, crate::http1::leftover(buf)))
     }
 
     /// What one handshake may use of the gateway.
@@ -1226,9 +1250,15 @@ impl Gateway {
     }
 
     /// Relays an accepted connection until either side closes, then logs its close record.
-    async fn relay(&self, a: Accepted, conn: u64, client_addr: SocketAddr) {
+    async fn relay(
+        &self,
+        a: Accepted,
+        client: Stream,
+        client_prefix: Bytes,
+        conn: u64,
+        client_addr: SocketAddr,
+    ) {
         let Accepted {
-            on_upgrade,
             backend,
             picked_backend,
             permit,
@@ -1242,21 +1272,6 @@ impl Gateway {
             context,
             watch,
         } = a;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::info!(event = "connection_closed", conn, api = %api.config.name, client = %client_addr,
-                    closed_by = "client_dropped", error = %e, "client left before the upgrade completed");
-                return;
-            }
-        };
-        let parts = match upgraded.downcast::<TokioIo<Stream>>() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!(event = "connection_closed", api = %api.config.name, "unexpected upgraded stream type");
-                return;
-            }
-        };
         let backend::Upgraded {
             stream: backend_stream,
             prefix: backend_prefix,
@@ -1267,13 +1282,6 @@ impl Gateway {
         // The 101's header values are slices of the buffer its head was read into (backend.rs):
         // holding them would pin that buffer for the connection's whole life.
         drop(backend_headers);
-        // Moved, not borrowed: a Parts kept alive would pin hyper's 8 KiB read buffer for the
-        // connection's whole life.
-        let hyper::upgrade::Parts {
-            io: client_io,
-            read_buf: client_prefix,
-            ..
-        } = parts;
         let (own_rates, shared_rates) = Self::message_rates(
             &api,
             product.as_deref(),
@@ -1294,7 +1302,7 @@ impl Gateway {
             Relaying {
                 conn,
                 client_addr,
-                client: client_io.into_inner(),
+                client,
                 client_prefix,
                 backend: backend_stream,
                 backend_prefix,
@@ -1551,6 +1559,11 @@ impl Drop for PendingSlot {
 /// coming back after a restart) the kernel then drops most SYNs silently, with no counter on
 /// our side, and clients wait out a 1 s retransmission or more. The kernel still caps the
 /// queue at `net.core.somaxconn` (4096 by default since Linux 5.4).
+/// Bytes a client may send behind its request head before its answer (frames sent without
+/// waiting for the 101), kept for the relay; beyond them the gateway stops reading until it
+/// has answered.
+const EARLY_BYTES: usize = 64 * 1024;
+
 fn client_backlog(max_pending_handshakes: usize) -> u32 {
     u32::try_from(max_pending_handshakes.clamp(128, 65535)).unwrap_or(65535)
 }

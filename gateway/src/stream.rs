@@ -1,7 +1,6 @@
-//! One type for every socket the gateway relays: plain TCP or TLS, server or client side. hyper
-//! hands the socket back after an upgrade by downcasting to a concrete type, so both the
-//! listener and the backend connector give hyper a [`Stream`], and the relay gets it back
-//! without any wrapper in between.
+//! One type for every socket the gateway relays: plain TCP or TLS, server or client side. The
+//! listener and the backend connector each end their handshake holding a [`Stream`], and the
+//! relay gets both without any wrapper in between.
 
 use std::io;
 use std::pin::Pin;

@@ -199,7 +199,9 @@ impl Default for Limits {
     }
 }
 
-/// The smallest header cap hyper can enforce (its read buffer cannot be smaller).
+/// The smallest header cap: a handshake with a large token and cookies fits, and a manifest
+/// cannot make every real client's head too large (hyper's smallest read buffer, kept when the
+/// gateway stopped using hyper for clients).
 pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// Per-connection limits in force for one API (global limits with the API's overrides).

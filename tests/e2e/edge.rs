@@ -853,3 +853,187 @@ async fn every_refusal_answers_with_its_status_closes_and_leaves_the_backend_alo
         "only the admitted third reached the backend"
     );
 }
+
+/// The request head is read without an HTTP server library (issue 21): what such a library did
+/// for the gateway is held here. A head over `max_header_bytes` gets 431 and one httparse will
+/// not take 400, each with the generic body and `Connection: close`, logged as
+/// `request_refused` with a fixed reason (nothing the client sent); the 431 arrives intact and
+/// the connection ends cleanly even while the client is still sending its head (the gateway
+/// reads and discards the rest instead of resetting the connection under its answer); the
+/// answer to HEAD has no body; a head dribbled a byte at a time is still a handshake.
+#[tokio::test]
+async fn request_heads_are_refused_cleanly_and_a_dribbled_one_is_served() {
+    let backend = RawBackend::start(echo_frames()).await;
+    let gw = Gateway::start(&format!(
+        "{}[gateway.limits]\nmax_header_bytes = 8192\n{}",
+        gateway_section(""),
+        api_section("open", "open", &backend.url(), ""),
+    ));
+    let addr = gw.ws.unwrap();
+    let host = addr.to_string();
+
+    // 200 KB of header lines, written while the answer is read.
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let line = format!("X-Filler: {}\r\n", "f".repeat(990));
+    let big = request("/open", Some(&host), &line.repeat(200));
+    let (answered_tx, answered) = tokio::sync::oneshot::channel::<()>();
+    let more_line = line.clone();
+    let writer = tokio::spawn(async move {
+        let first = wr.write_all(big.as_bytes()).await;
+        // A client still sending after the answer came (its head was not over yet): the
+        // gateway reads and discards it for a moment instead of resetting the connection.
+        let _ = answered.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let more = wr.write_all(more_line.as_bytes()).await;
+        (first, more)
+    });
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut all))
+        .await
+        .expect("the gateway closes after a 431");
+    let _ = answered_tx.send(());
+    let resp = String::from_utf8_lossy(&all).into_owned();
+    assert!(read.is_ok(), "{read:?}: {resp}");
+    let (first, more) = writer.await.unwrap();
+    assert!(
+        first.is_ok() && more.is_ok(),
+        "the connection was reset while the client was sending: {first:?} {more:?}"
+    );
+    assert_eq!(status_of(&resp), 431, "{resp}");
+    assert_eq!(
+        header(&resp, "connection").as_deref(),
+        Some("close"),
+        "{resp}"
+    );
+    assert_eq!(
+        body_of(&resp),
+        "Request Header Fields Too Large\n",
+        "{resp}"
+    );
+    let rec = gw
+        .wait_record("request_refused", |r| r["status"] == 431)
+        .await;
+    assert_eq!(
+        rec["reason"], "request head larger than 8192 bytes",
+        "{rec}"
+    );
+
+    // A header name with a space: 400, and the reason names the rule, not the input.
+    let (status, resp) = exchange(
+        addr,
+        &request("/open", Some(&host), "Bad Secret-Name: v\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{resp}");
+    assert_eq!(body_of(&resp), "Bad Request\n", "{resp}");
+    assert_eq!(
+        header(&resp, "connection").as_deref(),
+        Some("close"),
+        "{resp}"
+    );
+    let rec = gw
+        .wait_record("request_refused", |r| r["status"] == 400)
+        .await;
+    assert_eq!(
+        rec["reason"], "malformed request head: invalid header name",
+        "{rec}"
+    );
+    assert!(!rec.to_string().contains("Secret"), "{rec}");
+
+    // HEAD: refused (not a GET), with the length of the body it does not carry.
+    let (status, resp) = exchange(
+        addr,
+        &request("/open", Some(&host), "").replacen("GET ", "HEAD ", 1),
+    )
+    .await;
+    assert_eq!(status, 400, "{resp}");
+    assert_eq!(body_of(&resp), "", "{resp}");
+    assert_eq!(
+        header(&resp, "content-length").as_deref(),
+        Some("12"),
+        "{resp}"
+    );
+
+    // A byte at a time, 2 ms apart: a handshake, and the connection echoes.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for b in request("/open", Some(&host), "").bytes() {
+        s.write_all(&[b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (head, carry) = read_head(&mut s).await.unwrap();
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert!(
+        header(&head, "date").is_some_and(|d| d.ends_with(" GMT")),
+        "{head}"
+    );
+    let mut ws = RawWs::new(s, carry, true);
+    ws.send(true, 1, b"dribbled").await.unwrap();
+    let f = ws.read_frame().await.unwrap();
+    assert_eq!(f.payload, b"dribbled");
+}
+
+/// A client that sends frames before its 101 (allowed to try; RFC 6455 says to wait): what it
+/// sent while the gateway waited on the backend is neither lost nor taken for the client going
+/// away, and reaches the backend, in order, after the backend's 101.
+#[tokio::test]
+async fn frames_sent_before_the_101_reach_the_backend_after_it() {
+    use tokio::net::TcpListener;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (head, mut carry) = read_head(&mut s).await.unwrap();
+        let key = header(&head, "sec-websocket-key").unwrap();
+        // The 101 comes late: the client's frames arrive at the gateway meanwhile.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            accept_for(&key)
+        );
+        s.write_all(answer.as_bytes()).await.unwrap();
+        let want = 2 * (2 + 4 + 5);
+        while carry.len() < want {
+            let mut b = [0u8; 256];
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => carry.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+        }
+        let _ = tx.send(carry);
+    });
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        gateway_section(""),
+        api_section("late", "late", &format!("ws://{backend_addr}/"), ""),
+    ));
+    let addr = gw.ws.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request("/late", Some(&addr.to_string()), "").as_bytes())
+        .await
+        .unwrap();
+    // Two masked text frames, "early" and "later", 100 ms and 200 ms into the backend's wait.
+    let frame = |text: &[u8]| {
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![0x81, 0x80 | text.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    };
+    let mut sent = Vec::new();
+    for text in [&b"early"[..], b"later"] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let f = frame(text);
+        s.write_all(&f).await.unwrap();
+        sent.extend_from_slice(&f);
+    }
+    let (head, _) = read_head(&mut s).await.unwrap();
+    assert_eq!(status_of(&head), 101, "{head}");
+    let got = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the backend heard the frames")
+        .unwrap();
+    assert_eq!(got, sent, "the frames sent before the 101, as sent");
+    assert!(gw.records("handshake_abandoned").is_empty());
+}
