@@ -11,7 +11,8 @@
 //! [`MAX_HEADERS`] lines is [`HeadError::TooLarge`] / [`HeadError::TooManyHeaders`] (431), and
 //! anything httparse or `http` will not take (a bad request line, a header name that is not a
 //! token, a control character in a value, a target that is not a URI) is
-//! [`HeadError::Malformed`] (400). Rules about what a well-formed handshake may contain (one
+//! [`HeadError::Malformed`] (400), and another version than HTTP/1.x [`HeadError::Version`]
+//! (505, as hyper answered). Rules about what a well-formed handshake may contain (one
 //! Host, no body...) are [`crate::headers`]'s.
 
 use bytes::{Bytes, BytesMut};
@@ -30,6 +31,9 @@ pub enum HeadError {
     TooManyHeaders,
     #[error("malformed request head: {0}")]
     Malformed(&'static str),
+    /// A request line of another HTTP version than 1.0 or 1.1 (an HTTP/2 preface, say).
+    #[error("unsupported HTTP version")]
+    Version,
 }
 
 impl HeadError {
@@ -40,6 +44,7 @@ impl HeadError {
                 http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
             HeadError::Malformed(_) => http::StatusCode::BAD_REQUEST,
+            HeadError::Version => http::StatusCode::HTTP_VERSION_NOT_SUPPORTED,
         }
     }
 }
@@ -88,17 +93,17 @@ impl RequestHead {
     /// `Ok(None)` while more is needed and allowed. After an error or a request, do not call it
     /// again.
     pub fn advance(&mut self, buf: &mut BytesMut) -> Result<Option<Request<()>>, HeadError> {
-        let blank = buf
-            .iter()
-            .position(|&b| b != b'\r' && b != b'\n')
-            .unwrap_or(buf.len());
-        // A lone trailing `\r` may be the start of `\r\n` or of an error: kept until the next
-        // read says which.
-        let blank = if blank == buf.len() && buf.last() == Some(&b'\r') {
-            blank - 1
-        } else {
-            blank
-        };
+        // Only whole empty lines (`\r\n` or `\n`), as httparse skips them: a `\r` followed by
+        // anything else is left for httparse to refuse, and a trailing `\r` waits for the next
+        // read to say which it is.
+        let mut blank = 0;
+        loop {
+            match buf.get(blank..blank + 2) {
+                Some(b"\r\n") => blank += 2,
+                _ if buf.get(blank) == Some(&b'\n') => blank += 1,
+                _ => break,
+            }
+        }
         if blank > 0 {
             let _ = buf.split_to(blank);
             self.skipped += blank;
@@ -142,6 +147,7 @@ pub fn parse_request(buf: &mut BytesMut, limit: usize) -> Result<Option<Request<
                 };
             }
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+            Err(httparse::Error::Version) => return Err(HeadError::Version),
             Err(e) => return Err(HeadError::Malformed(malformed(e))),
         };
         if len > limit {
@@ -261,7 +267,8 @@ mod tests {
         for head in [
             &b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n"[..],
             b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
-            b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            b"\r\r\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
             b"GET  / HTTP/1.1\r\n\r\n",
             b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
             b"G\x00T / HTTP/1.1\r\n\r\n",
@@ -272,6 +279,21 @@ mod tests {
             assert!(matches!(e, HeadError::Malformed(_)), "{e:?}");
             assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn other_http_versions_are_505() {
+        for head in [
+            &b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            let (r, _) = parse(head, 8192);
+            assert_eq!(r.err(), Some(HeadError::Version));
+        }
+        assert_eq!(
+            HeadError::Version.status(),
+            http::StatusCode::HTTP_VERSION_NOT_SUPPORTED
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! Invariants: never panics; whether a request comes out, and if so its method, target,
 //! version, headers and the bytes left behind it, are the same read in pieces as read in one
 //! piece; an accepted head (leading empty lines included) fits the limit, and the bytes left are
-//! exactly the wire's tail after it.
+//! exactly the wire's tail after it, the head httparse parses in the whole wire.
 #![no_main]
 
 use bytes::BytesMut;
@@ -87,5 +87,12 @@ fuzz_target!(|data: &[u8]| {
         let head_len = wire.len() - w.4.len();
         assert!(head_len <= limit, "a head of {head_len} bytes over the limit {limit}");
         assert_eq!(&wire[head_len..], &w.4[..]);
+        // And it is the head httparse finds in the whole wire (empty lines skipped alike).
+        let mut headers = [httparse::EMPTY_HEADER; tollgate_edge::head::MAX_HEADERS];
+        let parsed = httparse::Request::new(&mut headers).parse(wire);
+        assert!(
+            matches!(parsed, Ok(httparse::Status::Complete(n)) if n == head_len),
+            "httparse says {parsed:?}, the reader took {head_len} bytes"
+        );
     }
 });

@@ -19,9 +19,8 @@ use tollgate_edge::head::{HeadError, RequestHead};
 /// `max_header_bytes`) only for a larger head.
 pub const READ_BUF: usize = 2048;
 
-/// How long a refused client's socket is read and discarded after the answer, at most, and how
-/// much of it: closing a socket with unread bytes makes the kernel send a reset, which can
-/// destroy the answer before the client reads it (a 431 to a client still sending its head).
+/// How long a refused client's answer may take to write, and its socket is then read and
+/// discarded ([`linger`]), at most, and how much of it.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
@@ -60,8 +59,9 @@ pub async fn read_request<S: AsyncRead + Unpin>(
     }
 }
 
-/// The bytes of `resp`: status line, headers (a `Date` and, but for a 1xx, a
-/// `Content-Length`), and the body unless `head_only` (the answer to a HEAD request).
+/// The bytes of `resp`: status line, headers (a `Date` and, but for a 1xx or 204, a
+/// `Content-Length`), and the body unless `head_only` (the answer to a HEAD request) or the
+/// status has none (1xx, 204, 304: RFC 9110 section 6.4.1; a backend's 304 passed on).
 pub fn encode(resp: &Response<Bytes>, head_only: bool) -> Vec<u8> {
     let body = resp.body();
     let mut out = Vec::with_capacity(256 + body.len());
@@ -81,7 +81,10 @@ pub fn encode(resp: &Response<Bytes>, head_only: bool) -> Vec<u8> {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !status.is_informational() {
+    let no_body = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !status.is_informational() && status != StatusCode::NO_CONTENT {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -89,7 +92,7 @@ pub fn encode(resp: &Response<Bytes>, head_only: bool) -> Vec<u8> {
     out.extend_from_slice(b"date: ");
     with_date(|d| out.extend_from_slice(d));
     out.extend_from_slice(b"\r\n\r\n");
-    if !head_only && status != StatusCode::SWITCHING_PROTOCOLS {
+    if !head_only && !no_body {
         out.extend_from_slice(body);
     }
     out
@@ -120,17 +123,30 @@ fn with_date(f: impl FnOnce(&[u8])) {
     });
 }
 
-/// Writes a refusal, then closes our side (the client reads the answer and an end of stream).
-/// With `linger` (the client may still be sending: its head was refused before its end, or it
-/// sent bytes behind it), whatever it still sends is then read and discarded for a moment
-/// ([`LINGER`]), so the close does not reset the connection under the answer. Without, the
-/// socket is closed at once: a client that sent a whole head and nothing more is waiting for
-/// the answer, and the task's pending-handshake slot is given back without delay.
-pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, answer: &[u8], linger: bool) {
+/// Writes a refusal, then closes our side (the client reads the answer and an end of stream),
+/// within [`LINGER`]. Returns the socket when `linger` (the client may still be sending: its
+/// head was refused before its end, or it sent bytes behind it) and the answer went out: the
+/// caller then passes it to [`linger`]. Otherwise the socket is closed at once: a client that
+/// sent a whole head and nothing more is waiting for the answer.
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    answer: &[u8],
+    linger: bool,
+) -> Option<S> {
+    let sent = tokio::time::timeout(LINGER, async {
+        stream.write_all(answer).await?;
+        stream.shutdown().await
+    })
+    .await;
+    (linger && matches!(sent, Ok(Ok(())))).then_some(stream)
+}
+
+/// Reads and discards what a refused client still sends, for a moment ([`LINGER`], at most
+/// [`LINGER_BYTES`]), then closes: closing a socket with unread bytes makes the kernel send a
+/// reset, which can destroy the answer before the client has read it (a 431 to a client still
+/// sending its head).
+pub async fn linger<S: AsyncRead + Unpin>(mut stream: S) {
     let _ = tokio::time::timeout(LINGER, async {
-        if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() || !linger {
-            return;
-        }
         let mut sink = [0u8; 4096];
         let mut read = 0;
         while read < LINGER_BYTES {
@@ -225,5 +241,19 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("content-length"), "{text}");
+        // A backend's 304 passed on: its length, not its body; a 204: neither.
+        let mut not_modified = Response::new(Bytes::from_static(b"ignored"));
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        let text = String::from_utf8(encode(&not_modified, false)).unwrap();
+        assert!(
+            text.ends_with("\r\n\r\n") && text.contains("content-length: 7"),
+            "{text}"
+        );
+        *not_modified.status_mut() = StatusCode::NO_CONTENT;
+        let text = String::from_utf8(encode(&not_modified, false)).unwrap();
+        assert!(
+            text.ends_with("\r\n\r\n") && !text.contains("content-length"),
+            "{text}"
+        );
     }
 }

@@ -43,6 +43,12 @@ pub struct Gateway {
     /// `max_pending_handshakes`: a flood of sockets that never get to admission cannot take
     /// unbounded tasks and memory.
     pending: Arc<AtomicUsize>,
+    /// Refused client sockets being answered, then read and discarded before their close
+    /// (`http1::refuse`, `http1::linger`): outside `pending`, so a refused socket never keeps
+    /// a new client out (not even one retrying the moment it reads its refusal), and capped at
+    /// `max_pending_handshakes` of their own, at least [`MIN_LINGERING`] (over it, a refused
+    /// socket gets its answer only if it can be written at once, then is closed).
+    lingering: Arc<AtomicUsize>,
     /// Cancelled to shut the gateway down (SIGTERM/SIGINT). [`Gateway::run`] then stops
     /// accepting, logs `draining` with the connections live at that moment, and only then
     /// cancels `shutdown`: a relay woken by `shutdown` may be gone a moment later, so the count
@@ -134,6 +140,7 @@ impl Gateway {
             tls_acceptor,
             active: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(AtomicUsize::new(0)),
+            lingering: Arc::new(AtomicUsize::new(0)),
             stop: CancellationToken::new(),
             shutdown,
             ready: Arc::new(AtomicBool::new(false)),
@@ -1057,9 +1064,40 @@ impl Gateway {
         )
         .await;
         drop(pending);
-        if let Some((a, client, client_prefix)) = accepted {
-            self.relay(a, client, client_prefix, conn, client_addr)
-                .await;
+        match accepted {
+            Handshake::Upgraded(a, client, client_prefix) => {
+                self.relay(a, client, client_prefix, conn, client_addr)
+                    .await
+            }
+            Handshake::Refused {
+                stream,
+                answer,
+                linger,
+            } => {
+                // Answered after the pending slot is given back: a client that retries the
+                // moment it reads a refusal finds its place free.
+                let cap = self
+                    .served
+                    .load()
+                    .config
+                    .gateway
+                    .limits
+                    .max_pending_handshakes
+                    .max(MIN_LINGERING);
+                if self.lingering.fetch_add(1, Ordering::AcqRel) < cap {
+                    let _slot = PendingSlot(self.lingering.clone());
+                    if let Some(stream) = crate::http1::refuse(stream, &answer, linger).await {
+                        crate::http1::linger(stream).await;
+                    }
+                } else {
+                    self.lingering.fetch_sub(1, Ordering::AcqRel);
+                    // Over the cap (a flood of refusals): the answer if it goes out at once.
+                    let _ = futures_util::FutureExt::now_or_never(crate::http1::refuse(
+                        stream, &answer, false,
+                    ));
+                }
+            }
+            Handshake::Ended => {}
         }
     }
 
@@ -1070,7 +1108,7 @@ impl Gateway {
         client_addr: SocketAddr,
         scheme: Scheme,
         conn: u64,
-    ) -> Option<(Accepted, Stream, Bytes)> {
+    ) -> Handshake {
         let _ = tcp.set_nodelay(true);
         // The current state's limits (they follow reloads); copied, as the connection outlives
         // any one state.
@@ -1093,12 +1131,12 @@ impl Gateway {
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(client = %client_addr, error = %e, "client TLS handshake failed");
-                        return None;
+                        return Handshake::Ended;
                     }
                     Err(_) => {
                         self.metrics.limit_hit("", Limit::HandshakeTimeout);
                         tracing::debug!(client = %client_addr, "client TLS handshake timed out");
-                        return None;
+                        return Handshake::Ended;
                     }
                 }
             }
@@ -1123,12 +1161,15 @@ impl Gateway {
                 tracing::info!(event = "request_refused", conn, client = %client_addr,
                     status = e.status().as_u16(), reason = %e, "request head refused");
                 let answer = handshake::Reject::new(e.status(), e.to_string()).into_response();
-                crate::http1::refuse(stream, &crate::http1::encode(&answer, false), true).await;
-                return None;
+                return Handshake::Refused {
+                    stream,
+                    answer: crate::http1::encode(&answer, false),
+                    linger: true,
+                };
             }
             Ok(Err(e)) => {
                 tracing::debug!(client = %client_addr, error = %e, "client connection ended before a request");
-                return None;
+                return Handshake::Ended;
             }
             // The request head did not arrive within handshake_timeout (a slow client, or one
             // that sent nothing): the same limit as the overall deadline, counted and logged
@@ -1136,12 +1177,14 @@ impl Gateway {
             Err(_) => {
                 self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "request head not received within handshake_timeout; connection closed");
-                return None;
+                return Handshake::Ended;
             }
         };
         let head_only = crate::http1::head_only(req.method());
         // The whole handshake, backend included, is bounded: no client holds a task forever.
         let exchange = async {
+            // (A fixed chunk, so the early bytes' bound is exact: `read_buf` would grow `buf`.)
+            let mut early = [0u8; EARLY_CHUNK];
             let pipeline = handshake::handshake(self.env(), &facts, req);
             tokio::pin!(pipeline);
             // While the pipeline runs, the client is watched: one that goes away (end of
@@ -1149,12 +1192,13 @@ impl Gateway {
             // up, `handshake_abandoned` logged). What it sends meanwhile (frames before the
             // 101) is kept for the relay, up to a bound.
             let answered = loop {
+                let room = EARLY_BYTES.saturating_sub(buf.len()).min(EARLY_CHUNK);
                 tokio::select! {
                     biased;
                     answered = &mut pipeline => break Some(answered),
-                    n = stream.read_buf(&mut buf), if buf.len() < EARLY_BYTES => match n {
+                    n = stream.read(&mut early[..room]), if room > 0 => match n {
                         Ok(0) | Err(_) => break None,
-                        Ok(_) => {}
+                        Ok(n) => buf.extend_from_slice(&early[..n]),
                     },
                 }
             };
@@ -1163,17 +1207,26 @@ impl Gateway {
         };
         let (answer, accepted) = match tokio::time::timeout_at(overall_deadline, exchange).await {
             Ok(Some(done)) => done,
-            Ok(None) => return None,
+            Ok(None) => return Handshake::Ended,
             Err(_) => {
                 self.metrics.limit_hit("", Limit::HandshakeTimeout);
                 tracing::info!(event = "handshake_timeout", conn, client = %client_addr, "handshake timed out; connection closed");
-                return None;
+                return Handshake::Ended;
             }
         };
         let Some(accepted) = accepted else {
-            let linger = !buf.is_empty();
-            crate::http1::refuse(stream, &answer, linger).await;
-            return None;
+            // Lingering matters when the client sent more than its head: what it sent may
+            // already be here (read or not: an answer ready at once never polled the watch).
+            let linger = !buf.is_empty()
+                || matches!(
+                    futures_util::FutureExt::now_or_never(stream.read(&mut [0u8; 1])),
+                    Some(Ok(1))
+                );
+            return Handshake::Refused {
+                stream,
+                answer,
+                linger,
+            };
         };
         let written = tokio::time::timeout_at(overall_deadline, async {
             stream.write_all(&answer).await?;
@@ -1183,9 +1236,9 @@ impl Gateway {
         if !matches!(written, Ok(Ok(()))) {
             tracing::info!(event = "connection_closed", conn, api = %accepted.api.config.name, client = %client_addr,
                 closed_by = "client_dropped", "client left before the upgrade completed");
-            return None;
+            return Handshake::Ended;
         }
-        Some((accepted, stream, crate::http1::leftover(buf)))
+        Handshake::Upgraded(accepted, stream, crate::http1::leftover(buf))
     }
 
     /// What one handshake may use of the gateway.
@@ -1545,6 +1598,26 @@ async fn close_both(mut client: TcpStream, mut backend: TcpStream) {
 }
 
 /// One of `max_pending_handshakes`, held from accept until the handshake is over.
+/// How a client's handshake ended, for its connection task (which has given its
+/// pending-handshake slot back by the time it acts on it).
+// Moved out of at once, never stored: boxing the large variant would cost an allocation per
+// handshake for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Handshake {
+    /// The 101 was written: relay these (the client's bytes behind its head go first).
+    Upgraded(Accepted, Stream, Bytes),
+    /// Refused: `answer` is to be written, then the socket closed, after reading and discarding
+    /// what the client still sends if `linger` (`http1::refuse`, `http1::linger`).
+    Refused {
+        stream: Stream,
+        answer: Vec<u8>,
+        linger: bool,
+    },
+    /// Nothing more to do with the socket.
+    Ended,
+}
+
+/// A counted place (a pending handshake, a lingering close), given back when dropped.
 struct PendingSlot(Arc<AtomicUsize>);
 
 impl Drop for PendingSlot {
@@ -1553,17 +1626,23 @@ impl Drop for PendingSlot {
     }
 }
 
+/// The fewest refused sockets that may linger at once, whatever `max_pending_handshakes` says
+/// (a tiny pending limit would otherwise make a quick retry close the next one with a reset).
+const MIN_LINGERING: usize = 256;
+
+/// Bytes a client may send behind its request head before its answer (frames sent without
+/// waiting for the 101), kept for the relay; beyond them the gateway stops reading until it
+/// has answered.
+const EARLY_BYTES: usize = 64 * 1024;
+/// What one read of them takes at most (a buffer in the handshake's future).
+const EARLY_CHUNK: usize = 2048;
+
 /// The accept queue of a client listener: as deep as the handshakes the gateway is willing to
 /// have in progress (`max_pending_handshakes`, read at start), at least 128 and at most 65535.
 /// tokio's `TcpListener::bind` asks for 128, and in a reconnect storm (thousands of clients
 /// coming back after a restart) the kernel then drops most SYNs silently, with no counter on
 /// our side, and clients wait out a 1 s retransmission or more. The kernel still caps the
 /// queue at `net.core.somaxconn` (4096 by default since Linux 5.4).
-/// Bytes a client may send behind its request head before its answer (frames sent without
-/// waiting for the 101), kept for the relay; beyond them the gateway stops reading until it
-/// has answered.
-const EARLY_BYTES: usize = 64 * 1024;
-
 fn client_backlog(max_pending_handshakes: usize) -> u32 {
     u32::try_from(max_pending_handshakes.clamp(128, 65535)).unwrap_or(65535)
 }

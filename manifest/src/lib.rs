@@ -35,6 +35,6 @@ pub use model::{
     Instances, KeyLocation, Limits, ListenerTls, MessageAttachment, MessageRates, OnStoreFailure,
     ProductConfig, Rate, RateAction, RateSpec, Scheme, Schemes, SubscriptionConfig,
     DEFAULT_MAX_INSPECTED_MESSAGE_SIZE, DEFAULT_POOL_MAX_USES, DEFAULT_SIGNATURE_CACHE_ENTRIES,
-    MAX_INSPECTED_MESSAGE_SIZE, MIN_HEADER_BYTES,
+    MAX_HEADER_BYTES, MAX_INSPECTED_MESSAGE_SIZE, MIN_HEADER_BYTES,
 };
 pub use secrets::{key_digest, KeyDigest, MIN_ADMIN_TOKEN_CHARS, MIN_KEY_CHARS};

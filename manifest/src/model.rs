@@ -204,6 +204,10 @@ impl Default for Limits {
 /// gateway stopped using hyper for clients).
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// The largest header cap: far above any real handshake (a few KiB), and what a client may make
+/// the gateway hold per pending handshake stays bounded by a sane figure.
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
 /// Per-connection limits in force for one API (global limits with the API's overrides).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConnLimits {

@@ -388,6 +388,9 @@ fn rules() -> Vec<Rule> {
         rule("max_header_bytes at least 8192", &[GW, "[gateway.limits]\nmax_header_bytes = 8191\n", API],
             "max_header_bytes = ^8191", "gateway.limits.max_header_bytes", "must be at least 8192")
             .fix("8191", "8192"),
+        rule("max_header_bytes at most 1 MiB", &[GW, "[gateway.limits]\nmax_header_bytes = 1048577\n", API],
+            "max_header_bytes = ^1048577", "gateway.limits.max_header_bytes", "must be at most 1048576")
+            .fix("1048577", "1048576"),
         rule("max_pending_handshakes at least 1", &[GW, "[gateway.limits]\nmax_pending_handshakes = 0\n", API],
             "max_pending_handshakes = ^0", "gateway.limits.max_pending_handshakes", "must be at least 1")
             .fix("= 0", "= 1"),

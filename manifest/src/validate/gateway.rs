@@ -10,7 +10,7 @@ use std::ops::Range;
 use super::{Pem, Validator};
 use crate::model::{
     AdminConfig, GatewayConfig, Limits, ListenerTls, DEFAULT_SIGNATURE_CACHE_ENTRIES,
-    MIN_HEADER_BYTES,
+    MAX_HEADER_BYTES, MIN_HEADER_BYTES,
 };
 use crate::raw::{RawAdmin, RawGateway, RawLimits};
 
@@ -100,6 +100,14 @@ impl Validator<'_> {
                     format!("must be at least {MIN_HEADER_BYTES}"),
                 );
                 MIN_HEADER_BYTES
+            }
+            Some(v) if *v.get_ref() > MAX_HEADER_BYTES => {
+                self.err(
+                    v.span(),
+                    "gateway.limits.max_header_bytes",
+                    format!("must be at most {MAX_HEADER_BYTES}"),
+                );
+                MAX_HEADER_BYTES
             }
             Some(v) => *v.get_ref(),
             None => d.max_header_bytes,
