@@ -689,10 +689,12 @@ pub enum Limit {
     MaxBytesPerSecond,
     /// A message larger than its API's message policies are given (a connection closed, 1009).
     MaxInspectedMessageSize,
+    /// A request head over `max_header_bytes` or 100 header lines (431).
+    MaxHeaderBytes,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 12] = [
+    pub const ALL: [Limit; 13] = [
         Limit::SubscriptionMaxConnections,
         Limit::GatewayMaxConnections,
         Limit::ApiMaxConnections,
@@ -705,6 +707,7 @@ impl Limit {
         Limit::MaxMessagesPerSecond,
         Limit::MaxBytesPerSecond,
         Limit::MaxInspectedMessageSize,
+        Limit::MaxHeaderBytes,
     ];
 
     pub fn label(self) -> &'static str {
@@ -721,6 +724,7 @@ impl Limit {
             Limit::MaxMessagesPerSecond => "max_messages_per_second",
             Limit::MaxBytesPerSecond => "max_bytes_per_second",
             Limit::MaxInspectedMessageSize => "max_inspected_message_size",
+            Limit::MaxHeaderBytes => "max_header_bytes",
         }
     }
 }

@@ -1156,6 +1156,9 @@ impl Gateway {
         let req = match tokio::time::timeout_at(head_deadline, read).await {
             Ok(Ok(req)) => req,
             Ok(Err(crate::http1::ReadError::Head(e))) => {
+                if e.status() == http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                    self.metrics.limit_hit("", Limit::MaxHeaderBytes);
+                }
                 // Refused before it became a handshake: no API, no record of its own beyond
                 // this one (nothing the client sent is logged).
                 tracing::info!(event = "request_refused", conn, client = %client_addr,

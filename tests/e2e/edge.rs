@@ -865,7 +865,7 @@ async fn every_refusal_answers_with_its_status_closes_and_leaves_the_backend_alo
 async fn request_heads_are_refused_cleanly_and_a_dribbled_one_is_served() {
     let backend = RawBackend::start(echo_frames()).await;
     let gw = Gateway::start(&format!(
-        "{}[gateway.limits]\nmax_header_bytes = 8192\n{}",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[gateway.limits]\nmax_header_bytes = 8192\n{}",
         gateway_section(""),
         api_section("open", "open", &backend.url(), ""),
     ));
@@ -914,6 +914,12 @@ async fn request_heads_are_refused_cleanly_and_a_dribbled_one_is_served() {
     let rec = gw
         .wait_record("request_refused", |r| r["status"] == 431)
         .await;
+    let hits = sample(
+        &scrape(gw.admin.unwrap()).await,
+        "tollgate_limits_hit_total",
+        &[("api", ""), ("limit", "max_header_bytes")],
+    );
+    assert_eq!(hits, Some(1.0), "a 431 is counted");
     assert_eq!(
         rec["reason"], "request head larger than 8192 bytes",
         "{rec}"
