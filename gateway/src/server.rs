@@ -1607,7 +1607,6 @@ async fn close_both(mut client: TcpStream, mut backend: TcpStream) {
     .await;
 }
 
-/// One of `max_pending_handshakes`, held from accept until the handshake is over.
 /// How a client's handshake ended, for its connection task (which has given its
 /// pending-handshake slot back by the time it acts on it).
 // Moved out of at once, never stored: boxing the large variant would cost an allocation per
@@ -1627,7 +1626,8 @@ enum Handshake {
     Ended,
 }
 
-/// A counted place (a pending handshake, a lingering close), given back when dropped.
+/// A counted place, given back when dropped: one of `max_pending_handshakes`, held from accept
+/// until the handshake is over, or one of the refusals being answered (`Gateway::lingering`).
 struct PendingSlot(Arc<AtomicUsize>);
 
 impl Drop for PendingSlot {
